@@ -1,0 +1,246 @@
+"""Frozen, validated configuration: one dataclass per component and the three presets.
+
+Sizes and step counts are static (they shape the XLA program); they are plain Python values,
+checked once at construction. Nothing here is ever mutated: derive variants with
+`dataclasses.replace` (validation runs again).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration value is out of range."""
+
+
+def _positive(obj: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if not value > 0:
+            raise ConfigError(f"{type(obj).__name__}.{name} must be > 0, got {value!r}")
+
+
+def _non_negative(obj: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if not value >= 0:
+            raise ConfigError(f"{type(obj).__name__}.{name} must be >= 0, got {value!r}")
+
+
+def _one_of(obj: Any, name: str, options: tuple[str, ...]) -> None:
+    value = getattr(obj, name)
+    if value not in options:
+        raise ConfigError(f"{type(obj).__name__}.{name} must be one of {options}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    episodes: int = 5000  # the recipe's random rollouts
+    seed: int = 123
+    max_steps: int = 500
+    chunk_size: int = 1000
+
+    def __post_init__(self) -> None:
+        _positive(self, "episodes", "max_steps", "chunk_size")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Shared by every model trained with wm_jax.train.fit."""
+
+    steps: int = 10_000
+    batch: int = 256
+    lr: float = 1e-3
+    clip_norm: float = 1.0
+    chunk: int = 100  # optimizer steps per jitted lax.scan call (and per progress update)
+    checkpoint_every: int = 1000  # steps; rounded up to a whole number of chunks
+    max_to_keep: int = 2
+    max_bad_steps: int = 20  # consecutive non-finite updates before the run is stopped
+
+    def __post_init__(self) -> None:
+        _positive(self, "steps", "batch", "lr", "clip_norm", "chunk", "checkpoint_every", "max_to_keep", "max_bad_steps")
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    latent: int = 64
+    filters: tuple[int, ...] = (32, 64, 128, 256)  # four stride-2 4x4 convolutions (Ha)
+    kl_ramp_steps: int = 10_000  # beta goes linearly 0 -> 1 over these steps
+    free_bits: float = 0.0  # KL floor per latent dimension (Ha's kl_tolerance * ... ; 0 = off)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=10_000, batch=256, lr=1e-3))
+
+    def __post_init__(self) -> None:
+        _positive(self, "latent")
+        if len(self.filters) != 4 or any(f <= 0 for f in self.filters):
+            raise ConfigError(f"VAEConfig.filters must be four positive widths, got {self.filters!r}")
+        _non_negative(self, "kl_ramp_steps", "free_bits")
+        if self.kl_ramp_steps > self.train.steps:
+            raise ConfigError(
+                f"VAEConfig.kl_ramp_steps ({self.kl_ramp_steps}) is longer than training ({self.train.steps} steps)"
+            )
+
+
+@dataclass(frozen=True)
+class TransitionConfig:
+    hidden: int = 256
+    head: str = "mdn"  # "mdn" (mixture density, Ha) or "gaussian" (diagonal)
+    mixtures: int = 5
+    seq_len: int = 32
+    done_pos_weight: float = 10.0  # deaths are rare: up-weight the positive class (Ha's doomrnn)
+    reward_weight: float = 1.0
+    done_weight: float = 1.0
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=20_000, batch=100, lr=1e-3))
+
+    def __post_init__(self) -> None:
+        _positive(self, "hidden", "mixtures", "seq_len", "done_pos_weight")
+        _non_negative(self, "reward_weight", "done_weight")
+        _one_of(self, "head", ("mdn", "gaussian"))
+
+
+@dataclass(frozen=True)
+class ControllerConfig:
+    kind: str = "linear"  # Ha's action = argmax(W [z, h] + b); "mlp" adds one tanh layer
+    mlp_hidden: int = 16
+
+    def __post_init__(self) -> None:
+        _one_of(self, "kind", ("linear", "mlp"))
+        _positive(self, "mlp_hidden")
+
+
+@dataclass(frozen=True)
+class EvolveConfig:
+    population: int = 64  # Ha
+    sigma: float = 0.1  # Ha
+    generations: int = 100
+    rollouts: int = 30  # the recipe: 30 dream rollouts per candidate
+    horizon: int = 30  # the recipe: 30-step dreams
+    tau: float = 1.0
+    gens_per_call: int = 5  # generations per jitted lax.scan call (progress granularity)
+    check_every: int = 10  # generations between real checks of the CMA-ES mean
+    check_episodes: int = 16
+
+    def __post_init__(self) -> None:
+        if self.population < 2:
+            raise ConfigError(f"EvolveConfig.population must be >= 2, got {self.population!r}")
+        _positive(self, "sigma", "generations", "rollouts", "horizon", "tau", "gens_per_call", "check_every", "check_episodes")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    episodes: int = 100
+    max_steps: int = 500
+    solved_at: float = 475.0  # CartPole-v1's reward threshold
+
+    def __post_init__(self) -> None:
+        _positive(self, "episodes", "max_steps")
+
+
+@dataclass(frozen=True)
+class RoundsConfig:
+    """Ha's iterative procedure: collect with the current controller, fine-tune M, evolve again."""
+
+    rounds: int = 1
+    episodes: int = 100  # real episodes collected per extra round
+    action_noise: float = 0.1  # probability of a random action while collecting
+    transition_steps: int = 1000  # fine-tuning steps of M per extra round
+    generations: int = 50
+
+    def __post_init__(self) -> None:
+        _positive(self, "rounds", "episodes", "transition_steps", "generations")
+        if not 0.0 <= self.action_noise <= 1.0:
+            raise ConfigError(f"RoundsConfig.action_noise must be in [0, 1], got {self.action_noise!r}")
+
+
+@dataclass(frozen=True)
+class Config:
+    preset: str = "paper"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    transition: TransitionConfig = field(default_factory=TransitionConfig)
+    controller: ControllerConfig = field(default_factory=ControllerConfig)
+    evolve: EvolveConfig = field(default_factory=EvolveConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    rounds: RoundsConfig = field(default_factory=RoundsConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> "Config":
+        return _from_dict(Config, d)
+
+
+def _from_dict(cls: type, d: dict[str, Any]) -> Any:
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in d:
+            continue
+        value = d[f.name]
+        sub = f.default_factory if f.default_factory is not dataclasses.MISSING else None  # type: ignore[misc]
+        if isinstance(value, dict) and sub is not None and dataclasses.is_dataclass(sub()):
+            value = _from_dict(type(sub()), value)
+        elif isinstance(value, list):
+            value = tuple(value)
+        kwargs[f.name] = value
+    return cls(**kwargs)
+
+
+def _paper() -> Config:
+    return Config(preset="paper")
+
+
+def _cpu() -> Config:
+    # Sized for the 2-core CPU (see README's preset table for every deviation from the recipe).
+    return Config(
+        preset="cpu",
+        data=DataConfig(episodes=1000),
+        vae=VAEConfig(
+            filters=(16, 32, 32, 64),
+            kl_ramp_steps=1500,
+            train=TrainConfig(steps=3000, batch=32, lr=1e-3, chunk=50, checkpoint_every=500),
+        ),
+        transition=TransitionConfig(
+            train=TrainConfig(steps=3000, batch=32, lr=1e-3, chunk=100, checkpoint_every=1000),
+        ),
+        evolve=EvolveConfig(generations=60, gens_per_call=5, check_every=10),
+        rounds=RoundsConfig(rounds=1),
+    )
+
+
+def _smoke() -> Config:
+    return Config(
+        preset="smoke",
+        data=DataConfig(episodes=40, chunk_size=40),
+        vae=VAEConfig(
+            latent=8,
+            filters=(4, 4, 8, 8),
+            kl_ramp_steps=10,
+            train=TrainConfig(steps=20, batch=8, chunk=10, checkpoint_every=10),
+        ),
+        transition=TransitionConfig(
+            hidden=16,
+            seq_len=8,
+            train=TrainConfig(steps=20, batch=4, chunk=10, checkpoint_every=10),
+        ),
+        evolve=EvolveConfig(population=8, generations=4, rollouts=2, horizon=8, gens_per_call=2, check_every=2, check_episodes=2),
+        eval=EvalConfig(episodes=4, max_steps=50),
+        rounds=RoundsConfig(rounds=1, episodes=4, transition_steps=10, generations=2),
+    )
+
+
+PRESETS = {"smoke": _smoke, "cpu": _cpu, "paper": _paper}
+
+
+def get_preset(name: str, seed: int | None = None) -> Config:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+    cfg = PRESETS[name]()
+    return dataclasses.replace(cfg, seed=seed) if seed is not None else cfg

@@ -1,0 +1,385 @@
+"""Episode collection on device, the on-disk dataset, and the batchers the models train on.
+
+`collect` runs many CartPole episodes as one jitted, vmapped, fixed-length `lax.scan` with a
+validity mask (gymnax `experimental/rollout.py` style), in chunks of episodes so memory stays
+bounded. One dataset row is one step: the observation frame at time t (the newest frame only; the
+4-frame stacks are rebuilt at load from the rows before it), the action taken, its reward, whether
+it terminated the episode, and the physics state. The frame after the final action is not stored,
+so the transition model masks its latent target on an episode's last row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+import datasets
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from wm_jax.env import FRAME_SIZE, STACK, PixelCartPole, _render
+
+MANIFEST = "wm_jax_manifest.json"
+FORMAT_VERSION = 1
+COLUMNS = ("episode", "t", "frame", "action", "reward", "done", "state")
+FEATURES = datasets.Features(
+    {
+        "episode": datasets.Value("int32"),
+        "t": datasets.Value("int32"),
+        "frame": datasets.Array2D((FRAME_SIZE, FRAME_SIZE), "uint8"),
+        "action": datasets.Value("int32"),
+        "reward": datasets.Value("float32"),
+        "done": datasets.Value("bool"),
+        "state": datasets.Sequence(datasets.Value("float32"), length=4),
+    }
+)
+
+
+class DatasetError(ValueError):
+    """A dataset directory is missing, incomplete or does not match the wm_jax schema."""
+
+    def __init__(self, path: os.PathLike | str, problem: str) -> None:
+        super().__init__(f"{path}: {problem}")
+        self.path = str(path)
+        self.problem = problem
+
+
+# --------------------------------------------------------------------------------------------
+# Policies
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    """A behaviour policy for `collect`.
+
+    act(key, carry, obs) -> (action int32, carry) for ONE episode (collect vmaps it); obs is the
+    uint8[64, 64, 4] stack when `uses_pixels`, else None (and no frames are rendered in the loop).
+    init_carry() -> the policy's per-episode state (a pytree; `()` for a stateless policy).
+    """
+
+    act: Callable[[jax.Array, Any, jax.Array | None], tuple[jax.Array, Any]]
+    init_carry: Callable[[], Any] = lambda: ()
+    uses_pixels: bool = False
+
+
+def _random_act(key: jax.Array, carry: Any, obs: jax.Array | None) -> tuple[jax.Array, Any]:
+    return jax.random.bernoulli(key).astype(jnp.int32), carry
+
+
+RANDOM_POLICY = Policy(act=_random_act)
+
+
+# --------------------------------------------------------------------------------------------
+# Collection
+
+
+def _collect_chunk(policy: Policy, max_steps: int, key: jax.Array, num_episodes: int) -> dict[str, jax.Array]:
+    """One chunk of episodes as a fixed-length scan; returns time-major buffers and a valid mask."""
+    env = PixelCartPole()
+    params = env.default_params
+
+    def one_episode(key: jax.Array) -> dict[str, jax.Array]:
+        key_reset, key_run = jax.random.split(key)
+        obs, state = env.reset(key_reset, params)
+
+        def body(carry, key_t):
+            state, pcarry, alive = carry
+            key_act, key_step = jax.random.split(key_t)
+            action, pcarry = policy.act(key_act, pcarry, state.frames if policy.uses_pixels else None)
+            action = jnp.asarray(action, jnp.int32)
+            phys = state.physics
+            _, nxt, reward, terminated, _ = env._env.step_env(key_step, phys, action, params)
+            frames = state.frames
+            if policy.uses_pixels:  # static: only pixel policies pay for rendering in the loop
+                frames = jnp.concatenate([frames[..., 1:], _render(nxt.x, nxt.theta)[..., None]], -1)
+            out = {
+                "valid": alive,
+                "action": action,
+                "reward": reward.astype(jnp.float32),
+                "done": terminated & alive,
+                "state": jnp.stack([phys.x, phys.x_dot, phys.theta, phys.theta_dot]).astype(jnp.float32),
+            }
+            alive = alive & ~terminated
+            new_state = state.replace(physics=nxt, frames=frames)
+            return (new_state, pcarry, alive), out
+
+        keys = jax.random.split(key_run, max_steps)
+        _, out = jax.lax.scan(body, (state, policy.init_carry(), jnp.array(True)), keys)
+        return out
+
+    return jax.vmap(one_episode)(jax.random.split(key, num_episodes))
+
+
+_collect_chunk_jit = jax.jit(_collect_chunk, static_argnums=(0, 1, 3))
+
+
+@jax.jit
+def _render_batch(states: jax.Array) -> jax.Array:
+    return jax.vmap(_render)(states[:, 0], states[:, 2])
+
+
+def render_states(states: np.ndarray, batch: int = 4096) -> np.ndarray:
+    """Render uint8[N, 64, 64] frames for float[N, 4] physics states, in fixed-size batches."""
+    n = states.shape[0]
+    out = np.empty((n, FRAME_SIZE, FRAME_SIZE), np.uint8)
+    for lo in range(0, n, batch):
+        part = states[lo : lo + batch]
+        pad = batch - part.shape[0]
+        padded = np.concatenate([part, np.zeros((pad, 4), np.float32)]) if pad else part
+        out[lo : lo + part.shape[0]] = np.asarray(_render_batch(jnp.asarray(padded)))[: part.shape[0]]
+    return out
+
+
+def collect_arrays(
+    key: jax.Array,
+    num_episodes: int,
+    policy: Policy = RANDOM_POLICY,
+    max_steps: int = 500,
+    chunk_size: int = 1000,
+    episode_offset: int = 0,
+    progress: bool = True,
+) -> dict[str, np.ndarray]:
+    """`collect` without the Dataset wrapper: a dict of numpy columns, one row per step."""
+    if num_episodes <= 0:
+        raise ValueError(f"num_episodes must be positive, got {num_episodes}")
+    if max_steps <= 0:
+        raise ValueError(f"max_steps must be positive, got {max_steps}")
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    chunk_size = min(chunk_size, num_episodes)
+    parts: list[dict[str, np.ndarray]] = []
+    num_chunks = -(-num_episodes // chunk_size)
+    bar = tqdm(total=num_episodes, desc="collect", unit="ep", disable=not progress, leave=False)
+    for c in range(num_chunks):
+        # Every chunk has the same size (one compile); surplus episodes of the last are dropped.
+        out = jax.device_get(_collect_chunk_jit(policy, max_steps, jax.random.fold_in(key, c), chunk_size))
+        keep = min(chunk_size, num_episodes - c * chunk_size)
+        valid = out["valid"][:keep]  # [E, T]
+        ep, t = np.nonzero(valid)  # row-major: episode-major, time ascending
+        parts.append(
+            {
+                "episode": (ep + c * chunk_size + episode_offset).astype(np.int32),
+                "t": t.astype(np.int32),
+                "action": out["action"][:keep][ep, t].astype(np.int32),
+                "reward": out["reward"][:keep][ep, t].astype(np.float32),
+                "done": out["done"][:keep][ep, t].astype(bool),
+                "state": out["state"][:keep][ep, t].astype(np.float32),
+            }
+        )
+        bar.update(keep)
+    bar.close()
+    cols = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    cols["frame"] = render_states(cols["state"])
+    return {k: cols[k] for k in COLUMNS}
+
+
+def collect(
+    key: jax.Array,
+    num_episodes: int = 5000,
+    policy: Policy = RANDOM_POLICY,
+    max_steps: int = 500,
+    chunk_size: int = 1000,
+    episode_offset: int = 0,
+    progress: bool = True,
+) -> datasets.Dataset:
+    """Run `num_episodes` episodes of `policy` (default: uniform random) and return a Dataset.
+
+    All episodes of a chunk run in one jitted program: a fixed-length scan of `max_steps` with a
+    validity mask, vmapped over episodes. Frames are rendered afterwards from the stored states
+    (`render` is a pure function of (x, theta)), so the random policy never renders dead steps.
+    The recipe's dataset is `collect(jax.random.key(123), 5000)`.
+    """
+    cols = collect_arrays(key, num_episodes, policy, max_steps, chunk_size, episode_offset, progress)
+    return datasets.Dataset.from_dict(cols, features=FEATURES)
+
+
+# --------------------------------------------------------------------------------------------
+# Disk
+
+
+def _files_manifest(path: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_size for p in sorted(path.iterdir()) if p.is_file() and p.name != MANIFEST}
+
+
+def save_dataset(ds: datasets.Dataset, path: os.PathLike | str, overwrite: bool = False) -> Path:
+    """Save atomically: write into a sibling temporary directory, then rename it into place.
+
+    A crash at any point leaves either the old directory or the complete new one; the manifest
+    (row count and file sizes) is written last inside the temporary directory, so `load_dataset`
+    refuses anything half-written.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        if not path.is_dir() or any(path.iterdir()):
+            raise FileExistsError(f"{path} exists and is not empty (pass overwrite=True)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        if ds._indices is not None:  # a filtered/shuffled view: materialise it
+            ds = ds.flatten_indices()
+        ds.save_to_disk(str(tmp))
+        manifest = {"format_version": FORMAT_VERSION, "num_rows": ds.num_rows, "files": _files_manifest(tmp)}
+        with open(tmp / MANIFEST, "w") as f:
+            json.dump(manifest, f)
+            f.flush()
+            os.fsync(f.fileno())
+        old = None
+        if path.exists():
+            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def _check_features(path: Path, ds: datasets.Dataset) -> None:
+    missing = [c for c in COLUMNS if c not in ds.column_names]
+    if missing:
+        raise DatasetError(path, f"missing column(s) {missing}; expected {list(COLUMNS)}")
+    for name in COLUMNS:
+        got, want = ds.features[name], FEATURES[name]
+        if name == "frame":
+            shape = getattr(got, "shape", None)
+            dtype = getattr(got, "dtype", None)
+            if tuple(shape or ()) != (FRAME_SIZE, FRAME_SIZE):
+                raise DatasetError(path, f"column 'frame' has shape {shape}, expected ({FRAME_SIZE}, {FRAME_SIZE})")
+            if dtype != "uint8":
+                raise DatasetError(path, f"column 'frame' has dtype {dtype}, expected uint8")
+        elif got != want:
+            raise DatasetError(path, f"column {name!r} has type {got}, expected {want}")
+
+
+def _check_episodes(path: Path, episode: np.ndarray, t: np.ndarray) -> None:
+    if episode.size == 0:
+        raise DatasetError(path, "dataset has no rows")
+    new_ep = np.concatenate([[True], episode[1:] != episode[:-1]])
+    expected_t = np.arange(episode.size) - np.maximum.accumulate(np.where(new_ep, np.arange(episode.size), 0))
+    bad = np.nonzero(t != expected_t)[0]
+    if bad.size:
+        i = int(bad[0])
+        raise DatasetError(
+            path, f"episode {int(episode[i])} has a gap in t at row {i}: t={int(t[i])}, expected {int(expected_t[i])}"
+        )
+    starts = episode[new_ep]
+    if np.unique(starts).size != starts.size:
+        raise DatasetError(path, "an episode's rows are not contiguous")
+
+
+def load_dataset(path: os.PathLike | str) -> datasets.Dataset:
+    """Load and validate a dataset written by `save_dataset`; raises DatasetError on any problem."""
+    path = Path(path)
+    if not path.is_dir():
+        raise DatasetError(path, "no such dataset directory")
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise DatasetError(path, f"not a wm_jax dataset (no {MANIFEST}; incomplete or foreign directory)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = dict(manifest["files"])
+        num_rows = int(manifest["num_rows"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise DatasetError(path, f"unreadable manifest {MANIFEST}: {e}") from None
+    for name, size in files.items():
+        f = path / name
+        if not f.is_file():
+            raise DatasetError(path, f"file {name} is missing")
+        if f.stat().st_size != size:
+            raise DatasetError(path, f"file {name} is {f.stat().st_size} bytes, expected {size} (truncated or damaged)")
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except Exception as e:  # datasets/pyarrow raise many types for damaged files
+        raise DatasetError(path, f"cannot be read as a Hugging Face dataset: {type(e).__name__}: {e}") from None
+    if not isinstance(ds, datasets.Dataset):
+        raise DatasetError(path, f"expected a single Dataset, found {type(ds).__name__}")
+    if ds.num_rows != num_rows:
+        raise DatasetError(path, f"has {ds.num_rows} rows, manifest says {num_rows}")
+    _check_features(path, ds)
+    _check_episodes(path, _column(ds, "episode"), _column(ds, "t"))
+    return ds
+
+
+def _column(ds: datasets.Dataset, name: str) -> np.ndarray:
+    """A column as numpy straight from Arrow (the `numpy` formatter upcasts frames to int64)."""
+    col = ds.data.column(name).combine_chunks()
+    if name == "frame":
+        storage = col.storage if hasattr(col, "storage") else col
+        return storage.flatten().flatten().to_numpy(zero_copy_only=False).reshape(-1, FRAME_SIZE, FRAME_SIZE)
+    if name == "state":
+        return col.flatten().to_numpy(zero_copy_only=False).reshape(-1, 4).astype(np.float32)
+    return col.to_numpy(zero_copy_only=False)
+
+
+def to_arrays(ds: datasets.Dataset) -> dict[str, np.ndarray]:
+    """All columns as numpy arrays (frames uint8[N, 64, 64])."""
+    return {name: _column(ds, name) for name in COLUMNS}
+
+
+# --------------------------------------------------------------------------------------------
+# Batching
+
+
+@dataclasses.dataclass(frozen=True)
+class EpisodeIndex:
+    """Row bookkeeping derived from (episode, t): stacks and boundaries, all numpy.
+
+    stack_rows[i] = the rows of the 4-frame stack ending at row i (clamped to the episode's first
+    row, so an episode's first stack repeats its first frame, as PixelCartPole's reset does).
+    is_first[i]: row i starts an episode. is_last[i]: row i ends one (no next frame stored).
+    """
+
+    stack_rows: np.ndarray  # int32[N, 4]
+    is_first: np.ndarray  # bool[N]
+    is_last: np.ndarray  # bool[N]
+
+    @staticmethod
+    def from_columns(episode: np.ndarray, t: np.ndarray) -> "EpisodeIndex":
+        rows = np.arange(episode.size)
+        start = rows - t
+        offsets = np.arange(-(STACK - 1), 1)
+        stack_rows = np.maximum(rows[:, None] + offsets[None, :], start[:, None]).astype(np.int32)
+        is_first = t == 0
+        is_last = np.concatenate([episode[1:] != episode[:-1], [True]])
+        return EpisodeIndex(stack_rows=stack_rows, is_first=is_first, is_last=is_last)
+
+
+def stacks(frames: jax.Array, stack_rows: jax.Array, rows: jax.Array) -> jax.Array:
+    """uint8[B, 64, 64, 4] frame stacks (newest last) for dataset rows `rows`."""
+    return jnp.moveaxis(frames[stack_rows[rows]], -3, -1)
+
+
+def sample_stacks(key: jax.Array, frames: jax.Array, stack_rows: jax.Array, batch_size: int) -> jax.Array:
+    """A uniform random batch of frame stacks; never mixes episodes (stack_rows clamps)."""
+    rows = jax.random.randint(key, (batch_size,), 0, stack_rows.shape[0])
+    return stacks(frames, stack_rows, rows)
+
+
+def sample_sequences(
+    key: jax.Array, is_first: jax.Array, is_last: jax.Array, batch_size: int, length: int = 32
+) -> dict[str, jax.Array]:
+    """Random windows of `length` consecutive rows for sequence models, with boundary masks.
+
+    Returns int32 rows[B, L] and bool masks of shape [B, L]:
+      reset: start from a fresh carry before this step (window start or an episode's first row);
+      valid: the row exists (windows running past the dataset's end are padded and masked);
+      next_valid: valid and the next frame belongs to the same episode (a latent target exists).
+    A window may run across an episode boundary: `reset` cuts the recurrence there.
+    """
+    n = is_first.shape[0]
+    start = jax.random.randint(key, (batch_size, 1), 0, n)
+    raw = start + jnp.arange(length)[None, :]
+    valid = raw < n
+    rows = jnp.minimum(raw, n - 1).astype(jnp.int32)
+    reset = is_first[rows] | (jnp.arange(length)[None, :] == 0)
+    next_valid = valid & ~is_last[rows]
+    return {"rows": rows, "reset": reset, "valid": valid, "next_valid": next_valid}

@@ -1,0 +1,200 @@
+"""The one optax training loop every model uses.
+
+`fit` runs optimizer steps in chunks, each chunk one jitted `lax.scan`; Python only drives chunks,
+the progress bar, metrics.jsonl and checkpoints. The batch for step s is drawn with
+`fold_in(key, s)`, so a run killed at any moment and restarted with the same command resumes from
+its last complete checkpoint and ends with the same parameters, bit for bit on CPU, as an
+uninterrupted run. Updates whose loss or gradients are not finite are skipped (parameters and
+optimizer state kept) and counted; `max_bad_steps` in a row stop the run with TrainingError.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+from tqdm.auto import tqdm
+
+from wm_jax import checkpoint
+from wm_jax.config import TrainConfig
+
+LossFn = Callable[[Any, jax.Array, Any, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
+SampleFn = Callable[[jax.Array, Any], Any]
+
+
+class TrainingError(RuntimeError):
+    """Training cannot continue (e.g. persistent non-finite updates)."""
+
+
+@struct.dataclass
+class TrainState:
+    params: Any
+    opt_state: Any
+    step: jax.Array  # int32
+    bad_streak: jax.Array  # consecutive skipped (non-finite) updates
+    bad_total: jax.Array
+
+
+def optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), optax.adam(cfg.lr))
+
+
+def init_state(cfg: TrainConfig, params: Any) -> TrainState:
+    zero = jnp.zeros((), jnp.int32)
+    return TrainState(params=params, opt_state=optimizer(cfg).init(params), step=zero, bad_streak=zero, bad_total=zero)
+
+
+def _all_finite(tree: Any) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def _train_step(
+    cfg: TrainConfig, loss_fn: LossFn, sample_fn: SampleFn, key: jax.Array, data: Any, state: TrainState
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    key_batch, key_loss = jax.random.split(jax.random.fold_in(key, state.step))
+    batch = sample_fn(key_batch, data)
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, key_loss, batch, state.step)
+    updates, opt_state = optimizer(cfg).update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    finite = _all_finite(loss) & _all_finite(grads)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+    state = TrainState(
+        params=keep(params, state.params),
+        opt_state=keep(opt_state, state.opt_state),
+        step=state.step + 1,
+        bad_streak=jnp.where(finite, 0, state.bad_streak + 1),
+        bad_total=state.bad_total + (~finite).astype(jnp.int32),
+    )
+    metrics = {**metrics, "grad_norm": optax.global_norm(grads), "finite": finite}
+    return state, metrics
+
+
+@partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _run_chunk(cfg, loss_fn, sample_fn, length, key, data, state):
+    def body(s, _):
+        return _train_step(cfg, loss_fn, sample_fn, key, data, s)
+
+    return jax.lax.scan(body, state, None, length=length)
+
+
+def _summarise(metrics: dict[str, np.ndarray]) -> dict[str, float]:
+    finite = metrics["finite"].astype(bool)
+    out = {}
+    for k, v in metrics.items():
+        if k == "finite":
+            continue
+        v = np.asarray(v, np.float64)[finite] if finite.any() else np.asarray([np.nan])
+        out[k] = float(np.mean(v))
+    out["skipped"] = int((~finite).sum())
+    return out
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric lines written after the checkpoint we resume from (atomic rewrite)."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (ValueError, KeyError):
+            continue  # a torn last line from a crash
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(l + "\n" for l in keep))
+    os.replace(tmp, path)
+
+
+def fit(
+    name: str,
+    cfg: TrainConfig,
+    loss_fn: LossFn,
+    sample_fn: SampleFn,
+    data: Any,
+    params: Any,
+    key: jax.Array,
+    run_dir: Path | str,
+    model_config: dict[str, Any],
+    progress: bool = True,
+) -> tuple[Any, dict[str, Any]]:
+    """Train `params` for cfg.steps steps; resumable; returns (params, info).
+
+    loss_fn(params, key, batch, step) -> (loss, metrics dict); sample_fn(key, data) -> batch, a
+    pure function (data is passed to the jitted chunk as an argument, not baked in as a constant).
+    Writes run_dir/checkpoints (orbax) and appends one JSON line per chunk to run_dir/metrics.jsonl.
+    `model_config` is stored with each checkpoint and must match on resume.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_dir = run_dir / "checkpoints"
+    metrics_path = run_dir / "metrics.jsonl"
+    stored_config = {"model": model_config, "train": _train_dict(cfg)}
+
+    state = init_state(cfg, params)
+    restored = checkpoint.restore_latest(ckpt_dir, state, stored_config, cfg.max_to_keep)
+    if restored is not None:
+        state = restored[1]
+        _truncate_metrics(metrics_path, restored[0])
+    else:
+        metrics_path.unlink(missing_ok=True)
+    start = int(state.step)
+    mngr = checkpoint.manager(ckpt_dir, cfg.max_to_keep)
+    every = max(cfg.chunk, -(-cfg.checkpoint_every // cfg.chunk) * cfg.chunk)
+
+    bar = tqdm(total=cfg.steps, initial=start, desc=name, unit="step", disable=not progress, leave=False)
+    t0, done_steps, last = time.perf_counter(), 0, {}
+    try:
+        while int(state.step) < cfg.steps:
+            step = int(state.step)
+            length = min(cfg.chunk, cfg.steps - step)
+            state, metrics = _run_chunk(cfg, loss_fn, sample_fn, length, key, data, state)
+            metrics = jax.device_get(metrics)
+            last = {"step": step + length, **_summarise(metrics)}
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(last) + "\n")
+            done_steps += length
+            bar.update(length)
+            bar.set_postfix(loss=f"{last['loss']:.4g}")
+            if int(state.bad_streak) >= cfg.max_bad_steps:
+                raise TrainingError(
+                    f"{name}: {int(state.bad_streak)} consecutive non-finite updates at step {int(state.step)} "
+                    f"(lower the learning rate or check the data); last checkpoint kept in {ckpt_dir}"
+                )
+            if int(state.step) % every == 0 or int(state.step) == cfg.steps:
+                checkpoint.save(mngr, int(state.step), state, stored_config)
+    finally:
+        bar.close()
+        mngr.close()
+    elapsed = time.perf_counter() - t0
+    info = {
+        "steps": cfg.steps,
+        "resumed_from": start,
+        "wall_s": elapsed,
+        "steps_per_s": done_steps / elapsed if done_steps else float("nan"),
+        "skipped_updates": int(state.bad_total),
+        "final": last,
+    }
+    return state.params, info
+
+
+def _train_dict(cfg: TrainConfig) -> dict[str, Any]:
+    import dataclasses
+
+    return dataclasses.asdict(cfg)
+
+
+def read_metrics(run_dir: Path | str) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]

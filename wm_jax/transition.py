@@ -1,0 +1,241 @@
+"""M: the LSTM transition h' = f(h, z, a) with latent, reward and done heads (Ha's MDN-RNN).
+
+The recurrent interface is uniform (dreamerv3 rssm style): `initial_carry(cfg, batch)`,
+`step(cfg, params, carry, z, a) -> (carry, prediction)`, usable inside scan and vmap, and
+`observe` (teacher forcing over a sequence with episode-boundary resets) for training.
+
+The latent head predicts p(z_{t+1} | h_{t+1}): a diagonal Gaussian, or per-dimension mixtures of
+`mixtures` Gaussians (Ha's MDN). Sampling at temperature tau divides the mixture logits by tau and
+scales sigma by sqrt(tau), as Ha's doomrnn does. The done head is a logit for "a_t ended the
+episode", trained with the positive class up-weighted since deaths are rare.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from wm_jax.config import TransitionConfig
+
+Params = Any
+NUM_ACTIONS = 2
+_LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
+
+
+class Prediction(NamedTuple):
+    logits: jax.Array  # [..., latent, K] mixture logits (K = 1 for the Gaussian head)
+    mean: jax.Array  # [..., latent, K]
+    logstd: jax.Array  # [..., latent, K]
+    reward: jax.Array  # [...]
+    done_logit: jax.Array  # [...]
+
+
+class _Net(nn.Module):
+    hidden: int
+    latent: int
+    components: int
+
+    def setup(self) -> None:
+        self.cell = nn.OptimizedLSTMCell(self.hidden, name="lstm")
+        self.latent_head = nn.Dense(3 * self.latent * self.components, name="latent_head")
+        self.reward_head = nn.Dense(1, name="reward_head")
+        self.done_head = nn.Dense(1, name="done_head")
+
+    def __call__(self, carry, z, a):
+        x = jnp.concatenate([z, jax.nn.one_hot(a, NUM_ACTIONS, dtype=z.dtype)], axis=-1)
+        carry, h = self.cell(carry, x)
+        raw = self.latent_head(h).reshape(h.shape[:-1] + (self.latent, self.components, 3))
+        logits, mean, logstd = raw[..., 0], raw[..., 1], raw[..., 2]
+        logstd = jnp.clip(logstd, -7.0, 3.0)  # keeps exp() and 1/sigma finite early in training
+        pred = Prediction(
+            logits=logits,
+            mean=mean,
+            logstd=logstd,
+            reward=self.reward_head(h)[..., 0],
+            done_logit=self.done_head(h)[..., 0],
+        )
+        return carry, pred
+
+
+def _components(cfg: TransitionConfig) -> int:
+    return cfg.mixtures if cfg.head == "mdn" else 1
+
+
+def _net(cfg: TransitionConfig, latent: int) -> _Net:
+    return _Net(hidden=cfg.hidden, latent=latent, components=_components(cfg))
+
+
+def initial_carry(cfg: TransitionConfig, batch: int | tuple[int, ...] = ()) -> tuple[jax.Array, jax.Array]:
+    """The LSTM's (c, h) at the start of an episode: zeros of shape [*batch, hidden]."""
+    shape = (batch,) if isinstance(batch, int) else tuple(batch)
+    zeros = jnp.zeros(shape + (cfg.hidden,), jnp.float32)
+    return (zeros, zeros)
+
+
+def hidden(carry: tuple[jax.Array, jax.Array]) -> jax.Array:
+    """h, the part of the carry the controller sees."""
+    return carry[1]
+
+
+def init(key: jax.Array, cfg: TransitionConfig, latent: int) -> Params:
+    return _net(cfg, latent).init(key, initial_carry(cfg, 1), jnp.zeros((1, latent)), jnp.zeros((1,), jnp.int32))
+
+
+def step(
+    cfg: TransitionConfig, params: Params, carry: tuple[jax.Array, jax.Array], z: jax.Array, a: jax.Array
+) -> tuple[tuple[jax.Array, jax.Array], Prediction]:
+    """One transition: (h_t, z_t, a_t) -> h_{t+1} and the prediction for z_{t+1}, r_t, done_t."""
+    latent = z.shape[-1]
+    return _net(cfg, latent).apply(params, carry, z, jnp.asarray(a, jnp.int32))
+
+
+def sample_latent(key: jax.Array, pred: Prediction, tau: float | jax.Array = 1.0) -> jax.Array:
+    """z' ~ p(z' | h') at temperature tau (logits / tau, sigma * sqrt(tau)); [..., latent]."""
+    key_k, key_n = jax.random.split(key)
+    tau = jnp.asarray(tau, pred.mean.dtype)
+    k = jax.random.categorical(key_k, pred.logits / tau, axis=-1)
+    mean = jnp.take_along_axis(pred.mean, k[..., None], axis=-1)[..., 0]
+    logstd = jnp.take_along_axis(pred.logstd, k[..., None], axis=-1)[..., 0]
+    eps = jax.random.normal(key_n, mean.shape, mean.dtype)
+    return mean + jnp.exp(logstd) * jnp.sqrt(tau) * eps
+
+
+def latent_nll(pred: Prediction, z_next: jax.Array) -> jax.Array:
+    """-log p(z_next | h'), summed over latent dimensions; [...]."""
+    z = z_next[..., None]
+    log_normal = -0.5 * jnp.square((z - pred.mean) * jnp.exp(-pred.logstd)) - pred.logstd - _LOG_SQRT_2PI
+    log_mix = jax.nn.log_softmax(pred.logits, axis=-1)
+    return -jnp.sum(jax.nn.logsumexp(log_mix + log_normal, axis=-1), axis=-1)
+
+
+def mixture_moments(pred: Prediction) -> tuple[jax.Array, jax.Array]:
+    """Mean and variance of the predicted mixture per latent dimension (tau = 1)."""
+    w = jax.nn.softmax(pred.logits, axis=-1)
+    mean = jnp.sum(w * pred.mean, axis=-1)
+    second = jnp.sum(w * (jnp.exp(2 * pred.logstd) + jnp.square(pred.mean)), axis=-1)
+    return mean, second - jnp.square(mean)
+
+
+def observe(
+    cfg: TransitionConfig, params: Params, z: jax.Array, a: jax.Array, reset: jax.Array
+) -> Prediction:
+    """Teacher forcing over [B, L] sequences; the carry restarts wherever reset[:, t] is set.
+
+    The restart is a mask inside the scan (purejaxrl ppo_rnn), so one program serves any batch.
+    """
+    batch = z.shape[0]
+    init_c = initial_carry(cfg, batch)
+
+    def body(carry, inputs):
+        z_t, a_t, reset_t = inputs
+        carry = jax.tree.map(lambda c, c0: jnp.where(reset_t[:, None], c0, c), carry, init_c)
+        carry, pred = step(cfg, params, carry, z_t, a_t)
+        return carry, pred
+
+    xs = (jnp.swapaxes(z, 0, 1), jnp.swapaxes(a, 0, 1), jnp.swapaxes(reset, 0, 1))
+    _, preds = jax.lax.scan(body, init_c, xs)
+    return jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), preds)
+
+
+def loss(
+    cfg: TransitionConfig, params: Params, batch: dict[str, jax.Array]
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Teacher-forced loss on a batch of sequences.
+
+    batch: z[B, L, latent] (sampled from the encoder posterior), z_next[B, L, latent], action,
+    reward, done[B, L], and the masks reset, valid, next_valid[B, L] from data.sample_sequences.
+    Latent NLL counts only where the next frame exists in the same episode (next_valid); reward and
+    done count on every valid row. Each term is a masked mean; the total is their weighted sum.
+    """
+    pred = observe(cfg, params, batch["z"], batch["action"], batch["reset"])
+    valid = batch["valid"].astype(jnp.float32)
+    next_valid = batch["next_valid"].astype(jnp.float32)
+    nll = latent_nll(pred, batch["z_next"])
+    reward_err = jnp.square(pred.reward - batch["reward"])
+    done = batch["done"].astype(jnp.float32)
+    log_p, log_not_p = jax.nn.log_sigmoid(pred.done_logit), jax.nn.log_sigmoid(-pred.done_logit)
+    done_bce = -(cfg.done_pos_weight * done * log_p + (1.0 - done) * log_not_p)
+    assert nll.shape == reward_err.shape == done_bce.shape == valid.shape, (nll.shape, valid.shape)
+
+    def masked_mean(x, m):
+        return jnp.sum(x * m) / jnp.maximum(jnp.sum(m), 1.0)
+
+    terms = {
+        "latent_nll": masked_mean(nll, next_valid),
+        "reward": masked_mean(reward_err, valid),
+        "done": masked_mean(done_bce, valid),
+    }
+    weights = {"latent_nll": 1.0, "reward": cfg.reward_weight, "done": cfg.done_weight}
+    assert terms.keys() == weights.keys()
+    total = sum(weights[k] * terms[k] for k in terms)
+    metrics = {"loss": total, **{f"loss/{k}": v for k, v in terms.items()}}
+    return total, metrics
+
+
+def sequence_batch(
+    key: jax.Array, d: dict[str, jax.Array], batch: int, length: int
+) -> dict[str, jax.Array]:
+    """A training batch: windows of rows with z and z_next resampled from the encoder posterior.
+
+    d holds per-row arrays: mean, logvar [N, latent], action, reward, done [N], is_first, is_last [N].
+    """
+    from wm_jax import data as data_lib
+
+    key_w, key_z, key_n = jax.random.split(key, 3)
+    seq = data_lib.sample_sequences(key_w, d["is_first"], d["is_last"], batch, length)
+    rows = seq["rows"]
+    nxt = jnp.minimum(rows + 1, d["mean"].shape[0] - 1)
+
+    def post(k, r):
+        mean, logvar = d["mean"][r], d["logvar"][r]
+        return mean + jnp.exp(0.5 * logvar) * jax.random.normal(k, mean.shape)
+
+    return {
+        "z": post(key_z, rows),
+        "z_next": post(key_n, nxt),
+        "action": d["action"][rows],
+        "reward": d["reward"][rows],
+        "done": d["done"][rows],
+        "reset": seq["reset"],
+        "valid": seq["valid"],
+        "next_valid": seq["next_valid"],
+    }
+
+
+def train(
+    cfg: TransitionConfig,
+    arrays: dict[str, Any],
+    key: jax.Array,
+    run_dir,
+    progress: bool = True,
+    params: Params | None = None,
+    steps: int | None = None,
+) -> tuple[Params, dict[str, Any]]:
+    """Teacher-forced training on per-row posteriors (see `sequence_batch` for `arrays`).
+
+    `params` continues from a trained model (fine-tuning); `steps` overrides cfg.train.steps.
+    """
+    import dataclasses
+
+    from wm_jax import train as train_lib
+
+    tcfg = cfg.train if steps is None else dataclasses.replace(cfg.train, steps=steps)
+    key_init, key_train = jax.random.split(key)
+    latent = arrays["mean"].shape[-1]
+    if params is None:
+        params = init(key_init, cfg, latent)
+    d = {k: jnp.asarray(arrays[k]) for k in ("mean", "logvar", "action", "reward", "done", "is_first", "is_last")}
+
+    def sample_fn(k, dd):
+        return sequence_batch(k, dd, tcfg.batch, cfg.seq_len)
+
+    def loss_fn(p, k, batch, step):
+        return loss(cfg, p, batch)
+
+    model_cfg = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "train"}
+    model_cfg["latent"] = int(latent)
+    return train_lib.fit("transition", tcfg, loss_fn, sample_fn, d, params, key_train, run_dir, model_cfg, progress)

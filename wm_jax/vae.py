@@ -1,0 +1,180 @@
+"""V: a convolutional VAE on 64x64x4 frame stacks (Ha & Schmidhuber 2018, appendix A.1).
+
+Encoder: four stride-2 4x4 convolutions (ReLU), then dense heads for the mean and log-variance of
+z. Decoder: dense to 4 * filters[3] features, then four transposed convolutions (5, 5, 6, 6 kernels,
+stride 2) back to 64x64x4 with a sigmoid, as in Ha's vae.py. Loss: the ELBO's reconstruction term
+(sum of squared errors over pixels, Ha) plus beta * KL, beta ramped linearly from 0 to 1.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from wm_jax.config import VAEConfig
+
+Params = Any
+
+
+class _Encoder(nn.Module):
+    filters: tuple[int, ...]
+    latent: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        for f in self.filters:
+            x = nn.relu(nn.Conv(f, (4, 4), strides=(2, 2), padding="VALID")(x))
+        x = x.reshape(x.shape[:-3] + (-1,))
+        return nn.Dense(self.latent, name="mean")(x), nn.Dense(self.latent, name="logvar")(x)
+
+
+class _Decoder(nn.Module):
+    filters: tuple[int, ...]
+
+    @nn.compact
+    def __call__(self, z: jax.Array) -> jax.Array:
+        x = nn.Dense(4 * self.filters[3])(z)[..., None, None, :]  # 1x1 spatial, as Ha
+        for f, k in zip((self.filters[2], self.filters[1], self.filters[0]), (5, 5, 6)):
+            x = nn.relu(nn.ConvTranspose(f, (k, k), strides=(2, 2), padding="VALID")(x))
+        # 1 -> 5 -> 13 -> 30 -> 64 pixels
+        return nn.sigmoid(nn.ConvTranspose(4, (6, 6), strides=(2, 2), padding="VALID")(x))
+
+
+class ConvVAE(nn.Module):
+    filters: tuple[int, ...]
+    latent: int
+
+    def setup(self) -> None:
+        self.encoder = _Encoder(self.filters, self.latent)
+        self.decoder = _Decoder(self.filters)
+
+    def __call__(self, x: jax.Array, eps: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        mean, logvar = self.encoder(x)
+        z = mean + jnp.exp(0.5 * logvar) * eps
+        return self.decoder(z), mean, logvar
+
+    def encode(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        return self.encoder(x)
+
+    def decode(self, z: jax.Array) -> jax.Array:
+        return self.decoder(z)
+
+
+def model(cfg: VAEConfig) -> ConvVAE:
+    return ConvVAE(filters=tuple(cfg.filters), latent=cfg.latent)
+
+
+def to_float(stack: jax.Array) -> jax.Array:
+    """uint8 frames -> float32 in [0, 1]."""
+    return jnp.asarray(stack, jnp.float32) / 255.0
+
+
+def init(key: jax.Array, cfg: VAEConfig) -> Params:
+    x = jnp.zeros((1, 64, 64, 4), jnp.float32)
+    return model(cfg).init(key, x, jnp.zeros((1, cfg.latent)))
+
+
+def encode(cfg: VAEConfig, params: Params, stack: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """uint8[..., 64, 64, 4] -> (mean, logvar), each float32[..., latent]."""
+    return model(cfg).apply(params, to_float(stack), method=ConvVAE.encode)
+
+
+def sample(key: jax.Array, mean: jax.Array, logvar: jax.Array) -> jax.Array:
+    """z ~ N(mean, exp(logvar)) by reparameterisation."""
+    return mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape, mean.dtype)
+
+
+def decode(cfg: VAEConfig, params: Params, z: jax.Array) -> jax.Array:
+    """float32[..., latent] -> float32[..., 64, 64, 4] in [0, 1]."""
+    return model(cfg).apply(params, z, method=ConvVAE.decode)
+
+
+def kl_weight(cfg: VAEConfig, step: jax.Array) -> jax.Array:
+    """beta: linear ramp 0 -> 1 over cfg.kl_ramp_steps (1 from the start when the ramp is 0)."""
+    if cfg.kl_ramp_steps == 0:
+        return jnp.ones((), jnp.float32)
+    return jnp.clip(jnp.asarray(step, jnp.float32) / cfg.kl_ramp_steps, 0.0, 1.0)
+
+
+def loss(
+    cfg: VAEConfig, params: Params, key: jax.Array, stack: jax.Array, step: jax.Array
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Negative ELBO with the ramped KL weight; named terms, per-example means."""
+    x = to_float(stack)
+    eps = jax.random.normal(key, stack.shape[:-3] + (cfg.latent,))
+    recon, mean, logvar = model(cfg).apply(params, x, eps)
+    batch = stack.shape[0]
+    rec = jnp.sum(jnp.square(recon - x), axis=(1, 2, 3))
+    kl = -0.5 * jnp.sum(1.0 + logvar - jnp.square(mean) - jnp.exp(logvar), axis=-1)
+    # Free bits (Ha's kl_tolerance): no pressure on the KL below cfg.free_bits nats per dimension.
+    kl_floored = jnp.maximum(kl, cfg.free_bits * cfg.latent)
+    assert rec.shape == kl.shape == (batch,), (rec.shape, kl.shape)
+    beta = kl_weight(cfg, step)
+    total = jnp.mean(rec) + beta * jnp.mean(kl_floored)
+    metrics = {
+        "loss": total,
+        "loss/recon": jnp.mean(rec),
+        "loss/kl": jnp.mean(kl),
+        "beta": beta,
+        "mse_per_pixel": jnp.mean(jnp.square(recon - x)),
+    }
+    return total, metrics
+
+
+def train(
+    cfg: VAEConfig,
+    frames: jax.Array,
+    stack_rows: jax.Array,
+    key: jax.Array,
+    run_dir,
+    progress: bool = True,
+) -> tuple[Params, dict[str, Any]]:
+    """Fit the VAE on random frame stacks of (frames uint8[N, 64, 64], stack_rows int32[N, 4])."""
+    import dataclasses
+
+    from wm_jax import data as data_lib
+    from wm_jax import train as train_lib
+
+    key_init, key_train = jax.random.split(key)
+    batch = cfg.train.batch
+
+    def sample_fn(k, d):
+        return data_lib.sample_stacks(k, d["frames"], d["stack_rows"], batch)
+
+    def loss_fn(params, k, stack, step):
+        return loss(cfg, params, k, stack, step)
+
+    return train_lib.fit(
+        "vae",
+        cfg.train,
+        loss_fn,
+        sample_fn,
+        {"frames": jnp.asarray(frames), "stack_rows": jnp.asarray(stack_rows)},
+        init(key_init, cfg),
+        key_train,
+        run_dir,
+        {k: v for k, v in dataclasses.asdict(cfg).items() if k != "train"},
+        progress,
+    )
+
+
+def encode_all(cfg: VAEConfig, params: Params, frames, stack_rows, batch: int = 1024) -> tuple:
+    """Posterior (mean, logvar) for every dataset row, in fixed-size batches (one compile)."""
+    import numpy as np
+
+    from wm_jax import data as data_lib
+
+    frames = jnp.asarray(frames)
+    stack_rows = jnp.asarray(stack_rows)
+    fn = jax.jit(lambda p, rows: encode(cfg, p, data_lib.stacks(frames, stack_rows, rows)))
+    n = stack_rows.shape[0]
+    means, logvars = [], []
+    for lo in range(0, n, batch):
+        rows = np.minimum(np.arange(lo, lo + batch), n - 1)
+        m, lv = fn(params, jnp.asarray(rows))
+        means.append(np.asarray(m)[: n - lo])
+        logvars.append(np.asarray(lv)[: n - lo])
+    return np.concatenate(means), np.concatenate(logvars)
