@@ -1,0 +1,63 @@
+"""C: Ha's linear controller on [z, h], action = argmax(W [z, h] + b), as one flat vector.
+
+CMA-ES searches over the flat vector directly; `unflatten` slices it into W and b (and, with the
+"mlp" switch, one tanh hidden layer in front).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from wm_jax.config import ControllerConfig
+
+NUM_ACTIONS = 2
+
+
+def _shapes(cfg: ControllerConfig, latent: int, hidden: int) -> list[tuple[int, ...]]:
+    inputs = latent + hidden
+    if cfg.kind == "linear":
+        return [(inputs, NUM_ACTIONS), (NUM_ACTIONS,)]
+    return [(inputs, cfg.mlp_hidden), (cfg.mlp_hidden,), (cfg.mlp_hidden, NUM_ACTIONS), (NUM_ACTIONS,)]
+
+
+def num_params(cfg: ControllerConfig, latent: int, hidden: int) -> int:
+    total = 0
+    for shape in _shapes(cfg, latent, hidden):
+        size = 1
+        for s in shape:
+            size *= s
+        total += size
+    return total
+
+
+def unflatten(cfg: ControllerConfig, flat: jax.Array, latent: int, hidden: int) -> list[jax.Array]:
+    if flat.shape[-1] != num_params(cfg, latent, hidden):
+        raise ValueError(
+            f"controller vector has {flat.shape[-1]} entries, expected {num_params(cfg, latent, hidden)} "
+            f"for kind={cfg.kind!r}, latent={latent}, hidden={hidden}"
+        )
+    out, offset = [], 0
+    for shape in _shapes(cfg, latent, hidden):
+        size = 1
+        for s in shape:
+            size *= s
+        out.append(flat[offset : offset + size].reshape(shape))
+        offset += size
+    return out
+
+
+def logits(cfg: ControllerConfig, flat: jax.Array, z: jax.Array, h: jax.Array) -> jax.Array:
+    """Action scores for one (z, h) or a batch; flat is one candidate's parameter vector."""
+    x = jnp.concatenate([z, h], axis=-1)
+    parts = unflatten(cfg, flat, z.shape[-1], h.shape[-1])
+    if cfg.kind == "linear":
+        w, b = parts
+        return x @ w + b
+    w1, b1, w2, b2 = parts
+    return jnp.tanh(x @ w1 + b1) @ w2 + b2
+
+
+def act(cfg: ControllerConfig, flat: jax.Array, z: jax.Array, h: jax.Array) -> jax.Array:
+    """Deterministic action (int32): argmax of the scores."""
+    return jnp.argmax(logits(cfg, flat, z, h), axis=-1).astype(jnp.int32)

@@ -1,0 +1,89 @@
+"""Imagined rollouts: C acts on (z, h), M steps, z' is sampled at temperature tau.
+
+`dream` is one `lax.scan`; `score_population` vmaps it over rollouts and over the CMA-ES
+population so that one call scores a whole generation. Reward is the reward head's prediction,
+and a dream ends when the done head says p > 0.5 (Ha's rule); steps after the end are masked.
+Start states are latents sampled from stored encoder posteriors of real observations (Ha's
+initial_z), with M's carry at zero.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from wm_jax import controller, transition
+from wm_jax.config import Config
+
+
+def _dream(
+    cfg: Config, key: jax.Array, m_params: Any, ctrl: jax.Array, start: jax.Array, horizon: int, tau: jax.Array
+) -> tuple[dict[str, jax.Array], jax.Array]:
+    tcfg, ccfg = cfg.transition, cfg.controller
+
+    def body(state, key_t):
+        carry, z, alive = state
+        a = controller.act(ccfg, ctrl, z, transition.hidden(carry))
+        carry, pred = transition.step(tcfg, m_params, carry, z, a)
+        z_next = transition.sample_latent(key_t, pred, tau)
+        p_done = jax.nn.sigmoid(pred.done_logit)
+        reward = pred.reward * alive
+        out = {"z": z, "action": a, "reward": reward, "p_done": p_done, "alive": alive}
+        alive = alive * (p_done <= 0.5).astype(alive.dtype)
+        return (carry, z_next, alive), out
+
+    init = (transition.initial_carry(tcfg), start, jnp.ones((), start.dtype))
+    _, traj = jax.lax.scan(body, init, jax.random.split(key, horizon))
+    return traj, jnp.sum(traj["reward"])
+
+
+@partial(jax.jit, static_argnums=(0, 5))
+def dream(
+    cfg: Config, key: jax.Array, m_params: Any, ctrl: jax.Array, start: jax.Array, horizon: int, tau: float = 1.0
+) -> tuple[dict[str, jax.Array], jax.Array]:
+    """One imagined episode of `horizon` steps from latent `start` [latent].
+
+    Returns (trajectory, return): trajectory holds z [H, latent] (the latent each step acted on),
+    action, reward (masked), p_done and alive [H].
+    """
+    return _dream(cfg, key, m_params, ctrl, start, horizon, jnp.asarray(tau, jnp.float32))
+
+
+def draw_starts(key: jax.Array, mean: jax.Array, logvar: jax.Array, num: int) -> jax.Array:
+    """`num` start latents: random stored posteriors (rows), each sampled once."""
+    key_r, key_z = jax.random.split(key)
+    rows = jax.random.randint(key_r, (num,), 0, mean.shape[0])
+    m, lv = mean[rows], logvar[rows]
+    return m + jnp.exp(0.5 * lv) * jax.random.normal(key_z, m.shape)
+
+
+def _score_population(
+    cfg: Config, key: jax.Array, m_params: Any, population: jax.Array, mean: jax.Array, logvar: jax.Array,
+    rollouts: int, horizon: int, tau: jax.Array,
+) -> jax.Array:
+    """Mean dream return of each candidate over `rollouts` dreams: float[P].
+
+    Every candidate faces the same start states and the same sampling noise (common random
+    numbers), so differences in fitness come from the controllers, not from luck.
+    """
+    key_s, key_d = jax.random.split(key)
+    starts = draw_starts(key_s, mean, logvar, rollouts)
+    keys = jax.random.split(key_d, rollouts)
+
+    def one(ctrl):
+        _, returns = jax.vmap(lambda k, s: _dream(cfg, k, m_params, ctrl, s, horizon, tau))(keys, starts)
+        return jnp.mean(returns)
+
+    return jax.vmap(one)(population)
+
+
+@partial(jax.jit, static_argnums=(0, 6, 7))
+def score_population(
+    cfg: Config, key: jax.Array, m_params: Any, population: jax.Array, mean: jax.Array, logvar: jax.Array,
+    rollouts: int, horizon: int, tau: float = 1.0,
+) -> jax.Array:
+    """Jitted `_score_population`: one call scores a whole generation."""
+    return _score_population(cfg, key, m_params, population, mean, logvar, rollouts, horizon, jnp.asarray(tau, jnp.float32))

@@ -1,0 +1,268 @@
+"""The recipe end to end: collect -> V -> M -> evolve C in the dream -> real evaluation.
+
+`run(cfg, out_dir)` writes a run directory; every stage records its result in stages.json when it
+finishes, and a rerun with the same command skips finished stages (training stages also resume
+mid-way from their checkpoints). With cfg.rounds.rounds > 1, Ha's iterative procedure follows:
+collect with the current controller (with action noise), fine-tune M on all data, evolve again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from wm_jax import data as data_lib
+from wm_jax import dream, evolve, rollout, transition, vae
+from wm_jax.config import Config
+
+SUMMARY_KEYS = (
+    "preset", "seed", "real_return_mean", "real_return_std", "real_return_min", "real_episodes", "solved",
+    "real_env_steps", "dream_real_corr", "latent_kl", "wall_s", "device", "versions",
+)
+
+
+class RunDirError(ValueError):
+    """The run directory belongs to a different configuration."""
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+class _Stages:
+    """stages.json: the finished stages and their results; a finished stage is never rerun."""
+
+    def __init__(self, out: Path, progress: bool) -> None:
+        self.path = out / "stages.json"
+        self.done: dict[str, Any] = json.loads(self.path.read_text()) if self.path.exists() else {}
+        self.progress = progress
+
+    def run(self, name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        if name in self.done:
+            return self.done[name]
+        if self.progress:
+            print(f"[wm-jax] {name} ...", flush=True)
+        t0 = time.perf_counter()
+        result = fn()
+        result["wall_s"] = time.perf_counter() - t0
+        self.done[name] = result
+        _write_json(self.path, self.done)
+        if self.progress:
+            print(f"[wm-jax] {name} done in {result['wall_s']:.1f}s", flush=True)
+        return result
+
+
+def versions() -> dict[str, str]:
+    out = {}
+    for pkg in ("jax", "jaxlib", "flax", "optax", "evosax", "gymnax", "orbax-checkpoint", "datasets", "wm_jax"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "missing"
+    return out
+
+
+def device_name() -> str:
+    d = jax.devices()[0]
+    if d.platform == "cpu":
+        return f"cpu ({platform.machine()}, {os.cpu_count()} cores)"
+    return f"{d.platform} ({getattr(d, 'device_kind', '')}) x{jax.device_count()}"
+
+
+def _load_arrays(paths: list[Path]) -> dict[str, np.ndarray]:
+    parts = [data_lib.to_arrays(data_lib.load_dataset(p)) for p in paths]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def run(cfg: Config, out: Path | str, progress: bool = True) -> dict[str, Any]:
+    """Run (or finish) the whole pipeline in `out`; returns the summary dict (also summary.json)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg_path = out / "config.json"
+    if cfg_path.exists():
+        saved = json.loads(cfg_path.read_text())
+        if saved != json.loads(cfg.to_json()):
+            raise RunDirError(f"{out} holds a run with a different config (preset {saved.get('preset')!r}, "
+                              f"seed {saved.get('seed')!r}); use a new --out or delete it")
+    else:
+        _write_json(cfg_path, cfg.to_dict())
+    if (out / "summary.json").exists():
+        return json.loads((out / "summary.json").read_text())
+
+    stages = _Stages(out, progress)
+    key = jax.random.key(cfg.seed)
+    k_vae, k_m, k_evo, k_eval, k_rounds = jax.random.split(key, 5)
+    t_start = time.perf_counter()
+
+    def collect_stage() -> dict[str, Any]:
+        ds = data_lib.collect(
+            jax.random.key(cfg.data.seed), cfg.data.episodes, max_steps=cfg.data.max_steps,
+            chunk_size=cfg.data.chunk_size, progress=progress,
+        )
+        data_lib.save_dataset(ds, out / "data" / "round1", overwrite=True)
+        return {"episodes": cfg.data.episodes, "rows": ds.num_rows, "env_steps": ds.num_rows}
+
+    collected = stages.run("collect", collect_stage)
+    data_paths = [out / "data" / "round1"]
+    arrays = _load_arrays(data_paths)
+    index = data_lib.EpisodeIndex.from_columns(arrays["episode"], arrays["t"])
+
+    def vae_stage() -> dict[str, Any]:
+        params, info = vae.train(cfg.vae, arrays["frame"], index.stack_rows, k_vae, out / "vae", progress)
+        from wm_jax import plots
+
+        plots.reconstruction_grid(cfg, params, arrays, index, out / "vae" / "reconstructions.png")
+        plots.loss_curves(out / "vae", out / "vae" / "loss.png")
+        return {"steps_per_s": info["steps_per_s"], "final": info["final"]}
+
+    stages.run("vae", vae_stage)
+    vae_params = _restore_vae(cfg, out / "vae")
+
+    # round 1 on random data, later rounds on data gathered by the evolving controller
+    real_env_steps = collected["env_steps"]
+    ctrl_best = None
+    checks_all: list[dict[str, Any]] = []
+    m_params = None
+    for r in range(1, cfg.rounds.rounds + 1):
+        if r > 1:
+            def collect_round(r=r, ctrl=ctrl_best, m=m_params) -> dict[str, Any]:
+                policy = _agent_policy(cfg, {"vae": vae_params, "transition": m, "controller": jnp.asarray(ctrl)})
+                ds = data_lib.collect(
+                    jax.random.fold_in(k_rounds, r), cfg.rounds.episodes, policy=policy, max_steps=cfg.data.max_steps,
+                    chunk_size=cfg.rounds.episodes, episode_offset=r * 1_000_000, progress=progress,
+                )
+                data_lib.save_dataset(ds, out / "data" / f"round{r}", overwrite=True)
+                return {"episodes": cfg.rounds.episodes, "rows": ds.num_rows, "env_steps": ds.num_rows}
+
+            got = stages.run(f"collect_round{r}", collect_round)
+            real_env_steps += got["env_steps"]
+            data_paths.append(out / "data" / f"round{r}")
+            arrays = _load_arrays(data_paths)
+            index = data_lib.EpisodeIndex.from_columns(arrays["episode"], arrays["t"])
+
+        latents_path = out / f"latents_round{r}.npz"
+        if not latents_path.exists():
+            mean, logvar = vae.encode_all(cfg.vae, vae_params, arrays["frame"], index.stack_rows)
+            tmp = latents_path.with_name(f".{latents_path.name}.tmp.npz")
+            np.savez(tmp, mean=mean, logvar=logvar)
+            os.replace(tmp, latents_path)
+        lat = np.load(latents_path)
+        m_arrays = {
+            "mean": lat["mean"], "logvar": lat["logvar"], "action": arrays["action"], "reward": arrays["reward"],
+            "done": arrays["done"], "is_first": index.is_first, "is_last": index.is_last,
+        }
+        m_dir = out / ("transition" if r == 1 else f"transition_round{r}")
+
+        def m_stage(r=r, m_arrays=m_arrays, m_dir=m_dir, prev=m_params) -> dict[str, Any]:
+            steps = None if r == 1 else cfg.rounds.transition_steps
+            _, info = transition.train(cfg.transition, m_arrays, jax.random.fold_in(k_m, r), m_dir, progress, prev, steps)
+            return {"steps_per_s": info["steps_per_s"], "final": info["final"]}
+
+        stages.run("transition" if r == 1 else f"transition_round{r}", m_stage)
+        m_params = _restore_transition(cfg, m_dir, cfg.vae.latent, None if r == 1 else cfg.rounds.transition_steps)
+
+        def evolve_stage(r=r, m_params=m_params, m_arrays=m_arrays, init=ctrl_best) -> dict[str, Any]:
+            params_base = {"vae": vae_params, "transition": m_params}
+
+            def real_check(k, ctrl):
+                return rollout.evaluate(cfg, {**params_base, "controller": ctrl}, k, cfg.evolve.check_episodes,
+                                        cfg.eval.max_steps, batch=cfg.evolve.check_episodes)
+
+            res = evolve.evolve(
+                cfg, jax.random.fold_in(k_evo, r), m_params, (m_arrays["mean"], m_arrays["logvar"]), real_check,
+                out / f"evolve_round{r}", None if r == 1 else cfg.rounds.generations, init, progress,
+            )
+            np.save(out / f"evolve_round{r}" / "controller.npy", res["best"])
+            return {"best_real": res["best_real"], "checks": res["checks"], "real_env_steps": res["real_env_steps"],
+                    "final_dream_mean": res["history"][-1]["dream_mean"]}
+
+        evo = stages.run(f"evolve_round{r}", evolve_stage)
+        real_env_steps += evo["real_env_steps"]
+        checks_all += evo["checks"]
+        ctrl_best = np.load(out / f"evolve_round{r}" / "controller.npy")
+
+    final_params = {"vae": vae_params, "transition": m_params, "controller": jnp.asarray(ctrl_best)}
+    np.save(out / "controller.npy", ctrl_best)
+    _write_json(out / "agent.json", {"transition_dir": m_dir.name, "config": cfg.to_dict()})
+
+    def eval_stage() -> dict[str, Any]:
+        res = rollout.evaluate(cfg, final_params, k_eval)
+        from wm_jax import plots
+
+        plots.dream_vs_real(checks_all, out / "dream_vs_real.png")
+        plots.episode_strip(cfg, final_params, jax.random.fold_in(k_eval, 99), out / "episode_strip.png",
+                            out / "imagined_rollouts.npz")
+        return res
+
+    ev = stages.run("evaluate", eval_stage)
+    real_env_steps += ev["env_steps"]
+    wall = {name: stages.done[name]["wall_s"] for name in stages.done}
+    wall["total"] = float(sum(wall.values()))
+    summary = {
+        "preset": cfg.preset,
+        "seed": cfg.seed,
+        "real_return_mean": ev["return_mean"],
+        "real_return_std": ev["return_std"],
+        "real_return_min": ev["return_min"],
+        "real_episodes": ev["episodes"],
+        "solved": bool(ev["return_mean"] >= cfg.eval.solved_at),
+        "real_env_steps": int(real_env_steps),
+        "real_env_steps_training": int(real_env_steps - ev["env_steps"]),
+        "dream_real_corr": rollout.correlation([c["dream_return"] for c in checks_all], [c["real_return"] for c in checks_all]),
+        "latent_kl": ev["latent_kl"],
+        "wall_s": wall,
+        "device": device_name(),
+        "versions": versions(),
+    }
+    _write_json(out / "summary.json", summary)
+    return summary
+
+
+def _agent_policy(cfg: Config, params: dict[str, Any]) -> data_lib.Policy:
+    """The trained agent as a collection policy, with epsilon-random actions for coverage."""
+    eps = cfg.rounds.action_noise
+
+    def act(key, carry, obs):
+        action, carry, _ = rollout.agent_step(cfg, params, carry, obs)
+        k1, k2 = jax.random.split(key)
+        rand = jax.random.bernoulli(k1).astype(jnp.int32)
+        return jnp.where(jax.random.uniform(k2) < eps, rand, action), carry
+
+    return data_lib.Policy(act=act, init_carry=lambda: transition.initial_carry(cfg.transition), uses_pixels=True)
+
+
+def _restore_vae(cfg: Config, run_dir: Path) -> Any:
+    from wm_jax import checkpoint, train
+
+    like = train.init_state(cfg.vae.train, vae.init(jax.random.key(0), cfg.vae))
+    stored = {"model": {k: v for k, v in dataclasses.asdict(cfg.vae).items() if k != "train"},
+              "train": dataclasses.asdict(cfg.vae.train)}
+    restored = checkpoint.restore_latest(run_dir / "checkpoints", like, stored)
+    if restored is None:
+        raise checkpoint.CheckpointError(f"{run_dir}: no VAE checkpoint")
+    return restored[1].params
+
+
+def _restore_transition(cfg: Config, run_dir: Path, latent: int, steps: int | None = None) -> Any:
+    from wm_jax import checkpoint, train
+
+    tcfg = cfg.transition.train if steps is None else dataclasses.replace(cfg.transition.train, steps=steps)
+    like = train.init_state(tcfg, transition.init(jax.random.key(0), cfg.transition, latent))
+    model_cfg = {k: v for k, v in dataclasses.asdict(cfg.transition).items() if k != "train"}
+    model_cfg["latent"] = latent
+    restored = checkpoint.restore_latest(run_dir / "checkpoints", like, {"model": model_cfg, "train": dataclasses.asdict(tcfg)})
+    if restored is None:
+        raise checkpoint.CheckpointError(f"{run_dir}: no transition checkpoint")
+    return restored[1].params

@@ -1,0 +1,114 @@
+"""Real episodes with the full agent (V + M + C) in the loop, vmapped over episodes.
+
+Each episode is a fixed-length `lax.scan` of `max_steps` with a validity mask (gymnax
+experimental/rollout.py): `ret += reward * valid; valid *= 1 - done`. The agent step is the one
+`Agent.act` uses: encode the stack (posterior mean), act on [z, h], advance M with (z, a).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from wm_jax import controller, transition, vae
+from wm_jax.config import Config
+from wm_jax.env import PixelCartPole
+
+
+def agent_step(
+    cfg: Config, params: dict[str, Any], carry: Any, obs: jax.Array
+) -> tuple[jax.Array, Any, dict[str, Any]]:
+    """(carry, uint8[64, 64, 4] obs) -> (action, new carry, extras) for one observation.
+
+    params = {"vae", "transition", "controller"}. extras carries z's posterior and M's prediction
+    for the next latent (used for the imagined-vs-real KL).
+    """
+    mean, logvar = vae.encode(cfg.vae, params["vae"], obs[None])
+    mean, logvar = mean[0], logvar[0]
+    action = controller.act(cfg.controller, params["controller"], mean, transition.hidden(carry))
+    carry, pred = transition.step(cfg.transition, params["transition"], carry, mean, action)
+    return action, carry, {"mean": mean, "logvar": logvar, "pred": pred}
+
+
+def _kl_mc(key: jax.Array, mean: jax.Array, logvar: jax.Array, pred: transition.Prediction) -> jax.Array:
+    """One-sample estimate of KL(q || p) with q the encoder posterior and p M's predicted mixture."""
+    z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape)
+    log_q = jnp.sum(-0.5 * jnp.square(z - mean) / jnp.exp(logvar) - 0.5 * logvar - 0.5 * jnp.log(2 * jnp.pi))
+    return log_q + transition.latent_nll(pred, z)
+
+
+def _episode(cfg: Config, params: dict[str, Any], key: jax.Array, max_steps: int) -> dict[str, jax.Array]:
+    env = PixelCartPole()
+    env_params = env.default_params
+    key_reset, key_run = jax.random.split(key)
+    obs, state = env.reset(key_reset, env_params)
+    carry = transition.initial_carry(cfg.transition)
+    zero_pred = None
+
+    def body(c, key_t):
+        obs, state, carry, valid, prev_pred, has_prev = c
+        key_step, key_kl = jax.random.split(key_t)
+        action, carry, extra = agent_step(cfg, params, carry, obs)
+        kl = _kl_mc(key_kl, extra["mean"], extra["logvar"], prev_pred)
+        obs, state, reward, terminated, truncated, _ = env.step(key_step, state, action, env_params)
+        out = {"reward": reward * valid, "valid": valid, "kl": kl, "kl_mask": valid * has_prev}
+        valid = valid * (1.0 - jnp.logical_or(terminated, truncated).astype(jnp.float32))
+        return (obs, state, carry, valid, extra["pred"], jnp.ones(())), out
+
+    # A placeholder prediction for step 0 (masked out of the KL): M's prediction from a zero carry.
+    _, zero_pred = transition.step(
+        cfg.transition, params["transition"], carry, jnp.zeros((cfg.vae.latent,)), jnp.zeros((), jnp.int32)
+    )
+    init = (obs, state, carry, jnp.ones(()), zero_pred, jnp.zeros(()))
+    _, out = jax.lax.scan(body, init, jax.random.split(key_run, max_steps))
+    return {
+        "return": jnp.sum(out["reward"]),
+        "length": jnp.sum(out["valid"]),
+        "kl_sum": jnp.sum(out["kl"] * out["kl_mask"]),
+        "kl_count": jnp.sum(out["kl_mask"]),
+    }
+
+
+@partial(jax.jit, static_argnums=(0, 3, 4))
+def run_episodes(
+    cfg: Config, params: dict[str, Any], key: jax.Array, num_episodes: int, max_steps: int = 500
+) -> dict[str, jax.Array]:
+    """`num_episodes` real episodes, vmapped; per-episode return, length and summed latent KL."""
+    keys = jax.random.split(key, num_episodes)
+    return jax.vmap(lambda k: _episode(cfg, params, k, max_steps))(keys)
+
+
+def evaluate(
+    cfg: Config, params: dict[str, Any], key: jax.Array, num_episodes: int | None = None, max_steps: int | None = None,
+    batch: int = 50,
+) -> dict[str, Any]:
+    """Real-environment metrics: mean/std/min return, episodes, env steps, one-step latent KL."""
+    num = cfg.eval.episodes if num_episodes is None else num_episodes
+    steps = cfg.eval.max_steps if max_steps is None else max_steps
+    batch = min(batch, num)
+    parts = []
+    for i in range(-(-num // batch)):
+        parts.append(jax.device_get(run_episodes(cfg, params, jax.random.fold_in(key, i), batch, steps)))
+    res = {k: np.concatenate([p[k] for p in parts])[:num] for k in parts[0]}
+    returns = res["return"].astype(np.float64)
+    return {
+        "returns": returns.tolist(),
+        "return_mean": float(returns.mean()),
+        "return_std": float(returns.std()),
+        "return_min": float(returns.min()),
+        "episodes": int(num),
+        "env_steps": int(res["length"].sum()),
+        "latent_kl": float(res["kl_sum"].sum() / max(res["kl_count"].sum(), 1.0)),
+    }
+
+
+def correlation(xs: list[float], ys: list[float]) -> float:
+    """Pearson correlation; NaN when fewer than 3 points or a constant series."""
+    x, y = np.asarray(xs, np.float64), np.asarray(ys, np.float64)
+    if x.size < 3 or x.std() == 0 or y.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(x, y)[0, 1])
