@@ -203,9 +203,9 @@ def _cpu() -> Config:
         preset="cpu",
         data=DataConfig(episodes=1000),
         vae=VAEConfig(
-            filters=(16, 32, 32, 64),
-            kl_ramp_steps=1500,
-            train=TrainConfig(steps=3000, batch=32, lr=1e-3, chunk=50, checkpoint_every=500),
+            filters=(8, 16, 32, 64),
+            kl_ramp_steps=1000,
+            train=TrainConfig(steps=2000, batch=32, lr=1e-3, chunk=50, checkpoint_every=500),
         ),
         transition=TransitionConfig(
             train=TrainConfig(steps=3000, batch=32, lr=1e-3, chunk=100, checkpoint_every=1000),

@@ -137,6 +137,40 @@ def render_states(states: np.ndarray, batch: int = 4096) -> np.ndarray:
     return out
 
 
+def _chunks(
+    key: jax.Array, num_episodes: int, policy: Policy, max_steps: int, chunk_size: int, episode_offset: int,
+    progress: bool,
+):
+    """Yield each chunk's rows as a dict of numpy columns (frames rendered), in episode order."""
+    if num_episodes <= 0:
+        raise ValueError(f"num_episodes must be positive, got {num_episodes}")
+    if max_steps <= 0:
+        raise ValueError(f"max_steps must be positive, got {max_steps}")
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    chunk_size = min(chunk_size, num_episodes)
+    num_chunks = -(-num_episodes // chunk_size)
+    bar = tqdm(total=num_episodes, desc="collect", unit="ep", disable=not progress, leave=False)
+    for c in range(num_chunks):
+        # Every chunk has the same size (one compile); surplus episodes of the last are dropped.
+        out = jax.device_get(_collect_chunk_jit(policy, max_steps, jax.random.fold_in(key, c), chunk_size))
+        keep = min(chunk_size, num_episodes - c * chunk_size)
+        valid = out["valid"][:keep]  # [E, T]
+        ep, t = np.nonzero(valid)  # row-major: episode-major, time ascending
+        cols = {
+            "episode": (ep + c * chunk_size + episode_offset).astype(np.int32),
+            "t": t.astype(np.int32),
+            "action": out["action"][:keep][ep, t].astype(np.int32),
+            "reward": out["reward"][:keep][ep, t].astype(np.float32),
+            "done": out["done"][:keep][ep, t].astype(bool),
+            "state": out["state"][:keep][ep, t].astype(np.float32),
+        }
+        cols["frame"] = render_states(cols["state"])
+        bar.update(keep)
+        yield {k: cols[k] for k in COLUMNS}
+    bar.close()
+
+
 def collect_arrays(
     key: jax.Array,
     num_episodes: int,
@@ -147,37 +181,8 @@ def collect_arrays(
     progress: bool = True,
 ) -> dict[str, np.ndarray]:
     """`collect` without the Dataset wrapper: a dict of numpy columns, one row per step."""
-    if num_episodes <= 0:
-        raise ValueError(f"num_episodes must be positive, got {num_episodes}")
-    if max_steps <= 0:
-        raise ValueError(f"max_steps must be positive, got {max_steps}")
-    if chunk_size <= 0:
-        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-    chunk_size = min(chunk_size, num_episodes)
-    parts: list[dict[str, np.ndarray]] = []
-    num_chunks = -(-num_episodes // chunk_size)
-    bar = tqdm(total=num_episodes, desc="collect", unit="ep", disable=not progress, leave=False)
-    for c in range(num_chunks):
-        # Every chunk has the same size (one compile); surplus episodes of the last are dropped.
-        out = jax.device_get(_collect_chunk_jit(policy, max_steps, jax.random.fold_in(key, c), chunk_size))
-        keep = min(chunk_size, num_episodes - c * chunk_size)
-        valid = out["valid"][:keep]  # [E, T]
-        ep, t = np.nonzero(valid)  # row-major: episode-major, time ascending
-        parts.append(
-            {
-                "episode": (ep + c * chunk_size + episode_offset).astype(np.int32),
-                "t": t.astype(np.int32),
-                "action": out["action"][:keep][ep, t].astype(np.int32),
-                "reward": out["reward"][:keep][ep, t].astype(np.float32),
-                "done": out["done"][:keep][ep, t].astype(bool),
-                "state": out["state"][:keep][ep, t].astype(np.float32),
-            }
-        )
-        bar.update(keep)
-    bar.close()
-    cols = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    cols["frame"] = render_states(cols["state"])
-    return {k: cols[k] for k in COLUMNS}
+    parts = list(_chunks(key, num_episodes, policy, max_steps, chunk_size, episode_offset, progress))
+    return {k: np.concatenate([p[k] for p in parts]) for k in COLUMNS}
 
 
 def collect(
@@ -194,14 +199,35 @@ def collect(
     All episodes of a chunk run in one jitted program: a fixed-length scan of `max_steps` with a
     validity mask, vmapped over episodes. Frames are rendered afterwards from the stored states
     (`render` is a pure function of (x, theta)), so the random policy never renders dead steps.
+    Each chunk becomes a Dataset (`Dataset.from_dict`) as soon as it is collected and the chunks
+    are concatenated, so peak memory grows with the chunk, not the collection.
     The recipe's dataset is `collect(jax.random.key(123), 5000)`.
     """
-    cols = collect_arrays(key, num_episodes, policy, max_steps, chunk_size, episode_offset, progress)
-    return datasets.Dataset.from_dict(cols, features=FEATURES)
+    parts = [
+        datasets.Dataset.from_dict(cols, features=FEATURES)
+        for cols in _chunks(key, num_episodes, policy, max_steps, chunk_size, episode_offset, progress)
+    ]
+    return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
 
 
 # --------------------------------------------------------------------------------------------
 # Disk
+
+
+class _quiet_datasets:
+    """Silence datasets' own per-call progress bars (ours cover the work)."""
+
+    def __enter__(self) -> None:
+        from datasets.utils import logging as ds_logging
+
+        self._was = ds_logging.is_progress_bar_enabled()
+        ds_logging.disable_progress_bar()
+
+    def __exit__(self, *exc: object) -> None:
+        from datasets.utils import logging as ds_logging
+
+        if self._was:
+            ds_logging.enable_progress_bar()
 
 
 def _files_manifest(path: Path) -> dict[str, int]:
@@ -224,7 +250,8 @@ def save_dataset(ds: datasets.Dataset, path: os.PathLike | str, overwrite: bool 
     try:
         if ds._indices is not None:  # a filtered/shuffled view: materialise it
             ds = ds.flatten_indices()
-        ds.save_to_disk(str(tmp))
+        with _quiet_datasets():
+            ds.save_to_disk(str(tmp))
         manifest = {"format_version": FORMAT_VERSION, "num_rows": ds.num_rows, "files": _files_manifest(tmp)}
         with open(tmp / MANIFEST, "w") as f:
             json.dump(manifest, f)
@@ -234,7 +261,12 @@ def save_dataset(ds: datasets.Dataset, path: os.PathLike | str, overwrite: bool 
         if path.exists():
             old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
             os.replace(path, old)
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            if old is not None:  # put the previous dataset back before giving up
+                os.replace(old, path)
+            raise
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     finally:
@@ -321,7 +353,9 @@ def _column(ds: datasets.Dataset, name: str) -> np.ndarray:
 
 
 def to_arrays(ds: datasets.Dataset) -> dict[str, np.ndarray]:
-    """All columns as numpy arrays (frames uint8[N, 64, 64])."""
+    """All columns as numpy arrays (frames uint8[N, 64, 64]), honouring select/shuffle/filter views."""
+    if ds._indices is not None:
+        ds = ds.flatten_indices()
     return {name: _column(ds, name) for name in COLUMNS}
 
 

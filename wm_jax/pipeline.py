@@ -195,7 +195,11 @@ def run(cfg: Config, out: Path | str, progress: bool = True) -> dict[str, Any]:
 
     final_params = {"vae": vae_params, "transition": m_params, "controller": jnp.asarray(ctrl_best)}
     np.save(out / "controller.npy", ctrl_best)
-    _write_json(out / "agent.json", {"transition_dir": m_dir.name, "config": cfg.to_dict()})
+    _write_json(out / "agent.json", {
+        "transition_dir": m_dir.name,
+        "transition_steps": None if cfg.rounds.rounds == 1 else cfg.rounds.transition_steps,
+        "config": cfg.to_dict(),
+    })
 
     def eval_stage() -> dict[str, Any]:
         res = rollout.evaluate(cfg, final_params, k_eval)

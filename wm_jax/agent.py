@@ -1,0 +1,69 @@
+"""Agent: a trained V + M + C loaded from a run directory, acting on raw pixel observations.
+
+    agent = Agent.load("runs/cpu")
+    carry = agent.initial_carry()
+    action, carry = agent.act(carry, obs)          # obs uint8[64, 64, 4]
+    actions, carries = agent.act_batch(carries, observations)   # leading batch axis
+
+`act` is jit-compiled once per Agent (no retrace per call) and runs the same `agent_step` as the
+vmapped evaluation rollout, so its actions equal the rollout's on the same frames.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from wm_jax import rollout, transition
+from wm_jax.config import Config
+
+
+class Agent:
+    def __init__(self, cfg: Config, params: dict[str, Any]) -> None:
+        self.cfg = cfg
+        self.params = params
+        self._act = jax.jit(self._act_impl)
+        self._act_batch = jax.jit(jax.vmap(self._act_impl, in_axes=(None, 0, 0)))
+
+    def _act_impl(self, params, carry, obs):
+        action, carry, _ = rollout.agent_step(self.cfg, params, carry, obs)
+        return action, carry
+
+    @classmethod
+    def load(cls, run_dir: Path | str) -> "Agent":
+        """Load the final agent of a finished `wm-jax run` directory."""
+        from wm_jax import pipeline
+
+        run_dir = Path(run_dir)
+        meta_path = run_dir / "agent.json"
+        if not meta_path.exists() or not (run_dir / "controller.npy").exists():
+            raise FileNotFoundError(f"{run_dir}: no trained agent (agent.json / controller.npy missing; run `wm-jax run` first)")
+        meta = json.loads(meta_path.read_text())
+        cfg = Config.from_dict(meta["config"])
+        vae_params = pipeline._restore_vae(cfg, run_dir / "vae")
+        m_dir = run_dir / meta["transition_dir"]
+        steps = meta.get("transition_steps")
+        m_params = pipeline._restore_transition(cfg, m_dir, cfg.vae.latent, steps)
+        ctrl = jnp.asarray(np.load(run_dir / "controller.npy"))
+        return cls(cfg, {"vae": vae_params, "transition": m_params, "controller": ctrl})
+
+    def initial_carry(self, batch: int | None = None) -> Any:
+        """M's carry at the start of an episode (with a leading axis when batch is given)."""
+        return transition.initial_carry(self.cfg.transition, () if batch is None else batch)
+
+    def act(self, carry: Any, obs: jax.Array) -> tuple[jax.Array, Any]:
+        obs = jnp.asarray(obs)
+        if obs.shape != (64, 64, 4) or obs.dtype != jnp.uint8:
+            raise ValueError(f"obs must be uint8[64, 64, 4], got {obs.dtype}{list(obs.shape)}")
+        return self._act(self.params, carry, obs)
+
+    def act_batch(self, carry: Any, obs: jax.Array) -> tuple[jax.Array, Any]:
+        obs = jnp.asarray(obs)
+        if obs.ndim != 4 or obs.shape[1:] != (64, 64, 4) or obs.dtype != jnp.uint8:
+            raise ValueError(f"obs must be uint8[B, 64, 64, 4], got {obs.dtype}{list(obs.shape)}")
+        return self._act_batch(self.params, carry, obs)

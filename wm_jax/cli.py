@@ -1,0 +1,183 @@
+"""The `wm-jax` command: collect, train-vae, train-transition, run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+
+class UsageError(Exception):
+    """Bad arguments: reported on one line, exit code 2."""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def _fresh_dir(path: Path, overwrite: bool) -> None:
+    if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
+        raise UsageError(f"{path} exists and is not empty (pass --overwrite to replace it)")
+
+
+def _dir_size_mb(path: Path) -> float:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 1e6
+
+
+def cmd_collect(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    _fresh_dir(out, args.overwrite)
+    import jax
+    import numpy as np
+
+    from wm_jax import data
+
+    t0 = time.perf_counter()
+    ds = data.collect(jax.random.key(args.seed), args.episodes, max_steps=args.max_steps)
+    data.save_dataset(ds, out, overwrite=args.overwrite)
+    seconds = time.perf_counter() - t0
+    lengths = np.bincount(data.to_arrays(ds)["episode"] - int(data.to_arrays(ds)["episode"].min()))
+    print(
+        f"collected {args.episodes} episodes, {ds.num_rows} steps, mean length {lengths.mean():.1f}, "
+        f"{_dir_size_mb(out):.1f} MB on disk in {out}, {seconds:.1f} s"
+    )
+    return 0
+
+
+def _preset(args: argparse.Namespace):
+    from wm_jax.config import get_preset
+
+    return get_preset(args.preset, args.seed)
+
+
+def cmd_train_vae(args: argparse.Namespace) -> int:
+    import jax
+
+    from wm_jax import data, plots, vae
+
+    cfg = _preset(args)
+    arrays = data.to_arrays(data.load_dataset(args.data))
+    index = data.EpisodeIndex.from_columns(arrays["episode"], arrays["t"])
+    out = Path(args.out)
+    params, info = vae.train(cfg.vae, arrays["frame"], index.stack_rows, jax.random.key(cfg.seed), out)
+    plots.reconstruction_grid(cfg, params, arrays, index, out / "reconstructions.png")
+    plots.loss_curves(out, out / "loss.png")
+    print(f"VAE trained: {info['final']} ({info['steps_per_s']:.1f} steps/s); plots in {out}")
+    return 0
+
+
+def cmd_train_transition(args: argparse.Namespace) -> int:
+    import jax
+
+    from wm_jax import data, pipeline, plots, transition, vae
+
+    cfg = _preset(args)
+    arrays = data.to_arrays(data.load_dataset(args.data))
+    index = data.EpisodeIndex.from_columns(arrays["episode"], arrays["t"])
+    vae_params = pipeline._restore_vae(cfg, Path(args.vae))
+    mean, logvar = vae.encode_all(cfg.vae, vae_params, arrays["frame"], index.stack_rows)
+    m_arrays = {"mean": mean, "logvar": logvar, "action": arrays["action"], "reward": arrays["reward"],
+                "done": arrays["done"], "is_first": index.is_first, "is_last": index.is_last}
+    out = Path(args.out)
+    _, info = transition.train(cfg.transition, m_arrays, jax.random.key(cfg.seed + 1), out)
+    plots.loss_curves(out, out / "loss.png")
+    print(f"transition trained: {info['final']} ({info['steps_per_s']:.1f} steps/s); plots in {out}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from wm_jax import pipeline
+
+    cfg = _preset(args)
+    if args.rounds is not None:
+        cfg = dataclasses.replace(cfg, rounds=dataclasses.replace(cfg.rounds, rounds=args.rounds))
+    out = Path(args.out)
+    summary = pipeline.run(cfg, out)
+    print()
+    print(f"{'preset':<22}{summary['preset']}")
+    for key in ("seed", "real_return_mean", "real_return_std", "real_return_min", "real_episodes", "solved",
+                "real_env_steps", "dream_real_corr", "latent_kl"):
+        value = summary[key]
+        print(f"{key:<22}{value:.3f}" if isinstance(value, float) else f"{key:<22}{value}")
+    for stage, seconds in summary["wall_s"].items():
+        print(f"{'wall_s/' + stage:<22}{seconds:.1f}")
+    print(f"{'device':<22}{summary['device']}")
+    print(f"\nresults: {out / 'summary.json'} (plots, checkpoints and metrics in {out}/)")
+    return 0
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit code 2, no usage dump
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="wm-jax", description="World Models in JAX on pixel CartPole-v1")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("collect", help="collect random-policy episodes into a Hugging Face dataset")
+    c.add_argument("--episodes", type=_positive_int, default=5000)
+    c.add_argument("--seed", type=int, default=123)
+    c.add_argument("--max-steps", type=_positive_int, default=500)
+    c.add_argument("--out", required=True)
+    c.add_argument("--overwrite", action="store_true")
+    c.set_defaults(fn=cmd_collect)
+
+    presets = ("smoke", "cpu", "paper")
+    v = sub.add_parser("train-vae", help="train V on a dataset")
+    v.add_argument("data")
+    v.add_argument("--out", required=True)
+    v.add_argument("--preset", choices=presets, default="cpu")
+    v.add_argument("--seed", type=int, default=0)
+    v.set_defaults(fn=cmd_train_vae)
+
+    m = sub.add_parser("train-transition", help="train M on a dataset encoded by a trained V")
+    m.add_argument("data")
+    m.add_argument("--vae", required=True, help="run directory of train-vae")
+    m.add_argument("--out", required=True)
+    m.add_argument("--preset", choices=presets, default="cpu")
+    m.add_argument("--seed", type=int, default=0)
+    m.set_defaults(fn=cmd_train_transition)
+
+    r = sub.add_parser("run", help="the whole recipe: collect, V, M, evolve C in the dream, evaluate")
+    r.add_argument("--preset", choices=presets, default="cpu")
+    r.add_argument("--out", required=True)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--rounds", type=_positive_int, default=None, help="iterative rounds (default: the preset's)")
+    r.set_defaults(fn=cmd_run)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)  # argparse prints usage + one error line and exits 2
+    from wm_jax.checkpoint import CheckpointError
+    from wm_jax.config import ConfigError
+    from wm_jax.pipeline import RunDirError
+    from wm_jax.train import TrainingError
+
+    try:
+        return args.fn(args)
+    except (UsageError, ValueError, ConfigError, RunDirError, CheckpointError, FileNotFoundError, FileExistsError) as e:
+        print(f"wm-jax {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except TrainingError as e:
+        print(f"wm-jax {args.command}: training failed: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"wm-jax {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
