@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from wm_jax import rollout, transition
+from wm_jax import rollout, transition, vae
 from wm_jax.config import Config
 
 
@@ -37,18 +37,16 @@ class Agent:
     @classmethod
     def load(cls, run_dir: Path | str) -> "Agent":
         """Load the final agent of a finished `wm-jax run` directory."""
-        from wm_jax import pipeline
-
         run_dir = Path(run_dir)
         meta_path = run_dir / "agent.json"
         if not meta_path.exists() or not (run_dir / "controller.npy").exists():
             raise FileNotFoundError(f"{run_dir}: no trained agent (agent.json / controller.npy missing; run `wm-jax run` first)")
         meta = json.loads(meta_path.read_text())
         cfg = Config.from_dict(meta["config"])
-        vae_params = pipeline._restore_vae(cfg, run_dir / "vae")
+        vae_params = vae.load(cfg.vae, run_dir / "vae")
         m_dir = run_dir / meta["transition_dir"]
         steps = meta.get("transition_steps")
-        m_params = pipeline._restore_transition(cfg, m_dir, cfg.vae.latent, steps)
+        m_params = transition.load(cfg.transition, m_dir, cfg.vae.latent, steps)
         ctrl = jnp.asarray(np.load(run_dir / "controller.npy"))
         return cls(cfg, {"vae": vae_params, "transition": m_params, "controller": ctrl})
 

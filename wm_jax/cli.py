@@ -77,12 +77,12 @@ def cmd_train_vae(args: argparse.Namespace) -> int:
 def cmd_train_transition(args: argparse.Namespace) -> int:
     import jax
 
-    from wm_jax import data, pipeline, plots, transition, vae
+    from wm_jax import data, plots, transition, vae
 
     cfg = _preset(args)
     arrays = data.to_arrays(data.load_dataset(args.data))
     index = data.EpisodeIndex.from_columns(arrays["episode"], arrays["t"])
-    vae_params = pipeline._restore_vae(cfg, Path(args.vae))
+    vae_params = vae.load(cfg.vae, Path(args.vae))
     mean, logvar = vae.encode_all(cfg.vae, vae_params, arrays["frame"], index.stack_rows)
     m_arrays = {"mean": mean, "logvar": logvar, "action": arrays["action"], "reward": arrays["reward"],
                 "done": arrays["done"], "is_first": index.is_first, "is_last": index.is_last}

@@ -70,7 +70,7 @@ class VAEConfig:
     latent: int = 64
     filters: tuple[int, ...] = (32, 64, 128, 256)  # four stride-2 4x4 convolutions (Ha)
     kl_ramp_steps: int = 10_000  # beta goes linearly 0 -> 1 over these steps
-    free_bits: float = 0.0  # KL floor per latent dimension (Ha's kl_tolerance * ... ; 0 = off)
+    free_bits: float = 0.0  # KL floor in nats per latent dimension (Ha's kl_tolerance=0.5); 0 = off
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=10_000, batch=256, lr=1e-3))
 
     def __post_init__(self) -> None:
@@ -205,7 +205,8 @@ def _cpu() -> Config:
         vae=VAEConfig(
             filters=(8, 16, 32, 64),
             kl_ramp_steps=1000,
-            train=TrainConfig(steps=2000, batch=32, lr=1e-3, chunk=50, checkpoint_every=500),
+            free_bits=0.5,
+            train=TrainConfig(steps=1500, batch=32, lr=1e-3, chunk=50, checkpoint_every=500),
         ),
         transition=TransitionConfig(
             train=TrainConfig(steps=3000, batch=32, lr=1e-3, chunk=100, checkpoint_every=1000),

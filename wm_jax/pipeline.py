@@ -128,7 +128,7 @@ def run(cfg: Config, out: Path | str, progress: bool = True) -> dict[str, Any]:
         return {"steps_per_s": info["steps_per_s"], "final": info["final"]}
 
     stages.run("vae", vae_stage)
-    vae_params = _restore_vae(cfg, out / "vae")
+    vae_params = vae.load(cfg.vae, out / "vae")
 
     # round 1 on random data, later rounds on data gathered by the evolving controller
     real_env_steps = collected["env_steps"]
@@ -171,7 +171,7 @@ def run(cfg: Config, out: Path | str, progress: bool = True) -> dict[str, Any]:
             return {"steps_per_s": info["steps_per_s"], "final": info["final"]}
 
         stages.run("transition" if r == 1 else f"transition_round{r}", m_stage)
-        m_params = _restore_transition(cfg, m_dir, cfg.vae.latent, None if r == 1 else cfg.rounds.transition_steps)
+        m_params = transition.load(cfg.transition, m_dir, cfg.vae.latent, None if r == 1 else cfg.rounds.transition_steps)
 
         def evolve_stage(r=r, m_params=m_params, m_arrays=m_arrays, init=ctrl_best) -> dict[str, Any]:
             params_base = {"vae": vae_params, "transition": m_params}
@@ -245,28 +245,3 @@ def _agent_policy(cfg: Config, params: dict[str, Any]) -> data_lib.Policy:
         return jnp.where(jax.random.uniform(k2) < eps, rand, action), carry
 
     return data_lib.Policy(act=act, init_carry=lambda: transition.initial_carry(cfg.transition), uses_pixels=True)
-
-
-def _restore_vae(cfg: Config, run_dir: Path) -> Any:
-    from wm_jax import checkpoint, train
-
-    like = train.init_state(cfg.vae.train, vae.init(jax.random.key(0), cfg.vae))
-    stored = {"model": {k: v for k, v in dataclasses.asdict(cfg.vae).items() if k != "train"},
-              "train": dataclasses.asdict(cfg.vae.train)}
-    restored = checkpoint.restore_latest(run_dir / "checkpoints", like, stored)
-    if restored is None:
-        raise checkpoint.CheckpointError(f"{run_dir}: no VAE checkpoint")
-    return restored[1].params
-
-
-def _restore_transition(cfg: Config, run_dir: Path, latent: int, steps: int | None = None) -> Any:
-    from wm_jax import checkpoint, train
-
-    tcfg = cfg.transition.train if steps is None else dataclasses.replace(cfg.transition.train, steps=steps)
-    like = train.init_state(tcfg, transition.init(jax.random.key(0), cfg.transition, latent))
-    model_cfg = {k: v for k, v in dataclasses.asdict(cfg.transition).items() if k != "train"}
-    model_cfg["latent"] = latent
-    restored = checkpoint.restore_latest(run_dir / "checkpoints", like, {"model": model_cfg, "train": dataclasses.asdict(tcfg)})
-    if restored is None:
-        raise checkpoint.CheckpointError(f"{run_dir}: no transition checkpoint")
-    return restored[1].params

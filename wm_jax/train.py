@@ -10,6 +10,7 @@ optimizer state kept) and counted; `max_bad_steps` in a row stop the run with Tr
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -188,9 +189,20 @@ def fit(
 
 
 def _train_dict(cfg: TrainConfig) -> dict[str, Any]:
-    import dataclasses
-
     return dataclasses.asdict(cfg)
+
+
+def load_params(cfg: TrainConfig, params_like: Any, run_dir: Path | str, model_config: dict[str, Any]) -> Any:
+    """The parameters of the newest complete checkpoint that `fit` wrote into run_dir.
+
+    The stored config must match (model_config and cfg), else checkpoint.CheckpointError.
+    """
+    run_dir = Path(run_dir)
+    stored = {"model": model_config, "train": _train_dict(cfg)}
+    restored = checkpoint.restore_latest(run_dir / "checkpoints", init_state(cfg, params_like), stored, cfg.max_to_keep)
+    if restored is None:
+        raise checkpoint.CheckpointError(f"{run_dir}: no checkpoint (train it first)")
+    return restored[1].params
 
 
 def read_metrics(run_dir: Path | str) -> list[dict[str, Any]]:

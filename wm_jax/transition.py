@@ -236,6 +236,23 @@ def train(
     def loss_fn(p, k, batch, step):
         return loss(cfg, p, batch)
 
-    model_cfg = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "train"}
-    model_cfg["latent"] = int(latent)
-    return train_lib.fit("transition", tcfg, loss_fn, sample_fn, d, params, key_train, run_dir, model_cfg, progress)
+    return train_lib.fit(
+        "transition", tcfg, loss_fn, sample_fn, d, params, key_train, run_dir, model_config(cfg, int(latent)), progress
+    )
+
+
+def model_config(cfg: TransitionConfig, latent: int) -> dict[str, Any]:
+    """What a checkpoint must agree on to be loaded into `cfg` (training settings stored apart)."""
+    import dataclasses
+
+    return {**{k: v for k, v in dataclasses.asdict(cfg).items() if k != "train"}, "latent": int(latent)}
+
+
+def load(cfg: TransitionConfig, run_dir, latent: int, steps: int | None = None) -> Params:
+    """Parameters trained by `train` into run_dir (`steps` as passed to `train`, for fine-tuning runs)."""
+    import dataclasses
+
+    from wm_jax import train as train_lib
+
+    tcfg = cfg.train if steps is None else dataclasses.replace(cfg.train, steps=steps)
+    return train_lib.load_params(tcfg, init(jax.random.key(0), cfg, latent), run_dir, model_config(cfg, latent))
