@@ -52,7 +52,9 @@ class Agent:
 
     def initial_carry(self, batch: int | None = None) -> Any:
         """M's carry at the start of an episode (with a leading axis when batch is given)."""
-        return transition.initial_carry(self.cfg.transition, () if batch is None else batch)
+        carry = transition.initial_carry(self.cfg.transition, () if batch is None else batch)
+        # Committed like the carries act returns, so the first and later calls share one executable.
+        return jax.device_put(carry, jax.devices()[0])
 
     def act(self, carry: Any, obs: jax.Array) -> tuple[jax.Array, Any]:
         obs = jnp.asarray(obs)

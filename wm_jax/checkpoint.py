@@ -9,6 +9,8 @@ falling back to the previous step with a warning.
 from __future__ import annotations
 
 import json
+import os
+import uuid
 import warnings
 from pathlib import Path
 from typing import Any
@@ -76,29 +78,62 @@ def restore_latest(
     if not directory.exists():
         return None
     mngr = manager(directory, max_to_keep)
-    steps = sorted(mngr.all_steps(), reverse=True)
-    wanted = config if compare_config is None else compare_config
+    try:
+        return _restore_newest_readable(directory, mngr, like, config if compare_config is None else compare_config)
+    finally:
+        mngr.close()
+
+
+def _set_aside(directory: Path, step: int) -> None:
+    """Rename an unreadable step out of orbax's view (kept for inspection), so training can save it anew."""
+    src = directory / str(step)
+    if src.exists():
+        os.replace(src, directory / f"damaged-{step}-{uuid.uuid4().hex[:6]}")
+
+
+def _restore_newest_readable(directory: Path, mngr: ocp.CheckpointManager, like: Any, wanted: dict[str, Any]):
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
     errors = []
-    for step in steps:
+    for step in sorted(mngr.all_steps(), reverse=True):
         try:
             saved_config = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
         except Exception as e:  # damaged JSON or missing item: try the previous step
             errors.append(f"step {step}: {type(e).__name__}: {e}")
-            warnings.warn(f"{directory}: checkpoint step {step} is unreadable ({e}); trying the previous one")
+            warnings.warn(f"{directory}: checkpoint step {step} is unreadable ({type(e).__name__}); "
+                          "set aside, trying the previous one")
+            _set_aside(directory, step)
             continue
         _check_config(directory, step, saved_config, wanted)
+        _check_stored_shapes(directory, mngr, step, like)
         try:
             restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
         except Exception as e:
             errors.append(f"step {step}: {type(e).__name__}: {e}")
-            warnings.warn(f"{directory}: checkpoint step {step} is unreadable ({type(e).__name__}); trying the previous one")
+            warnings.warn(f"{directory}: checkpoint step {step} is unreadable ({type(e).__name__}); "
+                          "set aside, trying the previous one")
+            _set_aside(directory, step)
             continue
         _check_shapes(directory, step, restored, like)
         return step, restored
     if errors:
         raise CheckpointError(f"{directory}: no readable checkpoint ({'; '.join(errors)})")
     return None
+
+
+def _check_stored_shapes(directory: Path, mngr: ocp.CheckpointManager, step: int, like: Any) -> None:
+    """Compare the shapes recorded in the checkpoint's metadata with `like` before restoring."""
+    try:
+        meta = mngr.item_metadata(step)["state"]
+        stored = jax.tree.leaves(jax.tree.map(lambda m: tuple(m.shape), meta, is_leaf=lambda m: hasattr(m, "shape")))
+    except Exception:  # no usable metadata: the restore itself will tell
+        return
+    expected = [tuple(np.shape(x)) for x in jax.tree.leaves(like)]
+    if len(stored) == len(expected) and all(isinstance(s, tuple) for s in stored):
+        for (path, _), a, b in zip(jax.tree_util.tree_leaves_with_path(like), stored, expected):
+            if a != b:
+                raise CheckpointError(
+                    f"{directory} step {step}: {jax.tree_util.keystr(path)} has shape {a}, the model expects {b}"
+                )
 
 
 def _check_shapes(directory: Path, step: int, restored: Any, like: Any) -> None:
@@ -111,11 +146,16 @@ def _check_shapes(directory: Path, step: int, restored: Any, like: Any) -> None:
 
 def read_config(directory: Path | str) -> dict[str, Any]:
     """The config JSON stored with the newest checkpoint."""
+    if not Path(directory).is_dir():
+        raise CheckpointError(f"{directory}: no checkpoint directory")
     mngr = manager(directory)
-    step = mngr.latest_step()
-    if step is None:
-        raise CheckpointError(f"{directory}: no checkpoint")
-    return mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+    try:
+        step = mngr.latest_step()
+        if step is None:
+            raise CheckpointError(f"{directory}: no checkpoint")
+        return mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+    finally:
+        mngr.close()
 
 
 def dumps(config: dict[str, Any]) -> str:

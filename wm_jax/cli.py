@@ -104,14 +104,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     summary = pipeline.run(cfg, out)
     print()
-    print(f"{'preset':<22}{summary['preset']}")
+    print(f"{'preset':<26}{summary['preset']}")
     for key in ("seed", "real_return_mean", "real_return_std", "real_return_min", "real_episodes", "solved",
                 "real_env_steps", "dream_real_corr", "latent_kl"):
         value = summary[key]
-        print(f"{key:<22}{value:.3f}" if isinstance(value, float) else f"{key:<22}{value}")
+        print(f"{key:<26}{value:.3f}" if isinstance(value, float) else f"{key:<26}{value}")
     for stage, seconds in summary["wall_s"].items():
-        print(f"{'wall_s/' + stage:<22}{seconds:.1f}")
-    print(f"{'device':<22}{summary['device']}")
+        print(f"{'wall_s/' + stage:<26}{seconds:.1f}")
+    print(f"{'device':<26}{summary['device']}")
     print(f"\nresults: {out / 'summary.json'} (plots, checkpoints and metrics in {out}/)")
     return 0
 

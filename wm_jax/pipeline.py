@@ -35,9 +35,20 @@ class RunDirError(ValueError):
     """The run directory belongs to a different configuration."""
 
 
+def _finite_or_none(obj: Any) -> Any:
+    """Strict JSON: a metric that is undefined (NaN, e.g. a correlation of a constant) becomes null."""
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_none(v) for v in obj]
+    return obj
+
+
 def _write_json(path: Path, obj: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
+    tmp.write_text(json.dumps(_finite_or_none(obj), indent=2, sort_keys=True, allow_nan=False))
     os.replace(tmp, path)
 
 

@@ -69,15 +69,15 @@ def _train_step(
     params = optax.apply_updates(state.params, updates)
     finite = _all_finite(loss) & _all_finite(grads)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
-    state = TrainState(
+    new_state = TrainState(
         params=keep(params, state.params),
         opt_state=keep(opt_state, state.opt_state),
         step=state.step + 1,
         bad_streak=jnp.where(finite, 0, state.bad_streak + 1),
         bad_total=state.bad_total + (~finite).astype(jnp.int32),
     )
-    metrics = {**metrics, "grad_norm": optax.global_norm(grads), "finite": finite}
-    return state, metrics
+    metrics = {**metrics, "grad_norm": optax.global_norm(grads), "finite": finite, "bad_streak": new_state.bad_streak}
+    return new_state, metrics
 
 
 @partial(jax.jit, static_argnums=(0, 1, 2, 3))
@@ -92,7 +92,7 @@ def _summarise(metrics: dict[str, np.ndarray]) -> dict[str, float]:
     finite = metrics["finite"].astype(bool)
     out = {}
     for k, v in metrics.items():
-        if k == "finite":
+        if k in ("finite", "bad_streak"):
             continue
         v = np.asarray(v, np.float64)[finite] if finite.any() else np.asarray([np.nan])
         out[k] = float(np.mean(v))
@@ -166,9 +166,10 @@ def fit(
             done_steps += length
             bar.update(length)
             bar.set_postfix(loss=f"{last['loss']:.4g}")
-            if int(state.bad_streak) >= cfg.max_bad_steps:
+            worst = int(np.max(metrics["bad_streak"]))  # a streak may start and end inside a chunk
+            if worst >= cfg.max_bad_steps:
                 raise TrainingError(
-                    f"{name}: {int(state.bad_streak)} consecutive non-finite updates at step {int(state.step)} "
+                    f"{name}: {worst} consecutive non-finite updates before step {int(state.step)} "
                     f"(lower the learning rate or check the data); last checkpoint kept in {ckpt_dir}"
                 )
             if int(state.step) % every == 0 or int(state.step) == cfg.steps:

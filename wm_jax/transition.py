@@ -161,8 +161,8 @@ def loss(
     done_bce = -(cfg.done_pos_weight * done * log_p + (1.0 - done) * log_not_p)
     assert nll.shape == reward_err.shape == done_bce.shape == valid.shape, (nll.shape, valid.shape)
 
-    def masked_mean(x, m):
-        return jnp.sum(x * m) / jnp.maximum(jnp.sum(m), 1.0)
+    def masked_mean(x, m):  # where(), not x * m: a NaN in a masked slot must not leak in
+        return jnp.sum(jnp.where(m > 0, x, 0.0)) / jnp.maximum(jnp.sum(m), 1.0)
 
     terms = {
         "latent_nll": masked_mean(nll, next_valid),

@@ -1,0 +1,176 @@
+"""Tests for wm_jax.config: validation messages, presets, the dict/JSON round trip, immutability."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from wm_jax.config import (
+    PRESETS,
+    Config,
+    ConfigError,
+    ControllerConfig,
+    DataConfig,
+    EvalConfig,
+    EvolveConfig,
+    RoundsConfig,
+    TrainConfig,
+    TransitionConfig,
+    VAEConfig,
+    get_preset,
+)
+
+
+def test_config_error_is_value_error():
+    assert issubclass(ConfigError, ValueError)
+
+
+# (constructor, kwargs, text that the message must contain: the class-qualified field name)
+BAD = [
+    # sizes <= 0
+    (VAEConfig, {"latent": 0}, "VAEConfig.latent"),
+    (VAEConfig, {"latent": -3}, "VAEConfig.latent"),
+    (TransitionConfig, {"hidden": 0}, "TransitionConfig.hidden"),
+    (TransitionConfig, {"hidden": -1}, "TransitionConfig.hidden"),
+    (TransitionConfig, {"mixtures": 0}, "TransitionConfig.mixtures"),
+    (TransitionConfig, {"seq_len": 0}, "TransitionConfig.seq_len"),
+    (TrainConfig, {"batch": 0}, "TrainConfig.batch"),
+    (TrainConfig, {"batch": -8}, "TrainConfig.batch"),
+    (TrainConfig, {"steps": 0}, "TrainConfig.steps"),
+    (TrainConfig, {"steps": -1}, "TrainConfig.steps"),
+    (TrainConfig, {"lr": 0.0}, "TrainConfig.lr"),
+    (TrainConfig, {"lr": float("nan")}, "TrainConfig.lr"),
+    (TrainConfig, {"chunk": 0}, "TrainConfig.chunk"),
+    (TrainConfig, {"max_bad_steps": 0}, "TrainConfig.max_bad_steps"),
+    (EvolveConfig, {"horizon": 0}, "EvolveConfig.horizon"),
+    (EvolveConfig, {"horizon": -5}, "EvolveConfig.horizon"),
+    (EvolveConfig, {"rollouts": 0}, "EvolveConfig.rollouts"),
+    (EvolveConfig, {"sigma": 0.0}, "EvolveConfig.sigma"),
+    (DataConfig, {"episodes": 0}, "DataConfig.episodes"),
+    (EvalConfig, {"episodes": 0}, "EvalConfig.episodes"),
+    (ControllerConfig, {"mlp_hidden": 0}, "ControllerConfig.mlp_hidden"),
+    (RoundsConfig, {"rounds": 0}, "RoundsConfig.rounds"),
+    # population
+    (EvolveConfig, {"population": 1}, "EvolveConfig.population"),
+    (EvolveConfig, {"population": 0}, "EvolveConfig.population"),
+    # KL ramp longer than training
+    (VAEConfig, {"kl_ramp_steps": 101, "train": TrainConfig(steps=100)}, "VAEConfig.kl_ramp_steps"),
+    (VAEConfig, {"kl_ramp_steps": -1}, "VAEConfig.kl_ramp_steps"),
+    (VAEConfig, {"free_bits": -0.5}, "VAEConfig.free_bits"),
+    # unknown head / kind
+    (TransitionConfig, {"head": "lstm"}, "TransitionConfig.head"),
+    (ControllerConfig, {"kind": "transformer"}, "ControllerConfig.kind"),
+    # action_noise outside [0, 1]
+    (RoundsConfig, {"action_noise": -0.01}, "RoundsConfig.action_noise"),
+    (RoundsConfig, {"action_noise": 1.01}, "RoundsConfig.action_noise"),
+    # bad filters
+    (VAEConfig, {"filters": (4, 4, 8)}, "VAEConfig.filters"),
+    (VAEConfig, {"filters": (4, 4, 8, 8, 16)}, "VAEConfig.filters"),
+    (VAEConfig, {"filters": (4, 0, 8, 8)}, "VAEConfig.filters"),
+    (VAEConfig, {"filters": (4, 4, -8, 8)}, "VAEConfig.filters"),
+]
+
+
+@pytest.mark.parametrize("cls, kwargs, field_name", BAD, ids=[f"{c.__name__}-{k}" for c, k, _ in BAD])
+def test_validation_message_names_the_field(cls, kwargs, field_name):
+    with pytest.raises(ConfigError) as exc:
+        cls(**kwargs)
+    assert isinstance(exc.value, ValueError)
+    assert field_name in str(exc.value)
+
+
+def test_value_is_quoted_in_message():
+    with pytest.raises(ConfigError, match=r"TransitionConfig\.head must be one of .*'lstm'"):
+        TransitionConfig(head="lstm")
+    with pytest.raises(ConfigError, match=r"EvolveConfig\.population must be >= 2, got 1"):
+        EvolveConfig(population=1)
+    with pytest.raises(ConfigError, match=r"kl_ramp_steps \(101\) is longer than training \(100 steps\)"):
+        VAEConfig(kl_ramp_steps=101, train=TrainConfig(steps=100))
+
+
+def test_boundaries_are_accepted():
+    EvolveConfig(population=2)
+    RoundsConfig(action_noise=0.0)
+    RoundsConfig(action_noise=1.0)
+    VAEConfig(kl_ramp_steps=100, train=TrainConfig(steps=100))  # ramp == training is fine
+    VAEConfig(kl_ramp_steps=0, train=TrainConfig(steps=1))
+    TransitionConfig(head="gaussian")
+    ControllerConfig(kind="mlp")
+
+
+def test_replace_revalidates():
+    cfg = get_preset("smoke")
+    with pytest.raises(ConfigError, match="VAEConfig.latent"):
+        dataclasses.replace(cfg.vae, latent=0)
+    with pytest.raises(ConfigError, match="VAEConfig.kl_ramp_steps"):
+        dataclasses.replace(cfg.vae, train=dataclasses.replace(cfg.vae.train, steps=cfg.vae.kl_ramp_steps - 1))
+
+
+def test_unknown_preset():
+    with pytest.raises(ConfigError) as exc:
+        get_preset("nope")
+    msg = str(exc.value)
+    assert "preset" in msg and "'nope'" in msg
+    for name in PRESETS:
+        assert name in msg  # lists the choices
+
+
+@pytest.mark.parametrize("name", ["smoke", "cpu", "paper"])
+def test_presets_construct_and_round_trip(name):
+    cfg = get_preset(name)
+    assert isinstance(cfg, Config)
+    assert cfg.preset == name
+    assert Config.from_dict(cfg.to_dict()) == cfg
+    # through JSON, where tuples come back as lists
+    back = Config.from_dict(json.loads(cfg.to_json()))
+    assert back == cfg
+    assert isinstance(back.vae.filters, tuple)
+    assert isinstance(back.vae.train, TrainConfig)
+    assert isinstance(back.transition.train, TrainConfig)
+
+
+def test_get_preset_seed():
+    assert get_preset("smoke", seed=7).seed == 7
+    assert get_preset("smoke").seed == 0
+    assert get_preset("smoke", seed=7).vae == get_preset("smoke").vae
+
+
+def test_paper_preset_matches_recipe():
+    cfg = get_preset("paper")
+    assert cfg.data.episodes == 5000 and cfg.data.seed == 123
+    v = cfg.vae
+    assert v.train.batch == 256
+    assert v.train.lr == pytest.approx(1e-3)
+    assert v.kl_ramp_steps == 10_000
+    assert v.train.steps == 10_000
+    assert v.filters == (32, 64, 128, 256)
+    assert v.latent == 64
+    t = cfg.transition
+    assert t.hidden == 256
+    assert t.train.steps == 20_000
+    assert t.seq_len == 32
+    assert t.mixtures == 5
+    assert t.head == "mdn"
+    e = cfg.evolve
+    assert e.population == 64
+    assert e.sigma == pytest.approx(0.1)
+    assert e.rollouts == 30
+    assert e.horizon == 30
+    assert cfg == Config()  # the defaults are the paper recipe
+
+
+def test_configs_are_frozen():
+    cfg = get_preset("smoke")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.seed = 1  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.vae.latent = 3  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.vae.train.steps = 3  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.transition.head = "gaussian"  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.evolve.population = 3  # type: ignore[misc]
+    hash(cfg.vae.train)  # hashable: usable as a static jit argument
