@@ -27,6 +27,7 @@ class Agent:
     def __init__(self, cfg: Config, params: dict[str, Any]) -> None:
         self.cfg = cfg
         self.params = params
+        self._device = jax.devices()[0]
         self._act = jax.jit(self._act_impl)
         self._act_batch = jax.jit(jax.vmap(self._act_impl, in_axes=(None, 0, 0)))
 
@@ -54,16 +55,18 @@ class Agent:
         """M's carry at the start of an episode (with a leading axis when batch is given)."""
         carry = transition.initial_carry(self.cfg.transition, () if batch is None else batch)
         # Committed like the carries act returns, so the first and later calls share one executable.
-        return jax.device_put(carry, jax.devices()[0])
+        return jax.device_put(carry, self._device)
 
     def act(self, carry: Any, obs: jax.Array) -> tuple[jax.Array, Any]:
         obs = jnp.asarray(obs)
         if obs.shape != (64, 64, 4) or obs.dtype != jnp.uint8:
             raise ValueError(f"obs must be uint8[64, 64, 4], got {obs.dtype}{list(obs.shape)}")
-        return self._act(self.params, carry, obs)
+        # Commit inputs to the device: an uncommitted first obs (from env.reset) would otherwise
+        # make the second call compile again for different input shardings.
+        return self._act(self.params, *jax.device_put((carry, obs), self._device))
 
     def act_batch(self, carry: Any, obs: jax.Array) -> tuple[jax.Array, Any]:
         obs = jnp.asarray(obs)
         if obs.ndim != 4 or obs.shape[1:] != (64, 64, 4) or obs.dtype != jnp.uint8:
             raise ValueError(f"obs must be uint8[B, 64, 64, 4], got {obs.dtype}{list(obs.shape)}")
-        return self._act_batch(self.params, carry, obs)
+        return self._act_batch(self.params, *jax.device_put((carry, obs), self._device))

@@ -8,7 +8,9 @@ falling back to the previous step with a warning.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import uuid
 import warnings
@@ -22,6 +24,18 @@ import orbax.checkpoint as ocp
 
 class CheckpointError(ValueError):
     """No usable checkpoint, or one that does not match the requested config."""
+
+
+@contextlib.contextmanager
+def _quiet_orbax():
+    """orbax logs a warning through absl for every item of a Composite that is not restored."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def manager(directory: Path | str, max_to_keep: int = 2) -> ocp.CheckpointManager:
@@ -96,7 +110,8 @@ def _restore_newest_readable(directory: Path, mngr: ocp.CheckpointManager, like:
     errors = []
     for step in sorted(mngr.all_steps(), reverse=True):
         try:
-            saved_config = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+            with _quiet_orbax():
+                saved_config = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
         except Exception as e:  # damaged JSON or missing item: try the previous step
             errors.append(f"step {step}: {type(e).__name__}: {e}")
             warnings.warn(f"{directory}: checkpoint step {step} is unreadable ({type(e).__name__}); "
@@ -106,7 +121,8 @@ def _restore_newest_readable(directory: Path, mngr: ocp.CheckpointManager, like:
         _check_config(directory, step, saved_config, wanted)
         _check_stored_shapes(directory, mngr, step, like)
         try:
-            restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+            with _quiet_orbax():
+                restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
         except Exception as e:
             errors.append(f"step {step}: {type(e).__name__}: {e}")
             warnings.warn(f"{directory}: checkpoint step {step} is unreadable ({type(e).__name__}); "
@@ -123,7 +139,8 @@ def _restore_newest_readable(directory: Path, mngr: ocp.CheckpointManager, like:
 def _check_stored_shapes(directory: Path, mngr: ocp.CheckpointManager, step: int, like: Any) -> None:
     """Compare the shapes recorded in the checkpoint's metadata with `like` before restoring."""
     try:
-        meta = mngr.item_metadata(step)["state"]
+        with _quiet_orbax():
+            meta = mngr.item_metadata(step)["state"]
         stored = jax.tree.leaves(jax.tree.map(lambda m: tuple(m.shape), meta, is_leaf=lambda m: hasattr(m, "shape")))
     except Exception:  # no usable metadata: the restore itself will tell
         return
@@ -153,7 +170,8 @@ def read_config(directory: Path | str) -> dict[str, Any]:
         step = mngr.latest_step()
         if step is None:
             raise CheckpointError(f"{directory}: no checkpoint")
-        return mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+        with _quiet_orbax():
+            return mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
     finally:
         mngr.close()
 

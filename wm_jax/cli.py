@@ -163,12 +163,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)  # argparse prints usage + one error line and exits 2
     from wm_jax.checkpoint import CheckpointError
     from wm_jax.config import ConfigError
+    from wm_jax.data import DatasetError
     from wm_jax.pipeline import RunDirError
     from wm_jax.train import TrainingError
 
     try:
         return args.fn(args)
-    except (UsageError, ValueError, ConfigError, RunDirError, CheckpointError, FileNotFoundError, FileExistsError) as e:
+    except (UsageError, DatasetError, ConfigError, RunDirError, CheckpointError, FileNotFoundError, FileExistsError) as e:
         print(f"wm-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
     except TrainingError as e:

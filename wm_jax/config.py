@@ -235,7 +235,7 @@ def _smoke() -> Config:
         ),
         evolve=EvolveConfig(population=8, generations=4, rollouts=2, horizon=8, gens_per_call=2, check_every=1, check_episodes=2),
         eval=EvalConfig(episodes=4, max_steps=50),
-        rounds=RoundsConfig(rounds=1, episodes=4, transition_steps=10, generations=2),
+        rounds=RoundsConfig(rounds=2, episodes=4, transition_steps=10, generations=2),
     )
 
 

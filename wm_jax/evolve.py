@@ -7,6 +7,7 @@ calls, the progress bar and the periodic real checks. evosax minimizes, so the f
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from functools import partial
@@ -23,7 +24,10 @@ from wm_jax import controller, dream
 from wm_jax.config import Config
 
 
+@functools.lru_cache(maxsize=16)
 def strategy(cfg: Config, num_dims: int) -> tuple[CMA_ES, Any]:
+    """CMA-ES for cfg (cached: the strategy is a static jit argument, hashed by identity, so a
+    fresh object per call would recompile the generation loop every time)."""
     es = CMA_ES(population_size=cfg.evolve.population, solution=jnp.zeros((num_dims,), jnp.float32))
     return es, es.default_params.replace(std_init=jnp.asarray(cfg.evolve.sigma, jnp.float32))
 

@@ -241,6 +241,7 @@ def run(cfg: Config, out: Path | str, progress: bool = True) -> dict[str, Any]:
         "device": device_name(),
         "versions": versions(),
     }
+    summary = _finite_or_none(summary)  # the same values in memory, on disk and on a rerun
     _write_json(out / "summary.json", summary)
     return summary
 

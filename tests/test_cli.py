@@ -1,0 +1,155 @@
+"""Tests for the `wm-jax` command line: one-line errors with exit code 2, and `collect`."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from wm_jax import cli, data
+
+
+def _main(argv: list[str], capsys) -> tuple[int, str, str]:
+    """Run cli.main in-process; argparse errors exit via SystemExit, handled errors return a code."""
+    try:
+        code = cli.main(argv)
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _assert_one_line_error(code: int, err: str, *needles: str) -> None:
+    assert code == 2, (code, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    assert lines[0].startswith("wm-jax"), lines[0]
+    assert "error" in lines[0]
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+@pytest.mark.parametrize(
+    "args, needles",
+    [
+        (["collect", "--episodes", "0"], ["--episodes", "> 0", "0"]),
+        (["collect", "--episodes", "-3"], ["--episodes", "-3"]),
+        (["collect", "--episodes", "abc"], ["--episodes", "abc"]),
+        (["collect", "--episodes", "2", "--max-steps", "0"], ["--max-steps"]),
+    ],
+    ids=["zero", "negative", "not-an-int", "max-steps-zero"],
+)
+def test_collect_bad_episodes(tmp_path, capsys, args, needles):
+    out = tmp_path / "x"
+    code, stdout, err = _main([*args, "--out", str(out)], capsys)
+    _assert_one_line_error(code, err, *needles)
+    assert stdout == ""
+    assert not out.exists()
+
+
+def test_collect_existing_non_empty_out(tmp_path, capsys):
+    out = tmp_path / "full"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    code, stdout, err = _main(["collect", "--episodes", "1", "--out", str(out)], capsys)
+    _assert_one_line_error(code, err, str(out), "--overwrite")
+    assert stdout == ""
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "precious"
+
+
+def test_collect_out_is_a_file(tmp_path, capsys):
+    out = tmp_path / "afile"
+    out.write_text("x")
+    code, _, err = _main(["collect", "--episodes", "1", "--out", str(out)], capsys)
+    _assert_one_line_error(code, err, str(out))
+    assert out.read_text() == "x"
+
+
+@pytest.mark.parametrize(
+    "args, needles",
+    [
+        (["run", "--preset", "nope", "--out", "X"], ["--preset", "nope"]),
+        (["train-vae", "somedata", "--preset", "huge", "--out", "X"], ["--preset", "huge"]),
+        (["collect", "--episodes", "2"], ["--out"]),
+        (["run", "--preset", "smoke"], ["--out"]),
+        (["run", "--preset", "smoke", "--out", "X", "--rounds", "0"], ["--rounds"]),
+        (["frobnicate"], ["frobnicate"]),
+        ([], ["command"]),
+    ],
+    ids=["unknown-preset", "unknown-preset-train-vae", "collect-missing-out", "run-missing-out", "rounds-zero",
+         "unknown-command", "no-command"],
+)
+def test_bad_arguments(tmp_path, capsys, monkeypatch, args, needles):
+    monkeypatch.chdir(tmp_path)  # nothing must be created even for a relative --out
+    code, stdout, err = _main(args, capsys)
+    _assert_one_line_error(code, err, *needles)
+    assert stdout == ""
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_train_vae_missing_data_dir(tmp_path, capsys):
+    missing = tmp_path / "no_such_data"
+    out = tmp_path / "vae_out"
+    code, stdout, err = _main(["train-vae", str(missing), "--preset", "smoke", "--out", str(out)], capsys)
+    _assert_one_line_error(code, err, str(missing))
+    assert "train-vae" in err
+    assert stdout == ""
+
+
+def test_train_transition_missing_data_dir(tmp_path, capsys):
+    missing = tmp_path / "no_such_data"
+    code, _, err = _main(
+        ["train-transition", str(missing), "--vae", str(tmp_path / "v"), "--preset", "smoke", "--out", str(tmp_path / "m")],
+        capsys,
+    )
+    _assert_one_line_error(code, err, str(missing))
+
+
+def _wm_jax() -> list[str]:
+    script = Path(sys.executable).parent / "wm-jax"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "wm_jax.cli"]
+
+
+@pytest.mark.parametrize("kind", ["argparse", "handled"])
+def test_real_process_stderr_is_one_line(tmp_path, kind):
+    """The real console script: exit code 2, exactly one stderr line, no traceback, nothing on stdout."""
+    if kind == "argparse":
+        args = ["collect", "--episodes", "abc", "--out", str(tmp_path / "x")]
+    else:  # an error raised after parsing, once jax and the library are imported
+        (tmp_path / "full").mkdir()
+        (tmp_path / "full" / "f").write_text("x")
+        args = ["collect", "--episodes", "2", "--out", str(tmp_path / "full")]
+    proc = subprocess.run([*_wm_jax(), *args], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc
+    assert proc.stdout == ""
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("wm-jax collect: error:")
+
+
+def test_collect_succeeds(tmp_path, capsys):
+    out = tmp_path / "data"
+    code, stdout, _ = _main(["collect", "--episodes", "5", "--seed", "1", "--out", str(out)], capsys)
+    assert code == 0
+    lines = stdout.strip().splitlines()
+    assert len(lines) == 1, stdout
+    for needle in ("episodes", "steps", "mean length", "MB"):
+        assert needle in lines[0], (needle, lines[0])
+    ds = data.load_dataset(out)
+    arrays = data.to_arrays(ds)
+    assert len(set(arrays["episode"].tolist())) == 5
+    assert f"5 episodes, {ds.num_rows} steps" in lines[0]
+    mean_len = ds.num_rows / 5
+    assert f"mean length {mean_len:.1f}" in lines[0]
+    assert arrays["frame"].shape[1:] == (64, 64)
+
+    # the same command again refuses the now non-empty directory; --overwrite replaces it
+    code, _, err = _main(["collect", "--episodes", "5", "--seed", "1", "--out", str(out)], capsys)
+    _assert_one_line_error(code, err, "--overwrite")
+    code, stdout, _ = _main(["collect", "--episodes", "3", "--seed", "2", "--out", str(out), "--overwrite"], capsys)
+    assert code == 0 and "3 episodes" in stdout
+    assert len(set(data.to_arrays(data.load_dataset(out))["episode"].tolist())) == 3

@@ -1,0 +1,416 @@
+"""Tests for C (wm_jax.controller), the dream (wm_jax.dream) and CMA-ES in the dream (wm_jax.evolve).
+
+Tiny configs only: the smoke preset and `dataclasses.replace` variants of it. Tests that
+monkeypatch `dream._score_population` each use a config no other test uses, because the jitted
+`dream.score_population` caches its trace per (static) config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from wm_jax import controller, dream, evolve, transition
+from wm_jax.config import ControllerConfig, get_preset
+
+SMOKE = get_preset("smoke")
+LATENT = SMOKE.vae.latent  # 8
+HIDDEN = SMOKE.transition.hidden  # 16
+H = SMOKE.evolve.horizon  # 8
+
+
+def _replace(cfg, **changes):
+    """Config with fields replaced; a dict replaces fields of a section: _replace(cfg, evolve={"population": 4})."""
+    return dataclasses.replace(cfg, **{
+        name: dataclasses.replace(getattr(cfg, name), **value) if isinstance(value, dict) else value
+        for name, value in changes.items()
+    })
+
+
+@pytest.fixture(scope="module")
+def m_params():
+    return transition.init(jax.random.key(0), SMOKE.transition, LATENT)
+
+
+@pytest.fixture(scope="module")
+def ctrl():
+    dims = controller.num_params(SMOKE.controller, LATENT, HIDDEN)
+    return jax.random.normal(jax.random.key(1), (dims,))
+
+
+@pytest.fixture(scope="module")
+def posteriors():
+    """Stored encoder posteriors to start dreams from: mean, logvar [N, latent]."""
+    k1, k2 = jax.random.split(jax.random.key(2))
+    return jax.random.normal(k1, (20, LATENT)), -1.0 + 0.1 * jax.random.normal(k2, (20, LATENT))
+
+
+def _with(params, path: tuple[str, ...], value) -> dict:
+    """A copy of a params tree with one leaf replaced."""
+    params = jax.tree.map(lambda x: x, params)  # new containers, shared leaves
+    node = params["params"]
+    for p in path[:-1]:
+        node = node[p]
+    node[path[-1]] = jnp.asarray(value, jnp.float32)
+    return params
+
+
+# ------------------------------------------------------------------------------------------------
+# controller
+
+
+@pytest.mark.parametrize(
+    "kind, expected_shapes",
+    [
+        ("linear", [(LATENT + HIDDEN, 2), (2,)]),
+        ("mlp", [(LATENT + HIDDEN, 5), (5,), (5, 2), (2,)]),
+    ],
+)
+def test_controller_shapes(kind, expected_shapes):
+    ccfg = ControllerConfig(kind=kind, mlp_hidden=5)
+    n = controller.num_params(ccfg, LATENT, HIDDEN)
+    assert n == sum(int(np.prod(s)) for s in expected_shapes)
+    flat = jnp.arange(n, dtype=jnp.float32)
+    parts = controller.unflatten(ccfg, flat, LATENT, HIDDEN)
+    assert [p.shape for p in parts] == expected_shapes
+    # slices in order, no gaps, no overlap
+    np.testing.assert_array_equal(np.concatenate([np.asarray(p).ravel() for p in parts]), np.arange(n))
+
+    z, h = jnp.ones((LATENT,)), jnp.ones((HIDDEN,))
+    a = controller.act(ccfg, flat * 1e-3, z, h)
+    assert a.shape == () and a.dtype == jnp.int32
+    assert controller.logits(ccfg, flat, z, h).shape == (2,)
+    zb, hb = jnp.ones((7, LATENT)), jnp.ones((7, HIDDEN))
+    ab = controller.act(ccfg, flat * 1e-3, zb, hb)
+    assert ab.shape == (7,) and ab.dtype == jnp.int32
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+@pytest.mark.parametrize("delta", [-1, 1])
+def test_controller_wrong_length_raises(kind, delta):
+    ccfg = ControllerConfig(kind=kind, mlp_hidden=5)
+    n = controller.num_params(ccfg, LATENT, HIDDEN)
+    bad = jnp.zeros((n + delta,))
+    with pytest.raises(ValueError, match="expected"):
+        controller.unflatten(ccfg, bad, LATENT, HIDDEN)
+    with pytest.raises(ValueError):
+        controller.act(ccfg, bad, jnp.zeros((LATENT,)), jnp.zeros((HIDDEN,)))
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_controller_act_is_argmax_of_logits(kind):
+    ccfg = ControllerConfig(kind=kind, mlp_hidden=5)
+    n = controller.num_params(ccfg, LATENT, HIDDEN)
+    k1, k2, k3 = jax.random.split(jax.random.key(3), 3)
+    flat = jax.random.normal(k1, (n,))
+    z, h = jax.random.normal(k2, (64, LATENT)), jax.random.normal(k3, (64, HIDDEN))
+    x = np.concatenate([np.asarray(z), np.asarray(h)], axis=-1)
+    parts = [np.asarray(p, np.float64) for p in controller.unflatten(ccfg, flat, LATENT, HIDDEN)]
+    if kind == "linear":
+        ref_logits = x @ parts[0] + parts[1]
+    else:
+        ref_logits = np.tanh(x @ parts[0] + parts[1]) @ parts[2] + parts[3]
+    np.testing.assert_allclose(np.asarray(controller.logits(ccfg, flat, z, h)), ref_logits, rtol=1e-4, atol=1e-4)
+    actions = np.asarray(controller.act(ccfg, flat, z, h))
+    np.testing.assert_array_equal(actions, ref_logits.argmax(-1))
+    assert 0 < actions.sum() < 64  # both actions occur: the check is not vacuous
+    # per-row act agrees with the batched call
+    for i in range(3):
+        assert int(controller.act(ccfg, flat, z[i], h[i])) == actions[i]
+
+
+def test_controller_bias_only_picks_larger_bias():
+    ccfg = ControllerConfig()
+    n = controller.num_params(ccfg, LATENT, HIDDEN)
+    flat = jnp.zeros((n,)).at[-1].set(1.0)  # b = [0, 1]
+    assert int(controller.act(ccfg, flat, jnp.ones((LATENT,)), jnp.ones((HIDDEN,)))) == 1
+    flat = jnp.zeros((n,)).at[-2].set(1.0)  # b = [1, 0]
+    assert int(controller.act(ccfg, flat, jnp.ones((LATENT,)), jnp.ones((HIDDEN,)))) == 0
+
+
+# ------------------------------------------------------------------------------------------------
+# dream
+
+
+def _check_trajectory(traj, ret, horizon=H):
+    traj = jax.device_get(traj)
+    assert traj["z"].shape == (horizon, LATENT)
+    for k in ("action", "reward", "p_done", "alive"):
+        assert traj[k].shape == (horizon,), k
+    assert traj["action"].dtype == np.int32
+    assert set(np.unique(traj["action"])) <= {0, 1}
+    for k in ("z", "reward", "p_done", "alive"):
+        assert np.isfinite(traj[k]).all(), k
+    np.testing.assert_allclose(float(ret), traj["reward"].sum(), rtol=1e-5, atol=1e-6)
+    alive = traj["alive"]
+    assert set(np.unique(alive)) <= {0.0, 1.0}
+    assert alive[0] == 1.0
+    assert np.all(np.diff(alive) <= 0), alive  # non-increasing
+    # Ha's rule: the step where p_done > 0.5 still counts, every later step is dead
+    expected = np.cumprod(np.concatenate([[1.0], (traj["p_done"][:-1] <= 0.5).astype(np.float64)]))
+    np.testing.assert_array_equal(alive, expected)
+    assert np.all(traj["reward"][alive == 0] == 0.0)
+    return traj
+
+
+def test_dream_shapes_and_masking(m_params, ctrl, posteriors):
+    start = posteriors[0][0]
+    traj, ret = dream.dream(SMOKE, jax.random.key(4), m_params, ctrl, start, H, 1.0)
+    traj = _check_trajectory(traj, ret)
+    np.testing.assert_array_equal(traj["z"][0], np.asarray(start))  # z[0] is the start latent
+
+
+def test_dream_ha_rule_mid_episode(m_params, ctrl, posteriors):
+    """A sharp done head makes dreams end at various steps; the mask follows p_done exactly."""
+    kernel = m_params["params"]["done_head"]["kernel"]
+    params = _with(m_params, ("done_head", "kernel"), 25.0 * kernel)
+    horizon = 16
+    death_steps = []
+    for i in range(12):
+        traj, ret = dream.dream(SMOKE, jax.random.key(100 + i), params, ctrl, posteriors[0][i], horizon, 1.0)
+        traj = _check_trajectory(traj, ret, horizon)
+        dead = np.nonzero(traj["alive"] == 0)[0]
+        if dead.size:
+            death_steps.append(int(dead[0]))
+    # the property above was exercised on dreams that end mid-way, not only at the edges
+    assert any(1 < d < horizon for d in death_steps), death_steps
+
+
+@pytest.mark.parametrize("done_bias, expected_alive", [(10.0, [1.0] + [0.0] * (H - 1)), (-10.0, [1.0] * H)])
+def test_dream_done_head_extremes(m_params, ctrl, posteriors, done_bias, expected_alive):
+    params = _with(m_params, ("done_head", "kernel"), jnp.zeros((HIDDEN, 1)))
+    params = _with(params, ("done_head", "bias"), jnp.full((1,), done_bias))
+    params = _with(params, ("reward_head", "kernel"), jnp.zeros((HIDDEN, 1)))
+    params = _with(params, ("reward_head", "bias"), jnp.ones((1,)))  # reward 1 per live step
+    traj, ret = dream.dream(SMOKE, jax.random.key(5), params, ctrl, posteriors[0][0], H, 1.0)
+    traj = _check_trajectory(traj, ret)
+    np.testing.assert_array_equal(traj["alive"], expected_alive)
+    np.testing.assert_allclose(traj["reward"], expected_alive, rtol=1e-6)
+    assert float(ret) == pytest.approx(sum(expected_alive))
+
+
+def test_dream_determinism(m_params, ctrl, posteriors):
+    start = posteriors[0][3]
+    a, ra = dream.dream(SMOKE, jax.random.key(6), m_params, ctrl, start, H, 1.0)
+    b, rb = dream.dream(SMOKE, jax.random.key(6), m_params, ctrl, start, H, 1.0)
+    c, _ = dream.dream(SMOKE, jax.random.key(7), m_params, ctrl, start, H, 1.0)
+    for k in a:
+        np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]), err_msg=k)
+    assert float(ra) == float(rb)
+    np.testing.assert_array_equal(np.asarray(a["z"][0]), np.asarray(c["z"][0]))  # same start
+    assert not np.allclose(np.asarray(a["z"][1:]), np.asarray(c["z"][1:]))  # different sampling noise
+
+
+def test_dream_temperature_changes_samples(m_params, ctrl, posteriors):
+    start = posteriors[0][3]
+    a, _ = dream.dream(SMOKE, jax.random.key(6), m_params, ctrl, start, H, 1.0)
+    b, _ = dream.dream(SMOKE, jax.random.key(6), m_params, ctrl, start, H, 0.5)
+    assert not np.allclose(np.asarray(a["z"][1:]), np.asarray(b["z"][1:]))
+
+
+_score_one = jax.jit(dream._score_population, static_argnums=(0, 6, 7))
+ROLLOUTS = SMOKE.evolve.rollouts  # 2: the smoke config's static shapes, so compiled scorers are shared
+
+
+@pytest.fixture(scope="module")
+def scored(m_params, posteriors):
+    """A population of 6 random controllers and their scores from one score_population call."""
+    dims = controller.num_params(SMOKE.controller, LATENT, HIDDEN)
+    pop = 0.5 * jax.random.normal(jax.random.key(8), (6, dims))
+    key = jax.random.key(9)
+    mean, logvar = posteriors
+    scores = np.asarray(dream.score_population(SMOKE, key, m_params, pop, mean, logvar, ROLLOUTS, H, 1.0))
+    return pop, key, scores
+
+
+def test_score_population_matches_one_candidate_at_a_time(m_params, posteriors, scored):
+    """Common random numbers: a candidate's score does not depend on who else is in the population."""
+    pop, key, full = scored
+    mean, logvar = posteriors
+    assert full.shape == (6,) and np.isfinite(full).all()
+    loop = np.array([
+        float(_score_one(SMOKE, key, m_params, pop[i : i + 1], mean, logvar, ROLLOUTS, H, jnp.float32(1.0))[0])
+        for i in range(pop.shape[0])
+    ])
+    np.testing.assert_allclose(full, loop, rtol=1e-5, atol=1e-6)
+    assert np.unique(np.round(full, 5)).size > 1  # candidates differ: the comparison is not vacuous
+    # permuting the population permutes the scores
+    perm = np.array([3, 0, 5, 1, 4, 2])
+    permuted = np.asarray(dream.score_population(SMOKE, key, m_params, pop[perm], mean, logvar, ROLLOUTS, H, 1.0))
+    np.testing.assert_allclose(permuted, full[perm], rtol=1e-5, atol=1e-6)
+
+
+def test_score_population_is_mean_of_dreams(m_params, posteriors, scored):
+    """The score is the mean return of `dream` over the drawn starts and per-rollout keys."""
+    pop, key, scores = scored
+    mean, logvar = posteriors
+    key_s, key_d = jax.random.split(key)
+    starts = dream.draw_starts(key_s, mean, logvar, ROLLOUTS)
+    keys = jax.random.split(key_d, ROLLOUTS)
+    for i in range(2):
+        rets = [float(dream.dream(SMOKE, keys[r], m_params, pop[i], starts[r], H, 1.0)[1]) for r in range(ROLLOUTS)]
+        assert scores[i] == pytest.approx(np.mean(rets), rel=1e-5, abs=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# A hand-made M whose dream reward is +r per step for action 1 and -r for action 0.
+
+
+def _action_rewarding_m(latent: int = LATENT, hidden: int = HIDDEN):
+    """LSTM with forget gate ~0 and input/output gates ~1, so h' = tanh(tanh(+-3)) depends only on
+    the action taken; the reward head averages h'; the done head never fires."""
+    tcfg = SMOKE.transition
+    p = transition.init(jax.random.key(12), tcfg, latent)
+    lstm = p["params"]["lstm"]
+    for gate in ("ii", "if", "ig", "io"):
+        lstm[gate]["kernel"] = jnp.zeros_like(lstm[gate]["kernel"])
+    for gate in ("hi", "hf", "hg", "ho"):
+        lstm[gate]["kernel"] = jnp.zeros_like(lstm[gate]["kernel"])
+    lstm["hi"]["bias"] = jnp.full((hidden,), 10.0)
+    lstm["ho"]["bias"] = jnp.full((hidden,), 10.0)
+    lstm["hf"]["bias"] = jnp.full((hidden,), -10.0)
+    lstm["hg"]["bias"] = jnp.zeros((hidden,))
+    # input x = [z (latent), one_hot(a) (2)]: action 1 pushes g up, action 0 pushes it down
+    lstm["ig"]["kernel"] = lstm["ig"]["kernel"].at[latent, :].set(-3.0).at[latent + 1, :].set(3.0)
+    p["params"]["reward_head"]["kernel"] = jnp.full((hidden, 1), 1.0 / hidden)
+    p["params"]["reward_head"]["bias"] = jnp.zeros((1,))
+    p["params"]["done_head"]["kernel"] = jnp.zeros((hidden, 1))
+    p["params"]["done_head"]["bias"] = jnp.full((1,), -10.0)
+    # next latents ~ N(0, exp(-7)^2): the controller sees (almost) only h and its bias after step 0
+    bias = jnp.zeros((latent, tcfg.mixtures, 3)).at[..., 2].set(-7.0)
+    p["params"]["latent_head"]["kernel"] = jnp.zeros_like(p["params"]["latent_head"]["kernel"])
+    p["params"]["latent_head"]["bias"] = bias.reshape(-1)
+    return p
+
+
+R_STEP = float(np.tanh(np.tanh(3.0)) / (1 + np.exp(-10.0)) ** 2)  # reward per step of action 1
+
+
+def test_score_population_rewards_the_right_action(posteriors):
+    m = _action_rewarding_m()
+    dims = controller.num_params(SMOKE.controller, LATENT, HIDDEN)
+    always1 = jnp.zeros((dims,)).at[-1].set(5.0)
+    always0 = jnp.zeros((dims,)).at[-2].set(5.0)
+    mean, logvar = posteriors
+    s = [float(dream.score_population(SMOKE, jax.random.key(13), m, c[None], mean, logvar, ROLLOUTS, H, 1.0)[0])
+         for c in (always1, always0)]
+    np.testing.assert_allclose(s, [H * R_STEP, -H * R_STEP], rtol=1e-3)
+
+
+def test_evolve_in_dream_finds_the_rewarded_action(tmp_path, posteriors):
+    """End to end with the real dream: CMA-ES (minimising -return) must learn to pick action 1."""
+    cfg = _replace(SMOKE, evolve={"population": 8, "generations": 4, "gens_per_call": 2, "check_every": 2,
+                                  "rollouts": ROLLOUTS, "horizon": H, "sigma": 0.1})
+    m = _action_rewarding_m()
+    mean, logvar = posteriors
+    checked = []
+
+    def real_check(key, ctrl):
+        ret = float(dream.score_population(SMOKE, key, m, ctrl[None], mean, logvar, ROLLOUTS, H, 1.0)[0])
+        checked.append(ret)
+        return {"return_mean": ret, "env_steps": 3}
+
+    res = evolve.evolve(cfg, jax.random.key(14), m, (mean, logvar), real_check, tmp_path, generations=6, progress=False)
+    # the start (zeros) ties the logits, so argmax picks action 0 (return -H * R_STEP) or a mix
+    assert res["history"][0]["dream_mean"] < 0.5 * H * R_STEP
+    assert res["best_real"] > 0.8 * H * R_STEP, res["checks"]
+    assert max(h["dream_max"] for h in res["history"]) > 0.8 * H * R_STEP
+    best_score = float(dream.score_population(SMOKE, jax.random.key(15), m, jnp.asarray(res["best"])[None], mean, logvar, ROLLOUTS, H, 1.0)[0])
+    assert best_score > 0.8 * H * R_STEP
+    assert res["real_env_steps"] == 3 * len(res["checks"])
+    assert [c["generation"] for c in res["checks"]] == [2, 4, 6]  # `generations` overrides the config
+    assert res["best_real"] == max(checked)
+
+
+# ------------------------------------------------------------------------------------------------
+# evolve with a known objective (dream scoring monkeypatched)
+
+
+TOY_LATENT, TOY_HIDDEN = 2, 2
+TOY_DIMS = (TOY_LATENT + TOY_HIDDEN) * 2 + 2  # 10
+TARGET = jnp.linspace(-0.5, 0.5, TOY_DIMS)
+
+
+def _fake_score(cfg, key, m_params, population, mean, logvar, rollouts, horizon, tau):
+    """Dream 'return' = -||candidate - TARGET||^2: maximal (0) at TARGET."""
+    return -jnp.sum(jnp.square(population - TARGET), axis=-1)
+
+
+def _toy_cfg(seed: int, **evolve_fields):
+    return _replace(SMOKE, seed=seed, transition={"hidden": TOY_HIDDEN}, evolve=evolve_fields)
+
+
+def _toy_inputs():
+    m = transition.init(jax.random.key(16), _toy_cfg(0).transition, TOY_LATENT)
+    starts = (np.zeros((4, TOY_LATENT), np.float32), np.zeros((4, TOY_LATENT), np.float32))
+    return m, starts
+
+
+def _dist(x) -> float:
+    return float(jnp.linalg.norm(jnp.asarray(x) - TARGET))
+
+
+def test_evolve_maximises_the_return(monkeypatch, tmp_path):
+    monkeypatch.setattr(dream, "_score_population", _fake_score)
+    # a config no other test traces (the jitted scorers cache per static config)
+    cfg = _toy_cfg(9001, population=16, generations=30, gens_per_call=5, check_every=10, sigma=0.1)
+    m, starts = _toy_inputs()
+    res = evolve.evolve(
+        cfg, jax.random.key(17), m, starts, lambda k, c: {"return_mean": -_dist(c), "env_steps": 0}, tmp_path,
+        progress=False,
+    )
+    d0 = _dist(jnp.zeros(TOY_DIMS))
+    assert _dist(res["best"]) < 0.2 * d0, (_dist(res["best"]), d0)
+    assert res["best_real"] == pytest.approx(-_dist(res["best"]), rel=1e-5)
+    # dream_return at each check is the (fake) score of the CMA-ES mean, and it improves
+    dream_returns = [c["dream_return"] for c in res["checks"]]
+    assert dream_returns[-1] > dream_returns[0]
+    assert dream_returns[-1] > -(0.2 * d0) ** 2
+    assert res["history"][-1]["dream_max"] > res["history"][0]["dream_max"]
+    for h in res["history"]:
+        assert h["dream_max"] >= h["dream_mean"]
+    assert res["real_env_steps"] == 0
+
+
+def test_evolve_check_schedule_and_log(monkeypatch, tmp_path):
+    monkeypatch.setattr(dream, "_score_population", _fake_score)
+    cfg = _toy_cfg(9002, population=4, generations=7, gens_per_call=2, check_every=3)
+    m, starts = _toy_inputs()
+    (tmp_path / "evolve.jsonl").write_text('{"generation": 99}\n')  # a previous run's log is replaced
+    calls = []
+
+    def real_check(key, ctrl):
+        calls.append(np.asarray(ctrl))
+        return {"return_mean": -_dist(ctrl), "env_steps": 5}
+
+    res = evolve.evolve(cfg, jax.random.key(18), m, starts, real_check, tmp_path, progress=False)
+    # checks every check_every generations, and at the end
+    assert [c["generation"] for c in res["checks"]] == [3, 6, 7]
+    assert [h["generation"] for h in res["history"]] == list(range(1, 8))
+    assert len(calls) == 3 and res["real_env_steps"] == 15
+    lines = [json.loads(line) for line in (tmp_path / "evolve.jsonl").read_text().splitlines()]
+    assert [e["generation"] for e in lines] == [3, 6, 7]
+    for entry, check in zip(lines, res["checks"]):
+        assert entry["dream_return"] == pytest.approx(check["dream_return"])
+        assert entry["real_return"] == pytest.approx(check["real_return"])
+        assert entry["dream_return"] == pytest.approx(-_dist(calls[lines.index(entry)]) ** 2, rel=1e-4)
+        assert {"dream_mean", "dream_max"} <= entry.keys()
+    # the best is the checked mean with the highest real return
+    best_i = int(np.argmax([c["real_return"] for c in res["checks"]]))
+    np.testing.assert_array_equal(res["best"], calls[best_i])
+
+
+def test_evolve_init_mean_is_the_starting_point(monkeypatch, tmp_path):
+    monkeypatch.setattr(dream, "_score_population", _fake_score)
+    cfg = _toy_cfg(9003, population=4, generations=1, gens_per_call=1, check_every=1, sigma=1e-3)
+    m, starts = _toy_inputs()
+    res = evolve.evolve(
+        cfg, jax.random.key(19), m, starts, lambda k, c: {"return_mean": -_dist(c), "env_steps": 0}, tmp_path,
+        init_mean=TARGET, progress=False,
+    )
+    assert _dist(res["best"]) < 1e-2

@@ -1,0 +1,409 @@
+"""Smoke test of the whole recipe: `pipeline.run` on the smoke preset, its run directory and summary,
+idempotent reruns, resuming after a crash, and the Agent loaded from the finished directory.
+
+The full pipeline runs once per session (module fixture, about a minute on 2 CPU cores); the
+resume test runs it once more in a second directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from wm_jax import cli, data, evolve, pipeline, rollout, transition, vae
+from wm_jax.agent import Agent
+from wm_jax.config import get_preset
+from wm_jax.env import PixelCartPole
+
+SMOKE = get_preset("smoke")
+STAGES = ("collect", "vae", "transition", "evolve_round1", "collect_round2", "transition_round2", "evolve_round2", "evaluate")
+assert SMOKE.rounds.rounds == 2  # smoke exercises the iterative round as well
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("pipeline") / "smoke"
+    summary = pipeline.run(SMOKE, out, progress=False)
+    return out, summary
+
+
+@pytest.fixture(scope="module")
+def agent(finished) -> Agent:
+    return Agent.load(finished[0])
+
+
+def _same(a, b) -> bool:
+    """Deep equality that treats NaN as equal to NaN."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    return a == b
+
+
+def _raise(name):
+    def fn(*args, **kwargs):
+        raise AssertionError(f"{name} was called")
+
+    return fn
+
+
+# ------------------------------------------------------------------------------------------------
+# the run directory and its summary
+
+
+def test_run_dir_layout(finished):
+    out, _ = finished
+    for rel in (
+        "summary.json", "config.json", "stages.json", "agent.json", "controller.npy",
+        "vae/checkpoints", "vae/metrics.jsonl", "vae/reconstructions.png", "vae/loss.png",
+        "transition/checkpoints", "evolve_round1/evolve.jsonl", "evolve_round1/controller.npy",
+        "data/round2", "transition_round2/checkpoints", "evolve_round2/controller.npy",
+        "dream_vs_real.png", "episode_strip.png", "imagined_rollouts.npz", "data/round1",
+    ):
+        assert (out / rel).exists(), rel
+    for png in ("vae/reconstructions.png", "vae/loss.png", "dream_vs_real.png", "episode_strip.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+    assert any((out / "vae" / "checkpoints").iterdir()) and any((out / "transition" / "checkpoints").iterdir())
+    assert data.load_dataset(out / "data" / "round1").num_rows > 0
+    assert json.loads((out / "config.json").read_text()) == json.loads(SMOKE.to_json())
+    assert set(json.loads((out / "stages.json").read_text())) == set(STAGES)
+    ctrl = np.load(out / "controller.npy")
+    np.testing.assert_array_equal(ctrl, np.load(out / "evolve_round2" / "controller.npy"))
+    assert ctrl.shape == (2 * (SMOKE.vae.latent + SMOKE.transition.hidden) + 2,) and np.isfinite(ctrl).all()
+    lines = [json.loads(x) for x in (out / "evolve_round1" / "evolve.jsonl").read_text().splitlines()]
+    ev = SMOKE.evolve
+    expected = sorted(set(range(ev.check_every, ev.generations + 1, ev.check_every)) | {ev.generations})
+    assert [e["generation"] for e in lines] == expected
+    with np.load(out / "imagined_rollouts.npz") as z:
+        assert z["z"].shape[1:] == (ev.horizon, SMOKE.vae.latent)
+        assert z["reward"].shape[1:] == z["alive"].shape[1:] == (ev.horizon,)
+
+
+def test_summary_schema(finished):
+    out, summary = finished
+    on_disk = json.loads((out / "summary.json").read_text())
+    assert _same(on_disk, summary)
+    required = {
+        "preset", "seed", "real_return_mean", "real_return_std", "real_episodes", "solved", "real_env_steps",
+        "dream_real_corr", "latent_kl", "wall_s", "device", "versions",
+    }
+    assert required <= summary.keys(), required - summary.keys()
+    assert set(pipeline.SUMMARY_KEYS) <= summary.keys()
+    assert summary["preset"] == "smoke" and summary["seed"] == SMOKE.seed
+    assert summary["real_episodes"] == SMOKE.eval.episodes
+    assert isinstance(summary["solved"], bool)
+    assert summary["solved"] == (summary["real_return_mean"] >= SMOKE.eval.solved_at)
+    assert isinstance(summary["device"], str) and summary["device"]
+    for pkg in ("jax", "flax", "optax", "evosax", "gymnax"):
+        assert summary["versions"].get(pkg, "missing") != "missing", pkg
+    # every numeric metric is finite (dream_real_corr: see test_dream_real_corr_is_finite)
+    for k in ("real_return_mean", "real_return_std", "real_return_min", "latent_kl"):
+        assert isinstance(summary[k], float) and math.isfinite(summary[k]), (k, summary[k])
+    assert 0 < summary["real_return_min"] <= summary["real_return_mean"] <= SMOKE.eval.max_steps
+    assert summary["real_return_std"] >= 0
+    assert isinstance(summary["real_env_steps"], int) and summary["real_env_steps"] > 0
+    wall = summary["wall_s"]
+    assert set(wall) == set(STAGES) | {"total"}
+    assert all(isinstance(v, float) and math.isfinite(v) and v >= 0 for v in wall.values()), wall
+    assert wall["total"] == pytest.approx(sum(wall[s] for s in STAGES))
+    # env steps add up: random data + real checks during evolution + the final evaluation
+    stages = json.loads((out / "stages.json").read_text())
+    assert summary["real_env_steps"] == (
+        stages["collect"]["env_steps"] + stages["evolve_round1"]["real_env_steps"]
+        + stages["collect_round2"]["env_steps"] + stages["evolve_round2"]["real_env_steps"]
+        + stages["evaluate"]["env_steps"]
+    )
+
+
+def test_dream_real_corr_is_finite(finished):
+    """The smoke preset must check the CMA-ES mean at least 3 times, or the correlation is NaN."""
+    _, summary = finished
+    stages = json.loads((finished[0] / "stages.json").read_text())
+    assert len(stages["evolve_round1"]["checks"]) >= 3
+    assert isinstance(summary["dream_real_corr"], float) and math.isfinite(summary["dream_real_corr"])
+    assert -1.0 <= summary["dream_real_corr"] <= 1.0
+
+
+def test_summary_json_is_strict_json(finished):
+    out, _ = finished
+
+    def reject(token):
+        raise ValueError(f"summary.json holds {token}, which is not valid JSON")
+
+    for name in ("summary.json", "stages.json", "config.json", "agent.json"):
+        json.loads((out / name).read_text(), parse_constant=reject)
+
+
+def test_summary_with_undefined_corr_is_the_same_in_memory_on_disk_and_on_rerun(finished, tmp_path, monkeypatch):
+    out = tmp_path / "copy"
+    shutil.copytree(finished[0], out)
+    (out / "summary.json").unlink()  # every stage is done: only the summary is rebuilt
+    for mod, name in ((data, "collect"), (vae, "train"), (transition, "train"), (evolve, "evolve"), (rollout, "evaluate")):
+        monkeypatch.setattr(mod, name, _raise(f"{mod.__name__}.{name}"))
+    monkeypatch.setattr(rollout, "correlation", lambda xs, ys: float("nan"))
+    first = pipeline.run(SMOKE, out, progress=False)
+    on_disk = json.loads((out / "summary.json").read_text())
+    again = pipeline.run(SMOKE, out, progress=False)
+    assert _same(first, on_disk)
+    assert _same(first, again)
+
+
+def test_rerun_of_finished_dir_does_no_work(finished, monkeypatch):
+    out, summary = finished
+    for mod, name in ((data, "collect"), (vae, "train"), (transition, "train"), (evolve, "evolve"),
+                      (rollout, "evaluate"), (vae, "load"), (transition, "load")):
+        monkeypatch.setattr(mod, name, _raise(f"{mod.__name__}.{name}"))
+    mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    t0 = time.perf_counter()
+    again = pipeline.run(SMOKE, out, progress=False)
+    assert time.perf_counter() - t0 < 5.0
+    assert _same(again, summary)
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == mtimes  # nothing rewritten
+
+
+def test_other_config_in_run_dir_raises(finished):
+    out, _ = finished
+    before = (out / "config.json").read_text()
+    for other in (
+        dataclasses.replace(SMOKE, seed=1),
+        dataclasses.replace(SMOKE, evolve=dataclasses.replace(SMOKE.evolve, generations=6)),
+        get_preset("cpu"),
+    ):
+        with pytest.raises(pipeline.RunDirError, match="different config"):
+            pipeline.run(other, out, progress=False)
+    assert (out / "config.json").read_text() == before
+
+
+def test_cli_run_on_finished_dir(finished, capsys):
+    out, summary = finished
+    assert cli.main(["run", "--preset", "smoke", "--out", str(out)]) == 0
+    stdout = capsys.readouterr().out
+    assert "real_return_mean" in stdout and "wall_s/total" in stdout and str(out / "summary.json") in stdout
+    # the same directory with another seed: a one-line error, exit code 2
+    assert cli.main(["run", "--preset", "smoke", "--seed", "5", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "different config" in err and "Traceback" not in err
+
+
+# ------------------------------------------------------------------------------------------------
+# Agent
+
+
+def _episode_frames(agent: Agent, key: jax.Array, steps: int) -> list[jax.Array]:
+    """Observations of one real episode driven by agent.act (at most `steps`, until it ends)."""
+    env = PixelCartPole()
+    obs, state = env.reset(key)
+    carry = agent.initial_carry()
+    frames = []
+    for t in range(steps):
+        frames.append(obs)
+        action, carry = agent.act(carry, obs)
+        obs, state, _, terminated, truncated, _ = env.step(jax.random.fold_in(key, t), state, action)
+        if bool(terminated) or bool(truncated):
+            break
+    return frames
+
+
+def _reactive_agent(agent: Agent) -> Agent:
+    """The trained V and M with a hand-made controller that switches action on the most variable
+    input feature around its mean, so episodes mix both actions (the smoke controller may not)."""
+    cfg = agent.cfg
+    env = PixelCartPole()
+    obs, state = env.reset(jax.random.key(0))
+    carry = agent.initial_carry()
+    feats = []
+    for t in range(12):  # alternate actions to see the inputs move
+        _, carry_next, extra = rollout.agent_step(cfg, agent.params, carry, obs)
+        feats.append(np.concatenate([np.asarray(extra["mean"]), np.asarray(transition.hidden(carry))]))
+        carry = carry_next
+        obs, state, *_ = env.step(jax.random.key(t), state, t % 2)
+    feats = np.array(feats)
+    d = int(np.argmax(feats.std(0)))
+    scale = 10.0 / max(float(feats[:, d].std()), 1e-6)
+    w = np.zeros((feats.shape[1], 2), np.float32)
+    w[d, 1] = scale
+    b = np.array([0.0, -scale * float(feats[:, d].mean())], np.float32)
+    ctrl = jnp.asarray(np.concatenate([w.ravel(), b]))
+    assert ctrl.shape == agent.params["controller"].shape
+    return Agent(cfg, {**agent.params, "controller": ctrl})
+
+
+def test_agent_load_and_act(agent, finished):
+    out, _ = finished
+    assert agent.cfg == SMOKE
+    np.testing.assert_array_equal(np.asarray(agent.params["controller"]), np.load(out / "controller.npy"))
+    obs, _ = PixelCartPole().reset(jax.random.key(0))
+    assert obs.shape == (64, 64, 4) and obs.dtype == jnp.uint8
+    carry0 = agent.initial_carry()
+    action, carry = agent.act(carry0, obs)
+    assert action.shape == () and action.dtype == jnp.int32 and int(action) in (0, 1)
+    assert jax.tree.structure(carry) == jax.tree.structure(carry0)
+    assert [x.shape for x in jax.tree.leaves(carry)] == [x.shape for x in jax.tree.leaves(carry0)]
+    assert not np.allclose(np.asarray(transition.hidden(carry)), 0.0)  # M advanced
+    # numpy frames work too
+    a2, _ = agent.act(carry0, np.asarray(obs))
+    assert int(a2) == int(action)
+
+
+def test_agent_load_missing_dir_raises(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no trained agent"):
+        Agent.load(tmp_path)
+
+
+def test_agent_act_does_not_retrace(agent, monkeypatch):
+    traces = []
+    real_step = rollout.agent_step
+
+    def counting_step(*args, **kwargs):
+        traces.append(1)
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(rollout, "agent_step", counting_step)
+    fresh = Agent(agent.cfg, agent.params)
+    frames = _episode_frames(fresh, jax.random.key(1), 6)
+    assert len(frames) >= 4
+    carry = fresh.initial_carry()
+    sizes = []
+    for obs in frames:
+        _, carry = fresh.act(carry, obs)
+        _, carry = fresh.act(carry, np.asarray(obs))
+        sizes.append(fresh._act._cache_size())
+    assert len(traces) == 1  # traced once
+    assert sizes[-1] == sizes[0] <= 3  # and the dispatch cache does not grow per call
+
+
+def test_agent_act_compiles_once(agent):
+    """The documented loop (carry = initial_carry(); act, act, ...) uses one executable: the initial
+    carry must be committed like the carries act returns, or the second call compiles again."""
+    fresh = Agent(agent.cfg, agent.params)
+    env = PixelCartPole()
+    obs, state = env.reset(jax.random.key(1))
+    carry = fresh.initial_carry()  # the documented usage
+    for t in range(4):
+        action, carry = fresh.act(carry, obs)
+        obs, state, *_ = env.step(jax.random.key(t), state, action)
+    assert fresh._act._cache_size() == 1
+
+
+@pytest.mark.parametrize("bad", [
+    np.zeros((64, 64, 3), np.uint8),
+    np.zeros((1, 64, 64, 4), np.uint8),
+    np.zeros((64, 64, 4), np.float32),
+    np.zeros((64, 64, 4), np.int32),
+], ids=["3-frames", "batched", "float32", "int32"])
+def test_agent_act_rejects_bad_obs(agent, bad):
+    with pytest.raises(ValueError, match="uint8"):
+        agent.act(agent.initial_carry(), bad)
+
+
+@pytest.mark.parametrize("bad", [
+    np.zeros((64, 64, 4), np.uint8),
+    np.zeros((2, 64, 64, 3), np.uint8),
+    np.zeros((2, 64, 64, 4), np.float32),
+], ids=["unbatched", "3-frames", "float32"])
+def test_agent_act_batch_rejects_bad_obs(agent, bad):
+    with pytest.raises(ValueError, match="uint8"):
+        agent.act_batch(agent.initial_carry(2), bad)
+
+
+@pytest.mark.parametrize("which", ["trained", "reactive"])
+def test_agent_act_equals_act_batch(agent, which):
+    ag = agent if which == "trained" else _reactive_agent(agent)
+    frames = _episode_frames(ag, jax.random.key(2), 8)
+    carry = ag.initial_carry()
+    actions, carries_in, carries_out = [], [], []
+    for obs in frames:
+        carries_in.append(carry)
+        a, carry = ag.act(carry, obs)
+        actions.append(int(a))
+        carries_out.append(carry)
+    batch_carry = jax.tree.map(lambda *xs: jnp.stack(xs), *carries_in)
+    b_actions, b_carry = ag.act_batch(batch_carry, jnp.stack(frames))
+    assert b_actions.shape == (len(frames),)
+    np.testing.assert_array_equal(np.asarray(b_actions), actions)
+    expected = jax.tree.map(lambda *xs: jnp.stack(xs), *carries_out)
+    for got, want in zip(jax.tree.leaves(b_carry), jax.tree.leaves(expected)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+    # a batch carry of the right shape comes from initial_carry(batch)
+    assert [x.shape for x in jax.tree.leaves(ag.initial_carry(len(frames)))] == [x.shape for x in jax.tree.leaves(batch_carry)]
+
+
+@pytest.mark.parametrize("which", ["trained", "reactive"])
+def test_agent_act_equals_evaluation_rollout(agent, which):
+    """Agent.act drives the same real episodes as the evaluation rollout (rollout._episode): the same
+    keys give the same actions step by step, hence the same returns and lengths."""
+    ag = agent if which == "trained" else _reactive_agent(agent)
+    cfg = ag.cfg
+    num, max_steps = SMOKE.evolve.check_episodes, SMOKE.eval.max_steps  # the shapes the pipeline compiled
+    key = jax.random.key(5)
+    ref = jax.device_get(rollout.run_episodes(cfg, ag.params, key, num, max_steps))
+
+    env = PixelCartPole()
+    step_fn = jax.jit(lambda carry, obs: rollout.agent_step(cfg, ag.params, carry, obs)[:2])
+    all_actions = []
+    for e, k in enumerate(jax.random.split(key, num)):
+        key_reset, key_run = jax.random.split(k)  # as rollout._episode splits its key
+        obs, state = env.reset(key_reset, env.default_params)
+        carry_a, carry_r = ag.initial_carry(), transition.initial_carry(cfg.transition)
+        ret, length = 0.0, 0
+        for key_t in jax.random.split(key_run, max_steps):
+            a, carry_a = ag.act(carry_a, obs)
+            a_r, carry_r = step_fn(carry_r, obs)
+            assert int(a) == int(a_r)
+            for x, y in zip(jax.tree.leaves(carry_a), jax.tree.leaves(carry_r)):
+                np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+            all_actions.append(int(a))
+            key_step, _ = jax.random.split(key_t)
+            obs, state, reward, terminated, truncated, _ = env.step(key_step, state, a, env.default_params)
+            ret += float(reward)
+            length += 1
+            if bool(terminated) or bool(truncated):
+                break
+        assert ret == pytest.approx(float(ref["return"][e])), (e, ret, ref["return"])
+        assert length == int(ref["length"][e])
+    if which == "reactive":
+        assert 0 < sum(all_actions) < len(all_actions)  # both actions taken: the comparison is not vacuous
+
+
+# ------------------------------------------------------------------------------------------------
+# resume after a crash
+
+
+def test_resume_after_crash_in_transition_stage(finished, tmp_path, monkeypatch):
+    out = tmp_path / "crashed"
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("simulated crash in the transition stage")
+
+    with monkeypatch.context() as m:
+        m.setattr(transition, "train", crash)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            pipeline.run(SMOKE, out, progress=False)
+    assert set(json.loads((out / "stages.json").read_text())) == {"collect", "vae"}
+    assert not (out / "summary.json").exists() and not (out / "controller.npy").exists()
+    kept = {p: p.stat().st_mtime_ns for p in [*(out / "data").rglob("*"), *(out / "vae").rglob("*")] if p.is_file()}
+
+    # finished stages are not rerun
+    monkeypatch.setattr(data, "collect", _raise("data.collect"))
+    monkeypatch.setattr(vae, "train", _raise("vae.train"))
+    summary = pipeline.run(SMOKE, out, progress=False)
+
+    assert set(json.loads((out / "stages.json").read_text())) == set(STAGES)
+    assert (out / "summary.json").exists() and (out / "controller.npy").exists()
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept
+    assert set(summary["wall_s"]) == set(STAGES) | {"total"}
+    # same config and seed: the resumed run ends where the uninterrupted one did
+    ref_dir, ref = finished
+    np.testing.assert_array_equal(np.load(out / "controller.npy"), np.load(ref_dir / "controller.npy"))
+    for k in ("real_return_mean", "real_return_std", "real_env_steps", "latent_kl"):
+        assert summary[k] == ref[k], k
