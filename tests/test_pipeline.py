@@ -393,8 +393,14 @@ def test_resume_after_crash_in_transition_stage(finished, tmp_path, monkeypatch)
     assert not (out / "summary.json").exists() and not (out / "controller.npy").exists()
     kept = {p: p.stat().st_mtime_ns for p in [*(out / "data").rglob("*"), *(out / "vae").rglob("*")] if p.is_file()}
 
-    # finished stages are not rerun
-    monkeypatch.setattr(data, "collect", _raise("data.collect"))
+    # finished stages are not rerun (round 2 still collects with the agent: that stage never ran)
+    real_collect = data.collect
+
+    def collect_round2_only(key, num_episodes, policy=data.RANDOM_POLICY, **kwargs):
+        assert policy is not data.RANDOM_POLICY, "the finished random collection was rerun"
+        return real_collect(key, num_episodes, policy=policy, **kwargs)
+
+    monkeypatch.setattr(data, "collect", collect_round2_only)
     monkeypatch.setattr(vae, "train", _raise("vae.train"))
     summary = pipeline.run(SMOKE, out, progress=False)
 
