@@ -1,0 +1,108 @@
+"""Held-out quality of a run's V and M on fresh random episodes (never seen in training).
+
+    python experiments/world_model_eval.py runs/cpu [--episodes 200] [--seed 999]
+
+Prints and writes RUN/world_model_eval.json with:
+  vae_mse_per_pixel          reconstruction MSE per pixel (from the posterior mean), pixels in [0, 1]
+  latent_nll                 M's one-step -log p(z_{t+1} | h_{t+1}) in nats (summed over z dims),
+                             teacher-forced along the held-out episodes, z = posterior means
+  done_auc                   ROC AUC of M's done logit for "this action ended the episode"
+  reward_mae                 mean |predicted reward - real reward|
+The round-1 M (trained on random data only) and the final M are both reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from wm_jax import data, transition, vae
+from wm_jax.config import Config
+
+
+def auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """ROC AUC by the rank statistic (ties averaged)."""
+    labels = labels.astype(bool)
+    pos, neg = labels.sum(), (~labels).sum()
+    if pos == 0 or neg == 0:
+        return float("nan")
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores))
+    sorted_scores = scores[order]
+    i = 0
+    while i < len(scores):
+        j = i
+        while j + 1 < len(scores) and sorted_scores[j + 1] == sorted_scores[i]:
+            j += 1
+        ranks[order[i : j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    return float((ranks[labels].sum() - pos * (pos + 1) / 2) / (pos * neg))
+
+
+def m_metrics(cfg: Config, m_params, mean: np.ndarray, arrays: dict, index: data.EpisodeIndex) -> dict:
+    """Teacher-forced one-step metrics, all episodes in one batch padded to the longest."""
+    starts = np.nonzero(index.is_first)[0]
+    ends = np.append(starts[1:], len(arrays["t"]))
+    length = int((ends - starts).max())
+    rows = np.minimum(starts[:, None] + np.arange(length)[None, :], len(arrays["t"]) - 1)
+    valid = np.arange(length)[None, :] < (ends - starts)[:, None]
+    next_valid = np.arange(length)[None, :] < (ends - starts - 1)[:, None]
+    z = jnp.asarray(mean[rows])
+    pred = transition.observe(cfg.transition, m_params, z, jnp.asarray(arrays["action"][rows]),
+                              jnp.zeros(rows.shape, bool))
+    z_next = jnp.asarray(mean[np.minimum(rows + 1, len(mean) - 1)])
+    nll = np.asarray(transition.latent_nll(pred, z_next))
+    done_logit = np.asarray(pred.done_logit)
+    reward = np.asarray(pred.reward)
+    return {
+        "latent_nll": float(nll[next_valid].mean()),
+        "done_auc": auc(done_logit[valid], arrays["done"][rows][valid]),
+        "reward_mae": float(np.abs(reward - arrays["reward"][rows])[valid].mean()),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("run_dir")
+    p.add_argument("--episodes", type=int, default=200)
+    p.add_argument("--seed", type=int, default=999)
+    args = p.parse_args()
+    run = Path(args.run_dir)
+    cfg = Config.from_dict(json.loads((run / "config.json").read_text()))
+    ds = data.collect(jax.random.key(args.seed), args.episodes, progress=False)
+    arrays = data.to_arrays(ds)
+    index = data.EpisodeIndex.from_columns(arrays["episode"], arrays["t"])
+    vae_params = vae.load(cfg.vae, run / "vae")
+    mean, _ = vae.encode_all(cfg.vae, vae_params, arrays["frame"], index.stack_rows)
+    recon = []
+    dec = jax.jit(lambda z: vae.decode(cfg.vae, vae_params, z))
+    for lo in range(0, len(mean), 1024):
+        rows = jnp.arange(lo, min(lo + 1024, len(mean)))
+        x = data.stacks(jnp.asarray(arrays["frame"]), jnp.asarray(index.stack_rows), rows)
+        recon.append(np.asarray(jnp.mean(jnp.square(dec(jnp.asarray(mean[lo : lo + 1024])) - vae.to_float(x)), axis=(1, 2, 3))))
+    result = {
+        "run_dir": str(run),
+        "held_out_episodes": args.episodes,
+        "held_out_seed": args.seed,
+        "held_out_rows": int(len(mean)),
+        "vae_mse_per_pixel": float(np.mean(np.concatenate(recon))),
+        "m_round1": m_metrics(cfg, transition.load(cfg.transition, run / "transition", cfg.vae.latent), mean, arrays, index),
+    }
+    if cfg.rounds.rounds > 1:
+        final_dir = run / f"transition_round{cfg.rounds.rounds}"
+        m_final = transition.load(cfg.transition, final_dir, cfg.vae.latent, cfg.rounds.transition_steps)
+        result["m_final"] = m_metrics(cfg, m_final, mean, arrays, index)
+    for name in ("vae", "transition"):
+        stage = json.loads((run / "stages.json").read_text()).get(name, {})
+        result[f"{name}_train_steps_per_s"] = stage.get("steps_per_s")
+    (run / "world_model_eval.json").write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
