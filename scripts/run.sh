@@ -4,10 +4,5 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/venv.sh" ""
 cd "$ROOT"
-has_out=0
-for a in "$@"; do [ "$a" = "--out" ] && has_out=1; done
-if [ "$has_out" = 1 ]; then
-  exec "$VENV/bin/wm-jax" run "$@"
-else
-  exec "$VENV/bin/wm-jax" run --preset cpu --out runs/cpu "$@"
-fi
+# --preset cpu first: a --preset among the arguments comes later and wins.
+exec "$VENV/bin/wm-jax" run --preset cpu "$@"

@@ -5,7 +5,13 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PY="${WM_JAX_PYTHON:-python3}"
 VENV="$ROOT/.venv"
 EXTRAS="${1:-}"
-if [ ! -x "$VENV/bin/python" ]; then
+if ! "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+  echo "wm_jax needs Python >= 3.11; '$PY' is $("$PY" --version 2>&1). Set WM_JAX_PYTHON." >&2
+  exit 2
+fi
+# A venv without a working pip (e.g. made where python3-venv was missing) is rebuilt.
+if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -m pip --version >/dev/null 2>&1; then
+  rm -rf "$VENV"
   "$PY" -m venv "$VENV"
 fi
 STAMP="$VENV/.wm_jax_installed$EXTRAS"

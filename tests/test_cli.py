@@ -74,12 +74,11 @@ def test_collect_out_is_a_file(tmp_path, capsys):
         (["run", "--preset", "nope", "--out", "X"], ["--preset", "nope"]),
         (["train-vae", "somedata", "--preset", "huge", "--out", "X"], ["--preset", "huge"]),
         (["collect", "--episodes", "2"], ["--out"]),
-        (["run", "--preset", "smoke"], ["--out"]),
         (["run", "--preset", "smoke", "--out", "X", "--rounds", "0"], ["--rounds"]),
         (["frobnicate"], ["frobnicate"]),
         ([], ["command"]),
     ],
-    ids=["unknown-preset", "unknown-preset-train-vae", "collect-missing-out", "run-missing-out", "rounds-zero",
+    ids=["unknown-preset", "unknown-preset-train-vae", "collect-missing-out", "rounds-zero",
          "unknown-command", "no-command"],
 )
 def test_bad_arguments(tmp_path, capsys, monkeypatch, args, needles):

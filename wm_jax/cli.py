@@ -101,7 +101,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = _preset(args)
     if args.rounds is not None:
         cfg = dataclasses.replace(cfg, rounds=dataclasses.replace(cfg.rounds, rounds=args.rounds))
-    out = Path(args.out)
+    out = Path(args.out) if args.out else Path("runs") / (cfg.preset + (f"-s{cfg.seed}" if cfg.seed else ""))
     summary = pipeline.run(cfg, out)
     print()
     print(f"{'preset':<26}{summary['preset']}")
@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="the whole recipe: collect, V, M, evolve C in the dream, evaluate")
     r.add_argument("--preset", choices=presets, default="cpu")
-    r.add_argument("--out", required=True)
+    r.add_argument("--out", default=None, help="run directory (default: runs/PRESET, or runs/PRESET-sSEED)")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--rounds", type=_positive_int, default=None, help="iterative rounds (default: the preset's)")
     r.set_defaults(fn=cmd_run)

@@ -76,7 +76,7 @@ def _train_step(
         bad_streak=jnp.where(finite, 0, state.bad_streak + 1),
         bad_total=state.bad_total + (~finite).astype(jnp.int32),
     )
-    metrics = {**metrics, "grad_norm": optax.global_norm(grads), "finite": finite, "bad_streak": new_state.bad_streak}
+    metrics = {**metrics, "grad_norm": optax.tree.norm(grads), "finite": finite, "bad_streak": new_state.bad_streak}
     return new_state, metrics
 
 
