@@ -78,7 +78,13 @@ def test_run_dir_layout(finished):
     assert json.loads((out / "config.json").read_text()) == json.loads(SMOKE.to_json())
     assert set(json.loads((out / "stages.json").read_text())) == set(STAGES)
     ctrl = np.load(out / "controller.npy")
-    np.testing.assert_array_equal(ctrl, np.load(out / "evolve_round2" / "controller.npy"))
+    # the final agent is the round whose real checks were best, with that round's M
+    agent_meta = json.loads((out / "agent.json").read_text())
+    rnd = agent_meta["round"]
+    stages = json.loads((out / "stages.json").read_text())
+    assert stages[f"evolve_round{rnd}"]["best_real"] == max(stages[f"evolve_round{r}"]["best_real"] for r in (1, 2))
+    assert agent_meta["transition_dir"] == ("transition" if rnd == 1 else f"transition_round{rnd}")
+    np.testing.assert_array_equal(ctrl, np.load(out / f"evolve_round{rnd}" / "controller.npy"))
     assert ctrl.shape == (2 * (SMOKE.vae.latent + SMOKE.transition.hidden) + 2,) and np.isfinite(ctrl).all()
     lines = [json.loads(x) for x in (out / "evolve_round1" / "evolve.jsonl").read_text().splitlines()]
     ev = SMOKE.evolve

@@ -143,12 +143,14 @@ def run(cfg: Config, out: Path | str, progress: bool = True) -> dict[str, Any]:
 
     # round 1 on random data, later rounds on data gathered by the evolving controller
     real_env_steps = collected["env_steps"]
-    ctrl_best = None
+    # The best agent so far, judged by the real checks. A controller reads M's hidden state, so it
+    # is kept together with the M it was evolved against: a later round's M would change its inputs.
+    best: dict[str, Any] | None = None
     checks_all: list[dict[str, Any]] = []
     m_params = None
     for r in range(1, cfg.rounds.rounds + 1):
         if r > 1:
-            def collect_round(r=r, ctrl=ctrl_best, m=m_params) -> dict[str, Any]:
+            def collect_round(r=r, ctrl=best["ctrl"], m=best["m_params"]) -> dict[str, Any]:
                 policy = _agent_policy(cfg, {"vae": vae_params, "transition": m, "controller": jnp.asarray(ctrl)})
                 ds = data_lib.collect(
                     jax.random.fold_in(k_rounds, r), cfg.rounds.episodes, policy=policy, max_steps=cfg.data.max_steps,
@@ -184,7 +186,7 @@ def run(cfg: Config, out: Path | str, progress: bool = True) -> dict[str, Any]:
         stages.run("transition" if r == 1 else f"transition_round{r}", m_stage)
         m_params = transition.load(cfg.transition, m_dir, cfg.vae.latent, None if r == 1 else cfg.rounds.transition_steps)
 
-        def evolve_stage(r=r, m_params=m_params, m_arrays=m_arrays, init=ctrl_best) -> dict[str, Any]:
+        def evolve_stage(r=r, m_params=m_params, m_arrays=m_arrays, init=None if best is None else best["ctrl"]):
             params_base = {"vae": vae_params, "transition": m_params}
 
             def real_check(k, ctrl):
@@ -202,13 +204,19 @@ def run(cfg: Config, out: Path | str, progress: bool = True) -> dict[str, Any]:
         evo = stages.run(f"evolve_round{r}", evolve_stage)
         real_env_steps += evo["real_env_steps"]
         checks_all += evo["checks"]
-        ctrl_best = np.load(out / f"evolve_round{r}" / "controller.npy")
+        if best is None or evo["best_real"] >= best["real"]:  # ties go to the M trained on more data
+            best = {
+                "real": evo["best_real"], "round": r, "ctrl": np.load(out / f"evolve_round{r}" / "controller.npy"),
+                "m_params": m_params, "m_dir": m_dir, "m_steps": None if r == 1 else cfg.rounds.transition_steps,
+            }
 
-    final_params = {"vae": vae_params, "transition": m_params, "controller": jnp.asarray(ctrl_best)}
-    np.save(out / "controller.npy", ctrl_best)
+    assert best is not None
+    final_params = {"vae": vae_params, "transition": best["m_params"], "controller": jnp.asarray(best["ctrl"])}
+    np.save(out / "controller.npy", best["ctrl"])
     _write_json(out / "agent.json", {
-        "transition_dir": m_dir.name,
-        "transition_steps": None if cfg.rounds.rounds == 1 else cfg.rounds.transition_steps,
+        "round": best["round"],
+        "transition_dir": best["m_dir"].name,
+        "transition_steps": best["m_steps"],
         "config": cfg.to_dict(),
     })
 
@@ -235,6 +243,7 @@ def run(cfg: Config, out: Path | str, progress: bool = True) -> dict[str, Any]:
         "solved": bool(ev["return_mean"] >= cfg.eval.solved_at),
         "real_env_steps": int(real_env_steps),
         "real_env_steps_training": int(real_env_steps - ev["env_steps"]),
+        "agent_round": best["round"],
         "dream_real_corr": rollout.correlation([c["dream_return"] for c in checks_all], [c["real_return"] for c in checks_all]),
         "latent_kl": ev["latent_kl"],
         "wall_s": wall,
