@@ -95,6 +95,7 @@ def _collect_chunk(policy: Policy, max_steps: int, key: jax.Array, num_episodes:
             action, pcarry = policy.act(key_act, pcarry, state.frames if policy.uses_pixels else None)
             action = jnp.asarray(action, jnp.int32)
             phys = state.physics
+            # gymnax's step_env without auto-reset: after termination the mask takes over.
             _, nxt, reward, terminated, _ = env._env.step_env(key_step, phys, action, params)
             frames = state.frames
             if policy.uses_pixels:  # static: only pixel policies pay for rendering in the loop

@@ -47,7 +47,6 @@ def _episode(cfg: Config, params: dict[str, Any], key: jax.Array, max_steps: int
     key_reset, key_run = jax.random.split(key)
     obs, state = env.reset(key_reset, env_params)
     carry = transition.initial_carry(cfg.transition)
-    zero_pred = None
 
     def body(c, key_t):
         obs, state, carry, valid, prev_pred, has_prev = c
