@@ -28,6 +28,10 @@ def _fresh_dir(path: Path, overwrite: bool) -> None:
         raise UsageError(f"{path} exists and is not empty (pass --overwrite to replace it)")
 
 
+def _fmt(metrics: dict) -> str:
+    return ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
+
+
 def _dir_size_mb(path: Path) -> float:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 1e6
 
@@ -70,7 +74,7 @@ def cmd_train_vae(args: argparse.Namespace) -> int:
     params, info = vae.train(cfg.vae, arrays["frame"], index.stack_rows, jax.random.key(cfg.seed), out)
     plots.reconstruction_grid(cfg, params, arrays, index, out / "reconstructions.png")
     plots.loss_curves(out, out / "loss.png")
-    print(f"VAE trained: {info['final']} ({info['steps_per_s']:.1f} steps/s); plots in {out}")
+    print(f"VAE trained: {_fmt(info['final']) or 'already finished'} ({info['steps_per_s']:.1f} steps/s); plots in {out}")
     return 0
 
 
@@ -89,7 +93,8 @@ def cmd_train_transition(args: argparse.Namespace) -> int:
     out = Path(args.out)
     _, info = transition.train(cfg.transition, m_arrays, jax.random.key(cfg.seed + 1), out)
     plots.loss_curves(out, out / "loss.png")
-    print(f"transition trained: {info['final']} ({info['steps_per_s']:.1f} steps/s); plots in {out}")
+    print(f"transition trained: {_fmt(info['final']) or 'already finished'} ({info['steps_per_s']:.1f} steps/s); "
+          f"plots in {out}")
     return 0
 
 
