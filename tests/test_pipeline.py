@@ -419,3 +419,25 @@ def test_resume_after_crash_in_transition_stage(finished, tmp_path, monkeypatch)
     np.testing.assert_array_equal(np.load(out / "controller.npy"), np.load(ref_dir / "controller.npy"))
     for k in ("real_return_mean", "real_return_std", "real_env_steps", "latent_kl"):
         assert summary[k] == ref[k], k
+
+
+def test_collection_policy_advances_m_with_the_executed_action():
+    """With random actions mixed in, M must see the action taken, not the controller's choice."""
+    cfg = dataclasses.replace(SMOKE, rounds=dataclasses.replace(SMOKE.rounds, action_noise=1.0))
+    params = {
+        "vae": vae.init(jax.random.key(0), cfg.vae),
+        "transition": transition.init(jax.random.key(1), cfg.transition, cfg.vae.latent),
+    }
+    dims = 2 * (cfg.vae.latent + cfg.transition.hidden) + 2
+    params["controller"] = jnp.zeros((dims,)).at[-1].set(1.0)  # greedy action: always 1
+    policy = pipeline._agent_policy(cfg, params)
+    obs, _ = PixelCartPole().reset(jax.random.key(2))
+    carry0 = policy.init_carry()
+    z = vae.encode(cfg.vae, params["vae"], obs[None])[0][0]
+    executed = set()
+    for i in range(12):
+        action, carry = policy.act(jax.random.key(10 + i), carry0, obs)
+        expected, _ = transition.step(cfg.transition, params["transition"], carry0, z, action)
+        np.testing.assert_allclose(np.asarray(carry[1]), np.asarray(expected[1]), rtol=1e-6, atol=1e-6)
+        executed.add(int(action))
+    assert executed == {0, 1}  # the random action did differ from the greedy one

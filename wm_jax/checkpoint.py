@@ -80,20 +80,23 @@ def restore_latest(
     config: dict[str, Any],
     max_to_keep: int = 2,
     compare_config: dict[str, Any] | None = None,
+    set_aside: bool = False,
 ) -> tuple[int, Any] | None:
     """Restore the newest complete checkpoint into the structure of `like`.
 
     Returns (step, state), or None when the directory holds no checkpoint. The saved config must
     equal `compare_config` (default: `config`), else CheckpointError names the differing fields;
     array shapes are checked against `like` as well. A newest checkpoint that cannot be read
-    falls back to the previous one with a warning.
+    falls back to the previous one with a warning; with `set_aside` (training, which will save that
+    step again) the unreadable step directory is renamed out of orbax's view, kept for inspection.
     """
     directory = Path(directory)
     if not directory.exists():
         return None
     mngr = manager(directory, max_to_keep)
     try:
-        return _restore_newest_readable(directory, mngr, like, config if compare_config is None else compare_config)
+        wanted = config if compare_config is None else compare_config
+        return _restore_newest_readable(directory, mngr, like, wanted, set_aside)
     finally:
         mngr.close()
 
@@ -105,7 +108,9 @@ def _set_aside(directory: Path, step: int) -> None:
         os.replace(src, directory / f"damaged-{step}-{uuid.uuid4().hex[:6]}")
 
 
-def _restore_newest_readable(directory: Path, mngr: ocp.CheckpointManager, like: Any, wanted: dict[str, Any]):
+def _restore_newest_readable(
+    directory: Path, mngr: ocp.CheckpointManager, like: Any, wanted: dict[str, Any], set_aside: bool
+):
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
     errors = []
     for step in sorted(mngr.all_steps(), reverse=True):
@@ -115,42 +120,28 @@ def _restore_newest_readable(directory: Path, mngr: ocp.CheckpointManager, like:
         except Exception as e:  # damaged JSON or missing item: try the previous step
             errors.append(f"step {step}: {type(e).__name__}: {e}")
             warnings.warn(f"{directory}: checkpoint step {step} is unreadable ({type(e).__name__}); "
-                          "set aside, trying the previous one")
-            _set_aside(directory, step)
+                          + ("set aside, " if set_aside else "") + "trying the previous one")
+            if set_aside:
+                _set_aside(directory, step)
             continue
         _check_config(directory, step, saved_config, wanted)
-        _check_stored_shapes(directory, mngr, step, like)
         try:
             with _quiet_orbax():
                 restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
         except Exception as e:
+            if "shape" in str(e).lower():  # a readable checkpoint of other sizes: not damage
+                raise CheckpointError(f"{directory} step {step} does not match the model's shapes: {e}") from None
             errors.append(f"step {step}: {type(e).__name__}: {e}")
             warnings.warn(f"{directory}: checkpoint step {step} is unreadable ({type(e).__name__}); "
-                          "set aside, trying the previous one")
-            _set_aside(directory, step)
+                          + ("set aside, " if set_aside else "") + "trying the previous one")
+            if set_aside:
+                _set_aside(directory, step)
             continue
         _check_shapes(directory, step, restored, like)
         return step, restored
     if errors:
         raise CheckpointError(f"{directory}: no readable checkpoint ({'; '.join(errors)})")
     return None
-
-
-def _check_stored_shapes(directory: Path, mngr: ocp.CheckpointManager, step: int, like: Any) -> None:
-    """Compare the shapes recorded in the checkpoint's metadata with `like` before restoring."""
-    try:
-        with _quiet_orbax():
-            meta = mngr.item_metadata(step)["state"]
-        stored = jax.tree.leaves(jax.tree.map(lambda m: tuple(m.shape), meta, is_leaf=lambda m: hasattr(m, "shape")))
-    except Exception:  # no usable metadata: the restore itself will tell
-        return
-    expected = [tuple(np.shape(x)) for x in jax.tree.leaves(like)]
-    if len(stored) == len(expected) and all(isinstance(s, tuple) for s in stored):
-        for (path, _), a, b in zip(jax.tree_util.tree_leaves_with_path(like), stored, expected):
-            if a != b:
-                raise CheckpointError(
-                    f"{directory} step {step}: {jax.tree_util.keystr(path)} has shape {a}, the model expects {b}"
-                )
 
 
 def _check_shapes(directory: Path, step: int, restored: Any, like: Any) -> None:

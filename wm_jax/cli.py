@@ -48,7 +48,8 @@ def cmd_collect(args: argparse.Namespace) -> int:
     ds = data.collect(jax.random.key(args.seed), args.episodes, max_steps=args.max_steps)
     data.save_dataset(ds, out, overwrite=args.overwrite)
     seconds = time.perf_counter() - t0
-    lengths = np.bincount(data.to_arrays(ds)["episode"] - int(data.to_arrays(ds)["episode"].min()))
+    episode = ds.data.column("episode").to_numpy()
+    lengths = np.bincount(episode - int(episode.min()))
     print(
         f"collected {args.episodes} episodes, {ds.num_rows} steps, mean length {lengths.mean():.1f}, "
         f"{_dir_size_mb(out):.1f} MB on disk in {out}, {seconds:.1f} s"

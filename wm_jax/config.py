@@ -70,7 +70,7 @@ class VAEConfig:
     latent: int = 64
     filters: tuple[int, ...] = (32, 64, 128, 256)  # four stride-2 4x4 convolutions (Ha)
     kl_ramp_steps: int = 10_000  # beta goes linearly 0 -> 1 over these steps
-    free_bits: float = 0.0  # KL floor in nats per latent dimension (Ha's kl_tolerance=0.5); 0 = off
+    free_bits: float = 0.0  # floor on the total KL of free_bits * latent nats (Ha's kl_tolerance=0.5); 0 = off
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=10_000, batch=256, lr=1e-3))
 
     def __post_init__(self) -> None:
@@ -90,7 +90,9 @@ class TransitionConfig:
     head: str = "mdn"  # "mdn" (mixture density, Ha) or "gaussian" (diagonal)
     mixtures: int = 5
     seq_len: int = 32
-    done_pos_weight: float = 10.0  # deaths are rare: up-weight the positive class (Ha's doomrnn)
+    # Deaths are rare: up-weight the positive class (Ha's doomrnn). This shifts the done head's
+    # calibration, so the dream's p > 0.5 rule ends dreams earlier (pessimistic) than p_true > 0.5.
+    done_pos_weight: float = 10.0
     reward_weight: float = 1.0
     done_weight: float = 1.0
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=20_000, batch=100, lr=1e-3))

@@ -238,9 +238,10 @@ def _files_manifest(path: Path) -> dict[str, int]:
 def save_dataset(ds: datasets.Dataset, path: os.PathLike | str, overwrite: bool = False) -> Path:
     """Save atomically: write into a sibling temporary directory, then rename it into place.
 
-    A crash at any point leaves either the old directory or the complete new one; the manifest
-    (row count and file sizes) is written last inside the temporary directory, so `load_dataset`
-    refuses anything half-written.
+    The manifest (row count and file sizes) is written last, after the data is synced, so
+    `load_dataset` refuses anything half-written. A crash leaves the old directory or the complete
+    new one at `path`, except in the instant between the two renames of an overwrite, when the old
+    data sits in `.NAME.old-*` beside it (`load_dataset` then says so).
     """
     path = Path(path)
     if path.exists() and not overwrite:
@@ -253,6 +254,9 @@ def save_dataset(ds: datasets.Dataset, path: os.PathLike | str, overwrite: bool 
             ds = ds.flatten_indices()
         with _quiet_datasets():
             ds.save_to_disk(str(tmp))
+        for f in tmp.iterdir():  # data on disk before the manifest that vouches for it
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
         manifest = {"format_version": FORMAT_VERSION, "num_rows": ds.num_rows, "files": _files_manifest(tmp)}
         with open(tmp / MANIFEST, "w") as f:
             json.dump(manifest, f)
@@ -313,7 +317,9 @@ def load_dataset(path: os.PathLike | str) -> datasets.Dataset:
     """Load and validate a dataset written by `save_dataset`; raises DatasetError on any problem."""
     path = Path(path)
     if not path.is_dir():
-        raise DatasetError(path, "no such dataset directory")
+        leftovers = sorted(path.parent.glob(f".{path.name}.old-*")) if path.parent.is_dir() else []
+        hint = f" (an interrupted overwrite left the previous data in {leftovers[0]})" if leftovers else ""
+        raise DatasetError(path, "no such dataset directory" + hint)
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
         raise DatasetError(path, f"not a wm_jax dataset (no {MANIFEST}; incomplete or foreign directory)")

@@ -115,7 +115,6 @@ def run(cfg: Config, out: Path | str, progress: bool = True) -> dict[str, Any]:
     stages = _Stages(out, progress)
     key = jax.random.key(cfg.seed)
     k_vae, k_m, k_evo, k_eval, k_rounds = jax.random.split(key, 5)
-    t_start = time.perf_counter()
 
     def collect_stage() -> dict[str, Any]:
         ds = data_lib.collect(
@@ -260,9 +259,11 @@ def _agent_policy(cfg: Config, params: dict[str, Any]) -> data_lib.Policy:
     eps = cfg.rounds.action_noise
 
     def act(key, carry, obs):
-        action, carry, _ = rollout.agent_step(cfg, params, carry, obs)
+        action, z, _ = rollout.agent_act(cfg, params, carry, obs)
         k1, k2 = jax.random.split(key)
         rand = jax.random.bernoulli(k1).astype(jnp.int32)
-        return jnp.where(jax.random.uniform(k2) < eps, rand, action), carry
+        action = jnp.where(jax.random.uniform(k2) < eps, rand, action)
+        carry, _ = transition.step(cfg.transition, params["transition"], carry, z, action)  # the executed action
+        return action, carry
 
     return data_lib.Policy(act=act, init_carry=lambda: transition.initial_carry(cfg.transition), uses_pixels=True)

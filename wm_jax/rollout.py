@@ -19,17 +19,28 @@ from wm_jax.config import Config
 from wm_jax.env import PixelCartPole
 
 
+def agent_act(
+    cfg: Config, params: dict[str, Any], carry: Any, obs: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Encode one uint8[64, 64, 4] obs and choose C's action on [z, h]: (action, z mean, z logvar).
+
+    The controller acts on the posterior mean (a deterministic policy); dreams act on sampled z.
+    """
+    mean, logvar = vae.encode(cfg.vae, params["vae"], obs[None])
+    mean, logvar = mean[0], logvar[0]
+    return controller.act(cfg.controller, params["controller"], mean, transition.hidden(carry)), mean, logvar
+
+
 def agent_step(
     cfg: Config, params: dict[str, Any], carry: Any, obs: jax.Array
 ) -> tuple[jax.Array, Any, dict[str, Any]]:
     """(carry, uint8[64, 64, 4] obs) -> (action, new carry, extras) for one observation.
 
-    params = {"vae", "transition", "controller"}. extras carries z's posterior and M's prediction
-    for the next latent (used for the imagined-vs-real KL).
+    params = {"vae", "transition", "controller"}. M advances with (z, action); a caller that
+    executes a different action must advance M with that one instead (see `agent_act`).
+    extras carries z's posterior and M's prediction for the next latent (for the latent KL).
     """
-    mean, logvar = vae.encode(cfg.vae, params["vae"], obs[None])
-    mean, logvar = mean[0], logvar[0]
-    action = controller.act(cfg.controller, params["controller"], mean, transition.hidden(carry))
+    action, mean, logvar = agent_act(cfg, params, carry, obs)
     carry, pred = transition.step(cfg.transition, params["transition"], carry, mean, action)
     return action, carry, {"mean": mean, "logvar": logvar, "pred": pred}
 

@@ -142,7 +142,7 @@ def fit(
     stored_config = {"model": model_config, "train": _train_dict(cfg)}
 
     state = init_state(cfg, params)
-    restored = checkpoint.restore_latest(ckpt_dir, state, stored_config, cfg.max_to_keep)
+    restored = checkpoint.restore_latest(ckpt_dir, state, stored_config, cfg.max_to_keep, set_aside=True)
     if restored is not None:
         state = restored[1]
         _truncate_metrics(metrics_path, restored[0])
