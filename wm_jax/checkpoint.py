@@ -9,7 +9,6 @@ falling back to the previous step with a warning.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import uuid
@@ -165,7 +164,3 @@ def read_config(directory: Path | str) -> dict[str, Any]:
             return mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
     finally:
         mngr.close()
-
-
-def dumps(config: dict[str, Any]) -> str:
-    return json.dumps(config, sort_keys=True)

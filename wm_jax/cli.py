@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -89,8 +88,7 @@ def cmd_train_transition(args: argparse.Namespace) -> int:
     index = data.EpisodeIndex.from_columns(arrays["episode"], arrays["t"])
     vae_params = vae.load(cfg.vae, Path(args.vae))
     mean, logvar = vae.encode_all(cfg.vae, vae_params, arrays["frame"], index.stack_rows)
-    m_arrays = {"mean": mean, "logvar": logvar, "action": arrays["action"], "reward": arrays["reward"],
-                "done": arrays["done"], "is_first": index.is_first, "is_last": index.is_last}
+    m_arrays = transition.training_arrays(mean, logvar, arrays, index)
     out = Path(args.out)
     _, info = transition.train(cfg.transition, m_arrays, jax.random.key(cfg.seed + 1), out)
     plots.loss_curves(out, out / "loss.png")

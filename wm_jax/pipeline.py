@@ -8,7 +8,6 @@ collect with the current controller (with action noise), fine-tune M on all data
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import platform
@@ -22,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from wm_jax import data as data_lib
-from wm_jax import dream, evolve, rollout, transition, vae
+from wm_jax import evolve, rollout, transition, vae
 from wm_jax.config import Config
 
 SUMMARY_KEYS = (
@@ -166,15 +165,18 @@ def run(cfg: Config, out: Path | str, progress: bool = True) -> dict[str, Any]:
 
         latents_path = out / f"latents_round{r}.npz"
         if not latents_path.exists():
-            mean, logvar = vae.encode_all(cfg.vae, vae_params, arrays["frame"], index.stack_rows)
+            # Rows of earlier rounds come first and V is frozen: encode only the new rows.
+            prev = np.load(out / f"latents_round{r - 1}.npz") if r > 1 else None
+            done = 0 if prev is None else len(prev["mean"])
+            mean, logvar = vae.encode_all(cfg.vae, vae_params, arrays["frame"], index.stack_rows[done:])
+            if prev is not None:
+                mean = np.concatenate([prev["mean"], mean])
+                logvar = np.concatenate([prev["logvar"], logvar])
             tmp = latents_path.with_name(f".{latents_path.name}.tmp.npz")
             np.savez(tmp, mean=mean, logvar=logvar)
             os.replace(tmp, latents_path)
         lat = np.load(latents_path)
-        m_arrays = {
-            "mean": lat["mean"], "logvar": lat["logvar"], "action": arrays["action"], "reward": arrays["reward"],
-            "done": arrays["done"], "is_first": index.is_first, "is_last": index.is_last,
-        }
+        m_arrays = transition.training_arrays(lat["mean"], lat["logvar"], arrays, index)
         m_dir = out / ("transition" if r == 1 else f"transition_round{r}")
 
         def m_stage(r=r, m_arrays=m_arrays, m_dir=m_dir, prev=m_params) -> dict[str, Any]:

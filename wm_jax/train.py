@@ -139,7 +139,7 @@ def fit(
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_dir = run_dir / "checkpoints"
     metrics_path = run_dir / "metrics.jsonl"
-    stored_config = {"model": model_config, "train": _train_dict(cfg)}
+    stored_config = {"model": model_config, "train": dataclasses.asdict(cfg)}
 
     state = init_state(cfg, params)
     restored = checkpoint.restore_latest(ckpt_dir, state, stored_config, cfg.max_to_keep, set_aside=True)
@@ -189,17 +189,13 @@ def fit(
     return state.params, info
 
 
-def _train_dict(cfg: TrainConfig) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
-
-
 def load_params(cfg: TrainConfig, params_like: Any, run_dir: Path | str, model_config: dict[str, Any]) -> Any:
     """The parameters of the newest complete checkpoint that `fit` wrote into run_dir.
 
     The stored config must match (model_config and cfg), else checkpoint.CheckpointError.
     """
     run_dir = Path(run_dir)
-    stored = {"model": model_config, "train": _train_dict(cfg)}
+    stored = {"model": model_config, "train": dataclasses.asdict(cfg)}
     restored = checkpoint.restore_latest(run_dir / "checkpoints", init_state(cfg, params_like), stored, cfg.max_to_keep)
     if restored is None:
         raise checkpoint.CheckpointError(f"{run_dir}: no checkpoint (train it first)")

@@ -12,6 +12,7 @@ episode", trained with the positive class up-weighted since deaths are rare.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, NamedTuple
 
@@ -219,11 +220,9 @@ def train(
 
     `params` continues from a trained model (fine-tuning); `steps` overrides cfg.train.steps.
     """
-    import dataclasses
-
     from wm_jax import train as train_lib
 
-    tcfg = cfg.train if steps is None else dataclasses.replace(cfg.train, steps=steps)
+    tcfg = _train_cfg(cfg, steps)
     key_init, key_train = jax.random.split(key)
     latent = arrays["mean"].shape[-1]
     if params is None:
@@ -241,18 +240,26 @@ def train(
     )
 
 
+def _train_cfg(cfg: TransitionConfig, steps: int | None) -> Any:
+    return cfg.train if steps is None else dataclasses.replace(cfg.train, steps=steps)
+
+
+def training_arrays(mean, logvar, columns: dict[str, Any], index: Any) -> dict[str, Any]:
+    """The per-row arrays `train` samples from: posteriors plus a dataset's columns and boundaries."""
+    return {
+        "mean": mean, "logvar": logvar, "action": columns["action"], "reward": columns["reward"],
+        "done": columns["done"], "is_first": index.is_first, "is_last": index.is_last,
+    }
+
+
 def model_config(cfg: TransitionConfig, latent: int) -> dict[str, Any]:
     """What a checkpoint must agree on to be loaded into `cfg` (training settings stored apart)."""
-    import dataclasses
-
     return {**{k: v for k, v in dataclasses.asdict(cfg).items() if k != "train"}, "latent": int(latent)}
 
 
 def load(cfg: TransitionConfig, run_dir, latent: int, steps: int | None = None) -> Params:
     """Parameters trained by `train` into run_dir (`steps` as passed to `train`, for fine-tuning runs)."""
-    import dataclasses
-
     from wm_jax import train as train_lib
 
-    tcfg = cfg.train if steps is None else dataclasses.replace(cfg.train, steps=steps)
-    return train_lib.load_params(tcfg, init(jax.random.key(0), cfg, latent), run_dir, model_config(cfg, latent))
+    like = init(jax.random.key(0), cfg, latent)
+    return train_lib.load_params(_train_cfg(cfg, steps), like, run_dir, model_config(cfg, latent))

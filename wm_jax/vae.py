@@ -12,6 +12,7 @@ Loss: the negative ELBO, reconstruction (summed over pixels) plus beta * KL, bet
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
@@ -170,8 +171,6 @@ def train(
 
 def model_config(cfg: VAEConfig) -> dict[str, Any]:
     """What a checkpoint must agree on to be loaded into `cfg` (training settings stored apart)."""
-    import dataclasses
-
     return {k: v for k, v in dataclasses.asdict(cfg).items() if k != "train"}
 
 
