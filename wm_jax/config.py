@@ -150,9 +150,12 @@ class RoundsConfig:
     action_noise: float = 0.1  # probability of a random action while collecting
     transition_steps: int = 1000  # fine-tuning steps of M per extra round
     generations: int = 50
+    horizon: int | None = None  # dream horizon of the extra rounds; None: evolve.horizon
 
     def __post_init__(self) -> None:
         _positive(self, "rounds", "episodes", "transition_steps", "generations")
+        if self.horizon is not None and (not isinstance(self.horizon, int) or self.horizon <= 0):
+            raise ConfigError(f"RoundsConfig.horizon must be a positive int or None, got {self.horizon!r}")
         if not 0.0 <= self.action_noise <= 1.0:
             raise ConfigError(f"RoundsConfig.action_noise must be in [0, 1], got {self.action_noise!r}")
 

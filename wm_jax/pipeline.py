@@ -197,6 +197,7 @@ def run(cfg: Config, out: Path | str, progress: bool = True) -> dict[str, Any]:
             res = evolve.evolve(
                 cfg, jax.random.fold_in(k_evo, r), m_params, (m_arrays["mean"], m_arrays["logvar"]), real_check,
                 out / f"evolve_round{r}", None if r == 1 else cfg.rounds.generations, init, progress,
+                None if r == 1 else cfg.rounds.horizon,
             )
             np.save(out / f"evolve_round{r}" / "controller.npy", res["best"])
             return {"best_real": res["best_real"], "checks": res["checks"], "real_env_steps": res["real_env_steps"],
