@@ -21,27 +21,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from wm_jax import data, transition, vae
+from wm_jax import data, transition, vae, verifier
 from wm_jax.config import Config
 
 
 def auc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """ROC AUC by the rank statistic (ties averaged)."""
+    """ROC AUC of scores for boolean labels (ties count half)."""
     labels = labels.astype(bool)
-    pos, neg = labels.sum(), (~labels).sum()
-    if pos == 0 or neg == 0:
-        return float("nan")
-    order = np.argsort(scores, kind="mergesort")
-    ranks = np.empty(len(scores))
-    sorted_scores = scores[order]
-    i = 0
-    while i < len(scores):
-        j = i
-        while j + 1 < len(scores) and sorted_scores[j + 1] == sorted_scores[i]:
-            j += 1
-        ranks[order[i : j + 1]] = (i + j) / 2 + 1
-        i = j + 1
-    return float((ranks[labels].sum() - pos * (pos + 1) / 2) / (pos * neg))
+    return verifier.auc(scores[labels], scores[~labels])
 
 
 def m_metrics(cfg: Config, m_params, mean: np.ndarray, arrays: dict, index: data.EpisodeIndex) -> dict:

@@ -441,3 +441,56 @@ def test_collection_policy_advances_m_with_the_executed_action():
         np.testing.assert_allclose(np.asarray(carry[1]), np.asarray(expected[1]), rtol=1e-6, atol=1e-6)
         executed.add(int(action))
     assert executed == {0, 1}  # the random action did differ from the greedy one
+
+
+# ------------------------------------------------------------------------------------------------
+# the verifier in the pipeline, and the ablation script on a finished run
+
+def test_run_dir_written_before_a_config_field_existed_still_matches(finished, tmp_path):
+    out = tmp_path / "old"
+    shutil.copytree(finished[0], out)
+    saved = json.loads((out / "config.json").read_text())
+    del saved["verifier"], saved["rounds"]["horizon"]
+    (out / "config.json").write_text(json.dumps(saved))
+    assert _same(pipeline.run(SMOKE, out, progress=False), finished[1])
+
+
+@pytest.fixture(scope="module")
+def with_verifier(tmp_path_factory) -> tuple[Path, dict]:
+    cfg = dataclasses.replace(
+        SMOKE, rounds=dataclasses.replace(SMOKE.rounds, rounds=1),
+        verifier=dataclasses.replace(SMOKE.verifier, mode="weight", seq_len=8,
+                                     train=dataclasses.replace(SMOKE.verifier.train, steps=20, batch=4, chunk=10)),
+    )
+    out = tmp_path_factory.mktemp("pipeline") / "verifier"
+    return out, pipeline.run(cfg, out, progress=False)
+
+
+def test_pipeline_trains_the_verifier_when_it_is_on(with_verifier):
+    out, summary = with_verifier
+    stages = json.loads((out / "stages.json").read_text())
+    assert "verifier" in stages and (out / "verifier" / "checkpoints").is_dir()
+    assert math.isfinite(summary["real_return_mean"])
+
+
+def test_verifier_ablation_script(with_verifier, tmp_path, monkeypatch):
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("verifier_ablation", Path(__file__).parents[1] / "experiments" / "verifier_ablation.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    run = tmp_path / "run"
+    shutil.copytree(with_verifier[0], run)
+    args = ["verifier_ablation.py", str(run), "--modes", "off", "cutoff", "--taus", "1.0", "--horizons", "4",
+            "--generations", "1", "--held-out-episodes", "4", "2", "--out", str(tmp_path / "out")]
+    monkeypatch.setattr(sys, "argv", args)
+    mod.main()
+    md = (tmp_path / "out" / "ablation.md").read_text()
+    assert "| off | 1.0 | 4 |" in md and "| cutoff | 1.0 | 4 |" in md
+    assert (tmp_path / "out" / "drift.png").stat().st_size > 0
+    result = json.loads((tmp_path / "out" / "ablation.json").read_text())[0]
+    assert result["report"]["drift"]["agent"]["latent_mse"][0] == 0.0
+    assert len((run / "ablation" / "cells.jsonl").read_text().splitlines()) == 2
+    monkeypatch.setattr(mod, "_cell", _raise("_cell"))  # a rerun does no cell twice
+    mod.main()

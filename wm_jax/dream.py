@@ -15,23 +15,37 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from wm_jax import controller, transition
+from wm_jax import controller, transition, verifier
 from wm_jax.config import Config
 
 
 def _dream(
-    cfg: Config, key: jax.Array, m_params: Any, ctrl: jax.Array, start: jax.Array, horizon: int, tau: jax.Array
+    cfg: Config, key: jax.Array, m_params: Any, ctrl: jax.Array, start: jax.Array, horizon: int, tau: jax.Array,
+    k_params: Any = None,
 ) -> tuple[dict[str, jax.Array], jax.Array]:
-    tcfg, ccfg = cfg.transition, cfg.controller
+    tcfg, ccfg, vcfg = cfg.transition, cfg.controller, cfg.verifier
+    if vcfg.mode != "off" and k_params is None:
+        raise ValueError(f"verifier.mode={vcfg.mode!r} needs the verifier's parameters (k_params)")
 
     def body(state, key_t):
         carry, z, alive = state
-        a = controller.act(ccfg, ctrl, z, transition.hidden(carry))
+        h = transition.hidden(carry)
+        a = controller.act(ccfg, ctrl, z, h)
         carry, pred = transition.step(tcfg, m_params, carry, z, a)
         z_next = transition.sample_latent(key_t, pred, tau)
         p_done = jax.nn.sigmoid(pred.done_logit)
-        reward = pred.reward * alive
-        out = {"z": z, "action": a, "reward": reward, "p_done": p_done, "alive": alive}
+        out = {"z": z, "action": a, "p_done": p_done}
+        if vcfg.mode == "off":
+            reward = pred.reward * alive
+        else:
+            conf = verifier.confidence(vcfg, k_params, h, z, a, z_next)
+            out["confidence"] = conf
+            if vcfg.mode == "weight":
+                reward = pred.reward * conf * alive
+            else:  # cutoff: an unverified transition earns nothing and ends the dream
+                alive = alive * (conf >= vcfg.threshold).astype(alive.dtype)
+                reward = pred.reward * alive
+        out.update(reward=reward, alive=alive)
         alive = alive * (p_done <= 0.5).astype(alive.dtype)
         return (carry, z_next, alive), out
 
@@ -42,14 +56,17 @@ def _dream(
 
 @partial(jax.jit, static_argnums=(0, 5))
 def dream(
-    cfg: Config, key: jax.Array, m_params: Any, ctrl: jax.Array, start: jax.Array, horizon: int, tau: float = 1.0
+    cfg: Config, key: jax.Array, m_params: Any, ctrl: jax.Array, start: jax.Array, horizon: int, tau: float = 1.0,
+    k_params: Any = None,
 ) -> tuple[dict[str, jax.Array], jax.Array]:
     """One imagined episode of `horizon` steps from latent `start` [latent].
 
     Returns (trajectory, return): trajectory holds z [H, latent] (the latent each step acted on),
-    action, reward (masked), p_done and alive [H].
+    action, reward (masked), p_done and alive [H], and the verifier's confidence [H] when
+    cfg.verifier.mode is "weight" (reward * confidence) or "cutoff" (the dream ends at the first
+    transition with confidence < threshold; that step earns nothing). k_params: K's parameters.
     """
-    return _dream(cfg, key, m_params, ctrl, start, horizon, jnp.asarray(tau, jnp.float32))
+    return _dream(cfg, key, m_params, ctrl, start, horizon, jnp.asarray(tau, jnp.float32), k_params)
 
 
 def draw_starts(key: jax.Array, mean: jax.Array, logvar: jax.Array, num: int) -> jax.Array:
@@ -62,7 +79,7 @@ def draw_starts(key: jax.Array, mean: jax.Array, logvar: jax.Array, num: int) ->
 
 def _score_population(
     cfg: Config, key: jax.Array, m_params: Any, population: jax.Array, mean: jax.Array, logvar: jax.Array,
-    rollouts: int, horizon: int, tau: jax.Array,
+    rollouts: int, horizon: int, tau: jax.Array, k_params: Any = None,
 ) -> jax.Array:
     """Mean dream return of each candidate over `rollouts` dreams: float[P].
 
@@ -74,7 +91,7 @@ def _score_population(
     keys = jax.random.split(key_d, rollouts)
 
     def one(ctrl):
-        _, returns = jax.vmap(lambda k, s: _dream(cfg, k, m_params, ctrl, s, horizon, tau))(keys, starts)
+        _, returns = jax.vmap(lambda k, s: _dream(cfg, k, m_params, ctrl, s, horizon, tau, k_params))(keys, starts)
         return jnp.mean(returns)
 
     return jax.vmap(one)(population)
@@ -83,7 +100,9 @@ def _score_population(
 @partial(jax.jit, static_argnums=(0, 6, 7))
 def score_population(
     cfg: Config, key: jax.Array, m_params: Any, population: jax.Array, mean: jax.Array, logvar: jax.Array,
-    rollouts: int, horizon: int, tau: float = 1.0,
+    rollouts: int, horizon: int, tau: float = 1.0, k_params: Any = None,
 ) -> jax.Array:
     """Jitted `_score_population`: one call scores a whole generation."""
-    return _score_population(cfg, key, m_params, population, mean, logvar, rollouts, horizon, jnp.asarray(tau, jnp.float32))
+    return _score_population(
+        cfg, key, m_params, population, mean, logvar, rollouts, horizon, jnp.asarray(tau, jnp.float32), k_params
+    )

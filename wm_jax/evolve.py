@@ -33,7 +33,7 @@ def strategy(cfg: Config, num_dims: int) -> tuple[CMA_ES, Any]:
 
 
 @partial(jax.jit, static_argnums=(0, 1, 7, 8))
-def _generations(cfg, es, es_params, es_state, key, m_params, starts, num_gens, horizon):
+def _generations(cfg, es, es_params, es_state, key, m_params, starts, num_gens, horizon, k_params):
     mean, logvar = starts
     ev = cfg.evolve
 
@@ -41,7 +41,8 @@ def _generations(cfg, es, es_params, es_state, key, m_params, starts, num_gens, 
         key_ask, key_eval, key_tell = jax.random.split(key_g, 3)
         population, state = es.ask(key_ask, state, es_params)
         returns = dream._score_population(
-            cfg, key_eval, m_params, population, mean, logvar, ev.rollouts, horizon, jnp.asarray(ev.tau, jnp.float32)
+            cfg, key_eval, m_params, population, mean, logvar, ev.rollouts, horizon, jnp.asarray(ev.tau, jnp.float32),
+            k_params,
         )
         state, _ = es.tell(key_tell, population, -returns, state, es_params)  # evosax minimizes
         return state, {"dream_mean": jnp.mean(returns), "dream_max": jnp.max(returns)}
@@ -60,12 +61,14 @@ def evolve(
     init_mean: jax.Array | None = None,
     progress: bool = True,
     horizon: int | None = None,
+    k_params: Any = None,
 ) -> dict[str, Any]:
     """Run CMA-ES for `generations` (default cfg.evolve.generations).
 
     starts = (mean, logvar) posteriors of real observations to start dreams from.
     real_check(key, ctrl) -> {"return_mean", "env_steps", ...} runs the candidate for real.
-    `horizon` overrides cfg.evolve.horizon (the extra rounds' dreams may be longer).
+    `horizon` overrides cfg.evolve.horizon (the extra rounds' dreams may be longer); k_params are
+    the verifier's parameters, needed when cfg.verifier.mode is not "off".
     Every check_every generations (and at the end) the CMA-ES mean is checked for real; the
     candidate with the best real return is kept. Appends to run_dir/evolve.jsonl.
     Returns {"best", "best_real", "checks", "history", "real_env_steps", "wall_s"}.
@@ -94,7 +97,7 @@ def evolve(
         n = min(ev.gens_per_call, gens - done)
         # Stop each call at the next check so checks land exactly every check_every generations.
         n = min(n, ev.check_every - done % ev.check_every)
-        es_state, stats = _generations(cfg, es, es_params, es_state, jax.random.fold_in(key_run, done), m_params, starts, n, horizon)
+        es_state, stats = _generations(cfg, es, es_params, es_state, jax.random.fold_in(key_run, done), m_params, starts, n, horizon, k_params)
         stats = jax.device_get(stats)
         for i in range(n):
             history.append({"generation": done + i + 1, **{k: float(v[i]) for k, v in stats.items()}})
@@ -105,7 +108,7 @@ def evolve(
             mean = es.get_mean(es_state)
             key_c = jax.random.fold_in(key_run, 10_000_000 + done)
             dream_ret = float(
-                dream.score_population(cfg, key_c, m_params, mean[None], starts[0], starts[1], ev.rollouts, horizon, ev.tau)[0]
+                dream.score_population(cfg, key_c, m_params, mean[None], starts[0], starts[1], ev.rollouts, horizon, ev.tau, k_params)[0]
             )
             real = real_check(jax.random.fold_in(key_c, 1), mean)
             real_steps += int(real["env_steps"])

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from wm_jax import data as data_lib
-from wm_jax import evolve, rollout, transition, vae
+from wm_jax import evolve, rollout, transition, vae, verifier
 from wm_jax.config import Config
 
 SUMMARY_KEYS = (
@@ -103,7 +103,8 @@ def run(cfg: Config, out: Path | str, progress: bool = True) -> dict[str, Any]:
     cfg_path = out / "config.json"
     if cfg_path.exists():
         saved = json.loads(cfg_path.read_text())
-        if saved != json.loads(cfg.to_json()):
+        # through Config: a directory written before a config field existed holds its default
+        if Config.from_dict(saved).to_dict() != cfg.to_dict():
             raise RunDirError(f"{out} holds a run with a different config (preset {saved.get('preset')!r}, "
                               f"seed {saved.get('seed')!r}); use a new --out or delete it")
     else:
@@ -114,6 +115,7 @@ def run(cfg: Config, out: Path | str, progress: bool = True) -> dict[str, Any]:
     stages = _Stages(out, progress)
     key = jax.random.key(cfg.seed)
     k_vae, k_m, k_evo, k_eval, k_rounds = jax.random.split(key, 5)
+    k_k = jax.random.fold_in(key, 6)  # the verifier's (a new stream: the five above stay as they were)
 
     def collect_stage() -> dict[str, Any]:
         ds = data_lib.collect(
@@ -186,8 +188,19 @@ def run(cfg: Config, out: Path | str, progress: bool = True) -> dict[str, Any]:
 
         stages.run("transition" if r == 1 else f"transition_round{r}", m_stage)
         m_params = transition.load(cfg.transition, m_dir, cfg.vae.latent, None if r == 1 else cfg.rounds.transition_steps)
+        k_params = None
+        if cfg.verifier.mode != "off":
+            k_dir = out / ("verifier" if r == 1 else f"verifier_round{r}")
 
-        def evolve_stage(r=r, m_params=m_params, m_arrays=m_arrays, init=None if best is None else best["ctrl"]):
+            def k_stage(r=r, m_params=m_params, m_arrays=m_arrays, k_dir=k_dir) -> dict[str, Any]:
+                _, info = verifier.train(cfg, m_params, m_arrays, jax.random.fold_in(k_k, r), k_dir, progress)
+                return {"steps_per_s": info["steps_per_s"], "final": info["final"]}
+
+            stages.run(k_dir.name, k_stage)
+            k_params = verifier.load(cfg, k_dir, cfg.vae.latent)
+
+        def evolve_stage(r=r, m_params=m_params, m_arrays=m_arrays, init=None if best is None else best["ctrl"],
+                         k_params=k_params):
             params_base = {"vae": vae_params, "transition": m_params}
 
             def real_check(k, ctrl):
@@ -197,7 +210,7 @@ def run(cfg: Config, out: Path | str, progress: bool = True) -> dict[str, Any]:
             res = evolve.evolve(
                 cfg, jax.random.fold_in(k_evo, r), m_params, (m_arrays["mean"], m_arrays["logvar"]), real_check,
                 out / f"evolve_round{r}", None if r == 1 else cfg.rounds.generations, init, progress,
-                None if r == 1 else cfg.rounds.horizon,
+                None if r == 1 else cfg.rounds.horizon, k_params,
             )
             np.save(out / f"evolve_round{r}" / "controller.npy", res["best"])
             return {"best_real": res["best_real"], "checks": res["checks"], "real_env_steps": res["real_env_steps"],
@@ -210,6 +223,7 @@ def run(cfg: Config, out: Path | str, progress: bool = True) -> dict[str, Any]:
             best = {
                 "real": evo["best_real"], "round": r, "ctrl": np.load(out / f"evolve_round{r}" / "controller.npy"),
                 "m_params": m_params, "m_dir": m_dir, "m_steps": None if r == 1 else cfg.rounds.transition_steps,
+                "k_params": k_params,
             }
 
     assert best is not None
@@ -227,7 +241,8 @@ def run(cfg: Config, out: Path | str, progress: bool = True) -> dict[str, Any]:
         from wm_jax import plots
 
         plots.dream_vs_real(checks_all, out / "dream_vs_real.png")
-        plots.episode_strip(cfg, final_params, jax.random.fold_in(k_eval, 99), out / "episode_strip.png",
+        plots.episode_strip(cfg, {**final_params, "verifier": best["k_params"]}, jax.random.fold_in(k_eval, 99),
+                            out / "episode_strip.png",
                             out / "imagined_rollouts.npz")
         return res
 

@@ -45,7 +45,7 @@ def agent_step(
     return action, carry, {"mean": mean, "logvar": logvar, "pred": pred}
 
 
-def _kl_mc(key: jax.Array, mean: jax.Array, logvar: jax.Array, pred: transition.Prediction) -> jax.Array:
+def latent_kl_mc(key: jax.Array, mean: jax.Array, logvar: jax.Array, pred: transition.Prediction) -> jax.Array:
     """One-sample estimate of KL(q || p) with q the encoder posterior and p M's predicted mixture."""
     z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape)
     log_q = jnp.sum(-0.5 * jnp.square(z - mean) / jnp.exp(logvar) - 0.5 * logvar - 0.5 * jnp.log(2 * jnp.pi))
@@ -63,7 +63,7 @@ def _episode(cfg: Config, params: dict[str, Any], key: jax.Array, max_steps: int
         obs, state, carry, valid, prev_pred, has_prev = c
         key_step, key_kl = jax.random.split(key_t)
         action, carry, extra = agent_step(cfg, params, carry, obs)
-        kl = _kl_mc(key_kl, extra["mean"], extra["logvar"], prev_pred)
+        kl = latent_kl_mc(key_kl, extra["mean"], extra["logvar"], prev_pred)
         obs, state, reward, terminated, truncated, _ = env.step(key_step, state, action, env_params)
         out = {"reward": reward * valid, "valid": valid, "kl": kl, "kl_mask": valid * has_prev}
         valid = valid * (1.0 - jnp.logical_or(terminated, truncated).astype(jnp.float32))

@@ -128,18 +128,25 @@ def observe(
 
     The restart is a mask inside the scan (purejaxrl ppo_rnn), so one program serves any batch.
     """
+    return observe_carries(cfg, params, z, a, reset)[1]
+
+
+def observe_carries(
+    cfg: TransitionConfig, params: Params, z: jax.Array, a: jax.Array, reset: jax.Array
+) -> tuple[tuple[jax.Array, jax.Array], Prediction]:
+    """`observe` that also returns the carry each step started from: ((c, h) [B, L, hidden], preds)."""
     batch = z.shape[0]
     init_c = initial_carry(cfg, batch)
 
     def body(carry, inputs):
         z_t, a_t, reset_t = inputs
         carry = jax.tree.map(lambda c, c0: jnp.where(reset_t[:, None], c0, c), carry, init_c)
-        carry, pred = step(cfg, params, carry, z_t, a_t)
-        return carry, pred
+        new_carry, pred = step(cfg, params, carry, z_t, a_t)
+        return new_carry, (carry, pred)
 
     xs = (jnp.swapaxes(z, 0, 1), jnp.swapaxes(a, 0, 1), jnp.swapaxes(reset, 0, 1))
-    _, preds = jax.lax.scan(body, init_c, xs)
-    return jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), preds)
+    _, out = jax.lax.scan(body, init_c, xs)
+    return jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), out)
 
 
 def loss(

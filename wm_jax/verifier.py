@@ -1,0 +1,218 @@
+"""K: a verifier that scores whether a transition (h_t, z_t, a_t, z_{t+1}) looks real.
+
+Trained contrastively on windows of real rows, in the style of RLVR-World. Positives are real
+transitions: M's teacher-forced h_t, with z_t and z_{t+1} sampled from the encoder posteriors.
+Negatives are imagined transitions of three kinds:
+  - one step: z_{t+1} sampled from M's prediction after the real history;
+  - open loop: M run from the window's start along the real actions on its own samples, so the
+    transition at window step t carries t + 1 steps of drift in h, z and z';
+  - noise: the real z_{t+1} perturbed by noise scaled to the per-dimension spread of the
+    posterior means.
+The loss is a balanced logistic loss: positives and negatives weigh equally, and so do the three
+kinds of negatives. `confidence` is sigmoid(logit); the dream multiplies its reward by it
+(mode "weight") or ends where it falls below a threshold (mode "cutoff").
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from wm_jax import transition
+from wm_jax.config import Config, VerifierConfig
+
+Params = Any
+NEGATIVE_KINDS = ("one_step", "open_loop", "noise")
+
+
+class _Net(nn.Module):
+    hidden: int
+
+    @nn.compact
+    def __call__(self, h, z, a, z_next):
+        onehot = jax.nn.one_hot(a, transition.NUM_ACTIONS, dtype=z.dtype)
+        x = jnp.concatenate([h, z, onehot, z_next, z_next - z], axis=-1)
+        x = nn.elu(nn.Dense(self.hidden, name="dense_0")(x))
+        x = nn.elu(nn.Dense(self.hidden, name="dense_1")(x))
+        return nn.Dense(1, name="logit")(x)[..., 0]
+
+
+def init(key: jax.Array, cfg: VerifierConfig, latent: int, hidden: int) -> Params:
+    """Parameters of K for latents of size `latent` and M's hidden size `hidden`."""
+    z = jnp.zeros((1, latent))
+    return _Net(cfg.hidden).init(key, jnp.zeros((1, hidden)), z, jnp.zeros((1,), jnp.int32), z)
+
+
+def logit(cfg: VerifierConfig, params: Params, h: jax.Array, z: jax.Array, a: jax.Array, z_next: jax.Array) -> jax.Array:
+    """K's logit that (h, z, a, z_next) is a real transition; any leading batch shape."""
+    return _Net(cfg.hidden).apply(params, h, z, jnp.asarray(a, jnp.int32), z_next)
+
+
+def confidence(cfg: VerifierConfig, params: Params, h, z, a, z_next) -> jax.Array:
+    """p(real) in [0, 1]."""
+    return jax.nn.sigmoid(logit(cfg, params, h, z, a, z_next))
+
+
+def open_loop(
+    cfg: Config, key: jax.Array, m_params: Params, carry: Any, z0: jax.Array, actions: jax.Array, tau: float | jax.Array = 1.0
+) -> dict[str, jax.Array]:
+    """M run open-loop from (carry, z0) along `actions` [L], feeding its own samples at temperature tau.
+
+    Step t (0-based) is the transition with t + 1 steps of drift: h [L, hidden] (before the step),
+    z [L, latent] (its input; z[0] = z0), z_next (the sample), pred_mean (the mixture mean of z').
+    """
+
+    def body(state, inputs):
+        carry, z = state
+        a, key_t = inputs
+        new_carry, pred = transition.step(cfg.transition, m_params, carry, z, a)
+        z_next = transition.sample_latent(key_t, pred, tau)
+        out = {"h": transition.hidden(carry), "z": z, "z_next": z_next, "pred_mean": transition.mixture_moments(pred)[0],
+               "pred": pred}
+        return (new_carry, z_next), out
+
+    keys = jax.random.split(key, actions.shape[0])
+    _, out = jax.lax.scan(body, (carry, z0), (actions, keys))
+    return out
+
+
+def examples(cfg: Config, key: jax.Array, m_params: Params, batch: dict[str, jax.Array], latent_std: jax.Array) -> dict[str, Any]:
+    """Positives and the three kinds of negatives from a `transition.sequence_batch` [B, L].
+
+    Returns {"positive": (h, z, a, z_next, mask), kind: (...) for kind in NEGATIVE_KINDS}; the
+    open-loop masks end at the first reset after the window start (a new episode).
+    """
+    key_one, key_ol, key_noise = jax.random.split(key, 3)
+    (_, h), preds = transition.observe_carries(cfg.transition, m_params, batch["z"], batch["action"], batch["reset"])
+    mask = batch["next_valid"]
+    z, a, z_next = batch["z"], batch["action"], batch["z_next"]
+    one_step = transition.sample_latent(key_one, preds, 1.0)
+    noisy = z_next + cfg.verifier.noise * latent_std * jax.random.normal(key_noise, z_next.shape)
+    carry0 = transition.initial_carry(cfg.transition, z.shape[0])
+    keys = jax.random.split(key_ol, z.shape[0])
+    ol = jax.vmap(lambda k, c, z0, acts: open_loop(cfg, k, m_params, c, z0, acts))(keys, carry0, z[:, 0], a)
+    same_episode = jnp.cumsum(batch["reset"][:, 1:], axis=1) == 0
+    ol_mask = mask & jnp.concatenate([jnp.ones_like(same_episode[:, :1]), same_episode], axis=1)
+    return {
+        "positive": (h, z, a, z_next, mask),
+        "one_step": (h, z, a, one_step, mask),
+        "open_loop": (ol["h"], ol["z"], a, ol["z_next"], ol_mask),
+        "noise": (h, z, a, noisy, mask),
+    }
+
+
+def _masked_mean(x: jax.Array, m: jax.Array) -> jax.Array:
+    return jnp.sum(jnp.where(m, x, 0.0)) / jnp.maximum(jnp.sum(m), 1)
+
+
+def loss(cfg: VerifierConfig, params: Params, ex: dict[str, Any]) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Balanced logistic loss: 0.5 * (positives' mean + the mean over negative kinds of their means)."""
+    h, z, a, zn, m = ex["positive"]
+    lp = logit(cfg, params, h, z, a, zn)
+    pos = _masked_mean(jax.nn.softplus(-lp), m)
+    metrics = {"acc/positive": _masked_mean((lp > 0).astype(jnp.float32), m)}
+    neg = []
+    for kind in NEGATIVE_KINDS:
+        h, z, a, zn, m = ex[kind]
+        ln = logit(cfg, params, h, z, a, zn)
+        neg.append(_masked_mean(jax.nn.softplus(ln), m))
+        metrics[f"acc/{kind}"] = _masked_mean((ln < 0).astype(jnp.float32), m)
+    total = 0.5 * (pos + sum(neg) / len(neg))
+    return total, {"loss": total, **metrics}
+
+
+def latent_spread(mean: np.ndarray) -> np.ndarray:
+    """Per-dimension standard deviation of the posterior means (the noise negatives' scale)."""
+    return np.asarray(mean, np.float32).std(axis=0)
+
+
+def _data(m_params: Params, arrays: dict[str, Any]) -> dict[str, Any]:
+    keys = ("mean", "logvar", "action", "reward", "done", "is_first", "is_last")
+    return {**{k: jnp.asarray(arrays[k]) for k in keys}, "latent_std": jnp.asarray(latent_spread(arrays["mean"])),
+            "m_params": m_params}
+
+
+def model_config(cfg: Config, latent: int) -> dict[str, Any]:
+    return {"hidden": cfg.verifier.hidden, "latent": int(latent), "m_hidden": cfg.transition.hidden,
+            "noise": cfg.verifier.noise, "seq_len": cfg.verifier.seq_len}
+
+
+def train(
+    cfg: Config, m_params: Params, arrays: dict[str, Any], key: jax.Array, run_dir, progress: bool = True
+) -> tuple[Params, dict[str, Any]]:
+    """Train K against a frozen M on `transition.training_arrays`-style per-row arrays."""
+    from wm_jax import train as train_lib
+
+    vcfg = cfg.verifier
+    latent = int(arrays["mean"].shape[-1])
+    key_init, key_train = jax.random.split(key)
+    params = init(key_init, vcfg, latent, cfg.transition.hidden)
+
+    def sample_fn(k, d):
+        key_b, key_e = jax.random.split(k)
+        batch = transition.sequence_batch(key_b, d, vcfg.train.batch, vcfg.seq_len)
+        return examples(cfg, key_e, d["m_params"], batch, d["latent_std"])
+
+    def loss_fn(p, k, ex, step):
+        return loss(vcfg, p, ex)
+
+    return train_lib.fit(
+        "verifier", vcfg.train, loss_fn, sample_fn, _data(m_params, arrays), params, key_train, run_dir,
+        model_config(cfg, latent), progress,
+    )
+
+
+def load(cfg: Config, run_dir, latent: int) -> Params:
+    """Parameters trained by `train` into run_dir."""
+    from wm_jax import train as train_lib
+
+    like = init(jax.random.key(0), cfg.verifier, latent, cfg.transition.hidden)
+    return train_lib.load_params(cfg.verifier.train, like, run_dir, model_config(cfg, latent))
+
+
+def auc(pos: np.ndarray, neg: np.ndarray) -> float:
+    """Area under the ROC curve: P(score of a positive > score of a negative), ties counting half."""
+    pos, neg = np.asarray(pos, np.float64).ravel(), np.asarray(neg, np.float64).ravel()
+    if pos.size == 0 or neg.size == 0:
+        return float("nan")
+    neg = np.sort(neg)
+    below = np.searchsorted(neg, pos, side="left")
+    ties = np.searchsorted(neg, pos, side="right") - below
+    return float(np.mean(below + 0.5 * ties) / neg.size)
+
+
+def evaluate(
+    cfg: Config, key: jax.Array, m_params: Params, k_params: Params, arrays: dict[str, Any],
+    drifts: tuple[int, ...] = (1, 5, 20), batches: int = 16,
+) -> dict[str, Any]:
+    """Held-out AUC of real vs imagined transitions: per open-loop drift k, per negative kind, counts."""
+    vcfg = cfg.verifier
+    if max(drifts) >= vcfg.seq_len + 1:
+        raise ValueError(f"drift {max(drifts)} needs verifier.seq_len >= {max(drifts)}, got {vcfg.seq_len}")
+    d = _data(m_params, arrays)
+
+    @jax.jit
+    def scores(k):
+        key_b, key_e = jax.random.split(k)
+        batch = transition.sequence_batch(key_b, d, vcfg.train.batch, vcfg.seq_len)
+        ex = examples(cfg, key_e, m_params, batch, d["latent_std"])
+        return {name: (logit(vcfg, k_params, *ex[name][:4]), ex[name][4]) for name in ex}
+
+    parts = [jax.device_get(scores(jax.random.fold_in(key, i))) for i in range(batches)]
+    cat = {name: (np.concatenate([p[name][0] for p in parts]), np.concatenate([p[name][1] for p in parts]))
+           for name in parts[0]}
+    pos = cat["positive"][0][cat["positive"][1]]
+    out: dict[str, Any] = {"positives": int(pos.size)}
+    for kind in NEGATIVE_KINDS:
+        s, m = cat[kind]
+        out[f"auc/{kind}"] = auc(pos, s[m])
+    s, m = cat["open_loop"]
+    for k in drifts:  # window step k - 1 carries k steps of drift
+        neg = s[:, k - 1][m[:, k - 1]]
+        out[f"auc/drift_{k}"] = auc(pos, neg)
+        out[f"count/drift_{k}"] = int(neg.size)
+    return out
