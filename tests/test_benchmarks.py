@@ -27,3 +27,62 @@ def test_train_speed_benchmark_smoke(tmp_path):
     stdout, result = _run(["benchmarks/train_speed.py", "--preset", "smoke", "--chunks", "1"], tmp_path)
     assert "steps/s" in stdout
     assert result["vae"]["steps_per_s"] > 0 and result["transition"]["steps_per_s"] > 0
+
+
+def test_dream_throughput_quick(tmp_path):
+    stdout, result = _run(["benchmarks/dream_throughput.py", "--quick"], tmp_path)
+    assert "steps/s" in stdout and "Machine:" in stdout
+    assert result["head"] == "gaussian" and result["hidden"] == 256 and result["latent"] == 64
+    assert [r["mode"] for r in result["results"]] == ["fp32-highest", "fp32", "bf16"]
+    for r in result["results"]:
+        assert r["steps_per_s"] > 0 and r["first_call_s"] >= r["median_s"] > 0
+        assert r["steps_per_call"] == r["population"] * r["rollouts"] * result["horizon"]
+
+
+def test_pipeline_time(tmp_path):
+    for name, seconds in (("a", 1.0), ("b", 2.5)):
+        run = tmp_path / name
+        run.mkdir()
+        wall = {"collect": seconds, "vae": 10 * seconds, "evaluate": 3.0}
+        wall["total"] = sum(wall.values())
+        summary = {"preset": "smoke", "device": "cpu", "real_return_mean": 9.5, "wall_s": wall}
+        (run / "summary.json").write_text(json.dumps(summary))
+    stdout, result = _run(["benchmarks/pipeline_time.py", str(tmp_path / "a"), str(tmp_path / "b")], tmp_path)
+    rows = {line.split("|")[1].strip(): line for line in stdout.splitlines() if line.startswith("| ")}
+    assert list(rows)[:5] == ["stage", "collect", "vae", "evaluate", "total"]
+    assert "| 14.0 | 30.5 |" in rows["total"] and "| 9.5 | 9.5 |" in rows["real return (mean)"]
+    assert result[str(tmp_path / "b")]["wall_s"]["vae"] == 25.0
+    unfinished = tmp_path / "c"
+    unfinished.mkdir()
+    (unfinished / "stages.json").write_text(json.dumps({"collect": {"wall_s": 2.0, "rows": 5}, "vae": {"wall_s": 4.0}}))
+    stdout, _ = _run(["benchmarks/pipeline_time.py", str(unfinished)], tmp_path)
+    assert "| total | 6.0 |" in stdout and "(unfinished)" in stdout
+    proc = subprocess.run([sys.executable, "benchmarks/pipeline_time.py", str(tmp_path / "none")], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "no summary" in proc.stderr
+
+
+def test_gpu_script_quick(tmp_path):
+    """benchmarks/gpu.sh in its dry-run mode on the CPU. The smoke run directory is prepared as
+    finished (config and summary), so `wm-jax run` returns at once and the test stays short."""
+    import os
+
+    from wm_jax.config import get_preset
+
+    assert subprocess.run(["bash", "-n", "benchmarks/gpu.sh"], cwd=ROOT).returncode == 0
+    run = tmp_path / "results" / "smoke"
+    run.mkdir(parents=True)
+    (run / "config.json").write_text(get_preset("smoke").to_json())
+    summary = {
+        "preset": "smoke", "seed": 0, "real_return_mean": 12.5, "real_return_std": 1.0, "real_return_min": 11.0,
+        "real_episodes": 4, "solved": False, "real_env_steps": 100, "dream_real_corr": None, "latent_kl": 3.0,
+        "wall_s": {"collect": 1.0, "vae": 2.0, "total": 3.0}, "device": "cpu", "versions": {},
+    }
+    (run / "summary.json").write_text(json.dumps(summary))
+    env = {**os.environ, "WM_JAX_GPU_QUICK": "1", "WM_JAX_PYTHON": sys.executable, "WM_JAX_GPU_BUDGET": "300"}
+    proc = subprocess.run(["bash", "benchmarks/gpu.sh", str(tmp_path / "results")], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "steps/s" in proc.stdout and "| total | 3.0 |" in proc.stdout and "| 12.5 |" in proc.stdout
+    assert json.loads((tmp_path / "results" / "dream_throughput.json").read_text())["results"]
+    assert json.loads((tmp_path / "results" / "pipeline_time.json").read_text())

@@ -75,10 +75,11 @@ def test_collect_out_is_a_file(tmp_path, capsys):
         (["train-vae", "somedata", "--preset", "huge", "--out", "X"], ["--preset", "huge"]),
         (["collect", "--episodes", "2"], ["--out"]),
         (["run", "--preset", "smoke", "--out", "X", "--rounds", "0"], ["--rounds"]),
+        (["run", "--preset", "smoke", "--out", "X", "--precision", "fp16"], ["--precision", "fp16"]),
         (["frobnicate"], ["frobnicate"]),
         ([], ["command"]),
     ],
-    ids=["unknown-preset", "unknown-preset-train-vae", "collect-missing-out", "rounds-zero",
+    ids=["unknown-preset", "unknown-preset-train-vae", "collect-missing-out", "rounds-zero", "unknown-precision",
          "unknown-command", "no-command"],
 )
 def test_bad_arguments(tmp_path, capsys, monkeypatch, args, needles):
@@ -87,6 +88,16 @@ def test_bad_arguments(tmp_path, capsys, monkeypatch, args, needles):
     _assert_one_line_error(code, err, *needles)
     assert stdout == ""
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", [["run"], ["train-vae", "d", "--out", "o"], ["train-transition", "d", "--vae", "v", "--out", "o"]])
+def test_precision_flag_sets_v_and_m(command):
+    parser = cli.build_parser()
+    default = cli._preset(parser.parse_args(command))
+    bf16 = cli._preset(parser.parse_args([*command, "--precision", "bf16"]))
+    assert default.vae.compute_dtype == default.transition.compute_dtype == "float32"
+    assert bf16.vae.compute_dtype == bf16.transition.compute_dtype == "bfloat16"
+    assert bf16.evolve == default.evolve and bf16.vae.train == default.vae.train
 
 
 def test_train_vae_missing_data_dir(tmp_path, capsys):

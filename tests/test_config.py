@@ -20,6 +20,7 @@ from wm_jax.config import (
     TransitionConfig,
     VAEConfig,
     get_preset,
+    with_compute_dtype,
 )
 
 
@@ -61,6 +62,8 @@ BAD = [
     (VAEConfig, {"free_bits": -0.5}, "VAEConfig.free_bits"),
     # unknown head / kind
     (TransitionConfig, {"head": "lstm"}, "TransitionConfig.head"),
+    (TransitionConfig, {"compute_dtype": "float16"}, "TransitionConfig.compute_dtype"),
+    (VAEConfig, {"compute_dtype": "bf16"}, "VAEConfig.compute_dtype"),
     (ControllerConfig, {"kind": "transformer"}, "ControllerConfig.kind"),
     # action_noise outside [0, 1]
     (RoundsConfig, {"action_noise": -0.01}, "RoundsConfig.action_noise"),
@@ -174,3 +177,18 @@ def test_configs_are_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.evolve.population = 3  # type: ignore[misc]
     hash(cfg.vae.train)  # hashable: usable as a static jit argument
+
+
+def test_compute_dtype_defaults_and_old_configs():
+    """float32 by default; configs written before the field existed load as float32."""
+    cfg = get_preset("cpu")
+    assert cfg.vae.compute_dtype == cfg.transition.compute_dtype == "float32"
+    old = cfg.to_dict()
+    del old["vae"]["compute_dtype"], old["transition"]["compute_dtype"]
+    assert Config.from_dict(old) == cfg
+    bf16 = with_compute_dtype(cfg, "bfloat16")
+    assert bf16.vae.compute_dtype == bf16.transition.compute_dtype == "bfloat16"
+    assert Config.from_dict(json.loads(bf16.to_json())) == bf16
+    assert dataclasses.replace(bf16.vae, compute_dtype="float32") == cfg.vae
+    with pytest.raises(ConfigError, match=r"Config\.compute_dtype must be one of \('float32', 'bfloat16'\)"):
+        with_compute_dtype(cfg, "float16")

@@ -190,6 +190,24 @@ def test_other_config_in_run_dir_raises(finished):
     assert (out / "config.json").read_text() == before
 
 
+def test_run_dir_from_before_compute_dtype_keeps_working(finished, tmp_path):
+    """config.json and agent.json written without compute_dtype read as float32: the rerun returns
+    the summary, the agent loads, and a bf16 config is a different config."""
+    from wm_jax.config import with_compute_dtype
+
+    out = tmp_path / "old"
+    shutil.copytree(finished[0], out)
+    for name in ("config.json", "agent.json"):
+        d = json.loads((out / name).read_text())
+        cfg = d.get("config", d)
+        del cfg["vae"]["compute_dtype"], cfg["transition"]["compute_dtype"]
+        (out / name).write_text(json.dumps(d))
+    assert _same(pipeline.run(SMOKE, out, progress=False), finished[1])
+    assert Agent.load(out).cfg == SMOKE
+    with pytest.raises(pipeline.RunDirError, match="different config"):
+        pipeline.run(with_compute_dtype(SMOKE, "bfloat16"), out, progress=False)
+
+
 def test_cli_run_on_finished_dir(finished, capsys):
     out, summary = finished
     assert cli.main(["run", "--preset", "smoke", "--out", str(out)]) == 0

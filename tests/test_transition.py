@@ -1,14 +1,16 @@
-"""Tests for wm_jax.transition: the recurrent interface, MDN sampling and density, masks, training."""
+"""Tests for wm_jax.transition: the recurrent interface, MDN sampling and density, masks, training,
+mixed precision."""
 
 from __future__ import annotations
 
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from wm_jax import data, transition
+from wm_jax import data, precision, transition
 from wm_jax import train as train_lib
 from wm_jax.config import TrainConfig, TransitionConfig
 from wm_jax.transition import Prediction
@@ -408,3 +410,52 @@ def test_training_lowers_the_loss(tmp_path, cfg):
     assert last["loss"] < first["loss"]
     assert last["loss/latent_nll"] < first["loss/latent_nll"]
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+
+
+# --------------------------------------------------------------------------------------------
+# Mixed precision
+
+
+def test_float32_step_is_the_plain_network(cfg, params):
+    """compute_dtype float32 (the default) adds no operation: bit for bit the network itself."""
+    assert cfg.compute_dtype == "float32"
+    carry = transition.initial_carry(cfg, 3)
+    z = jax.random.normal(jax.random.key(3), (3, LATENT))
+    a = jnp.array([0, 1, 1], jnp.int32)
+    got = transition.step(cfg, params, carry, z, a)
+    ref = transition._net(cfg, LATENT).apply(params, carry, z, a)
+    for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert "bf16" not in str(jax.make_jaxpr(lambda p: transition.step(cfg, p, carry, z, a))(params))
+
+
+def test_bfloat16_training_keeps_float32_state_and_lowers_the_loss(cfg):
+    """bf16 compute: float32 parameters, gradients and optimizer state; the loss falls."""
+    bcfg = dataclasses.replace(cfg, compute_dtype="bfloat16", train=dataclasses.replace(cfg.train, lr=3e-3))
+    d = {k: jnp.asarray(v) for k, v in _synthetic_arrays().items()}
+    params = transition.init(jax.random.key(0), bcfg, LATENT)
+    carry = transition.initial_carry(bcfg, 2)
+    inner = str(jax.make_jaxpr(lambda p: transition.step(bcfg, p, carry, jnp.zeros((2, LATENT)), jnp.zeros(2, jnp.int32)))(params))
+    assert "bf16" in inner  # the network does run in bfloat16
+    state = train_lib.init_state(bcfg.train, params)
+
+    def loss_fn(p, k, batch, step):
+        return transition.loss(bcfg, p, batch)
+
+    def sample_fn(k, dd):
+        return transition.sequence_batch(k, dd, bcfg.train.batch, bcfg.seq_len)
+
+    state, metrics = train_lib._run_chunk(bcfg.train, loss_fn, sample_fn, 100, jax.random.key(1), d, state)
+    loss = np.asarray(metrics["loss"])
+    assert np.isfinite(loss).all() and bool(np.asarray(metrics["finite"]).all())
+    assert loss[-20:].mean() < 0.8 * loss[:20].mean(), (loss[:20].mean(), loss[-20:].mean())
+    assert {x.dtype for x in jax.tree.leaves((state.params, state.opt_state)) if jnp.issubdtype(x.dtype, jnp.floating)} == {
+        jnp.dtype(jnp.float32)
+    }
+
+
+def test_checkpoints_do_not_depend_on_the_compute_dtype(cfg):
+    bcfg = dataclasses.replace(cfg, compute_dtype="bfloat16")
+    assert transition.model_config(bcfg, LATENT) == transition.model_config(cfg, LATENT)
+    assert "compute_dtype" not in transition.model_config(cfg, LATENT)
+    assert precision.cast({"a": jnp.ones(2), "i": jnp.ones(2, jnp.int32)}, "bfloat16")["i"].dtype == jnp.int32

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 
 import jax
@@ -154,3 +155,26 @@ def test_training_lowers_the_loss(tmp_path, dataset):
     mean, logvar = vae.encode_all(cfg, params, frames, stack_rows, batch=128)
     assert mean.shape == logvar.shape == (frames.shape[0], LATENT)
     assert np.isfinite(mean).all() and np.isfinite(logvar).all()
+
+
+def test_float32_is_the_plain_network(cfg, params, stacks):
+    """compute_dtype float32 (the default) adds no operation: bit for bit the network itself."""
+    mean, logvar = vae.encode(cfg, params, stacks)
+    ref = vae.model(cfg).apply(params, vae.to_float(stacks), method=vae.ConvVAE.encode)
+    np.testing.assert_array_equal(np.asarray(mean), np.asarray(ref[0]))
+    np.testing.assert_array_equal(np.asarray(logvar), np.asarray(ref[1]))
+
+
+def test_bfloat16_loss_and_float32_gradients(cfg, params, stacks):
+    """bf16 compute: the loss is float32 and near fp32's; gradients come back float32."""
+    bcfg = dataclasses.replace(cfg, compute_dtype="bfloat16")
+    key = jax.random.key(5)
+    fp32 = float(vae.loss(cfg, params, key, stacks, 5)[0])
+    (loss, metrics), grads = jax.value_and_grad(lambda p: vae.loss(bcfg, p, key, stacks, 5), has_aux=True)(params)
+    assert loss.dtype == jnp.float32 and all(v.dtype == jnp.float32 for v in metrics.values())
+    assert float(loss) == pytest.approx(fp32, rel=1e-2)
+    assert {g.dtype for g in jax.tree.leaves(grads)} == {jnp.dtype(jnp.float32)}
+    assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
+    mean, _ = vae.encode(bcfg, params, stacks)
+    assert mean.dtype == jnp.float32 and vae.decode(bcfg, params, mean).dtype == jnp.float32
+    assert vae.model_config(bcfg) == vae.model_config(cfg)

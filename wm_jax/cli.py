@@ -56,10 +56,14 @@ def cmd_collect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _preset(args: argparse.Namespace):
-    from wm_jax.config import get_preset
+PRECISIONS = {"fp32": "float32", "bf16": "bfloat16"}
 
-    return get_preset(args.preset, args.seed)
+
+def _preset(args: argparse.Namespace):
+    from wm_jax.config import get_preset, with_compute_dtype
+
+    cfg = get_preset(args.preset, args.seed)
+    return cfg if args.precision == "fp32" else with_compute_dtype(cfg, PRECISIONS[args.precision])
 
 
 def cmd_train_vae(args: argparse.Namespace) -> int:
@@ -105,7 +109,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = _preset(args)
     if args.rounds is not None:
         cfg = dataclasses.replace(cfg, rounds=dataclasses.replace(cfg.rounds, rounds=args.rounds))
-    out = Path(args.out) if args.out else Path("runs") / (cfg.preset + (f"-s{cfg.seed}" if cfg.seed else ""))
+    name = cfg.preset + (f"-s{cfg.seed}" if cfg.seed else "") + ("" if args.precision == "fp32" else f"-{args.precision}")
+    out = Path(args.out) if args.out else Path("runs") / name
     summary = pipeline.run(cfg, out)
     print()
     print(f"{'preset':<26}{summary['preset']}")
@@ -143,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--out", required=True)
     v.add_argument("--preset", choices=presets, default="cpu")
     v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32",
+                   help="compute dtype of V and M (parameters and optimizer state stay float32)")
     v.set_defaults(fn=cmd_train_vae)
 
     m = sub.add_parser("train-transition", help="train M on a dataset encoded by a trained V")
@@ -151,12 +158,16 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--out", required=True)
     m.add_argument("--preset", choices=presets, default="cpu")
     m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32",
+                   help="compute dtype of V and M (parameters and optimizer state stay float32)")
     m.set_defaults(fn=cmd_train_transition)
 
     r = sub.add_parser("run", help="the whole recipe: collect, V, M, evolve C in the dream, evaluate")
     r.add_argument("--preset", choices=presets, default="cpu")
-    r.add_argument("--out", default=None, help="run directory (default: runs/PRESET, or runs/PRESET-sSEED)")
+    r.add_argument("--out", default=None, help="run directory (default: runs/PRESET[-sSEED][-bf16])")
     r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32",
+                   help="compute dtype of V and M (parameters and optimizer state stay float32)")
     r.add_argument("--rounds", type=_positive_int, default=None, help="iterative rounds (default: the preset's)")
     r.set_defaults(fn=cmd_run)
     return p

@@ -31,6 +31,9 @@ def _non_negative(obj: Any, *names: str) -> None:
             raise ConfigError(f"{type(obj).__name__}.{name} must be >= 0, got {value!r}")
 
 
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
 def _one_of(obj: Any, name: str, options: tuple[str, ...]) -> None:
     value = getattr(obj, name)
     if value not in options:
@@ -71,10 +74,13 @@ class VAEConfig:
     filters: tuple[int, ...] = (32, 64, 128, 256)  # four stride-2 4x4 convolutions (Ha)
     kl_ramp_steps: int = 10_000  # beta goes linearly 0 -> 1 over these steps
     free_bits: float = 0.0  # floor on the total KL of free_bits * latent nats (Ha's kl_tolerance=0.5); 0 = off
+    # dtype of the forward and backward pass; parameters, optimizer state and losses stay float32
+    compute_dtype: str = "float32"
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=10_000, batch=256, lr=1e-3))
 
     def __post_init__(self) -> None:
         _positive(self, "latent")
+        _one_of(self, "compute_dtype", COMPUTE_DTYPES)
         if len(self.filters) != 4 or any(f <= 0 for f in self.filters):
             raise ConfigError(f"VAEConfig.filters must be four positive widths, got {self.filters!r}")
         _non_negative(self, "kl_ramp_steps", "free_bits")
@@ -95,12 +101,16 @@ class TransitionConfig:
     done_pos_weight: float = 10.0
     reward_weight: float = 1.0
     done_weight: float = 1.0
+    # dtype of M's forward and backward pass, in training and in the dream; parameters, optimizer
+    # state, the carry between steps, losses, sampling and returns stay float32
+    compute_dtype: str = "float32"
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=20_000, batch=100, lr=1e-3))
 
     def __post_init__(self) -> None:
         _positive(self, "hidden", "mixtures", "seq_len", "done_pos_weight")
         _non_negative(self, "reward_weight", "done_weight")
         _one_of(self, "head", ("mdn", "gaussian"))
+        _one_of(self, "compute_dtype", COMPUTE_DTYPES)
 
 
 @dataclass(frozen=True)
@@ -270,6 +280,15 @@ def _smoke() -> Config:
 
 
 PRESETS = {"smoke": _smoke, "cpu": _cpu, "paper": _paper}
+
+
+def with_compute_dtype(cfg: Config, dtype: str) -> Config:
+    """cfg with V and M (and so the dream) computing in `dtype` ("float32" or "bfloat16")."""
+    return dataclasses.replace(
+        cfg,
+        vae=dataclasses.replace(cfg.vae, compute_dtype=dtype),
+        transition=dataclasses.replace(cfg.transition, compute_dtype=dtype),
+    )
 
 
 def get_preset(name: str, seed: int | None = None) -> Config:

@@ -4,7 +4,8 @@
 population so that one call scores a whole generation. Reward is the reward head's prediction,
 and a dream ends when the done head says p > 0.5 (Ha's rule); steps after the end are masked.
 Start states are latents sampled from stored encoder posteriors of real observations (Ha's
-initial_z), with M's carry at zero.
+initial_z), with M's carry at zero. M runs in cfg.transition.compute_dtype; the controller,
+sampling, p_done and returns are float32.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from wm_jax import controller, transition, verifier
+from wm_jax import controller, precision, sharding, transition, verifier
 from wm_jax.config import Config
 
 
@@ -26,6 +27,7 @@ def _dream(
     tcfg, ccfg, vcfg = cfg.transition, cfg.controller, cfg.verifier
     if vcfg.mode != "off" and k_params is None:
         raise ValueError(f"verifier.mode={vcfg.mode!r} needs the verifier's parameters (k_params)")
+    m_params = precision.cast(m_params, tcfg.compute_dtype)  # once, not at every step
 
     def body(state, key_t):
         carry, z, alive = state
@@ -84,7 +86,8 @@ def _score_population(
     """Mean dream return of each candidate over `rollouts` dreams: float[P].
 
     Every candidate faces the same start states and the same sampling noise (common random
-    numbers), so differences in fitness come from the controllers, not from luck.
+    numbers), so differences in fitness come from the controllers, not from luck. The population
+    is split over the devices (wm_jax.sharding); the scores come back whole on every device.
     """
     key_s, key_d = jax.random.split(key)
     starts = draw_starts(key_s, mean, logvar, rollouts)
@@ -94,15 +97,18 @@ def _score_population(
         _, returns = jax.vmap(lambda k, s: _dream(cfg, k, m_params, ctrl, s, horizon, tau, k_params))(keys, starts)
         return jnp.mean(returns)
 
-    return jax.vmap(one)(population)
+    return sharding.replicated(jax.vmap(one)(sharding.shard_leading(population)))
 
 
-@partial(jax.jit, static_argnums=(0, 6, 7))
+@partial(jax.jit, static_argnums=(0, 7, 8))
+def _score_jit(cfg, key, m_params, population, mean, logvar, k_params, rollouts, horizon, tau):
+    return _score_population(cfg, key, m_params, population, mean, logvar, rollouts, horizon, tau, k_params)
+
+
 def score_population(
     cfg: Config, key: jax.Array, m_params: Any, population: jax.Array, mean: jax.Array, logvar: jax.Array,
     rollouts: int, horizon: int, tau: float = 1.0, k_params: Any = None,
 ) -> jax.Array:
-    """Jitted `_score_population`: one call scores a whole generation."""
-    return _score_population(
-        cfg, key, m_params, population, mean, logvar, rollouts, horizon, jnp.asarray(tau, jnp.float32), k_params
-    )
+    """Jitted `_score_population` over every device: one call scores a whole generation."""
+    args = sharding.put_replicated((key, m_params, population, mean, logvar, k_params))
+    return _score_jit(cfg, *args, rollouts, horizon, jnp.asarray(tau, jnp.float32))

@@ -20,7 +20,7 @@ import numpy as np
 from evosax.algorithms import CMA_ES
 from tqdm.auto import tqdm
 
-from wm_jax import controller, dream
+from wm_jax import controller, dream, sharding
 from wm_jax.config import Config
 
 
@@ -40,6 +40,9 @@ def _generations(cfg, es, es_params, es_state, key, m_params, starts, num_gens, 
     def gen(state, key_g):
         key_ask, key_eval, key_tell = jax.random.split(key_g, 3)
         population, state = es.ask(key_ask, state, es_params)
+        # Only the scoring is split over the devices: CMA-ES's update runs whole on every device,
+        # as on one device (split, its sums would add up in another order).
+        population = sharding.replicated(population)
         returns = dream._score_population(
             cfg, key_eval, m_params, population, mean, logvar, ev.rollouts, horizon, jnp.asarray(ev.tau, jnp.float32),
             k_params,
@@ -83,6 +86,10 @@ def evolve(
     mean0 = jnp.zeros((dims,), jnp.float32) if init_mean is None else jnp.asarray(init_mean, jnp.float32)
     es_state = es.init(key_init, mean0, es_params)
     starts = (jnp.asarray(starts[0]), jnp.asarray(starts[1]))
+    # The generation loop splits the population over every device (see dream._score_population).
+    es_params, es_state, m_params, starts, k_params = sharding.put_replicated(
+        (es_params, es_state, m_params, starts, k_params)
+    )
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     log_path = run_dir / "evolve.jsonl"

@@ -103,8 +103,8 @@ def run(cfg: Config, out: Path | str, progress: bool = True) -> dict[str, Any]:
     cfg_path = out / "config.json"
     if cfg_path.exists():
         saved = json.loads(cfg_path.read_text())
-        # through Config: a directory written before a config field existed holds its default
-        if Config.from_dict(saved).to_dict() != cfg.to_dict():
+        # Through from_dict, so fields added since the run was started compare as their defaults.
+        if json.loads(Config.from_dict(saved).to_json()) != json.loads(cfg.to_json()):
             raise RunDirError(f"{out} holds a run with a different config (preset {saved.get('preset')!r}, "
                               f"seed {saved.get('seed')!r}); use a new --out or delete it")
     else:

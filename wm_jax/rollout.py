@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from wm_jax import controller, transition, vae
+from wm_jax import controller, sharding, transition, vae
 from wm_jax.config import Config
 from wm_jax.env import PixelCartPole
 
@@ -84,12 +84,18 @@ def _episode(cfg: Config, params: dict[str, Any], key: jax.Array, max_steps: int
 
 
 @partial(jax.jit, static_argnums=(0, 3, 4))
+def _run_episodes(cfg, params, key, num_episodes, max_steps):
+    keys = sharding.shard_leading(jax.random.split(key, num_episodes))
+    return sharding.replicated(jax.vmap(lambda k: _episode(cfg, params, k, max_steps))(keys))
+
+
 def run_episodes(
     cfg: Config, params: dict[str, Any], key: jax.Array, num_episodes: int, max_steps: int = 500
 ) -> dict[str, jax.Array]:
-    """`num_episodes` real episodes, vmapped; per-episode return, length and summed latent KL."""
-    keys = jax.random.split(key, num_episodes)
-    return jax.vmap(lambda k: _episode(cfg, params, k, max_steps))(keys)
+    """`num_episodes` real episodes, vmapped and split over the devices (wm_jax.sharding);
+    per-episode return, length and summed latent KL."""
+    params, key = sharding.put_replicated((params, key))
+    return _run_episodes(cfg, params, key, num_episodes, max_steps)
 
 
 def evaluate(

@@ -20,6 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from wm_jax import precision
 from wm_jax.config import TransitionConfig
 
 Params = Any
@@ -89,9 +90,16 @@ def init(key: jax.Array, cfg: TransitionConfig, latent: int) -> Params:
 def step(
     cfg: TransitionConfig, params: Params, carry: tuple[jax.Array, jax.Array], z: jax.Array, a: jax.Array
 ) -> tuple[tuple[jax.Array, jax.Array], Prediction]:
-    """One transition: (h_t, z_t, a_t) -> h_{t+1} and the prediction for z_{t+1}, r_t, done_t."""
+    """One transition: (h_t, z_t, a_t) -> h_{t+1} and the prediction for z_{t+1}, r_t, done_t.
+
+    Computes in cfg.compute_dtype; the carry and the prediction come back float32.
+    """
     latent = z.shape[-1]
-    return _net(cfg, latent).apply(params, carry, z, jnp.asarray(a, jnp.int32))
+    dt = cfg.compute_dtype
+    carry, pred = _net(cfg, latent).apply(
+        precision.cast(params, dt), precision.cast(carry, dt), precision.cast(z, dt), jnp.asarray(a, jnp.int32)
+    )
+    return precision.cast((carry, pred), "float32")
 
 
 def sample_latent(key: jax.Array, pred: Prediction, tau: float | jax.Array = 1.0) -> jax.Array:
@@ -260,8 +268,13 @@ def training_arrays(mean, logvar, columns: dict[str, Any], index: Any) -> dict[s
 
 
 def model_config(cfg: TransitionConfig, latent: int) -> dict[str, Any]:
-    """What a checkpoint must agree on to be loaded into `cfg` (training settings stored apart)."""
-    return {**{k: v for k, v in dataclasses.asdict(cfg).items() if k != "train"}, "latent": int(latent)}
+    """What a checkpoint must agree on to be loaded into `cfg` (training settings stored apart).
+
+    Not the compute dtype: parameters are float32 whatever it is, and checkpoints written before
+    it existed keep loading.
+    """
+    skip = ("train", "compute_dtype")
+    return {**{k: v for k, v in dataclasses.asdict(cfg).items() if k not in skip}, "latent": int(latent)}
 
 
 def load(cfg: TransitionConfig, run_dir, latent: int, steps: int | None = None) -> Params:

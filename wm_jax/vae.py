@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from wm_jax import precision
 from wm_jax.config import VAEConfig
 
 Params = Any
@@ -85,8 +86,10 @@ def init(key: jax.Array, cfg: VAEConfig) -> Params:
 
 
 def encode(cfg: VAEConfig, params: Params, stack: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """uint8[..., 64, 64, 4] -> (mean, logvar), each float32[..., latent]."""
-    return model(cfg).apply(params, to_float(stack), method=ConvVAE.encode)
+    """uint8[..., 64, 64, 4] -> (mean, logvar), each float32[..., latent] (computed in cfg.compute_dtype)."""
+    dt = cfg.compute_dtype
+    out = model(cfg).apply(precision.cast(params, dt), precision.cast(to_float(stack), dt), method=ConvVAE.encode)
+    return precision.cast(out, "float32")
 
 
 def sample(key: jax.Array, mean: jax.Array, logvar: jax.Array) -> jax.Array:
@@ -95,8 +98,10 @@ def sample(key: jax.Array, mean: jax.Array, logvar: jax.Array) -> jax.Array:
 
 
 def decode(cfg: VAEConfig, params: Params, z: jax.Array) -> jax.Array:
-    """float32[..., latent] -> float32[..., 64, 64, 4] in [0, 1]."""
-    return model(cfg).apply(params, z, method=ConvVAE.decode)
+    """float32[..., latent] -> float32[..., 64, 64, 4] in [0, 1] (computed in cfg.compute_dtype)."""
+    dt = cfg.compute_dtype
+    out = model(cfg).apply(precision.cast(params, dt), precision.cast(z, dt), method=ConvVAE.decode)
+    return precision.cast(out, "float32")
 
 
 def kl_weight(cfg: VAEConfig, step: jax.Array) -> jax.Array:
@@ -109,10 +114,15 @@ def kl_weight(cfg: VAEConfig, step: jax.Array) -> jax.Array:
 def loss(
     cfg: VAEConfig, params: Params, key: jax.Array, stack: jax.Array, step: jax.Array
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Negative ELBO with the ramped KL weight; named terms, per-example means."""
+    """Negative ELBO with the ramped KL weight; named terms, per-example means.
+
+    The network runs in cfg.compute_dtype; the loss terms are float32.
+    """
     x = to_float(stack)
     eps = jax.random.normal(key, stack.shape[:-3] + (cfg.latent,))
-    logits, mean, logvar = model(cfg).apply(params, x, eps)
+    dt = cfg.compute_dtype
+    out = model(cfg).apply(precision.cast(params, dt), precision.cast(x, dt), precision.cast(eps, dt))
+    logits, mean, logvar = precision.cast(out, "float32")
     recon = jax.nn.sigmoid(logits)
     batch = stack.shape[0]
     # Bernoulli likelihood on logits: its gradient (sigmoid - x) never vanishes, whereas Ha's squared
@@ -170,8 +180,12 @@ def train(
 
 
 def model_config(cfg: VAEConfig) -> dict[str, Any]:
-    """What a checkpoint must agree on to be loaded into `cfg` (training settings stored apart)."""
-    return {k: v for k, v in dataclasses.asdict(cfg).items() if k != "train"}
+    """What a checkpoint must agree on to be loaded into `cfg` (training settings stored apart).
+
+    Not the compute dtype: parameters are float32 whatever it is, and checkpoints written before
+    it existed keep loading.
+    """
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("train", "compute_dtype")}
 
 
 def load(cfg: VAEConfig, run_dir) -> Params:

@@ -1,0 +1,59 @@
+"""Spread batches of independent work (CMA-ES candidates, real episodes) over every device.
+
+One mesh axis over `jax.devices()`: all local devices, and every host's devices once the user has
+called `jax.distributed.initialize()` (the library never calls it: do so first thing in each
+process, before any other JAX call, then run the same program everywhere). Candidates and
+episodes are independent, so splitting their leading axis changes where they run, not what they
+compute. With one device every function here returns its input unchanged, so single-device
+programs are exactly the ones without sharding.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+AXIS = "devices"
+
+
+def mesh() -> Mesh:
+    """A one-axis mesh over every device (every host's, after jax.distributed.initialize)."""
+    return Mesh(np.asarray(jax.devices()), (AXIS,))
+
+
+def _spec(x: Any) -> PartitionSpec:
+    n = jax.device_count()
+    if getattr(x, "ndim", 0) >= 1 and x.shape[0] % n == 0:
+        return PartitionSpec(AXIS)
+    return PartitionSpec()
+
+
+def shard_leading(tree: Any) -> Any:
+    """Inside jit: split each array's leading axis over the devices where it divides evenly,
+    replicate it otherwise."""
+    if jax.device_count() == 1:
+        return tree
+    m = mesh()
+    return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, NamedSharding(m, _spec(x))), tree)
+
+
+def replicated(tree: Any) -> Any:
+    """Inside jit: a full copy of each array on every device (so every host can read results)."""
+    if jax.device_count() == 1:
+        return tree
+    s = NamedSharding(mesh(), PartitionSpec())
+    return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, s), tree)
+
+
+def put_replicated(tree: Any) -> Any:
+    """Outside jit: place a copy of each array on every device of the mesh.
+
+    A jitted program that shards over the mesh refuses arguments committed to a single device
+    (parameters restored from a checkpoint, say); callers put their inputs here first.
+    """
+    if jax.device_count() == 1:
+        return tree
+    return jax.device_put(tree, NamedSharding(mesh(), PartitionSpec()))
