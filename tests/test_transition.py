@@ -12,7 +12,7 @@ import pytest
 
 from wm_jax import data, precision, transition
 from wm_jax import train as train_lib
-from wm_jax.config import TrainConfig, TransitionConfig
+from wm_jax.config import ConfigError, TrainConfig, TransitionConfig
 from wm_jax.transition import Prediction
 
 LATENT = 8
@@ -459,3 +459,46 @@ def test_checkpoints_do_not_depend_on_the_compute_dtype(cfg):
     assert transition.model_config(bcfg, LATENT) == transition.model_config(cfg, LATENT)
     assert "compute_dtype" not in transition.model_config(cfg, LATENT)
     assert precision.cast({"a": jnp.ones(2), "i": jnp.ones(2, jnp.int32)}, "bfloat16")["i"].dtype == jnp.int32
+
+
+# --------------------------------------------------------------------------------------------
+# drift mitigations: input dropout and the z' penalty (both off by default)
+
+def test_mitigations_off_is_the_plain_loss(cfg, params):
+    batch = _batch(jax.random.key(20))
+    plain, _ = transition.loss(cfg, params, batch)
+    with_key, _ = transition.loss(cfg, params, batch, jax.random.key(21))
+    assert float(plain) == float(with_key)
+
+
+def test_input_dropout(cfg, params):
+    dcfg = dataclasses.replace(cfg, input_dropout=0.5)
+    batch = _batch(jax.random.key(22))
+    with pytest.raises(ValueError, match="key"):
+        transition.loss(dcfg, params, batch)
+    a, _ = transition.loss(dcfg, params, batch, jax.random.key(23))
+    b, _ = transition.loss(dcfg, params, batch, jax.random.key(23))
+    c, _ = transition.loss(dcfg, params, batch, jax.random.key(24))
+    plain, _ = transition.loss(cfg, params, batch)
+    assert float(a) == float(b) and float(a) != float(c) and float(a) != float(plain)
+    # dropping every input equals feeding zeros
+    zeros = {**batch, "z": jnp.zeros_like(batch["z"])}
+    almost_all = dataclasses.replace(cfg, input_dropout=1.0 - 1e-7)
+    dropped, _ = transition.loss(almost_all, params, batch, jax.random.key(25))
+    np.testing.assert_allclose(dropped, transition.loss(cfg, params, zeros)[0], rtol=1e-6)
+    with pytest.raises(ConfigError, match="input_dropout"):
+        dataclasses.replace(cfg, input_dropout=1.0)
+
+
+def test_z_penalty_adds_the_weighted_term(cfg, params):
+    batch = _batch(jax.random.key(26))
+    plain, m_plain = transition.loss(cfg, params, batch)
+    total, m = transition.loss(dataclasses.replace(cfg, z_penalty=0.5), params, batch)
+    pred = transition.observe(cfg, params, batch["z"], batch["action"], batch["reset"])
+    sq = np.mean(np.square(np.asarray(transition.mixture_moments(pred)[0])), axis=-1)
+    nv = np.asarray(batch["next_valid"])
+    np.testing.assert_allclose(m["loss/z_penalty"], sq[nv].mean(), rtol=1e-5)
+    np.testing.assert_allclose(total, plain + 0.5 * m["loss/z_penalty"], rtol=1e-6)
+    assert "loss/z_penalty" not in m_plain
+    with pytest.raises(ConfigError, match="z_penalty"):
+        dataclasses.replace(cfg, z_penalty=-1.0)

@@ -104,13 +104,20 @@ class TransitionConfig:
     # dtype of M's forward and backward pass, in training and in the dream; parameters, optimizer
     # state, the carry between steps, losses, sampling and returns stay float32
     compute_dtype: str = "float32"
+    # Drift mitigations, off unless measured to help (README): dropout on M's input z while
+    # training (probability per dimension), and a penalty weight on the squared norm of the
+    # predicted z' (the mixture mean, per dimension).
+    input_dropout: float = 0.0
+    z_penalty: float = 0.0
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=20_000, batch=100, lr=1e-3))
 
     def __post_init__(self) -> None:
         _positive(self, "hidden", "mixtures", "seq_len", "done_pos_weight")
-        _non_negative(self, "reward_weight", "done_weight")
+        _non_negative(self, "reward_weight", "done_weight", "z_penalty")
         _one_of(self, "head", ("mdn", "gaussian"))
         _one_of(self, "compute_dtype", COMPUTE_DTYPES)
+        if not 0.0 <= self.input_dropout < 1.0:
+            raise ConfigError(f"TransitionConfig.input_dropout must be in [0, 1), got {self.input_dropout!r}")
 
 
 @dataclass(frozen=True)

@@ -158,7 +158,7 @@ def observe_carries(
 
 
 def loss(
-    cfg: TransitionConfig, params: Params, batch: dict[str, jax.Array]
+    cfg: TransitionConfig, params: Params, batch: dict[str, jax.Array], key: jax.Array | None = None
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Teacher-forced loss on a batch of sequences.
 
@@ -166,8 +166,16 @@ def loss(
     reward, done[B, L], and the masks reset, valid, next_valid[B, L] from data.sample_sequences.
     Latent NLL counts only where the next frame exists in the same episode (next_valid); reward and
     done count on every valid row. Each term is a masked mean; the total is their weighted sum.
+    With cfg.input_dropout > 0 (needs `key`) input dimensions of z are dropped (inverted dropout);
+    with cfg.z_penalty > 0 the mean squared predicted z' is added with that weight.
     """
-    pred = observe(cfg, params, batch["z"], batch["action"], batch["reset"])
+    z = batch["z"]
+    if cfg.input_dropout > 0.0:
+        if key is None:
+            raise ValueError("TransitionConfig.input_dropout > 0 needs a key for the dropout mask")
+        keep = jax.random.bernoulli(key, 1.0 - cfg.input_dropout, z.shape)
+        z = jnp.where(keep, z / (1.0 - cfg.input_dropout), 0.0)
+    pred = observe(cfg, params, z, batch["action"], batch["reset"])
     valid = batch["valid"].astype(jnp.float32)
     next_valid = batch["next_valid"].astype(jnp.float32)
     nll = latent_nll(pred, batch["z_next"])
@@ -186,6 +194,9 @@ def loss(
         "done": masked_mean(done_bce, valid),
     }
     weights = {"latent_nll": 1.0, "reward": cfg.reward_weight, "done": cfg.done_weight}
+    if cfg.z_penalty > 0.0:
+        terms["z_penalty"] = masked_mean(jnp.mean(jnp.square(mixture_moments(pred)[0]), axis=-1), next_valid)
+        weights["z_penalty"] = cfg.z_penalty
     assert terms.keys() == weights.keys()
     total = sum(weights[k] * terms[k] for k in terms)
     metrics = {"loss": total, **{f"loss/{k}": v for k, v in terms.items()}}
@@ -248,7 +259,7 @@ def train(
         return sequence_batch(k, dd, tcfg.batch, cfg.seq_len)
 
     def loss_fn(p, k, batch, step):
-        return loss(cfg, p, batch)
+        return loss(cfg, p, batch, k)
 
     return train_lib.fit(
         "transition", tcfg, loss_fn, sample_fn, d, params, key_train, run_dir, model_config(cfg, int(latent)), progress
@@ -270,10 +281,10 @@ def training_arrays(mean, logvar, columns: dict[str, Any], index: Any) -> dict[s
 def model_config(cfg: TransitionConfig, latent: int) -> dict[str, Any]:
     """What a checkpoint must agree on to be loaded into `cfg` (training settings stored apart).
 
-    Not the compute dtype: parameters are float32 whatever it is, and checkpoints written before
-    it existed keep loading.
+    Not the compute dtype (parameters are float32 whatever it is) nor the training-loss switches
+    input_dropout and z_penalty, so checkpoints written before they existed keep loading.
     """
-    skip = ("train", "compute_dtype")
+    skip = ("train", "compute_dtype", "input_dropout", "z_penalty")
     return {**{k: v for k, v in dataclasses.asdict(cfg).items() if k not in skip}, "latent": int(latent)}
 
 
