@@ -76,11 +76,12 @@ def test_collect_out_is_a_file(tmp_path, capsys):
         (["collect", "--episodes", "2"], ["--out"]),
         (["run", "--preset", "smoke", "--out", "X", "--rounds", "0"], ["--rounds"]),
         (["run", "--preset", "smoke", "--out", "X", "--precision", "fp16"], ["--precision", "fp16"]),
+        (["run", "--preset", "smoke", "--out", "X", "--verifier", "maybe"], ["--verifier", "maybe"]),
         (["frobnicate"], ["frobnicate"]),
         ([], ["command"]),
     ],
     ids=["unknown-preset", "unknown-preset-train-vae", "collect-missing-out", "rounds-zero", "unknown-precision",
-         "unknown-command", "no-command"],
+         "unknown-verifier", "unknown-command", "no-command"],
 )
 def test_bad_arguments(tmp_path, capsys, monkeypatch, args, needles):
     monkeypatch.chdir(tmp_path)  # nothing must be created even for a relative --out
@@ -98,6 +99,23 @@ def test_precision_flag_sets_v_and_m(command):
     assert default.vae.compute_dtype == default.transition.compute_dtype == "float32"
     assert bf16.vae.compute_dtype == bf16.transition.compute_dtype == "bfloat16"
     assert bf16.evolve == default.evolve and bf16.vae.train == default.vae.train
+
+
+def test_run_verifier_flag_sets_the_mode_and_the_default_out(monkeypatch, tmp_path):
+    from wm_jax import pipeline
+
+    seen = {}
+
+    def fake_run(cfg, out):
+        seen.update(cfg=cfg, out=out)
+        raise KeyboardInterrupt  # stop before any work
+
+    monkeypatch.setattr(pipeline, "run", fake_run)
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["run", "--preset", "smoke", "--seed", "2", "--verifier", "cutoff"]) == 130
+    assert seen["cfg"].verifier.mode == "cutoff" and seen["out"] == Path("runs") / "smoke-s2-kcutoff"
+    assert cli.main(["run", "--preset", "smoke"]) == 130
+    assert seen["cfg"].verifier.mode == "off" and seen["out"] == Path("runs") / "smoke"
 
 
 def test_train_vae_missing_data_dir(tmp_path, capsys):

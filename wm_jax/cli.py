@@ -109,7 +109,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = _preset(args)
     if args.rounds is not None:
         cfg = dataclasses.replace(cfg, rounds=dataclasses.replace(cfg.rounds, rounds=args.rounds))
+    if args.verifier is not None:
+        cfg = dataclasses.replace(cfg, verifier=dataclasses.replace(cfg.verifier, mode=args.verifier))
     name = cfg.preset + (f"-s{cfg.seed}" if cfg.seed else "") + ("" if args.precision == "fp32" else f"-{args.precision}")
+    name += "" if cfg.verifier.mode == "off" else f"-k{cfg.verifier.mode}"
     out = Path(args.out) if args.out else Path("runs") / name
     summary = pipeline.run(cfg, out)
     print()
@@ -164,11 +167,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="the whole recipe: collect, V, M, evolve C in the dream, evaluate")
     r.add_argument("--preset", choices=presets, default="cpu")
-    r.add_argument("--out", default=None, help="run directory (default: runs/PRESET[-sSEED][-bf16])")
+    r.add_argument("--out", default=None, help="run directory (default: runs/PRESET[-sSEED][-bf16][-kMODE])")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32",
                    help="compute dtype of V and M (parameters and optimizer state stay float32)")
     r.add_argument("--rounds", type=_positive_int, default=None, help="iterative rounds (default: the preset's)")
+    r.add_argument("--verifier", choices=("off", "weight", "cutoff"), default=None,
+                   help="train the verifier K and weight (or cut) the dream reward by its confidence")
     r.set_defaults(fn=cmd_run)
     return p
 
