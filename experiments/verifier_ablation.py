@@ -125,6 +125,9 @@ def run_seed(run: Path, args) -> dict:
     return {"seed": cfg.seed, "report": report, "cells": wanted, "real_env_steps_data": int(len(m_arrays["mean"]))}
 
 
+MIN_ROLLOUTS, MIN_FRAME_ROLLOUTS = 20, 8  # fewer rollouts reaching k: too noisy to plot
+
+
 def _fmt(x, nd=1):
     return "n/a" if x is None else f"{x:.{nd}f}"
 
@@ -166,11 +169,15 @@ def plot(results: list[dict], path: Path) -> None:
     for r in results:
         for policy, d in r["report"]["drift"].items():
             for ax, name in zip(axes, names):
-                ys = np.array([np.nan if v is None else v for v in d[name]], float)
+                count = np.asarray(d["frame_count" if name == "frame_mse" else "count"])
+                enough = count >= (MIN_FRAME_ROLLOUTS if name == "frame_mse" else MIN_ROLLOUTS)
+                ys = np.array([np.nan if v is None or not ok else v for v, ok in zip(d[name], enough)], float)
                 ax.plot(d["k"], ys, label=f"seed {r['seed']} {policy}", ls="-" if policy == "agent" else "--")
     for ax, name in zip(axes, names):
         ax.set_xlabel("k (open-loop steps)")
         ax.set_title(name)
+    fig.suptitle(f"drift (a point needs {MIN_ROLLOUTS} rollouts reaching k, {MIN_FRAME_ROLLOUTS} for frames)",
+                 fontsize=9)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
