@@ -67,8 +67,8 @@ def _rollouts(cfg, key, m_params, k_params, ep, pairs, max_k, with_k):
             "pred_mean": ol["pred_mean"],
         }
         if with_k:
-            out["confidence"] = verifier.confidence(cfg.verifier, k_params, ol["h"], ol["z"], ep["action"][e, steps[:-1]],
-                                                    ol["z_next"])
+            acts = ep["action"][e, steps[:-1]]
+            out["confidence"] = verifier.confidence(cfg.verifier, k_params, ol["h"], ol["z"], acts, ol["z_next"])
         return out
 
     return jax.vmap(one)(jax.random.split(key, pairs.shape[0]), pairs)

@@ -104,7 +104,9 @@ def evolve(
         n = min(ev.gens_per_call, gens - done)
         # Stop each call at the next check so checks land exactly every check_every generations.
         n = min(n, ev.check_every - done % ev.check_every)
-        es_state, stats = _generations(cfg, es, es_params, es_state, jax.random.fold_in(key_run, done), m_params, starts, n, horizon, k_params)
+        es_state, stats = _generations(
+            cfg, es, es_params, es_state, jax.random.fold_in(key_run, done), m_params, starts, n, horizon, k_params
+        )
         stats = jax.device_get(stats)
         for i in range(n):
             history.append({"generation": done + i + 1, **{k: float(v[i]) for k, v in stats.items()}})
@@ -115,7 +117,9 @@ def evolve(
             mean = es.get_mean(es_state)
             key_c = jax.random.fold_in(key_run, 10_000_000 + done)
             dream_ret = float(
-                dream.score_population(cfg, key_c, m_params, mean[None], starts[0], starts[1], ev.rollouts, horizon, ev.tau, k_params)[0]
+                dream.score_population(
+                    cfg, key_c, m_params, mean[None], starts[0], starts[1], ev.rollouts, horizon, ev.tau, k_params
+                )[0]
             )
             real = real_check(jax.random.fold_in(key_c, 1), mean)
             real_steps += int(real["env_steps"])

@@ -47,7 +47,9 @@ def init(key: jax.Array, cfg: VerifierConfig, latent: int, hidden: int) -> Param
     return _Net(cfg.hidden).init(key, jnp.zeros((1, hidden)), z, jnp.zeros((1,), jnp.int32), z)
 
 
-def logit(cfg: VerifierConfig, params: Params, h: jax.Array, z: jax.Array, a: jax.Array, z_next: jax.Array) -> jax.Array:
+def logit(
+    cfg: VerifierConfig, params: Params, h: jax.Array, z: jax.Array, a: jax.Array, z_next: jax.Array
+) -> jax.Array:
     """K's logit that (h, z, a, z_next) is a real transition; any leading batch shape."""
     return _Net(cfg.hidden).apply(params, h, z, jnp.asarray(a, jnp.int32), z_next)
 
@@ -58,7 +60,8 @@ def confidence(cfg: VerifierConfig, params: Params, h, z, a, z_next) -> jax.Arra
 
 
 def open_loop(
-    cfg: Config, key: jax.Array, m_params: Params, carry: Any, z0: jax.Array, actions: jax.Array, tau: float | jax.Array = 1.0
+    cfg: Config, key: jax.Array, m_params: Params, carry: Any, z0: jax.Array, actions: jax.Array,
+    tau: float | jax.Array = 1.0,
 ) -> dict[str, jax.Array]:
     """M run open-loop from (carry, z0) along `actions` [L], feeding its own samples at temperature tau.
 
@@ -71,8 +74,8 @@ def open_loop(
         a, key_t = inputs
         new_carry, pred = transition.step(cfg.transition, m_params, carry, z, a)
         z_next = transition.sample_latent(key_t, pred, tau)
-        out = {"h": transition.hidden(carry), "z": z, "z_next": z_next, "pred_mean": transition.mixture_moments(pred)[0],
-               "pred": pred}
+        out = {"h": transition.hidden(carry), "z": z, "z_next": z_next, "pred": pred,
+               "pred_mean": transition.mixture_moments(pred)[0]}
         return (new_carry, z_next), out
 
     keys = jax.random.split(key, actions.shape[0])
@@ -80,7 +83,9 @@ def open_loop(
     return out
 
 
-def examples(cfg: Config, key: jax.Array, m_params: Params, batch: dict[str, jax.Array], latent_std: jax.Array) -> dict[str, Any]:
+def examples(
+    cfg: Config, key: jax.Array, m_params: Params, batch: dict[str, jax.Array], latent_std: jax.Array
+) -> dict[str, Any]:
     """Positives and the three kinds of negatives from a `transition.sequence_batch` [B, L].
 
     Returns {"positive": (h, z, a, z_next, mask), kind: (...) for kind in NEGATIVE_KINDS}; the
