@@ -21,7 +21,6 @@ import jax
 import numpy as np
 
 from wm_jax import drift, pipeline, transition
-from wm_jax.config import Config
 
 K = (1, 5, 20, 50)
 
@@ -44,6 +43,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("experiments/results"))
     args = p.parse_args()
     ablation = _experiment_module("verifier_ablation")  # loading and held-out collection live there
+    world_model_eval = _experiment_module("world_model_eval")  # and the one-step metrics here
     cfg, params, _ = ablation._load(args.run)
     arrays = pipeline._load_arrays([args.run / "data" / "round1"])
     from wm_jax import data
@@ -72,8 +72,7 @@ def main() -> None:
                               max_k=max(K), stride=25, decode_pairs=0)
             res[policy] = {f"latent_mse@{k}": d["latent_mse"][k] for k in K} | {f"kl@{k}": d["kl"][k] for k in K} \
                 | {f"count@{k}": d["count"][k] for k in K}
-        ep = drift.pad_episodes(held["random"])
-        nll = _one_step_nll(vcfg, m, ep)
+        nll = world_model_eval.m_metrics(vcfg, m, held["random"])["latent_nll"]
         results[name] = {"drift": res, "one_step_nll_random": nll}
         print(name, json.dumps(results[name]), flush=True)
 
@@ -89,16 +88,6 @@ def main() -> None:
     pipeline._write_json(args.out / "mitigations.json", {"run": str(args.run), "steps": args.steps, "results": results})
     (args.out / "mitigations.md").write_text(table)
     print(table)
-
-
-def _one_step_nll(cfg: Config, m_params, ep: dict) -> float:
-    """Teacher-forced -log p(z_{t+1} | history) on posterior means, nats, averaged over real steps."""
-    t_len = ep["action"].shape[1]
-    reset = np.broadcast_to(np.arange(t_len)[None] == 0, ep["action"].shape)
-    pred = transition.observe(cfg.transition, m_params, ep["mean"], ep["action"], reset)
-    nll = np.asarray(transition.latent_nll(pred, np.roll(ep["mean"], -1, axis=1)))
-    mask = np.arange(t_len)[None] < (ep["length"][:, None] - 1)
-    return float(nll[mask].mean())
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from wm_jax import data, transition, vae, verifier
+from wm_jax import data, drift, transition, vae, verifier
 from wm_jax.config import Config
 
 
@@ -31,25 +31,23 @@ def auc(scores: np.ndarray, labels: np.ndarray) -> float:
     return verifier.auc(scores[labels], scores[~labels])
 
 
-def m_metrics(cfg: Config, m_params, mean: np.ndarray, arrays: dict, index: data.EpisodeIndex) -> dict:
-    """Teacher-forced one-step metrics, all episodes in one batch padded to the longest."""
-    starts = np.nonzero(index.is_first)[0]
-    ends = np.append(starts[1:], len(arrays["t"]))
-    length = int((ends - starts).max())
-    rows = np.minimum(starts[:, None] + np.arange(length)[None, :], len(arrays["t"]) - 1)
-    valid = np.arange(length)[None, :] < (ends - starts)[:, None]
-    next_valid = np.arange(length)[None, :] < (ends - starts - 1)[:, None]
-    z = jnp.asarray(mean[rows])
-    pred = transition.observe(cfg.transition, m_params, z, jnp.asarray(arrays["action"][rows]),
-                              jnp.zeros(rows.shape, bool))
-    z_next = jnp.asarray(mean[np.minimum(rows + 1, len(mean) - 1)])
+def m_metrics(cfg: Config, m_params, rows: dict) -> dict:
+    """Teacher-forced one-step metrics on per-row arrays (`transition.training_arrays`), all episodes
+    in one batch padded to the longest."""
+    ep = drift.pad_episodes(rows)
+    steps = np.arange(ep["action"].shape[1])[None, :]
+    valid = steps < ep["length"][:, None]
+    next_valid = steps < ep["length"][:, None] - 1
+    pred = transition.observe(cfg.transition, m_params, jnp.asarray(ep["mean"]), jnp.asarray(ep["action"]),
+                              jnp.zeros(valid.shape, bool))
+    z_next = jnp.asarray(np.roll(ep["mean"], -1, axis=1))  # the last step of each episode is masked
     nll = np.asarray(transition.latent_nll(pred, z_next))
     done_logit = np.asarray(pred.done_logit)
     reward = np.asarray(pred.reward)
     return {
         "latent_nll": float(nll[next_valid].mean()),
-        "done_auc": auc(done_logit[valid], arrays["done"][rows][valid]),
-        "reward_mae": float(np.abs(reward - arrays["reward"][rows])[valid].mean()),
+        "done_auc": auc(done_logit[valid], ep["done"][valid]),
+        "reward_mae": float(np.abs(reward - ep["reward"])[valid].mean()),
     }
 
 
@@ -65,7 +63,8 @@ def main() -> None:
     arrays = data.to_arrays(ds)
     index = data.EpisodeIndex.from_columns(arrays["episode"], arrays["t"])
     vae_params = vae.load(cfg.vae, run / "vae")
-    mean, _ = vae.encode_all(cfg.vae, vae_params, arrays["frame"], index.stack_rows)
+    mean, logvar = vae.encode_all(cfg.vae, vae_params, arrays["frame"], index.stack_rows)
+    rows = transition.training_arrays(mean, logvar, arrays, index)
     recon = []
     dec = jax.jit(lambda z: vae.decode(cfg.vae, vae_params, z))
     for lo in range(0, len(mean), 1024):
@@ -78,12 +77,12 @@ def main() -> None:
         "held_out_seed": args.seed,
         "held_out_rows": int(len(mean)),
         "vae_mse_per_pixel": float(np.mean(np.concatenate(recon))),
-        "m_round1": m_metrics(cfg, transition.load(cfg.transition, run / "transition", cfg.vae.latent), mean, arrays, index),
+        "m_round1": m_metrics(cfg, transition.load(cfg.transition, run / "transition", cfg.vae.latent), rows),
     }
     if cfg.rounds.rounds > 1:
         final_dir = run / f"transition_round{cfg.rounds.rounds}"
         m_final = transition.load(cfg.transition, final_dir, cfg.vae.latent, cfg.rounds.transition_steps)
-        result["m_final"] = m_metrics(cfg, m_final, mean, arrays, index)
+        result["m_final"] = m_metrics(cfg, m_final, rows)
     for name in ("vae", "transition"):
         stage = json.loads((run / "stages.json").read_text()).get(name, {})
         result[f"{name}_train_steps_per_s"] = stage.get("steps_per_s")

@@ -28,29 +28,33 @@ METRICS = ("latent_mse", "kl", "frame_mse", "confidence")
 
 
 def pad_episodes(arrays: dict[str, Any]) -> dict[str, np.ndarray]:
-    """Per-row arrays (mean, logvar, action, is_first) -> per-episode arrays padded to the longest.
+    """Per-row arrays (`transition.training_arrays`) -> per-episode arrays padded to the longest.
 
-    Returns mean, logvar [E, T, latent], action [E, T] and length [E].
+    Every per-row array but the boundary flags comes back as [E, T, ...] (mean, logvar
+    [E, T, latent], action, reward, done [E, T]; padding repeats the episode's first row), with
+    length [E].
     """
     is_first = np.asarray(arrays["is_first"], bool)
     starts = np.flatnonzero(is_first)
     lengths = np.diff(np.append(starts, is_first.size))
     steps = np.arange(lengths.max())
     rows = np.where(steps[None] < lengths[:, None], starts[:, None] + steps[None], starts[:, None])
-    return {
-        "mean": np.asarray(arrays["mean"])[rows],
-        "logvar": np.asarray(arrays["logvar"])[rows],
-        "action": np.asarray(arrays["action"])[rows],
-        "length": lengths,
-    }
+    out = {k: np.asarray(v)[rows] for k, v in arrays.items() if k not in ("is_first", "is_last")}
+    out["length"] = lengths
+    return out
 
 
-@partial(jax.jit, static_argnums=(0, 6, 7))
-def _rollouts(cfg, key, m_params, k_params, ep, pairs, max_k, with_k):
+@partial(jax.jit, static_argnums=(0,))
+def _teacher_carries(cfg, m_params, ep):
+    """M's carry before every step of every episode, teacher-forced on the posterior means."""
+    reset = jnp.broadcast_to(jnp.arange(ep["action"].shape[1])[None] == 0, ep["action"].shape)
+    return transition.observe_carries(cfg.transition, m_params, ep["mean"], ep["action"], reset)[0]
+
+
+@partial(jax.jit, static_argnums=(0, 7, 8))
+def _rollouts(cfg, key, m_params, k_params, ep, carries, pairs, max_k, with_k):
     """Open-loop rollouts for (episode, t0) pairs [P, 2]; per-pair metrics [P, max_k] for k = 1..max_k."""
-    num_eps, t_len = ep["action"].shape
-    reset = jnp.broadcast_to(jnp.arange(t_len)[None] == 0, (num_eps, t_len))
-    carries, _ = transition.observe_carries(cfg.transition, m_params, ep["mean"], ep["action"], reset)
+    t_len = ep["action"].shape[1]
 
     def one(key_p, pair):
         e, t0 = pair[0], pair[1]
@@ -92,11 +96,12 @@ def measure(
         raise ValueError("no episode has two or more steps: nothing to measure drift on")
     with_k = params.get("verifier") is not None
     ep = {name: jnp.asarray(episodes[name]) for name in ("mean", "logvar", "action", "length")}
+    carries = _teacher_carries(cfg, params["transition"], ep)  # once, shared by every batch of rollouts
     parts = []
     for i, lo in enumerate(range(0, len(pairs), batch)):
         chunk = pairs[lo: lo + batch]
         padded = np.concatenate([chunk, np.repeat(chunk[-1:], batch - len(chunk), axis=0)])  # one compile
-        res = _rollouts(cfg, jax.random.fold_in(key, i), params["transition"], params.get("verifier"), ep,
+        res = _rollouts(cfg, jax.random.fold_in(key, i), params["transition"], params.get("verifier"), ep, carries,
                         jnp.asarray(padded), max_k, with_k)
         parts.append({k: np.asarray(v)[: len(chunk)] for k, v in jax.device_get(res).items()})
     res = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}

@@ -157,6 +157,12 @@ def observe_carries(
     return jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), out)
 
 
+def masked_mean(x: jax.Array, m: jax.Array) -> jax.Array:
+    """Mean of x where the mask m (bool or 0/1) is set; 0 when nothing is. where(), not x * m: a NaN
+    in a masked slot must not leak in."""
+    return jnp.sum(jnp.where(m > 0, x, 0.0)) / jnp.maximum(jnp.sum(m), 1.0)
+
+
 def loss(
     cfg: TransitionConfig, params: Params, batch: dict[str, jax.Array], key: jax.Array | None = None
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -184,9 +190,6 @@ def loss(
     log_p, log_not_p = jax.nn.log_sigmoid(pred.done_logit), jax.nn.log_sigmoid(-pred.done_logit)
     done_bce = -(cfg.done_pos_weight * done * log_p + (1.0 - done) * log_not_p)
     assert nll.shape == reward_err.shape == done_bce.shape == valid.shape, (nll.shape, valid.shape)
-
-    def masked_mean(x, m):  # where(), not x * m: a NaN in a masked slot must not leak in
-        return jnp.sum(jnp.where(m > 0, x, 0.0)) / jnp.maximum(jnp.sum(m), 1.0)
 
     terms = {
         "latent_nll": masked_mean(nll, next_valid),

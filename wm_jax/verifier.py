@@ -110,22 +110,18 @@ def examples(
     }
 
 
-def _masked_mean(x: jax.Array, m: jax.Array) -> jax.Array:
-    return jnp.sum(jnp.where(m, x, 0.0)) / jnp.maximum(jnp.sum(m), 1)
-
-
 def loss(cfg: VerifierConfig, params: Params, ex: dict[str, Any]) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Balanced logistic loss: 0.5 * (positives' mean + the mean over negative kinds of their means)."""
     h, z, a, zn, m = ex["positive"]
     lp = logit(cfg, params, h, z, a, zn)
-    pos = _masked_mean(jax.nn.softplus(-lp), m)
-    metrics = {"acc/positive": _masked_mean((lp > 0).astype(jnp.float32), m)}
+    pos = transition.masked_mean(jax.nn.softplus(-lp), m)
+    metrics = {"acc/positive": transition.masked_mean((lp > 0).astype(jnp.float32), m)}
     neg = []
     for kind in NEGATIVE_KINDS:
         h, z, a, zn, m = ex[kind]
         ln = logit(cfg, params, h, z, a, zn)
-        neg.append(_masked_mean(jax.nn.softplus(ln), m))
-        metrics[f"acc/{kind}"] = _masked_mean((ln < 0).astype(jnp.float32), m)
+        neg.append(transition.masked_mean(jax.nn.softplus(ln), m))
+        metrics[f"acc/{kind}"] = transition.masked_mean((ln < 0).astype(jnp.float32), m)
     total = 0.5 * (pos + sum(neg) / len(neg))
     return total, {"loss": total, **metrics}
 
