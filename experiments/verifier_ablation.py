@@ -1,14 +1,14 @@
 """Verifier ablation, held-out verifier AUC and drift curves, reusing a finished run's V and M.
 
     python experiments/verifier_ablation.py RUN [RUN ...] [--modes off weight cutoff]
-        [--taus 1.0 1.15 1.3] [--horizons 15 30 60] [--generations 60] [--out DIR]
+        [--taus 1.0 1.15 1.3] [--horizons 15 30 60] [--groundings 0.0] [--generations 60] [--out DIR]
 
 For each RUN (a finished `wm-jax run`, one per seed) it loads V and the final agent's M, trains the
 verifier K against that M on the run's data (RUN/ablation/verifier, resumable), then
   1. held-out AUC of K for real vs imagined transitions (one step, open loop at k = 1, 5, 20,
      noise) on fresh episodes of the random policy (seed 999) and of the run's agent;
   2. drift curves (wm_jax.drift) over k = 0..100 on the same episodes, with K's confidence;
-  3. every cell of modes x taus x horizons: CMA-ES from scratch in M's dreams (the run's evolve
+  3. every cell of modes x taus x horizons x groundings: CMA-ES from scratch in M's dreams (the run's evolve
      settings, `--generations` generations, real checks of the mean every check_every
      generations, the best checked mean kept) and 100 real episodes of the result.
 Finished cells are stored in RUN/ablation/cells.jsonl and skipped on a rerun; the table shows every
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import time
 from pathlib import Path
@@ -57,17 +58,18 @@ def _held_out(cfg: Config, params, policy: str, episodes: int, seed: int):
     return transition.training_arrays(mean, logvar, cols, index)
 
 
-def _cell(cfg: Config, key, params, k_params, m_arrays, mode: str, tau: float, horizon: int, gens: int, out: Path):
+def _cell(cfg: Config, key, params, k_params, m_arrays, mode: str, tau: float, horizon: int, grounding: float, gens: int,
+          out: Path):
     cell_cfg = dataclasses.replace(
         cfg,
-        evolve=dataclasses.replace(cfg.evolve, tau=tau, horizon=horizon),
+        evolve=dataclasses.replace(cfg.evolve, tau=tau, horizon=horizon, grounding=grounding),
         verifier=dataclasses.replace(cfg.verifier, mode=mode),
     )
     base = {"vae": params["vae"], "transition": params["transition"]}
 
     def real_check(k, ctrl):
         return rollout.evaluate(cell_cfg, {**base, "controller": ctrl}, k, cfg.evolve.check_episodes,
-                                cfg.eval.max_steps, batch=cfg.evolve.check_episodes)
+                                cfg.eval.max_steps, batch=cfg.evolve.check_episodes, latents=grounding > 0)
 
     t0 = time.perf_counter()
     res = evolve.evolve(cell_cfg, key, params["transition"], (m_arrays["mean"], m_arrays["logvar"]), real_check, out,
@@ -75,7 +77,7 @@ def _cell(cfg: Config, key, params, k_params, m_arrays, mode: str, tau: float, h
     ev = rollout.evaluate(cell_cfg, {**base, "controller": res["best"]}, jax.random.fold_in(key, 1))
     checks = res["checks"]
     return {
-        "mode": mode, "tau": tau, "horizon": horizon, "generations": gens,
+        "mode": mode, "tau": tau, "horizon": horizon, "grounding": grounding, "generations": gens,
         "real_return_mean": ev["return_mean"], "real_return_std": ev["return_std"], "real_return_min": ev["return_min"],
         "dream_real_corr": rollout.correlation([c["dream_return"] for c in checks], [c["real_return"] for c in checks]),
         "best_check": res["best_real"], "real_env_steps_checks": res["real_env_steps"], "wall_s": time.perf_counter() - t0,
@@ -107,20 +109,21 @@ def run_seed(run: Path, args) -> dict:
 
     cells_path = adir / "cells.jsonl"
     done = [json.loads(line) for line in cells_path.read_text().splitlines()] if cells_path.exists() else []
-    for mode in args.modes:
-        for tau in args.taus:
-            for horizon in args.horizons:
-                if any(c["mode"] == mode and c["tau"] == tau and c["horizon"] == horizon and c["generations"] == args.generations
-                       for c in done):
-                    continue
-                cell_key = jax.random.fold_in(key, 100)  # the same CMA-ES noise in every cell: only the setting differs
-                res = _cell(cfg, cell_key, params, k_params, m_arrays, mode, tau, horizon, args.generations,
-                            adir / f"evolve_{mode}_t{tau}_h{horizon}")
-                res["seed"] = cfg.seed
-                print(json.dumps(res), flush=True)
-                with open(cells_path, "a") as f:
-                    f.write(json.dumps(pipeline._finite_or_none(res)) + "\n")
-                done.append(res)
+    for c in done:
+        c.setdefault("grounding", 0.0)  # cells stored before the grounding axis existed
+    for mode, tau, horizon, grounding in itertools.product(args.modes, args.taus, args.horizons, args.groundings):
+        setting = (mode, tau, horizon, grounding, args.generations)
+        if any(_setting(c) + (c["generations"],) == setting for c in done):
+            continue
+        cell_key = jax.random.fold_in(key, 100)  # the same CMA-ES noise in every cell: only the setting differs
+        name = f"evolve_{mode}_t{tau}_h{horizon}" + (f"_g{grounding}" if grounding else "")
+        res = _cell(cfg, cell_key, params, k_params, m_arrays, mode, tau, horizon, grounding, args.generations,
+                    adir / name)
+        res["seed"] = cfg.seed
+        print(json.dumps(res), flush=True)
+        with open(cells_path, "a") as f:
+            f.write(json.dumps(pipeline._finite_or_none(res)) + "\n")
+        done.append(res)
     wanted = [c for c in done if c["generations"] == args.generations]  # this and earlier invocations' cells
     return {"seed": cfg.seed, "report": report, "cells": wanted, "real_env_steps_data": int(len(m_arrays["mean"]))}
 
@@ -132,15 +135,19 @@ def _fmt(x, nd=1):
     return "n/a" if x is None else f"{x:.{nd}f}"
 
 
+def _setting(cell: dict) -> tuple:
+    return cell["mode"], cell["tau"], cell["horizon"], cell.get("grounding", 0.0)
+
+
 def table(results: list[dict]) -> str:
-    lines = ["| verifier | tau | horizon | real return mean +- std (per seed) | mean over seeds | dream-real corr | "
-             "env steps in checks |", "|---|---|---|---|---|---|---|"]
-    cells = sorted({(c["mode"], c["tau"], c["horizon"]) for r in results for c in r["cells"]})
-    for mode, tau, horizon in cells:
-        rows = [c for r in results for c in r["cells"] if (c["mode"], c["tau"], c["horizon"]) == (mode, tau, horizon)]
+    lines = ["| verifier | tau | horizon | grounding | real return mean +- std (per seed) | mean over seeds | "
+             "dream-real corr | env steps in checks |", "|---|---|---|---|---|---|---|---|"]
+    cells = sorted({_setting(c) for r in results for c in r["cells"]})
+    for mode, tau, horizon, grounding in cells:
+        rows = [c for r in results for c in r["cells"] if _setting(c) == (mode, tau, horizon, grounding)]
         per_seed = ", ".join(f"s{c['seed']}: {c['real_return_mean']:.1f} +- {c['real_return_std']:.1f}" for c in rows)
         corr = [c["dream_real_corr"] for c in rows if c["dream_real_corr"] is not None]
-        lines.append(f"| {mode} | {tau} | {horizon} | {per_seed} | {np.mean([c['real_return_mean'] for c in rows]):.1f} | "
+        lines.append(f"| {mode} | {tau} | {horizon} | {grounding} | {per_seed} | {np.mean([c['real_return_mean'] for c in rows]):.1f} | "
                      f"{_fmt(np.mean(corr) if corr else None, 2)} | {int(np.mean([c['real_env_steps_checks'] for c in rows]))} |")
     lines += ["", "| seed | held-out episodes | AUC one step | AUC drift k=1 | k=5 | k=20 (n) | AUC noise |", "|---|---|---|---|---|---|---|"]
     for r in results:
@@ -190,6 +197,8 @@ def main() -> None:
     p.add_argument("--modes", nargs="+", default=["off", "weight", "cutoff"], choices=["off", "weight", "cutoff"])
     p.add_argument("--taus", nargs="+", type=float, default=[1.0, 1.15, 1.3])
     p.add_argument("--horizons", nargs="+", type=int, default=[15, 30, 60])
+    p.add_argument("--groundings", nargs="+", type=float, default=[0.0],
+                   help="EvolveConfig.grounding shares (0: off; the mitigation's axis)")
     p.add_argument("--generations", type=int, default=60)
     p.add_argument("--held-out-episodes", nargs=2, type=int, default=[200, 20], metavar=("RANDOM", "AGENT"))
     p.add_argument("--out", type=Path, default=Path("experiments/results"))

@@ -336,7 +336,7 @@ TOY_DIMS = (TOY_LATENT + TOY_HIDDEN) * 2 + 2  # 10
 TARGET = jnp.linspace(-0.5, 0.5, TOY_DIMS)
 
 
-def _fake_score(cfg, key, m_params, population, mean, logvar, rollouts, horizon, tau, k_params=None):
+def _fake_score(cfg, key, m_params, population, mean, logvar, rollouts, horizon, tau, k_params=None, pool=None):
     """Dream 'return' = -||candidate - TARGET||^2: maximal (0) at TARGET."""
     return -jnp.sum(jnp.square(population - TARGET), axis=-1)
 
@@ -414,6 +414,86 @@ def test_evolve_init_mean_is_the_starting_point(monkeypatch, tmp_path):
         init_mean=TARGET, progress=False,
     )
     assert _dist(res["best"]) < 1e-2
+
+
+# ------------------------------------------------------------------------------------------------
+# Grounding: a share of the dreams starts from states the controller reached for real
+
+
+def _grounding_pools():
+    stored = (jnp.full((6, LATENT), -100.0), jnp.full((6, LATENT), -30.0))  # every stored start is ~ -100
+    pool = (jnp.stack([jnp.full((LATENT,), 100.0), jnp.full((LATENT,), 555.0), jnp.full((LATENT,), 100.0)]),
+            jnp.full((3, LATENT), -30.0), jnp.asarray([1.0, 0.0, 1.0]))  # row 1 is past the episode's end
+    return stored, pool
+
+
+@pytest.mark.parametrize("share, n_pool", [(0.25, 1), (0.5, 2), (1.0, 4)])
+def test_draw_grounded_starts_mixes_the_pools(share, n_pool):
+    stored, pool = _grounding_pools()
+    starts = np.asarray(dream.draw_grounded_starts(jax.random.key(3), *stored, 4, pool, share))
+    assert starts.shape == (4, LATENT)
+    np.testing.assert_allclose(starts[: 4 - n_pool], -100.0, atol=1e-3)  # the stored posteriors first
+    np.testing.assert_allclose(starts[4 - n_pool:], 100.0, atol=1e-3)  # then the pool's valid rows only
+
+
+@pytest.mark.parametrize("pool_given, share", [(False, 0.5), (True, 0.0), (True, 0.1)])  # 0.1 * 4 rounds to 0
+def test_draw_grounded_starts_without_grounding_is_draw_starts(pool_given, share):
+    stored, pool = _grounding_pools()
+    key = jax.random.key(4)
+    got = dream.draw_grounded_starts(key, *stored, 4, pool if pool_given else None, share)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(dream.draw_starts(key, *stored, 4)))
+
+
+def test_score_population_with_zero_grounding_ignores_the_pool(m_params, posteriors):
+    pop = jax.random.normal(jax.random.key(5), (4, controller.num_params(SMOKE.controller, LATENT, HIDDEN)))
+    args = (jax.random.key(6), m_params, pop, *posteriors, ROLLOUTS, H, 1.0)
+    pool = (posteriors[0] + 5.0, posteriors[1], jnp.ones(posteriors[0].shape[0]))
+    base = np.asarray(dream.score_population(SMOKE, *args))
+    np.testing.assert_array_equal(np.asarray(dream.score_population(SMOKE, *args, None, pool)), base)
+    grounded = np.asarray(dream.score_population(_replace(SMOKE, evolve={"grounding": 1.0}), *args, None, pool))
+    assert not np.array_equal(grounded, base)  # the pool's starts are used
+
+
+def _pool_score(cfg, key, m_params, population, mean, logvar, rollouts, horizon, tau, k_params=None, pool=None):
+    """_fake_score plus the mean of the pool's valid latents: the dream return shows which pool evolve passed."""
+    p_mean, _, valid = pool
+    return _fake_score(cfg, key, m_params, population, mean, logvar, rollouts, horizon, tau) + (
+        jnp.sum(p_mean[:, 0] * valid) / jnp.sum(valid)
+    )
+
+
+def test_evolve_grounding_dreams_from_the_last_checks_states(monkeypatch, tmp_path):
+    monkeypatch.setattr(dream, "_score_population", _pool_score)
+    cfg = _toy_cfg(9004, population=4, generations=6, gens_per_call=2, check_every=2, grounding=0.5,
+                   check_episodes=1)
+    cfg = _replace(cfg, eval={"max_steps": 5})
+    m, starts = _toy_inputs()  # stored starts are all 0: the first pool is drawn from them
+    calls = []
+
+    def real_check(key, ctrl):
+        i = len(calls)
+        calls.append(np.asarray(ctrl))
+        mean = np.full((5, TOY_LATENT), float(i + 1), np.float32)
+        mean[3:] = 1e6  # steps after the episode's end: never used
+        return {"return_mean": -_dist(ctrl), "env_steps": 3,
+                "latents": {"mean": mean, "logvar": np.zeros_like(mean), "valid": np.array([1, 1, 1, 0, 0], np.float32)}}
+
+    res = evolve.evolve(cfg, jax.random.key(20), m, starts, real_check, tmp_path, progress=False)
+    shifts = [c["dream_return"] + _dist(ctrl) ** 2 for c, ctrl in zip(res["checks"], calls)]
+    np.testing.assert_allclose(shifts, [0.0, 1.0, 2.0], atol=1e-4)  # check i dreams from check i-1's states
+    assert [c["grounding_states"] for c in res["checks"]] == [3, 3, 3]
+
+    with pytest.raises(ValueError, match="grounding.*latents"):
+        evolve.evolve(cfg, jax.random.key(20), m, starts, lambda k, c: {"return_mean": 0.0, "env_steps": 0},
+                      tmp_path, progress=False)
+
+
+def test_grounding_share_is_validated():
+    from wm_jax.config import ConfigError
+
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ConfigError, match="grounding"):
+            _replace(SMOKE, evolve={"grounding": bad})
 
 
 # ------------------------------------------------------------------------------------------------

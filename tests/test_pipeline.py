@@ -399,6 +399,28 @@ def test_agent_act_equals_evaluation_rollout(agent, which):
         assert 0 < sum(all_actions) < len(all_actions)  # both actions taken: the comparison is not vacuous
 
 
+def test_evaluation_rollout_returns_the_visited_posteriors(agent):
+    """rollout.evaluate(latents=True): the same episodes, plus the encoder posterior of every step
+    the agent saw (valid exactly for the episode's steps); the first is the reset frame's."""
+    ag = _reactive_agent(agent)
+    cfg, num, steps = ag.cfg, 3, 40
+    plain = rollout.evaluate(cfg, ag.params, jax.random.key(7), num, steps)
+    res = rollout.evaluate(cfg, ag.params, jax.random.key(7), num, steps, latents=True)
+    assert res["returns"] == plain["returns"] and res["env_steps"] == plain["env_steps"]
+    lat = res["latents"]
+    assert lat["mean"].shape == lat["logvar"].shape == (num * steps, cfg.vae.latent) and lat["valid"].shape == (num * steps,)
+    valid = lat["valid"].reshape(num, steps)
+    assert int(valid.sum()) == res["env_steps"]
+    for e in range(num):  # valid up to the episode's end, then not
+        n = int(valid[e].sum())
+        assert valid[e, :n].all() and not valid[e, n:].any()
+    key_reset, _ = jax.random.split(jax.random.split(jax.random.fold_in(jax.random.key(7), 0), num)[0])
+    obs, _ = PixelCartPole().reset(key_reset, PixelCartPole().default_params)
+    mean0, logvar0 = vae.encode(cfg.vae, ag.params["vae"], obs[None])
+    np.testing.assert_allclose(lat["mean"][0], np.asarray(mean0[0]), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(lat["logvar"][0], np.asarray(logvar0[0]), rtol=1e-5, atol=1e-5)
+
+
 # ------------------------------------------------------------------------------------------------
 # resume after a crash
 
@@ -501,14 +523,18 @@ def test_verifier_ablation_script(with_verifier, tmp_path, monkeypatch):
     run = tmp_path / "run"
     shutil.copytree(with_verifier[0], run)
     args = ["verifier_ablation.py", str(run), "--modes", "off", "cutoff", "--taus", "1.0", "--horizons", "4",
-            "--generations", "1", "--held-out-episodes", "4", "2", "--out", str(tmp_path / "out")]
+            "--groundings", "0.0", "0.5", "--generations", "1", "--held-out-episodes", "4", "2",
+            "--out", str(tmp_path / "out")]
     monkeypatch.setattr(sys, "argv", args)
     mod.main()
     md = (tmp_path / "out" / "ablation.md").read_text()
-    assert "| off | 1.0 | 4 |" in md and "| cutoff | 1.0 | 4 |" in md
+    for cell in ("| off | 1.0 | 4 | 0.0 |", "| cutoff | 1.0 | 4 | 0.0 |", "| off | 1.0 | 4 | 0.5 |"):
+        assert cell in md
     assert (tmp_path / "out" / "drift.png").stat().st_size > 0
     result = json.loads((tmp_path / "out" / "ablation.json").read_text())[0]
     assert result["report"]["drift"]["agent"]["latent_mse"][0] == 0.0
-    assert len((run / "ablation" / "cells.jsonl").read_text().splitlines()) == 2
+    assert len((run / "ablation" / "cells.jsonl").read_text().splitlines()) == 4
+    grounded = json.loads((run / "ablation" / "evolve_off_t1.0_h4_g0.5" / "evolve.jsonl").read_text().splitlines()[0])
+    assert grounded["grounding_states"] > 0  # the real check's states became the pool
     monkeypatch.setattr(mod, "_cell", _raise("_cell"))  # a rerun does no cell twice
     mod.main()

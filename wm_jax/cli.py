@@ -22,6 +22,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _share(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
+    return value
+
+
 def _fresh_dir(path: Path, overwrite: bool) -> None:
     if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
         raise UsageError(f"{path} exists and is not empty (pass --overwrite to replace it)")
@@ -112,7 +122,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.verifier is not None:
         cfg = dataclasses.replace(cfg, verifier=dataclasses.replace(cfg.verifier, mode=args.verifier))
     name = cfg.preset + (f"-s{cfg.seed}" if cfg.seed else "") + ("" if args.precision == "fp32" else f"-{args.precision}")
+    if args.grounding is not None:
+        cfg = dataclasses.replace(cfg, evolve=dataclasses.replace(cfg.evolve, grounding=args.grounding))
     name += "" if cfg.verifier.mode == "off" else f"-k{cfg.verifier.mode}"
+    name += f"-g{cfg.evolve.grounding:g}" if cfg.evolve.grounding else ""
     out = Path(args.out) if args.out else Path("runs") / name
     summary = pipeline.run(cfg, out)
     print()
@@ -167,13 +180,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="the whole recipe: collect, V, M, evolve C in the dream, evaluate")
     r.add_argument("--preset", choices=presets, default="cpu")
-    r.add_argument("--out", default=None, help="run directory (default: runs/PRESET[-sSEED][-bf16][-kMODE])")
+    r.add_argument("--out", default=None, help="run directory (default: runs/PRESET[-sSEED][-bf16][-kMODE][-gSHARE])")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32",
                    help="compute dtype of V and M (parameters and optimizer state stay float32)")
     r.add_argument("--rounds", type=_positive_int, default=None, help="iterative rounds (default: the preset's)")
     r.add_argument("--verifier", choices=("off", "weight", "cutoff"), default=None,
                    help="train the verifier K and weight (or cut) the dream reward by its confidence")
+    r.add_argument("--grounding", type=_share, default=None, metavar="SHARE",
+                   help="share of dreams started from states the controller reached in its latest real check")
     r.set_defaults(fn=cmd_run)
     return p
 

@@ -141,11 +141,17 @@ class EvolveConfig:
     gens_per_call: int = 5  # generations per jitted lax.scan call (progress granularity)
     check_every: int = 10  # generations between real checks of the CMA-ES mean
     check_episodes: int = 16
+    # Grounding (a drift mitigation, off by default): this share of the dream rollouts starts from
+    # states the CMA-ES mean reached in its latest real check (refreshed every check_every
+    # generations, at no extra env steps); the rest from the stored posteriors.
+    grounding: float = 0.0
 
     def __post_init__(self) -> None:
         if self.population < 2:
             raise ConfigError(f"EvolveConfig.population must be >= 2, got {self.population!r}")
         _positive(self, "sigma", "generations", "rollouts", "horizon", "tau", "gens_per_call", "check_every", "check_episodes")
+        if not 0.0 <= self.grounding <= 1.0:
+            raise ConfigError(f"EvolveConfig.grounding must be in [0, 1], got {self.grounding!r}")
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,9 @@
 population so that one call scores a whole generation. Reward is the reward head's prediction,
 and a dream ends when the done head says p > 0.5 (Ha's rule); steps after the end are masked.
 Start states are latents sampled from stored encoder posteriors of real observations (Ha's
-initial_z), with M's carry at zero. M runs in cfg.transition.compute_dtype; the controller,
-sampling, p_done and returns are float32.
+initial_z), with M's carry at zero; with grounding (cfg.evolve.grounding > 0) a share of them
+comes from a pool of states the current controller reached in the real environment instead.
+M runs in cfg.transition.compute_dtype; the controller, sampling, p_done and returns are float32.
 """
 
 from __future__ import annotations
@@ -79,18 +80,42 @@ def draw_starts(key: jax.Array, mean: jax.Array, logvar: jax.Array, num: int) ->
     return m + jnp.exp(0.5 * lv) * jax.random.normal(key_z, m.shape)
 
 
+def draw_grounded_starts(
+    key: jax.Array, mean: jax.Array, logvar: jax.Array, num: int, pool: tuple[jax.Array, jax.Array, jax.Array] | None,
+    share: float,
+) -> jax.Array:
+    """`num` start latents: round(share * num) of them drawn from `pool` = (mean, logvar, valid)
+    (rows with valid 0 are never drawn), the rest from the stored posteriors as `draw_starts`.
+
+    With no pool or no grounded start this is `draw_starts` bit for bit.
+    """
+    n_pool = 0 if pool is None else int(round(share * num))
+    if n_pool == 0:
+        return draw_starts(key, mean, logvar, num)
+    p_mean, p_logvar, p_valid = pool
+    key_r, key_z = jax.random.split(jax.random.fold_in(key, 1))
+    rows = jax.random.categorical(key_r, jnp.where(p_valid > 0, 0.0, -jnp.inf), shape=(n_pool,))
+    m, lv = p_mean[rows], p_logvar[rows]
+    grounded = m + jnp.exp(0.5 * lv) * jax.random.normal(key_z, m.shape)
+    if n_pool == num:
+        return grounded
+    return jnp.concatenate([draw_starts(key, mean, logvar, num - n_pool), grounded])
+
+
 def _score_population(
     cfg: Config, key: jax.Array, m_params: Any, population: jax.Array, mean: jax.Array, logvar: jax.Array,
-    rollouts: int, horizon: int, tau: jax.Array, k_params: Any = None,
+    rollouts: int, horizon: int, tau: jax.Array, k_params: Any = None, pool: Any = None,
 ) -> jax.Array:
     """Mean dream return of each candidate over `rollouts` dreams: float[P].
 
     Every candidate faces the same start states and the same sampling noise (common random
     numbers), so differences in fitness come from the controllers, not from luck. The population
     is split over the devices (wm_jax.sharding); the scores come back whole on every device.
+    `pool` = (mean, logvar, valid) of real states reached by the current controller: a share
+    cfg.evolve.grounding of the dreams starts there (draw_grounded_starts); None: none does.
     """
     key_s, key_d = jax.random.split(key)
-    starts = draw_starts(key_s, mean, logvar, rollouts)
+    starts = draw_grounded_starts(key_s, mean, logvar, rollouts, pool, cfg.evolve.grounding)
     keys = jax.random.split(key_d, rollouts)
 
     def one(ctrl):
@@ -100,15 +125,15 @@ def _score_population(
     return sharding.replicated(jax.vmap(one)(sharding.shard_leading(population)))
 
 
-@partial(jax.jit, static_argnums=(0, 7, 8))
-def _score_jit(cfg, key, m_params, population, mean, logvar, k_params, rollouts, horizon, tau):
-    return _score_population(cfg, key, m_params, population, mean, logvar, rollouts, horizon, tau, k_params)
+@partial(jax.jit, static_argnums=(0, 8, 9))
+def _score_jit(cfg, key, m_params, population, mean, logvar, k_params, pool, rollouts, horizon, tau):
+    return _score_population(cfg, key, m_params, population, mean, logvar, rollouts, horizon, tau, k_params, pool)
 
 
 def score_population(
     cfg: Config, key: jax.Array, m_params: Any, population: jax.Array, mean: jax.Array, logvar: jax.Array,
-    rollouts: int, horizon: int, tau: float = 1.0, k_params: Any = None,
+    rollouts: int, horizon: int, tau: float = 1.0, k_params: Any = None, pool: Any = None,
 ) -> jax.Array:
     """Jitted `_score_population` over every device: one call scores a whole generation."""
-    args = sharding.put_replicated((key, m_params, population, mean, logvar, k_params))
+    args = sharding.put_replicated((key, m_params, population, mean, logvar, k_params, pool))
     return _score_jit(cfg, *args, rollouts, horizon, jnp.asarray(tau, jnp.float32))

@@ -33,7 +33,7 @@ def strategy(cfg: Config, num_dims: int) -> tuple[CMA_ES, Any]:
 
 
 @partial(jax.jit, static_argnums=(0, 1, 7, 8))
-def _generations(cfg, es, es_params, es_state, key, m_params, starts, num_gens, horizon, k_params):
+def _generations(cfg, es, es_params, es_state, key, m_params, starts, num_gens, horizon, k_params, pool):
     mean, logvar = starts
     ev = cfg.evolve
 
@@ -45,7 +45,7 @@ def _generations(cfg, es, es_params, es_state, key, m_params, starts, num_gens, 
         population = sharding.replicated(population)
         returns = dream._score_population(
             cfg, key_eval, m_params, population, mean, logvar, ev.rollouts, horizon, jnp.asarray(ev.tau, jnp.float32),
-            k_params,
+            k_params, pool,
         )
         state, _ = es.tell(key_tell, population, -returns, state, es_params)  # evosax minimizes
         return state, {"dream_mean": jnp.mean(returns), "dream_max": jnp.max(returns)}
@@ -69,7 +69,10 @@ def evolve(
     """Run CMA-ES for `generations` (default cfg.evolve.generations).
 
     starts = (mean, logvar) posteriors of real observations to start dreams from.
-    real_check(key, ctrl) -> {"return_mean", "env_steps", ...} runs the candidate for real.
+    real_check(key, ctrl) -> {"return_mean", "env_steps", ...} runs the candidate for real; with
+    cfg.evolve.grounding > 0 it must also return "latents" (rollout.evaluate(..., latents=True)):
+    the states it reached become the pool that share of the dreams starts from, until the next
+    check (before the first check, the pool is a random draw of the stored posteriors).
     `horizon` overrides cfg.evolve.horizon (the extra rounds' dreams may be longer); k_params are
     the verifier's parameters, needed when cfg.verifier.mode is not "off".
     Every check_every generations (and at the end) the CMA-ES mean is checked for real; the
@@ -86,9 +89,14 @@ def evolve(
     mean0 = jnp.zeros((dims,), jnp.float32) if init_mean is None else jnp.asarray(init_mean, jnp.float32)
     es_state = es.init(key_init, mean0, es_params)
     starts = (jnp.asarray(starts[0]), jnp.asarray(starts[1]))
+    pool = None
+    if ev.grounding > 0:  # one pool shape throughout (check_episodes x max_steps rows): one compile
+        rows = jax.random.randint(jax.random.fold_in(key_init, 1), (ev.check_episodes * cfg.eval.max_steps,), 0,
+                                  starts[0].shape[0])
+        pool = (starts[0][rows], starts[1][rows], jnp.ones(rows.shape, jnp.float32))
     # The generation loop splits the population over every device (see dream._score_population).
-    es_params, es_state, m_params, starts, k_params = sharding.put_replicated(
-        (es_params, es_state, m_params, starts, k_params)
+    es_params, es_state, m_params, starts, k_params, pool = sharding.put_replicated(
+        (es_params, es_state, m_params, starts, k_params, pool)
     )
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -105,7 +113,8 @@ def evolve(
         # Stop each call at the next check so checks land exactly every check_every generations.
         n = min(n, ev.check_every - done % ev.check_every)
         es_state, stats = _generations(
-            cfg, es, es_params, es_state, jax.random.fold_in(key_run, done), m_params, starts, n, horizon, k_params
+            cfg, es, es_params, es_state, jax.random.fold_in(key_run, done), m_params, starts, n, horizon, k_params,
+            pool,
         )
         stats = jax.device_get(stats)
         for i in range(n):
@@ -118,12 +127,23 @@ def evolve(
             key_c = jax.random.fold_in(key_run, 10_000_000 + done)
             dream_ret = float(
                 dream.score_population(
-                    cfg, key_c, m_params, mean[None], starts[0], starts[1], ev.rollouts, horizon, ev.tau, k_params
+                    cfg, key_c, m_params, mean[None], starts[0], starts[1], ev.rollouts, horizon, ev.tau, k_params, pool
                 )[0]
             )
             real = real_check(jax.random.fold_in(key_c, 1), mean)
             real_steps += int(real["env_steps"])
             entry = {"generation": done, "dream_return": dream_ret, "real_return": float(real["return_mean"])}
+            if pool is not None:
+                if "latents" not in real:
+                    raise ValueError(
+                        "EvolveConfig.grounding > 0 needs real_check to return the states it reached under "
+                        "'latents' (use rollout.evaluate(..., latents=True))"
+                    )
+                lat = real["latents"]
+                pool = sharding.put_replicated(
+                    (jnp.asarray(lat["mean"]), jnp.asarray(lat["logvar"]), jnp.asarray(lat["valid"], jnp.float32))
+                )
+                entry["grounding_states"] = int(np.sum(lat["valid"]))
             checks.append(entry)
             with open(log_path, "a") as f:
                 f.write(json.dumps({**entry, **history[-1]}) + "\n")

@@ -205,7 +205,8 @@ def run(cfg: Config, out: Path | str, progress: bool = True) -> dict[str, Any]:
 
             def real_check(k, ctrl):
                 return rollout.evaluate(cfg, {**params_base, "controller": ctrl}, k, cfg.evolve.check_episodes,
-                                        cfg.eval.max_steps, batch=cfg.evolve.check_episodes)
+                                        cfg.eval.max_steps, batch=cfg.evolve.check_episodes,
+                                        latents=cfg.evolve.grounding > 0)
 
             res = evolve.evolve(
                 cfg, jax.random.fold_in(k_evo, r), m_params, (m_arrays["mean"], m_arrays["logvar"]), real_check,

@@ -52,7 +52,9 @@ def latent_kl_mc(key: jax.Array, mean: jax.Array, logvar: jax.Array, pred: trans
     return log_q + transition.latent_nll(pred, z)
 
 
-def _episode(cfg: Config, params: dict[str, Any], key: jax.Array, max_steps: int) -> dict[str, jax.Array]:
+def _episode(
+    cfg: Config, params: dict[str, Any], key: jax.Array, max_steps: int, latents: bool = False
+) -> dict[str, jax.Array]:
     env = PixelCartPole()
     env_params = env.default_params
     key_reset, key_run = jax.random.split(key)
@@ -66,6 +68,8 @@ def _episode(cfg: Config, params: dict[str, Any], key: jax.Array, max_steps: int
         kl = latent_kl_mc(key_kl, extra["mean"], extra["logvar"], prev_pred)
         obs, state, reward, terminated, truncated, _ = env.step(key_step, state, action, env_params)
         out = {"reward": reward * valid, "valid": valid, "kl": kl, "kl_mask": valid * has_prev}
+        if latents:
+            out.update(latent_mean=extra["mean"], latent_logvar=extra["logvar"])
         valid = valid * (1.0 - jnp.logical_or(terminated, truncated).astype(jnp.float32))
         return (obs, state, carry, valid, extra["pred"], jnp.ones(())), out
 
@@ -75,43 +79,61 @@ def _episode(cfg: Config, params: dict[str, Any], key: jax.Array, max_steps: int
     )
     init = (obs, state, carry, jnp.ones(()), zero_pred, jnp.zeros(()))
     _, out = jax.lax.scan(body, init, jax.random.split(key_run, max_steps))
-    return {
+    res = {
         "return": jnp.sum(out["reward"]),
         "length": jnp.sum(out["valid"]),
         "kl_sum": jnp.sum(out["kl"] * out["kl_mask"]),
         "kl_count": jnp.sum(out["kl_mask"]),
     }
+    if latents:
+        res.update(latent_mean=out["latent_mean"], latent_logvar=out["latent_logvar"], latent_valid=out["valid"])
+    return res
 
 
-@partial(jax.jit, static_argnums=(0, 3, 4))
-def _run_episodes(cfg, params, key, num_episodes, max_steps):
+@partial(jax.jit, static_argnums=(0, 3, 4, 5))
+def _run_episodes(cfg, params, key, num_episodes, max_steps, latents):
     keys = sharding.shard_leading(jax.random.split(key, num_episodes))
-    return sharding.replicated(jax.vmap(lambda k: _episode(cfg, params, k, max_steps))(keys))
+    return sharding.replicated(jax.vmap(lambda k: _episode(cfg, params, k, max_steps, latents))(keys))
 
 
 def run_episodes(
-    cfg: Config, params: dict[str, Any], key: jax.Array, num_episodes: int, max_steps: int = 500
+    cfg: Config, params: dict[str, Any], key: jax.Array, num_episodes: int, max_steps: int = 500,
+    latents: bool = False,
 ) -> dict[str, jax.Array]:
     """`num_episodes` real episodes, vmapped and split over the devices (wm_jax.sharding);
-    per-episode return, length and summed latent KL."""
+    per-episode return, length and summed latent KL. With `latents`, also the encoder posterior
+    of every step (latent_mean, latent_logvar [E, max_steps, latent]) and its validity
+    (latent_valid [E, max_steps]: 1 up to and including the episode's last step)."""
     params, key = sharding.put_replicated((params, key))
-    return _run_episodes(cfg, params, key, num_episodes, max_steps)
+    return _run_episodes(cfg, params, key, num_episodes, max_steps, latents)
 
 
 def evaluate(
     cfg: Config, params: dict[str, Any], key: jax.Array, num_episodes: int | None = None, max_steps: int | None = None,
-    batch: int = 50,
+    batch: int = 50, latents: bool = False,
 ) -> dict[str, Any]:
-    """Real-environment metrics: mean/std/min return, episodes, env steps, one-step latent KL."""
+    """Real-environment metrics: mean/std/min return, episodes, env steps, one-step latent KL.
+
+    With `latents`, also "latents": {"mean", "logvar" [episodes * max_steps, latent], "valid"
+    [episodes * max_steps]}, the posteriors of the states the agent visited (see run_episodes);
+    the shapes depend only on the counts, so evolve's grounding pool keeps one shape."""
     num = cfg.eval.episodes if num_episodes is None else num_episodes
     steps = cfg.eval.max_steps if max_steps is None else max_steps
     batch = min(batch, num)
     parts = []
     for i in range(-(-num // batch)):
-        parts.append(jax.device_get(run_episodes(cfg, params, jax.random.fold_in(key, i), batch, steps)))
+        parts.append(jax.device_get(run_episodes(cfg, params, jax.random.fold_in(key, i), batch, steps, latents)))
     res = {k: np.concatenate([p[k] for p in parts])[:num] for k in parts[0]}
     returns = res["return"].astype(np.float64)
+    extra = {}
+    if latents:
+        extra["latents"] = {
+            "mean": res["latent_mean"].reshape(num * steps, -1),
+            "logvar": res["latent_logvar"].reshape(num * steps, -1),
+            "valid": res["latent_valid"].reshape(num * steps),
+        }
     return {
+        **extra,
         "returns": returns.tolist(),
         "return_mean": float(returns.mean()),
         "return_std": float(returns.std()),
