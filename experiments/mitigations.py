@@ -1,12 +1,15 @@
 """Drift mitigations for M, measured on drift: input dropout and the z' penalty against the plain loss.
 
-    python experiments/mitigations.py RUN [--steps 3000] [--dropout 0.1] [--z-penalty 0.1] [--out DIR]
+    python experiments/mitigations.py RUN [RUN ...] [--steps 3000] [--dropout 0.1 ...] [--z-penalty 0.1 ...]
+        [--out DIR]
 
-For a finished run (one seed), M is trained from scratch on the run's random data (round 1, the
-run's latents) once per variant, with the same key and steps: plain, input_dropout, z_penalty.
+For each finished run (one per seed), M is trained from scratch on the run's random data (round 1,
+the run's latents) once per variant, with the same key and steps: plain, each input_dropout, each
+z_penalty.
 Each M is then run open-loop on fresh held-out episodes (200 random, seed 999; 20 of the run's
 agent, seed 1000) with wm_jax.drift.measure. Prints latent MSE and KL at k = 1, 5, 20, 50 and the
-one-step latent NLL on the held-out random episodes; writes OUT/mitigations.json and .md.
+one-step latent NLL on the held-out random episodes; writes OUT/mitigations.json and .md (with
+several runs, also each variant's change against plain averaged over the seeds).
 Models go to RUN/mitigations/NAME (resumable).
 """
 
@@ -34,35 +37,25 @@ def _experiment_module(name: str):
     return mod
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("run", type=Path)
-    p.add_argument("--steps", type=int, default=3000)
-    p.add_argument("--dropout", type=float, default=0.1)
-    p.add_argument("--z-penalty", type=float, default=0.1)
-    p.add_argument("--out", type=Path, default=Path("experiments/results"))
-    args = p.parse_args()
-    ablation = _experiment_module("verifier_ablation")  # loading and held-out collection live there
-    world_model_eval = _experiment_module("world_model_eval")  # and the one-step metrics here
-    cfg, params, _ = ablation._load(args.run)
-    arrays = pipeline._load_arrays([args.run / "data" / "round1"])
+def _seed(run: Path, args, ablation, world_model_eval) -> dict:
+    """Every variant of M for one finished run: {name: {"drift": {policy: ...}, "one_step_nll_random"}}."""
     from wm_jax import data
 
+    cfg, params, _ = ablation._load(run)
+    arrays = pipeline._load_arrays([run / "data" / "round1"])
     index = data.EpisodeIndex.from_columns(arrays["episode"], arrays["t"])
-    lat = np.load(args.run / "latents_round1.npz")
+    lat = np.load(run / "latents_round1.npz")
     m_arrays = transition.training_arrays(lat["mean"], lat["logvar"], arrays, index)
     held = {policy: ablation._held_out(cfg, params, policy, n, 999 + i)
             for i, (policy, n) in enumerate((("random", 200), ("agent", 20)))}
 
-    variants = {
-        "plain": cfg.transition,
-        f"input_dropout={args.dropout}": dataclasses.replace(cfg.transition, input_dropout=args.dropout),
-        f"z_penalty={args.z_penalty}": dataclasses.replace(cfg.transition, z_penalty=args.z_penalty),
-    }
+    variants = {"plain": cfg.transition}
+    variants |= {f"input_dropout={v}": dataclasses.replace(cfg.transition, input_dropout=v) for v in args.dropout}
+    variants |= {f"z_penalty={v}": dataclasses.replace(cfg.transition, z_penalty=v) for v in args.z_penalty}
     results = {}
     for name, tcfg in variants.items():
         tcfg = dataclasses.replace(tcfg, train=dataclasses.replace(tcfg.train, steps=args.steps))
-        out = args.run / "mitigations" / name.replace("=", "_")
+        out = run / "mitigations" / name.replace("=", "_")
         transition.train(tcfg, m_arrays, jax.random.key(cfg.seed + 2000), out)
         m = transition.load(tcfg, out, cfg.vae.latent)
         vcfg = dataclasses.replace(cfg, transition=tcfg)
@@ -74,20 +67,61 @@ def main() -> None:
                 | {f"count@{k}": d["count"][k] for k in K}
         nll = world_model_eval.m_metrics(vcfg, m, held["random"])["latent_nll"]
         results[name] = {"drift": res, "one_step_nll_random": nll}
-        print(name, json.dumps(results[name]), flush=True)
+        print(f"seed {cfg.seed}", name, json.dumps(results[name]), flush=True)
+    return {"run": str(run), "seed": cfg.seed, "results": results}
 
-    lines = ["| M trained with | held-out episodes | latent MSE k=1 | k=5 | k=20 | k=50 | KL k=1 | k=5 | k=20 | k=50 | "
-             "one-step NLL (random) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for name, r in results.items():
-        for policy, d in r["drift"].items():
-            mse = " | ".join("n/a" if d[f"latent_mse@{k}"] is None else f"{d[f'latent_mse@{k}']:.4f}" for k in K)
-            kl = " | ".join("n/a" if d[f"kl@{k}"] is None else f"{d[f'kl@{k}']:.1f}" for k in K)
-            lines.append(f"| {name} | {policy} | {mse} | {kl} | {r['one_step_nll_random']:.2f} |")
-    table = "\n".join(lines) + "\n"
+
+def _fmt(x, nd):
+    return "n/a" if x is None else f"{x:.{nd}f}"
+
+
+def table(seeds: list[dict]) -> str:
+    lines = ["| seed | M trained with | held-out episodes | latent MSE k=1 | k=5 | k=20 | k=50 | KL k=1 | k=5 | k=20 | "
+             "k=50 | one-step NLL (random) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for s in seeds:
+        for name, r in s["results"].items():
+            for policy, d in r["drift"].items():
+                mse = " | ".join(_fmt(d[f"latent_mse@{k}"], 4) for k in K)
+                kl = " | ".join(_fmt(d[f"kl@{k}"], 1) for k in K)
+                lines.append(f"| {s['seed']} | {name} | {policy} | {mse} | {kl} | {r['one_step_nll_random']:.2f} |")
+    if len(seeds) > 1:  # each variant against plain, seed by seed: the change in the mean over seeds
+        lines += ["", "| M trained with | held-out episodes | latent MSE k=20 vs plain | k=50 vs plain | "
+                  "one-step NLL vs plain | seeds better at k=20 |", "|---|---|---|---|---|---|"]
+        for name in seeds[0]["results"]:
+            if name == "plain":
+                continue
+            for policy in seeds[0]["results"][name]["drift"]:
+                def delta(key, s):
+                    v, p = s["results"][name]["drift"][policy][key], s["results"]["plain"]["drift"][policy][key]
+                    return None if v is None or p is None else v - p
+                d20 = [x for x in (delta("latent_mse@20", s) for s in seeds) if x is not None]
+                d50 = [x for x in (delta("latent_mse@50", s) for s in seeds) if x is not None]
+                dnll = [s["results"][name]["one_step_nll_random"] - s["results"]["plain"]["one_step_nll_random"]
+                        for s in seeds]
+                lines.append(f"| {name} | {policy} | {_fmt(np.mean(d20) if d20 else None, 4)} | "
+                             f"{_fmt(np.mean(d50) if d50 else None, 4)} | {np.mean(dnll):+.2f} | "
+                             f"{sum(x < 0 for x in d20)} of {len(d20)} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("runs", nargs="+", type=Path)
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--dropout", nargs="+", type=float, default=[0.1])
+    p.add_argument("--z-penalty", nargs="+", type=float, default=[0.1])
+    p.add_argument("--out", type=Path, default=Path("experiments/results"))
+    args = p.parse_args()
+    for run in args.runs:
+        if not (run / "agent.json").exists():
+            p.error(f"{run}: not a finished run (no agent.json)")
+    ablation = _experiment_module("verifier_ablation")  # loading and held-out collection live there
+    world_model_eval = _experiment_module("world_model_eval")  # and the one-step metrics here
+    seeds = [_seed(run, args, ablation, world_model_eval) for run in args.runs]
     args.out.mkdir(parents=True, exist_ok=True)
-    pipeline._write_json(args.out / "mitigations.json", {"run": str(args.run), "steps": args.steps, "results": results})
-    (args.out / "mitigations.md").write_text(table)
-    print(table)
+    pipeline._write_json(args.out / "mitigations.json", {"steps": args.steps, "seeds": seeds})
+    (args.out / "mitigations.md").write_text(table(seeds))
+    print(table(seeds))
 
 
 if __name__ == "__main__":

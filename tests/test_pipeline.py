@@ -538,3 +538,25 @@ def test_verifier_ablation_script(with_verifier, tmp_path, monkeypatch):
     assert grounded["grounding_states"] > 0  # the real check's states became the pool
     monkeypatch.setattr(mod, "_cell", _raise("_cell"))  # a rerun does no cell twice
     mod.main()
+
+
+def test_mitigations_script(with_verifier, tmp_path, monkeypatch):
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("mitigations", Path(__file__).parents[1] / "experiments" / "mitigations.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    runs = [tmp_path / "a", tmp_path / "b"]
+    for run in runs:
+        shutil.copytree(with_verifier[0], run)
+    monkeypatch.setattr(sys, "argv", ["mitigations.py", *map(str, runs), "--steps", "3", "--dropout", "0.1", "0.2",
+                                      "--z-penalty", "0.5", "--out", str(tmp_path / "out")])
+    mod.main()
+    md = (tmp_path / "out" / "mitigations.md").read_text()
+    for name in ("plain", "input_dropout=0.1", "input_dropout=0.2", "z_penalty=0.5"):
+        assert f"| {name} | random |" in md
+    assert "| z_penalty=0.5 | agent |" in md and "of 2 |" in md  # the summary against plain over both runs
+    saved = json.loads((tmp_path / "out" / "mitigations.json").read_text())
+    assert [s["seed"] for s in saved["seeds"]] == [SMOKE.seed] * 2
+    assert (runs[1] / "mitigations" / "input_dropout_0.2" / "checkpoints").is_dir()
