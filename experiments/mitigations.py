@@ -76,14 +76,14 @@ def _fmt(x, nd):
 
 
 def table(seeds: list[dict]) -> str:
-    lines = ["| seed | M trained with | held-out episodes | latent MSE k=1 | k=5 | k=20 | k=50 | KL k=1 | k=5 | k=20 | "
+    lines = ["| seed (run) | M trained with | held-out episodes | latent MSE k=1 | k=5 | k=20 | k=50 | KL k=1 | k=5 | k=20 | "
              "k=50 | one-step NLL (random) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in seeds:
         for name, r in s["results"].items():
             for policy, d in r["drift"].items():
                 mse = " | ".join(_fmt(d[f"latent_mse@{k}"], 4) for k in K)
                 kl = " | ".join(_fmt(d[f"kl@{k}"], 1) for k in K)
-                lines.append(f"| {s['seed']} | {name} | {policy} | {mse} | {kl} | {r['one_step_nll_random']:.2f} |")
+                lines.append(f"| {s['seed']} ({Path(s['run']).name}) | {name} | {policy} | {mse} | {kl} | {r['one_step_nll_random']:.2f} |")
     if len(seeds) > 1:  # each variant against plain, seed by seed: the change in the mean over seeds
         lines += ["", "| M trained with | held-out episodes | latent MSE k=20 vs plain | k=50 vs plain | "
                   "one-step NLL vs plain | seeds better at k=20 |", "|---|---|---|---|---|---|"]

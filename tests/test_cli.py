@@ -78,11 +78,12 @@ def test_collect_out_is_a_file(tmp_path, capsys):
         (["run", "--preset", "smoke", "--out", "X", "--precision", "fp16"], ["--precision", "fp16"]),
         (["run", "--preset", "smoke", "--out", "X", "--verifier", "maybe"], ["--verifier", "maybe"]),
         (["run", "--preset", "smoke", "--out", "X", "--grounding", "1.5"], ["--grounding", "1.5"]),
+        (["run", "--preset", "smoke", "--out", "X", "--grounding", "0.2"], ["grounding", "rounds to 0"]),
         (["frobnicate"], ["frobnicate"]),
         ([], ["command"]),
     ],
     ids=["unknown-preset", "unknown-preset-train-vae", "collect-missing-out", "rounds-zero", "unknown-precision",
-         "unknown-verifier", "grounding-above-one", "unknown-command", "no-command"],
+         "unknown-verifier", "grounding-above-one", "grounding-grounds-nothing", "unknown-command", "no-command"],
 )
 def test_bad_arguments(tmp_path, capsys, monkeypatch, args, needles):
     monkeypatch.chdir(tmp_path)  # nothing must be created even for a relative --out
@@ -118,8 +119,8 @@ def test_run_verifier_flag_sets_the_mode_and_the_default_out(monkeypatch, tmp_pa
     assert cli.main(["run", "--preset", "smoke"]) == 130
     assert seen["cfg"].verifier.mode == "off" and seen["out"] == Path("runs") / "smoke"
     assert seen["cfg"].evolve.grounding == 0.0
-    assert cli.main(["run", "--preset", "smoke", "--grounding", "0.25"]) == 130
-    assert seen["cfg"].evolve.grounding == 0.25 and seen["out"] == Path("runs") / "smoke-g0.25"
+    assert cli.main(["run", "--preset", "smoke", "--grounding", "0.5"]) == 130
+    assert seen["cfg"].evolve.grounding == 0.5 and seen["out"] == Path("runs") / "smoke-g0.5"
 
 
 def test_train_vae_missing_data_dir(tmp_path, capsys):

@@ -455,11 +455,9 @@ def test_score_population_with_zero_grounding_ignores_the_pool(m_params, posteri
 
 
 def _pool_score(cfg, key, m_params, population, mean, logvar, rollouts, horizon, tau, k_params=None, pool=None):
-    """_fake_score plus the mean of the pool's valid latents: the dream return shows which pool evolve passed."""
+    """Every candidate scores the mean of the pool's valid latents: the fitness shows which pool evolve passed."""
     p_mean, _, valid = pool
-    return _fake_score(cfg, key, m_params, population, mean, logvar, rollouts, horizon, tau) + (
-        jnp.sum(p_mean[:, 0] * valid) / jnp.sum(valid)
-    )
+    return jnp.zeros(population.shape[0]) + jnp.sum(p_mean[:, 0] * valid) / jnp.sum(valid)
 
 
 def test_evolve_grounding_dreams_from_the_last_checks_states(monkeypatch, tmp_path):
@@ -479,8 +477,9 @@ def test_evolve_grounding_dreams_from_the_last_checks_states(monkeypatch, tmp_pa
                 "latents": {"mean": mean, "logvar": np.zeros_like(mean), "valid": np.array([1, 1, 1, 0, 0], np.float32)}}
 
     res = evolve.evolve(cfg, jax.random.key(20), m, starts, real_check, tmp_path, progress=False)
-    shifts = [c["dream_return"] + _dist(ctrl) ** 2 for c, ctrl in zip(res["checks"], calls)]
-    np.testing.assert_allclose(shifts, [0.0, 1.0, 2.0], atol=1e-4)  # check i dreams from check i-1's states
+    # generations 1-2 dream from the stored starts (all 0), then from the previous check's states
+    np.testing.assert_allclose([h["dream_mean"] for h in res["history"]], [0, 0, 1, 1, 2, 2], atol=1e-5)
+    np.testing.assert_allclose([c["dream_return"] for c in res["checks"]], [0, 1, 2], atol=1e-5)
     assert [c["grounding_states"] for c in res["checks"]] == [3, 3, 3]
 
     with pytest.raises(ValueError, match="grounding.*latents"):

@@ -402,11 +402,12 @@ def test_agent_act_equals_evaluation_rollout(agent, which):
 def test_evaluation_rollout_returns_the_visited_posteriors(agent):
     """rollout.evaluate(latents=True): the same episodes, plus the encoder posterior of every step
     the agent saw (valid exactly for the episode's steps); the first is the reset frame's."""
-    ag = _reactive_agent(agent)
-    cfg, num, steps = ag.cfg, 3, 40
-    plain = rollout.evaluate(cfg, ag.params, jax.random.key(7), num, steps)
-    res = rollout.evaluate(cfg, ag.params, jax.random.key(7), num, steps, latents=True)
+    cfg, num, steps = agent.cfg, 3, 40
+    params = {**agent.params, "controller": jnp.zeros_like(agent.params["controller"])}  # always pushes left
+    plain = rollout.evaluate(cfg, params, jax.random.key(7), num, steps)
+    res = rollout.evaluate(cfg, params, jax.random.key(7), num, steps, latents=True)
     assert res["returns"] == plain["returns"] and res["env_steps"] == plain["env_steps"]
+    assert 0 < res["env_steps"] < num * steps  # the episodes end inside the window: the mask's end is tested
     lat = res["latents"]
     assert lat["mean"].shape == lat["logvar"].shape == (num * steps, cfg.vae.latent) and lat["valid"].shape == (num * steps,)
     valid = lat["valid"].reshape(num, steps)
@@ -416,7 +417,7 @@ def test_evaluation_rollout_returns_the_visited_posteriors(agent):
         assert valid[e, :n].all() and not valid[e, n:].any()
     key_reset, _ = jax.random.split(jax.random.split(jax.random.fold_in(jax.random.key(7), 0), num)[0])
     obs, _ = PixelCartPole().reset(key_reset, PixelCartPole().default_params)
-    mean0, logvar0 = vae.encode(cfg.vae, ag.params["vae"], obs[None])
+    mean0, logvar0 = vae.encode(cfg.vae, params["vae"], obs[None])
     np.testing.assert_allclose(lat["mean"][0], np.asarray(mean0[0]), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(lat["logvar"][0], np.asarray(logvar0[0]), rtol=1e-5, atol=1e-5)
 
@@ -522,14 +523,18 @@ def test_verifier_ablation_script(with_verifier, tmp_path, monkeypatch):
     spec.loader.exec_module(mod)
     run = tmp_path / "run"
     shutil.copytree(with_verifier[0], run)
+    (run / "ablation").mkdir()
+    old = {"mode": "off", "tau": 1.0, "horizon": 4, "generations": 1, "real_return_mean": 7.0, "real_return_std": 0.0,
+           "real_return_min": 7.0, "dream_real_corr": None, "best_check": 7.0, "real_env_steps_checks": 0, "seed": 0}
+    (run / "ablation" / "cells.jsonl").write_text(json.dumps(old) + "\n")  # a cell stored before grounding existed
     args = ["verifier_ablation.py", str(run), "--modes", "off", "cutoff", "--taus", "1.0", "--horizons", "4",
             "--groundings", "0.0", "0.5", "--generations", "1", "--held-out-episodes", "4", "2",
             "--out", str(tmp_path / "out")]
     monkeypatch.setattr(sys, "argv", args)
     mod.main()
     md = (tmp_path / "out" / "ablation.md").read_text()
-    for cell in ("| off | 1.0 | 4 | 0.0 |", "| cutoff | 1.0 | 4 | 0.0 |", "| off | 1.0 | 4 | 0.5 |"):
-        assert cell in md
+    for cell in ("| off | 1.0 | 4 | 0.0 | s0: 7.0 +- 0.0 |", "| cutoff | 1.0 | 4 | 0.0 |", "| off | 1.0 | 4 | 0.5 |"):
+        assert cell in md  # the old cell counts as grounding 0.0 and is not run again
     assert (tmp_path / "out" / "drift.png").stat().st_size > 0
     result = json.loads((tmp_path / "out" / "ablation.json").read_text())[0]
     assert result["report"]["drift"]["agent"]["latent_mse"][0] == 0.0

@@ -130,6 +130,11 @@ class ControllerConfig:
         _positive(self, "mlp_hidden")
 
 
+def grounded_count(share: float, rollouts: int) -> int:
+    """How many of `rollouts` dreams a grounding share starts from real-check states (halves round up)."""
+    return int(share * rollouts + 0.5)
+
+
 @dataclass(frozen=True)
 class EvolveConfig:
     population: int = 64  # Ha
@@ -152,6 +157,9 @@ class EvolveConfig:
         _positive(self, "sigma", "generations", "rollouts", "horizon", "tau", "gens_per_call", "check_every", "check_episodes")
         if not 0.0 <= self.grounding <= 1.0:
             raise ConfigError(f"EvolveConfig.grounding must be in [0, 1], got {self.grounding!r}")
+        if self.grounding > 0 and grounded_count(self.grounding, self.rollouts) == 0:
+            raise ConfigError(f"EvolveConfig.grounding={self.grounding!r} of {self.rollouts} rollouts grounds no dream "
+                              f"(it rounds to 0); use at least {0.5 / self.rollouts:.3g}")
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from wm_jax import controller, precision, sharding, transition, verifier
-from wm_jax.config import Config
+from wm_jax.config import Config, grounded_count
 
 
 def _dream(
@@ -84,12 +84,13 @@ def draw_grounded_starts(
     key: jax.Array, mean: jax.Array, logvar: jax.Array, num: int, pool: tuple[jax.Array, jax.Array, jax.Array] | None,
     share: float,
 ) -> jax.Array:
-    """`num` start latents: round(share * num) of them drawn from `pool` = (mean, logvar, valid)
-    (rows with valid 0 are never drawn), the rest from the stored posteriors as `draw_starts`.
+    """`num` start latents: config.grounded_count(share, num) of them (share * num, halves up) drawn
+    from `pool` = (mean, logvar, valid) (rows with valid 0 are never drawn), the rest from the
+    stored posteriors as `draw_starts`, which come first.
 
     With no pool or no grounded start this is `draw_starts` bit for bit.
     """
-    n_pool = 0 if pool is None else int(round(share * num))
+    n_pool = 0 if pool is None else grounded_count(share, num)
     if n_pool == 0:
         return draw_starts(key, mean, logvar, num)
     p_mean, p_logvar, p_valid = pool

@@ -72,7 +72,10 @@ def evolve(
     real_check(key, ctrl) -> {"return_mean", "env_steps", ...} runs the candidate for real; with
     cfg.evolve.grounding > 0 it must also return "latents" (rollout.evaluate(..., latents=True)):
     the states it reached become the pool that share of the dreams starts from, until the next
-    check (before the first check, the pool is a random draw of the stored posteriors).
+    check. Before the first check (and at the start of every call: a later round starts afresh)
+    the pool is a random draw of the stored posteriors, check_episodes x cfg.eval.max_steps rows,
+    the shape of the pipeline's checks (another shape compiles the generation loop once more). A
+    check's dream_return is scored like the generations before it: on the previous check's pool.
     `horizon` overrides cfg.evolve.horizon (the extra rounds' dreams may be longer); k_params are
     the verifier's parameters, needed when cfg.verifier.mode is not "off".
     Every check_every generations (and at the end) the CMA-ES mean is checked for real; the
