@@ -124,6 +124,9 @@ def run_seed(run: Path, args) -> dict:
         with open(cells_path, "a") as f:
             f.write(json.dumps(pipeline._finite_or_none(res)) + "\n")
         done.append(res)
+        # Every cell compiles its own programs (the config is a static argument); without this a long
+        # grid piles them up until LLVM cannot map more memory for the next compile.
+        jax.clear_caches()
     wanted = [c for c in done if c["generations"] == args.generations]  # this and earlier invocations' cells
     return {"seed": cfg.seed, "report": report, "cells": wanted, "real_env_steps_data": int(len(m_arrays["mean"]))}
 
