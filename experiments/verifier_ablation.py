@@ -29,7 +29,7 @@ import jax
 import numpy as np
 
 from wm_jax import data, drift, evolve, pipeline, rollout, transition, vae, verifier
-from wm_jax.config import Config
+from wm_jax.config import Config, ConfigError
 
 
 def _load(run: Path):
@@ -194,20 +194,13 @@ def plot(results: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def _share(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"a grounding share is in [0, 1], got {value}")
-    return value
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("runs", nargs="+", type=Path)
     p.add_argument("--modes", nargs="+", default=["off", "weight", "cutoff"], choices=["off", "weight", "cutoff"])
     p.add_argument("--taus", nargs="+", type=float, default=[1.0, 1.15, 1.3])
     p.add_argument("--horizons", nargs="+", type=int, default=[15, 30, 60])
-    p.add_argument("--groundings", nargs="+", type=_share, default=[0.0],
+    p.add_argument("--groundings", nargs="+", type=float, default=[0.0],
                    help="EvolveConfig.grounding shares (0: off; the mitigation's axis)")
     p.add_argument("--generations", type=int, default=60)
     p.add_argument("--held-out-episodes", nargs=2, type=int, default=[200, 20], metavar=("RANDOM", "AGENT"))
@@ -216,6 +209,12 @@ def main() -> None:
     for run in args.runs:
         if not (run / "agent.json").exists():
             p.error(f"{run}: not a finished run (no agent.json)")
+        evolve_cfg = Config.from_dict(json.loads((run / "config.json").read_text())).evolve
+        for grounding in args.groundings:  # EvolveConfig's own rule, before any work
+            try:
+                dataclasses.replace(evolve_cfg, grounding=grounding)
+            except ConfigError as e:
+                p.error(f"--groundings: {e}")
     results = [run_seed(run, args) for run in args.runs]
     args.out.mkdir(parents=True, exist_ok=True)
     pipeline._write_json(args.out / "ablation.json", results)

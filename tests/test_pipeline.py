@@ -565,3 +565,19 @@ def test_mitigations_script(with_verifier, tmp_path, monkeypatch):
     saved = json.loads((tmp_path / "out" / "mitigations.json").read_text())
     assert [s["seed"] for s in saved["seeds"]] == [SMOKE.seed] * 2
     assert (runs[1] / "mitigations" / "input_dropout_0.2" / "checkpoints").is_dir()
+
+
+@pytest.mark.parametrize("share", ["1.5", "0.2"])  # out of [0, 1]; 0.2 of the smoke preset's 2 rollouts is no dream
+def test_verifier_ablation_rejects_a_bad_grounding_before_any_work(with_verifier, tmp_path, monkeypatch, capsys, share):
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("verifier_ablation", Path(__file__).parents[1] / "experiments" / "verifier_ablation.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    monkeypatch.setattr(mod, "run_seed", _raise("run_seed"))
+    monkeypatch.setattr(sys, "argv", ["verifier_ablation.py", str(with_verifier[0]), "--groundings", share,
+                                      "--out", str(tmp_path / "out")])
+    with pytest.raises(SystemExit) as exc:
+        mod.main()
+    assert exc.value.code == 2 and "--groundings" in capsys.readouterr().err and not (tmp_path / "out").exists()

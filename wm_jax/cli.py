@@ -121,9 +121,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         cfg = dataclasses.replace(cfg, rounds=dataclasses.replace(cfg.rounds, rounds=args.rounds))
     if args.verifier is not None:
         cfg = dataclasses.replace(cfg, verifier=dataclasses.replace(cfg.verifier, mode=args.verifier))
-    name = cfg.preset + (f"-s{cfg.seed}" if cfg.seed else "") + ("" if args.precision == "fp32" else f"-{args.precision}")
     if args.grounding is not None:
         cfg = dataclasses.replace(cfg, evolve=dataclasses.replace(cfg.evolve, grounding=args.grounding))
+    name = cfg.preset + (f"-s{cfg.seed}" if cfg.seed else "") + ("" if args.precision == "fp32" else f"-{args.precision}")
     name += "" if cfg.verifier.mode == "off" else f"-k{cfg.verifier.mode}"
     name += f"-g{cfg.evolve.grounding:g}" if cfg.evolve.grounding else ""
     out = Path(args.out) if args.out else Path("runs") / name
