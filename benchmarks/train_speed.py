@@ -2,7 +2,7 @@
 
     python benchmarks/train_speed.py [--preset cpu] [--chunks 3] [--json PATH]
 
-Times the library's own jitted chunk (wm_jax.train._run_chunk, what `fit` runs) on 200 random
+Times the library's own jitted chunk (wm_jax.train.run_chunk, what `fit` runs) on 200 random
 episodes, after one warm-up chunk that compiles.
 """
 
@@ -25,12 +25,12 @@ def _time(cfg_train, loss_fn, sample_fn, d, params, chunks: int) -> dict:
     state = train.init_state(cfg_train, params)
     key = jax.random.key(0)
     t0 = time.perf_counter()
-    state, _ = train._run_chunk(cfg_train, loss_fn, sample_fn, cfg_train.chunk, key, d, state)
+    state, _ = train.run_chunk(cfg_train.hyper(), loss_fn, sample_fn, cfg_train.chunk, key, d, state)
     jax.block_until_ready(state.params)
     compile_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     for _ in range(chunks):
-        state, _ = train._run_chunk(cfg_train, loss_fn, sample_fn, cfg_train.chunk, key, d, state)
+        state, _ = train.run_chunk(cfg_train.hyper(), loss_fn, sample_fn, cfg_train.chunk, key, d, state)
     jax.block_until_ready(state.params)
     seconds = time.perf_counter() - t0
     steps = chunks * cfg_train.chunk

@@ -1,8 +1,8 @@
 """Tests for C (wm_jax.controller), the dream (wm_jax.dream) and CMA-ES in the dream (wm_jax.evolve).
 
-Tiny configs only: the smoke preset and `dataclasses.replace` variants of it. Tests that
-monkeypatch `dream._score_population` each use a config no other test uses, because the jitted
-`dream.score_population` caches its trace per (static) config.
+Tiny configs only: the smoke preset and `dataclasses.replace` variants of it. Searches with a
+known objective pass their own `score` and `check` functions to evolve (static arguments of the
+jitted period, so each such function is traced on its own).
 """
 
 from __future__ import annotations
@@ -160,7 +160,7 @@ def _check_trajectory(traj, ret, horizon=H):
 
 def test_dream_shapes_and_masking(m_params, ctrl, posteriors):
     start = posteriors[0][0]
-    traj, ret = dream.dream(SMOKE, jax.random.key(4), m_params, ctrl, start, H, 1.0)
+    traj, ret = dream.dream(SMOKE, jax.random.key(4), m_params, ctrl, start, H)
     traj = _check_trajectory(traj, ret)
     np.testing.assert_array_equal(traj["z"][0], np.asarray(start))  # z[0] is the start latent
 
@@ -172,7 +172,7 @@ def test_dream_ha_rule_mid_episode(m_params, ctrl, posteriors):
     horizon = 16
     death_steps = []
     for i in range(12):
-        traj, ret = dream.dream(SMOKE, jax.random.key(100 + i), params, ctrl, posteriors[0][i], horizon, 1.0)
+        traj, ret = dream.dream(SMOKE, jax.random.key(100 + i), params, ctrl, posteriors[0][i], horizon)
         traj = _check_trajectory(traj, ret, horizon)
         dead = np.nonzero(traj["alive"] == 0)[0]
         if dead.size:
@@ -187,7 +187,7 @@ def test_dream_done_head_extremes(m_params, ctrl, posteriors, done_bias, expecte
     params = _with(params, ("done_head", "bias"), jnp.full((1,), done_bias))
     params = _with(params, ("reward_head", "kernel"), jnp.zeros((HIDDEN, 1)))
     params = _with(params, ("reward_head", "bias"), jnp.ones((1,)))  # reward 1 per live step
-    traj, ret = dream.dream(SMOKE, jax.random.key(5), params, ctrl, posteriors[0][0], H, 1.0)
+    traj, ret = dream.dream(SMOKE, jax.random.key(5), params, ctrl, posteriors[0][0], H)
     traj = _check_trajectory(traj, ret)
     np.testing.assert_array_equal(traj["alive"], expected_alive)
     np.testing.assert_allclose(traj["reward"], expected_alive, rtol=1e-6)
@@ -196,9 +196,9 @@ def test_dream_done_head_extremes(m_params, ctrl, posteriors, done_bias, expecte
 
 def test_dream_determinism(m_params, ctrl, posteriors):
     start = posteriors[0][3]
-    a, ra = dream.dream(SMOKE, jax.random.key(6), m_params, ctrl, start, H, 1.0)
-    b, rb = dream.dream(SMOKE, jax.random.key(6), m_params, ctrl, start, H, 1.0)
-    c, _ = dream.dream(SMOKE, jax.random.key(7), m_params, ctrl, start, H, 1.0)
+    a, ra = dream.dream(SMOKE, jax.random.key(6), m_params, ctrl, start, H)
+    b, rb = dream.dream(SMOKE, jax.random.key(6), m_params, ctrl, start, H)
+    c, _ = dream.dream(SMOKE, jax.random.key(7), m_params, ctrl, start, H)
     for k in a:
         np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]), err_msg=k)
     assert float(ra) == float(rb)
@@ -208,12 +208,11 @@ def test_dream_determinism(m_params, ctrl, posteriors):
 
 def test_dream_temperature_changes_samples(m_params, ctrl, posteriors):
     start = posteriors[0][3]
-    a, _ = dream.dream(SMOKE, jax.random.key(6), m_params, ctrl, start, H, 1.0)
-    b, _ = dream.dream(SMOKE, jax.random.key(6), m_params, ctrl, start, H, 0.5)
+    a, _ = dream.dream(SMOKE, jax.random.key(6), m_params, ctrl, start, H)
+    b, _ = dream.dream(_replace(SMOKE, evolve={"tau": 0.5}), jax.random.key(6), m_params, ctrl, start, H)
     assert not np.allclose(np.asarray(a["z"][1:]), np.asarray(b["z"][1:]))
 
 
-_score_one = jax.jit(dream._score_population, static_argnums=(0, 6, 7))
 ROLLOUTS = SMOKE.evolve.rollouts  # 2: the smoke config's static shapes, so compiled scorers are shared
 
 
@@ -224,7 +223,7 @@ def scored(m_params, posteriors):
     pop = 0.5 * jax.random.normal(jax.random.key(8), (6, dims))
     key = jax.random.key(9)
     mean, logvar = posteriors
-    scores = np.asarray(dream.score_population(SMOKE, key, m_params, pop, mean, logvar, ROLLOUTS, H, 1.0))
+    scores = np.asarray(dream.score_population(SMOKE, key, m_params, pop, mean, logvar, ROLLOUTS, H))
     return pop, key, scores
 
 
@@ -234,14 +233,14 @@ def test_score_population_matches_one_candidate_at_a_time(m_params, posteriors, 
     mean, logvar = posteriors
     assert full.shape == (6,) and np.isfinite(full).all()
     loop = np.array([
-        float(_score_one(SMOKE, key, m_params, pop[i : i + 1], mean, logvar, ROLLOUTS, H, jnp.float32(1.0))[0])
+        float(dream.score_population(SMOKE, key, m_params, pop[i : i + 1], mean, logvar, ROLLOUTS, H)[0])
         for i in range(pop.shape[0])
     ])
     np.testing.assert_allclose(full, loop, rtol=1e-5, atol=1e-6)
     assert np.unique(np.round(full, 5)).size > 1  # candidates differ: the comparison is not vacuous
     # permuting the population permutes the scores
     perm = np.array([3, 0, 5, 1, 4, 2])
-    permuted = np.asarray(dream.score_population(SMOKE, key, m_params, pop[perm], mean, logvar, ROLLOUTS, H, 1.0))
+    permuted = np.asarray(dream.score_population(SMOKE, key, m_params, pop[perm], mean, logvar, ROLLOUTS, H))
     np.testing.assert_allclose(permuted, full[perm], rtol=1e-5, atol=1e-6)
 
 
@@ -253,7 +252,7 @@ def test_score_population_is_mean_of_dreams(m_params, posteriors, scored):
     starts = dream.draw_starts(key_s, mean, logvar, ROLLOUTS)
     keys = jax.random.split(key_d, ROLLOUTS)
     for i in range(2):
-        rets = [float(dream.dream(SMOKE, keys[r], m_params, pop[i], starts[r], H, 1.0)[1]) for r in range(ROLLOUTS)]
+        rets = [float(dream.dream(SMOKE, keys[r], m_params, pop[i], starts[r], H)[1]) for r in range(ROLLOUTS)]
         assert scores[i] == pytest.approx(np.mean(rets), rel=1e-5, abs=1e-6)
 
 
@@ -297,38 +296,59 @@ def test_score_population_rewards_the_right_action(posteriors):
     always1 = jnp.zeros((dims,)).at[-1].set(5.0)
     always0 = jnp.zeros((dims,)).at[-2].set(5.0)
     mean, logvar = posteriors
-    s = [float(dream.score_population(SMOKE, jax.random.key(13), m, c[None], mean, logvar, ROLLOUTS, H, 1.0)[0])
+    s = [float(dream.score_population(SMOKE, jax.random.key(13), m, c[None], mean, logvar, ROLLOUTS, H)[0])
          for c in (always1, always0)]
     np.testing.assert_allclose(s, [H * R_STEP, -H * R_STEP], rtol=1e-3)
 
 
+def _check_with(objective, env_steps: int = 0, latents=None):
+    """An evolve `check` (a pure function, traced into the period) returning objective(ctrl) as the
+    real return; latents(i_check) -> (mean, logvar, valid) of the visited states (default zeros)."""
+
+    def check(cfg, hp, key, world, ctrl):
+        rows = cfg.evolve.check_episodes * cfg.eval.max_steps
+        zeros = jnp.zeros((rows, world.starts[0].shape[-1]))
+        return {"return_mean": objective(ctrl), "env_steps": jnp.int32(env_steps),
+                "latents": (zeros, zeros, jnp.ones(rows)) if latents is None else latents(world, ctrl)}
+
+    return check
+
+
+def _world(m, starts):
+    return evolve.World(m_params=m, vae_params=None, starts=tuple(jnp.asarray(x) for x in starts))
+
+
 def test_evolve_in_dream_finds_the_rewarded_action(tmp_path, posteriors):
-    """End to end with the real dream: CMA-ES (minimising -return) must learn to pick action 1."""
-    cfg = _replace(SMOKE, evolve={"population": 8, "generations": 4, "gens_per_call": 2, "check_every": 2,
-                                  "rollouts": ROLLOUTS, "horizon": H, "sigma": 0.1})
+    """End to end with the real dream: CMA-ES (minimising -return) must learn to pick action 1.
+
+    Near the zero start every candidate's return is 0 up to rounding (ties) and the first action
+    follows the random start z, so a population of 8 with sigma 0.1 and 2 dreams each wanders on
+    float noise; 16 candidates with sigma 0.5 and 8 dreams each see the slope."""
+    cfg = _replace(SMOKE, evolve={"population": 16, "generations": 8, "gens_per_call": 2, "check_every": 2,
+                                  "rollouts": 8, "horizon": H, "sigma": 0.5})
     m = _action_rewarding_m()
     mean, logvar = posteriors
-    checked = []
 
-    def real_check(key, ctrl):
-        ret = float(dream.score_population(SMOKE, key, m, ctrl[None], mean, logvar, ROLLOUTS, H, 1.0)[0])
-        checked.append(ret)
-        return {"return_mean": ret, "env_steps": 3}
+    def check(cfg, hp, key, world, ctrl):  # the "real" return: the dream score of the checked mean
+        ret = evolve.score_candidates(cfg, hp, key, world, ctrl[None], None)[0]
+        return _check_with(lambda c: ret, env_steps=3)(cfg, hp, key, world, ctrl)
 
-    res = evolve.evolve(cfg, jax.random.key(14), m, (mean, logvar), real_check, tmp_path, generations=6, progress=False)
+    res = evolve.evolve(cfg, jax.random.key(14), _world(m, posteriors), tmp_path, progress=False, check=check)
     # the start (zeros) ties the logits, so argmax picks action 0 (return -H * R_STEP) or a mix
     assert res["history"][0]["dream_mean"] < 0.5 * H * R_STEP
     assert res["best_real"] > 0.8 * H * R_STEP, res["checks"]
     assert max(h["dream_max"] for h in res["history"]) > 0.8 * H * R_STEP
-    best_score = float(dream.score_population(SMOKE, jax.random.key(15), m, jnp.asarray(res["best"])[None], mean, logvar, ROLLOUTS, H, 1.0)[0])
-    assert best_score > 0.8 * H * R_STEP
+    # on 64 fresh dreams the kept controller picks action 1 in most (the zero start: none)
+    best_score = float(dream.score_population(cfg, jax.random.key(15), m, jnp.asarray(res["best"])[None], mean, logvar,
+                                              rollouts=64)[0])
+    assert best_score > 0.5 * H * R_STEP
     assert res["real_env_steps"] == 3 * len(res["checks"])
-    assert [c["generation"] for c in res["checks"]] == [2, 4, 6]  # `generations` overrides the config
-    assert res["best_real"] == max(checked)
+    assert [c["generation"] for c in res["checks"]] == [2, 4, 6, 8]
+    assert res["best_real"] == max(c["real_return"] for c in res["checks"])
 
 
 # ------------------------------------------------------------------------------------------------
-# evolve with a known objective (dream scoring monkeypatched)
+# evolve with a known objective (a toy score and check passed to the search)
 
 
 TOY_LATENT, TOY_HIDDEN = 2, 2
@@ -336,84 +356,143 @@ TOY_DIMS = (TOY_LATENT + TOY_HIDDEN) * 2 + 2  # 10
 TARGET = jnp.linspace(-0.5, 0.5, TOY_DIMS)
 
 
-def _fake_score(cfg, key, m_params, population, mean, logvar, rollouts, horizon, tau, k_params=None, pool=None):
+def _toy_score(cfg, hp, key, world, population, pool):
     """Dream 'return' = -||candidate - TARGET||^2: maximal (0) at TARGET."""
     return -jnp.sum(jnp.square(population - TARGET), axis=-1)
 
 
-def _toy_cfg(seed: int, **evolve_fields):
-    return _replace(SMOKE, seed=seed, transition={"hidden": TOY_HIDDEN}, evolve=evolve_fields)
+def _toy_distance(ctrl):
+    return -jnp.linalg.norm(ctrl - TARGET)
 
 
-def _toy_inputs():
-    m = transition.init(jax.random.key(16), _toy_cfg(0).transition, TOY_LATENT)
-    starts = (np.zeros((4, TOY_LATENT), np.float32), np.zeros((4, TOY_LATENT), np.float32))
-    return m, starts
+_TOY_CHECK = _check_with(_toy_distance, env_steps=5)
+
+
+def _toy_cfg(**evolve_fields):
+    return _replace(SMOKE, transition={"hidden": TOY_HIDDEN}, evolve=evolve_fields)
+
+
+def _toy_world():
+    m = transition.init(jax.random.key(16), _toy_cfg().transition, TOY_LATENT)
+    return _world(m, (np.zeros((4, TOY_LATENT), np.float32), np.zeros((4, TOY_LATENT), np.float32)))
 
 
 def _dist(x) -> float:
     return float(jnp.linalg.norm(jnp.asarray(x) - TARGET))
 
 
-def test_evolve_maximises_the_return(monkeypatch, tmp_path):
-    monkeypatch.setattr(dream, "_score_population", _fake_score)
-    # a config no other test traces (the jitted scorers cache per static config)
-    cfg = _toy_cfg(9001, population=16, generations=30, gens_per_call=5, check_every=10, sigma=0.1)
-    m, starts = _toy_inputs()
-    res = evolve.evolve(
-        cfg, jax.random.key(17), m, starts, lambda k, c: {"return_mean": -_dist(c), "env_steps": 0}, tmp_path,
-        progress=False,
-    )
+def test_evolve_maximises_the_return(tmp_path):
+    cfg = _toy_cfg(population=16, generations=30, gens_per_call=5, check_every=10, sigma=0.1)
+    res = evolve.evolve(cfg, jax.random.key(17), _toy_world(), tmp_path, progress=False, score=_toy_score,
+                        check=_TOY_CHECK)
     d0 = _dist(jnp.zeros(TOY_DIMS))
     assert _dist(res["best"]) < 0.2 * d0, (_dist(res["best"]), d0)
     assert res["best_real"] == pytest.approx(-_dist(res["best"]), rel=1e-5)
-    # dream_return at each check is the (fake) score of the CMA-ES mean, and it improves
+    # dream_return at each check is the (toy) score of the CMA-ES mean, and it improves
     dream_returns = [c["dream_return"] for c in res["checks"]]
     assert dream_returns[-1] > dream_returns[0]
     assert dream_returns[-1] > -(0.2 * d0) ** 2
     assert res["history"][-1]["dream_max"] > res["history"][0]["dream_max"]
     for h in res["history"]:
         assert h["dream_max"] >= h["dream_mean"]
-    assert res["real_env_steps"] == 0
+    assert res["real_env_steps"] == 5 * len(res["checks"])
 
 
-def test_evolve_check_schedule_and_log(monkeypatch, tmp_path):
-    monkeypatch.setattr(dream, "_score_population", _fake_score)
-    cfg = _toy_cfg(9002, population=4, generations=7, gens_per_call=2, check_every=3)
-    m, starts = _toy_inputs()
-    (tmp_path / "evolve.jsonl").write_text('{"generation": 99}\n')  # a previous run's log is replaced
-    calls = []
-
-    def real_check(key, ctrl):
-        calls.append(np.asarray(ctrl))
-        return {"return_mean": -_dist(ctrl), "env_steps": 5}
-
-    res = evolve.evolve(cfg, jax.random.key(18), m, starts, real_check, tmp_path, progress=False)
+def test_evolve_check_schedule_and_log(tmp_path):
+    cfg = _toy_cfg(population=4, generations=7, gens_per_call=2, check_every=3)
+    (tmp_path / "evolve.jsonl").write_text('{"generation": 99}\n')  # a previous search's log is replaced
+    res = evolve.evolve(cfg, jax.random.key(18), _toy_world(), tmp_path, progress=False, score=_toy_score,
+                        check=_TOY_CHECK)
     # checks every check_every generations, and at the end
     assert [c["generation"] for c in res["checks"]] == [3, 6, 7]
     assert [h["generation"] for h in res["history"]] == list(range(1, 8))
-    assert len(calls) == 3 and res["real_env_steps"] == 15
+    assert res["real_env_steps"] == 15
     lines = [json.loads(line) for line in (tmp_path / "evolve.jsonl").read_text().splitlines()]
-    assert [e["generation"] for e in lines] == [3, 6, 7]
-    for entry, check in zip(lines, res["checks"]):
-        assert entry["dream_return"] == pytest.approx(check["dream_return"])
-        assert entry["real_return"] == pytest.approx(check["real_return"])
-        assert entry["dream_return"] == pytest.approx(-_dist(calls[lines.index(entry)]) ** 2, rel=1e-4)
-        assert {"dream_mean", "dream_max"} <= entry.keys()
+    assert lines == res["checks"]
+    for entry in lines:
+        # the check's dream return is the toy score of the mean, its real return the toy distance
+        assert entry["dream_return"] == pytest.approx(-(entry["real_return"] ** 2), rel=1e-4)
+        assert {"dream_mean", "dream_max", "env_steps", "grounding_states"} <= entry.keys()
+    gens = [json.loads(line) for line in (tmp_path / "generations.jsonl").read_text().splitlines()]
+    assert gens == res["history"]
     # the best is the checked mean with the highest real return
-    best_i = int(np.argmax([c["real_return"] for c in res["checks"]]))
-    np.testing.assert_array_equal(res["best"], calls[best_i])
+    assert res["best_real"] == max(c["real_return"] for c in res["checks"])
+    assert res["best_real"] == pytest.approx(-_dist(res["best"]), rel=1e-5)
 
 
-def test_evolve_init_mean_is_the_starting_point(monkeypatch, tmp_path):
-    monkeypatch.setattr(dream, "_score_population", _fake_score)
-    cfg = _toy_cfg(9003, population=4, generations=1, gens_per_call=1, check_every=1, sigma=1e-3)
-    m, starts = _toy_inputs()
-    res = evolve.evolve(
-        cfg, jax.random.key(19), m, starts, lambda k, c: {"return_mean": -_dist(c), "env_steps": 0}, tmp_path,
-        init_mean=TARGET, progress=False,
-    )
+def test_evolve_init_mean_is_the_starting_point(tmp_path):
+    cfg = _toy_cfg(population=4, generations=1, gens_per_call=1, check_every=1, sigma=1e-3)
+    res = evolve.evolve(cfg, jax.random.key(19), _toy_world(), tmp_path, init_mean=TARGET, progress=False,
+                        score=_toy_score, check=_TOY_CHECK)
     assert _dist(res["best"]) < 1e-2
+
+
+def _count_traces():
+    traces = []
+
+    def score(cfg, hp, key, world, population, pool):
+        traces.append(1)  # runs once per trace, never per call
+        return _toy_score(cfg, hp, key, world, population, pool)
+
+    return score, traces
+
+
+def test_new_traced_hyperparameters_do_not_compile_again(tmp_path):
+    """tau, sigma, the verifier threshold and the grounding share are traced: a search with new
+    values reuses the compiled period (the score function is traced once, not once per value)."""
+    score, traces = _count_traces()
+    base = _toy_cfg(population=4, generations=2, gens_per_call=2, check_every=2)
+    results = []
+    for i, (tau, sigma, share, threshold) in enumerate([(1.0, 0.1, 0.0, 0.5), (1.3, 0.3, 0.5, 0.7)]):
+        cfg = _replace(base, evolve={"tau": tau, "sigma": sigma, "grounding": share},
+                       verifier={"threshold": threshold})
+        results.append(evolve.evolve(cfg, jax.random.key(21), _toy_world(), tmp_path / str(i), progress=False,
+                                     score=score, check=_TOY_CHECK))
+    # period traces the score twice (generations and the check of the mean); init never
+    assert len(traces) == 2
+    assert results[0]["history"] != results[1]["history"]  # sigma did change the search
+    # a static field (the population) is a new program
+    evolve.evolve(_replace(base, evolve={"population": 6}), jax.random.key(21), _toy_world(), tmp_path / "p",
+                  progress=False, score=score, check=_TOY_CHECK)
+    assert len(traces) == 4
+
+
+def test_traced_hyperparameter_read_from_the_static_config_is_named():
+    with pytest.raises(TypeError, match="Config.evolve.tau is a traced hyperparameter"):
+        float(SMOKE.static().evolve.tau)
+    assert SMOKE.static() == _replace(SMOKE, evolve={"tau": 1.7, "sigma": 0.5}).static()
+    assert SMOKE.static() != _replace(SMOKE, evolve={"horizon": 9}).static()
+
+
+def test_evolve_resumes_after_a_kill_with_the_same_result(tmp_path, monkeypatch):
+    """A search killed after its first period resumes from the checkpoint and ends bit for bit
+    where an uninterrupted one does (history, checks, best)."""
+    cfg = _toy_cfg(population=4, generations=6, gens_per_call=2, check_every=2)
+    whole = evolve.evolve(cfg, jax.random.key(22), _toy_world(), tmp_path / "whole", progress=False,
+                          score=_toy_score, check=_TOY_CHECK)
+
+    from wm_jax import checkpoint
+
+    real_save, saves = checkpoint.save, []
+
+    def save_then_die(mngr, step, state, config):
+        real_save(mngr, step, state, config)
+        saves.append(step)
+        if len(saves) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        evolve.evolve(cfg, jax.random.key(22), _toy_world(), tmp_path / "cut", progress=False, score=_toy_score,
+                      check=_TOY_CHECK)
+    with open(tmp_path / "cut" / "generations.jsonl", "a") as f:
+        f.write('{"generation": 5, "dream_m')  # a torn line, as a kill mid-write leaves
+    monkeypatch.setattr(checkpoint, "save", real_save)
+    resumed = evolve.evolve(cfg, jax.random.key(22), _toy_world(), tmp_path / "cut", progress=False,
+                            score=_toy_score, check=_TOY_CHECK)
+    assert resumed["history"] == whole["history"] and resumed["checks"] == whole["checks"]
+    np.testing.assert_array_equal(resumed["best"], whole["best"])
+    assert resumed["best_real"] == whole["best_real"] and resumed["real_env_steps"] == whole["real_env_steps"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -434,6 +513,8 @@ def test_draw_grounded_starts_mixes_the_pools(share, n_pool):
     assert starts.shape == (4, LATENT)
     np.testing.assert_allclose(starts[: 4 - n_pool], -100.0, atol=1e-3)  # the stored posteriors first
     np.testing.assert_allclose(starts[4 - n_pool:], 100.0, atol=1e-3)  # then the pool's valid rows only
+    # the stored rows are draw_starts' own
+    np.testing.assert_array_equal(starts[: 4 - n_pool], np.asarray(dream.draw_starts(jax.random.key(3), *stored, 4))[: 4 - n_pool])
 
 
 @pytest.mark.parametrize("pool_given, share", [(False, 0.5), (True, 0.0), (True, 0.1)])  # 0.1 * 4 rounds to 0
@@ -446,7 +527,7 @@ def test_draw_grounded_starts_without_grounding_is_draw_starts(pool_given, share
 
 def test_score_population_with_zero_grounding_ignores_the_pool(m_params, posteriors):
     pop = jax.random.normal(jax.random.key(5), (4, controller.num_params(SMOKE.controller, LATENT, HIDDEN)))
-    args = (jax.random.key(6), m_params, pop, *posteriors, ROLLOUTS, H, 1.0)
+    args = (jax.random.key(6), m_params, pop, *posteriors, ROLLOUTS, H)
     pool = (posteriors[0] + 5.0, posteriors[1], jnp.ones(posteriors[0].shape[0]))
     base = np.asarray(dream.score_population(SMOKE, *args))
     np.testing.assert_array_equal(np.asarray(dream.score_population(SMOKE, *args, None, pool)), base)
@@ -454,37 +535,34 @@ def test_score_population_with_zero_grounding_ignores_the_pool(m_params, posteri
     assert not np.array_equal(grounded, base)  # the pool's starts are used
 
 
-def _pool_score(cfg, key, m_params, population, mean, logvar, rollouts, horizon, tau, k_params=None, pool=None):
-    """Every candidate scores the mean of the pool's valid latents: the fitness shows which pool evolve passed."""
+def _pool_score(cfg, hp, key, world, population, pool):
+    """Every candidate scores the mean of the pool's valid latents: the fitness shows which pool the period used."""
     p_mean, _, valid = pool
     return jnp.zeros(population.shape[0]) + jnp.sum(p_mean[:, 0] * valid) / jnp.sum(valid)
 
 
-def test_evolve_grounding_dreams_from_the_last_checks_states(monkeypatch, tmp_path):
-    monkeypatch.setattr(dream, "_score_population", _pool_score)
-    cfg = _toy_cfg(9004, population=4, generations=6, gens_per_call=2, check_every=2, grounding=0.5,
-                   check_episodes=1)
+def test_evolve_grounding_dreams_from_the_last_checks_states(tmp_path):
+    cfg = _toy_cfg(population=4, generations=6, gens_per_call=2, check_every=2, grounding=0.5, check_episodes=1)
     cfg = _replace(cfg, eval={"max_steps": 5})
-    m, starts = _toy_inputs()  # stored starts are all 0: the first pool is drawn from them
-    calls = []
 
-    def real_check(key, ctrl):
-        i = len(calls)
-        calls.append(np.asarray(ctrl))
-        mean = np.full((5, TOY_LATENT), float(i + 1), np.float32)
-        mean[3:] = 1e6  # steps after the episode's end: never used
-        return {"return_mean": -_dist(ctrl), "env_steps": 3,
-                "latents": {"mean": mean, "logvar": np.zeros_like(mean), "valid": np.array([1, 1, 1, 0, 0], np.float32)}}
+    def check(cfg, hp, key, world, ctrl):
+        # The i-th check (i from the key: checks fold their generation in) reports 3 valid states at
+        # i; the padding after the episode's end (valid 0) is far away and must never be used.
+        i = jax.random.randint(key, (), 0, 1000).astype(jnp.float32)
+        mean = jnp.full((5, TOY_LATENT), 1e6).at[:3].set(i)
+        return {"return_mean": _toy_distance(ctrl), "env_steps": jnp.int32(3),
+                "latents": (mean, jnp.zeros_like(mean), jnp.asarray([1.0, 1.0, 1.0, 0.0, 0.0]))}
 
-    res = evolve.evolve(cfg, jax.random.key(20), m, starts, real_check, tmp_path, progress=False)
-    # generations 1-2 dream from the stored starts (all 0), then from the previous check's states
-    np.testing.assert_allclose([h["dream_mean"] for h in res["history"]], [0, 0, 1, 1, 2, 2], atol=1e-5)
-    np.testing.assert_allclose([c["dream_return"] for c in res["checks"]], [0, 1, 2], atol=1e-5)
+    res = evolve.evolve(cfg, jax.random.key(20), _toy_world(), tmp_path, progress=False, score=_pool_score,
+                        check=check)
+    # generations 1-2 dream from the first pool (a draw of the stored starts: all 0), then each
+    # period from the states its previous check reached
+    _, key_run = jax.random.split(jax.random.key(20))
+    marks = [float(jax.random.randint(jax.random.fold_in(jax.random.fold_in(key_run, 10_000_000 + g), 1), (), 0, 1000))
+             for g in (2, 4, 6)]
+    np.testing.assert_allclose([h["dream_mean"] for h in res["history"]], [0, 0, marks[0], marks[0], marks[1], marks[1]])
+    np.testing.assert_allclose([c["dream_return"] for c in res["checks"]], [0, marks[0], marks[1]])
     assert [c["grounding_states"] for c in res["checks"]] == [3, 3, 3]
-
-    with pytest.raises(ValueError, match="grounding.*latents"):
-        evolve.evolve(cfg, jax.random.key(20), m, starts, lambda k, c: {"return_mean": 0.0, "env_steps": 0},
-                      tmp_path, progress=False)
 
 
 def test_grounding_share_is_validated():
@@ -533,8 +611,8 @@ def test_bfloat16_dream_matches_float32():
     tcfg = _replace(SMOKE, transition={"train": dataclasses.replace(SMOKE.transition.train, batch=16, lr=3e-3)}).transition
     d = {k: jnp.asarray(v) for k, v in _walls().items()}
     state = train_lib.init_state(tcfg.train, transition.init(jax.random.key(0), tcfg, LATENT))
-    state, metrics = train_lib._run_chunk(
-        tcfg.train, lambda p, k, b, s: transition.loss(tcfg, p, b),
+    state, metrics = train_lib.run_chunk(
+        tcfg.train.hyper(), lambda p, k, b, s: transition.loss(tcfg, p, b),
         lambda k, dd: transition.sequence_batch(k, dd, tcfg.train.batch, tcfg.seq_len), 300, jax.random.key(1), d, state,
     )
     loss = np.asarray(metrics["loss"])

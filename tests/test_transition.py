@@ -445,7 +445,7 @@ def test_bfloat16_training_keeps_float32_state_and_lowers_the_loss(cfg):
     def sample_fn(k, dd):
         return transition.sequence_batch(k, dd, bcfg.train.batch, bcfg.seq_len)
 
-    state, metrics = train_lib._run_chunk(bcfg.train, loss_fn, sample_fn, 100, jax.random.key(1), d, state)
+    state, metrics = train_lib.run_chunk(bcfg.train.hyper(), loss_fn, sample_fn, 100, jax.random.key(1), d, state)
     loss = np.asarray(metrics["loss"])
     assert np.isfinite(loss).all() and bool(np.asarray(metrics["finite"]).all())
     assert loss[-20:].mean() < 0.8 * loss[:20].mean(), (loss[:20].mean(), loss[-20:].mean())

@@ -1,16 +1,28 @@
 """Frozen, validated configuration: one dataclass per component and the three presets.
 
-Sizes and step counts are static (they shape the XLA program); they are plain Python values,
-checked once at construction. Nothing here is ever mutated: derive variants with
-`dataclasses.replace` (validation runs again).
+Two kinds of field (rejax's split, evosax's strategy vs params):
+- static: sizes, step counts, horizons, population, modes. They shape the XLA program, so jitted
+  functions take them as a static argument and a new value compiles a new program.
+- traced (declared with `traced(...)`): float hyperparameters such as tau, CMA-ES sigma, learning
+  rates, the verifier's threshold and the grounding share. `cfg.hyper()` returns them as a nested
+  dict pytree of float32 arrays that jit traces: a new value reuses the compiled program, and a
+  grid of values is one `jax.vmap`. `cfg.static()` is the config a jitted function is keyed on:
+  every traced field replaced by a `Traced` marker, so that two configs differing only in traced
+  values hit one compile cache entry, and code that reads a traced value from the static config
+  fails with the field's name instead of silently baking it in.
+Both kinds are plain Python values here, checked once at construction. Nothing is ever mutated:
+derive variants with `dataclasses.replace` (validation runs again).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 from dataclasses import dataclass, field
 from typing import Any
+
+import jax.numpy as jnp
 
 
 class ConfigError(ValueError):
@@ -34,6 +46,62 @@ def _non_negative(obj: Any, *names: str) -> None:
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
+def traced(default: float) -> Any:
+    """A traced float field: it travels in `cfg.hyper()`, not in the static config."""
+    return field(default=default, metadata={"traced": True})
+
+
+class Traced:
+    """Stands in for a traced field in `cfg.static()`. Equal (and hashing equal) to every marker of
+    the same field, so the static config ignores the value; any use of it as a number fails."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Traced) and other.path == self.path
+
+    def __hash__(self) -> int:
+        return hash(("Traced", self.path))
+
+    def __repr__(self) -> str:
+        return f"Traced({self.path!r})"
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError(f"{self.path} is a traced hyperparameter: read it from the hyper pytree (cfg.hyper()), "
+                        f"not from the static config")
+
+    __float__ = __int__ = __bool__ = __index__ = __neg__ = __abs__ = _refuse
+    __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = __truediv__ = __rtruediv__ = _refuse
+    __pow__ = __rpow__ = __lt__ = __le__ = __gt__ = __ge__ = __array__ = __jax_array__ = _refuse
+
+
+class _Section:
+    """static() / hyper() for a config dataclass and the config dataclasses inside it."""
+
+    def static(self, _path: str = "") -> Any:
+        """This config with every traced field (here and below) replaced by its `Traced` marker."""
+        out = copy.copy(self)  # not dataclasses.replace: the markers would fail validation
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value, path = getattr(self, f.name), f"{_path or type(self).__name__}.{f.name}"
+            if f.metadata.get("traced"):
+                object.__setattr__(out, f.name, Traced(path))
+            elif isinstance(value, _Section):
+                object.__setattr__(out, f.name, value.static(path))
+        return out
+
+    def hyper(self) -> dict[str, Any]:
+        """The traced fields (here and below) as a nested dict of float32 scalars: a jit-traced pytree."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            if f.metadata.get("traced"):
+                out[f.name] = jnp.asarray(value, jnp.float32)
+            elif isinstance(value, _Section) and (sub := value.hyper()):
+                out[f.name] = sub
+        return out
+
+
 def _one_of(obj: Any, name: str, options: tuple[str, ...]) -> None:
     value = getattr(obj, name)
     if value not in options:
@@ -41,7 +109,7 @@ def _one_of(obj: Any, name: str, options: tuple[str, ...]) -> None:
 
 
 @dataclass(frozen=True)
-class DataConfig:
+class DataConfig(_Section):
     episodes: int = 5000  # the recipe's random rollouts
     seed: int = 123
     max_steps: int = 500
@@ -52,13 +120,13 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(_Section):
     """Shared by every model trained with wm_jax.train.fit."""
 
     steps: int = 10_000
     batch: int = 256
-    lr: float = 1e-3
-    clip_norm: float = 1.0
+    lr: float = traced(1e-3)
+    clip_norm: float = traced(1.0)
     chunk: int = 100  # optimizer steps per jitted lax.scan call (and per progress update)
     checkpoint_every: int = 1000  # steps; rounded up to a whole number of chunks
     max_to_keep: int = 2
@@ -69,7 +137,7 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
-class VAEConfig:
+class VAEConfig(_Section):
     latent: int = 64
     filters: tuple[int, ...] = (32, 64, 128, 256)  # four stride-2 4x4 convolutions (Ha)
     kl_ramp_steps: int = 10_000  # beta goes linearly 0 -> 1 over these steps
@@ -91,7 +159,7 @@ class VAEConfig:
 
 
 @dataclass(frozen=True)
-class TransitionConfig:
+class TransitionConfig(_Section):
     hidden: int = 256
     head: str = "mdn"  # "mdn" (mixture density, Ha) or "gaussian" (diagonal)
     mixtures: int = 5
@@ -121,7 +189,7 @@ class TransitionConfig:
 
 
 @dataclass(frozen=True)
-class ControllerConfig:
+class ControllerConfig(_Section):
     kind: str = "linear"  # Ha's action = argmax(W [z, h] + b); "mlp" adds one tanh layer
     mlp_hidden: int = 16
 
@@ -130,26 +198,27 @@ class ControllerConfig:
         _positive(self, "mlp_hidden")
 
 
-def grounded_count(share: float, rollouts: int) -> int:
-    """How many of `rollouts` dreams a grounding share starts from real-check states (halves round up)."""
-    return int(share * rollouts + 0.5)
+def grounded_count(share: Any, rollouts: int) -> Any:
+    """How many of `rollouts` dreams a grounding share starts from real-check states (halves round
+    up). In float32 jnp, so that validation here and the traced share in the dream agree."""
+    return jnp.floor(jnp.asarray(share, jnp.float32) * rollouts + 0.5).astype(jnp.int32)
 
 
 @dataclass(frozen=True)
-class EvolveConfig:
+class EvolveConfig(_Section):
     population: int = 64  # Ha
-    sigma: float = 0.1  # Ha
+    sigma: float = traced(0.1)  # Ha
     generations: int = 100
     rollouts: int = 30  # the recipe: 30 dream rollouts per candidate
     horizon: int = 30  # the recipe: 30-step dreams
-    tau: float = 1.0
+    tau: float = traced(1.0)
     gens_per_call: int = 5  # generations per jitted lax.scan call (progress granularity)
     check_every: int = 10  # generations between real checks of the CMA-ES mean
     check_episodes: int = 16
     # Grounding (a drift mitigation, off by default): this share of the dream rollouts starts from
     # states the CMA-ES mean reached in its latest real check (refreshed every check_every
     # generations, at no extra env steps); the rest from the stored posteriors.
-    grounding: float = 0.0
+    grounding: float = traced(0.0)
 
     def __post_init__(self) -> None:
         if self.population < 2:
@@ -157,13 +226,13 @@ class EvolveConfig:
         _positive(self, "sigma", "generations", "rollouts", "horizon", "tau", "gens_per_call", "check_every", "check_episodes")
         if not 0.0 <= self.grounding <= 1.0:
             raise ConfigError(f"EvolveConfig.grounding must be in [0, 1], got {self.grounding!r}")
-        if self.grounding > 0 and grounded_count(self.grounding, self.rollouts) == 0:
+        if self.grounding > 0 and int(grounded_count(self.grounding, self.rollouts)) == 0:
             raise ConfigError(f"EvolveConfig.grounding={self.grounding!r} of {self.rollouts} rollouts grounds no dream "
                               f"(it rounds to 0); use at least {0.5 / self.rollouts:.3g}")
 
 
 @dataclass(frozen=True)
-class EvalConfig:
+class EvalConfig(_Section):
     episodes: int = 100
     max_steps: int = 500
     solved_at: float = 475.0  # CartPole-v1's reward threshold
@@ -173,11 +242,11 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
-class VerifierConfig:
+class VerifierConfig(_Section):
     """K(h, z, a, z') -> p(real): trained contrastively, its confidence weights the dream reward."""
 
     mode: str = "off"  # off: plain dream reward; weight: reward * p; cutoff: the dream ends where p < threshold
-    threshold: float = 0.5
+    threshold: float = traced(0.5)
     hidden: int = 128
     noise: float = 1.0  # perturbed negatives: z' + noise * (per-dimension spread of the posterior means) * eps
     seq_len: int = 32  # windows for the open-loop negatives (drift of 1 .. seq_len - 1 steps)
@@ -195,7 +264,7 @@ class VerifierConfig:
 
 
 @dataclass(frozen=True)
-class RoundsConfig:
+class RoundsConfig(_Section):
     """Ha's iterative procedure: collect with the current controller, fine-tune M, evolve again."""
 
     rounds: int = 1
@@ -214,7 +283,7 @@ class RoundsConfig:
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(_Section):
     preset: str = "paper"
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)

@@ -4,9 +4,14 @@
 population so that one call scores a whole generation. Reward is the reward head's prediction,
 and a dream ends when the done head says p > 0.5 (Ha's rule); steps after the end are masked.
 Start states are latents sampled from stored encoder posteriors of real observations (Ha's
-initial_z), with M's carry at zero; with grounding (cfg.evolve.grounding > 0) a share of them
-comes from a pool of states the current controller reached in the real environment instead.
+initial_z), with M's carry at zero; with grounding (the traced share evolve.grounding > 0) a
+share of them comes from a pool of states the current controller reached in the real
+environment instead.
 M runs in cfg.transition.compute_dtype; the controller, sampling, p_done and returns are float32.
+
+Every jitted function here takes the static config (`cfg.static()`) and the traced
+hyperparameters (`hp = cfg.hyper()`: tau, the verifier's threshold, the grounding share) apart,
+so a new tau or share reuses the compiled program and a grid of them is one `jax.vmap`.
 """
 
 from __future__ import annotations
@@ -20,12 +25,15 @@ import jax.numpy as jnp
 from wm_jax import controller, precision, sharding, transition, verifier
 from wm_jax.config import Config, grounded_count
 
+Pool = tuple[jax.Array, jax.Array, jax.Array]  # (mean, logvar [R, latent], valid [R]) of real states
+
 
 def _dream(
-    cfg: Config, key: jax.Array, m_params: Any, ctrl: jax.Array, start: jax.Array, horizon: int, tau: jax.Array,
+    cfg: Config, hp: dict[str, Any], key: jax.Array, m_params: Any, ctrl: jax.Array, start: jax.Array, horizon: int,
     k_params: Any = None,
 ) -> tuple[dict[str, jax.Array], jax.Array]:
     tcfg, ccfg, vcfg = cfg.transition, cfg.controller, cfg.verifier
+    tau, threshold = hp["evolve"]["tau"], hp["verifier"]["threshold"]
     if vcfg.mode != "off" and k_params is None:
         raise ValueError(f"verifier.mode={vcfg.mode!r} needs the verifier's parameters (k_params)")
     m_params = precision.cast(m_params, tcfg.compute_dtype)  # once, not at every step
@@ -46,7 +54,7 @@ def _dream(
             if vcfg.mode == "weight":
                 reward = pred.reward * conf * alive
             else:  # cutoff: an unverified transition earns nothing and ends the dream
-                alive = alive * (conf >= vcfg.threshold).astype(alive.dtype)
+                alive = alive * (conf >= threshold).astype(alive.dtype)
                 reward = pred.reward * alive
         out.update(reward=reward, alive=alive)
         alive = alive * (p_done <= 0.5).astype(alive.dtype)
@@ -57,19 +65,25 @@ def _dream(
     return traj, jnp.sum(traj["reward"])
 
 
-@partial(jax.jit, static_argnums=(0, 5))
+@partial(jax.jit, static_argnums=(0, 6))
+def _dream_jit(cfg, hp, key, m_params, ctrl, start, horizon, k_params):
+    return _dream(cfg, hp, key, m_params, ctrl, start, horizon, k_params)
+
+
 def dream(
-    cfg: Config, key: jax.Array, m_params: Any, ctrl: jax.Array, start: jax.Array, horizon: int, tau: float = 1.0,
-    k_params: Any = None,
+    cfg: Config, key: jax.Array, m_params: Any, ctrl: jax.Array, start: jax.Array, horizon: int | None = None,
+    k_params: Any = None, hp: dict[str, Any] | None = None,
 ) -> tuple[dict[str, jax.Array], jax.Array]:
-    """One imagined episode of `horizon` steps from latent `start` [latent].
+    """One imagined episode of `horizon` steps (default cfg.evolve.horizon) from latent `start` [latent].
 
     Returns (trajectory, return): trajectory holds z [H, latent] (the latent each step acted on),
     action, reward (masked), p_done and alive [H], and the verifier's confidence [H] when
     cfg.verifier.mode is "weight" (reward * confidence) or "cutoff" (the dream ends at the first
     transition with confidence < threshold; that step earns nothing). k_params: K's parameters.
+    hp: the traced hyperparameters (default cfg.hyper(): tau and the threshold come from there).
     """
-    return _dream(cfg, key, m_params, ctrl, start, horizon, jnp.asarray(tau, jnp.float32), k_params)
+    horizon = cfg.evolve.horizon if horizon is None else horizon
+    return _dream_jit(cfg.static(), cfg.hyper() if hp is None else hp, key, m_params, ctrl, start, horizon, k_params)
 
 
 def draw_starts(key: jax.Array, mean: jax.Array, logvar: jax.Array, num: int) -> jax.Array:
@@ -80,32 +94,34 @@ def draw_starts(key: jax.Array, mean: jax.Array, logvar: jax.Array, num: int) ->
     return m + jnp.exp(0.5 * lv) * jax.random.normal(key_z, m.shape)
 
 
-def draw_grounded_starts(
-    key: jax.Array, mean: jax.Array, logvar: jax.Array, num: int, pool: tuple[jax.Array, jax.Array, jax.Array] | None,
-    share: float,
-) -> jax.Array:
-    """`num` start latents: config.grounded_count(share, num) of them (share * num, halves up) drawn
-    from `pool` = (mean, logvar, valid) (rows with valid 0 are never drawn), the rest from the
-    stored posteriors as `draw_starts`, which come first.
+def draw_grounded_starts(key: jax.Array, mean: jax.Array, logvar: jax.Array, num: int, pool: Pool | None,
+                         share: jax.Array | float) -> jax.Array:
+    """`num` start latents: the last grounded_count(share, num) of them (share * num, halves up)
+    drawn from `pool` = (mean, logvar, valid) (rows with valid 0 are never drawn), the rest from
+    the stored posteriors as `draw_starts`.
 
-    With no pool or no grounded start this is `draw_starts` bit for bit.
+    The share is traced: both draws are made for all `num` rows and the share picks per row, so
+    the stored rows are `draw_starts(key, ...)`'s and, with no pool or no grounded start, the
+    result is `draw_starts` bit for bit.
     """
-    n_pool = 0 if pool is None else grounded_count(share, num)
-    if n_pool == 0:
-        return draw_starts(key, mean, logvar, num)
+    stored = draw_starts(key, mean, logvar, num)
+    if pool is None:
+        return stored
     p_mean, p_logvar, p_valid = pool
     key_r, key_z = jax.random.split(jax.random.fold_in(key, 1))
-    rows = jax.random.categorical(key_r, jnp.where(p_valid > 0, 0.0, -jnp.inf), shape=(n_pool,))
+    rows = jax.random.categorical(key_r, jnp.where(p_valid > 0, 0.0, -jnp.inf), shape=(num,))
     m, lv = p_mean[rows], p_logvar[rows]
     grounded = m + jnp.exp(0.5 * lv) * jax.random.normal(key_z, m.shape)
-    if n_pool == num:
-        return grounded
-    return jnp.concatenate([draw_starts(key, mean, logvar, num - n_pool), grounded])
+    first_grounded = num - grounded_count(share, num)
+    i = jnp.arange(num)
+    # Row i >= first_grounded takes grounded[i - first_grounded]: the pool's draws in their order.
+    shifted = grounded[jnp.clip(i - first_grounded, 0, num - 1)]
+    return jnp.where((i >= first_grounded)[:, None], shifted, stored)
 
 
 def _score_population(
-    cfg: Config, key: jax.Array, m_params: Any, population: jax.Array, mean: jax.Array, logvar: jax.Array,
-    rollouts: int, horizon: int, tau: jax.Array, k_params: Any = None, pool: Any = None,
+    cfg: Config, hp: dict[str, Any], key: jax.Array, m_params: Any, population: jax.Array, mean: jax.Array,
+    logvar: jax.Array, rollouts: int, horizon: int, k_params: Any = None, pool: Pool | None = None,
 ) -> jax.Array:
     """Mean dream return of each candidate over `rollouts` dreams: float[P].
 
@@ -113,28 +129,35 @@ def _score_population(
     numbers), so differences in fitness come from the controllers, not from luck. The population
     is split over the devices (wm_jax.sharding); the scores come back whole on every device.
     `pool` = (mean, logvar, valid) of real states reached by the current controller: a share
-    cfg.evolve.grounding of the dreams starts there (draw_grounded_starts); None: none does.
+    hp["evolve"]["grounding"] of the dreams starts there (draw_grounded_starts); None: none does.
     """
     key_s, key_d = jax.random.split(key)
-    starts = draw_grounded_starts(key_s, mean, logvar, rollouts, pool, cfg.evolve.grounding)
+    starts = draw_grounded_starts(key_s, mean, logvar, rollouts, pool, hp["evolve"]["grounding"])
     keys = jax.random.split(key_d, rollouts)
 
     def one(ctrl):
-        _, returns = jax.vmap(lambda k, s: _dream(cfg, k, m_params, ctrl, s, horizon, tau, k_params))(keys, starts)
+        _, returns = jax.vmap(lambda k, s: _dream(cfg, hp, k, m_params, ctrl, s, horizon, k_params))(keys, starts)
         return jnp.mean(returns)
 
     return sharding.replicated(jax.vmap(one)(sharding.shard_leading(population)))
 
 
-@partial(jax.jit, static_argnums=(0, 8, 9))
-def _score_jit(cfg, key, m_params, population, mean, logvar, k_params, pool, rollouts, horizon, tau):
-    return _score_population(cfg, key, m_params, population, mean, logvar, rollouts, horizon, tau, k_params, pool)
+@partial(jax.jit, static_argnums=(0, 9, 10))
+def _score_jit(cfg, hp, key, m_params, population, mean, logvar, k_params, pool, rollouts, horizon):
+    return _score_population(cfg, hp, key, m_params, population, mean, logvar, rollouts, horizon, k_params, pool)
 
 
 def score_population(
     cfg: Config, key: jax.Array, m_params: Any, population: jax.Array, mean: jax.Array, logvar: jax.Array,
-    rollouts: int, horizon: int, tau: float = 1.0, k_params: Any = None, pool: Any = None,
+    rollouts: int | None = None, horizon: int | None = None, k_params: Any = None, pool: Pool | None = None,
+    hp: dict[str, Any] | None = None,
 ) -> jax.Array:
-    """Jitted `_score_population` over every device: one call scores a whole generation."""
-    args = sharding.put_replicated((key, m_params, population, mean, logvar, k_params, pool))
-    return _score_jit(cfg, *args, rollouts, horizon, jnp.asarray(tau, jnp.float32))
+    """Jitted `_score_population` over every device: one call scores a whole generation.
+
+    rollouts and horizon default to cfg.evolve's; hp (default cfg.hyper()) holds tau, the
+    verifier's threshold and the grounding share."""
+    rollouts = cfg.evolve.rollouts if rollouts is None else rollouts
+    horizon = cfg.evolve.horizon if horizon is None else horizon
+    hp = cfg.hyper() if hp is None else hp
+    args = sharding.put_replicated((hp, key, m_params, population, mean, logvar, k_params, pool))
+    return _score_jit(cfg.static(), *args, rollouts, horizon)

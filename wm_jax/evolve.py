@@ -1,14 +1,25 @@
 """Evolve C inside M's dreams with evosax CMA-ES; check the CMA-ES mean in the real environment.
 
-Several generations run per jitted call (`lax.scan` over ask -> score -> tell); Python drives the
-calls, the progress bar and the periodic real checks. evosax minimizes, so the fitness handed to
-`tell` is the negated dream return.
+The search is a pure state machine (purejaxrl's `make_train` shape, evosax's static strategy with
+traced params):
+- `init(cfg, hp, key, world)` -> EvolveState: the CMA-ES state, the pool of grounded starts, the
+  best checked candidate and its real return, the counters;
+- `period(cfg, hp, world, state, key, gens)` -> (state, metrics): `gens` generations (a
+  `lax.scan` over ask -> score in the dream -> tell), then the real check of the CMA-ES mean (real
+  episodes are JAX too), the refresh of the grounding pool from the states it reached, and the
+  update of the best candidate, all in one jitted program.
+cfg is static (`cfg.static()`: population, horizon, rollouts, check sizes, verifier mode); hp
+(`cfg.hyper()`) is traced: sigma, tau, the verifier's threshold and the grounding share, so a
+new value never compiles again and `jax.vmap` runs a grid of them (and of seeds) as one program
+(wm_jax.sweep). `evolve` drives the periods from Python: it only logs, draws the progress bar and
+checkpoints the state after every period, so a killed search resumes where it stopped and ends
+with the same result. evosax minimizes, so the fitness handed to `tell` is the negated return.
 """
 
 from __future__ import annotations
 
-import functools
 import json
+import os
 import time
 from functools import partial
 from pathlib import Path
@@ -18,147 +29,273 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from evosax.algorithms import CMA_ES
+from flax import struct
 from tqdm.auto import tqdm
 
-from wm_jax import controller, dream, sharding
+from wm_jax import checkpoint, controller, dream, rollout, sharding
 from wm_jax.config import Config
 
 
-@functools.lru_cache(maxsize=16)
-def strategy(cfg: Config, num_dims: int) -> tuple[CMA_ES, Any]:
-    """CMA-ES for cfg (cached: the strategy is a static jit argument, hashed by identity, so a
-    fresh object per call would recompile the generation loop every time)."""
-    es = CMA_ES(population_size=cfg.evolve.population, solution=jnp.zeros((num_dims,), jnp.float32))
-    return es, es.default_params.replace(std_init=jnp.asarray(cfg.evolve.sigma, jnp.float32))
+@struct.dataclass
+class World:
+    """What a controller search dreams in and checks against; shared by every cell of a sweep."""
+
+    m_params: Any
+    vae_params: Any  # for the real checks (encoding the pixels); unused by a custom `check`
+    starts: tuple[jax.Array, jax.Array]  # stored encoder posteriors (mean, logvar) [N, latent]
+    k_params: Any = None  # the verifier's, when cfg.verifier.mode is not "off"
 
 
-@partial(jax.jit, static_argnums=(0, 1, 7, 8))
-def _generations(cfg, es, es_params, es_state, key, m_params, starts, num_gens, horizon, k_params, pool):
-    mean, logvar = starts
+@struct.dataclass
+class EvolveState:
+    es: Any  # evosax CMA-ES state
+    pool: dream.Pool  # real states the latest checked mean reached (grounded dream starts)
+    best: jax.Array  # [dims]: the checked CMA-ES mean with the best real return so far
+    best_real: jax.Array  # its real return (-inf before the first check)
+    generation: jax.Array  # int32: generations done
+    real_env_steps: jax.Array  # int32: env steps spent in real checks
+
+
+Score = Callable[[Config, dict, jax.Array, World, jax.Array, dream.Pool], jax.Array]
+Check = Callable[[Config, dict, jax.Array, World, jax.Array], dict]
+
+
+def num_dims(cfg: Config, world: World) -> int:
+    return controller.num_params(cfg.controller, world.starts[0].shape[-1], cfg.transition.hidden)
+
+
+def _strategy(cfg: Config, hp: dict[str, Any], dims: int) -> tuple[CMA_ES, Any]:
+    """CMA-ES with population cfg.evolve.population (static) and initial step size sigma (traced)."""
+    es = CMA_ES(population_size=cfg.evolve.population, solution=jnp.zeros((dims,), jnp.float32))
+    return es, es.default_params.replace(std_init=jnp.asarray(hp["evolve"]["sigma"], jnp.float32))
+
+
+def score_candidates(cfg: Config, hp: dict[str, Any], key: jax.Array, world: World, population: jax.Array,
+                     pool: dream.Pool) -> jax.Array:
+    """The default fitness: mean dream return of each candidate (dream._score_population)."""
     ev = cfg.evolve
+    return dream._score_population(cfg, hp, key, world.m_params, population, *world.starts, ev.rollouts, ev.horizon,
+                                   world.k_params, pool)
 
-    def gen(state, key_g):
+
+def real_check(cfg: Config, hp: dict[str, Any], key: jax.Array, world: World, ctrl: jax.Array) -> dict[str, Any]:
+    """The default check: cfg.evolve.check_episodes real episodes of V + M + ctrl (pure, traceable).
+
+    Returns return_mean, env_steps and latents = (mean, logvar, valid) of every visited step
+    [check_episodes * eval.max_steps, ...], the next grounding pool. The episodes are those of
+    rollout.evaluate(..., batch=check_episodes) with the same key.
+    """
+    params = {"vae": world.vae_params, "transition": world.m_params, "controller": ctrl}
+    res = rollout.episodes(cfg, params, jax.random.fold_in(key, 0), cfg.evolve.check_episodes, cfg.eval.max_steps,
+                           latents=True)
+    rows = cfg.evolve.check_episodes * cfg.eval.max_steps
+    return {
+        "return_mean": jnp.mean(res["return"]),
+        "env_steps": jnp.sum(res["length"]).astype(jnp.int32),
+        "latents": (res["latent_mean"].reshape(rows, -1), res["latent_logvar"].reshape(rows, -1),
+                    res["latent_valid"].reshape(rows)),
+    }
+
+
+def init(cfg: Config, hp: dict[str, Any], key: jax.Array, world: World, init_mean: jax.Array | None = None
+         ) -> EvolveState:
+    """The search's start: CMA-ES around init_mean (default zeros) with step size sigma; the pool
+    a random draw of the stored posteriors, in the shape the real checks refresh it with."""
+    dims = num_dims(cfg, world)
+    es, es_params = _strategy(cfg, hp, dims)
+    key_init, _ = jax.random.split(key)
+    mean0 = jnp.zeros((dims,), jnp.float32) if init_mean is None else jnp.asarray(init_mean, jnp.float32)
+    rows = jax.random.randint(jax.random.fold_in(key_init, 1), (cfg.evolve.check_episodes * cfg.eval.max_steps,), 0,
+                              world.starts[0].shape[0])
+    return EvolveState(
+        es=es.init(key_init, mean0, es_params),
+        pool=(world.starts[0][rows], world.starts[1][rows], jnp.ones(rows.shape, jnp.float32)),
+        best=mean0,
+        best_real=jnp.asarray(-jnp.inf, jnp.float32),
+        generation=jnp.zeros((), jnp.int32),
+        real_env_steps=jnp.zeros((), jnp.int32),
+    )
+
+
+def _generation_keys(key_run: jax.Array, start: jax.Array, gens: int, block: int) -> jax.Array:
+    """Keys of generations start .. start + gens - 1: blocks of `block` (cfg.evolve.gens_per_call)
+    generations draw split(fold_in(key_run, block start), block), as the earlier chunked loop did,
+    so searches keep their results (a shorter split is a prefix of a longer one)."""
+    return jnp.stack([jax.random.split(jax.random.fold_in(key_run, start + (j // block) * block), block)[j % block]
+                      for j in range(gens)])
+
+
+def period(cfg: Config, hp: dict[str, Any], world: World, state: EvolveState, key: jax.Array, gens: int,
+           score: Score = score_candidates, check: Check = real_check) -> tuple[EvolveState, dict[str, jax.Array]]:
+    """`gens` CMA-ES generations, then the real check of the mean, the pool refresh and the best update.
+
+    key is the search's key (the same for every period): generation g and the check after it fold
+    their counters into it, so the result does not depend on how the search is cut into calls.
+    A check's dream_return is scored like the generations before it: on the previous check's pool.
+    """
+    es, es_params = _strategy(cfg, hp, num_dims(cfg, world))
+    _, key_run = jax.random.split(key)
+
+    def generation(es_state, key_g):
         key_ask, key_eval, key_tell = jax.random.split(key_g, 3)
-        population, state = es.ask(key_ask, state, es_params)
+        population, es_state = es.ask(key_ask, es_state, es_params)
         # Only the scoring is split over the devices: CMA-ES's update runs whole on every device,
         # as on one device (split, its sums would add up in another order).
         population = sharding.replicated(population)
-        returns = dream._score_population(
-            cfg, key_eval, m_params, population, mean, logvar, ev.rollouts, horizon, jnp.asarray(ev.tau, jnp.float32),
-            k_params, pool,
-        )
-        state, _ = es.tell(key_tell, population, -returns, state, es_params)  # evosax minimizes
-        return state, {"dream_mean": jnp.mean(returns), "dream_max": jnp.max(returns)}
+        returns = score(cfg, hp, key_eval, world, population, state.pool)
+        es_state, _ = es.tell(key_tell, population, -returns, es_state, es_params)  # evosax minimizes
+        return es_state, {"dream_mean": jnp.mean(returns), "dream_max": jnp.max(returns)}
 
-    return jax.lax.scan(gen, es_state, jax.random.split(key, num_gens))
+    keys = _generation_keys(key_run, state.generation, gens, cfg.evolve.gens_per_call)
+    es_state, history = jax.lax.scan(generation, state.es, keys)
+    done = state.generation + gens
+    mean = es.get_mean(es_state)
+    key_c = jax.random.fold_in(key_run, 10_000_000 + done)
+    dream_return = score(cfg, hp, key_c, world, mean[None], state.pool)[0]
+    real = check(cfg, hp, jax.random.fold_in(key_c, 1), world, mean)
+    better = real["return_mean"] > state.best_real
+    new = EvolveState(
+        es=es_state,
+        pool=real["latents"],
+        best=jnp.where(better, mean, state.best),
+        best_real=jnp.where(better, real["return_mean"], state.best_real),
+        generation=done,
+        real_env_steps=state.real_env_steps + real["env_steps"],
+    )
+    metrics = {**history, "generation": done, "dream_return": dream_return, "real_return": real["return_mean"],
+               "env_steps": real["env_steps"], "grounding_states": jnp.sum(real["latents"][2]).astype(jnp.int32)}
+    return new, metrics
+
+
+@partial(jax.jit, static_argnums=(0, 5))
+def _init_cells(cfg, hp, keys, world, init_mean, batched):
+    if not batched:
+        return init(cfg, hp, keys, world, init_mean)
+    return jax.vmap(lambda h, k, m: init(cfg, h, k, world, m))(hp, keys, init_mean)
+
+
+@partial(jax.jit, static_argnums=(0, 5, 6, 7, 8))
+def _period_cells(cfg, hp, world, state, keys, gens, score, check, batched):
+    if not batched:
+        return period(cfg, hp, world, state, keys, gens, score, check)
+    # One cell per (seed, hyperparameter) combination, split over the devices.
+    hp, state, keys = sharding.shard_leading((hp, state, keys))
+    out = jax.vmap(lambda h, s, k: period(cfg, h, world, s, k, gens, score, check))(hp, state, keys)
+    return sharding.replicated(out)
+
+
+def _read_jsonl(path: Path, upto: int) -> list[dict[str, Any]]:
+    """The lines of a log whose generation is <= upto, rewritten atomically (a resumed search
+    drops what was logged after its checkpoint; a torn last line from a crash is dropped too)."""
+    keep = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if entry.get("generation", upto + 1) <= upto:
+                keep.append(entry)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(e) + "\n" for e in keep))
+    os.replace(tmp, path)
+    return keep
+
+
+def search(
+    cfg: Config,
+    keys: jax.Array,
+    world: World,
+    out_dir: Path | str,
+    hp: dict[str, Any] | None = None,
+    init_mean: jax.Array | None = None,
+    progress: bool = True,
+    score: Score = score_candidates,
+    check: Check = real_check,
+    batched: bool = False,
+) -> list[dict[str, Any]]:
+    """Drive `period` to cfg.evolve.generations for one search or, with `batched`, for a batch of
+    cells (keys [N], every leaf of hp and init_mean with a leading N) vmapped as one program.
+
+    Checks land every check_every generations and at the end. Writes out_dir/evolve.jsonl (one line
+    per check and cell), out_dir/generations.jsonl (one per generation and cell) and a checkpoint
+    of the state after every period (out_dir/checkpoints; a rerun resumes from it). Returns one
+    dict per cell: best, best_real, checks, history, real_env_steps, wall_s.
+    """
+    ev = cfg.evolve
+    hp = cfg.hyper() if hp is None else hp
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cells = int(keys.shape[0]) if batched else 1
+    static = cfg.static()
+    world, hp, keys, init_mean = sharding.put_replicated((world, hp, keys, init_mean))
+    state = _init_cells(static, hp, keys, world, init_mean, batched)
+    stored = {"config": cfg.to_dict(), "hyper": jax.tree.map(lambda x: np.asarray(x).tolist(), hp),
+              "cells": cells, "score": getattr(score, "__qualname__", str(score)),
+              "check": getattr(check, "__qualname__", str(check))}
+    restored = checkpoint.restore_latest(out_dir / "checkpoints", state, stored, set_aside=True)
+    done = 0 if restored is None else int(restored[0])
+    if restored is not None:
+        state = sharding.put_replicated(restored[1])
+    checks = _read_jsonl(out_dir / "evolve.jsonl", done)
+    history = _read_jsonl(out_dir / "generations.jsonl", done)
+    mngr = checkpoint.manager(out_dir / "checkpoints")
+    t0 = time.perf_counter()
+    bar = tqdm(total=ev.generations, initial=done, desc="evolve", unit="gen", disable=not progress, leave=False)
+    try:
+        while done < ev.generations:
+            gens = min(ev.check_every - done % ev.check_every, ev.generations - done)
+            state, m = _period_cells(static, hp, world, state, keys, gens, score, check, batched)
+            m = jax.device_get(m)
+            m = m if batched else jax.tree.map(lambda x: np.asarray(x)[None], m)
+            new_history, new_checks = [], []
+            for c in range(cells):
+                cell = {"cell": c} if batched else {}
+                for i in range(gens):
+                    new_history.append({**cell, "generation": done + i + 1, "dream_mean": float(m["dream_mean"][c][i]),
+                                        "dream_max": float(m["dream_max"][c][i])})
+                new_checks.append({**new_history[-1], "dream_return": float(m["dream_return"][c]),
+                                   "real_return": float(m["real_return"][c]), "env_steps": int(m["env_steps"][c]),
+                                   "grounding_states": int(m["grounding_states"][c])})
+            for path, entries in (("generations.jsonl", new_history), ("evolve.jsonl", new_checks)):
+                with open(out_dir / path, "a") as f:
+                    f.write("".join(json.dumps(e) + "\n" for e in entries))
+            history += new_history
+            checks += new_checks
+            done += gens
+            checkpoint.save(mngr, done, state, stored)
+            bar.update(gens)
+            if not batched:
+                e = new_checks[0]
+                bar.write(f"  gen {done:4d}  dream {e['dream_return']:7.2f}  real {e['real_return']:7.2f}")
+    finally:
+        bar.close()
+        mngr.close()
+    wall = time.perf_counter() - t0
+    state = jax.device_get(state)
+    out = []
+    for c in range(cells):
+        pick = (lambda x: np.asarray(x)[c]) if batched else np.asarray
+        mine = [{k: v for k, v in e.items() if k != "cell"} for e in checks if e.get("cell", 0) == c]
+        out.append({
+            "best": pick(state.best),
+            "best_real": float(pick(state.best_real)),
+            "checks": mine,
+            "history": [{k: v for k, v in e.items() if k != "cell"} for e in history if e.get("cell", 0) == c],
+            "real_env_steps": int(pick(state.real_env_steps)),
+            "wall_s": wall,
+        })
+    return out
 
 
 def evolve(
-    cfg: Config,
-    key: jax.Array,
-    m_params: Any,
-    starts: tuple[jax.Array, jax.Array],
-    real_check: Callable[[jax.Array, jax.Array], dict[str, float]],
-    run_dir: Path | str,
-    generations: int | None = None,
-    init_mean: jax.Array | None = None,
-    progress: bool = True,
-    horizon: int | None = None,
-    k_params: Any = None,
+    cfg: Config, key: jax.Array, world: World, out_dir: Path | str, init_mean: jax.Array | None = None,
+    progress: bool = True, hp: dict[str, Any] | None = None, score: Score = score_candidates,
+    check: Check = real_check,
 ) -> dict[str, Any]:
-    """Run CMA-ES for `generations` (default cfg.evolve.generations).
+    """One controller search (see `search`): cfg.evolve.generations generations from init_mean.
 
-    starts = (mean, logvar) posteriors of real observations to start dreams from.
-    real_check(key, ctrl) -> {"return_mean", "env_steps", ...} runs the candidate for real; with
-    cfg.evolve.grounding > 0 it must also return "latents" (rollout.evaluate(..., latents=True)):
-    the states it reached become the pool that share of the dreams starts from, until the next
-    check. Before the first check (and at the start of every call: a later round starts afresh)
-    the pool is a random draw of the stored posteriors, check_episodes x cfg.eval.max_steps rows,
-    the shape of the pipeline's checks (another shape compiles the generation loop once more). A
-    check's dream_return is scored like the generations before it: on the previous check's pool.
-    `horizon` overrides cfg.evolve.horizon (the extra rounds' dreams may be longer); k_params are
-    the verifier's parameters, needed when cfg.verifier.mode is not "off".
-    Every check_every generations (and at the end) the CMA-ES mean is checked for real; the
-    candidate with the best real return is kept. Appends to run_dir/evolve.jsonl.
-    Returns {"best", "best_real", "checks", "history", "real_env_steps", "wall_s"}.
+    Returns {"best", "best_real", "checks", "history", "real_env_steps", "wall_s"}; the best is
+    the checked CMA-ES mean with the best real return.
     """
-    ev = cfg.evolve
-    gens = ev.generations if generations is None else generations
-    horizon = ev.horizon if horizon is None else horizon
-    latent, hidden = starts[0].shape[-1], cfg.transition.hidden
-    dims = controller.num_params(cfg.controller, latent, hidden)
-    es, es_params = strategy(cfg, dims)
-    key_init, key_run = jax.random.split(key)
-    mean0 = jnp.zeros((dims,), jnp.float32) if init_mean is None else jnp.asarray(init_mean, jnp.float32)
-    es_state = es.init(key_init, mean0, es_params)
-    starts = (jnp.asarray(starts[0]), jnp.asarray(starts[1]))
-    pool = None
-    if ev.grounding > 0:  # one pool shape throughout (check_episodes x max_steps rows): one compile
-        rows = jax.random.randint(jax.random.fold_in(key_init, 1), (ev.check_episodes * cfg.eval.max_steps,), 0,
-                                  starts[0].shape[0])
-        pool = (starts[0][rows], starts[1][rows], jnp.ones(rows.shape, jnp.float32))
-    # The generation loop splits the population over every device (see dream._score_population).
-    es_params, es_state, m_params, starts, k_params, pool = sharding.put_replicated(
-        (es_params, es_state, m_params, starts, k_params, pool)
-    )
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    log_path = run_dir / "evolve.jsonl"
-    log_path.unlink(missing_ok=True)
-
-    history, checks = [], []
-    best, best_real, real_steps = mean0, -np.inf, 0
-    t0 = time.perf_counter()
-    done = 0
-    bar = tqdm(total=gens, desc="evolve", unit="gen", disable=not progress, leave=False)
-    while done < gens:
-        n = min(ev.gens_per_call, gens - done)
-        # Stop each call at the next check so checks land exactly every check_every generations.
-        n = min(n, ev.check_every - done % ev.check_every)
-        es_state, stats = _generations(
-            cfg, es, es_params, es_state, jax.random.fold_in(key_run, done), m_params, starts, n, horizon, k_params,
-            pool,
-        )
-        stats = jax.device_get(stats)
-        for i in range(n):
-            history.append({"generation": done + i + 1, **{k: float(v[i]) for k, v in stats.items()}})
-        done += n
-        bar.update(n)
-        bar.set_postfix(dream=f"{history[-1]['dream_mean']:.1f}")
-        if done % ev.check_every == 0 or done == gens:
-            mean = es.get_mean(es_state)
-            key_c = jax.random.fold_in(key_run, 10_000_000 + done)
-            dream_ret = float(
-                dream.score_population(
-                    cfg, key_c, m_params, mean[None], starts[0], starts[1], ev.rollouts, horizon, ev.tau, k_params, pool
-                )[0]
-            )
-            real = real_check(jax.random.fold_in(key_c, 1), mean)
-            real_steps += int(real["env_steps"])
-            entry = {"generation": done, "dream_return": dream_ret, "real_return": float(real["return_mean"])}
-            if pool is not None:
-                if "latents" not in real:
-                    raise ValueError(
-                        "EvolveConfig.grounding > 0 needs real_check to return the states it reached under "
-                        "'latents' (use rollout.evaluate(..., latents=True))"
-                    )
-                lat = real["latents"]
-                pool = sharding.put_replicated(
-                    (jnp.asarray(lat["mean"]), jnp.asarray(lat["logvar"]), jnp.asarray(lat["valid"], jnp.float32))
-                )
-                entry["grounding_states"] = int(np.sum(lat["valid"]))
-            checks.append(entry)
-            with open(log_path, "a") as f:
-                f.write(json.dumps({**entry, **history[-1]}) + "\n")
-            bar.write(f"  gen {done:4d}  dream {dream_ret:7.2f}  real {entry['real_return']:7.2f}")
-            if entry["real_return"] > best_real:
-                best, best_real = mean, entry["real_return"]
-    bar.close()
-    return {
-        "best": np.asarray(best),
-        "best_real": float(best_real),
-        "checks": checks,
-        "history": history,
-        "real_env_steps": real_steps,
-        "wall_s": time.perf_counter() - t0,
-    }
+    return search(cfg, key, world, out_dir, hp, init_mean, progress, score, check)[0]

@@ -8,6 +8,7 @@ collect with the current controller (with action noise), fine-tune M on all data
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -201,18 +202,10 @@ def run(cfg: Config, out: Path | str, progress: bool = True) -> dict[str, Any]:
 
         def evolve_stage(r=r, m_params=m_params, m_arrays=m_arrays, init=None if best is None else best["ctrl"],
                          k_params=k_params):
-            params_base = {"vae": vae_params, "transition": m_params}
-
-            def real_check(k, ctrl):
-                return rollout.evaluate(cfg, {**params_base, "controller": ctrl}, k, cfg.evolve.check_episodes,
-                                        cfg.eval.max_steps, batch=cfg.evolve.check_episodes,
-                                        latents=cfg.evolve.grounding > 0)
-
-            res = evolve.evolve(
-                cfg, jax.random.fold_in(k_evo, r), m_params, (m_arrays["mean"], m_arrays["logvar"]), real_check,
-                out / f"evolve_round{r}", None if r == 1 else cfg.rounds.generations, init, progress,
-                None if r == 1 else cfg.rounds.horizon, k_params,
-            )
+            world = evolve.World(m_params=m_params, vae_params=vae_params, k_params=k_params,
+                                 starts=(jnp.asarray(m_arrays["mean"]), jnp.asarray(m_arrays["logvar"])))
+            res = evolve.evolve(round_config(cfg, r), jax.random.fold_in(k_evo, r), world, out / f"evolve_round{r}",
+                                init_mean=init, progress=progress)
             np.save(out / f"evolve_round{r}" / "controller.npy", res["best"])
             return {"best_real": res["best_real"], "checks": res["checks"], "real_env_steps": res["real_env_steps"],
                     "final_dream_mean": res["history"][-1]["dream_mean"]}
@@ -271,6 +264,16 @@ def run(cfg: Config, out: Path | str, progress: bool = True) -> dict[str, Any]:
     summary = _finite_or_none(summary)  # the same values in memory, on disk and on a rerun
     _write_json(out / "summary.json", summary)
     return summary
+
+
+def round_config(cfg: Config, r: int) -> Config:
+    """The config round r's controller search runs with: later rounds evolve for rounds.generations
+    generations in dreams of rounds.horizon steps (when set)."""
+    if r == 1:
+        return cfg
+    horizon = cfg.evolve.horizon if cfg.rounds.horizon is None else cfg.rounds.horizon
+    return dataclasses.replace(cfg, evolve=dataclasses.replace(cfg.evolve, generations=cfg.rounds.generations,
+                                                              horizon=horizon))
 
 
 def _agent_policy(cfg: Config, params: dict[str, Any]) -> data_lib.Policy:

@@ -120,8 +120,7 @@ def episode_strip(cfg: Config, params: dict[str, Any], key: jax.Array, path: Pat
     k_params = params.get("verifier")  # with K, the rollouts also record its confidence
     if k_params is None:
         cfg = dataclasses.replace(cfg, verifier=dataclasses.replace(cfg.verifier, mode="off"))
-    trajs = [dream.dream(cfg, k, params["transition"], params["controller"], s, cfg.evolve.horizon, cfg.evolve.tau,
-                         k_params)[0]
+    trajs = [dream.dream(cfg, k, params["transition"], params["controller"], s, cfg.evolve.horizon, k_params)[0]
              for k, s in zip(keys, starts)]
     stacked = {k: np.stack([np.asarray(tr[k]) for tr in trajs]) for k in trajs[0]}
     tmp = npz_path.with_name(f".{npz_path.name}.tmp.npz")

@@ -90,10 +90,16 @@ def _episode(
     return res
 
 
-@partial(jax.jit, static_argnums=(0, 3, 4, 5))
-def _run_episodes(cfg, params, key, num_episodes, max_steps, latents):
+def episodes(
+    cfg: Config, params: dict[str, Any], key: jax.Array, num_episodes: int, max_steps: int, latents: bool = False
+) -> dict[str, jax.Array]:
+    """`num_episodes` real episodes vmapped and split over the devices: pure and traceable (the
+    controller search runs its real checks with it inside its own jitted program)."""
     keys = sharding.shard_leading(jax.random.split(key, num_episodes))
     return sharding.replicated(jax.vmap(lambda k: _episode(cfg, params, k, max_steps, latents))(keys))
+
+
+_run_episodes = jax.jit(episodes, static_argnums=(0, 3, 4, 5))
 
 
 def run_episodes(
@@ -105,7 +111,7 @@ def run_episodes(
     of every step (latent_mean, latent_logvar [E, max_steps, latent]) and its validity
     (latent_valid [E, max_steps]: 1 up to and including the episode's last step)."""
     params, key = sharding.put_replicated((params, key))
-    return _run_episodes(cfg, params, key, num_episodes, max_steps, latents)
+    return _run_episodes(cfg.static(), params, key, num_episodes, max_steps, latents)
 
 
 def evaluate(

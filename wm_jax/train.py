@@ -45,13 +45,16 @@ class TrainState:
     bad_total: jax.Array
 
 
-def optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
-    return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), optax.adam(cfg.lr))
+def optimizer(hp: dict[str, Any]) -> optax.GradientTransformation:
+    """Adam after global-norm clipping; hp = TrainConfig.hyper(): lr and clip_norm, traced, so a new
+    learning rate reuses the compiled training chunk (Adam's state does not depend on either)."""
+    return optax.chain(optax.clip_by_global_norm(hp["clip_norm"]), optax.adam(hp["lr"]))
 
 
 def init_state(cfg: TrainConfig, params: Any) -> TrainState:
     zero = jnp.zeros((), jnp.int32)
-    return TrainState(params=params, opt_state=optimizer(cfg).init(params), step=zero, bad_streak=zero, bad_total=zero)
+    opt_state = optimizer(cfg.hyper()).init(params)
+    return TrainState(params=params, opt_state=opt_state, step=zero, bad_streak=zero, bad_total=zero)
 
 
 def _all_finite(tree: Any) -> jax.Array:
@@ -60,12 +63,12 @@ def _all_finite(tree: Any) -> jax.Array:
 
 
 def _train_step(
-    cfg: TrainConfig, loss_fn: LossFn, sample_fn: SampleFn, key: jax.Array, data: Any, state: TrainState
+    hp: dict[str, Any], loss_fn: LossFn, sample_fn: SampleFn, key: jax.Array, data: Any, state: TrainState
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     key_batch, key_loss = jax.random.split(jax.random.fold_in(key, state.step))
     batch = sample_fn(key_batch, data)
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, key_loss, batch, state.step)
-    updates, opt_state = optimizer(cfg).update(grads, state.opt_state, state.params)
+    updates, opt_state = optimizer(hp).update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     finite = _all_finite(loss) & _all_finite(grads)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
@@ -80,10 +83,10 @@ def _train_step(
     return new_state, metrics
 
 
-@partial(jax.jit, static_argnums=(0, 1, 2, 3))
-def _run_chunk(cfg, loss_fn, sample_fn, length, key, data, state):
+@partial(jax.jit, static_argnums=(1, 2, 3))
+def run_chunk(hp, loss_fn, sample_fn, length, key, data, state):
     def body(s, _):
-        return _train_step(cfg, loss_fn, sample_fn, key, data, s)
+        return _train_step(hp, loss_fn, sample_fn, key, data, s)
 
     return jax.lax.scan(body, state, None, length=length)
 
@@ -158,7 +161,7 @@ def fit(
         while int(state.step) < cfg.steps:
             step = int(state.step)
             length = min(cfg.chunk, cfg.steps - step)
-            state, metrics = _run_chunk(cfg, loss_fn, sample_fn, length, key, data, state)
+            state, metrics = run_chunk(cfg.hyper(), loss_fn, sample_fn, length, key, data, state)
             metrics = jax.device_get(metrics)
             last = {"step": step + length, **_summarise(metrics)}
             with open(metrics_path, "a") as f:
