@@ -141,7 +141,7 @@ def test_off_ignores_verifier_and_weight_by_one_is_off(m_params, ctrl):
     mean = jax.random.normal(jax.random.key(9), (20, LATENT))
     logvar = jnp.full((20, LATENT), -1.0)
     pop = jnp.stack([ctrl, -ctrl, 0.5 * ctrl])
-    args = (jax.random.key(10), m_params, pop, mean, logvar, 4, 8, 1.0)
+    args = (jax.random.key(10), m_params, pop, mean, logvar, 4, 8)
     off = dream.score_population(SMOKE, *args)
     off_with_k = dream.score_population(SMOKE, *args, _const_verifier(-3.0))
     weight_one = dream.score_population(_mode(SMOKE, "weight"), *args, _const_verifier(100.0))  # sigmoid -> 1.0f
@@ -155,7 +155,7 @@ def test_weight_multiplies_reward_by_confidence(m_params, ctrl):
     start = jnp.zeros((LATENT,))
     k_params = verifier.init(jax.random.key(11), SMOKE.verifier, LATENT, HIDDEN)
     traj_off, _ = dream.dream(SMOKE, jax.random.key(12), m_params, ctrl, start, 8)
-    traj_w, ret_w = dream.dream(_mode(SMOKE, "weight"), jax.random.key(12), m_params, ctrl, start, 8, 1.0, k_params)
+    traj_w, ret_w = dream.dream(_mode(SMOKE, "weight"), jax.random.key(12), m_params, ctrl, start, 8, k_params)
     np.testing.assert_array_equal(traj_off["z"], traj_w["z"])  # K changes the fitness, never the dream
     np.testing.assert_allclose(traj_w["reward"], traj_off["reward"] * traj_w["confidence"], rtol=1e-6)
     np.testing.assert_allclose(ret_w, jnp.sum(traj_w["reward"]), rtol=1e-6)
@@ -164,18 +164,18 @@ def test_weight_multiplies_reward_by_confidence(m_params, ctrl):
 def test_cutoff_ends_dreams_where_confidence_falls(m_params, ctrl):
     k_params = verifier.init(jax.random.key(13), SMOKE.verifier, LATENT, HIDDEN)
     start = jnp.zeros((LATENT,))
-    traj, _ = dream.dream(_mode(SMOKE, "weight"), jax.random.key(14), m_params, ctrl, start, 8, 1.0, k_params)
+    traj, _ = dream.dream(_mode(SMOKE, "weight"), jax.random.key(14), m_params, ctrl, start, 8, k_params)
     conf, p_done = np.asarray(traj["confidence"]), np.asarray(traj["p_done"])
     threshold = float(np.sort(conf)[len(conf) // 2])  # some steps above, some below
     cfg = _mode(SMOKE, "cutoff", threshold=min(max(threshold, 1e-3), 0.999))
-    traj_c, ret_c = dream.dream(cfg, jax.random.key(14), m_params, ctrl, start, 8, 1.0, k_params)
+    traj_c, ret_c = dream.dream(cfg, jax.random.key(14), m_params, ctrl, start, 8, k_params)
     ok = conf >= cfg.verifier.threshold
     expected = np.array([np.all(ok[: t + 1]) and np.all(p_done[:t] <= 0.5) for t in range(8)], np.float32)
     np.testing.assert_array_equal(traj_c["alive"], expected)
     assert ret_c == pytest.approx(float(np.sum(np.asarray(traj_c["reward"]))))
     assert np.all(np.asarray(traj_c["reward"])[expected == 0] == 0)
     # a verifier that trusts nothing ends every dream before its first reward
-    _, ret_none = dream.dream(_mode(SMOKE, "cutoff"), jax.random.key(14), m_params, ctrl, start, 8, 1.0,
+    _, ret_none = dream.dream(_mode(SMOKE, "cutoff"), jax.random.key(14), m_params, ctrl, start, 8,
                               _const_verifier(-100.0))
     assert float(ret_none) == 0.0
 

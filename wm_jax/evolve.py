@@ -64,10 +64,14 @@ def num_dims(cfg: Config, world: World) -> int:
     return controller.num_params(cfg.controller, world.starts[0].shape[-1], cfg.transition.hidden)
 
 
-def _strategy(cfg: Config, hp: dict[str, Any], dims: int) -> tuple[CMA_ES, Any]:
-    """CMA-ES with population cfg.evolve.population (static) and initial step size sigma (traced)."""
-    es = CMA_ES(population_size=cfg.evolve.population, solution=jnp.zeros((dims,), jnp.float32))
-    return es, es.default_params.replace(std_init=jnp.asarray(hp["evolve"]["sigma"], jnp.float32))
+def _strategy(cfg: Config, world: World) -> CMA_ES:
+    """CMA-ES with population cfg.evolve.population: static, like evosax's strategy object."""
+    return CMA_ES(population_size=cfg.evolve.population, solution=jnp.zeros((num_dims(cfg, world),), jnp.float32))
+
+
+def _es_params(es: CMA_ES, hp: dict[str, Any]) -> Any:
+    """evosax's traced params: the defaults with the initial step size sigma from hp."""
+    return es.default_params.replace(std_init=jnp.asarray(hp["evolve"]["sigma"], jnp.float32))
 
 
 def score_candidates(cfg: Config, hp: dict[str, Any], key: jax.Array, world: World, population: jax.Array,
@@ -102,13 +106,13 @@ def init(cfg: Config, hp: dict[str, Any], key: jax.Array, world: World, init_mea
     """The search's start: CMA-ES around init_mean (default zeros) with step size sigma; the pool
     a random draw of the stored posteriors, in the shape the real checks refresh it with."""
     dims = num_dims(cfg, world)
-    es, es_params = _strategy(cfg, hp, dims)
+    es = _strategy(cfg, world)
     key_init, _ = jax.random.split(key)
     mean0 = jnp.zeros((dims,), jnp.float32) if init_mean is None else jnp.asarray(init_mean, jnp.float32)
     rows = jax.random.randint(jax.random.fold_in(key_init, 1), (cfg.evolve.check_episodes * cfg.eval.max_steps,), 0,
                               world.starts[0].shape[0])
     return EvolveState(
-        es=es.init(key_init, mean0, es_params),
+        es=es.init(key_init, mean0, _es_params(es, hp)),
         pool=(world.starts[0][rows], world.starts[1][rows], jnp.ones(rows.shape, jnp.float32)),
         best=mean0,
         best_real=jnp.asarray(-jnp.inf, jnp.float32),
@@ -126,44 +130,61 @@ def _generation_keys(key_run: jax.Array, start: jax.Array, gens: int, block: int
 
 
 def period(cfg: Config, hp: dict[str, Any], world: World, state: EvolveState, key: jax.Array, gens: int,
-           score: Score = score_candidates, check: Check = real_check) -> tuple[EvolveState, dict[str, jax.Array]]:
+           score: Score = score_candidates, check: Check = real_check, batched: bool = False,
+           ) -> tuple[EvolveState, dict[str, jax.Array]]:
     """`gens` CMA-ES generations, then the real check of the mean, the pool refresh and the best update.
 
     key is the search's key (the same for every period): generation g and the check after it fold
     their counters into it, so the result does not depend on how the search is cut into calls.
     A check's dream_return is scored like the generations before it: on the previous check's pool.
+
+    With `batched`, hp, state and key carry a leading axis of cells (wm_jax.sweep): the dreams and
+    the real checks of every cell are vmapped, while CMA-ES's own ask and tell run cell by cell
+    (`lax.map`) with the arithmetic of a lone search. Batched, their sums would round differently
+    in the last bit, and the eigendecomposition of a near-isotropic covariance turns such a bit
+    into other eigenvectors and so other candidates; mapped, a cell is its lone search.
     """
-    es, es_params = _strategy(cfg, hp, num_dims(cfg, world))
-    _, key_run = jax.random.split(key)
+    def each(fn, *xs):  # per cell, a lone search's arithmetic
+        return jax.lax.map(lambda x: fn(*x), xs) if batched else fn(*xs)
+
+    def every(fn, *xs):  # all cells at once
+        return jax.vmap(fn)(*xs) if batched else fn(*xs)
+
+    es = _strategy(cfg, world)
+    es_params = every(lambda h: _es_params(es, h), hp)
+    key_run = every(lambda k: jax.random.split(k)[1], key)
+    keys = every(lambda k, g: _generation_keys(k, g, gens, cfg.evolve.gens_per_call), key_run, state.generation)
 
     def generation(es_state, key_g):
-        key_ask, key_eval, key_tell = jax.random.split(key_g, 3)
-        population, es_state = es.ask(key_ask, es_state, es_params)
+        split = every(lambda k: jax.random.split(k, 3), key_g)
+        key_ask, key_eval, key_tell = split[..., 0], split[..., 1], split[..., 2]
+        population, es_state = each(es.ask, key_ask, es_state, es_params)
         # Only the scoring is split over the devices: CMA-ES's update runs whole on every device,
         # as on one device (split, its sums would add up in another order).
         population = sharding.replicated(population)
-        returns = score(cfg, hp, key_eval, world, population, state.pool)
-        es_state, _ = es.tell(key_tell, population, -returns, es_state, es_params)  # evosax minimizes
-        return es_state, {"dream_mean": jnp.mean(returns), "dream_max": jnp.max(returns)}
+        returns = every(lambda h, k, p, pool: score(cfg, h, k, world, p, pool), hp, key_eval, population, state.pool)
+        es_state, _ = each(es.tell, key_tell, population, -returns, es_state, es_params)  # evosax minimizes
+        return es_state, {"dream_mean": jnp.mean(returns, axis=-1), "dream_max": jnp.max(returns, axis=-1)}
 
-    keys = _generation_keys(key_run, state.generation, gens, cfg.evolve.gens_per_call)
-    es_state, history = jax.lax.scan(generation, state.es, keys)
+    es_state, history = jax.lax.scan(generation, state.es, jnp.swapaxes(keys, 0, 1) if batched else keys)
+    history = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), history) if batched else history  # cells first
     done = state.generation + gens
-    mean = es.get_mean(es_state)
-    key_c = jax.random.fold_in(key_run, 10_000_000 + done)
-    dream_return = score(cfg, hp, key_c, world, mean[None], state.pool)[0]
-    real = check(cfg, hp, jax.random.fold_in(key_c, 1), world, mean)
+    mean = es_state.mean  # the CMA-ES mean (es.get_mean)
+    key_c = every(lambda k, d: jax.random.fold_in(k, 10_000_000 + d), key_run, done)
+    dream_return = every(lambda h, k, m, pool: score(cfg, h, k, world, m[None], pool)[0], hp, key_c, mean, state.pool)
+    real = every(lambda h, k, m: check(cfg, h, jax.random.fold_in(k, 1), world, m), hp, key_c, mean)
     better = real["return_mean"] > state.best_real
     new = EvolveState(
         es=es_state,
         pool=real["latents"],
-        best=jnp.where(better, mean, state.best),
+        best=jnp.where(better[..., None], mean, state.best),
         best_real=jnp.where(better, real["return_mean"], state.best_real),
         generation=done,
         real_env_steps=state.real_env_steps + real["env_steps"],
     )
     metrics = {**history, "generation": done, "dream_return": dream_return, "real_return": real["return_mean"],
-               "env_steps": real["env_steps"], "grounding_states": jnp.sum(real["latents"][2]).astype(jnp.int32)}
+               "env_steps": real["env_steps"],
+               "grounding_states": jnp.sum(real["latents"][2], axis=-1).astype(jnp.int32)}
     return new, metrics
 
 
@@ -176,12 +197,9 @@ def _init_cells(cfg, hp, keys, world, init_mean, batched):
 
 @partial(jax.jit, static_argnums=(0, 5, 6, 7, 8))
 def _period_cells(cfg, hp, world, state, keys, gens, score, check, batched):
-    if not batched:
-        return period(cfg, hp, world, state, keys, gens, score, check)
-    # One cell per (seed, hyperparameter) combination, split over the devices.
-    hp, state, keys = sharding.shard_leading((hp, state, keys))
-    out = jax.vmap(lambda h, s, k: period(cfg, h, world, s, k, gens, score, check))(hp, state, keys)
-    return sharding.replicated(out)
+    if batched:  # one cell per (seed, hyperparameters), split over the devices
+        hp, state, keys = sharding.shard_leading((hp, state, keys))
+    return sharding.replicated(period(cfg, hp, world, state, keys, gens, score, check, batched))
 
 
 def _read_jsonl(path: Path, upto: int) -> list[dict[str, Any]]:
