@@ -23,7 +23,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from wm_jax import drift, pipeline, transition
+from wm_jax import data, drift, pipeline, run_dir, transition
 
 K = (1, 5, 20, 50)
 
@@ -37,16 +37,14 @@ def _experiment_module(name: str):
     return mod
 
 
-def _seed(run: Path, args, ablation, world_model_eval) -> dict:
+def _seed(run: Path, args, world_model_eval) -> dict:
     """Every variant of M for one finished run: {name: {"drift": {policy: ...}, "one_step_nll_random"}}."""
-    from wm_jax import data
-
-    cfg, params, _ = ablation._load(run)
-    arrays = pipeline._load_arrays([run / "data" / "round1"])
+    cfg, params = run_dir.load_agent(run)
+    arrays = run_dir.load_arrays([run / "data" / "round1"])
     index = data.EpisodeIndex.from_columns(arrays["episode"], arrays["t"])
     lat = np.load(run / "latents_round1.npz")
     m_arrays = transition.training_arrays(lat["mean"], lat["logvar"], arrays, index)
-    held = {policy: ablation._held_out(cfg, params, policy, n, 999 + i)
+    held = {policy: pipeline.collect_encoded(cfg, params, policy, n, 999 + i)
             for i, (policy, n) in enumerate((("random", 200), ("agent", 20)))}
 
     variants = {"plain": cfg.transition}
@@ -119,11 +117,10 @@ def main() -> None:
     for run in args.runs:
         if not (run / "agent.json").exists():
             p.error(f"{run}: not a finished run (no agent.json)")
-    ablation = _experiment_module("verifier_ablation")  # loading and held-out collection live there
     world_model_eval = _experiment_module("world_model_eval")  # and the one-step metrics here
-    seeds = [_seed(run, args, ablation, world_model_eval) for run in args.runs]
+    seeds = [_seed(run, args, world_model_eval) for run in args.runs]
     args.out.mkdir(parents=True, exist_ok=True)
-    pipeline._write_json(args.out / "mitigations.json", {"steps": args.steps, "seeds": seeds})
+    run_dir.write_json(args.out / "mitigations.json", {"steps": args.steps, "seeds": seeds})
     (args.out / "mitigations.md").write_text(table(seeds))
     print(table(seeds))
 

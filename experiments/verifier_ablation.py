@@ -1,95 +1,98 @@
 """Verifier ablation, held-out verifier AUC and drift curves, reusing a finished run's V and M.
 
     python experiments/verifier_ablation.py RUN [RUN ...] [--modes off weight cutoff]
-        [--taus 1.0 1.15 1.3] [--horizons 15 30 60] [--groundings 0.0] [--generations 60] [--out DIR]
+        [--taus 1.0 1.15 1.3] [--horizons 15 30 60] [--groundings 0.0] [--cma-seeds 0 1 2]
+        [--generations 60] [--eval-episodes 100] [--one-by-one] [--out DIR]
 
 For each RUN (a finished `wm-jax run`, one per seed) it loads V and the final agent's M, trains the
 verifier K against that M on the run's data (RUN/ablation/verifier, resumable), then
   1. held-out AUC of K for real vs imagined transitions (one step, open loop at k = 1, 5, 20,
      noise) on fresh episodes of the random policy (seed 999) and of the run's agent;
   2. drift curves (wm_jax.drift) over k = 0..100 on the same episodes, with K's confidence;
-  3. every cell of modes x taus x horizons x groundings: CMA-ES from scratch in M's dreams (the run's evolve
-     settings, `--generations` generations, real checks of the mean every check_every
-     generations, the best checked mean kept) and 100 real episodes of the result.
-Finished cells are stored in RUN/ablation/cells.jsonl and skipped on a rerun; the table shows every
-stored cell with the same --generations, so a grid can be built up over several invocations. Writes
-OUT/ablation.md (the table), OUT/ablation.json, OUT/drift.png and OUT/drift.json.
+  3. for each (verifier mode, horizon) pair (they shape the program: an outer Python loop), the
+     grid taus x groundings x CMA-ES seeds as ONE compiled program (wm_jax.sweep): CMA-ES from
+     scratch in M's dreams (the run's evolve settings, `--generations` generations, real checks
+     of the mean every check_every generations, the best checked mean kept), then
+     `--eval-episodes` real episodes of each cell's result. `--one-by-one` runs the same cells as
+     lone searches instead (for the wall-time comparison; their rows are stored apart).
+Finished cells are stored in RUN/ablation/cells.jsonl (cells_one_by_one.jsonl) and skipped on a
+rerun; the table shows every stored cell with the same --generations, so a grid can be built up over
+several invocations. Writes OUT/ablation.md (the table), OUT/ablation.json, OUT/drift.png and
+OUT/drift.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import itertools
+import hashlib
 import json
 import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from wm_jax import data, drift, evolve, pipeline, rollout, transition, vae, verifier
+from wm_jax import drift, evolve, pipeline, rollout, run_dir, sweep, verifier
 from wm_jax.config import Config, ConfigError
 
 
-def _load(run: Path):
-    meta = json.loads((run / "agent.json").read_text())
-    cfg = Config.from_dict(json.loads((run / "config.json").read_text()))
-    vae_params = vae.load(cfg.vae, run / "vae")
-    m_params = transition.load(cfg.transition, run / meta["transition_dir"], cfg.vae.latent, meta.get("transition_steps"))
-    ctrl = np.load(run / "controller.npy")
-    paths = sorted((run / "data").iterdir(), key=lambda p: int(p.name.removeprefix("round")))
-    arrays = pipeline._load_arrays(paths)
-    index = data.EpisodeIndex.from_columns(arrays["episode"], arrays["t"])
-    lat = np.load(run / f"latents_round{len(paths)}.npz")
-    m_arrays = transition.training_arrays(lat["mean"], lat["logvar"], arrays, index)
-    return cfg, {"vae": vae_params, "transition": m_params, "controller": ctrl}, m_arrays
+def _setting(cell: dict) -> tuple:
+    return cell["mode"], cell["tau"], cell["horizon"], cell.get("grounding", 0.0)
 
 
-def _held_out(cfg: Config, params, policy: str, episodes: int, seed: int):
-    """Fresh episodes (never trained on) encoded by V: per-row arrays as transition.training_arrays."""
-    pol = pipeline._agent_policy(cfg, params) if policy == "agent" else None
-    kwargs = {} if pol is None else {"policy": pol}
-    ds = data.collect(jax.random.key(seed), episodes, max_steps=cfg.eval.max_steps, chunk_size=episodes,
-                      progress=False, **kwargs)
-    cols = data.to_arrays(ds)
-    index = data.EpisodeIndex.from_columns(cols["episode"], cols["t"])
-    mean, logvar = vae.encode_all(cfg.vae, params["vae"], cols["frame"], index.stack_rows)
-    return transition.training_arrays(mean, logvar, cols, index)
+def _cell_id(cell: dict) -> tuple:
+    return _setting(cell) + (cell.get("cma_seed"), cell["generations"])
 
 
-def _cell(cfg: Config, key, params, k_params, m_arrays, mode: str, tau: float, horizon: int, grounding: float, gens: int,
-          out: Path):
-    cell_cfg = dataclasses.replace(
+def _pair(cfg: Config, run: run_dir.Run, k_params, mode: str, horizon: int, todo: list[tuple[float, float, int]],
+          args, adir: Path) -> list[dict]:
+    """The (mode, horizon) pair's cells [(tau, grounding, cma_seed)] as one sweep (or one by one)."""
+    pair_cfg = dataclasses.replace(
         cfg,
-        evolve=dataclasses.replace(cfg.evolve, tau=tau, horizon=horizon, grounding=grounding),
+        evolve=dataclasses.replace(cfg.evolve, horizon=horizon, generations=args.generations),
         verifier=dataclasses.replace(cfg.verifier, mode=mode),
     )
-    base = {"vae": params["vae"], "transition": params["transition"]}
-
-    def real_check(k, ctrl):
-        return rollout.evaluate(cell_cfg, {**base, "controller": ctrl}, k, cfg.evolve.check_episodes,
-                                cfg.eval.max_steps, batch=cfg.evolve.check_episodes, latents=grounding > 0)
-
+    cells = [sweep.Cell(seed, {"evolve.tau": tau, "evolve.grounding": g},
+                        sweep.with_values(pair_cfg, {"evolve.tau": tau, "evolve.grounding": g}))
+             for tau, g, seed in todo]
+    world = evolve.World(m_params=run.params["transition"], vae_params=run.params["vae"],
+                         starts=(jnp.asarray(run.arrays["mean"]), jnp.asarray(run.arrays["logvar"])),
+                         k_params=None if mode == "off" else k_params)
+    tag = hashlib.sha1(json.dumps([todo, args.generations]).encode()).hexdigest()[:8]
     t0 = time.perf_counter()
-    res = evolve.evolve(cell_cfg, key, params["transition"], (m_arrays["mean"], m_arrays["logvar"]), real_check, out,
-                        gens, progress=False, k_params=None if mode == "off" else k_params)
-    ev = rollout.evaluate(cell_cfg, {**base, "controller": res["best"]}, jax.random.fold_in(key, 1))
-    checks = res["checks"]
-    return {
-        "mode": mode, "tau": tau, "horizon": horizon, "grounding": grounding, "generations": gens,
-        "real_return_mean": ev["return_mean"], "real_return_std": ev["return_std"], "real_return_min": ev["return_min"],
-        "dream_real_corr": rollout.correlation([c["dream_return"] for c in checks], [c["real_return"] for c in checks]),
-        "best_check": res["best_real"], "real_env_steps_checks": res["real_env_steps"], "wall_s": time.perf_counter() - t0,
-    }
+    if args.one_by_one:
+        results = [evolve.evolve(c.config, c.key(), world, adir / f"lone_{mode}_h{horizon}_{tag}_{i}", progress=False)
+                   for i, c in enumerate(cells)]
+    else:
+        results = sweep.run(pair_cfg, cells, world, adir / f"sweep_{mode}_h{horizon}_{tag}")
+    search_s = time.perf_counter() - t0
+    rows = []
+    for c, res in zip(cells, results):
+        ev = rollout.evaluate(c.config, {**run.params, "controller": jnp.asarray(res["best"])},
+                              jax.random.key(c.seed + 1), args.eval_episodes)
+        checks = res["checks"]
+        rows.append({
+            "mode": mode, "tau": c.values["evolve.tau"], "horizon": horizon, "grounding": c.values["evolve.grounding"],
+            "cma_seed": c.seed, "generations": args.generations, "eval_episodes": args.eval_episodes,
+            "real_return_mean": ev["return_mean"], "real_return_std": ev["return_std"],
+            "real_return_min": ev["return_min"],
+            "dream_real_corr": rollout.correlation([e["dream_return"] for e in checks], [e["real_return"] for e in checks]),
+            "best_check": res["best_real"], "real_env_steps_checks": res["real_env_steps"],
+            "program": "one by one" if args.one_by_one else "sweep", "pair_cells": len(cells), "pair_search_s": search_s,
+        })
+    return rows
 
 
-def run_seed(run: Path, args) -> dict:
-    cfg, params, m_arrays = _load(run)
-    adir = run / "ablation"
+def run_seed(run_path: Path, args) -> dict:
+    run = run_dir.load(run_path)
+    cfg = run.cfg
+    adir = run_path / "ablation"
     adir.mkdir(exist_ok=True)
     key = jax.random.key(cfg.seed + 1000)
-    verifier.train(cfg, params["transition"], m_arrays, jax.random.fold_in(key, 0), adir / "verifier", progress=True)
+    verifier.train(cfg, run.params["transition"], run.arrays, jax.random.fold_in(key, 0), adir / "verifier",
+                   progress=True)
     k_params = verifier.load(cfg, adir / "verifier", cfg.vae.latent)
 
     report_path = adir / "verifier_report.json"
@@ -98,37 +101,37 @@ def run_seed(run: Path, args) -> dict:
     else:
         report = {"auc": {}, "drift": {}}
         for i, policy in enumerate(("random", "agent")):
-            held = _held_out(cfg, params, policy, args.held_out_episodes[i], 999 + i)
+            held = pipeline.collect_encoded(cfg, run.params, policy, args.held_out_episodes[i], 999 + i)
             drifts = tuple(k for k in (1, 5, 20) if k <= cfg.verifier.seq_len)
-            report["auc"][policy] = verifier.evaluate(cfg, jax.random.fold_in(key, 10 + i), params["transition"],
+            report["auc"][policy] = verifier.evaluate(cfg, jax.random.fold_in(key, 10 + i), run.params["transition"],
                                                       k_params, held, drifts=drifts, batches=32)
             report["drift"][policy] = drift.measure(cfg, jax.random.fold_in(key, 20 + i),
-                                                    {**params, "verifier": k_params}, drift.pad_episodes(held),
+                                                    {**run.params, "verifier": k_params}, drift.pad_episodes(held),
                                                     max_k=100, stride=25)
-        pipeline._write_json(report_path, report)
+        run_dir.write_json(report_path, report)
 
-    cells_path = adir / "cells.jsonl"
+    cells_path = adir / ("cells_one_by_one.jsonl" if args.one_by_one else "cells.jsonl")
     done = [json.loads(line) for line in cells_path.read_text().splitlines()] if cells_path.exists() else []
     for c in done:
         c.setdefault("grounding", 0.0)  # cells stored before the grounding axis existed
-    for mode, tau, horizon, grounding in itertools.product(args.modes, args.taus, args.horizons, args.groundings):
-        setting = (mode, tau, horizon, grounding, args.generations)
-        if any(_setting(c) + (c["generations"],) == setting for c in done):
-            continue
-        cell_key = jax.random.fold_in(key, 100)  # the same CMA-ES noise in every cell: only the setting differs
-        name = f"evolve_{mode}_t{tau}_h{horizon}" + (f"_g{grounding}" if grounding else "")
-        res = _cell(cfg, cell_key, params, k_params, m_arrays, mode, tau, horizon, grounding, args.generations,
-                    adir / name)
-        res["seed"] = cfg.seed
-        print(json.dumps(res), flush=True)
-        with open(cells_path, "a") as f:
-            f.write(json.dumps(pipeline._finite_or_none(res)) + "\n")
-        done.append(res)
-        # Every cell compiles its own programs (the config is a static argument); without this a long
-        # grid piles them up until LLVM cannot map more memory for the next compile.
-        jax.clear_caches()
+        c.setdefault("cma_seed", None)  # ... and before the CMA-ES seed axis (one fixed key)
+    have = {_cell_id(c) for c in done}
+    for mode in args.modes:
+        for horizon in args.horizons:
+            todo = [(tau, g, s) for tau in args.taus for g in args.groundings for s in args.cma_seeds
+                    if (mode, tau, horizon, g, s, args.generations) not in have]
+            if not todo:
+                continue
+            rows = _pair(cfg, run, k_params, mode, horizon, todo, args, adir)
+            print(f"{mode} h{horizon}: {len(rows)} cells in {rows[0]['pair_search_s']:.1f}s "
+                  f"({rows[0]['program']})", flush=True)
+            with open(cells_path, "a") as f:
+                for r in rows:
+                    r["seed"] = cfg.seed
+                    f.write(json.dumps(run_dir.finite_or_none(r)) + "\n")
+            done += rows
     wanted = [c for c in done if c["generations"] == args.generations]  # this and earlier invocations' cells
-    return {"seed": cfg.seed, "report": report, "cells": wanted, "real_env_steps_data": int(len(m_arrays["mean"]))}
+    return {"seed": cfg.seed, "report": report, "cells": wanted, "real_env_steps_data": int(len(run.arrays["mean"]))}
 
 
 MIN_ROLLOUTS, MIN_FRAME_ROLLOUTS = 20, 8  # fewer rollouts reaching k: too noisy to plot
@@ -143,15 +146,22 @@ def _setting(cell: dict) -> tuple:
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| verifier | tau | horizon | grounding | real return mean +- std (per seed) | mean over seeds | "
+    lines = ["| verifier | tau | horizon | grounding | real return mean +- std (per run seed / CMA-ES seed) | mean | "
              "dream-real corr | env steps in checks |", "|---|---|---|---|---|---|---|---|"]
     cells = sorted({_setting(c) for r in results for c in r["cells"]})
     for mode, tau, horizon, grounding in cells:
         rows = [c for r in results for c in r["cells"] if _setting(c) == (mode, tau, horizon, grounding)]
-        per_seed = ", ".join(f"s{c['seed']}: {c['real_return_mean']:.1f} +- {c['real_return_std']:.1f}" for c in rows)
+        per_seed = ", ".join(f"s{c['seed']}" + ("" if c.get("cma_seed") is None else f"/c{c['cma_seed']}")
+                             + f": {c['real_return_mean']:.1f} +- {c['real_return_std']:.1f}" for c in rows)
         corr = [c["dream_real_corr"] for c in rows if c["dream_real_corr"] is not None]
         lines.append(f"| {mode} | {tau} | {horizon} | {grounding} | {per_seed} | {np.mean([c['real_return_mean'] for c in rows]):.1f} | "
                      f"{_fmt(np.mean(corr) if corr else None, 2)} | {int(np.mean([c['real_env_steps_checks'] for c in rows]))} |")
+    timing = sorted({(c["mode"], c["horizon"], c["program"], c["pair_cells"], round(c["pair_search_s"], 1), c["seed"])
+                     for r in results for c in r["cells"] if "program" in c})
+    if timing:
+        lines += ["", "| verifier | horizon | program | cells | search wall s (compile included) | run seed |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {m} | {h} | {p} | {n} | {t} | {s} |" for m, h, p, n, t, s in timing]
     lines += ["", "| seed | held-out episodes | AUC one step | AUC drift k=1 | k=5 | k=20 (n) | AUC noise |", "|---|---|---|---|---|---|---|"]
     for r in results:
         for policy, a in r["report"]["auc"].items():
@@ -202,7 +212,10 @@ def main() -> None:
     p.add_argument("--horizons", nargs="+", type=int, default=[15, 30, 60])
     p.add_argument("--groundings", nargs="+", type=float, default=[0.0],
                    help="EvolveConfig.grounding shares (0: off; the mitigation's axis)")
+    p.add_argument("--cma-seeds", nargs="+", type=int, default=[0, 1, 2], help="CMA-ES seeds: one cell each")
     p.add_argument("--generations", type=int, default=60)
+    p.add_argument("--eval-episodes", type=int, default=100, help="real episodes of each cell's final controller")
+    p.add_argument("--one-by-one", action="store_true", help="lone searches instead of one sweep (timing)")
     p.add_argument("--held-out-episodes", nargs=2, type=int, default=[200, 20], metavar=("RANDOM", "AGENT"))
     p.add_argument("--out", type=Path, default=Path("experiments/results"))
     args = p.parse_args()
@@ -217,7 +230,7 @@ def main() -> None:
                 p.error(f"--groundings: {e}")
     results = [run_seed(run, args) for run in args.runs]
     args.out.mkdir(parents=True, exist_ok=True)
-    pipeline._write_json(args.out / "ablation.json", results)
+    run_dir.write_json(args.out / "ablation.json", results)
     (args.out / "ablation.md").write_text(table(results))
     plot(results, args.out / "drift.png")
     print(table(results))

@@ -1,7 +1,18 @@
 """wm_jax: World Models (Ha & Schmidhuber 2018) as pure JAX functions, on CartPole-v1 from pixels."""
 
-from wm_jax.agent import Agent
+from typing import Any
+
 from wm_jax.config import Config, get_preset
 
 __all__ = ["Agent", "Config", "get_preset"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    # Agent loads the whole model stack (flax, orbax, datasets): only when asked for, so that
+    # `import wm_jax.config` (the CLI's argument checks, a config script) stays light.
+    if name == "Agent":
+        from wm_jax.agent import Agent
+
+        return Agent
+    raise AttributeError(f"module 'wm_jax' has no attribute {name!r}")

@@ -11,15 +11,14 @@ vmapped evaluation rollout, so its actions equal the rollout's on the same frame
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from wm_jax import rollout, transition, vae
+from wm_jax import rollout, transition
+from wm_jax import run_dir as run_dir_lib
 from wm_jax.config import Config
 
 
@@ -38,18 +37,7 @@ class Agent:
     @classmethod
     def load(cls, run_dir: Path | str) -> "Agent":
         """Load the final agent of a finished `wm-jax run` directory."""
-        run_dir = Path(run_dir)
-        meta_path = run_dir / "agent.json"
-        if not meta_path.exists() or not (run_dir / "controller.npy").exists():
-            raise FileNotFoundError(f"{run_dir}: no trained agent (agent.json / controller.npy missing; run `wm-jax run` first)")
-        meta = json.loads(meta_path.read_text())
-        cfg = Config.from_dict(meta["config"])
-        vae_params = vae.load(cfg.vae, run_dir / "vae")
-        m_dir = run_dir / meta["transition_dir"]
-        steps = meta.get("transition_steps")
-        m_params = transition.load(cfg.transition, m_dir, cfg.vae.latent, steps)
-        ctrl = jnp.asarray(np.load(run_dir / "controller.npy"))
-        return cls(cfg, {"vae": vae_params, "transition": m_params, "controller": ctrl})
+        return cls(*run_dir_lib.load_agent(run_dir))
 
     def initial_carry(self, batch: int | None = None) -> Any:
         """M's carry at the start of an episode (with a leading axis when batch is given)."""

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from wm_jax import data as data_lib
-from wm_jax import evolve, rollout, transition, vae, verifier
+from wm_jax import evolve, rollout, run_dir, transition, vae, verifier
 from wm_jax.config import Config
 
 SUMMARY_KEYS = (
@@ -33,23 +33,6 @@ SUMMARY_KEYS = (
 
 class RunDirError(ValueError):
     """The run directory belongs to a different configuration."""
-
-
-def _finite_or_none(obj: Any) -> Any:
-    """Strict JSON: a metric that is undefined (NaN, e.g. a correlation of a constant) becomes null."""
-    if isinstance(obj, float) and not np.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _finite_or_none(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite_or_none(v) for v in obj]
-    return obj
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(_finite_or_none(obj), indent=2, sort_keys=True, allow_nan=False))
-    os.replace(tmp, path)
 
 
 class _Stages:
@@ -69,7 +52,7 @@ class _Stages:
         result = fn()
         result["wall_s"] = time.perf_counter() - t0
         self.done[name] = result
-        _write_json(self.path, self.done)
+        run_dir.write_json(self.path, self.done)
         if self.progress:
             print(f"[wm-jax] {name} done in {result['wall_s']:.1f}s", flush=True)
         return result
@@ -92,11 +75,6 @@ def device_name() -> str:
     return f"{d.platform} ({getattr(d, 'device_kind', '')}) x{jax.device_count()}"
 
 
-def _load_arrays(paths: list[Path]) -> dict[str, np.ndarray]:
-    parts = [data_lib.to_arrays(data_lib.load_dataset(p)) for p in paths]
-    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-
-
 def run(cfg: Config, out: Path | str, progress: bool = True) -> dict[str, Any]:
     """Run (or finish) the whole pipeline in `out`; returns the summary dict (also summary.json)."""
     out = Path(out)
@@ -109,7 +87,7 @@ def run(cfg: Config, out: Path | str, progress: bool = True) -> dict[str, Any]:
             raise RunDirError(f"{out} holds a run with a different config (preset {saved.get('preset')!r}, "
                               f"seed {saved.get('seed')!r}); use a new --out or delete it")
     else:
-        _write_json(cfg_path, cfg.to_dict())
+        run_dir.write_json(cfg_path, cfg.to_dict())
     if (out / "summary.json").exists():
         return json.loads((out / "summary.json").read_text())
 
@@ -128,7 +106,7 @@ def run(cfg: Config, out: Path | str, progress: bool = True) -> dict[str, Any]:
 
     collected = stages.run("collect", collect_stage)
     data_paths = [out / "data" / "round1"]
-    arrays = _load_arrays(data_paths)
+    arrays = run_dir.load_arrays(data_paths)
     index = data_lib.EpisodeIndex.from_columns(arrays["episode"], arrays["t"])
 
     def vae_stage() -> dict[str, Any]:
@@ -152,7 +130,7 @@ def run(cfg: Config, out: Path | str, progress: bool = True) -> dict[str, Any]:
     for r in range(1, cfg.rounds.rounds + 1):
         if r > 1:
             def collect_round(r=r, ctrl=best["ctrl"], m=best["m_params"]) -> dict[str, Any]:
-                policy = _agent_policy(cfg, {"vae": vae_params, "transition": m, "controller": jnp.asarray(ctrl)})
+                policy = agent_policy(cfg, {"vae": vae_params, "transition": m, "controller": jnp.asarray(ctrl)})
                 ds = data_lib.collect(
                     jax.random.fold_in(k_rounds, r), cfg.rounds.episodes, policy=policy, max_steps=cfg.data.max_steps,
                     chunk_size=cfg.rounds.episodes, episode_offset=r * 1_000_000, progress=progress,
@@ -163,7 +141,7 @@ def run(cfg: Config, out: Path | str, progress: bool = True) -> dict[str, Any]:
             got = stages.run(f"collect_round{r}", collect_round)
             real_env_steps += got["env_steps"]
             data_paths.append(out / "data" / f"round{r}")
-            arrays = _load_arrays(data_paths)
+            arrays = run_dir.load_arrays(data_paths)
             index = data_lib.EpisodeIndex.from_columns(arrays["episode"], arrays["t"])
 
         latents_path = out / f"latents_round{r}.npz"
@@ -223,7 +201,7 @@ def run(cfg: Config, out: Path | str, progress: bool = True) -> dict[str, Any]:
     assert best is not None
     final_params = {"vae": vae_params, "transition": best["m_params"], "controller": jnp.asarray(best["ctrl"])}
     np.save(out / "controller.npy", best["ctrl"])
-    _write_json(out / "agent.json", {
+    run_dir.write_json(out / "agent.json", {
         "round": best["round"],
         "transition_dir": best["m_dir"].name,
         "transition_steps": best["m_steps"],
@@ -261,8 +239,8 @@ def run(cfg: Config, out: Path | str, progress: bool = True) -> dict[str, Any]:
         "device": device_name(),
         "versions": versions(),
     }
-    summary = _finite_or_none(summary)  # the same values in memory, on disk and on a rerun
-    _write_json(out / "summary.json", summary)
+    summary = run_dir.finite_or_none(summary)  # the same values in memory, on disk and on a rerun
+    run_dir.write_json(out / "summary.json", summary)
     return summary
 
 
@@ -276,7 +254,7 @@ def round_config(cfg: Config, r: int) -> Config:
                                                               horizon=horizon))
 
 
-def _agent_policy(cfg: Config, params: dict[str, Any]) -> data_lib.Policy:
+def agent_policy(cfg: Config, params: dict[str, Any]) -> data_lib.Policy:
     """The trained agent as a collection policy, with epsilon-random actions for coverage."""
     eps = cfg.rounds.action_noise
 
@@ -289,3 +267,15 @@ def _agent_policy(cfg: Config, params: dict[str, Any]) -> data_lib.Policy:
         return action, carry
 
     return data_lib.Policy(act=act, init_carry=lambda: transition.initial_carry(cfg.transition), uses_pixels=True)
+
+
+def collect_encoded(cfg: Config, params: dict[str, Any], policy: str, episodes: int, seed: int) -> dict[str, Any]:
+    """Fresh episodes (never trained on) of the random policy or of the agent in `params` (with
+    rounds.action_noise), encoded by V: per-row arrays as transition.training_arrays."""
+    kwargs = {"policy": agent_policy(cfg, params)} if policy == "agent" else {}
+    ds = data_lib.collect(jax.random.key(seed), episodes, max_steps=cfg.eval.max_steps, chunk_size=episodes,
+                          progress=False, **kwargs)
+    cols = data_lib.to_arrays(ds)
+    index = data_lib.EpisodeIndex.from_columns(cols["episode"], cols["t"])
+    mean, logvar = vae.encode_all(cfg.vae, params["vae"], cols["frame"], index.stack_rows)
+    return transition.training_arrays(mean, logvar, cols, index)
