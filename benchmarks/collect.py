@@ -15,7 +15,6 @@ A frame is one dataset row: the observation of one step (the state before each a
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import resource
@@ -28,7 +27,7 @@ import datasets
 import jax
 import numpy as np
 
-from wm_jax import data
+from wm_jax import data, run_dir
 from wm_jax.env import render
 
 
@@ -185,8 +184,7 @@ def main(argv: list[str] | None = None) -> dict:
         "ratio_collect_vs_gymnasium": fps_collect / fps_gym,
     }
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2))
+        run_dir.write_json(args.json, result)
         print(f"wrote {args.json}")
     return result
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import json
 import os
 import platform
 import statistics
@@ -33,7 +32,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from wm_jax import controller, dream, transition
+from wm_jax import controller, dream, run_dir, transition
 from wm_jax.config import Config, TransitionConfig, with_compute_dtype
 
 ALL_SIZES = ((64, 16), (256, 64), (1024, 64), (1024, 256), (4096, 256))
@@ -147,8 +146,7 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": info, "head": args.head, "hidden": tcfg.hidden, "latent": latent, "horizon": args.horizon,
         "repeats": args.repeats, "results": rows,
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2))
+    run_dir.write_json(args.json, result)
     print(f"\nwrote {args.json}")
     return result
 

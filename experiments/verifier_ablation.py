@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from wm_jax import drift, evolve, pipeline, rollout, run_dir, sweep, verifier
+from wm_jax import drift, evolve, pipeline, rollout, run_dir, stats, sweep, verifier
 from wm_jax.config import Config, ConfigError
 
 
@@ -78,7 +78,7 @@ def _pair(cfg: Config, run: run_dir.Run, k_params, mode: str, horizon: int, todo
             "cma_seed": c.seed, "generations": args.generations, "eval_episodes": args.eval_episodes,
             "real_return_mean": ev["return_mean"], "real_return_std": ev["return_std"],
             "real_return_min": ev["return_min"],
-            "dream_real_corr": rollout.correlation([e["dream_return"] for e in checks], [e["real_return"] for e in checks]),
+            "dream_real_corr": stats.correlation([e["dream_return"] for e in checks], [e["real_return"] for e in checks]),
             "best_check": res["best_real"], "real_env_steps_checks": res["real_env_steps"],
             "program": "one by one" if args.one_by_one else "sweep", "pair_cells": len(cells), "pair_search_s": search_s,
         })

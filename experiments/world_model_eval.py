@@ -21,14 +21,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from wm_jax import data, drift, transition, vae, verifier
+from wm_jax import data, drift, stats, transition, vae
 from wm_jax.config import Config
 
 
 def auc(scores: np.ndarray, labels: np.ndarray) -> float:
     """ROC AUC of scores for boolean labels (ties count half)."""
     labels = labels.astype(bool)
-    return verifier.auc(scores[labels], scores[~labels])
+    return stats.auc(scores[labels], scores[~labels])
 
 
 def m_metrics(cfg: Config, m_params, rows: dict) -> dict:

@@ -471,7 +471,7 @@ def test_collection_policy_advances_m_with_the_executed_action():
     }
     dims = 2 * (cfg.vae.latent + cfg.transition.hidden) + 2
     params["controller"] = jnp.zeros((dims,)).at[-1].set(1.0)  # greedy action: always 1
-    policy = pipeline._agent_policy(cfg, params)
+    policy = pipeline.agent_policy(cfg, params)
     obs, _ = PixelCartPole().reset(jax.random.key(2))
     carry0 = policy.init_carry()
     z = vae.encode(cfg.vae, params["vae"], obs[None])[0][0]
@@ -527,21 +527,24 @@ def test_verifier_ablation_script(with_verifier, tmp_path, monkeypatch):
     old = {"mode": "off", "tau": 1.0, "horizon": 4, "generations": 1, "real_return_mean": 7.0, "real_return_std": 0.0,
            "real_return_min": 7.0, "dream_real_corr": None, "best_check": 7.0, "real_env_steps_checks": 0, "seed": 0}
     (run / "ablation" / "cells.jsonl").write_text(json.dumps(old) + "\n")  # a cell stored before grounding existed
-    args = ["verifier_ablation.py", str(run), "--modes", "off", "cutoff", "--taus", "1.0", "--horizons", "4",
-            "--groundings", "0.0", "0.5", "--generations", "1", "--held-out-episodes", "4", "2",
-            "--out", str(tmp_path / "out")]
+    args = ["verifier_ablation.py", str(run), "--modes", "off", "cutoff", "--taus", "1.0", "1.3", "--horizons", "4",
+            "--groundings", "0.0", "0.5", "--cma-seeds", "0", "1", "--generations", "1", "--eval-episodes", "2",
+            "--held-out-episodes", "4", "2", "--out", str(tmp_path / "out")]
     monkeypatch.setattr(sys, "argv", args)
     mod.main()
     md = (tmp_path / "out" / "ablation.md").read_text()
-    for cell in ("| off | 1.0 | 4 | 0.0 | s0: 7.0 +- 0.0 |", "| cutoff | 1.0 | 4 | 0.0 |", "| off | 1.0 | 4 | 0.5 |"):
-        assert cell in md  # the old cell counts as grounding 0.0 and is not run again
+    for cell in ("| off | 1.0 | 4 | 0.0 | s0: 7.0 +- 0.0, s0/c0: ", "| cutoff | 1.3 | 4 | 0.0 | s0/c0: ",
+                 "| off | 1.0 | 4 | 0.5 | s0/c0: "):
+        assert cell in md  # the old cell (one fixed key, before grounding existed) is kept beside the new ones
+    assert "| off | 4 | sweep | 8 |" in md and "| cutoff | 4 | sweep | 8 |" in md  # one program per pair
     assert (tmp_path / "out" / "drift.png").stat().st_size > 0
     result = json.loads((tmp_path / "out" / "ablation.json").read_text())[0]
     assert result["report"]["drift"]["agent"]["latent_mse"][0] == 0.0
-    assert len((run / "ablation" / "cells.jsonl").read_text().splitlines()) == 4
-    grounded = json.loads((run / "ablation" / "evolve_off_t1.0_h4_g0.5" / "evolve.jsonl").read_text().splitlines()[0])
-    assert grounded["grounding_states"] > 0  # the real check's states became the pool
-    monkeypatch.setattr(mod, "_cell", _raise("_cell"))  # a rerun does no cell twice
+    assert len((run / "ablation" / "cells.jsonl").read_text().splitlines()) == 1 + 2 * 8
+    sweep_dirs = sorted((run / "ablation").glob("sweep_off_h4_*"))
+    checks = [json.loads(line) for line in (sweep_dirs[0] / "evolve.jsonl").read_text().splitlines()]
+    assert len(checks) == 8 and all(c["grounding_states"] > 0 for c in checks)  # the checks' states became pools
+    monkeypatch.setattr(mod, "_pair", _raise("_pair"))  # a rerun does no cell twice
     mod.main()
 
 

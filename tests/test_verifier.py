@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from wm_jax import controller, data, dream, transition, verifier
+from wm_jax import controller, data, dream, stats, transition, verifier
 from wm_jax.config import ConfigError, VerifierConfig, get_preset
 
 SMOKE = get_preset("smoke")
@@ -65,10 +65,10 @@ def test_config_validation():
 
 
 def test_auc():
-    assert verifier.auc([2.0, 3.0], [0.0, 1.0]) == 1.0
-    assert verifier.auc([0.0, 1.0], [2.0, 3.0]) == 0.0
-    assert verifier.auc([1.0, 1.0], [1.0, 1.0]) == 0.5
-    assert np.isnan(verifier.auc([], [1.0]))
+    assert stats.auc([2.0, 3.0], [0.0, 1.0]) == 1.0
+    assert stats.auc([0.0, 1.0], [2.0, 3.0]) == 0.0
+    assert stats.auc([1.0, 1.0], [1.0, 1.0]) == 0.5
+    assert np.isnan(stats.auc([], [1.0]))
 
 
 def test_examples_shapes_and_masks(m_params, arrays):
@@ -113,7 +113,7 @@ def test_trivially_separable_toy_is_separated():
         losses.append(float(loss))
     pos = verifier.logit(vcfg, params, h, z, a, z)
     neg = verifier.logit(vcfg, params, h, z, a, z + 3.0)
-    assert verifier.auc(np.asarray(pos), np.asarray(neg)) == 1.0
+    assert stats.auc(np.asarray(pos), np.asarray(neg)) == 1.0
     assert losses[-1] < 0.05 < losses[0]
 
 

@@ -107,6 +107,15 @@ def _set_aside(directory: Path, step: int) -> None:
         os.replace(src, directory / f"damaged-{step}-{uuid.uuid4().hex[:6]}")
 
 
+def _unreadable(directory: Path, step: int, error: Exception, errors: list[str], set_aside: bool) -> None:
+    """Note an unreadable step (and set it aside when asked); the caller tries the previous one."""
+    errors.append(f"step {step}: {type(error).__name__}: {error}")
+    warnings.warn(f"{directory}: checkpoint step {step} is unreadable ({type(error).__name__}); "
+                  + ("set aside, " if set_aside else "") + "trying the previous one")
+    if set_aside:
+        _set_aside(directory, step)
+
+
 def _restore_newest_readable(
     directory: Path, mngr: ocp.CheckpointManager, like: Any, wanted: dict[str, Any], set_aside: bool
 ):
@@ -117,11 +126,7 @@ def _restore_newest_readable(
             with _quiet_orbax():
                 saved_config = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
         except Exception as e:  # damaged JSON or missing item: try the previous step
-            errors.append(f"step {step}: {type(e).__name__}: {e}")
-            warnings.warn(f"{directory}: checkpoint step {step} is unreadable ({type(e).__name__}); "
-                          + ("set aside, " if set_aside else "") + "trying the previous one")
-            if set_aside:
-                _set_aside(directory, step)
+            _unreadable(directory, step, e, errors, set_aside)
             continue
         _check_config(directory, step, saved_config, wanted)
         try:
@@ -130,11 +135,7 @@ def _restore_newest_readable(
         except Exception as e:
             if "shape" in str(e).lower():  # a readable checkpoint of other sizes: not damage
                 raise CheckpointError(f"{directory} step {step} does not match the model's shapes: {e}") from None
-            errors.append(f"step {step}: {type(e).__name__}: {e}")
-            warnings.warn(f"{directory}: checkpoint step {step} is unreadable ({type(e).__name__}); "
-                          + ("set aside, " if set_aside else "") + "trying the previous one")
-            if set_aside:
-                _set_aside(directory, step)
+            _unreadable(directory, step, e, errors, set_aside)
             continue
         _check_shapes(directory, step, restored, like)
         return step, restored

@@ -1,4 +1,7 @@
-"""The `wm-jax` command: collect, train-vae, train-transition, run."""
+"""The `wm-jax` command: collect, train-vae, train-transition, run.
+
+Subcommands import the model stack when they run, not at start-up: argument errors come back at once.
+"""
 
 from __future__ import annotations
 
@@ -79,15 +82,16 @@ def _preset(args: argparse.Namespace):
 def cmd_train_vae(args: argparse.Namespace) -> int:
     import jax
 
-    from wm_jax import data, plots, vae
+    from wm_jax import data, plots, train, vae
 
     cfg = _preset(args)
     arrays = data.to_arrays(data.load_dataset(args.data))
     index = data.EpisodeIndex.from_columns(arrays["episode"], arrays["t"])
     out = Path(args.out)
     params, info = vae.train(cfg.vae, arrays["frame"], index.stack_rows, jax.random.key(cfg.seed), out)
-    plots.reconstruction_grid(cfg, params, arrays, index, out / "reconstructions.png")
-    plots.loss_curves(out, out / "loss.png")
+    plots.reconstruction_grid(*vae.reconstructions(cfg.vae, params, arrays["frame"], index.stack_rows),
+                              out / "reconstructions.png")
+    plots.loss_curves(train.read_metrics(out), out / "loss.png")
     print(f"VAE trained: {_fmt(info['final']) or 'already finished'} ({info['steps_per_s']:.1f} steps/s); plots in {out}")
     return 0
 
@@ -95,7 +99,7 @@ def cmd_train_vae(args: argparse.Namespace) -> int:
 def cmd_train_transition(args: argparse.Namespace) -> int:
     import jax
 
-    from wm_jax import data, plots, transition, vae
+    from wm_jax import data, plots, train, transition, vae
 
     cfg = _preset(args)
     arrays = data.to_arrays(data.load_dataset(args.data))
@@ -105,7 +109,7 @@ def cmd_train_transition(args: argparse.Namespace) -> int:
     m_arrays = transition.training_arrays(mean, logvar, arrays, index)
     out = Path(args.out)
     _, info = transition.train(cfg.transition, m_arrays, jax.random.key(cfg.seed + 1), out)
-    plots.loss_curves(out, out / "loss.png")
+    plots.loss_curves(train.read_metrics(out), out / "loss.png")
     print(f"transition trained: {_fmt(info['final']) or 'already finished'} ({info['steps_per_s']:.1f} steps/s); "
           f"plots in {out}")
     return 0
@@ -159,23 +163,23 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(fn=cmd_collect)
 
     presets = ("smoke", "cpu", "paper")
+
+    def training_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--out", required=True)
+        p.add_argument("--preset", choices=presets, default="cpu")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32",
+                       help="compute dtype of V and M (parameters and optimizer state stay float32)")
+
     v = sub.add_parser("train-vae", help="train V on a dataset")
     v.add_argument("data")
-    v.add_argument("--out", required=True)
-    v.add_argument("--preset", choices=presets, default="cpu")
-    v.add_argument("--seed", type=int, default=0)
-    v.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32",
-                   help="compute dtype of V and M (parameters and optimizer state stay float32)")
+    training_args(v)
     v.set_defaults(fn=cmd_train_vae)
 
     m = sub.add_parser("train-transition", help="train M on a dataset encoded by a trained V")
     m.add_argument("data")
     m.add_argument("--vae", required=True, help="run directory of train-vae")
-    m.add_argument("--out", required=True)
-    m.add_argument("--preset", choices=presets, default="cpu")
-    m.add_argument("--seed", type=int, default=0)
-    m.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32",
-                   help="compute dtype of V and M (parameters and optimizer state stay float32)")
+    training_args(m)
     m.set_defaults(fn=cmd_train_transition)
 
     r = sub.add_parser("run", help="the whole recipe: collect, V, M, evolve C in the dream, evaluate")

@@ -295,6 +295,20 @@ class Config(_Section):
     rounds: RoundsConfig = field(default_factory=RoundsConfig)
     verifier: VerifierConfig = field(default_factory=VerifierConfig)
 
+    def for_round(self, r: int) -> "Config":
+        """The config of round r of Ha's iterative procedure: round 1 is this config; later rounds
+        fine-tune M for rounds.transition_steps and evolve for rounds.generations generations in
+        dreams of rounds.horizon steps (when set)."""
+        if r == 1:
+            return self
+        horizon = self.evolve.horizon if self.rounds.horizon is None else self.rounds.horizon
+        return dataclasses.replace(
+            self,
+            transition=dataclasses.replace(
+                self.transition, train=dataclasses.replace(self.transition.train, steps=self.rounds.transition_steps)),
+            evolve=dataclasses.replace(self.evolve, generations=self.rounds.generations, horizon=horizon),
+        )
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

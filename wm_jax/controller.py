@@ -6,12 +6,13 @@ CMA-ES searches over the flat vector directly; `unflatten` slices it into W and 
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
 from wm_jax.config import ControllerConfig
-
-NUM_ACTIONS = 2
+from wm_jax.env import NUM_ACTIONS
 
 
 def _shapes(cfg: ControllerConfig, latent: int, hidden: int) -> list[tuple[int, ...]]:
@@ -22,13 +23,7 @@ def _shapes(cfg: ControllerConfig, latent: int, hidden: int) -> list[tuple[int, 
 
 
 def num_params(cfg: ControllerConfig, latent: int, hidden: int) -> int:
-    total = 0
-    for shape in _shapes(cfg, latent, hidden):
-        size = 1
-        for s in shape:
-            size *= s
-        total += size
-    return total
+    return sum(math.prod(shape) for shape in _shapes(cfg, latent, hidden))
 
 
 def unflatten(cfg: ControllerConfig, flat: jax.Array, latent: int, hidden: int) -> list[jax.Array]:
@@ -39,9 +34,7 @@ def unflatten(cfg: ControllerConfig, flat: jax.Array, latent: int, hidden: int) 
         )
     out, offset = [], 0
     for shape in _shapes(cfg, latent, hidden):
-        size = 1
-        for s in shape:
-            size *= s
+        size = math.prod(shape)
         out.append(flat[offset : offset + size].reshape(shape))
         offset += size
     return out

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from wm_jax.env import FRAME_SIZE, STACK, PixelCartPole, _render
+from wm_jax.env import FRAME_SIZE, STACK, PixelCartPole, push_frame, render
 
 MANIFEST = "wm_jax_manifest.json"
 FORMAT_VERSION = 1
@@ -96,10 +96,10 @@ def _collect_chunk(policy: Policy, max_steps: int, key: jax.Array, num_episodes:
             action = jnp.asarray(action, jnp.int32)
             phys = state.physics
             # gymnax's step_env without auto-reset: after termination the mask takes over.
-            _, nxt, reward, terminated, _ = env._env.step_env(key_step, phys, action, params)
+            nxt, reward, terminated = env.step_physics(key_step, phys, action, params)
             frames = state.frames
             if policy.uses_pixels:  # static: only pixel policies pay for rendering in the loop
-                frames = jnp.concatenate([frames[..., 1:], _render(nxt.x, nxt.theta)[..., None]], -1)
+                frames = push_frame(frames, nxt)
             out = {
                 "valid": alive,
                 "action": action,
@@ -123,7 +123,7 @@ _collect_chunk_jit = jax.jit(_collect_chunk, static_argnums=(0, 1, 3))
 
 @jax.jit
 def _render_batch(states: jax.Array) -> jax.Array:
-    return jax.vmap(_render)(states[:, 0], states[:, 2])
+    return jax.vmap(render)(states[:, 0], states[:, 2])
 
 
 def render_states(states: np.ndarray, batch: int = 4096) -> np.ndarray:

@@ -22,7 +22,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from wm_jax import controller, precision, sharding, transition, verifier
+from wm_jax import controller, sharding, stats, transition, verifier
 from wm_jax.config import Config, grounded_count
 
 Pool = tuple[jax.Array, jax.Array, jax.Array]  # (mean, logvar [R, latent], valid [R]) of real states
@@ -33,35 +33,28 @@ def _dream(
     k_params: Any = None,
 ) -> tuple[dict[str, jax.Array], jax.Array]:
     tcfg, ccfg, vcfg = cfg.transition, cfg.controller, cfg.verifier
-    tau, threshold = hp["evolve"]["tau"], hp["verifier"]["threshold"]
     if vcfg.mode != "off" and k_params is None:
         raise ValueError(f"verifier.mode={vcfg.mode!r} needs the verifier's parameters (k_params)")
-    m_params = precision.cast(m_params, tcfg.compute_dtype)  # once, not at every step
 
-    def body(state, key_t):
-        carry, z, alive = state
-        h = transition.hidden(carry)
-        a = controller.act(ccfg, ctrl, z, h)
-        carry, pred = transition.step(tcfg, m_params, carry, z, a)
-        z_next = transition.sample_latent(key_t, pred, tau)
-        p_done = jax.nn.sigmoid(pred.done_logit)
-        out = {"z": z, "action": a, "p_done": p_done}
-        if vcfg.mode == "off":
-            reward = pred.reward * alive
-        else:
-            conf = verifier.confidence(vcfg, k_params, h, z, a, z_next)
-            out["confidence"] = conf
-            if vcfg.mode == "weight":
-                reward = pred.reward * conf * alive
-            else:  # cutoff: an unverified transition earns nothing and ends the dream
-                alive = alive * (conf >= threshold).astype(alive.dtype)
-                reward = pred.reward * alive
-        out.update(reward=reward, alive=alive)
-        alive = alive * (p_done <= 0.5).astype(alive.dtype)
-        return (carry, z_next, alive), out
+    def policy(carry, z):
+        return controller.act(ccfg, ctrl, z, transition.hidden(carry))
 
-    init = (transition.initial_carry(tcfg), start, jnp.ones((), start.dtype))
-    _, traj = jax.lax.scan(body, init, jax.random.split(key, horizon))
+    _, im = transition.imagine(tcfg, m_params, key, transition.initial_carry(tcfg), start, horizon,
+                               hp["evolve"]["tau"], policy=policy)
+    p_done = jax.nn.sigmoid(im["pred"].done_logit)
+    # Ha's rule: the step where p_done > 0.5 still counts, every later step is dead (a mask, not a branch).
+    still = (p_done <= 0.5).astype(start.dtype)
+    alive = jnp.cumprod(jnp.concatenate([jnp.ones((1,), start.dtype), still[:-1]]))
+    traj = {"z": im["z"], "action": im["action"], "p_done": p_done}
+    reward = im["pred"].reward
+    if vcfg.mode != "off":
+        conf = verifier.confidence(vcfg, k_params, im["h"], im["z"], im["action"], im["z_next"])
+        traj["confidence"] = conf
+        if vcfg.mode == "weight":
+            reward = reward * conf
+        else:  # cutoff: an unverified transition earns nothing and ends the dream
+            alive = alive * jnp.cumprod((conf >= hp["verifier"]["threshold"]).astype(alive.dtype))
+    traj.update(reward=reward * alive, alive=alive)
     return traj, jnp.sum(traj["reward"])
 
 
@@ -90,8 +83,7 @@ def draw_starts(key: jax.Array, mean: jax.Array, logvar: jax.Array, num: int) ->
     """`num` start latents: random stored posteriors (rows), each sampled once."""
     key_r, key_z = jax.random.split(key)
     rows = jax.random.randint(key_r, (num,), 0, mean.shape[0])
-    m, lv = mean[rows], logvar[rows]
-    return m + jnp.exp(0.5 * lv) * jax.random.normal(key_z, m.shape)
+    return stats.gaussian_sample(key_z, mean[rows], logvar[rows])
 
 
 def draw_grounded_starts(key: jax.Array, mean: jax.Array, logvar: jax.Array, num: int, pool: Pool | None,
@@ -110,8 +102,7 @@ def draw_grounded_starts(key: jax.Array, mean: jax.Array, logvar: jax.Array, num
     p_mean, p_logvar, p_valid = pool
     key_r, key_z = jax.random.split(jax.random.fold_in(key, 1))
     rows = jax.random.categorical(key_r, jnp.where(p_valid > 0, 0.0, -jnp.inf), shape=(num,))
-    m, lv = p_mean[rows], p_logvar[rows]
-    grounded = m + jnp.exp(0.5 * lv) * jax.random.normal(key_z, m.shape)
+    grounded = stats.gaussian_sample(key_z, p_mean[rows], p_logvar[rows])
     first_grounded = num - grounded_count(share, num)
     i = jnp.arange(num)
     # Row i >= first_grounded takes grounded[i - first_grounded]: the pool's draws in their order.

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from wm_jax import rollout, transition, vae, verifier
+from wm_jax import transition, vae, verifier
 from wm_jax.config import Config
 
 METRICS = ("latent_mse", "kl", "frame_mse", "confidence")
@@ -61,14 +61,16 @@ def _rollouts(cfg, key, m_params, k_params, ep, carries, pairs, max_k, with_k):
         steps = jnp.minimum(t0 + jnp.arange(max_k + 1), t_len - 1)  # rows t0 .. t0 + max_k
         carry = jax.tree.map(lambda c: c[e, t0], carries)
         key_ol, key_kl = jax.random.split(key_p)
-        ol = verifier.open_loop(cfg, key_ol, m_params, carry, ep["mean"][e, t0], ep["action"][e, steps[:-1]])
+        _, ol = transition.imagine(cfg.transition, m_params, key_ol, carry, ep["mean"][e, t0], max_k,
+                                   actions=ep["action"][e, steps[:-1]])
+        pred_mean = transition.mixture_moments(ol["pred"])[0]
         real_mean, real_logvar = ep["mean"][e, steps[1:]], ep["logvar"][e, steps[1:]]
-        kl = jax.vmap(rollout.latent_kl_mc)(jax.random.split(key_kl, max_k), real_mean, real_logvar, ol["pred"])
+        kl = jax.vmap(transition.latent_kl_mc)(jax.random.split(key_kl, max_k), real_mean, real_logvar, ol["pred"])
         out = {
-            "latent_mse": jnp.mean(jnp.square(ol["pred_mean"] - real_mean), axis=-1),
+            "latent_mse": jnp.mean(jnp.square(pred_mean - real_mean), axis=-1),
             "kl": kl,
             "valid": (t0 + jnp.arange(1, max_k + 1)) <= ep["length"][e] - 1,
-            "pred_mean": ol["pred_mean"],
+            "pred_mean": pred_mean,
         }
         if with_k:
             acts = ep["action"][e, steps[:-1]]

@@ -18,6 +18,7 @@ from gymnax.environments.classic_control import cartpole as _gx_cartpole
 
 FRAME_SIZE = 64
 STACK = 4
+NUM_ACTIONS = 2  # CartPole: push left, push right
 
 # Geometry in pixels. Rows grow downwards. The horizontal scale keeps the whole cart in frame for
 # every x the episode can reach: |x| <= 2.4 maps to |column - 31.5| <= 2.4 * 11 = 26.4, and the
@@ -96,7 +97,8 @@ def _initial_stack(physics: _gx_cartpole.EnvState) -> jax.Array:
     return jnp.repeat(frame[..., None], STACK, axis=-1)
 
 
-def _push(frames: jax.Array, physics: _gx_cartpole.EnvState) -> jax.Array:
+def push_frame(frames: jax.Array, physics: _gx_cartpole.EnvState) -> jax.Array:
+    """The 4-frame stack with the rendering of `physics` appended as the newest frame."""
     frame = _render(physics.x, physics.theta)
     return jnp.concatenate([frames[..., 1:], frame[..., None]], axis=-1)
 
@@ -125,6 +127,13 @@ class PixelCartPole:
     def num_actions(self) -> int:
         return self._env.num_actions
 
+    def step_physics(
+        self, key: jax.Array, physics: _gx_cartpole.EnvState, action: jax.Array, params: EnvParams
+    ) -> tuple[_gx_cartpole.EnvState, jax.Array, jax.Array]:
+        """gymnax's physics step without auto-reset or rendering: (physics', reward, terminated)."""
+        _, stepped, reward, terminated, _ = self._env.step_env(key, physics, action, params)
+        return stepped, reward, terminated
+
     @partial(jax.jit, static_argnums=0)
     def reset(self, key: jax.Array, params: EnvParams | None = None) -> tuple[jax.Array, PixelState]:
         params = self.default_params if params is None else params
@@ -145,7 +154,7 @@ class PixelCartPole:
         _, stepped, reward, terminated, _ = self._env.step_env(key_step, state.physics, action, params)
         truncated = self._env.is_truncated(stepped, params)
         done = jnp.logical_or(terminated, truncated)
-        final_frames = _push(state.frames, stepped)
+        final_frames = push_frame(state.frames, stepped)
 
         _, fresh = self._env.reset_env(key_reset, params)
         physics = jax.tree.map(lambda a, b: jax.lax.select(done, a, b), fresh, stepped)

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from wm_jax import data as data_lib
-from wm_jax import evolve, rollout, run_dir, transition, vae, verifier
+from wm_jax import evolve, rollout, run_dir, stats, train, transition, vae, verifier
 from wm_jax.config import Config
 
 SUMMARY_KEYS = (
@@ -75,6 +75,33 @@ def device_name() -> str:
     return f"{d.platform} ({getattr(d, 'device_kind', '')}) x{jax.device_count()}"
 
 
+@dataclasses.dataclass
+class _Run:
+    """What the rounds of one run share: its config, directory, stages, keys, V and the running totals."""
+
+    cfg: Config
+    out: Path
+    stages: _Stages
+    keys: dict[str, jax.Array]
+    progress: bool
+    vae_params: Any = None
+    m_params: Any = None  # the latest round's M (the next round fine-tunes it)
+    data_paths: list[Path] = dataclasses.field(default_factory=list)
+    real_env_steps: int = 0
+    checks: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    # The best agent so far, judged by the real checks. A controller reads M's hidden state, so it
+    # is kept together with the M it was evolved against: a later round's M would change its inputs.
+    best: dict[str, Any] | None = None
+
+
+def _keys(seed: int) -> dict[str, jax.Array]:
+    key = jax.random.key(seed)
+    names = ("vae", "transition", "evolve", "evaluate", "rounds")
+    keys = dict(zip(names, jax.random.split(key, len(names))))
+    keys["verifier"] = jax.random.fold_in(key, 6)  # a new stream: the five above stay as they were
+    return keys
+
+
 def run(cfg: Config, out: Path | str, progress: bool = True) -> dict[str, Any]:
     """Run (or finish) the whole pipeline in `out`; returns the summary dict (also summary.json)."""
     out = Path(out)
@@ -91,135 +118,142 @@ def run(cfg: Config, out: Path | str, progress: bool = True) -> dict[str, Any]:
     if (out / "summary.json").exists():
         return json.loads((out / "summary.json").read_text())
 
-    stages = _Stages(out, progress)
-    key = jax.random.key(cfg.seed)
-    k_vae, k_m, k_evo, k_eval, k_rounds = jax.random.split(key, 5)
-    k_k = jax.random.fold_in(key, 6)  # the verifier's (a new stream: the five above stay as they were)
+    ctx = _Run(cfg=cfg, out=out, stages=_Stages(out, progress), keys=_keys(cfg.seed), progress=progress)
+    collected = ctx.stages.run("collect", lambda: _collect(ctx, 1))
+    ctx.real_env_steps = collected["env_steps"]
+    ctx.data_paths = [out / "data" / "round1"]
+    ctx.stages.run("vae", lambda: _train_vae(ctx))
+    ctx.vae_params = vae.load(cfg.vae, out / "vae")
+    for r in range(1, cfg.rounds.rounds + 1):  # round 1 on random data, later ones on the agent's
+        _round(ctx, r)
+    assert ctx.best is not None
+    best = ctx.best
+    np.save(out / "controller.npy", best["ctrl"])
+    run_dir.write_json(out / "agent.json", {"round": best["round"], "transition_dir": best["m_dir"].name,
+                                            "transition_steps": best["m_steps"], "config": cfg.to_dict()})
+    ev = ctx.stages.run("evaluate", lambda: _evaluate(ctx))
+    summary = _summary(ctx, ev)
+    run_dir.write_json(out / "summary.json", summary)
+    return summary
 
-    def collect_stage() -> dict[str, Any]:
-        ds = data_lib.collect(
-            jax.random.key(cfg.data.seed), cfg.data.episodes, max_steps=cfg.data.max_steps,
-            chunk_size=cfg.data.chunk_size, progress=progress,
-        )
-        data_lib.save_dataset(ds, out / "data" / "round1", overwrite=True)
-        return {"episodes": cfg.data.episodes, "rows": ds.num_rows, "env_steps": ds.num_rows}
 
-    collected = stages.run("collect", collect_stage)
-    data_paths = [out / "data" / "round1"]
-    arrays = run_dir.load_arrays(data_paths)
+def _collect(ctx: _Run, r: int) -> dict[str, Any]:
+    """Round 1: the recipe's random episodes (data.seed); round r > 1: the best agent so far, with
+    rounds.action_noise random actions."""
+    cfg = ctx.cfg
+    if r == 1:
+        ds = data_lib.collect(jax.random.key(cfg.data.seed), cfg.data.episodes, max_steps=cfg.data.max_steps,
+                              chunk_size=cfg.data.chunk_size, progress=ctx.progress)
+    else:
+        best = ctx.best
+        policy = agent_policy(cfg, {"vae": ctx.vae_params, "transition": best["m_params"],
+                                    "controller": jnp.asarray(best["ctrl"])})
+        ds = data_lib.collect(jax.random.fold_in(ctx.keys["rounds"], r), cfg.rounds.episodes, policy=policy,
+                              max_steps=cfg.data.max_steps, chunk_size=cfg.rounds.episodes,
+                              episode_offset=r * 1_000_000, progress=ctx.progress)
+    data_lib.save_dataset(ds, ctx.out / "data" / f"round{r}", overwrite=True)
+    return {"episodes": cfg.data.episodes if r == 1 else cfg.rounds.episodes, "rows": ds.num_rows,
+            "env_steps": ds.num_rows}
+
+
+def _train_vae(ctx: _Run) -> dict[str, Any]:
+    from wm_jax import plots  # matplotlib: loaded only when a figure is drawn
+
+    arrays = run_dir.load_arrays(ctx.data_paths)
     index = data_lib.EpisodeIndex.from_columns(arrays["episode"], arrays["t"])
+    params, info = vae.train(ctx.cfg.vae, arrays["frame"], index.stack_rows, ctx.keys["vae"], ctx.out / "vae",
+                             ctx.progress)
+    real, recon, rows = vae.reconstructions(ctx.cfg.vae, params, arrays["frame"], index.stack_rows)
+    plots.reconstruction_grid(real, recon, rows, ctx.out / "vae" / "reconstructions.png")
+    plots.loss_curves(train.read_metrics(ctx.out / "vae"), ctx.out / "vae" / "loss.png")
+    return {"steps_per_s": info["steps_per_s"], "final": info["final"]}
 
-    def vae_stage() -> dict[str, Any]:
-        params, info = vae.train(cfg.vae, arrays["frame"], index.stack_rows, k_vae, out / "vae", progress)
-        from wm_jax import plots
 
-        plots.reconstruction_grid(cfg, params, arrays, index, out / "vae" / "reconstructions.png")
-        plots.loss_curves(out / "vae", out / "vae" / "loss.png")
+def _encode(ctx: _Run, r: int, arrays: dict[str, Any], index: data_lib.EpisodeIndex) -> dict[str, Any]:
+    """latents_round{r}.npz: V's posteriors of every row so far (rows of earlier rounds come first
+    and V is frozen, so only the new rows are encoded); returns M's training arrays."""
+    path = ctx.out / f"latents_round{r}.npz"
+    if not path.exists():
+        prev = np.load(ctx.out / f"latents_round{r - 1}.npz") if r > 1 else None
+        done = 0 if prev is None else len(prev["mean"])
+        mean, logvar = vae.encode_all(ctx.cfg.vae, ctx.vae_params, arrays["frame"], index.stack_rows[done:])
+        if prev is not None:
+            mean, logvar = np.concatenate([prev["mean"], mean]), np.concatenate([prev["logvar"], logvar])
+        tmp = path.with_name(f".{path.name}.tmp.npz")
+        np.savez(tmp, mean=mean, logvar=logvar)
+        os.replace(tmp, path)
+    lat = np.load(path)
+    return transition.training_arrays(lat["mean"], lat["logvar"], arrays, index)
+
+
+def _round(ctx: _Run, r: int) -> None:
+    """One round of Ha's iterative procedure: (collect with the best agent,) encode, train or
+    fine-tune M (and K), evolve C in M's dreams; the best agent is updated from its real checks."""
+    cfg, out, stages = ctx.cfg.for_round(r), ctx.out, ctx.stages
+    if r > 1:
+        got = stages.run(f"collect_round{r}", lambda: _collect(ctx, r))
+        ctx.real_env_steps += got["env_steps"]
+        ctx.data_paths.append(out / "data" / f"round{r}")
+    arrays = run_dir.load_arrays(ctx.data_paths)
+    m_arrays = _encode(ctx, r, arrays, data_lib.EpisodeIndex.from_columns(arrays["episode"], arrays["t"]))
+    m_dir = out / ("transition" if r == 1 else f"transition_round{r}")
+
+    def train_m() -> dict[str, Any]:
+        _, info = transition.train(cfg.transition, m_arrays, jax.random.fold_in(ctx.keys["transition"], r), m_dir,
+                                   ctx.progress, ctx.m_params)
         return {"steps_per_s": info["steps_per_s"], "final": info["final"]}
 
-    stages.run("vae", vae_stage)
-    vae_params = vae.load(cfg.vae, out / "vae")
+    stages.run(m_dir.name, train_m)
+    m_params = ctx.m_params = transition.load(cfg.transition, m_dir, cfg.vae.latent)
+    k_params = None
+    if cfg.verifier.mode != "off":
+        k_dir = out / ("verifier" if r == 1 else f"verifier_round{r}")
 
-    # round 1 on random data, later rounds on data gathered by the evolving controller
-    real_env_steps = collected["env_steps"]
-    # The best agent so far, judged by the real checks. A controller reads M's hidden state, so it
-    # is kept together with the M it was evolved against: a later round's M would change its inputs.
-    best: dict[str, Any] | None = None
-    checks_all: list[dict[str, Any]] = []
-    m_params = None
-    for r in range(1, cfg.rounds.rounds + 1):
-        if r > 1:
-            def collect_round(r=r, ctrl=best["ctrl"], m=best["m_params"]) -> dict[str, Any]:
-                policy = agent_policy(cfg, {"vae": vae_params, "transition": m, "controller": jnp.asarray(ctrl)})
-                ds = data_lib.collect(
-                    jax.random.fold_in(k_rounds, r), cfg.rounds.episodes, policy=policy, max_steps=cfg.data.max_steps,
-                    chunk_size=cfg.rounds.episodes, episode_offset=r * 1_000_000, progress=progress,
-                )
-                data_lib.save_dataset(ds, out / "data" / f"round{r}", overwrite=True)
-                return {"episodes": cfg.rounds.episodes, "rows": ds.num_rows, "env_steps": ds.num_rows}
-
-            got = stages.run(f"collect_round{r}", collect_round)
-            real_env_steps += got["env_steps"]
-            data_paths.append(out / "data" / f"round{r}")
-            arrays = run_dir.load_arrays(data_paths)
-            index = data_lib.EpisodeIndex.from_columns(arrays["episode"], arrays["t"])
-
-        latents_path = out / f"latents_round{r}.npz"
-        if not latents_path.exists():
-            # Rows of earlier rounds come first and V is frozen: encode only the new rows.
-            prev = np.load(out / f"latents_round{r - 1}.npz") if r > 1 else None
-            done = 0 if prev is None else len(prev["mean"])
-            mean, logvar = vae.encode_all(cfg.vae, vae_params, arrays["frame"], index.stack_rows[done:])
-            if prev is not None:
-                mean = np.concatenate([prev["mean"], mean])
-                logvar = np.concatenate([prev["logvar"], logvar])
-            tmp = latents_path.with_name(f".{latents_path.name}.tmp.npz")
-            np.savez(tmp, mean=mean, logvar=logvar)
-            os.replace(tmp, latents_path)
-        lat = np.load(latents_path)
-        m_arrays = transition.training_arrays(lat["mean"], lat["logvar"], arrays, index)
-        m_dir = out / ("transition" if r == 1 else f"transition_round{r}")
-
-        def m_stage(r=r, m_arrays=m_arrays, m_dir=m_dir, prev=m_params) -> dict[str, Any]:
-            steps = None if r == 1 else cfg.rounds.transition_steps
-            _, info = transition.train(cfg.transition, m_arrays, jax.random.fold_in(k_m, r), m_dir, progress, prev, steps)
+        def train_k() -> dict[str, Any]:
+            _, info = verifier.train(cfg, m_params, m_arrays, jax.random.fold_in(ctx.keys["verifier"], r), k_dir,
+                                     ctx.progress)
             return {"steps_per_s": info["steps_per_s"], "final": info["final"]}
 
-        stages.run("transition" if r == 1 else f"transition_round{r}", m_stage)
-        m_params = transition.load(cfg.transition, m_dir, cfg.vae.latent, None if r == 1 else cfg.rounds.transition_steps)
-        k_params = None
-        if cfg.verifier.mode != "off":
-            k_dir = out / ("verifier" if r == 1 else f"verifier_round{r}")
+        stages.run(k_dir.name, train_k)
+        k_params = verifier.load(cfg, k_dir, cfg.vae.latent)
 
-            def k_stage(r=r, m_params=m_params, m_arrays=m_arrays, k_dir=k_dir) -> dict[str, Any]:
-                _, info = verifier.train(cfg, m_params, m_arrays, jax.random.fold_in(k_k, r), k_dir, progress)
-                return {"steps_per_s": info["steps_per_s"], "final": info["final"]}
+    def search() -> dict[str, Any]:
+        world = evolve.World(m_params=m_params, vae_params=ctx.vae_params, k_params=k_params,
+                             starts=(jnp.asarray(m_arrays["mean"]), jnp.asarray(m_arrays["logvar"])))
+        res = evolve.evolve(cfg, jax.random.fold_in(ctx.keys["evolve"], r), world, out / f"evolve_round{r}",
+                            init_mean=None if ctx.best is None else ctx.best["ctrl"], progress=ctx.progress)
+        np.save(out / f"evolve_round{r}" / "controller.npy", res["best"])
+        return {"best_real": res["best_real"], "checks": res["checks"], "real_env_steps": res["real_env_steps"],
+                "final_dream_mean": res["history"][-1]["dream_mean"]}
 
-            stages.run(k_dir.name, k_stage)
-            k_params = verifier.load(cfg, k_dir, cfg.vae.latent)
+    evo = stages.run(f"evolve_round{r}", search)
+    ctx.real_env_steps += evo["real_env_steps"]
+    ctx.checks += evo["checks"]
+    if ctx.best is None or evo["best_real"] >= ctx.best["real"]:  # ties go to the M trained on more data
+        ctx.best = {"real": evo["best_real"], "round": r, "ctrl": np.load(out / f"evolve_round{r}" / "controller.npy"),
+                    "m_params": m_params, "m_dir": m_dir, "m_steps": cfg.transition.train.steps if r > 1 else None,
+                    "k_params": k_params}
 
-        def evolve_stage(r=r, m_params=m_params, m_arrays=m_arrays, init=None if best is None else best["ctrl"],
-                         k_params=k_params):
-            world = evolve.World(m_params=m_params, vae_params=vae_params, k_params=k_params,
-                                 starts=(jnp.asarray(m_arrays["mean"]), jnp.asarray(m_arrays["logvar"])))
-            res = evolve.evolve(round_config(cfg, r), jax.random.fold_in(k_evo, r), world, out / f"evolve_round{r}",
-                                init_mean=init, progress=progress)
-            np.save(out / f"evolve_round{r}" / "controller.npy", res["best"])
-            return {"best_real": res["best_real"], "checks": res["checks"], "real_env_steps": res["real_env_steps"],
-                    "final_dream_mean": res["history"][-1]["dream_mean"]}
 
-        evo = stages.run(f"evolve_round{r}", evolve_stage)
-        real_env_steps += evo["real_env_steps"]
-        checks_all += evo["checks"]
-        if best is None or evo["best_real"] >= best["real"]:  # ties go to the M trained on more data
-            best = {
-                "real": evo["best_real"], "round": r, "ctrl": np.load(out / f"evolve_round{r}" / "controller.npy"),
-                "m_params": m_params, "m_dir": m_dir, "m_steps": None if r == 1 else cfg.rounds.transition_steps,
-                "k_params": k_params,
-            }
+def _evaluate(ctx: _Run) -> dict[str, Any]:
+    """The final agent's real episodes, and the figures of the run."""
+    from wm_jax import plots  # matplotlib: loaded only when a figure is drawn
 
-    assert best is not None
-    final_params = {"vae": vae_params, "transition": best["m_params"], "controller": jnp.asarray(best["ctrl"])}
-    np.save(out / "controller.npy", best["ctrl"])
-    run_dir.write_json(out / "agent.json", {
-        "round": best["round"],
-        "transition_dir": best["m_dir"].name,
-        "transition_steps": best["m_steps"],
-        "config": cfg.to_dict(),
-    })
+    cfg, best = ctx.cfg, ctx.best
+    params = {"vae": ctx.vae_params, "transition": best["m_params"], "controller": jnp.asarray(best["ctrl"])}
+    res = rollout.evaluate(cfg, params, ctx.keys["evaluate"])
+    plots.dream_vs_real(ctx.checks, ctx.out / "dream_vs_real.png")
+    strip = rollout.episode_strip(cfg, {**params, "verifier": best["k_params"]},
+                                  jax.random.fold_in(ctx.keys["evaluate"], 99))
+    plots.episode_strip(strip["real"], strip["recon"], strip["dreamed"], ctx.out / "episode_strip.png")
+    tmp = ctx.out / ".imagined_rollouts.tmp.npz"
+    np.savez_compressed(tmp, **strip["imagined"])  # a batch of imagined rollouts of the final agent
+    os.replace(tmp, ctx.out / "imagined_rollouts.npz")
+    return res
 
-    def eval_stage() -> dict[str, Any]:
-        res = rollout.evaluate(cfg, final_params, k_eval)
-        from wm_jax import plots
 
-        plots.dream_vs_real(checks_all, out / "dream_vs_real.png")
-        plots.episode_strip(cfg, {**final_params, "verifier": best["k_params"]}, jax.random.fold_in(k_eval, 99),
-                            out / "episode_strip.png",
-                            out / "imagined_rollouts.npz")
-        return res
-
-    ev = stages.run("evaluate", eval_stage)
-    real_env_steps += ev["env_steps"]
+def _summary(ctx: _Run, ev: dict[str, Any]) -> dict[str, Any]:
+    cfg, stages = ctx.cfg, ctx.stages
     wall = {name: stages.done[name]["wall_s"] for name in stages.done}
     wall["total"] = float(sum(wall.values()))
     summary = {
@@ -230,28 +264,17 @@ def run(cfg: Config, out: Path | str, progress: bool = True) -> dict[str, Any]:
         "real_return_min": ev["return_min"],
         "real_episodes": ev["episodes"],
         "solved": bool(ev["return_mean"] >= cfg.eval.solved_at),
-        "real_env_steps": int(real_env_steps),
-        "real_env_steps_training": int(real_env_steps - ev["env_steps"]),
-        "agent_round": best["round"],
-        "dream_real_corr": rollout.correlation([c["dream_return"] for c in checks_all], [c["real_return"] for c in checks_all]),
+        "real_env_steps": int(ctx.real_env_steps + ev["env_steps"]),
+        "real_env_steps_training": int(ctx.real_env_steps),
+        "agent_round": ctx.best["round"],
+        "dream_real_corr": stats.correlation([c["dream_return"] for c in ctx.checks],
+                                             [c["real_return"] for c in ctx.checks]),
         "latent_kl": ev["latent_kl"],
         "wall_s": wall,
         "device": device_name(),
         "versions": versions(),
     }
-    summary = run_dir.finite_or_none(summary)  # the same values in memory, on disk and on a rerun
-    run_dir.write_json(out / "summary.json", summary)
-    return summary
-
-
-def round_config(cfg: Config, r: int) -> Config:
-    """The config round r's controller search runs with: later rounds evolve for rounds.generations
-    generations in dreams of rounds.horizon steps (when set)."""
-    if r == 1:
-        return cfg
-    horizon = cfg.evolve.horizon if cfg.rounds.horizon is None else cfg.rounds.horizon
-    return dataclasses.replace(cfg, evolve=dataclasses.replace(cfg.evolve, generations=cfg.rounds.generations,
-                                                              horizon=horizon))
+    return run_dir.finite_or_none(summary)  # the same values in memory, on disk and on a rerun
 
 
 def agent_policy(cfg: Config, params: dict[str, Any]) -> data_lib.Policy:

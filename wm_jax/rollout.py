@@ -7,14 +7,14 @@ experimental/rollout.py): `ret += reward * valid; valid *= 1 - done`. The agent 
 
 from __future__ import annotations
 
-from functools import partial
+import dataclasses
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from wm_jax import controller, sharding, transition, vae
+from wm_jax import controller, dream, sharding, transition, vae
 from wm_jax.config import Config
 from wm_jax.env import PixelCartPole
 
@@ -45,13 +45,6 @@ def agent_step(
     return action, carry, {"mean": mean, "logvar": logvar, "pred": pred}
 
 
-def latent_kl_mc(key: jax.Array, mean: jax.Array, logvar: jax.Array, pred: transition.Prediction) -> jax.Array:
-    """One-sample estimate of KL(q || p) with q the encoder posterior and p M's predicted mixture."""
-    z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape)
-    log_q = jnp.sum(-0.5 * jnp.square(z - mean) / jnp.exp(logvar) - 0.5 * logvar - 0.5 * jnp.log(2 * jnp.pi))
-    return log_q + transition.latent_nll(pred, z)
-
-
 def _episode(
     cfg: Config, params: dict[str, Any], key: jax.Array, max_steps: int, latents: bool = False
 ) -> dict[str, jax.Array]:
@@ -65,7 +58,7 @@ def _episode(
         obs, state, carry, valid, prev_pred, has_prev = c
         key_step, key_kl = jax.random.split(key_t)
         action, carry, extra = agent_step(cfg, params, carry, obs)
-        kl = latent_kl_mc(key_kl, extra["mean"], extra["logvar"], prev_pred)
+        kl = transition.latent_kl_mc(key_kl, extra["mean"], extra["logvar"], prev_pred)
         obs, state, reward, terminated, truncated, _ = env.step(key_step, state, action, env_params)
         out = {"reward": reward * valid, "valid": valid, "kl": kl, "kl_mask": valid * has_prev}
         if latents:
@@ -150,9 +143,34 @@ def evaluate(
     }
 
 
-def correlation(xs: list[float], ys: list[float]) -> float:
-    """Pearson correlation; NaN when fewer than 3 points or a constant series."""
-    x, y = np.asarray(xs, np.float64), np.asarray(ys, np.float64)
-    if x.size < 3 or x.std() == 0 or y.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(x, y)[0, 1])
+def episode_strip(cfg: Config, params: dict[str, Any], key: jax.Array, steps: int = 10) -> dict[str, Any]:
+    """A real episode's first `steps` steps beside what V and M make of them, for the run's figure.
+
+    Returns real (the newest frames, uint8[steps, 64, 64]), recon (V's reconstructions from the
+    posterior means), dreamed (M open-loop from the first latent along the real actions, decoded)
+    and imagined: `dream.dream` of the agent's controller from every step's latent (a dict of
+    [steps, horizon, ...] arrays; with params["verifier"], K's confidence too).
+    """
+    env = PixelCartPole()
+    k_reset, k_run, k_dream = jax.random.split(key, 3)
+    obs, state = env.reset(k_reset)
+
+    def body(c, t):
+        obs, state, carry = c
+        action, carry, extra = agent_step(cfg, params, carry, obs)
+        obs_next, state, *_ = env.step(jax.random.fold_in(k_run, t), state, action)
+        return (obs_next, state, carry), (obs[..., -1], extra["mean"], action)
+
+    init = (obs, state, transition.initial_carry(cfg.transition))
+    _, (real, zs, actions) = jax.lax.scan(body, init, jnp.arange(steps))
+    recon = vae.decode(cfg.vae, params["vae"], zs)[..., -1]
+    _, im = transition.imagine(cfg.transition, params["transition"], k_dream, transition.initial_carry(cfg.transition),
+                               zs[0], steps, cfg.evolve.tau, actions=actions)
+    dreamed = vae.decode(cfg.vae, params["vae"], im["z"])[..., -1]
+    k_params = params.get("verifier")
+    if k_params is None:  # without K the rollouts are plain dreams
+        cfg = dataclasses.replace(cfg, verifier=dataclasses.replace(cfg.verifier, mode="off"))
+    trajs = [dream.dream(cfg, k, params["transition"], params["controller"], z, cfg.evolve.horizon, k_params)[0]
+             for k, z in zip(jax.random.split(k_dream, steps), zs)]
+    imagined = {k: np.stack([np.asarray(tr[k]) for tr in trajs]) for k in trajs[0]}
+    return {"real": np.asarray(real), "recon": np.asarray(recon), "dreamed": np.asarray(dreamed), "imagined": imagined}

@@ -38,8 +38,10 @@ def finite_or_none(obj: Any) -> Any:
 
 
 def write_json(path: Path | str, obj: Any) -> None:
-    """Atomic strict JSON (NaN -> null): a crash leaves the old file or the new one, never half."""
+    """Atomic strict JSON (NaN -> null): a crash leaves the old file or the new one, never half.
+    Creates the parent folder."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(finite_or_none(obj), indent=2, sort_keys=True, allow_nan=False))
     os.replace(tmp, path)
@@ -65,7 +67,8 @@ def load_agent(run: Path | str) -> tuple[Config, dict[str, Any]]:
     meta = json.loads(meta_path.read_text())
     cfg = Config.from_dict(meta["config"])
     vae_params = vae.load(cfg.vae, run / "vae")
-    m_params = transition.load(cfg.transition, run / meta["transition_dir"], cfg.vae.latent, meta.get("transition_steps"))
+    # The M the controller was evolved with: its round's config (fine-tuning rounds train fewer steps).
+    m_params = transition.load(cfg.for_round(meta.get("round", 1)).transition, run / meta["transition_dir"], cfg.vae.latent)
     return cfg, {"vae": vae_params, "transition": m_params, "controller": jnp.asarray(np.load(run / "controller.npy"))}
 
 

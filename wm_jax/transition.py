@@ -14,17 +14,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from wm_jax import precision
+from wm_jax import data as data_lib
+from wm_jax import precision, stats
+from wm_jax import train as train_lib
 from wm_jax.config import TransitionConfig
+from wm_jax.env import NUM_ACTIONS
 
 Params = Any
-NUM_ACTIONS = 2
 _LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 
 
@@ -121,6 +123,45 @@ def latent_nll(pred: Prediction, z_next: jax.Array) -> jax.Array:
     return -jnp.sum(jax.nn.logsumexp(log_mix + log_normal, axis=-1), axis=-1)
 
 
+def imagine(
+    cfg: TransitionConfig, params: Params, key: jax.Array, carry: tuple[jax.Array, jax.Array], z0: jax.Array,
+    length: int, tau: float | jax.Array = 1.0, actions: jax.Array | None = None,
+    policy: Callable[[tuple[jax.Array, jax.Array], jax.Array], jax.Array] | None = None,
+) -> tuple[tuple[jax.Array, jax.Array], dict[str, Any]]:
+    """M rolled forward `length` steps from (carry, z0), fed its own samples at temperature tau.
+
+    The actions are given (`actions` [length]) or chosen at each step by `policy(carry, z) -> a`.
+    Returns (the final carry, trajectory): h [L, hidden] (the h each step started from), z
+    [L, latent] (its input; z[0] = z0), action [L], z_next (the sample) and pred (M's Prediction,
+    [L, ...]). Step t carries t + 1 steps of drift. One `lax.scan`: the dream, drift, the verifier's
+    open-loop negatives and the plots all roll M forward with it.
+    """
+    if (actions is None) == (policy is None):
+        raise ValueError("imagine needs exactly one of `actions` and `policy`")
+    params = precision.cast(params, cfg.compute_dtype)  # once, not at every step
+
+    def body(state, inputs):
+        carry, z = state
+        key_t, a = inputs
+        if policy is not None:
+            a = policy(carry, z)
+        new_carry, pred = step(cfg, params, carry, z, a)
+        z_next = sample_latent(key_t, pred, tau)
+        return (new_carry, z_next), {"h": hidden(carry), "z": z, "action": a, "z_next": z_next, "pred": pred}
+
+    given = jnp.zeros((length,), jnp.int32) if actions is None else jnp.asarray(actions, jnp.int32)
+    (carry, _), traj = jax.lax.scan(body, (carry, z0), (jax.random.split(key, length), given))
+    return carry, traj
+
+
+def latent_kl_mc(key: jax.Array, mean: jax.Array, logvar: jax.Array, pred: Prediction) -> jax.Array:
+    """One-sample estimate of KL(q || p) with q the encoder posterior (mean, logvar) and p M's
+    predicted distribution for that latent."""
+    z = stats.gaussian_sample(key, mean, logvar)
+    log_q = jnp.sum(-0.5 * jnp.square(z - mean) / jnp.exp(logvar) - 0.5 * logvar - 0.5 * jnp.log(2 * jnp.pi))
+    return log_q + latent_nll(pred, z)
+
+
 def mixture_moments(pred: Prediction) -> tuple[jax.Array, jax.Array]:
     """Mean and variance of the predicted mixture per latent dimension (tau = 1)."""
     w = jax.nn.softmax(pred.logits, axis=-1)
@@ -157,12 +198,6 @@ def observe_carries(
     return jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), out)
 
 
-def masked_mean(x: jax.Array, m: jax.Array) -> jax.Array:
-    """Mean of x where the mask m (bool or 0/1) is set; 0 when nothing is. where(), not x * m: a NaN
-    in a masked slot must not leak in."""
-    return jnp.sum(jnp.where(m > 0, x, 0.0)) / jnp.maximum(jnp.sum(m), 1.0)
-
-
 def loss(
     cfg: TransitionConfig, params: Params, batch: dict[str, jax.Array], key: jax.Array | None = None
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -192,13 +227,13 @@ def loss(
     assert nll.shape == reward_err.shape == done_bce.shape == valid.shape, (nll.shape, valid.shape)
 
     terms = {
-        "latent_nll": masked_mean(nll, next_valid),
-        "reward": masked_mean(reward_err, valid),
-        "done": masked_mean(done_bce, valid),
+        "latent_nll": stats.masked_mean(nll, next_valid),
+        "reward": stats.masked_mean(reward_err, valid),
+        "done": stats.masked_mean(done_bce, valid),
     }
     weights = {"latent_nll": 1.0, "reward": cfg.reward_weight, "done": cfg.done_weight}
     if cfg.z_penalty > 0.0:
-        terms["z_penalty"] = masked_mean(jnp.mean(jnp.square(mixture_moments(pred)[0]), axis=-1), next_valid)
+        terms["z_penalty"] = stats.masked_mean(jnp.mean(jnp.square(mixture_moments(pred)[0]), axis=-1), next_valid)
         weights["z_penalty"] = cfg.z_penalty
     assert terms.keys() == weights.keys()
     total = sum(weights[k] * terms[k] for k in terms)
@@ -213,20 +248,15 @@ def sequence_batch(
 
     d holds per-row arrays: mean, logvar [N, latent], action, reward, done [N], is_first, is_last [N].
     """
-    from wm_jax import data as data_lib
 
     key_w, key_z, key_n = jax.random.split(key, 3)
     seq = data_lib.sample_sequences(key_w, d["is_first"], d["is_last"], batch, length)
     rows = seq["rows"]
     nxt = jnp.minimum(rows + 1, d["mean"].shape[0] - 1)
 
-    def post(k, r):
-        mean, logvar = d["mean"][r], d["logvar"][r]
-        return mean + jnp.exp(0.5 * logvar) * jax.random.normal(k, mean.shape)
-
     return {
-        "z": post(key_z, rows),
-        "z_next": post(key_n, nxt),
+        "z": stats.gaussian_sample(key_z, d["mean"][rows], d["logvar"][rows]),
+        "z_next": stats.gaussian_sample(key_n, d["mean"][nxt], d["logvar"][nxt]),
         "action": d["action"][rows],
         "reward": d["reward"][rows],
         "done": d["done"][rows],
@@ -243,15 +273,13 @@ def train(
     run_dir,
     progress: bool = True,
     params: Params | None = None,
-    steps: int | None = None,
 ) -> tuple[Params, dict[str, Any]]:
     """Teacher-forced training on per-row posteriors (see `sequence_batch` for `arrays`).
 
-    `params` continues from a trained model (fine-tuning); `steps` overrides cfg.train.steps.
+    `params` continues from a trained model (fine-tuning: Config.for_round sets its steps).
     """
-    from wm_jax import train as train_lib
 
-    tcfg = _train_cfg(cfg, steps)
+    tcfg = cfg.train
     key_init, key_train = jax.random.split(key)
     latent = arrays["mean"].shape[-1]
     if params is None:
@@ -267,10 +295,6 @@ def train(
     return train_lib.fit(
         "transition", tcfg, loss_fn, sample_fn, d, params, key_train, run_dir, model_config(cfg, int(latent)), progress
     )
-
-
-def _train_cfg(cfg: TransitionConfig, steps: int | None) -> Any:
-    return cfg.train if steps is None else dataclasses.replace(cfg.train, steps=steps)
 
 
 def training_arrays(mean, logvar, columns: dict[str, Any], index: Any) -> dict[str, Any]:
@@ -291,9 +315,8 @@ def model_config(cfg: TransitionConfig, latent: int) -> dict[str, Any]:
     return {**{k: v for k, v in dataclasses.asdict(cfg).items() if k not in skip}, "latent": int(latent)}
 
 
-def load(cfg: TransitionConfig, run_dir, latent: int, steps: int | None = None) -> Params:
-    """Parameters trained by `train` into run_dir (`steps` as passed to `train`, for fine-tuning runs)."""
-    from wm_jax import train as train_lib
+def load(cfg: TransitionConfig, run_dir, latent: int) -> Params:
+    """Parameters trained by `train` into run_dir (with the same cfg: a fine-tuning round's, Config.for_round)."""
 
     like = init(jax.random.key(0), cfg, latent)
-    return train_lib.load_params(_train_cfg(cfg, steps), like, run_dir, model_config(cfg, latent))
+    return train_lib.load_params(cfg.train, like, run_dir, model_config(cfg, latent))

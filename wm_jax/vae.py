@@ -18,9 +18,12 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
+from wm_jax import data as data_lib
 from wm_jax import precision
+from wm_jax import train as train_lib
 from wm_jax.config import VAEConfig
 
 Params = Any
@@ -92,11 +95,6 @@ def encode(cfg: VAEConfig, params: Params, stack: jax.Array) -> tuple[jax.Array,
     return precision.cast(out, "float32")
 
 
-def sample(key: jax.Array, mean: jax.Array, logvar: jax.Array) -> jax.Array:
-    """z ~ N(mean, exp(logvar)) by reparameterisation."""
-    return mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape, mean.dtype)
-
-
 def decode(cfg: VAEConfig, params: Params, z: jax.Array) -> jax.Array:
     """float32[..., latent] -> float32[..., 64, 64, 4] in [0, 1] (computed in cfg.compute_dtype)."""
     dt = cfg.compute_dtype
@@ -153,8 +151,6 @@ def train(
     progress: bool = True,
 ) -> tuple[Params, dict[str, Any]]:
     """Fit the VAE on random frame stacks of (frames uint8[N, 64, 64], stack_rows int32[N, 4])."""
-    from wm_jax import data as data_lib
-    from wm_jax import train as train_lib
 
     key_init, key_train = jax.random.split(key)
     batch = cfg.train.batch
@@ -190,16 +186,23 @@ def model_config(cfg: VAEConfig) -> dict[str, Any]:
 
 def load(cfg: VAEConfig, run_dir) -> Params:
     """Parameters of the VAE trained by `train` into run_dir."""
-    from wm_jax import train as train_lib
 
     return train_lib.load_params(cfg.train, init(jax.random.key(0), cfg), run_dir, model_config(cfg))
 
 
+def reconstructions(cfg: VAEConfig, params: Params, frames, stack_rows, n: int = 6
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The newest frame of n stacks spread over the data and its reconstruction from the posterior
+    mean: (real uint8[n, 64, 64], recon [n, 64, 64] in [0, 1], rows int32[n])."""
+    rows = np.linspace(0, len(stack_rows) - 1, n).astype(np.int32)
+    x = data_lib.stacks(jnp.asarray(frames), jnp.asarray(stack_rows), jnp.asarray(rows))
+    mean, _ = encode(cfg, params, x)
+    return np.asarray(x[..., -1]), np.asarray(decode(cfg, params, mean))[..., -1], rows
+
+
 def encode_all(cfg: VAEConfig, params: Params, frames, stack_rows, batch: int = 1024) -> tuple:
     """Posterior (mean, logvar) for every dataset row, in fixed-size batches (one compile)."""
-    import numpy as np
 
-    from wm_jax import data as data_lib
 
     frames = jnp.asarray(frames)
     stack_rows = jnp.asarray(stack_rows)

@@ -22,8 +22,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from wm_jax import transition
+from wm_jax import stats, transition
+from wm_jax import train as train_lib
 from wm_jax.config import Config, VerifierConfig
+from wm_jax.env import NUM_ACTIONS
 
 Params = Any
 NEGATIVE_KINDS = ("one_step", "open_loop", "noise")
@@ -34,7 +36,7 @@ class _Net(nn.Module):
 
     @nn.compact
     def __call__(self, h, z, a, z_next):
-        onehot = jax.nn.one_hot(a, transition.NUM_ACTIONS, dtype=z.dtype)
+        onehot = jax.nn.one_hot(a, NUM_ACTIONS, dtype=z.dtype)
         x = jnp.concatenate([h, z, onehot, z_next, z_next - z], axis=-1)
         x = nn.elu(nn.Dense(self.hidden, name="dense_0")(x))
         x = nn.elu(nn.Dense(self.hidden, name="dense_1")(x))
@@ -59,30 +61,6 @@ def confidence(cfg: VerifierConfig, params: Params, h, z, a, z_next) -> jax.Arra
     return jax.nn.sigmoid(logit(cfg, params, h, z, a, z_next))
 
 
-def open_loop(
-    cfg: Config, key: jax.Array, m_params: Params, carry: Any, z0: jax.Array, actions: jax.Array,
-    tau: float | jax.Array = 1.0,
-) -> dict[str, jax.Array]:
-    """M run open-loop from (carry, z0) along `actions` [L], feeding its own samples at temperature tau.
-
-    Step t (0-based) is the transition with t + 1 steps of drift: h [L, hidden] (before the step),
-    z [L, latent] (its input; z[0] = z0), z_next (the sample), pred_mean (the mixture mean of z').
-    """
-
-    def body(state, inputs):
-        carry, z = state
-        a, key_t = inputs
-        new_carry, pred = transition.step(cfg.transition, m_params, carry, z, a)
-        z_next = transition.sample_latent(key_t, pred, tau)
-        out = {"h": transition.hidden(carry), "z": z, "z_next": z_next, "pred": pred,
-               "pred_mean": transition.mixture_moments(pred)[0]}
-        return (new_carry, z_next), out
-
-    keys = jax.random.split(key, actions.shape[0])
-    _, out = jax.lax.scan(body, (carry, z0), (actions, keys))
-    return out
-
-
 def examples(
     cfg: Config, key: jax.Array, m_params: Params, batch: dict[str, jax.Array], latent_std: jax.Array
 ) -> dict[str, Any]:
@@ -99,7 +77,8 @@ def examples(
     noisy = z_next + cfg.verifier.noise * latent_std * jax.random.normal(key_noise, z_next.shape)
     carry0 = transition.initial_carry(cfg.transition, z.shape[0])
     keys = jax.random.split(key_ol, z.shape[0])
-    ol = jax.vmap(lambda k, c, z0, acts: open_loop(cfg, k, m_params, c, z0, acts))(keys, carry0, z[:, 0], a)
+    _, ol = jax.vmap(lambda k, c, z0, acts: transition.imagine(cfg.transition, m_params, k, c, z0, acts.shape[0],
+                                                                actions=acts))(keys, carry0, z[:, 0], a)
     same_episode = jnp.cumsum(batch["reset"][:, 1:], axis=1) == 0
     ol_mask = mask & jnp.concatenate([jnp.ones_like(same_episode[:, :1]), same_episode], axis=1)
     return {
@@ -114,14 +93,14 @@ def loss(cfg: VerifierConfig, params: Params, ex: dict[str, Any]) -> tuple[jax.A
     """Balanced logistic loss: 0.5 * (positives' mean + the mean over negative kinds of their means)."""
     h, z, a, zn, m = ex["positive"]
     lp = logit(cfg, params, h, z, a, zn)
-    pos = transition.masked_mean(jax.nn.softplus(-lp), m)
-    metrics = {"acc/positive": transition.masked_mean((lp > 0).astype(jnp.float32), m)}
+    pos = stats.masked_mean(jax.nn.softplus(-lp), m)
+    metrics = {"acc/positive": stats.masked_mean((lp > 0).astype(jnp.float32), m)}
     neg = []
     for kind in NEGATIVE_KINDS:
         h, z, a, zn, m = ex[kind]
         ln = logit(cfg, params, h, z, a, zn)
-        neg.append(transition.masked_mean(jax.nn.softplus(ln), m))
-        metrics[f"acc/{kind}"] = transition.masked_mean((ln < 0).astype(jnp.float32), m)
+        neg.append(stats.masked_mean(jax.nn.softplus(ln), m))
+        metrics[f"acc/{kind}"] = stats.masked_mean((ln < 0).astype(jnp.float32), m)
     total = 0.5 * (pos + sum(neg) / len(neg))
     return total, {"loss": total, **metrics}
 
@@ -146,7 +125,6 @@ def train(
     cfg: Config, m_params: Params, arrays: dict[str, Any], key: jax.Array, run_dir, progress: bool = True
 ) -> tuple[Params, dict[str, Any]]:
     """Train K against a frozen M on `transition.training_arrays`-style per-row arrays."""
-    from wm_jax import train as train_lib
 
     vcfg = cfg.verifier
     latent = int(arrays["mean"].shape[-1])
@@ -169,21 +147,9 @@ def train(
 
 def load(cfg: Config, run_dir, latent: int) -> Params:
     """Parameters trained by `train` into run_dir."""
-    from wm_jax import train as train_lib
 
     like = init(jax.random.key(0), cfg.verifier, latent, cfg.transition.hidden)
     return train_lib.load_params(cfg.verifier.train, like, run_dir, model_config(cfg, latent))
-
-
-def auc(pos: np.ndarray, neg: np.ndarray) -> float:
-    """Area under the ROC curve: P(score of a positive > score of a negative), ties counting half."""
-    pos, neg = np.asarray(pos, np.float64).ravel(), np.asarray(neg, np.float64).ravel()
-    if pos.size == 0 or neg.size == 0:
-        return float("nan")
-    neg = np.sort(neg)
-    below = np.searchsorted(neg, pos, side="left")
-    ties = np.searchsorted(neg, pos, side="right") - below
-    return float(np.mean(below + 0.5 * ties) / neg.size)
 
 
 def evaluate(
@@ -210,10 +176,10 @@ def evaluate(
     out: dict[str, Any] = {"positives": int(pos.size)}
     for kind in NEGATIVE_KINDS:
         s, m = cat[kind]
-        out[f"auc/{kind}"] = auc(pos, s[m])
+        out[f"auc/{kind}"] = stats.auc(pos, s[m])
     s, m = cat["open_loop"]
     for k in drifts:  # window step k - 1 carries k steps of drift
         neg = s[:, k - 1][m[:, k - 1]]
-        out[f"auc/drift_{k}"] = auc(pos, neg)
+        out[f"auc/drift_{k}"] = stats.auc(pos, neg)
         out[f"count/drift_{k}"] = int(neg.size)
     return out
