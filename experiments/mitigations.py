@@ -54,8 +54,9 @@ def _seed(run: Path, args, world_model_eval) -> dict:
     for name, tcfg in variants.items():
         tcfg = dataclasses.replace(tcfg, train=dataclasses.replace(tcfg.train, steps=args.steps))
         out = run / "mitigations" / name.replace("=", "_")
-        transition.train(tcfg, m_arrays, jax.random.key(cfg.seed + 2000), out)
-        m = transition.load(tcfg, out, cfg.vae.latent)
+        variant = dataclasses.replace(cfg, transition=tcfg)
+        transition.train(variant, jax.random.key(cfg.seed + 2000), m_arrays, out)
+        m = transition.load(variant, out)
         vcfg = dataclasses.replace(cfg, transition=tcfg)
         res = {}
         for policy, h in held.items():

@@ -91,9 +91,8 @@ def run_seed(run_path: Path, args) -> dict:
     adir = run_path / "ablation"
     adir.mkdir(exist_ok=True)
     key = jax.random.key(cfg.seed + 1000)
-    verifier.train(cfg, run.params["transition"], run.arrays, jax.random.fold_in(key, 0), adir / "verifier",
-                   progress=True)
-    k_params = verifier.load(cfg, adir / "verifier", cfg.vae.latent)
+    verifier.train(cfg, jax.random.fold_in(key, 0), run.arrays, adir / "verifier", m_params=run.params["transition"])
+    k_params = verifier.load(cfg, adir / "verifier")
 
     report_path = adir / "verifier_report.json"
     if report_path.exists():

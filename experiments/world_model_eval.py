@@ -62,7 +62,7 @@ def main() -> None:
     ds = data.collect(jax.random.key(args.seed), args.episodes, progress=False)
     arrays = data.to_arrays(ds)
     index = data.EpisodeIndex.from_columns(arrays["episode"], arrays["t"])
-    vae_params = vae.load(cfg.vae, run / "vae")
+    vae_params = vae.load(cfg, run / "vae")
     mean, logvar = vae.encode_all(cfg.vae, vae_params, arrays["frame"], index.stack_rows)
     rows = transition.training_arrays(mean, logvar, arrays, index)
     recon = []
@@ -77,11 +77,11 @@ def main() -> None:
         "held_out_seed": args.seed,
         "held_out_rows": int(len(mean)),
         "vae_mse_per_pixel": float(np.mean(np.concatenate(recon))),
-        "m_round1": m_metrics(cfg, transition.load(cfg.transition, run / "transition", cfg.vae.latent), rows),
+        "m_round1": m_metrics(cfg, transition.load(cfg, run / "transition"), rows),
     }
     if cfg.rounds.rounds > 1:
         final_dir = run / f"transition_round{cfg.rounds.rounds}"
-        m_final = transition.load(cfg.transition, final_dir, cfg.vae.latent, cfg.rounds.transition_steps)
+        m_final = transition.load(cfg.for_round(cfg.rounds.rounds), final_dir)
         result["m_final"] = m_metrics(cfg, m_final, rows)
     for name in ("vae", "transition"):
         stage = json.loads((run / "stages.json").read_text()).get(name, {})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 
 from wm_jax.config import (
@@ -192,3 +193,30 @@ def test_compute_dtype_defaults_and_old_configs():
     assert dataclasses.replace(bf16.vae, compute_dtype="float32") == cfg.vae
     with pytest.raises(ConfigError, match=r"Config\.compute_dtype must be one of \('float32', 'bfloat16'\)"):
         with_compute_dtype(cfg, "float16")
+
+
+def test_for_round_sets_the_later_rounds_sizes():
+    cfg = get_preset("cpu")
+    assert cfg.for_round(1) is cfg
+    r2 = cfg.for_round(2)
+    assert r2.transition.train.steps == cfg.rounds.transition_steps
+    assert r2.evolve.generations == cfg.rounds.generations and r2.evolve.horizon == cfg.rounds.horizon
+    assert r2.vae == cfg.vae and r2.evolve.tau == cfg.evolve.tau
+    smoke = get_preset("smoke")  # rounds.horizon None: the dreams keep evolve.horizon
+    assert smoke.for_round(2).evolve.horizon == smoke.evolve.horizon
+
+
+def test_hyper_is_the_traced_fields_and_static_hides_them():
+    import jax
+
+    cfg = get_preset("cpu")
+    hp = cfg.hyper()
+    assert set(hp) == {"vae", "transition", "evolve", "verifier"}
+    assert set(hp["evolve"]) == {"sigma", "tau", "grounding"} and set(hp["verifier"]) == {"threshold", "train"}
+    assert all(leaf.dtype == np.float32 and leaf.shape == () for leaf in jax.tree.leaves(hp))
+    assert float(hp["transition"]["train"]["lr"]) == pytest.approx(cfg.transition.train.lr)
+    static = cfg.static()
+    assert static.evolve.population == cfg.evolve.population  # static fields stay
+    with pytest.raises(TypeError, match=r"Config\.transition\.train\.lr is a traced hyperparameter"):
+        _ = static.transition.train.lr * 2
+    assert Config.from_dict(cfg.to_dict()) == cfg  # the JSON round trip keeps traced fields as plain floats

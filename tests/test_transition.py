@@ -12,7 +12,7 @@ import pytest
 
 from wm_jax import data, precision, transition
 from wm_jax import train as train_lib
-from wm_jax.config import ConfigError, TrainConfig, TransitionConfig
+from wm_jax.config import Config, ConfigError, TrainConfig, TransitionConfig, VAEConfig
 from wm_jax.transition import Prediction
 
 LATENT = 8
@@ -402,7 +402,10 @@ def test_sequence_batch_shapes():
 
 def test_training_lowers_the_loss(tmp_path, cfg):
     arrays = _synthetic_arrays()
-    params, info = transition.train(cfg, arrays, jax.random.key(0), tmp_path, progress=False)
+    full = Config(vae=VAEConfig(latent=LATENT), transition=cfg)
+    params, info = transition.train(full, jax.random.key(0), arrays, tmp_path, progress=False)
+    loaded = transition.load(full, tmp_path)
+    assert jax.tree.all(jax.tree.map(lambda x, y: bool(jnp.array_equal(x, y)), params, loaded))
     assert info["steps"] == 60 and info["skipped_updates"] == 0
     metrics = train_lib.read_metrics(tmp_path)
     assert [m["step"] for m in metrics] == [10, 20, 30, 40, 50, 60]

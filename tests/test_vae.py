@@ -12,7 +12,7 @@ import pytest
 
 from wm_jax import data, stats, vae
 from wm_jax import train as train_lib
-from wm_jax.config import TrainConfig, VAEConfig
+from wm_jax.config import Config, TrainConfig, VAEConfig
 
 LATENT = 8
 FILTERS = (4, 4, 8, 8)
@@ -141,7 +141,8 @@ def test_loss_under_jit(cfg, params, stacks):
 def test_training_lowers_the_loss(tmp_path, dataset):
     frames, stack_rows = dataset
     cfg = _cfg(steps=60, kl_ramp_steps=10, chunk=10, checkpoint_every=60)
-    params, info = vae.train(cfg, frames, stack_rows, jax.random.key(0), tmp_path, progress=False)
+    params, info = vae.train(Config(vae=cfg), jax.random.key(0), {"frame": frames, "stack_rows": stack_rows}, tmp_path,
+                             progress=False)
     assert info["steps"] == 60 and info["resumed_from"] == 0 and info["skipped_updates"] == 0
     metrics = train_lib.read_metrics(tmp_path)
     assert [m["step"] for m in metrics] == [10, 20, 30, 40, 50, 60]

@@ -121,12 +121,12 @@ def test_training_loss_falls_and_evaluate(m_params, arrays, tmp_path):
     cfg = dataclasses.replace(SMOKE, verifier=dataclasses.replace(
         SMOKE.verifier, hidden=32, seq_len=8,
         train=dataclasses.replace(SMOKE.verifier.train, steps=200, batch=16, chunk=50, checkpoint_every=200)))
-    params, info = verifier.train(cfg, m_params, arrays, jax.random.key(7), tmp_path / "k", progress=False)
+    params, info = verifier.train(cfg, jax.random.key(7), arrays, tmp_path / "k", progress=False, m_params=m_params)
     from wm_jax import train as train_lib
 
     losses = [row["loss"] for row in train_lib.read_metrics(tmp_path / "k")]
     assert losses[-1] < losses[0]
-    loaded = verifier.load(cfg, tmp_path / "k", LATENT)
+    loaded = verifier.load(cfg, tmp_path / "k")
     assert jax.tree.all(jax.tree.map(lambda x, y: bool(jnp.array_equal(x, y)), params, loaded))
     res = verifier.evaluate(cfg, jax.random.key(8), m_params, loaded, arrays, drifts=(1, 5), batches=2)
     for key in ("auc/one_step", "auc/open_loop", "auc/noise", "auc/drift_1", "auc/drift_5"):

@@ -88,7 +88,8 @@ def cmd_train_vae(args: argparse.Namespace) -> int:
     arrays = data.to_arrays(data.load_dataset(args.data))
     index = data.EpisodeIndex.from_columns(arrays["episode"], arrays["t"])
     out = Path(args.out)
-    params, info = vae.train(cfg.vae, arrays["frame"], index.stack_rows, jax.random.key(cfg.seed), out)
+    params, info = vae.train(cfg, jax.random.key(cfg.seed), {"frame": arrays["frame"], "stack_rows": index.stack_rows},
+                             out)
     plots.reconstruction_grid(*vae.reconstructions(cfg.vae, params, arrays["frame"], index.stack_rows),
                               out / "reconstructions.png")
     plots.loss_curves(train.read_metrics(out), out / "loss.png")
@@ -104,11 +105,11 @@ def cmd_train_transition(args: argparse.Namespace) -> int:
     cfg = _preset(args)
     arrays = data.to_arrays(data.load_dataset(args.data))
     index = data.EpisodeIndex.from_columns(arrays["episode"], arrays["t"])
-    vae_params = vae.load(cfg.vae, Path(args.vae))
+    vae_params = vae.load(cfg, Path(args.vae))
     mean, logvar = vae.encode_all(cfg.vae, vae_params, arrays["frame"], index.stack_rows)
     m_arrays = transition.training_arrays(mean, logvar, arrays, index)
     out = Path(args.out)
-    _, info = transition.train(cfg.transition, m_arrays, jax.random.key(cfg.seed + 1), out)
+    _, info = transition.train(cfg, jax.random.key(cfg.seed + 1), m_arrays, out)
     plots.loss_curves(train.read_metrics(out), out / "loss.png")
     print(f"transition trained: {_fmt(info['final']) or 'already finished'} ({info['steps_per_s']:.1f} steps/s); "
           f"plots in {out}")

@@ -123,7 +123,7 @@ def run(cfg: Config, out: Path | str, progress: bool = True) -> dict[str, Any]:
     ctx.real_env_steps = collected["env_steps"]
     ctx.data_paths = [out / "data" / "round1"]
     ctx.stages.run("vae", lambda: _train_vae(ctx))
-    ctx.vae_params = vae.load(cfg.vae, out / "vae")
+    ctx.vae_params = vae.load(cfg, out / "vae")
     for r in range(1, cfg.rounds.rounds + 1):  # round 1 on random data, later ones on the agent's
         _round(ctx, r)
     assert ctx.best is not None
@@ -161,8 +161,8 @@ def _train_vae(ctx: _Run) -> dict[str, Any]:
 
     arrays = run_dir.load_arrays(ctx.data_paths)
     index = data_lib.EpisodeIndex.from_columns(arrays["episode"], arrays["t"])
-    params, info = vae.train(ctx.cfg.vae, arrays["frame"], index.stack_rows, ctx.keys["vae"], ctx.out / "vae",
-                             ctx.progress)
+    params, info = vae.train(ctx.cfg, ctx.keys["vae"], {"frame": arrays["frame"], "stack_rows": index.stack_rows},
+                             ctx.out / "vae", ctx.progress)
     real, recon, rows = vae.reconstructions(ctx.cfg.vae, params, arrays["frame"], index.stack_rows)
     plots.reconstruction_grid(real, recon, rows, ctx.out / "vae" / "reconstructions.png")
     plots.loss_curves(train.read_metrics(ctx.out / "vae"), ctx.out / "vae" / "loss.png")
@@ -199,23 +199,23 @@ def _round(ctx: _Run, r: int) -> None:
     m_dir = out / ("transition" if r == 1 else f"transition_round{r}")
 
     def train_m() -> dict[str, Any]:
-        _, info = transition.train(cfg.transition, m_arrays, jax.random.fold_in(ctx.keys["transition"], r), m_dir,
-                                   ctx.progress, ctx.m_params)
+        _, info = transition.train(cfg, jax.random.fold_in(ctx.keys["transition"], r), m_arrays, m_dir, ctx.progress,
+                                   init_params=ctx.m_params)
         return {"steps_per_s": info["steps_per_s"], "final": info["final"]}
 
     stages.run(m_dir.name, train_m)
-    m_params = ctx.m_params = transition.load(cfg.transition, m_dir, cfg.vae.latent)
+    m_params = ctx.m_params = transition.load(cfg, m_dir)
     k_params = None
     if cfg.verifier.mode != "off":
         k_dir = out / ("verifier" if r == 1 else f"verifier_round{r}")
 
         def train_k() -> dict[str, Any]:
-            _, info = verifier.train(cfg, m_params, m_arrays, jax.random.fold_in(ctx.keys["verifier"], r), k_dir,
-                                     ctx.progress)
+            _, info = verifier.train(cfg, jax.random.fold_in(ctx.keys["verifier"], r), m_arrays, k_dir, ctx.progress,
+                                     m_params=m_params)
             return {"steps_per_s": info["steps_per_s"], "final": info["final"]}
 
         stages.run(k_dir.name, train_k)
-        k_params = verifier.load(cfg, k_dir, cfg.vae.latent)
+        k_params = verifier.load(cfg, k_dir)
 
     def search() -> dict[str, Any]:
         world = evolve.World(m_params=m_params, vae_params=ctx.vae_params, k_params=k_params,

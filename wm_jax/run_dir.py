@@ -66,9 +66,9 @@ def load_agent(run: Path | str) -> tuple[Config, dict[str, Any]]:
         raise FileNotFoundError(f"{run}: no trained agent (agent.json / controller.npy missing; run `wm-jax run` first)")
     meta = json.loads(meta_path.read_text())
     cfg = Config.from_dict(meta["config"])
-    vae_params = vae.load(cfg.vae, run / "vae")
+    vae_params = vae.load(cfg, run / "vae")
     # The M the controller was evolved with: its round's config (fine-tuning rounds train fewer steps).
-    m_params = transition.load(cfg.for_round(meta.get("round", 1)).transition, run / meta["transition_dir"], cfg.vae.latent)
+    m_params = transition.load(cfg.for_round(meta.get("round", 1)), run / meta["transition_dir"])
     return cfg, {"vae": vae_params, "transition": m_params, "controller": jnp.asarray(np.load(run / "controller.npy"))}
 
 

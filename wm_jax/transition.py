@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from wm_jax import data as data_lib
 from wm_jax import precision, stats
 from wm_jax import train as train_lib
-from wm_jax.config import TransitionConfig
+from wm_jax.config import Config, TransitionConfig
 from wm_jax.env import NUM_ACTIONS
 
 Params = Any
@@ -266,25 +266,16 @@ def sequence_batch(
     }
 
 
-def train(
-    cfg: TransitionConfig,
-    arrays: dict[str, Any],
-    key: jax.Array,
-    run_dir,
-    progress: bool = True,
-    params: Params | None = None,
-) -> tuple[Params, dict[str, Any]]:
-    """Teacher-forced training on per-row posteriors (see `sequence_batch` for `arrays`).
-
-    `params` continues from a trained model (fine-tuning: Config.for_round sets its steps).
-    """
-
+def train(cfg: Config, key: jax.Array, data: dict[str, Any], out_dir, progress: bool = True,
+          init_params: Params | None = None) -> tuple[Params, dict[str, Any]]:
+    """Teacher-forced training of M (cfg.transition) on per-row posteriors, data as
+    `training_arrays` (see `sequence_batch`); resumable in out_dir. `init_params` continues from a
+    trained M (fine-tuning: Config.for_round sets its steps)."""
+    latent, cfg = cfg.vae.latent, cfg.transition
     tcfg = cfg.train
     key_init, key_train = jax.random.split(key)
-    latent = arrays["mean"].shape[-1]
-    if params is None:
-        params = init(key_init, cfg, latent)
-    d = {k: jnp.asarray(arrays[k]) for k in ("mean", "logvar", "action", "reward", "done", "is_first", "is_last")}
+    params = init(key_init, cfg, latent) if init_params is None else init_params
+    d = {k: jnp.asarray(data[k]) for k in ("mean", "logvar", "action", "reward", "done", "is_first", "is_last")}
 
     def sample_fn(k, dd):
         return sequence_batch(k, dd, tcfg.batch, cfg.seq_len)
@@ -293,7 +284,7 @@ def train(
         return loss(cfg, p, batch, k)
 
     return train_lib.fit(
-        "transition", tcfg, loss_fn, sample_fn, d, params, key_train, run_dir, model_config(cfg, int(latent)), progress
+        "transition", tcfg, loss_fn, sample_fn, d, params, key_train, out_dir, model_config(cfg, int(latent)), progress
     )
 
 
@@ -315,8 +306,9 @@ def model_config(cfg: TransitionConfig, latent: int) -> dict[str, Any]:
     return {**{k: v for k, v in dataclasses.asdict(cfg).items() if k not in skip}, "latent": int(latent)}
 
 
-def load(cfg: TransitionConfig, run_dir, latent: int) -> Params:
-    """Parameters trained by `train` into run_dir (with the same cfg: a fine-tuning round's, Config.for_round)."""
+def load(cfg: Config, out_dir) -> Params:
+    """M trained by `train` into out_dir (with the same cfg: a fine-tuning round's, Config.for_round)."""
+    latent, cfg = cfg.vae.latent, cfg.transition
 
     like = init(jax.random.key(0), cfg, latent)
-    return train_lib.load_params(cfg.train, like, run_dir, model_config(cfg, latent))
+    return train_lib.load_params(cfg.train, like, out_dir, model_config(cfg, latent))

@@ -24,7 +24,7 @@ import optax
 from wm_jax import data as data_lib
 from wm_jax import precision
 from wm_jax import train as train_lib
-from wm_jax.config import VAEConfig
+from wm_jax.config import Config, VAEConfig
 
 Params = Any
 
@@ -142,16 +142,11 @@ def loss(
     return total, metrics
 
 
-def train(
-    cfg: VAEConfig,
-    frames: jax.Array,
-    stack_rows: jax.Array,
-    key: jax.Array,
-    run_dir,
-    progress: bool = True,
-) -> tuple[Params, dict[str, Any]]:
-    """Fit the VAE on random frame stacks of (frames uint8[N, 64, 64], stack_rows int32[N, 4])."""
-
+def train(cfg: Config, key: jax.Array, data: dict[str, Any], out_dir, progress: bool = True
+          ) -> tuple[Params, dict[str, Any]]:
+    """Fit V (cfg.vae) on random frame stacks of data = {"frame": uint8[N, 64, 64], "stack_rows":
+    int32[N, 4]}; resumable in out_dir. The signature V, M and K share: train(cfg, key, data, out_dir)."""
+    frames, stack_rows, cfg = data["frame"], data["stack_rows"], cfg.vae
     key_init, key_train = jax.random.split(key)
     batch = cfg.train.batch
 
@@ -169,7 +164,7 @@ def train(
         {"frames": jnp.asarray(frames), "stack_rows": jnp.asarray(stack_rows)},
         init(key_init, cfg),
         key_train,
-        run_dir,
+        out_dir,
         model_config(cfg),
         progress,
     )
@@ -184,10 +179,10 @@ def model_config(cfg: VAEConfig) -> dict[str, Any]:
     return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("train", "compute_dtype")}
 
 
-def load(cfg: VAEConfig, run_dir) -> Params:
-    """Parameters of the VAE trained by `train` into run_dir."""
-
-    return train_lib.load_params(cfg.train, init(jax.random.key(0), cfg), run_dir, model_config(cfg))
+def load(cfg: Config, out_dir) -> Params:
+    """Parameters of V trained by `train` into out_dir."""
+    cfg = cfg.vae
+    return train_lib.load_params(cfg.train, init(jax.random.key(0), cfg), out_dir, model_config(cfg))
 
 
 def reconstructions(cfg: VAEConfig, params: Params, frames, stack_rows, n: int = 6

@@ -121,13 +121,12 @@ def model_config(cfg: Config, latent: int) -> dict[str, Any]:
             "noise": cfg.verifier.noise, "seq_len": cfg.verifier.seq_len}
 
 
-def train(
-    cfg: Config, m_params: Params, arrays: dict[str, Any], key: jax.Array, run_dir, progress: bool = True
-) -> tuple[Params, dict[str, Any]]:
-    """Train K against a frozen M on `transition.training_arrays`-style per-row arrays."""
-
-    vcfg = cfg.verifier
-    latent = int(arrays["mean"].shape[-1])
+def train(cfg: Config, key: jax.Array, data: dict[str, Any], out_dir, progress: bool = True, *,
+          m_params: Params) -> tuple[Params, dict[str, Any]]:
+    """Train K against the frozen M `m_params` on `transition.training_arrays`-style per-row data;
+    resumable in out_dir."""
+    vcfg, arrays = cfg.verifier, data
+    latent = cfg.vae.latent
     key_init, key_train = jax.random.split(key)
     params = init(key_init, vcfg, latent, cfg.transition.hidden)
 
@@ -140,16 +139,16 @@ def train(
         return loss(vcfg, p, ex)
 
     return train_lib.fit(
-        "verifier", vcfg.train, loss_fn, sample_fn, _data(m_params, arrays), params, key_train, run_dir,
+        "verifier", vcfg.train, loss_fn, sample_fn, _data(m_params, arrays), params, key_train, out_dir,
         model_config(cfg, latent), progress,
     )
 
 
-def load(cfg: Config, run_dir, latent: int) -> Params:
-    """Parameters trained by `train` into run_dir."""
-
+def load(cfg: Config, out_dir) -> Params:
+    """K trained by `train` into out_dir."""
+    latent = cfg.vae.latent
     like = init(jax.random.key(0), cfg.verifier, latent, cfg.transition.hidden)
-    return train_lib.load_params(cfg.verifier.train, like, run_dir, model_config(cfg, latent))
+    return train_lib.load_params(cfg.verifier.train, like, out_dir, model_config(cfg, latent))
 
 
 def evaluate(
