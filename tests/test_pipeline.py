@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from wm_jax import cli, data, evolve, pipeline, rollout, transition, vae
+from wm_jax import cli, data, evolve, pipeline, rollout, stats, transition, vae
 from wm_jax.agent import Agent
 from wm_jax.config import get_preset
 from wm_jax.env import PixelCartPole
@@ -156,7 +156,7 @@ def test_summary_with_undefined_corr_is_the_same_in_memory_on_disk_and_on_rerun(
     (out / "summary.json").unlink()  # every stage is done: only the summary is rebuilt
     for mod, name in ((data, "collect"), (vae, "train"), (transition, "train"), (evolve, "evolve"), (rollout, "evaluate")):
         monkeypatch.setattr(mod, name, _raise(f"{mod.__name__}.{name}"))
-    monkeypatch.setattr(rollout, "correlation", lambda xs, ys: float("nan"))
+    monkeypatch.setattr(stats, "correlation", lambda xs, ys: float("nan"))
     first = pipeline.run(SMOKE, out, progress=False)
     on_disk = json.loads((out / "summary.json").read_text())
     again = pipeline.run(SMOKE, out, progress=False)

@@ -212,7 +212,9 @@ class EvolveConfig(_Section):
     rollouts: int = 30  # the recipe: 30 dream rollouts per candidate
     horizon: int = 30  # the recipe: 30-step dreams
     tau: float = traced(1.0)
-    gens_per_call: int = 5  # generations per jitted lax.scan call (progress granularity)
+    # generations per block of random keys (split(fold_in(key, block start), block)): the keys the
+    # earlier chunked loop drew, kept so that a search draws the same random numbers as before
+    gens_per_call: int = 5
     check_every: int = 10  # generations between real checks of the CMA-ES mean
     check_episodes: int = 16
     # Grounding (a drift mitigation, off by default): this share of the dream rollouts starts from

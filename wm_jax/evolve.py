@@ -140,9 +140,10 @@ def period(cfg: Config, hp: dict[str, Any], world: World, state: EvolveState, ke
 
     With `batched`, hp, state and key carry a leading axis of cells (wm_jax.sweep): the dreams and
     the real checks of every cell are vmapped, while CMA-ES's own ask and tell run cell by cell
-    (`lax.map`) with the arithmetic of a lone search. Batched, their sums would round differently
-    in the last bit, and the eigendecomposition of a near-isotropic covariance turns such a bit
-    into other eigenvectors and so other candidates; mapped, a cell is its lone search.
+    (`lax.map`), shaped as in a lone search. The eigendecomposition of a nearly isotropic
+    covariance turns last-bit differences into other eigenvectors and so other candidates; mapped,
+    a cell's first generation equals its lone search, and the parting comes later (from the
+    fitness's own rounding, docs/RESULTS.md section 7) than with a vmapped CMA-ES (generation 2).
     """
     def each(fn, *xs):  # per cell, a lone search's arithmetic
         return jax.lax.map(lambda x: fn(*x), xs) if batched else fn(*xs)
