@@ -110,7 +110,7 @@ def draw_grounded_starts(key: jax.Array, mean: jax.Array, logvar: jax.Array, num
     return jnp.where((i >= first_grounded)[:, None], shifted, stored)
 
 
-def _score_population(
+def scores(
     cfg: Config, hp: dict[str, Any], key: jax.Array, m_params: Any, population: jax.Array, mean: jax.Array,
     logvar: jax.Array, rollouts: int, horizon: int, k_params: Any = None, pool: Pool | None = None,
 ) -> jax.Array:
@@ -135,7 +135,7 @@ def _score_population(
 
 @partial(jax.jit, static_argnums=(0, 9, 10))
 def _score_jit(cfg, hp, key, m_params, population, mean, logvar, k_params, pool, rollouts, horizon):
-    return _score_population(cfg, hp, key, m_params, population, mean, logvar, rollouts, horizon, k_params, pool)
+    return scores(cfg, hp, key, m_params, population, mean, logvar, rollouts, horizon, k_params, pool)
 
 
 def score_population(
@@ -143,7 +143,7 @@ def score_population(
     rollouts: int | None = None, horizon: int | None = None, k_params: Any = None, pool: Pool | None = None,
     hp: dict[str, Any] | None = None,
 ) -> jax.Array:
-    """Jitted `_score_population` over every device: one call scores a whole generation.
+    """Jitted `scores` over every device: one call scores a whole generation.
 
     rollouts and horizon default to cfg.evolve's; hp (default cfg.hyper()) holds tau, the
     verifier's threshold and the grounding share."""

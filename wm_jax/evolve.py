@@ -76,9 +76,9 @@ def _es_params(es: CMA_ES, hp: dict[str, Any]) -> Any:
 
 def score_candidates(cfg: Config, hp: dict[str, Any], key: jax.Array, world: World, population: jax.Array,
                      pool: dream.Pool) -> jax.Array:
-    """The default fitness: mean dream return of each candidate (dream._score_population)."""
+    """The default fitness: mean dream return of each candidate (dream.scores)."""
     ev = cfg.evolve
-    return dream._score_population(cfg, hp, key, world.m_params, population, *world.starts, ev.rollouts, ev.horizon,
+    return dream.scores(cfg, hp, key, world.m_params, population, *world.starts, ev.rollouts, ev.horizon,
                                    world.k_params, pool)
 
 
