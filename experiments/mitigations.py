@@ -57,14 +57,13 @@ def _seed(run: Path, args, world_model_eval) -> dict:
         variant = dataclasses.replace(cfg, transition=tcfg)
         transition.train(variant, jax.random.key(cfg.seed + 2000), m_arrays, out)
         m = transition.load(variant, out)
-        vcfg = dataclasses.replace(cfg, transition=tcfg)
         res = {}
         for policy, h in held.items():
-            d = drift.measure(vcfg, jax.random.key(7), {"vae": params["vae"], "transition": m}, drift.pad_episodes(h),
+            d = drift.measure(variant, jax.random.key(7), {"vae": params["vae"], "transition": m}, drift.pad_episodes(h),
                               max_k=max(K), stride=25, decode_pairs=0)
             res[policy] = {f"latent_mse@{k}": d["latent_mse"][k] for k in K} | {f"kl@{k}": d["kl"][k] for k in K} \
                 | {f"count@{k}": d["count"][k] for k in K}
-        nll = world_model_eval.m_metrics(vcfg, m, held["random"])["latent_nll"]
+        nll = world_model_eval.m_metrics(variant, m, held["random"])["latent_nll"]
         results[name] = {"drift": res, "one_step_nll_random": nll}
         print(f"seed {cfg.seed}", name, json.dumps(results[name]), flush=True)
     return {"run": str(run), "seed": cfg.seed, "results": results}
@@ -118,7 +117,7 @@ def main() -> None:
     for run in args.runs:
         if not (run / "agent.json").exists():
             p.error(f"{run}: not a finished run (no agent.json)")
-    world_model_eval = _experiment_module("world_model_eval")  # and the one-step metrics here
+    world_model_eval = _experiment_module("world_model_eval")  # the one-step metrics live there
     seeds = [_seed(run, args, world_model_eval) for run in args.runs]
     args.out.mkdir(parents=True, exist_ok=True)
     run_dir.write_json(args.out / "mitigations.json", {"steps": args.steps, "seeds": seeds})

@@ -69,9 +69,10 @@ def _pair(cfg: Config, run: run_dir.Run, k_params, mode: str, horizon: int, todo
         results = sweep.run(pair_cfg, cells, world, adir / f"sweep_{mode}_h{horizon}_{tag}")
     search_s = time.perf_counter() - t0
     rows = []
+    eval_key = jax.random.fold_in(jax.random.key(cfg.seed + 1000), 1_000_000)  # this run's, apart from the searches'
     for c, res in zip(cells, results):
         ev = rollout.evaluate(c.config, {**run.params, "controller": jnp.asarray(res["best"])},
-                              jax.random.key(c.seed + 1), args.eval_episodes)
+                              jax.random.fold_in(eval_key, c.seed), args.eval_episodes)
         checks = res["checks"]
         rows.append({
             "mode": mode, "tau": c.values["evolve.tau"], "horizon": horizon, "grounding": c.values["evolve.grounding"],
@@ -138,10 +139,6 @@ MIN_ROLLOUTS, MIN_FRAME_ROLLOUTS = 20, 8  # fewer rollouts reaching k: too noisy
 
 def _fmt(x, nd=1):
     return "n/a" if x is None else f"{x:.{nd}f}"
-
-
-def _setting(cell: dict) -> tuple:
-    return cell["mode"], cell["tau"], cell["horizon"], cell.get("grounding", 0.0)
 
 
 def table(results: list[dict]) -> str:

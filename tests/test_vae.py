@@ -179,3 +179,21 @@ def test_bfloat16_loss_and_float32_gradients(cfg, params, stacks):
     mean, _ = vae.encode(bcfg, params, stacks)
     assert mean.dtype == jnp.float32 and vae.decode(bcfg, params, mean).dtype == jnp.float32
     assert vae.model_config(bcfg) == vae.model_config(cfg)
+
+
+def test_training_again_with_another_learning_rate_reuses_the_compiled_chunk(tmp_path, dataset, caplog):
+    """V's loss and sampler reach train.fit as values (train.Bound over the static config), so a
+    second training with another learning rate compiles no new training chunk."""
+    import logging
+
+    frames, stack_rows = dataset
+    compiles = []
+    for i, lr in enumerate((1e-3, 3e-3)):
+        cfg = _cfg(steps=10, kl_ramp_steps=5, chunk=10, checkpoint_every=10)
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=lr))
+        caplog.clear()
+        with jax.log_compiles(), caplog.at_level(logging.WARNING):
+            params, _ = vae.train(Config(vae=cfg), jax.random.key(0), {"frame": frames, "stack_rows": stack_rows},
+                                  tmp_path / str(i), progress=False)
+        compiles.append(sum("run_chunk" in r.getMessage() and "Compiling" in r.getMessage() for r in caplog.records))
+    assert compiles == [1, 0], compiles

@@ -1,7 +1,7 @@
 """Imagined rollouts: C acts on (z, h), M steps, z' is sampled at temperature tau.
 
-`dream` is one `lax.scan`; `score_population` vmaps it over rollouts and over the CMA-ES
-population so that one call scores a whole generation. Reward is the reward head's prediction,
+`dream` is M's `transition.imagine` (one `lax.scan`) under C, then scored; `score_population`
+vmaps it over rollouts and over the CMA-ES population so that one call scores a whole generation. Reward is the reward head's prediction,
 and a dream ends when the done head says p > 0.5 (Ha's rule); steps after the end are masked.
 Start states are latents sampled from stored encoder posteriors of real observations (Ha's
 initial_z), with M's carry at zero; with grounding (the traced share evolve.grounding > 0) a

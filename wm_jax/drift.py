@@ -98,12 +98,13 @@ def measure(
         raise ValueError("no episode has two or more steps: nothing to measure drift on")
     with_k = params.get("verifier") is not None
     ep = {name: jnp.asarray(episodes[name]) for name in ("mean", "logvar", "action", "length")}
-    carries = _teacher_carries(cfg, params["transition"], ep)  # once, shared by every batch of rollouts
+    static = cfg.static()  # a new tau or threshold reuses both programs
+    carries = _teacher_carries(static, params["transition"], ep)  # once, shared by every batch of rollouts
     parts = []
     for i, lo in enumerate(range(0, len(pairs), batch)):
         chunk = pairs[lo: lo + batch]
         padded = np.concatenate([chunk, np.repeat(chunk[-1:], batch - len(chunk), axis=0)])  # one compile
-        res = _rollouts(cfg, jax.random.fold_in(key, i), params["transition"], params.get("verifier"), ep, carries,
+        res = _rollouts(static, jax.random.fold_in(key, i), params["transition"], params.get("verifier"), ep, carries,
                         jnp.asarray(padded), max_k, with_k)
         parts.append({k: np.asarray(v)[: len(chunk)] for k, v in jax.device_get(res).items()})
     res = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}

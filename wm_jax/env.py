@@ -151,7 +151,7 @@ class PixelCartPole:
     ) -> tuple[jax.Array, PixelState, jax.Array, jax.Array, jax.Array, dict[str, Any]]:
         params = self.default_params if params is None else params
         key_step, key_reset = jax.random.split(key)
-        _, stepped, reward, terminated, _ = self._env.step_env(key_step, state.physics, action, params)
+        stepped, reward, terminated = self.step_physics(key_step, state.physics, action, params)
         truncated = self._env.is_truncated(stepped, params)
         done = jnp.logical_or(terminated, truncated)
         final_frames = push_frame(state.frames, stepped)

@@ -11,9 +11,9 @@ traced params):
 cfg is static (`cfg.static()`: population, horizon, rollouts, check sizes, verifier mode); hp
 (`cfg.hyper()`) is traced: sigma, tau, the verifier's threshold and the grounding share, so a
 new value never compiles again and `jax.vmap` runs a grid of them (and of seeds) as one program
-(wm_jax.sweep). `evolve` drives the periods from Python: it only logs, draws the progress bar and
-checkpoints the state after every period, so a killed search resumes where it stopped and ends
-with the same result. evosax minimizes, so the fitness handed to `tell` is the negated return.
+(wm_jax.sweep). `search` (and `evolve`, one search) drives the periods from Python: it only
+logs, draws the progress bar and checkpoints the state after every period, so a killed search
+resumes where it stopped and ends with the same result. evosax minimizes, so the fitness handed to `tell` is the negated return.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def score_candidates(cfg: Config, hp: dict[str, Any], key: jax.Array, world: Wor
     """The default fitness: mean dream return of each candidate (dream.scores)."""
     ev = cfg.evolve
     return dream.scores(cfg, hp, key, world.m_params, population, *world.starts, ev.rollouts, ev.horizon,
-                                   world.k_params, pool)
+                        world.k_params, pool)
 
 
 def real_check(cfg: Config, hp: dict[str, Any], key: jax.Array, world: World, ctrl: jax.Array) -> dict[str, Any]:

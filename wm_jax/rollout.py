@@ -114,8 +114,8 @@ def evaluate(
     """Real-environment metrics: mean/std/min return, episodes, env steps, one-step latent KL.
 
     With `latents`, also "latents": {"mean", "logvar" [episodes * max_steps, latent], "valid"
-    [episodes * max_steps]}, the posteriors of the states the agent visited (see run_episodes);
-    the shapes depend only on the counts, so evolve's grounding pool keeps one shape."""
+    [episodes * max_steps]}, the posteriors of the states the agent visited (see run_episodes;
+    the controller search's own checks call `episodes` inside its jit)."""
     num = cfg.eval.episodes if num_episodes is None else num_episodes
     steps = cfg.eval.max_steps if max_steps is None else max_steps
     batch = min(batch, num)
@@ -164,13 +164,14 @@ def episode_strip(cfg: Config, params: dict[str, Any], key: jax.Array, steps: in
     init = (obs, state, transition.initial_carry(cfg.transition))
     _, (real, zs, actions) = jax.lax.scan(body, init, jnp.arange(steps))
     recon = vae.decode(cfg.vae, params["vae"], zs)[..., -1]
-    _, im = transition.imagine(cfg.transition, params["transition"], k_dream, transition.initial_carry(cfg.transition),
+    k_open, k_rollouts = jax.random.split(k_dream)
+    _, im = transition.imagine(cfg.transition, params["transition"], k_open, transition.initial_carry(cfg.transition),
                                zs[0], steps, cfg.evolve.tau, actions=actions)
     dreamed = vae.decode(cfg.vae, params["vae"], im["z"])[..., -1]
     k_params = params.get("verifier")
     if k_params is None:  # without K the rollouts are plain dreams
         cfg = dataclasses.replace(cfg, verifier=dataclasses.replace(cfg.verifier, mode="off"))
     trajs = [dream.dream(cfg, k, params["transition"], params["controller"], z, cfg.evolve.horizon, k_params)[0]
-             for k, z in zip(jax.random.split(k_dream, steps), zs)]
+             for k, z in zip(jax.random.split(k_rollouts, steps), zs)]
     imagined = {k: np.stack([np.asarray(tr[k]) for tr in trajs]) for k in trajs[0]}
     return {"real": np.asarray(real), "recon": np.asarray(recon), "dreamed": np.asarray(dreamed), "imagined": imagined}

@@ -67,8 +67,10 @@ def load_agent(run: Path | str) -> tuple[Config, dict[str, Any]]:
     meta = json.loads(meta_path.read_text())
     cfg = Config.from_dict(meta["config"])
     vae_params = vae.load(cfg, run / "vae")
-    # The M the controller was evolved with: its round's config (fine-tuning rounds train fewer steps).
-    m_params = transition.load(cfg.for_round(meta.get("round", 1)), run / meta["transition_dir"])
+    # The M the controller was evolved with: its round's config (fine-tuning rounds train fewer
+    # steps). agent.json files older than the "round" field name a fine-tuned M by its steps.
+    r = meta.get("round") or (1 if meta.get("transition_steps") is None else 2)
+    m_params = transition.load(cfg.for_round(r), run / meta["transition_dir"])
     return cfg, {"vae": vae_params, "transition": m_params, "controller": jnp.asarray(np.load(run / "controller.npy"))}
 
 

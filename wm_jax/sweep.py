@@ -9,8 +9,9 @@ before any work), then the cells' `cfg.hyper()` pytrees are stacked and `evolve.
 all at once: CMA-ES generations, dreams and the real checks of every cell in one compiled
 program per period, split over the devices by wm_jax.sharding. Only traced fields can be swept
 (a static one, such as the horizon or the verifier mode, changes the program's shapes: loop over
-it in Python, one sweep per value). The result of a cell equals a lone `evolve.evolve` with the
-same key and config up to float rounding (tests/test_sweep.py measures it).
+it in Python, one sweep per value). A cell's first generation equals a lone `evolve.evolve` with
+the same key and config up to float rounding; later ones part from it as rounding reaches
+CMA-ES's eigenvectors: an equivalent search, not the identical one (docs/RESULTS.md section 7).
 """
 
 from __future__ import annotations

@@ -45,6 +45,20 @@ class TrainState:
     bad_total: jax.Array
 
 
+@dataclasses.dataclass(frozen=True)
+class Bound:
+    """`fn(cfg, *args)` as a value: equal (and hashing equal) for equal configs. `run_chunk` takes the
+    loss and sample functions as static arguments, so models hand them over as Bound(fn, cfg.static()):
+    a second `fit` with an equal static config, another (traced) learning rate included, reuses the
+    compiled chunk, where a fresh closure per call would compile it again."""
+
+    fn: Callable[..., Any]
+    cfg: Any
+
+    def __call__(self, *args: Any) -> Any:
+        return self.fn(self.cfg, *args)
+
+
 def optimizer(hp: dict[str, Any]) -> optax.GradientTransformation:
     """Adam after global-norm clipping; hp = TrainConfig.hyper(): lr and clip_norm, traced, so a new
     learning rate reuses the compiled training chunk (Adam's state does not depend on either)."""

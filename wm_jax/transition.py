@@ -276,16 +276,17 @@ def train(cfg: Config, key: jax.Array, data: dict[str, Any], out_dir, progress: 
     key_init, key_train = jax.random.split(key)
     params = init(key_init, cfg, latent) if init_params is None else init_params
     d = {k: jnp.asarray(data[k]) for k in ("mean", "logvar", "action", "reward", "done", "is_first", "is_last")}
+    static = cfg.static()
+    return train_lib.fit("transition", tcfg, train_lib.Bound(_loss, static), train_lib.Bound(_sample, static), d,
+                         params, key_train, out_dir, model_config(cfg, int(latent)), progress)
 
-    def sample_fn(k, dd):
-        return sequence_batch(k, dd, tcfg.batch, cfg.seq_len)
 
-    def loss_fn(p, k, batch, step):
-        return loss(cfg, p, batch, k)
+def _sample(cfg: TransitionConfig, key: jax.Array, d: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    return sequence_batch(key, d, cfg.train.batch, cfg.seq_len)
 
-    return train_lib.fit(
-        "transition", tcfg, loss_fn, sample_fn, d, params, key_train, out_dir, model_config(cfg, int(latent)), progress
-    )
+
+def _loss(cfg: TransitionConfig, params: Params, key: jax.Array, batch: dict[str, jax.Array], step: jax.Array):
+    return loss(cfg, params, batch, key)
 
 
 def training_arrays(mean, logvar, columns: dict[str, Any], index: Any) -> dict[str, Any]:

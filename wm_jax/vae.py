@@ -148,19 +148,11 @@ def train(cfg: Config, key: jax.Array, data: dict[str, Any], out_dir, progress: 
     int32[N, 4]}; resumable in out_dir. The signature V, M and K share: train(cfg, key, data, out_dir)."""
     frames, stack_rows, cfg = data["frame"], data["stack_rows"], cfg.vae
     key_init, key_train = jax.random.split(key)
-    batch = cfg.train.batch
-
-    def sample_fn(k, d):
-        return data_lib.sample_stacks(k, d["frames"], d["stack_rows"], batch)
-
-    def loss_fn(params, k, stack, step):
-        return loss(cfg, params, k, stack, step)
-
     return train_lib.fit(
         "vae",
         cfg.train,
-        loss_fn,
-        sample_fn,
+        train_lib.Bound(loss, cfg.static()),
+        train_lib.Bound(_sample, cfg.static()),
         {"frames": jnp.asarray(frames), "stack_rows": jnp.asarray(stack_rows)},
         init(key_init, cfg),
         key_train,
@@ -168,6 +160,10 @@ def train(cfg: Config, key: jax.Array, data: dict[str, Any], out_dir, progress: 
         model_config(cfg),
         progress,
     )
+
+
+def _sample(cfg: VAEConfig, key: jax.Array, d: dict[str, jax.Array]) -> jax.Array:
+    return data_lib.sample_stacks(key, d["frames"], d["stack_rows"], cfg.train.batch)
 
 
 def model_config(cfg: VAEConfig) -> dict[str, Any]:
@@ -197,8 +193,6 @@ def reconstructions(cfg: VAEConfig, params: Params, frames, stack_rows, n: int =
 
 def encode_all(cfg: VAEConfig, params: Params, frames, stack_rows, batch: int = 1024) -> tuple:
     """Posterior (mean, logvar) for every dataset row, in fixed-size batches (one compile)."""
-
-
     frames = jnp.asarray(frames)
     stack_rows = jnp.asarray(stack_rows)
     fn = jax.jit(lambda p, rows: encode(cfg, p, data_lib.stacks(frames, stack_rows, rows)))

@@ -129,19 +129,20 @@ def train(cfg: Config, key: jax.Array, data: dict[str, Any], out_dir, progress: 
     latent = cfg.vae.latent
     key_init, key_train = jax.random.split(key)
     params = init(key_init, vcfg, latent, cfg.transition.hidden)
-
-    def sample_fn(k, d):
-        key_b, key_e = jax.random.split(k)
-        batch = transition.sequence_batch(key_b, d, vcfg.train.batch, vcfg.seq_len)
-        return examples(cfg, key_e, d["m_params"], batch, d["latent_std"])
-
-    def loss_fn(p, k, ex, step):
-        return loss(vcfg, p, ex)
-
     return train_lib.fit(
-        "verifier", vcfg.train, loss_fn, sample_fn, _data(m_params, arrays), params, key_train, out_dir,
-        model_config(cfg, latent), progress,
+        "verifier", vcfg.train, train_lib.Bound(_loss, vcfg.static()), train_lib.Bound(_sample, cfg.static()),
+        _data(m_params, arrays), params, key_train, out_dir, model_config(cfg, latent), progress,
     )
+
+
+def _sample(cfg: Config, key: jax.Array, d: dict[str, Any]) -> dict[str, Any]:
+    key_b, key_e = jax.random.split(key)
+    batch = transition.sequence_batch(key_b, d, cfg.verifier.train.batch, cfg.verifier.seq_len)
+    return examples(cfg, key_e, d["m_params"], batch, d["latent_std"])
+
+
+def _loss(cfg: VerifierConfig, params: Params, key: jax.Array, ex: dict[str, Any], step: jax.Array):
+    return loss(cfg, params, ex)
 
 
 def load(cfg: Config, out_dir) -> Params:
