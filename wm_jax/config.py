@@ -297,7 +297,7 @@ class Config(_Section):
     rounds: RoundsConfig = field(default_factory=RoundsConfig)
     verifier: VerifierConfig = field(default_factory=VerifierConfig)
 
-    def for_round(self, r: int) -> "Config":
+    def for_round(self, r: int) -> Config:
         """The config of round r of Ha's iterative procedure: round 1 is this config; later rounds
         fine-tune M for rounds.transition_steps and evolve for rounds.generations generations in
         dreams of rounds.horizon steps (when set)."""

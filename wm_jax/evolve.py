@@ -21,9 +21,10 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -294,14 +295,15 @@ def search(
     state = jax.device_get(state)
     out = []
     for c in range(cells):
-        pick = (lambda x: np.asarray(x)[c]) if batched else np.asarray
+        best, best_real, steps = (np.asarray(x)[c] if batched else np.asarray(x)
+                                  for x in (state.best, state.best_real, state.real_env_steps))
         mine = [{k: v for k, v in e.items() if k != "cell"} for e in checks if e.get("cell", 0) == c]
         out.append({
-            "best": pick(state.best),
-            "best_real": float(pick(state.best_real)),
+            "best": best,
+            "best_real": float(best_real),
             "checks": mine,
             "history": [{k: v for k, v in e.items() if k != "cell"} for e in history if e.get("cell", 0) == c],
-            "real_env_steps": int(pick(state.real_env_steps)),
+            "real_env_steps": int(steps),
             "wall_s": wall,
         })
     return out
