@@ -2,15 +2,21 @@
 
 A checkpoint holds the training state (params, optimizer state, step, as a pytree) and the model
 config (JSON) side by side. orbax writes each step into a temporary directory and renames it when
-complete, so a step directory that exists is whole; restore still guards against damage on disk by
-falling back to the previous step with a warning.
+complete, so a step directory that exists is whole. Damage on disk is still possible (a deleted or
+overwritten file): a step whose stored array shapes differ from the model's is a shape mismatch
+(CheckpointError, from orbax's metadata, before any array is read); any other failure to read it
+is damage. `restore_latest` (training, which may go back) falls back to the previous step with a
+warning; `restore_step` (a finished stage's exact step) never does. `digest` is the content hash
+a run directory records for the parameters a stage produced.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
+import sys
 import uuid
 import warnings
 from pathlib import Path
@@ -22,15 +28,34 @@ import orbax.checkpoint as ocp
 
 
 class CheckpointError(ValueError):
-    """No usable checkpoint, or one that does not match the requested config."""
+    """No usable checkpoint, a damaged one, or one that does not match the requested config."""
+
+
+class Damaged(CheckpointError):
+    """A checkpoint step that exists but cannot be read back (files missing, truncated or overwritten)."""
+
+
+def _drop_closed_loop_noise(unraisable: Any) -> None:
+    """orbax's TensorStore futures finish on background threads after a failed read or write has
+    closed their asyncio loop; each then reports 'Event loop is closed' as an unraisable exception
+    (dozens of tracebacks for one damaged file). Those, and only those, are dropped."""
+    exc = unraisable.exc_value
+    if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+        return
+    _previous_hook(unraisable)
+
+
+_previous_hook = sys.unraisablehook
+sys.unraisablehook = _drop_closed_loop_noise
 
 
 @contextlib.contextmanager
 def _quiet_orbax():
-    """orbax logs a warning through absl for every item of a Composite that is not restored."""
+    """orbax logs through absl: a warning for every item of a Composite that is not restored, and an
+    error with a traceback for every failed write (a full disk); the exception itself is what counts."""
     logger = logging.getLogger("absl")
     level = logger.level
-    logger.setLevel(logging.ERROR)
+    logger.setLevel(logging.CRITICAL)
     try:
         yield
     finally:
@@ -43,16 +68,31 @@ def manager(directory: Path | str, max_to_keep: int = 2) -> ocp.CheckpointManage
         create=True,
         enable_async_checkpointing=False,  # simple and deterministic: the save is done on return
     )
-    return ocp.CheckpointManager(Path(directory).absolute(), options=options)
+    handlers = {"state": ocp.StandardCheckpointHandler(), "config": ocp.JsonCheckpointHandler()}  # metadata reads
+    with _quiet_orbax():
+        return ocp.CheckpointManager(Path(directory).absolute(), options=options, item_handlers=handlers)
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, config: dict[str, Any]) -> None:
-    mngr.save(
-        step,
-        args=ocp.args.Composite(state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config)),
-        force=True,
-    )
-    mngr.wait_until_finished()
+    with _quiet_orbax():
+        mngr.save(
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config)),
+            force=True,
+        )
+        mngr.wait_until_finished()
+
+
+def digest(tree: Any) -> str:
+    """sha256 of a pytree's arrays (paths, dtypes, shapes and bytes, in tree order): the identity a
+    run directory records for the parameters a stage produced. Equal trees give equal digests on
+    any machine; the files around them (timestamps in orbax's metadata) do not enter."""
+    h = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        a = np.ascontiguousarray(jax.device_get(leaf))
+        h.update(f"{jax.tree_util.keystr(path)}|{a.dtype.str}|{a.shape}|".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
 
 
 def _check_config(directory: Path, step: int, saved: dict[str, Any], wanted: dict[str, Any]) -> None:
@@ -85,17 +125,42 @@ def restore_latest(
 
     Returns (step, state), or None when the directory holds no checkpoint. The saved config must
     equal `compare_config` (default: `config`), else CheckpointError names the differing fields;
-    array shapes are checked against `like` as well. A newest checkpoint that cannot be read
-    falls back to the previous one with a warning; with `set_aside` (training, which will save that
-    step again) the unreadable step directory is renamed out of orbax's view, kept for inspection.
+    stored array shapes must equal `like`'s, else CheckpointError names the array. A newest
+    checkpoint that cannot be read (Damaged) falls back to the previous one with a warning; with
+    `set_aside` (training, which will save that step again) the unreadable step directory is
+    renamed out of orbax's view, kept for inspection.
     """
     directory = Path(directory)
     if not directory.exists():
         return None
     mngr = manager(directory, max_to_keep)
+    wanted = config if compare_config is None else compare_config
+    errors = []
     try:
-        wanted = config if compare_config is None else compare_config
-        return _restore_newest_readable(directory, mngr, like, wanted, set_aside)
+        for step in sorted(mngr.all_steps(), reverse=True):
+            try:
+                return step, _restore(directory, mngr, step, like, wanted)
+            except Damaged as e:
+                errors.append(str(e))
+                warnings.warn(f"{e}; " + ("set aside, " if set_aside else "") + "trying the previous step")
+                if set_aside:
+                    _set_aside(directory, step)
+    finally:
+        mngr.close()
+    if errors:
+        raise CheckpointError(f"{directory}: no readable checkpoint ({'; '.join(errors)})")
+    return None
+
+
+def restore_step(directory: Path | str, step: int, like: Any, config: dict[str, Any]) -> Any:
+    """Exactly checkpoint `step` (a finished stage's): CheckpointError if it is gone, Damaged if it
+    cannot be read; never an older step."""
+    directory = Path(directory)
+    if not (directory / str(step)).is_dir():
+        raise Damaged(f"checkpoint step {step} in {directory} is missing")
+    mngr = manager(directory, max(1, len(list(directory.iterdir()))))  # never deletes a step
+    try:
+        return _restore(directory, mngr, step, like, config)
     finally:
         mngr.close()
 
@@ -107,49 +172,58 @@ def _set_aside(directory: Path, step: int) -> None:
         os.replace(src, directory / f"damaged-{step}-{uuid.uuid4().hex[:6]}")
 
 
-def _unreadable(directory: Path, step: int, error: Exception, errors: list[str], set_aside: bool) -> None:
-    """Note an unreadable step (and set it aside when asked); the caller tries the previous one."""
-    errors.append(f"step {step}: {type(error).__name__}: {error}")
-    warnings.warn(f"{directory}: checkpoint step {step} is unreadable ({type(error).__name__}); "
-                  + ("set aside, " if set_aside else "") + "trying the previous one")
-    if set_aside:
-        _set_aside(directory, step)
+def _short(error: BaseException) -> str:
+    """The root cause of an orbax/TensorStore error on one line (orbax wraps TensorStore's reason,
+    e.g. 'NOT_FOUND: Error reading "params.w/0" ...', in a message that prints the whole spec)."""
+    while (error.__cause__ or error.__context__) is not None:
+        error = error.__cause__ or error.__context__
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    text = text.split(" See full TensorStore details")[0].split(' in OCDBT database at local file')[0]
+    return text[:160]
 
 
-def _restore_newest_readable(
-    directory: Path, mngr: ocp.CheckpointManager, like: Any, wanted: dict[str, Any], set_aside: bool
-):
+def _restore(directory: Path, mngr: ocp.CheckpointManager, step: int, like: Any, wanted: dict[str, Any]) -> Any:
+    where = f"checkpoint step {step} in {directory}"
+    try:
+        with _quiet_orbax():
+            saved_config = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+            stored = mngr.item_metadata(step)["state"]
+        stored_shapes = _shapes(stored, lambda m: tuple(m.shape))
+    except Exception as e:  # missing or damaged JSON / metadata: orbax raises many types
+        raise Damaged(f"{where} is damaged ({_short(e)})") from None
+    _check_config(directory, step, saved_config, wanted)
+    _check_shapes(where, stored_shapes, _shapes(like, np.shape))
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-    errors = []
-    for step in sorted(mngr.all_steps(), reverse=True):
-        try:
-            with _quiet_orbax():
-                saved_config = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-        except Exception as e:  # damaged JSON or missing item: try the previous step
-            _unreadable(directory, step, e, errors, set_aside)
-            continue
-        _check_config(directory, step, saved_config, wanted)
-        try:
-            with _quiet_orbax():
-                restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
-        except Exception as e:
-            if "shape" in str(e).lower():  # a readable checkpoint of other sizes: not damage
-                raise CheckpointError(f"{directory} step {step} does not match the model's shapes: {e}") from None
-            _unreadable(directory, step, e, errors, set_aside)
-            continue
-        _check_shapes(directory, step, restored, like)
-        return step, restored
-    if errors:
-        raise CheckpointError(f"{directory}: no readable checkpoint ({'; '.join(errors)})")
-    return None
+    try:
+        with _quiet_orbax():
+            return mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+    except Exception as e:  # the shapes matched: whatever fails now is damage (TensorStore reads)
+        raise Damaged(f"{where} is damaged ({_short(e)})") from None
 
 
-def _check_shapes(directory: Path, step: int, restored: Any, like: Any) -> None:
-    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(restored), jax.tree.leaves(like)):
-        if np.shape(a) != np.shape(b):
-            raise CheckpointError(
-                f"{directory} step {step}: {jax.tree_util.keystr(path)} has shape {np.shape(a)}, expected {np.shape(b)}"
-            )
+def _key_name(k: Any) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+def _shapes(tree: Any, shape_of: Any) -> dict[str, tuple[int, ...]]:
+    """{'params/Conv_0/kernel': shape}: orbax's metadata keeps dict keys where the live tree has
+    attributes and tuple indices; both read the same through their names."""
+    return {"/".join(_key_name(k) for k in path): tuple(shape_of(leaf))
+            for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _check_shapes(where: str, stored: dict[str, tuple[int, ...]], wanted: dict[str, tuple[int, ...]]) -> None:
+    if stored.keys() != wanted.keys():
+        extra, missing = sorted(stored.keys() - wanted.keys()), sorted(wanted.keys() - stored.keys())
+        raise CheckpointError(f"{where} does not match the model's structure (stored only: {extra[:3]}, "
+                              f"model only: {missing[:3]})")
+    for name, shape in wanted.items():
+        if stored[name] != shape:
+            raise CheckpointError(f"{where} does not match the model's shapes: {name} has shape {stored[name]}, "
+                                  f"expected {shape}")
 
 
 def read_config(directory: Path | str) -> dict[str, Any]:
@@ -161,7 +235,10 @@ def read_config(directory: Path | str) -> dict[str, Any]:
         step = mngr.latest_step()
         if step is None:
             raise CheckpointError(f"{directory}: no checkpoint")
-        with _quiet_orbax():
-            return mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+        try:
+            with _quiet_orbax():
+                return mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+        except Exception as e:
+            raise Damaged(f"checkpoint step {step} in {directory} is damaged ({_short(e)})") from None
     finally:
         mngr.close()

@@ -19,14 +19,55 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import numbers
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
 import jax.numpy as jnp
+import numpy as np
 
 
 class ConfigError(ValueError):
-    """A configuration value is out of range."""
+    """A configuration value has the wrong type or is out of range."""
+
+
+SEED_RANGE = 2**32  # jax.random.key(seed) keeps 32 bits of the seed: 2**32 collides with 0
+
+
+def _seed(obj: Any, name: str) -> None:
+    value = getattr(obj, name)
+    if not 0 <= value < SEED_RANGE:
+        raise ConfigError(f"{type(obj).__name__}.{name} must be in [0, 2**32) (the seeds the PRNG tells apart), "
+                          f"got {value!r}")
+
+
+def _type_ok(value: Any, hint: Any) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Union or type(hint).__name__ == "UnionType":
+        return any(_type_ok(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if origin is tuple:  # tuple[int, ...]
+        return isinstance(value, tuple) and all(_type_ok(v, args[0]) for v in value)
+    if hint is bool:
+        return isinstance(value, (bool, np.bool_))
+    if hint is int:
+        return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+    if hint is float:  # an int is a float's value too; a jnp/np scalar of a sweep as well
+        return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+    return isinstance(value, hint)
+
+
+def _check_types(obj: Any) -> None:
+    """Every field of `obj` has its declared type: a mistyped value (e.g. a string in an edited
+    config.json) is a ConfigError naming the field, not a TypeError deep in validation."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value, hint = getattr(obj, f.name), hints[f.name]
+        if not _type_ok(value, hint):
+            want = getattr(hint, "__name__", str(hint))
+            raise ConfigError(f"{type(obj).__name__}.{f.name} must be {want}, got {type(value).__name__} {value!r}")
 
 
 def _positive(obj: Any, *names: str) -> None:
@@ -77,7 +118,19 @@ class Traced:
 
 
 class _Section:
-    """static() / hyper() for a config dataclass and the config dataclasses inside it."""
+    """static() / hyper() for a config dataclass and the config dataclasses inside it; every
+    section checks its fields' types before its own validation."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("__post_init__")
+
+        def __post_init__(self: Any) -> None:
+            _check_types(self)
+            if own is not None:
+                own(self)
+
+        cls.__post_init__ = __post_init__  # type: ignore[attr-defined]
 
     def static(self, _path: str = "") -> Any:
         """This config with every traced field (here and below) replaced by its `Traced` marker."""
@@ -117,6 +170,7 @@ class DataConfig(_Section):
 
     def __post_init__(self) -> None:
         _positive(self, "episodes", "max_steps", "chunk_size")
+        _seed(self, "seed")
 
 
 @dataclass(frozen=True)
@@ -296,6 +350,9 @@ class Config(_Section):
     eval: EvalConfig = field(default_factory=EvalConfig)
     rounds: RoundsConfig = field(default_factory=RoundsConfig)
     verifier: VerifierConfig = field(default_factory=VerifierConfig)
+
+    def __post_init__(self) -> None:
+        _seed(self, "seed")
 
     def for_round(self, r: int) -> Config:
         """The config of round r of Ha's iterative procedure: round 1 is this config; later rounds

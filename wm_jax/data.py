@@ -11,6 +11,7 @@ so the transition model masks its latent target on an episode's last row.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -24,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from wm_jax import interrupt
 from wm_jax.env import FRAME_SIZE, STACK, PixelCartPole, push_frame, render
 
 MANIFEST = "wm_jax_manifest.json"
@@ -138,6 +140,30 @@ def render_states(states: np.ndarray, batch: int = 4096) -> np.ndarray:
     return out
 
 
+ROW_BYTES = FRAME_SIZE * FRAME_SIZE + 4 * 4 + 4 * 5  # a frame, the state, episode/t/action/reward/done
+RANDOM_EPISODE_STEPS = 22.5  # mean length of a random-policy CartPole episode (measured: 22.4 over 5,000)
+
+
+class TooLarge(ValueError):
+    """A collection that cannot fit in this machine's memory."""
+
+
+def check_memory(num_episodes: int, max_steps: int, policy: Policy = RANDOM_POLICY) -> None:
+    """Refuse, before any work, a collection whose rows (all held in memory until saved) would not
+    fit in half of this machine's memory: random episodes are counted at their mean length, other
+    policies' at max_steps."""
+    steps = min(max_steps, RANDOM_EPISODE_STEPS) if policy is RANDOM_POLICY else max_steps
+    need = num_episodes * steps * ROW_BYTES
+    try:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not POSIX: no estimate
+        return
+    if need > have / 2:
+        raise TooLarge(f"{num_episodes:,} episodes need about {need / 2**30:,.1f} GiB in memory (at {steps:g} steps "
+                       f"of {ROW_BYTES:,} bytes each), more than half of this machine's {have / 2**30:.1f} GiB: "
+                       f"collect fewer episodes, in several datasets")
+
+
 def _chunks(
     key: jax.Array, num_episodes: int, policy: Policy, max_steps: int, chunk_size: int, episode_offset: int,
     progress: bool,
@@ -149,10 +175,12 @@ def _chunks(
         raise ValueError(f"max_steps must be positive, got {max_steps}")
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    check_memory(num_episodes, max_steps, policy)
     chunk_size = min(chunk_size, num_episodes)
     num_chunks = -(-num_episodes // chunk_size)
     bar = tqdm(total=num_episodes, desc="collect", unit="ep", disable=not progress, leave=False)
     for c in range(num_chunks):
+        interrupt.check()  # Ctrl-C between chunks
         # Every chunk has the same size (one compile); surplus episodes of the last are dropped.
         out = jax.device_get(_collect_chunk_jit(policy, max_steps, jax.random.fold_in(key, c), chunk_size))
         keep = min(chunk_size, num_episodes - c * chunk_size)
@@ -235,10 +263,25 @@ def _files_manifest(path: Path) -> dict[str, int]:
     return {p.name: p.stat().st_size for p in sorted(path.iterdir()) if p.is_file() and p.name != MANIFEST}
 
 
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def identity(path: os.PathLike | str) -> str:
+    """The content identity of a saved dataset: a hash of its data files' checksums (from the
+    manifest, which `load_dataset` verifies). A run directory records it for the stages that
+    consumed the data; collecting the same episodes again gives the same identity."""
+    manifest = json.loads((Path(path) / MANIFEST).read_text())
+    sums = manifest.get("sha256") or manifest["files"]  # datasets saved before checksums: their sizes
+    data = sorted((name, value) for name, value in sums.items() if name.endswith(".arrow"))
+    return hashlib.sha256(json.dumps(data).encode()).hexdigest()
+
+
 def save_dataset(ds: datasets.Dataset, path: os.PathLike | str, overwrite: bool = False) -> Path:
     """Save atomically: write into a sibling temporary directory, then rename it into place.
 
-    The manifest (row count and file sizes) is written last, after the data is synced, so
+    The manifest (row count, file sizes and sha256 checksums) is written last, after the data is synced, so
     `load_dataset` refuses anything half-written. A crash leaves the old directory or the complete
     new one at `path`, except in the instant between the two renames of an overwrite, when the old
     data sits in `.NAME.old-*` beside it (`load_dataset` then says so).
@@ -257,7 +300,9 @@ def save_dataset(ds: datasets.Dataset, path: os.PathLike | str, overwrite: bool 
         for f in tmp.iterdir():  # data on disk before the manifest that vouches for it
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-        manifest = {"format_version": FORMAT_VERSION, "num_rows": ds.num_rows, "files": _files_manifest(tmp)}
+        files = _files_manifest(tmp)
+        manifest = {"format_version": FORMAT_VERSION, "num_rows": ds.num_rows, "files": files,
+                    "sha256": {name: _sha256(tmp / name) for name in files}}
         with open(tmp / MANIFEST, "w") as f:
             json.dump(manifest, f)
             f.flush()
@@ -327,14 +372,17 @@ def load_dataset(path: os.PathLike | str) -> datasets.Dataset:
         manifest = json.loads(manifest_path.read_text())
         files = dict(manifest["files"])
         num_rows = int(manifest["num_rows"])
-    except (ValueError, KeyError, TypeError) as e:
-        raise DatasetError(path, f"unreadable manifest {MANIFEST}: {e}") from None
+        sums = dict(manifest.get("sha256", {}))  # absent in datasets saved before checksums
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise DatasetError(path, f"unreadable manifest {MANIFEST}: {type(e).__name__}: {e}") from None
     for name, size in files.items():
         f = path / name
         if not f.is_file():
             raise DatasetError(path, f"file {name} is missing")
         if f.stat().st_size != size:
             raise DatasetError(path, f"file {name} is {f.stat().st_size} bytes, expected {size} (truncated or damaged)")
+        if name in sums and _sha256(f) != sums[name]:
+            raise DatasetError(path, f"file {name} does not match its checksum (damaged or changed since it was saved)")
     try:
         ds = datasets.load_from_disk(str(path))
     except Exception as e:  # datasets/pyarrow raise many types for damaged files
@@ -345,7 +393,31 @@ def load_dataset(path: os.PathLike | str) -> datasets.Dataset:
         raise DatasetError(path, f"has {ds.num_rows} rows, manifest says {num_rows}")
     _check_features(path, ds)
     _check_episodes(path, _column(ds, "episode"), _column(ds, "t"))
+    _check_values(path, ds)
     return ds
+
+
+def _first_bad(mask: np.ndarray) -> int | None:
+    bad = np.nonzero(mask)[0]
+    return int(bad[0]) if bad.size else None
+
+
+def _check_values(path: Path, ds: datasets.Dataset) -> None:
+    """Values as the env makes them: actions 0 or 1, finite physics states, rewards 1 - done of the
+    step before (gymnax CartPole; always 1 within an episode), done only on an episode's last row."""
+    action, state, reward, done = (_column(ds, c) for c in ("action", "state", "reward", "done"))
+    episode = _column(ds, "episode")
+    checks = (
+        ((action != 0) & (action != 1), "action", lambda i: f"{int(action[i])} (CartPole has actions 0 and 1)"),
+        (~np.isfinite(state).all(axis=1), "state", lambda i: f"{state[i].tolist()} (not finite)"),
+        (reward != 1.0, "reward", lambda i: f"{float(reward[i])} (CartPole pays 1 per step)"),
+        (done & np.concatenate([episode[1:] == episode[:-1], [False]]), "done",
+         lambda i: "True before the episode's last row"),
+    )
+    for mask, name, describe in checks:
+        i = _first_bad(mask)
+        if i is not None:
+            raise DatasetError(path, f"row {i} (episode {int(episode[i])}): {name} is {describe(i)}")
 
 
 def _column(ds: datasets.Dataset, name: str) -> np.ndarray:

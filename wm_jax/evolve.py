@@ -33,7 +33,7 @@ from evosax.algorithms import CMA_ES
 from flax import struct
 from tqdm.auto import tqdm
 
-from wm_jax import checkpoint, controller, dream, rollout, sharding
+from wm_jax import checkpoint, controller, dream, interrupt, rollout, sharding
 from wm_jax.config import Config
 
 
@@ -264,6 +264,7 @@ def search(
     bar = tqdm(total=ev.generations, initial=done, desc="evolve", unit="gen", disable=not progress, leave=False)
     try:
         while done < ev.generations:
+            interrupt.check()  # Ctrl-C between periods: the last checkpoint is whole
             gens = min(ev.check_every - done % ev.check_every, ev.generations - done)
             state, m = _period_cells(static, hp, world, state, keys, gens, score, check, batched)
             m = jax.device_get(m)

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 import platform
+import shutil
 import time
 from importlib import metadata
 from pathlib import Path
@@ -22,8 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from wm_jax import data as data_lib
-from wm_jax import evolve, rollout, run_dir, stats, train, transition, vae, verifier
+from wm_jax import checkpoint, evolve, interrupt, rollout, run_dir, stats, train, transition, vae, verifier
 from wm_jax.config import Config
+from wm_jax.run_dir import RunDirError  # noqa: F401  (pipeline.RunDirError, as before)
 
 SUMMARY_KEYS = (
     "preset", "seed", "real_return_mean", "real_return_std", "real_return_min", "real_episodes", "solved",
@@ -31,30 +33,64 @@ SUMMARY_KEYS = (
 )
 
 
-class RunDirError(ValueError):
-    """The run directory belongs to a different configuration."""
-
-
 class _Stages:
-    """stages.json: the finished stages and their results; a finished stage is never rerun."""
+    """stages.json: the finished stages, their results, what each produced ("outputs") and what it
+    was built on ("inputs"). A finished stage is not rerun while its outputs exist and its inputs
+    are what the run has now; a stage whose outputs were deleted, or whose inputs changed (a stage
+    before it was redone with another result), runs again, and so, through their inputs, do the
+    stages after it. A stage with its own folder records its inputs there when it starts
+    (inputs.json), so a half-trained stage never resumes on top of inputs that have changed."""
 
     def __init__(self, out: Path, progress: bool) -> None:
+        self.out = out
         self.path = out / "stages.json"
-        self.done: dict[str, Any] = json.loads(self.path.read_text()) if self.path.exists() else {}
+        self.done: dict[str, Any] = run_dir.read_stages(out)
         self.progress = progress
 
-    def run(self, name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-        if name in self.done:
-            return self.done[name]
+    def _note(self, text: str) -> None:
         if self.progress:
-            print(f"[wm-jax] {name} ...", flush=True)
+            print(f"[wm-jax] {text}", flush=True)
+
+    def _stale(self, rec: dict[str, Any], inputs: dict[str, Any]) -> str | None:
+        gone = [p for p in rec.get("outputs", {}) if not (self.out / p).exists()]
+        if gone:
+            return f"its output {gone[0]} is gone"
+        if "inputs" in rec and rec["inputs"] != inputs:  # runs recorded before identities: trusted
+            changed = sorted(k for k in set(rec["inputs"]) | set(inputs) if rec["inputs"].get(k) != inputs.get(k))
+            return f"what it was built on changed ({', '.join(changed)})"
+        return None
+
+    def forget(self, name: str) -> None:
+        """Drop a finished stage's record (it runs again on the next `run`)."""
+        if self.done.pop(name, None) is not None:
+            run_dir.write_json(self.path, self.done)
+
+    def run(self, name: str, fn: Callable[[], dict[str, Any]], inputs: dict[str, Any] | None = None,
+            folder: Path | None = None) -> dict[str, Any]:
+        inputs = inputs or {}
+        rec = self.done.get(name)
+        if rec is not None:
+            why = self._stale(rec, inputs)
+            if why is None:
+                return rec
+            self._note(f"{name}: {why}; running it again")
+            self.forget(name)
+            if folder is not None and folder.exists():
+                shutil.rmtree(folder)
+        if folder is not None:
+            started = folder / "inputs.json"
+            if started.exists() and run_dir.read_json(started, f"delete {folder} to redo the stage") != inputs:
+                self._note(f"{name}: its half-finished work was built on other inputs; starting it afresh")
+                shutil.rmtree(folder)
+            run_dir.write_json(started, inputs)
+        self._note(f"{name} ...")
         t0 = time.perf_counter()
         result = fn()
         result["wall_s"] = time.perf_counter() - t0
+        result["inputs"] = inputs
         self.done[name] = result
         run_dir.write_json(self.path, self.done)
-        if self.progress:
-            print(f"[wm-jax] {name} done in {result['wall_s']:.1f}s", flush=True)
+        self._note(f"{name} done in {result['wall_s']:.1f}s")
         return result
 
 
@@ -85,13 +121,42 @@ class _Run:
     keys: dict[str, jax.Array]
     progress: bool
     vae_params: Any = None
+    vae_id: Any = None  # identity of V as its stage recorded it
     m_params: Any = None  # the latest round's M (the next round fine-tunes it)
+    m_id: Any = None
+    latents: dict[str, np.ndarray] | None = None  # the latest round's latents and their identity
+    lat_id: Any = None
     data_paths: list[Path] = dataclasses.field(default_factory=list)
     real_env_steps: int = 0
     checks: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     # The best agent so far, judged by the real checks. A controller reads M's hidden state, so it
     # is kept together with the M it was evolved against: a later round's M would change its inputs.
     best: dict[str, Any] | None = None
+
+    def load(self, stage: str, folder: str, loader: Callable[..., Any], cfg: Config) -> tuple[Any, Any]:
+        """A finished stage's parameters, exactly as it recorded them: (params, identity)."""
+        identity = run_dir.stage_output(self.stages.done, stage, folder)
+        try:
+            return loader(cfg, self.out / folder, identity), identity
+        except checkpoint.Damaged as e:
+            raise run_dir.damaged(self.out, stage, folder, e) from None
+
+    def data_ids(self) -> dict[str, str]:
+        """The identities of the datasets so far, checked against their collect stages' records."""
+        ids = {}
+        for r, path in enumerate(self.data_paths, start=1):
+            stage = "collect" if r == 1 else f"collect_round{r}"
+            name = f"data/round{r}"
+            recorded = run_dir.stage_output(self.stages.done, stage, name)
+            try:
+                now = data_lib.identity(path)
+            except (OSError, ValueError, KeyError) as e:
+                raise data_lib.DatasetError(path, f"unreadable manifest ({type(e).__name__}: {e}); delete {path} to "
+                                                  f"collect it again") from None
+            if recorded is not None and now != recorded:
+                raise run_dir.damaged(self.out, stage, name, RunDirError(f"{path} is not the dataset its stage saved"))
+            ids[name] = now
+        return ids
 
 
 def _keys(seed: int) -> dict[str, jax.Array]:
@@ -102,39 +167,109 @@ def _keys(seed: int) -> dict[str, jax.Array]:
     return keys
 
 
-def run(cfg: Config, out: Path | str, progress: bool = True) -> dict[str, Any]:
-    """Run (or finish) the whole pipeline in `out`; returns the summary dict (also summary.json)."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+def _check_config(out: Path, cfg: Config) -> None:
+    """config.json: written by the first run, and the same configuration on every rerun. A directory
+    that holds a run but no config.json (deleted, or never written) is refused: its stages cannot be
+    told apart from another configuration's."""
     cfg_path = out / "config.json"
     if cfg_path.exists():
-        saved = json.loads(cfg_path.read_text())
-        # Through from_dict, so fields added since the run was started compare as their defaults.
-        if json.loads(Config.from_dict(saved).to_json()) != json.loads(cfg.to_json()):
-            raise RunDirError(f"{out} holds a run with a different config (preset {saved.get('preset')!r}, "
-                              f"seed {saved.get('seed')!r}); use a new --out or delete it")
-    else:
-        run_dir.write_json(cfg_path, cfg.to_dict())
-    if (out / "summary.json").exists():
-        return json.loads((out / "summary.json").read_text())
+        saved = run_dir.read_config(out)  # through from_dict: fields added since compare as defaults
+        if json.loads(saved.to_json()) != json.loads(cfg.to_json()):
+            raise RunDirError(f"{out} holds a run with a different config (preset {saved.preset!r}, seed "
+                              f"{saved.seed!r}); use a new --out or delete it")
+        return
+    held = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+    if held:
+        raise RunDirError(f"{out} is not empty ({', '.join(held[:4])}{', ...' if len(held) > 4 else ''}) but has no "
+                          f"config.json, so what made it is unknown; restore config.json or use a new --out")
+    run_dir.write_json(cfg_path, cfg.to_dict())
 
-    ctx = _Run(cfg=cfg, out=out, stages=_Stages(out, progress), keys=_keys(cfg.seed), progress=progress)
+
+def run(cfg: Config, out: Path | str, progress: bool = True) -> dict[str, Any]:
+    """Run (or finish) the whole pipeline in `out`; returns the summary dict (also summary.json).
+
+    One process at a time per directory (run_dir.locked). Ctrl-C stops at the next chunk boundary
+    (KeyboardInterrupt); the same call resumes. A rerun of a finished run rewrites the derived files
+    (agent.json, controller.npy, summary.json) that are missing or damaged."""
+    out = Path(out)
+    with run_dir.locked(out), interrupt.deferred():
+        _check_config(out, cfg)
+        stages = _Stages(out, progress)
+        summary_path = out / "summary.json"
+        if summary_path.exists():
+            try:
+                summary = json.loads(summary_path.read_text())
+            except (ValueError, UnicodeDecodeError):
+                stages._note("summary.json is damaged; rebuilding it")
+            else:
+                _repair_agent_files(out, cfg, stages)
+                return summary
+        return _run(_Run(cfg=cfg, out=out, stages=stages, keys=_keys(cfg.seed), progress=progress))
+
+
+def _run(ctx: _Run) -> dict[str, Any]:
+    cfg, out = ctx.cfg, ctx.out
     collected = ctx.stages.run("collect", lambda: _collect(ctx, 1))
     ctx.real_env_steps = collected["env_steps"]
     ctx.data_paths = [out / "data" / "round1"]
-    ctx.stages.run("vae", lambda: _train_vae(ctx))
-    ctx.vae_params = vae.load(cfg, out / "vae")
+    ctx.stages.run("vae", lambda: _train_vae(ctx), inputs=ctx.data_ids(), folder=out / "vae")
+    ctx.vae_params, ctx.vae_id = ctx.load("vae", "vae", vae.load, cfg)
     for r in range(1, cfg.rounds.rounds + 1):  # round 1 on random data, later ones on the agent's
         _round(ctx, r)
     assert ctx.best is not None
-    best = ctx.best
-    np.save(out / "controller.npy", best["ctrl"])
-    run_dir.write_json(out / "agent.json", {"round": best["round"], "transition_dir": best["m_dir"].name,
-                                            "transition_steps": best["m_steps"], "config": cfg.to_dict()})
-    ev = ctx.stages.run("evaluate", lambda: _evaluate(ctx))
+    _write_agent_files(out, cfg, ctx.best["round"], ctx.best["ctrl"])
+    ev = ctx.stages.run("evaluate", lambda: _evaluate(ctx), inputs=_agent_id(ctx))
     summary = _summary(ctx, ev)
     run_dir.write_json(out / "summary.json", summary)
     return summary
+
+
+def _agent_id(ctx: _Run) -> dict[str, Any]:
+    best = ctx.best
+    return {"vae": ctx.vae_id, "transition": best["m_id"], "controller": checkpoint.digest(best["ctrl"])}
+
+
+def _best_round(cfg: Config, done: dict[str, Any]) -> int:
+    """The round whose controller did best in its real checks; ties go to the later round (its M
+    was trained on more data). The same rule as the rounds apply as they finish."""
+    best, best_real = 1, None
+    for r in range(1, cfg.rounds.rounds + 1):
+        real = done[f"evolve_round{r}"]["best_real"]
+        if best_real is None or real >= best_real:
+            best, best_real = r, real
+    return best
+
+
+def _write_agent_files(out: Path, cfg: Config, r: int, ctrl: np.ndarray) -> None:
+    """agent.json and controller.npy: the final agent (round r's M and controller), rewritten only
+    when missing or different (a rerun repairs them from the stages' records)."""
+    m_dir = "transition" if r == 1 else f"transition_round{r}"
+    meta = {"round": r, "transition_dir": m_dir,
+            "transition_steps": cfg.for_round(r).transition.train.steps if r > 1 else None, "config": cfg.to_dict()}
+    try:
+        same = json.loads((out / "agent.json").read_text()) == run_dir.finite_or_none(meta)
+    except (OSError, ValueError, UnicodeDecodeError):
+        same = False
+    if not same:
+        run_dir.write_json(out / "agent.json", meta)
+    if run_dir.read_controller(out / "controller.npy", ctrl.tolist()) is None:
+        run_dir.save_npy(out / "controller.npy", ctrl)
+
+
+def _repair_agent_files(out: Path, cfg: Config, stages: _Stages) -> None:
+    """A finished run's derived agent files, rewritten from the evolve stages' records if missing or
+    damaged (runs recorded before the controller was stored in stages.json are left as they are)."""
+    done = stages.done
+    for r in range(1, cfg.rounds.rounds + 1):
+        rec = done.get(f"evolve_round{r}", {})
+        if "controller" not in rec:
+            return
+        ctrl = np.asarray(rec["controller"], np.float32)
+        path = out / f"evolve_round{r}" / "controller.npy"
+        if path.parent.is_dir() and run_dir.read_controller(path, rec["controller"]) is None:
+            run_dir.save_npy(path, ctrl)
+    r = _best_round(cfg, done)
+    _write_agent_files(out, cfg, r, np.asarray(done[f"evolve_round{r}"]["controller"], np.float32))
 
 
 def _collect(ctx: _Run, r: int) -> dict[str, Any]:
@@ -151,9 +286,10 @@ def _collect(ctx: _Run, r: int) -> dict[str, Any]:
         ds = data_lib.collect(jax.random.fold_in(ctx.keys["rounds"], r), cfg.rounds.episodes, policy=policy,
                               max_steps=cfg.data.max_steps, chunk_size=cfg.rounds.episodes,
                               episode_offset=r * 1_000_000, progress=ctx.progress)
-    data_lib.save_dataset(ds, ctx.out / "data" / f"round{r}", overwrite=True)
+    path = ctx.out / "data" / f"round{r}"
+    data_lib.save_dataset(ds, path, overwrite=True)
     return {"episodes": cfg.data.episodes if r == 1 else cfg.rounds.episodes, "rows": ds.num_rows,
-            "env_steps": ds.num_rows}
+            "env_steps": ds.num_rows, "outputs": {f"data/round{r}": data_lib.identity(path)}}
 
 
 def _train_vae(ctx: _Run) -> dict[str, Any]:
@@ -166,24 +302,39 @@ def _train_vae(ctx: _Run) -> dict[str, Any]:
     real, recon, rows = vae.reconstructions(ctx.cfg.vae, params, arrays["frame"], index.stack_rows)
     plots.reconstruction_grid(real, recon, rows, ctx.out / "vae" / "reconstructions.png")
     plots.loss_curves(train.read_metrics(ctx.out / "vae"), ctx.out / "vae" / "loss.png")
-    return {"steps_per_s": info["steps_per_s"], "final": info["final"]}
+    return {"steps_per_s": info["steps_per_s"], "final": info["final"], "outputs": {"vae": info["identity"]}}
 
 
-def _encode(ctx: _Run, r: int, arrays: dict[str, Any], index: data_lib.EpisodeIndex) -> dict[str, Any]:
+def _encode(ctx: _Run, r: int, arrays: dict[str, Any], index: data_lib.EpisodeIndex,
+            prev: dict[str, np.ndarray] | None) -> dict[str, Any]:
     """latents_round{r}.npz: V's posteriors of every row so far (rows of earlier rounds come first
-    and V is frozen, so only the new rows are encoded); returns M's training arrays."""
-    path = ctx.out / f"latents_round{r}.npz"
-    if not path.exists():
-        prev = np.load(ctx.out / f"latents_round{r - 1}.npz") if r > 1 else None
-        done = 0 if prev is None else len(prev["mean"])
-        mean, logvar = vae.encode_all(ctx.cfg.vae, ctx.vae_params, arrays["frame"], index.stack_rows[done:])
-        if prev is not None:
-            mean, logvar = np.concatenate([prev["mean"], mean]), np.concatenate([prev["logvar"], logvar])
-        tmp = path.with_name(f".{path.name}.tmp.npz")
-        np.savez(tmp, mean=mean, logvar=logvar)
-        os.replace(tmp, path)
-    lat = np.load(path)
-    return transition.training_arrays(lat["mean"], lat["logvar"], arrays, index)
+    and V is frozen, so only the new rows are encoded after `prev`, round r-1's)."""
+    done = 0 if prev is None else len(prev["mean"])
+    mean, logvar = vae.encode_all(ctx.cfg.vae, ctx.vae_params, arrays["frame"], index.stack_rows[done:])
+    if prev is not None:
+        mean, logvar = np.concatenate([prev["mean"], mean]), np.concatenate([prev["logvar"], logvar])
+    name = f"latents_round{r}.npz"
+    tmp = ctx.out / f".{name}.tmp.npz"
+    np.savez(tmp, mean=mean, logvar=logvar)
+    os.replace(tmp, ctx.out / name)
+    return {"rows": int(len(mean)), "outputs": {name: checkpoint.digest({"mean": mean, "logvar": logvar})}}
+
+
+def _latents(ctx: _Run, r: int, arrays: dict[str, Any], index: data_lib.EpisodeIndex,
+             prev: dict[str, np.ndarray] | None) -> tuple[dict[str, np.ndarray], str]:
+    """Round r's latents, checked against their stage's record; a damaged or changed file is
+    derived data: encoded again (the stages built on it run again only if the result differs)."""
+    name, stage = f"latents_round{r}.npz", f"encode_round{r}"
+    inputs = {"vae": ctx.vae_id, **ctx.data_ids(), "previous": None if prev is None else ctx.lat_id}
+    for attempt in range(2):
+        rec = ctx.stages.run(stage, lambda: _encode(ctx, r, arrays, index, prev), inputs=inputs)
+        recorded = rec.get("outputs", {}).get(name)
+        lat = run_dir.read_latents(ctx.out / name, recorded)
+        if lat is not None:
+            return lat, recorded if recorded is not None else checkpoint.digest(lat)
+        ctx.stages._note(f"{name} is missing, damaged or changed; encoding it again")
+        ctx.stages.forget(stage)
+    raise RunDirError(f"{ctx.out / name} cannot be written and read back")
 
 
 def _round(ctx: _Run, r: int) -> None:
@@ -191,47 +342,58 @@ def _round(ctx: _Run, r: int) -> None:
     fine-tune M (and K), evolve C in M's dreams; the best agent is updated from its real checks."""
     cfg, out, stages = ctx.cfg.for_round(r), ctx.out, ctx.stages
     if r > 1:
-        got = stages.run(f"collect_round{r}", lambda: _collect(ctx, r))
+        got = stages.run(f"collect_round{r}", lambda: _collect(ctx, r), inputs=_agent_id(ctx))
         ctx.real_env_steps += got["env_steps"]
         ctx.data_paths.append(out / "data" / f"round{r}")
     arrays = run_dir.load_arrays(ctx.data_paths)
-    m_arrays = _encode(ctx, r, arrays, data_lib.EpisodeIndex.from_columns(arrays["episode"], arrays["t"]))
-    m_dir = out / ("transition" if r == 1 else f"transition_round{r}")
+    index = data_lib.EpisodeIndex.from_columns(arrays["episode"], arrays["t"])
+    lat, ctx.lat_id = _latents(ctx, r, arrays, index, ctx.latents)
+    ctx.latents = lat
+    m_arrays = transition.training_arrays(lat["mean"], lat["logvar"], arrays, index)
+    m_name = "transition" if r == 1 else f"transition_round{r}"
+    m_dir = out / m_name
 
     def train_m() -> dict[str, Any]:
         _, info = transition.train(cfg, jax.random.fold_in(ctx.keys["transition"], r), m_arrays, m_dir, ctx.progress,
                                    init_params=ctx.m_params)
-        return {"steps_per_s": info["steps_per_s"], "final": info["final"]}
+        return {"steps_per_s": info["steps_per_s"], "final": info["final"], "outputs": {m_name: info["identity"]}}
 
-    stages.run(m_dir.name, train_m)
-    m_params = ctx.m_params = transition.load(cfg, m_dir)
-    k_params = None
+    stages.run(m_name, train_m, inputs={"latents": ctx.lat_id, "init": ctx.m_id}, folder=m_dir)
+    m_params, m_id = ctx.load(m_name, m_name, transition.load, cfg)
+    ctx.m_params, ctx.m_id = m_params, m_id
+    k_params, k_id = None, None
     if cfg.verifier.mode != "off":
-        k_dir = out / ("verifier" if r == 1 else f"verifier_round{r}")
+        k_name = "verifier" if r == 1 else f"verifier_round{r}"
 
         def train_k() -> dict[str, Any]:
-            _, info = verifier.train(cfg, jax.random.fold_in(ctx.keys["verifier"], r), m_arrays, k_dir, ctx.progress,
-                                     m_params=m_params)
-            return {"steps_per_s": info["steps_per_s"], "final": info["final"]}
+            _, info = verifier.train(cfg, jax.random.fold_in(ctx.keys["verifier"], r), m_arrays, out / k_name,
+                                     ctx.progress, m_params=m_params)
+            return {"steps_per_s": info["steps_per_s"], "final": info["final"], "outputs": {k_name: info["identity"]}}
 
-        stages.run(k_dir.name, train_k)
-        k_params = verifier.load(cfg, k_dir)
+        stages.run(k_name, train_k, inputs={"latents": ctx.lat_id, "transition": m_id}, folder=out / k_name)
+        k_params, k_id = ctx.load(k_name, k_name, verifier.load, cfg)
+
+    e_name = f"evolve_round{r}"
 
     def search() -> dict[str, Any]:
         world = evolve.World(m_params=m_params, vae_params=ctx.vae_params, k_params=k_params,
-                             starts=(jnp.asarray(m_arrays["mean"]), jnp.asarray(m_arrays["logvar"])))
-        res = evolve.evolve(cfg, jax.random.fold_in(ctx.keys["evolve"], r), world, out / f"evolve_round{r}",
+                             starts=(jnp.asarray(lat["mean"]), jnp.asarray(lat["logvar"])))
+        res = evolve.evolve(cfg, jax.random.fold_in(ctx.keys["evolve"], r), world, out / e_name,
                             init_mean=None if ctx.best is None else ctx.best["ctrl"], progress=ctx.progress)
-        np.save(out / f"evolve_round{r}" / "controller.npy", res["best"])
+        best = np.asarray(res["best"], np.float32)
+        run_dir.save_npy(out / e_name / "controller.npy", best)
         return {"best_real": res["best_real"], "checks": res["checks"], "real_env_steps": res["real_env_steps"],
-                "final_dream_mean": res["history"][-1]["dream_mean"]}
+                "final_dream_mean": res["history"][-1]["dream_mean"], "controller": best.tolist(),
+                "outputs": {e_name: checkpoint.digest(best)}}
 
-    evo = stages.run(f"evolve_round{r}", search)
+    inputs = {"vae": ctx.vae_id, "transition": m_id, "verifier": k_id, "latents": ctx.lat_id,
+              "init": None if ctx.best is None else checkpoint.digest(ctx.best["ctrl"])}
+    evo = stages.run(e_name, search, inputs=inputs, folder=out / e_name)
+    ctrl = np.asarray(evo["controller"], np.float32) if "controller" in evo else np.load(out / e_name / "controller.npy")
     ctx.real_env_steps += evo["real_env_steps"]
     ctx.checks += evo["checks"]
-    if ctx.best is None or evo["best_real"] >= ctx.best["real"]:  # ties go to the M trained on more data
-        ctx.best = {"real": evo["best_real"], "round": r, "ctrl": np.load(out / f"evolve_round{r}" / "controller.npy"),
-                    "m_params": m_params, "m_dir": m_dir, "m_steps": cfg.transition.train.steps if r > 1 else None,
+    if ctx.best is None or evo["best_real"] >= ctx.best["real"]:  # ties go to the M trained on more data (_best_round)
+        ctx.best = {"real": evo["best_real"], "round": r, "ctrl": ctrl, "m_params": m_params, "m_id": m_id,
                     "k_params": k_params}
 
 

@@ -7,13 +7,23 @@ experiments read it.
 Layout (written by pipeline.run): config.json, stages.json, data/round{r} (datasets), vae/,
 transition/ (round 1) and transition_round{r}/, latents_round{r}.npz (V's posteriors of every row
 so far), evolve_round{r}/, agent.json (which round's M the final controller belongs to),
-controller.npy, summary.json, plots.
+controller.npy, summary.json, plots, and .lock (held by the process running in it).
+
+stages.json records, for every finished stage, what it produced and what it was built on
+("outputs" and "inputs": a checkpoint's step and parameter hash, a dataset's checksum identity,
+an array file's content hash). Loading a finished stage's artifact checks it against that record,
+so damage or a change on disk is an error naming the file, never a silent use of something else.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
 import os
+import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,9 +31,107 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from wm_jax import checkpoint
 from wm_jax import data as data_lib
 from wm_jax import transition, vae
-from wm_jax.config import Config
+from wm_jax.config import Config, ConfigError
+
+
+class RunDirError(ValueError):
+    """The run directory belongs to another configuration, is damaged, or is in use."""
+
+
+class RunDirBusy(RunDirError):
+    """Another process holds the run directory's lock."""
+
+
+def read_json(path: Path | str, remedy: str) -> Any:
+    """A JSON file of the run directory; damage is a RunDirError naming the file and `remedy`."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise RunDirError(f"{path} is damaged ({type(e).__name__}: {e}); {remedy}") from None
+
+
+@contextlib.contextmanager
+def locked(directory: Path | str) -> Iterator[None]:
+    """Hold DIRECTORY/.lock (fcntl, released by the kernel when the process ends, however it ends):
+    a second process on the same directory gets RunDirBusy naming the holder's PID."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    fd = os.open(directory / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise RunDirBusy(f"{directory} is in use by another wm-jax process (PID {holder}); wait for it to "
+                             f"finish or use another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
+def read_stages(run: Path | str) -> dict[str, Any]:
+    """stages.json ({} before the first stage finished); damage is a RunDirError."""
+    path = Path(run) / "stages.json"
+    if not path.exists():
+        return {}
+    stages = read_json(path, "it records which stages finished and what they produced, so the run cannot be "
+                             "checked: start afresh with a new --out")
+    if not isinstance(stages, dict):
+        raise RunDirError(f"{path} is damaged (not a JSON object); start afresh with a new --out")
+    return stages
+
+
+def read_config(run: Path | str) -> Config:
+    """config.json of a run directory, as a Config; damage or a bad value is a RunDirError."""
+    path = Path(run) / "config.json"
+    remedy = "it records the run's configuration: restore it, or start afresh with a new --out"
+    saved = read_json(path, remedy)
+    try:
+        if not isinstance(saved, dict):
+            raise ConfigError("not a JSON object")
+        return Config.from_dict(saved)
+    except ConfigError as e:
+        raise RunDirError(f"{path} is damaged ({e}); {remedy}") from None
+
+
+def stage_output(stages: dict[str, Any], stage: str, name: str) -> Any:
+    """The identity a finished stage recorded for its output `name` (None for runs recorded before
+    identities, which then load unchecked)."""
+    return stages.get(stage, {}).get("outputs", {}).get(name)
+
+
+def damaged(run: Path, stage: str, folder: str, error: Exception) -> RunDirError:
+    """The one error for a finished stage's artifact that is damaged or changed on disk."""
+    return RunDirError(f"{error}: it is the output of the finished stage {stage!r}, which later stages were built "
+                       f"on; delete {run / folder} to redo that stage (and what depends on it), or start afresh "
+                       f"with a new --out")
+
+
+def save_npy(path: Path, array: np.ndarray) -> None:
+    """np.save, atomically (a crash leaves the old file or the new one)."""
+    tmp = path.with_name(f".{path.name}.tmp.npy")
+    np.save(tmp, array)
+    os.replace(tmp, path)
+
+
+def read_controller(path: Path, recorded: list[float] | None) -> np.ndarray | None:
+    """The controller in `path` if it is readable and equals the stage's record (when there is
+    one); None when it is missing, damaged or different."""
+    try:
+        ctrl = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError):
+        return None
+    if recorded is not None and (ctrl.dtype != np.float32 or not np.array_equal(ctrl, np.asarray(recorded, np.float32))):
+        return None
+    return ctrl
 
 
 def finite_or_none(obj: Any) -> Any:
@@ -59,19 +167,37 @@ def data_paths(run: Path | str) -> list[Path]:
 
 
 def load_agent(run: Path | str) -> tuple[Config, dict[str, Any]]:
-    """The final agent of a finished run: (cfg, {"vae", "transition", "controller"})."""
+    """The final agent of a finished run: (cfg, {"vae", "transition", "controller"}), each checked
+    against what its stage recorded in stages.json."""
     run = Path(run)
     meta_path = run / "agent.json"
     if not meta_path.exists() or not (run / "controller.npy").exists():
-        raise FileNotFoundError(f"{run}: no trained agent (agent.json / controller.npy missing; run `wm-jax run` first)")
-    meta = json.loads(meta_path.read_text())
-    cfg = Config.from_dict(meta["config"])
-    vae_params = vae.load(cfg, run / "vae")
+        raise FileNotFoundError(f"{run}: no trained agent (agent.json / controller.npy missing; run `wm-jax run` "
+                                f"first, or rerun it to repair a finished run)")
+    rerun = "rerun the `wm-jax run` that made this directory (same --out) to rewrite it"
+    meta = read_json(meta_path, rerun)
+    try:
+        cfg = Config.from_dict(meta["config"])
+        r = meta.get("round") or (1 if meta.get("transition_steps") is None else 2)
+        m_dir = str(meta["transition_dir"])
+    except (ConfigError, KeyError, TypeError) as e:
+        raise RunDirError(f"{meta_path} is damaged ({type(e).__name__}: {e}); {rerun}") from None
+    stages = read_stages(run)
+    try:
+        vae_params = vae.load(cfg, run / "vae", stage_output(stages, "vae", "vae"))
+    except checkpoint.Damaged as e:
+        raise damaged(run, "vae", "vae", e) from None
     # The M the controller was evolved with: its round's config (fine-tuning rounds train fewer
     # steps). agent.json files older than the "round" field name a fine-tuned M by its steps.
-    r = meta.get("round") or (1 if meta.get("transition_steps") is None else 2)
-    m_params = transition.load(cfg.for_round(r), run / meta["transition_dir"])
-    return cfg, {"vae": vae_params, "transition": m_params, "controller": jnp.asarray(np.load(run / "controller.npy"))}
+    try:
+        m_params = transition.load(cfg.for_round(r), run / m_dir, stage_output(stages, m_dir, m_dir))
+    except checkpoint.Damaged as e:
+        raise damaged(run, m_dir, m_dir, e) from None
+    ctrl = read_controller(run / "controller.npy", stages.get(f"evolve_round{r}", {}).get("controller"))
+    if ctrl is None:
+        raise RunDirError(f"{run / 'controller.npy'} is damaged or differs from the controller the search of round {r} "
+                          f"recorded; {rerun}")
+    return cfg, {"vae": vae_params, "transition": m_params, "controller": jnp.asarray(ctrl)}
 
 
 @dataclass(frozen=True)
@@ -88,5 +214,21 @@ def load(run: Path | str) -> Run:
     paths = data_paths(run)
     arrays = load_arrays(paths)
     index = data_lib.EpisodeIndex.from_columns(arrays["episode"], arrays["t"])
-    lat = np.load(run / f"latents_round{len(paths)}.npz")
+    lat = read_latents(run / f"latents_round{len(paths)}.npz",
+                       stage_output(read_stages(run), f"encode_round{len(paths)}", f"latents_round{len(paths)}.npz"))
+    if lat is None:
+        raise RunDirError(f"{run / f'latents_round{len(paths)}.npz'} is damaged or differs from what its stage recorded; "
+                          f"rerun the `wm-jax run` that made this directory (same --out) to rebuild it")
     return Run(cfg, params, transition.training_arrays(lat["mean"], lat["logvar"], arrays, index))
+
+
+def read_latents(path: Path, recorded: str | None) -> dict[str, np.ndarray] | None:
+    """V's posteriors stored in `path` if readable and (with a record) hashing to it; else None."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            lat = {"mean": f["mean"], "logvar": f["logvar"]}
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile):
+        return None
+    if recorded is not None and checkpoint.digest(lat) != recorded:
+        return None
+    return lat

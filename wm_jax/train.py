@@ -25,7 +25,7 @@ import optax
 from flax import struct
 from tqdm.auto import tqdm
 
-from wm_jax import checkpoint
+from wm_jax import checkpoint, interrupt
 from wm_jax.config import TrainConfig
 
 LossFn = Callable[[Any, jax.Array, Any, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
@@ -173,6 +173,7 @@ def fit(
     t0, done_steps, last = time.perf_counter(), 0, {}
     try:
         while int(state.step) < cfg.steps:
+            interrupt.check()  # Ctrl-C between chunks: the last checkpoint is whole
             step = int(state.step)
             length = min(cfg.chunk, cfg.steps - step)
             state, metrics = run_chunk(cfg.hyper(), loss_fn, sample_fn, length, key, data, state)
@@ -202,25 +203,50 @@ def fit(
         "steps_per_s": done_steps / elapsed if done_steps else float("nan"),
         "skipped_updates": int(state.bad_total),
         "final": last,
+        # What a run directory records for the stage: the step saved last and its parameters' hash.
+        "identity": {"step": int(state.step), "sha256": checkpoint.digest(state.params)},
     }
     return state.params, info
 
 
-def load_params(cfg: TrainConfig, params_like: Any, run_dir: Path | str, model_config: dict[str, Any]) -> Any:
-    """The parameters of the newest complete checkpoint that `fit` wrote into run_dir.
+def load_params(
+    cfg: TrainConfig, params_like: Any, run_dir: Path | str, model_config: dict[str, Any],
+    identity: dict[str, Any] | None = None,
+) -> Any:
+    """The parameters `fit` wrote into run_dir: the newest readable checkpoint, or with `identity`
+    (fit's info["identity"], as a finished stage records it) exactly that step, whose parameters
+    must hash to identity["sha256"]: damage or a change on disk is a checkpoint.Damaged error,
+    never a silent fall back to an older step.
 
     The stored config must match (model_config and cfg), else checkpoint.CheckpointError.
     """
     run_dir = Path(run_dir)
     stored = {"model": model_config, "train": dataclasses.asdict(cfg)}
-    restored = checkpoint.restore_latest(run_dir / "checkpoints", init_state(cfg, params_like), stored, cfg.max_to_keep)
+    like = init_state(cfg, params_like)
+    if identity is not None:
+        step = int(identity["step"])
+        params = checkpoint.restore_step(run_dir / "checkpoints", step, like, stored).params
+        if checkpoint.digest(params) != identity["sha256"]:
+            raise checkpoint.Damaged(f"checkpoint step {step} in {run_dir / 'checkpoints'} holds other parameters "
+                                     f"than the finished stage recorded (changed or damaged on disk)")
+        return params
+    restored = checkpoint.restore_latest(run_dir / "checkpoints", like, stored, cfg.max_to_keep)
     if restored is None:
         raise checkpoint.CheckpointError(f"{run_dir}: no checkpoint (train it first)")
     return restored[1].params
 
 
 def read_metrics(run_dir: Path | str) -> list[dict[str, Any]]:
+    """metrics.jsonl's records; a line that does not parse (torn by a crash, damaged) is skipped."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+    out = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            out.append(record)
+    return out

@@ -307,9 +307,10 @@ def model_config(cfg: TransitionConfig, latent: int) -> dict[str, Any]:
     return {**{k: v for k, v in dataclasses.asdict(cfg).items() if k not in skip}, "latent": int(latent)}
 
 
-def load(cfg: Config, out_dir) -> Params:
-    """M trained by `train` into out_dir (with the same cfg: a fine-tuning round's, Config.for_round)."""
+def load(cfg: Config, out_dir, identity: dict[str, Any] | None = None) -> Params:
+    """M trained by `train` into out_dir (with the same cfg: a fine-tuning round's, Config.for_round;
+    exactly the recorded step with `identity`: train.load_params)."""
     latent, cfg = cfg.vae.latent, cfg.transition
 
     like = init(jax.random.key(0), cfg, latent)
-    return train_lib.load_params(cfg.train, like, out_dir, model_config(cfg, latent))
+    return train_lib.load_params(cfg.train, like, out_dir, model_config(cfg, latent), identity)

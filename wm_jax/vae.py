@@ -175,10 +175,11 @@ def model_config(cfg: VAEConfig) -> dict[str, Any]:
     return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("train", "compute_dtype")}
 
 
-def load(cfg: Config, out_dir) -> Params:
-    """Parameters of V trained by `train` into out_dir."""
+def load(cfg: Config, out_dir, identity: dict[str, Any] | None = None) -> Params:
+    """Parameters of V trained by `train` into out_dir (exactly the recorded step with `identity`:
+    train.load_params)."""
     cfg = cfg.vae
-    return train_lib.load_params(cfg.train, init(jax.random.key(0), cfg), out_dir, model_config(cfg))
+    return train_lib.load_params(cfg.train, init(jax.random.key(0), cfg), out_dir, model_config(cfg), identity)
 
 
 def reconstructions(cfg: VAEConfig, params: Params, frames, stack_rows, n: int = 6

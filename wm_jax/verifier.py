@@ -145,11 +145,11 @@ def _loss(cfg: VerifierConfig, params: Params, key: jax.Array, ex: dict[str, Any
     return loss(cfg, params, ex)
 
 
-def load(cfg: Config, out_dir) -> Params:
-    """K trained by `train` into out_dir."""
+def load(cfg: Config, out_dir, identity: dict[str, Any] | None = None) -> Params:
+    """K trained by `train` into out_dir (exactly the recorded step with `identity`)."""
     latent = cfg.vae.latent
     like = init(jax.random.key(0), cfg.verifier, latent, cfg.transition.hidden)
-    return train_lib.load_params(cfg.verifier.train, like, out_dir, model_config(cfg, latent))
+    return train_lib.load_params(cfg.verifier.train, like, out_dir, model_config(cfg, latent), identity)
 
 
 def evaluate(
