@@ -362,7 +362,61 @@ def test_load_rejects_unreadable_file_of_the_right_size(small_ds, tmp_path):
     (arrow,) = sorted(path.glob("*.arrow"))
     with open(arrow, "r+b") as f:  # clobber the Arrow stream header, keep the size
         f.write(b"\xff" * 64)
+    _assert_rejected(path, arrow.name, "checksum")
+    # a dataset saved before checksums (no sha256 in its manifest) still fails on the read
+    manifest = json.loads((path / D.MANIFEST).read_text())
+    del manifest["sha256"]
+    (path / D.MANIFEST).write_text(json.dumps(manifest))
     _assert_rejected(path, "cannot be read")
+
+
+def test_load_rejects_a_same_size_overwrite_inside_the_data(small_ds, tmp_path):
+    """Bytes changed in the middle of the Arrow file (the frames), size kept: datasets reads it
+    without complaint; the manifest's checksum does not."""
+    path = D.save_dataset(small_ds, tmp_path / "ds")
+    (arrow,) = sorted(path.glob("*.arrow"))
+    size = arrow.stat().st_size
+    with open(arrow, "r+b") as f:
+        f.seek(size // 2)
+        f.write(b"\x07" * 256)
+    manifest = json.loads((path / D.MANIFEST).read_text())
+    sums = manifest.pop("sha256")
+    (path / D.MANIFEST).write_text(json.dumps(manifest))
+    D.load_dataset(path)  # without the checksums the damage loads silently: what the checksums are for
+    (path / D.MANIFEST).write_text(json.dumps({**manifest, "sha256": sums}))
+    _assert_rejected(path, arrow.name, "checksum")
+
+
+def _save_columns(ds, path: Path, **changes):
+    """ds with some columns replaced, saved (with a fresh manifest) as a wm_jax dataset."""
+    cols = D.to_arrays(ds)
+    for name, fn in changes.items():
+        cols[name] = fn(cols[name].copy())
+    return D.save_dataset(datasets.Dataset.from_dict(cols, features=D.FEATURES), path)
+
+
+@pytest.mark.parametrize("column, change, words", [
+    ("action", lambda a: np.where(np.arange(a.size) == 3, 7, a), ("row 3", "action is 7")),
+    ("state", lambda s: np.where(np.arange(len(s))[:, None] == 5, np.nan, s), ("row 5", "state", "not finite")),
+    ("reward", lambda r: np.where(np.arange(r.size) == 2, 5.0, r), ("row 2", "reward is 5.0")),
+    ("done", lambda d: np.where(np.arange(d.size) == 0, True, d), ("row 0", "done")),
+])
+def test_load_rejects_values_the_env_cannot_make(small_ds, tmp_path, column, change, words):
+    path = _save_columns(small_ds, tmp_path / "ds", **{column: change})
+    _assert_rejected(path, *words)
+
+
+def test_identity_is_the_content(small_ds, tmp_path):
+    a = D.save_dataset(small_ds, tmp_path / "a")
+    b = D.save_dataset(small_ds, tmp_path / "b")
+    assert D.identity(a) == D.identity(b)
+    c = _save_columns(small_ds, tmp_path / "c", action=lambda x: 1 - x)
+    assert D.identity(c) != D.identity(a)
+
+
+def test_collection_too_large_for_memory_is_refused_before_any_work():
+    with pytest.raises(D.TooLarge, match="GiB"):
+        D.collect(jax.random.key(0), 100_000_000_000)
 
 
 def test_load_rejects_half_written_directories(small_ds, tmp_path):

@@ -25,7 +25,8 @@ from wm_jax.config import get_preset
 from wm_jax.env import PixelCartPole
 
 SMOKE = get_preset("smoke")
-STAGES = ("collect", "vae", "transition", "evolve_round1", "collect_round2", "transition_round2", "evolve_round2", "evaluate")
+STAGES = ("collect", "vae", "encode_round1", "transition", "evolve_round1", "collect_round2", "encode_round2",
+          "transition_round2", "evolve_round2", "evaluate")
 assert SMOKE.rounds.rounds == 2  # smoke exercises the iterative round as well
 
 
@@ -169,12 +170,15 @@ def test_rerun_of_finished_dir_does_no_work(finished, monkeypatch):
     for mod, name in ((data, "collect"), (vae, "train"), (transition, "train"), (evolve, "evolve"),
                       (rollout, "evaluate"), (vae, "load"), (transition, "load")):
         monkeypatch.setattr(mod, name, _raise(f"{mod.__name__}.{name}"))
-    mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    def mtimes():  # .lock is written by every run: it names the process holding the directory
+        return {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
+
+    before = mtimes()
     t0 = time.perf_counter()
     again = pipeline.run(SMOKE, out, progress=False)
     assert time.perf_counter() - t0 < 5.0
     assert _same(again, summary)
-    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == mtimes  # nothing rewritten
+    assert mtimes() == before  # nothing rewritten
 
 
 def test_other_config_in_run_dir_raises(finished):
@@ -436,7 +440,7 @@ def test_resume_after_crash_in_transition_stage(finished, tmp_path, monkeypatch)
         m.setattr(transition, "train", crash)
         with pytest.raises(RuntimeError, match="simulated crash"):
             pipeline.run(SMOKE, out, progress=False)
-    assert set(json.loads((out / "stages.json").read_text())) == {"collect", "vae"}
+    assert set(json.loads((out / "stages.json").read_text())) == {"collect", "vae", "encode_round1"}
     assert not (out / "summary.json").exists() and not (out / "controller.npy").exists()
     kept = {p: p.stat().st_mtime_ns for p in [*(out / "data").rglob("*"), *(out / "vae").rglob("*")] if p.is_file()}
 

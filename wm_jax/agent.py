@@ -16,10 +16,22 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from wm_jax import rollout, transition
 from wm_jax import run_dir as run_dir_lib
 from wm_jax.config import Config
+
+
+def _observation(obs: Any, wanted: str) -> jax.Array:
+    """obs as a uint8 jax array; the dtype is judged before conversion (jnp.asarray would turn a
+    float64 array into float32 and the error would name the wrong type)."""
+    dtype = getattr(obs, "dtype", None)
+    if dtype is None:
+        dtype = np.asarray(obs).dtype
+    if np.dtype(dtype) != np.uint8:
+        raise ValueError(f"{wanted}, got {np.dtype(dtype)}{list(np.shape(obs))}")
+    return jnp.asarray(obs)
 
 
 class Agent:
@@ -46,15 +58,15 @@ class Agent:
         return jax.device_put(carry, self._device)
 
     def act(self, carry: Any, obs: jax.Array) -> tuple[jax.Array, Any]:
-        obs = jnp.asarray(obs)
-        if obs.shape != (64, 64, 4) or obs.dtype != jnp.uint8:
+        obs = _observation(obs, "obs must be uint8[64, 64, 4]")
+        if obs.shape != (64, 64, 4):
             raise ValueError(f"obs must be uint8[64, 64, 4], got {obs.dtype}{list(obs.shape)}")
         # Commit inputs to the device: an uncommitted first obs (from env.reset) would otherwise
         # make the second call compile again for different input shardings.
         return self._act(self.params, *jax.device_put((carry, obs), self._device))
 
     def act_batch(self, carry: Any, obs: jax.Array) -> tuple[jax.Array, Any]:
-        obs = jnp.asarray(obs)
-        if obs.ndim != 4 or obs.shape[1:] != (64, 64, 4) or obs.dtype != jnp.uint8:
+        obs = _observation(obs, "obs must be uint8[B, 64, 64, 4]")
+        if obs.ndim != 4 or obs.shape[1:] != (64, 64, 4):
             raise ValueError(f"obs must be uint8[B, 64, 64, 4], got {obs.dtype}{list(obs.shape)}")
         return self._act_batch(self.params, *jax.device_put((carry, obs), self._device))

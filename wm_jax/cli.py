@@ -1,14 +1,30 @@
 """The `wm-jax` command: collect, train-vae, train-transition, run.
 
 Subcommands import the model stack when they run, not at start-up: argument errors come back at once.
+Every expected failure is one line on stderr and an exit code (`--debug` or WM_JAX_DEBUG=1 shows
+the traceback instead):
+
+    0    done
+    1    training failed (persistent non-finite updates)
+    2    bad arguments or input: a usage error, a config value, a damaged or mismatched dataset,
+         checkpoint or run directory (the line names the file and what to do)
+    3    the output cannot be written: read-only file system, disk full, no permission
+    4    the run directory is in use by another wm-jax process (the line names its PID)
+    130  interrupted (Ctrl-C, honoured at the next chunk boundary); the same command resumes
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import sys
 import time
 from pathlib import Path
+
+EXIT_TRAINING, EXIT_INPUT, EXIT_WRITE, EXIT_BUSY, EXIT_INTERRUPTED = 1, 2, 3, 4, 130
+# OSErrors that mean "this location cannot be written", whatever the file
+WRITE_ERRNOS = {errno.EROFS, errno.ENOSPC, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.EFBIG}
 
 
 class UsageError(Exception):
@@ -22,6 +38,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**32) (jax.random.key keeps 32 bits), got {value}")
     return value
 
 
@@ -82,14 +108,15 @@ def _preset(args: argparse.Namespace):
 def cmd_train_vae(args: argparse.Namespace) -> int:
     import jax
 
-    from wm_jax import data, plots, train, vae
+    from wm_jax import data, interrupt, plots, run_dir, train, vae
 
     cfg = _preset(args)
     arrays = data.to_arrays(data.load_dataset(args.data))
     index = data.EpisodeIndex.from_columns(arrays["episode"], arrays["t"])
     out = Path(args.out)
-    params, info = vae.train(cfg, jax.random.key(cfg.seed), {"frame": arrays["frame"], "stack_rows": index.stack_rows},
-                             out)
+    with run_dir.locked(out), interrupt.deferred():
+        params, info = vae.train(cfg, jax.random.key(cfg.seed),
+                                 {"frame": arrays["frame"], "stack_rows": index.stack_rows}, out)
     plots.reconstruction_grid(*vae.reconstructions(cfg.vae, params, arrays["frame"], index.stack_rows),
                               out / "reconstructions.png")
     plots.loss_curves(train.read_metrics(out), out / "loss.png")
@@ -100,7 +127,7 @@ def cmd_train_vae(args: argparse.Namespace) -> int:
 def cmd_train_transition(args: argparse.Namespace) -> int:
     import jax
 
-    from wm_jax import data, plots, train, transition, vae
+    from wm_jax import data, interrupt, plots, run_dir, train, transition, vae
 
     cfg = _preset(args)
     arrays = data.to_arrays(data.load_dataset(args.data))
@@ -109,7 +136,8 @@ def cmd_train_transition(args: argparse.Namespace) -> int:
     mean, logvar = vae.encode_all(cfg.vae, vae_params, arrays["frame"], index.stack_rows)
     m_arrays = transition.training_arrays(mean, logvar, arrays, index)
     out = Path(args.out)
-    _, info = transition.train(cfg, jax.random.key(cfg.seed + 1), m_arrays, out)
+    with run_dir.locked(out), interrupt.deferred():
+        _, info = transition.train(cfg, jax.random.fold_in(jax.random.key(cfg.seed), 1), m_arrays, out)
     plots.loss_curves(train.read_metrics(out), out / "loss.png")
     print(f"transition trained: {_fmt(info['final']) or 'already finished'} ({info['steps_per_s']:.1f} steps/s); "
           f"plots in {out}")
@@ -152,12 +180,15 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="wm-jax", description="World Models in JAX on pixel CartPole-v1")
+    p = _Parser(prog="wm-jax", description="World Models in JAX on pixel CartPole-v1",
+                epilog="exit codes: 0 done, 1 training failed, 2 bad input or damaged files, 3 cannot write, "
+                       "4 run directory in use, 130 interrupted")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error (also WM_JAX_DEBUG=1)")
     sub = p.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("collect", help="collect random-policy episodes into a Hugging Face dataset")
     c.add_argument("--episodes", type=_positive_int, default=5000)
-    c.add_argument("--seed", type=int, default=123)
+    c.add_argument("--seed", type=_seed, default=123)
     c.add_argument("--max-steps", type=_positive_int, default=500)
     c.add_argument("--out", required=True)
     c.add_argument("--overwrite", action="store_true")
@@ -168,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     def training_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--out", required=True)
         p.add_argument("--preset", choices=presets, default="cpu")
-        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--seed", type=_seed, default=0)
         p.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32",
                        help="compute dtype of V and M (parameters and optimizer state stay float32)")
 
@@ -186,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="the whole recipe: collect, V, M, evolve C in the dream, evaluate")
     r.add_argument("--preset", choices=presets, default="cpu")
     r.add_argument("--out", default=None, help="run directory (default: runs/PRESET[-sSEED][-bf16][-kMODE][-gSHARE])")
-    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--seed", type=_seed, default=0)
     r.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32",
                    help="compute dtype of V and M (parameters and optimizer state stay float32)")
     r.add_argument("--rounds", type=_positive_int, default=None, help="iterative rounds (default: the preset's)")
@@ -198,26 +229,57 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _write_error(e: OSError, out: str | None) -> str:
+    where = f" {e.filename}" if e.filename else (f" under {out}" if out else "")
+    return f"cannot write{where} ({os.strerror(e.errno)}); free space or choose a writable --out, then rerun to resume"
+
+
+def _orbax_write_error(e: Exception, out: str | None) -> str | None:
+    """orbax/TensorStore report a failed write as a ValueError whose text carries the OS reason."""
+    text, where = str(e), f" under {out}" if out else ""
+    for code in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT):
+        if os.strerror(code) in text:
+            return f"cannot write a checkpoint{where} ({os.strerror(code)}); free space or choose a writable --out, " \
+                   f"then rerun to resume"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # argparse prints usage + one error line and exits 2
+    debug = args.debug or os.environ.get("WM_JAX_DEBUG", "") not in ("", "0")
     from wm_jax.checkpoint import CheckpointError
     from wm_jax.config import ConfigError
-    from wm_jax.data import DatasetError
-    from wm_jax.pipeline import RunDirError
+    from wm_jax.data import DatasetError, TooLarge
+    from wm_jax.run_dir import RunDirBusy, RunDirError
     from wm_jax.train import TrainingError
+
+    def fail(code: int, message: str) -> int:
+        if debug:
+            raise
+        print(f"wm-jax {args.command}: {message}", file=sys.stderr)
+        return code
 
     try:
         return args.fn(args)
-    except (UsageError, DatasetError, ConfigError, RunDirError, CheckpointError, FileNotFoundError, FileExistsError) as e:
-        print(f"wm-jax {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    except RunDirBusy as e:
+        return fail(EXIT_BUSY, f"error: {e}")
+    except (UsageError, DatasetError, ConfigError, RunDirError, CheckpointError, TooLarge, FileNotFoundError,
+            FileExistsError, NotADirectoryError) as e:
+        return fail(EXIT_INPUT, f"error: {e}")
     except TrainingError as e:
-        print(f"wm-jax {args.command}: training failed: {e}", file=sys.stderr)
-        return 1
+        return fail(EXIT_TRAINING, f"training failed: {e}")
     except KeyboardInterrupt:
-        print(f"wm-jax {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
+        return fail(EXIT_INTERRUPTED, "interrupted; rerun the same command to resume")
+    except OSError as e:
+        if e.errno in WRITE_ERRNOS:
+            return fail(EXIT_WRITE, f"error: {_write_error(e, getattr(args, 'out', None))}")
+        raise
+    except ValueError as e:
+        message = _orbax_write_error(e, getattr(args, "out", None))
+        if message is None:
+            raise
+        return fail(EXIT_WRITE, f"error: {message}")
 
 
 if __name__ == "__main__":

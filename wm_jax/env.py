@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 from gymnax.environments.classic_control import cartpole as _gx_cartpole
 
@@ -68,17 +69,26 @@ def _render(x: jax.Array, theta: jax.Array) -> jax.Array:
     pole = _coverage(dist)
 
     image = jnp.maximum(jnp.maximum(track * _TRACK_LEVEL, pole * _POLE_LEVEL), cart * _CART_LEVEL)
+    # A state that is not finite has no picture: it is drawn white, never as a plausible frame.
+    image = jnp.where(jnp.isfinite(x) & jnp.isfinite(theta), image, 255.0)
     return jnp.round(image).astype(jnp.uint8)
 
 
-@jax.jit
+_render_jit = jax.jit(_render)
+
+
 def render(x: jax.Array, theta: jax.Array) -> jax.Array:
     """Draw CartPole at cart position `x` (world units) and pole angle `theta` (radians).
 
     Returns uint8[64, 64]: black background, track, cart and pole at distinct gray levels.
-    Pure, jit- and vmap-able (`jax.vmap(render)(xs, thetas)` gives uint8[N, 64, 64]).
+    Pure, jit- and vmap-able (`jax.vmap(render)(xs, thetas)` gives uint8[N, 64, 64]). A NaN or
+    infinite state is a ValueError when the values are concrete; under jit, where nothing can be
+    raised, it is drawn as an all-white frame.
     """
-    return _render(x, theta)
+    for name, value in (("x", x), ("theta", theta)):
+        if not isinstance(value, jax.core.Tracer) and not np.all(np.isfinite(np.asarray(value, np.float32))):
+            raise ValueError(f"render: {name} must be finite, got {value!r}")
+    return _render_jit(x, theta)
 
 
 @struct.dataclass
