@@ -1,4 +1,5 @@
-"""Suite-wide hygiene: the compiled programs of one test file are released before the next.
+"""Suite-wide fixtures: a finished smoke run shared by the files that need one, and hygiene: the
+compiled programs of one test file are released before the next.
 
 Every XLA:CPU executable keeps its code in memory mappings of its own (measured: tests/test_pipeline.py
 alone leaves about 25,000), and the whole suite in one process compiles enough programs to pass
@@ -10,6 +11,8 @@ small configs, each compiled for a few calls.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import jax
 import pytest
 
@@ -18,3 +21,15 @@ import pytest
 def _release_compiled_programs():
     yield
     jax.clear_caches()
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory) -> tuple[Path, dict]:
+    """One finished `pipeline.run` at the smoke preset (about a minute), shared by the files that
+    read it (test_pipeline) or damage copies of it (test_reliability). Never modify it in place."""
+    from wm_jax import pipeline
+    from wm_jax.config import get_preset
+
+    out = tmp_path_factory.mktemp("pipeline") / "smoke"
+    summary = pipeline.run(get_preset("smoke"), out, progress=False)
+    return out, summary

@@ -422,3 +422,15 @@ def test_no_retrace(pc):
     pc.step(jax.random.key(6), s1, jnp.int32(1))
     if n is not None:
         assert pc.step._cache_size() == n
+
+
+@pytest.mark.parametrize("x, theta", [(float("nan"), 0.0), (0.0, float("inf")), (float("-inf"), float("nan"))])
+def test_render_refuses_a_state_that_is_not_finite(x, theta):
+    """Eagerly a ValueError naming the variable; under jit (nothing can be raised) an all-white
+    frame, never a plausible picture (NaN used to draw an empty black frame)."""
+    with pytest.raises(ValueError, match="must be finite"):
+        render(x, theta)
+    frame = np.asarray(jax.jit(render)(jnp.float32(x), jnp.float32(theta)))
+    assert frame.shape == (FRAME_SIZE, FRAME_SIZE) and (frame == 255).all()
+    frames = np.asarray(jax.vmap(render)(jnp.array([0.0, x], jnp.float32), jnp.array([0.0, theta], jnp.float32)))
+    assert (frames[1] == 255).all() and not (frames[0] == 255).all()

@@ -1,7 +1,7 @@
 """Smoke test of the whole recipe: `pipeline.run` on the smoke preset, its run directory and summary,
 idempotent reruns, resuming after a crash, and the Agent loaded from the finished directory.
 
-The full pipeline runs once per session (module fixture, about a minute on 2 CPU cores); the
+The full pipeline runs once per session (conftest.smoke_run, about a minute on 2 CPU cores); the
 resume test runs it once more in a second directory.
 """
 
@@ -31,10 +31,8 @@ assert SMOKE.rounds.rounds == 2  # smoke exercises the iterative round as well
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory) -> tuple[Path, dict]:
-    out = tmp_path_factory.mktemp("pipeline") / "smoke"
-    summary = pipeline.run(SMOKE, out, progress=False)
-    return out, summary
+def finished(smoke_run) -> tuple[Path, dict]:
+    return smoke_run  # conftest.py: one finished smoke run per session
 
 
 @pytest.fixture(scope="module")
@@ -332,6 +330,15 @@ def test_agent_act_compiles_once(agent):
 def test_agent_act_rejects_bad_obs(agent, bad):
     with pytest.raises(ValueError, match="uint8"):
         agent.act(agent.initial_carry(), bad)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.int64, np.float16])
+def test_agent_act_names_the_dtype_it_was_given(agent, dtype):
+    """Judged before conversion: jnp.asarray would turn float64 into float32 and name that."""
+    with pytest.raises(ValueError, match=f"got {np.dtype(dtype).name}"):
+        agent.act(agent.initial_carry(), np.zeros((64, 64, 4), dtype))
+    with pytest.raises(ValueError, match=f"got {np.dtype(dtype).name}"):
+        agent.act_batch(agent.initial_carry(2), np.zeros((2, 64, 64, 4), dtype))
 
 
 @pytest.mark.parametrize("bad", [

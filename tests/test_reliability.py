@@ -1,0 +1,376 @@
+"""Faults a run directory meets in the wild, each reproduced on a copy of a finished smoke run
+(conftest.smoke_run): what the user sees (one line on stderr, the documented exit code, no
+traceback) and that no result is ever reported from artifacts that do not belong together.
+docs/RELIABILITY.md lists every case with the test that covers it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from wm_jax import Agent, checkpoint, cli, evolve, interrupt, pipeline, rollout, run_dir, train, transition, vae
+from wm_jax.config import get_preset
+from wm_jax.run_dir import RunDirError
+
+SMOKE = get_preset("smoke")
+HEAVY = ((vae, "train"), (transition, "train"), (evolve, "evolve"), (rollout, "evaluate"))
+
+
+@pytest.fixture
+def run(smoke_run, tmp_path) -> Path:
+    """A private copy of the finished smoke run, to damage."""
+    out = tmp_path / "run"
+    shutil.copytree(smoke_run[0], out)
+    return out
+
+
+@pytest.fixture
+def unfinished(run) -> Path:
+    """The copy as a run killed during its last stage: every stage but evaluate recorded."""
+    stages = json.loads((run / "stages.json").read_text())
+    del stages["evaluate"]
+    (run / "stages.json").write_text(json.dumps(stages))
+    (run / "summary.json").unlink()
+    return run
+
+
+def _no_heavy_work(monkeypatch, allow=()):
+    for mod, name in HEAVY:
+        if f"{mod.__name__}.{name}" not in allow:
+            def refuse(*a, _n=f"{mod.__name__}.{name}", **k):
+                raise AssertionError(f"{_n} was called")
+            monkeypatch.setattr(mod, name, refuse)
+
+
+def _cli(capsys, *argv: str) -> tuple[int, str]:
+    try:
+        code = cli.main(list(argv))
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+def _run_cli(capsys, out: Path, *extra: str) -> tuple[int, str]:
+    return _cli(capsys, "run", "--preset", "smoke", "--out", str(out), *extra)
+
+
+def _one_line(code: int, err: str, expected: int, *needles: str) -> str:
+    lines = err.strip().splitlines()
+    assert code == expected, (code, err)
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+def _wm_jax() -> list[str]:
+    script = Path(sys.executable).parent / "wm-jax"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "wm_jax.cli"]
+
+
+def _largest_data_file(step_dir: Path) -> Path:
+    return max((step_dir / "state" / "ocdbt.process_0" / "d").iterdir(), key=lambda p: p.stat().st_size)
+
+
+def _vae_step(run: Path) -> int:
+    return json.loads((run / "stages.json").read_text())["vae"]["outputs"]["vae"]["step"]
+
+
+# ------------------------------------------------------------------------------------------------
+# B1, B3: a finished stage's checkpoint damaged or changed
+
+
+def test_b1_damaged_checkpoint_data_is_damage_not_a_shape_mismatch(unfinished):
+    """A data file of V's final checkpoint deleted: the real command says 'damaged' on one line
+    (TensorStore's 1,500-line spec and orbax's 'Event loop is closed' noise silenced), exit 2."""
+    _largest_data_file(unfinished / "vae" / "checkpoints" / str(_vae_step(unfinished))).unlink()
+    proc = subprocess.run([*_wm_jax(), "run", "--preset", "smoke", "--out", str(unfinished)],
+                          capture_output=True, text=True, timeout=300)
+    line = _one_line(proc.returncode, proc.stderr, 2, "damaged", "finished stage 'vae'", f"delete {unfinished / 'vae'}")
+    assert "shape" not in line and "Event loop" not in proc.stderr
+    assert not (unfinished / "summary.json").exists()
+
+
+def test_b3_finished_stage_never_falls_back_to_an_older_checkpoint(unfinished, smoke_run, monkeypatch, capsys):
+    """V's newest step damaged after the stage finished (an older step is still there): the run and
+    Agent.load refuse instead of pairing an older V with the M and C built on the newer one; after
+    the advised `delete vae/`, V is trained again and the run ends where the original did."""
+    step = _vae_step(unfinished)
+    assert len(list((unfinished / "vae" / "checkpoints").iterdir())) == 2  # a fall-back target exists
+    _largest_data_file(unfinished / "vae" / "checkpoints" / str(step)).unlink()
+    with pytest.raises(RunDirError, match="damaged"):
+        Agent.load(unfinished)
+    _one_line(*_run_cli(capsys, unfinished), 2, "damaged", "vae")
+    assert not (unfinished / "summary.json").exists()
+
+    shutil.rmtree(unfinished / "vae")
+    _no_heavy_work(monkeypatch, allow={"wm_jax.vae.train", "wm_jax.rollout.evaluate"})  # V again, and the evaluation
+    summary = pipeline.run(SMOKE, unfinished, progress=False)
+    ref_dir, ref = smoke_run
+    np.testing.assert_array_equal(np.load(unfinished / "controller.npy"), np.load(ref_dir / "controller.npy"))
+    for k in ("real_return_mean", "real_env_steps", "latent_kl"):
+        assert summary[k] == ref[k], k
+
+
+def test_b3_checkpoint_swapped_for_other_parameters_is_refused(run, capsys):
+    """Readable but not what the stage produced (step 20's files replaced by step 10's): the
+    parameter hash the stage recorded catches it."""
+    ckpts = run / "vae" / "checkpoints"
+    step = _vae_step(run)
+    older = min(int(p.name) for p in ckpts.iterdir())
+    shutil.rmtree(ckpts / str(step))
+    shutil.copytree(ckpts / str(older), ckpts / str(step))
+    with pytest.raises(RunDirError, match="other parameters than the finished stage recorded"):
+        Agent.load(run)
+
+
+# ------------------------------------------------------------------------------------------------
+# B4: config.json lost
+
+
+def test_b4_lost_config_json_is_refused_not_restarted(unfinished, capsys):
+    (unfinished / "config.json").unlink()
+    stages = (unfinished / "stages.json").read_bytes()
+    _one_line(*_run_cli(capsys, unfinished, "--seed", "1"), 2, "no config.json", str(unfinished))
+    assert not (unfinished / "summary.json").exists() and not (unfinished / "config.json").exists()
+    assert (unfinished / "stages.json").read_bytes() == stages
+
+
+# ------------------------------------------------------------------------------------------------
+# B2: damaged files and bad values, one line each
+
+
+@pytest.mark.parametrize("name", ["stages.json", "config.json"])
+def test_b2_corrupt_run_json_is_one_line(unfinished, capsys, name):
+    (unfinished / name).write_text('{"collect": {"rows": 9')
+    _one_line(*_run_cli(capsys, unfinished), 2, str(unfinished / name), "damaged", "JSONDecodeError")
+    assert not (unfinished / "summary.json").exists()
+
+
+def test_b2_corrupt_summary_json_is_rebuilt_from_the_stages(run, smoke_run, monkeypatch):
+    (run / "summary.json").write_text("{trunc")
+    _no_heavy_work(monkeypatch)
+    summary = pipeline.run(SMOKE, run, progress=False)
+    assert summary == json.loads((smoke_run[0] / "summary.json").read_text())
+    assert json.loads((run / "summary.json").read_text()) == summary
+
+
+def test_b2_mistyped_config_value_names_the_field(unfinished, capsys):
+    cfg = json.loads((unfinished / "config.json").read_text())
+    cfg["vae"]["latent"] = "8"
+    (unfinished / "config.json").write_text(json.dumps(cfg))
+    _one_line(*_run_cli(capsys, unfinished), 2, "VAEConfig.latent must be int", "config.json")
+
+
+def test_b2_truncated_latents_are_encoded_again(unfinished, smoke_run, monkeypatch, capsys):
+    """Derived data: rebuilt from V and the datasets; identical, so nothing built on it reruns."""
+    path = unfinished / "latents_round2.npz"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    _no_heavy_work(monkeypatch, allow={"wm_jax.rollout.evaluate"})
+    summary = pipeline.run(SMOKE, unfinished, progress=True)
+    assert "latents_round2.npz is missing, damaged or changed; encoding it again" in capsys.readouterr().out
+    with np.load(path) as got, np.load(smoke_run[0] / "latents_round2.npz") as ref:
+        np.testing.assert_array_equal(got["mean"], ref["mean"])
+    assert summary["real_return_mean"] == smoke_run[1]["real_return_mean"]
+
+
+@pytest.mark.parametrize("seed", [str(2**64), str(2**32), "-1"])
+def test_b2_seed_out_of_range_is_refused_before_anything_is_written(tmp_path, capsys, seed):
+    """jax.random.key keeps 32 bits: 2**32 would give seed 0's data under another name."""
+    out = tmp_path / "run"
+    _one_line(*_run_cli(capsys, out, "--seed", seed), 2, "--seed", "2**32")
+    assert not out.exists()
+
+
+def _mount_tmpfs(path: Path, *options: str) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    opts = ",".join(("size=16m", *options))
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)], capture_output=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.decode().strip()[:80]})")
+
+
+@pytest.fixture
+def mounts(tmp_path):
+    made = []
+
+    def mount(name: str, *options: str) -> Path:
+        path = tmp_path / name
+        _mount_tmpfs(path, *options)
+        made.append(path)
+        return path
+
+    yield mount
+    for path in made:
+        subprocess.run(["umount", str(path)], capture_output=True)
+
+
+def test_b2_read_only_output_location_exits_3(mounts, capsys):
+    ro = mounts("ro", "ro")
+    _one_line(*_run_cli(capsys, ro / "run"), 3, "Read-only file system", str(ro / "run"))
+
+
+def test_b2_full_disk_exits_3_and_the_rerun_resumes(mounts, unfinished, smoke_run, capsys):
+    """The evaluation's files do not fit: one line, exit 3; with space again the same command
+    finishes with the uninterrupted run's results."""
+    disk = mounts("disk")
+    out = disk / "run"
+    shutil.copytree(unfinished, out)
+    filler = disk / "filler"
+    with open(filler, "wb") as f:  # fill the disk to the last block
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass
+    try:
+        with open(filler, "ab") as f:
+            while True:
+                f.write(b"\0")
+                f.flush()
+    except OSError:
+        pass
+    _one_line(*_run_cli(capsys, out), 3, "No space left on device", "rerun to resume")
+    assert not (out / "summary.json").exists()
+    filler.unlink()
+    assert _run_cli(capsys, out)[0] == 0
+    summary = json.loads((out / "summary.json").read_text())
+    for k in ("real_return_mean", "real_env_steps", "latent_kl"):
+        assert summary[k] == smoke_run[1][k], k
+
+
+def test_b2_full_disk_during_a_checkpoint_save_leaves_nothing_restored(mounts):
+    """orbax's partial step (its temporary name) is never restored and is cleaned by the next save."""
+    disk = mounts("ckpt", "size=64k")
+    state = {"w": jax.random.normal(jax.random.key(0), (64, 1024))}  # 256 KiB of noise: does not fit
+    mngr = checkpoint.manager(disk / "c")
+    try:
+        with pytest.raises(Exception) as info:
+            checkpoint.save(mngr, 1, state, {"m": 1})
+    finally:
+        mngr.close()
+    assert cli._orbax_write_error(info.value, None) is not None or getattr(info.value, "errno", None) == 28
+    assert checkpoint.restore_latest(disk / "c", state, {"m": 1}) is None
+
+
+# ------------------------------------------------------------------------------------------------
+# weak spots
+
+
+def test_second_process_on_the_same_run_directory_is_refused(unfinished, capsys):
+    with run_dir.locked(unfinished):
+        _one_line(*_run_cli(capsys, unfinished), 4, "in use by another wm-jax process", f"PID {os.getpid()}")
+    assert not (unfinished / "summary.json").exists()
+
+
+def test_a_collection_too_large_for_memory_is_refused(tmp_path, capsys):
+    out = tmp_path / "data"
+    _one_line(*_cli(capsys, "collect", "--episodes", "100000000000", "--out", str(out)), 2, "GiB", "fewer episodes")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("damage", ["delete-agent-json", "delete-controller", "truncate-controller", "delete-round"])
+def test_rerun_of_a_finished_run_repairs_the_agent_files(run, smoke_run, monkeypatch, damage):
+    ref = smoke_run[0]
+    if damage == "delete-agent-json":
+        (run / "agent.json").unlink()
+    elif damage == "delete-controller":
+        (run / "controller.npy").unlink()
+    elif damage == "truncate-controller":
+        (run / "controller.npy").write_bytes((ref / "controller.npy").read_bytes()[:60])
+        with pytest.raises(RunDirError, match="controller.npy is damaged"):
+            Agent.load(run)
+    else:
+        (run / "evolve_round1" / "controller.npy").unlink()
+    _no_heavy_work(monkeypatch)
+    pipeline.run(SMOKE, run, progress=False)
+    for name in ("agent.json", "controller.npy", "evolve_round1/controller.npy", "evolve_round2/controller.npy"):
+        assert (run / name).read_bytes() == (ref / name).read_bytes(), name
+    Agent.load(run)
+
+
+def test_debug_shows_the_traceback(unfinished, capsys):
+    (unfinished / "stages.json").write_text("{")
+    with pytest.raises(RunDirError):
+        cli.main(["--debug", "run", "--preset", "smoke", "--out", str(unfinished)])
+
+
+# ------------------------------------------------------------------------------------------------
+# SIGINT: honoured at the next chunk boundary
+
+
+def _quad(run_dir_: Path, on_chunk=None):
+    cfg = train.TrainConfig(steps=30, batch=1, chunk=5, checkpoint_every=5)
+
+    def loss_fn(params, key, batch, step):
+        loss = jnp.sum(jnp.square(params["w"] - batch))
+        return loss, {"loss": loss}
+
+    def sample_fn(key, d):
+        return d + 0.1 * jax.random.normal(key, d.shape)
+
+    return train.fit("quad", cfg, loss_fn, sample_fn, jnp.array([1.0, -2.0, 0.5]), {"w": jnp.zeros(3)},
+                     jax.random.key(0), run_dir_, {"model": "quad"}, progress=False)
+
+
+def test_sigint_stops_training_at_the_next_chunk_and_resumes_bit_for_bit(tmp_path, monkeypatch):
+    clean, _ = _quad(tmp_path / "clean")
+    real_chunk = train.run_chunk
+    calls = []
+
+    def chunk_then_sigint(*args):
+        calls.append(1)
+        out = real_chunk(*args)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # arrives mid-way: deferred to the boundary
+        return out
+
+    monkeypatch.setattr(train, "run_chunk", chunk_then_sigint)
+    with pytest.raises(KeyboardInterrupt), interrupt.deferred():
+        _quad(tmp_path / "run")
+    assert len(calls) == 2  # the chunk in flight finished and was checkpointed; no third began
+    assert sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir()) == [5, 10]
+    monkeypatch.setattr(train, "run_chunk", real_chunk)
+    params, info = _quad(tmp_path / "run")
+    assert info["resumed_from"] == 10
+    np.testing.assert_array_equal(np.asarray(params["w"]), np.asarray(clean["w"]))
+
+
+def test_sigint_outside_deferred_is_untouched():
+    interrupt.check()  # nothing pending: no effect
+    with pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(1.0)  # Python's default handler raises here
+
+
+def test_sigint_to_the_real_command_exits_130(tmp_path):
+    """Ctrl-C while V trains: exit 130 at the next chunk, the last line says how to resume, and
+    the stage is not recorded as finished."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen([*_wm_jax(), "run", "--preset", "smoke", "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:  # progress lines: wait for the VAE stage
+            if line.startswith("[wm-jax] vae ..."):
+                break
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].endswith("interrupted; rerun the same command to resume")
+    assert set(json.loads((out / "stages.json").read_text())) == {"collect"}
