@@ -236,3 +236,73 @@ def test_fit_resumes_past_a_damaged_newest_checkpoint(tmp_path):
         params, info = _quad_fit(tmp_path / "run", cfg)
     assert info["resumed_from"] == 15
     assert np.array_equal(np.asarray(params["w"]), np.asarray(clean["w"]))
+
+
+# --------------------------------------------------------------------------------------------
+# Damage told apart from a shape mismatch; a finished stage's exact step; the parameters' digest
+
+
+def _delete_largest_data_file(step_dir: Path) -> None:
+    files = list((step_dir / "state" / "ocdbt.process_0" / "d").iterdir())
+    max(files, key=lambda p: p.stat().st_size).unlink()
+
+
+def _big_state(scale: float = 1.0):
+    return {"w": jax.random.normal(jax.random.key(int(scale)), (32, 64)) * scale, "b": jnp.ones(64) * scale}
+
+
+def test_damaged_data_file_is_damage_not_a_shape_mismatch(tmp_path):
+    """TensorStore's read errors print the array spec (with 'shape' in it): once a substring test
+    called them a shape mismatch and refused to fall back."""
+    mngr = checkpoint.manager(tmp_path, 5)
+    for s in (10, 20):
+        checkpoint.save(mngr, s, _big_state(float(s)), CONFIG)
+    mngr.close()
+    _delete_largest_data_file(tmp_path / "20")
+    with pytest.warns(UserWarning, match="step 20 .* is damaged"):
+        step, state = checkpoint.restore_latest(tmp_path, _big_state(), CONFIG)
+    assert step == 10
+    _assert_tree_equal(state, _big_state(10.0))
+    with pytest.raises(checkpoint.Damaged, match="step 20 .* is damaged") as info:
+        checkpoint.restore_step(tmp_path, 20, _big_state(), CONFIG)
+    assert "shape" not in str(info.value) and len(str(info.value)) < 400
+
+
+def test_shape_mismatch_is_told_from_metadata(tmp_path):
+    _save_steps(tmp_path, [10])
+    like = {**_state(), "nested": {"v": jnp.zeros((5,))}}
+    with pytest.raises(CheckpointError, match=r"nested/v has shape \(4,\), expected \(5,\)") as info:
+        checkpoint.restore_step(tmp_path, 10, like, CONFIG)
+    assert not isinstance(info.value, checkpoint.Damaged)
+
+
+def test_restore_step_never_falls_back(tmp_path):
+    _save_steps(tmp_path, [10, 20])
+    _assert_tree_equal(checkpoint.restore_step(tmp_path, 10, _state(), CONFIG), _state(10.0))
+    _damage_manifest(tmp_path / "20")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fall-back warning either
+        with pytest.raises(checkpoint.Damaged):
+            checkpoint.restore_step(tmp_path, 20, _state(), CONFIG)
+    with pytest.raises(checkpoint.Damaged, match="missing"):
+        checkpoint.restore_step(tmp_path, 30, _state(), CONFIG)
+
+
+def test_digest_is_the_content():
+    assert checkpoint.digest(_state(2.0)) == checkpoint.digest(jax.tree.map(np.asarray, _state(2.0)))
+    assert checkpoint.digest(_state(2.0)) != checkpoint.digest(_state(3.0))
+    other_dtype = {**_state(), "b": jnp.ones(3, jnp.bfloat16)}
+    assert checkpoint.digest(other_dtype) != checkpoint.digest(_state())
+
+
+def test_load_params_with_identity_checks_the_hash(tmp_path):
+    cfg = TrainConfig(steps=10, batch=1, chunk=5, checkpoint_every=5)
+    params, info = _quad_fit(tmp_path, cfg)
+    ident = info["identity"]
+    assert ident["step"] == 10 and ident["sha256"] == checkpoint.digest(params)
+    got = train_lib.load_params(cfg, {"w": jnp.zeros(3)}, tmp_path, {"model": "quad"}, ident)
+    np.testing.assert_array_equal(np.asarray(got["w"]), np.asarray(params["w"]))
+    with pytest.raises(checkpoint.Damaged, match="other parameters"):
+        train_lib.load_params(cfg, {"w": jnp.zeros(3)}, tmp_path, {"model": "quad"}, {**ident, "sha256": "0" * 64})
+    with pytest.raises(checkpoint.Damaged, match="missing"):
+        train_lib.load_params(cfg, {"w": jnp.zeros(3)}, tmp_path, {"model": "quad"}, {**ident, "step": 15})

@@ -220,3 +220,39 @@ def test_hyper_is_the_traced_fields_and_static_hides_them():
     with pytest.raises(TypeError, match=r"Config\.transition\.train\.lr is a traced hyperparameter"):
         _ = static.transition.train.lr * 2
     assert Config.from_dict(cfg.to_dict()) == cfg  # the JSON round trip keeps traced fields as plain floats
+
+
+@pytest.mark.parametrize("d, words", [
+    ({"vae": {"latent": "64"}}, ("VAEConfig.latent must be int", "str '64'")),
+    ({"vae": {"latent": 64.0}}, ("VAEConfig.latent must be int", "float")),
+    ({"vae": {"latent": True}}, ("VAEConfig.latent must be int", "bool")),
+    ({"vae": 5}, ("Config.vae must be VAEConfig", "int 5")),
+    ({"evolve": {"tau": "1.0"}}, ("EvolveConfig.tau must be float",)),
+    ({"rounds": {"horizon": "x"}}, ("RoundsConfig.horizon must be int | None",)),
+    ({"vae": {"filters": [4, "4", 8, 8]}}, ("VAEConfig.filters",)),
+    ({"preset": None}, ("Config.preset must be str",)),
+])
+def test_mistyped_values_name_the_field(d, words):
+    """An edited config.json with a wrong type: a ConfigError naming the field, never a TypeError
+    from deep inside validation."""
+    with pytest.raises(ConfigError) as info:
+        Config.from_dict(d)
+    for w in words:
+        assert w in str(info.value), (w, str(info.value))
+
+
+def test_numbers_of_other_python_and_numpy_types_are_accepted():
+    assert Config.from_dict({"evolve": {"tau": 2}}).evolve.tau == 2  # an int is a float's value
+    assert Config.from_dict({"rounds": {"horizon": None}}).rounds.horizon is None
+    cfg = dataclasses.replace(Config(), seed=np.int64(3))
+    assert cfg.seed == 3 and dataclasses.replace(cfg.evolve, tau=np.float32(0.5)).tau == 0.5
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32, 2**64])
+def test_seed_range(seed):
+    """jax.random.key keeps 32 bits of the seed: 2**32 would be seed 0 under another name."""
+    with pytest.raises(ConfigError, match=r"seed must be in \[0, 2\*\*32\)"):
+        dataclasses.replace(Config(), seed=seed)
+    with pytest.raises(ConfigError, match=r"DataConfig.seed must be in"):
+        DataConfig(seed=seed)
+    assert dataclasses.replace(Config(), seed=2**32 - 1).seed == 2**32 - 1

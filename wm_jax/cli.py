@@ -282,5 +282,18 @@ def main(argv: list[str] | None = None) -> int:
         return fail(EXIT_WRITE, f"error: {message}")
 
 
+def console() -> None:
+    """The `wm-jax` console script: main(), then, after a failure, an exit that skips interpreter
+    teardown, where orbax's read tasks abandoned by a failed restore print dozens of 'Exception
+    ignored in <coroutine>' tracebacks after the one line that says what went wrong. Every file
+    is already closed and synced by then (saves are synchronous)."""
+    code = main()
+    if code:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console()
