@@ -20,7 +20,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from wm_jax import Agent, checkpoint, cli, evolve, interrupt, pipeline, rollout, run_dir, train, transition, vae
+from wm_jax import (
+    Agent,
+    checkpoint,
+    cli,
+    evolve,
+    interrupt,
+    pipeline,
+    rollout,
+    run_dir,
+    train,
+    transition,
+    vae,
+)
 from wm_jax.config import get_preset
 from wm_jax.run_dir import RunDirError
 
@@ -97,7 +109,7 @@ def test_b1_damaged_checkpoint_data_is_damage_not_a_shape_mismatch(unfinished):
     (TensorStore's 1,500-line spec and orbax's 'Event loop is closed' noise silenced), exit 2."""
     _largest_data_file(unfinished / "vae" / "checkpoints" / str(_vae_step(unfinished))).unlink()
     proc = subprocess.run([*_wm_jax(), "run", "--preset", "smoke", "--out", str(unfinished)],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, check=False)
     line = _one_line(proc.returncode, proc.stderr, 2, "damaged", "finished stage 'vae'", f"delete {unfinished / 'vae'}")
     assert "shape" not in line and "Event loop" not in proc.stderr
     assert not (unfinished / "summary.json").exists()
@@ -197,7 +209,7 @@ def test_b2_seed_out_of_range_is_refused_before_anything_is_written(tmp_path, ca
 def _mount_tmpfs(path: Path, *options: str) -> None:
     path.mkdir(parents=True, exist_ok=True)
     opts = ",".join(("size=16m", *options))
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)], capture_output=True)
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)], capture_output=True, check=False)
     if proc.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.decode().strip()[:80]})")
 
@@ -214,7 +226,7 @@ def mounts(tmp_path):
 
     yield mount
     for path in made:
-        subprocess.run(["umount", str(path)], capture_output=True)
+        subprocess.run(["umount", str(path)], capture_output=True, check=False)
 
 
 def test_b2_read_only_output_location_exits_3(mounts, capsys):

@@ -189,7 +189,7 @@ def _restore(directory: Path, mngr: ocp.CheckpointManager, step: int, like: Any,
             saved_config = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
             stored = mngr.item_metadata(step)["state"]
         stored_shapes = _shapes(stored, lambda m: tuple(m.shape))
-    except Exception as e:  # missing or damaged JSON / metadata: orbax raises many types
+    except Exception as e:  # noqa: BLE001  missing or damaged JSON / metadata: orbax raises many types
         raise Damaged(f"{where} is damaged ({_short(e)})") from None
     _check_config(directory, step, saved_config, wanted)
     _check_shapes(where, stored_shapes, _shapes(like, np.shape))
@@ -197,7 +197,7 @@ def _restore(directory: Path, mngr: ocp.CheckpointManager, step: int, like: Any,
     try:
         with _quiet_orbax():
             return mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
-    except Exception as e:  # the shapes matched: whatever fails now is damage (TensorStore reads)
+    except Exception as e:  # noqa: BLE001  the shapes matched: whatever fails now is damage (TensorStore reads)
         raise Damaged(f"{where} is damaged ({_short(e)})") from None
 
 
@@ -238,7 +238,7 @@ def read_config(directory: Path | str) -> dict[str, Any]:
         try:
             with _quiet_orbax():
                 return mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001  orbax raises many types for a damaged item
             raise Damaged(f"checkpoint step {step} in {directory} is damaged ({_short(e)})") from None
     finally:
         mngr.close()

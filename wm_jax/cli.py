@@ -254,32 +254,32 @@ def main(argv: list[str] | None = None) -> int:
     from wm_jax.run_dir import RunDirBusy, RunDirError
     from wm_jax.train import TrainingError
 
-    def fail(code: int, message: str) -> int:
+    def fail(error: BaseException, code: int, message: str) -> int:
         if debug:
-            raise
+            raise error
         print(f"wm-jax {args.command}: {message}", file=sys.stderr)
         return code
 
     try:
         return args.fn(args)
     except RunDirBusy as e:
-        return fail(EXIT_BUSY, f"error: {e}")
+        return fail(e, EXIT_BUSY, f"error: {e}")
     except (UsageError, DatasetError, ConfigError, RunDirError, CheckpointError, TooLarge, FileNotFoundError,
             FileExistsError, NotADirectoryError) as e:
-        return fail(EXIT_INPUT, f"error: {e}")
+        return fail(e, EXIT_INPUT, f"error: {e}")
     except TrainingError as e:
-        return fail(EXIT_TRAINING, f"training failed: {e}")
-    except KeyboardInterrupt:
-        return fail(EXIT_INTERRUPTED, "interrupted; rerun the same command to resume")
+        return fail(e, EXIT_TRAINING, f"training failed: {e}")
+    except KeyboardInterrupt as e:
+        return fail(e, EXIT_INTERRUPTED, "interrupted; rerun the same command to resume")
     except OSError as e:
         if e.errno in WRITE_ERRNOS:
-            return fail(EXIT_WRITE, f"error: {_write_error(e, getattr(args, 'out', None))}")
+            return fail(e, EXIT_WRITE, f"error: {_write_error(e, getattr(args, 'out', None))}")
         raise
     except ValueError as e:
         message = _orbax_write_error(e, getattr(args, "out", None))
         if message is None:
             raise
-        return fail(EXIT_WRITE, f"error: {message}")
+        return fail(e, EXIT_WRITE, f"error: {message}")
 
 
 def console() -> None:

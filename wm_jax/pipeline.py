@@ -22,10 +22,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from wm_jax import (
+    checkpoint,
+    evolve,
+    interrupt,
+    rollout,
+    run_dir,
+    stats,
+    train,
+    transition,
+    vae,
+    verifier,
+)
 from wm_jax import data as data_lib
-from wm_jax import checkpoint, evolve, interrupt, rollout, run_dir, stats, train, transition, vae, verifier
 from wm_jax.config import Config
-from wm_jax.run_dir import RunDirError  # noqa: F401  (pipeline.RunDirError, as before)
+from wm_jax.run_dir import RunDirError
 
 SUMMARY_KEYS = (
     "preset", "seed", "real_return_mean", "real_return_std", "real_return_min", "real_episodes", "solved",
@@ -83,6 +94,7 @@ class _Stages:
                 self._note(f"{name}: its half-finished work was built on other inputs; starting it afresh")
                 shutil.rmtree(folder)
             run_dir.write_json(started, inputs)
+        interrupt.check()  # Ctrl-C between stages (stages without chunks of their own, too)
         self._note(f"{name} ...")
         t0 = time.perf_counter()
         result = fn()
@@ -91,6 +103,7 @@ class _Stages:
         self.done[name] = result
         run_dir.write_json(self.path, self.done)
         self._note(f"{name} done in {result['wall_s']:.1f}s")
+        interrupt.check()
         return result
 
 

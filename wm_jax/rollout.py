@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from wm_jax import controller, dream, sharding, transition, vae
+from wm_jax import controller, dream, interrupt, sharding, transition, vae
 from wm_jax.config import Config
 from wm_jax.env import PixelCartPole
 
@@ -121,6 +121,7 @@ def evaluate(
     batch = min(batch, num)
     parts = []
     for i in range(-(-num // batch)):
+        interrupt.check()  # Ctrl-C between batches of episodes
         parts.append(jax.device_get(run_episodes(cfg, params, jax.random.fold_in(key, i), batch, steps, latents)))
     res = {k: np.concatenate([p[k] for p in parts])[:num] for k in parts[0]}
     returns = res["return"].astype(np.float64)

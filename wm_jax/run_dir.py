@@ -31,9 +31,8 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from wm_jax import checkpoint
+from wm_jax import checkpoint, transition, vae
 from wm_jax import data as data_lib
-from wm_jax import transition, vae
 from wm_jax.config import Config, ConfigError
 
 

@@ -22,7 +22,7 @@ import numpy as np
 import optax
 
 from wm_jax import data as data_lib
-from wm_jax import precision
+from wm_jax import interrupt, precision
 from wm_jax import train as train_lib
 from wm_jax.config import Config, VAEConfig
 
@@ -200,6 +200,7 @@ def encode_all(cfg: VAEConfig, params: Params, frames, stack_rows, batch: int = 
     n = stack_rows.shape[0]
     means, logvars = [], []
     for lo in range(0, n, batch):
+        interrupt.check()  # Ctrl-C between batches
         rows = np.minimum(np.arange(lo, lo + batch), n - 1)
         m, lv = fn(params, jnp.asarray(rows))
         means.append(np.asarray(m)[: n - lo])
