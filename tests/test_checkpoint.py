@@ -306,3 +306,15 @@ def test_load_params_with_identity_checks_the_hash(tmp_path):
         train_lib.load_params(cfg, {"w": jnp.zeros(3)}, tmp_path, {"model": "quad"}, {**ident, "sha256": "0" * 64})
     with pytest.raises(checkpoint.Damaged, match="missing"):
         train_lib.load_params(cfg, {"w": jnp.zeros(3)}, tmp_path, {"model": "quad"}, {**ident, "step": 15})
+
+
+@pytest.mark.parametrize("error", [
+    ValueError("PERMISSION_DENIED: Error opening file"), OSError(24, "Too many open files"),
+    PermissionError(13, "Permission denied"),
+])
+def test_a_reader_failure_is_not_damage(error):
+    """No permission, no file descriptors: the checkpoint is not damaged and must not be set aside."""
+    got = checkpoint._damage("checkpoint step 3 in x", error)
+    assert isinstance(got, CheckpointError) and not isinstance(got, checkpoint.Damaged)
+    assert "not damaged" in str(got)
+    assert isinstance(checkpoint._damage("w", ValueError("NOT_FOUND: Error reading")), checkpoint.Damaged)

@@ -241,11 +241,39 @@ def test_mistyped_values_name_the_field(d, words):
         assert w in str(info.value), (w, str(info.value))
 
 
-def test_numbers_of_other_python_and_numpy_types_are_accepted():
+def test_numpy_and_jax_scalars_become_python_numbers():
+    """Accepted, and stored as the Python number: the config is written as JSON and compared with
+    what JSON gives back."""
+    import jax.numpy as jnp
+
     assert Config.from_dict({"evolve": {"tau": 2}}).evolve.tau == 2  # an int is a float's value
     assert Config.from_dict({"rounds": {"horizon": None}}).rounds.horizon is None
     cfg = dataclasses.replace(Config(), seed=np.int64(3))
-    assert cfg.seed == 3 and dataclasses.replace(cfg.evolve, tau=np.float32(0.5)).tau == 0.5
+    assert type(cfg.seed) is int and cfg.seed == 3
+    for tau in (np.float32(0.5), jnp.float32(0.5), np.array(0.5)):
+        ev = dataclasses.replace(cfg.evolve, tau=tau)
+        assert type(ev.tau) is float and ev.tau == 0.5
+    horizon = dataclasses.replace(cfg.rounds, horizon=np.int64(7)).horizon
+    assert type(horizon) is int
+    assert Config.from_dict(json.loads(cfg.to_json())) == cfg
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+def test_floats_must_be_finite(value):
+    """JSON has no inf or NaN: such a value would come back from config.json as null."""
+    with pytest.raises(ConfigError, match="TrainConfig.clip_norm must be finite"):
+        TrainConfig(clip_norm=value)
+
+
+def test_a_subclass_keeps_its_parents_validation():
+    @dataclasses.dataclass(frozen=True)
+    class Wider(EvolveConfig):
+        note: str = ""
+
+    with pytest.raises(ConfigError, match="EvolveConfig.population must be >= 2"):
+        Wider(population=1)
+    with pytest.raises(ConfigError, match="Wider.note must be str"):
+        Wider(note=3)
 
 
 @pytest.mark.parametrize("seed", [-1, 2**32, 2**64])

@@ -12,7 +12,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -85,6 +84,11 @@ def _one_line(code: int, err: str, expected: int, *needles: str) -> str:
     for needle in needles:
         assert needle in lines[0], (needle, lines[0])
     return lines[0]
+
+
+def _results(summary: dict) -> dict:
+    """A summary without its timings (a redone stage has a wall time of its own)."""
+    return {k: v for k, v in summary.items() if k != "wall_s"}
 
 
 def _wm_jax() -> list[str]:
@@ -274,7 +278,7 @@ def test_b2_full_disk_during_a_checkpoint_save_leaves_nothing_restored(mounts):
             checkpoint.save(mngr, 1, state, {"m": 1})
     finally:
         mngr.close()
-    assert cli._orbax_write_error(info.value, None) is not None or getattr(info.value, "errno", None) == 28
+    assert cli._write_error_in_text(info.value, None) is not None or getattr(info.value, "errno", None) == 28
     assert checkpoint.restore_latest(disk / "c", state, {"m": 1}) is None
 
 
@@ -312,6 +316,58 @@ def test_rerun_of_a_finished_run_repairs_the_agent_files(run, smoke_run, monkeyp
     for name in ("agent.json", "controller.npy", "evolve_round1/controller.npy", "evolve_round2/controller.npy"):
         assert (run / name).read_bytes() == (ref / name).read_bytes(), name
     Agent.load(run)
+
+
+def test_finished_run_with_a_stage_folder_deleted_redoes_it(run, smoke_run, monkeypatch, capsys):
+    """The advice of a damaged finished stage ('delete .../transition_round2 to redo that stage')
+    works on a finished run too: the rerun notices the missing output, redoes the stage and
+    rebuilds the summary (same parameters, so nothing after it reruns)."""
+    shutil.rmtree(run / "transition_round2")
+    _no_heavy_work(monkeypatch, allow={"wm_jax.transition.train"})
+    summary = pipeline.run(SMOKE, run, progress=True)
+    assert "transition_round2: its output transition_round2 is gone" in capsys.readouterr().out
+    assert _results(summary) == _results(smoke_run[1])
+    assert summary["wall_s"].keys() == smoke_run[1]["wall_s"].keys()
+    Agent.load(run)
+
+
+def test_finished_run_with_damaged_latents_rebuilds_them(run, smoke_run, monkeypatch):
+    path = run / "latents_round2.npz"
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(RunDirError, match="latents_round2.npz is damaged"):
+        run_dir.load(run)
+    _no_heavy_work(monkeypatch)
+    assert _results(pipeline.run(SMOKE, run, progress=False)) == _results(smoke_run[1])
+    run_dir.load(run)
+    with np.load(path) as got, np.load(smoke_run[0] / "latents_round2.npz") as ref:
+        np.testing.assert_array_equal(got["logvar"], ref["logvar"])
+
+
+def test_a_diverged_controller_search_is_a_training_error(unfinished, monkeypatch):
+    """A non-finite controller cannot be recorded (JSON has no NaN) nor trusted: the stage fails."""
+    shutil.rmtree(unfinished / "evolve_round2")
+    n = 2 * (SMOKE.vae.latent + SMOKE.transition.hidden) + 2
+    monkeypatch.setattr(evolve, "evolve", lambda *a, **k: {"best": np.full(n, np.nan, np.float32), "best_real": 9.0,
+                                                           "checks": [], "real_env_steps": 0, "history": [{}]})
+    with pytest.raises(train.TrainingError, match="diverged"):
+        pipeline.run(SMOKE, unfinished, progress=False)
+    assert "evolve_round2" not in json.loads((unfinished / "stages.json").read_text())
+
+
+def test_leftovers_of_a_killed_dataset_save_are_ignored(run):
+    (run / "data" / ".round2.tmp-1a2b3c4d").mkdir()
+    (run / "data" / ".round1.old-1a2b3c4d").mkdir()
+    assert [p.name for p in run_dir.data_paths(run)] == ["round1", "round2"]
+    run_dir.load(run)
+
+
+def test_collect_to_a_full_disk_exits_3(mounts, capsys):
+    disk = mounts("tiny", "size=256k")
+    out = disk / "data"
+    code, err = _cli(capsys, "collect", "--episodes", "40", "--out", str(out))
+    assert code == 3 and "Traceback" not in err, err  # above the line: collect's progress bar
+    assert "No space left on device" in err.strip().splitlines()[-1]
+    assert not out.exists() and not any(disk.iterdir())  # the temporary directory is removed too
 
 
 def test_debug_shows_the_traceback(unfinished, capsys):
@@ -361,11 +417,18 @@ def test_sigint_stops_training_at_the_next_chunk_and_resumes_bit_for_bit(tmp_pat
     np.testing.assert_array_equal(np.asarray(params["w"]), np.asarray(clean["w"]))
 
 
-def test_sigint_outside_deferred_is_untouched():
+def test_deferred_restores_the_handler_and_leaves_an_ignored_sigint_alone():
+    before = signal.getsignal(signal.SIGINT)
+    with interrupt.deferred():
+        assert signal.getsignal(signal.SIGINT) is interrupt._on_sigint
+    assert signal.getsignal(signal.SIGINT) is before
     interrupt.check()  # nothing pending: no effect
-    with pytest.raises(KeyboardInterrupt):
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(1.0)  # Python's default handler raises here
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a job started in the background ignores Ctrl-C
+    try:
+        with interrupt.deferred():
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def test_sigint_to_the_real_command_exits_130(tmp_path):

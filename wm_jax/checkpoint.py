@@ -13,6 +13,7 @@ a run directory records for the parameters a stage produced.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import logging
 import os
@@ -182,6 +183,23 @@ def _short(error: BaseException) -> str:
     return text[:160]
 
 
+# Failures to read that say nothing about the files: the checkpoint is not damaged, the reader is
+# (no permission, out of file descriptors or memory). They are reported, never set aside.
+_NOT_DAMAGE = ("PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "Permission denied", "Too many open files",
+               "Cannot allocate memory")
+_NOT_DAMAGE_ERRNOS = {errno.EACCES, errno.EPERM, errno.EMFILE, errno.ENFILE, errno.ENOMEM}
+
+
+def _damage(where: str, error: BaseException) -> CheckpointError:
+    chain, e = [], error
+    while e is not None and len(chain) < 20:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    if any(getattr(c, "errno", None) in _NOT_DAMAGE_ERRNOS or any(t in str(c) for t in _NOT_DAMAGE) for c in chain):
+        return CheckpointError(f"cannot read {where} ({_short(error)}); it is not damaged: fix the cause and rerun")
+    return Damaged(f"{where} is damaged ({_short(error)})")
+
+
 def _restore(directory: Path, mngr: ocp.CheckpointManager, step: int, like: Any, wanted: dict[str, Any]) -> Any:
     where = f"checkpoint step {step} in {directory}"
     try:
@@ -190,15 +208,15 @@ def _restore(directory: Path, mngr: ocp.CheckpointManager, step: int, like: Any,
             stored = mngr.item_metadata(step)["state"]
         stored_shapes = _shapes(stored, lambda m: tuple(m.shape))
     except Exception as e:  # noqa: BLE001  missing or damaged JSON / metadata: orbax raises many types
-        raise Damaged(f"{where} is damaged ({_short(e)})") from None
+        raise _damage(where, e) from None
     _check_config(directory, step, saved_config, wanted)
     _check_shapes(where, stored_shapes, _shapes(like, np.shape))
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
     try:
         with _quiet_orbax():
             return mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
-    except Exception as e:  # noqa: BLE001  the shapes matched: whatever fails now is damage (TensorStore reads)
-        raise Damaged(f"{where} is damaged ({_short(e)})") from None
+    except Exception as e:  # noqa: BLE001  the shapes matched: a failed read now is damage (TensorStore reads)
+        raise _damage(where, e) from None
 
 
 def _key_name(k: Any) -> str:

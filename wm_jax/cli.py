@@ -234,12 +234,13 @@ def _write_error(e: OSError, out: str | None) -> str:
     return f"cannot write{where} ({os.strerror(e.errno)}); free space or choose a writable --out, then rerun to resume"
 
 
-def _orbax_write_error(e: Exception, out: str | None) -> str | None:
-    """orbax/TensorStore report a failed write as a ValueError whose text carries the OS reason."""
+def _write_error_in_text(e: Exception, out: str | None) -> str | None:
+    """orbax/TensorStore (a ValueError) and pyarrow (an OSError without errno) report a failed write
+    with the OS reason in the text only."""
     text, where = str(e), f" under {out}" if out else ""
     for code in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT):
         if os.strerror(code) in text:
-            return f"cannot write a checkpoint{where} ({os.strerror(code)}); free space or choose a writable --out, " \
+            return f"cannot write{where} ({os.strerror(code)}); free space or choose a writable --out, " \
                    f"then rerun to resume"
     return None
 
@@ -274,9 +275,12 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         if e.errno in WRITE_ERRNOS:
             return fail(e, EXIT_WRITE, f"error: {_write_error(e, getattr(args, 'out', None))}")
-        raise
+        message = _write_error_in_text(e, getattr(args, "out", None))  # pyarrow: errno None, the reason in the text
+        if message is None:
+            raise
+        return fail(e, EXIT_WRITE, f"error: {message}")
     except ValueError as e:
-        message = _orbax_write_error(e, getattr(args, "out", None))
+        message = _write_error_in_text(e, getattr(args, "out", None))
         if message is None:
             raise
         return fail(e, EXIT_WRITE, f"error: {message}")

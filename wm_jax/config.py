@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import numbers
 import typing
 from dataclasses import dataclass, field
@@ -54,20 +55,34 @@ def _type_ok(value: Any, hint: Any) -> bool:
         return isinstance(value, (bool, np.bool_))
     if hint is int:
         return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
-    if hint is float:  # an int is a float's value too; a jnp/np scalar of a sweep as well
+    if hint is float:  # an int is a float's value too
         return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
     return isinstance(value, hint)
 
 
+def _plain(value: Any) -> Any:
+    """numpy and jax scalars (0-d arrays included) as the Python number they hold: the config is
+    written as JSON and compared with what JSON gives back."""
+    if isinstance(value, tuple):
+        return tuple(_plain(v) for v in value)
+    if isinstance(value, np.generic) or (getattr(value, "ndim", None) == 0 and hasattr(value, "item")):
+        return value.item()
+    return value
+
+
 def _check_types(obj: Any) -> None:
-    """Every field of `obj` has its declared type: a mistyped value (e.g. a string in an edited
-    config.json) is a ConfigError naming the field, not a TypeError deep in validation."""
+    """Every field of `obj` has its declared type (numpy and jax scalars become Python numbers) and
+    every float is finite (JSON has no inf or NaN): a mistyped value, e.g. a string in an edited
+    config.json, is a ConfigError naming the field, not a TypeError deep in validation."""
     hints = typing.get_type_hints(type(obj))
     for f in dataclasses.fields(obj):
-        value, hint = getattr(obj, f.name), hints[f.name]
+        value, hint = _plain(getattr(obj, f.name)), hints[f.name]
+        object.__setattr__(obj, f.name, value)
         if not _type_ok(value, hint):
             want = getattr(hint, "__name__", str(hint))
             raise ConfigError(f"{type(obj).__name__}.{f.name} must be {want}, got {type(value).__name__} {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{type(obj).__name__}.{f.name} must be finite, got {value!r}")
 
 
 def _positive(obj: Any, *names: str) -> None:
@@ -123,7 +138,9 @@ class _Section:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        own = cls.__dict__.get("__post_init__")
+        # the class's own validation, or the one it inherits (a subclass keeps its parent's checks)
+        own = cls.__dict__.get("__post_init__") or getattr(cls, "_validate", None)
+        cls._validate = own  # type: ignore[attr-defined]
 
         def __post_init__(self: Any) -> None:
             _check_types(self)

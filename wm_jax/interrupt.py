@@ -38,10 +38,13 @@ def check() -> None:
 def deferred() -> Iterator[None]:
     """SIGINT is honoured at the next `check()` (a second one at once) while this is open."""
     global _pending
-    if threading.current_thread() is not threading.main_thread():
+    previous = signal.getsignal(signal.SIGINT) if threading.current_thread() is threading.main_thread() else None
+    if previous is None or previous is signal.SIG_IGN:
+        # another thread (signals go to the main one), a handler installed outside Python (not
+        # restorable), or SIGINT ignored (a job started in the background): leave it as it is
         yield
         return
-    previous = signal.signal(signal.SIGINT, _on_sigint)
+    signal.signal(signal.SIGINT, _on_sigint)
     _pending = False
     try:
         yield

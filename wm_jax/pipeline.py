@@ -163,7 +163,7 @@ class _Run:
             recorded = run_dir.stage_output(self.stages.done, stage, name)
             try:
                 now = data_lib.identity(path)
-            except (OSError, ValueError, KeyError) as e:
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
                 raise data_lib.DatasetError(path, f"unreadable manifest ({type(e).__name__}: {e}); delete {path} to "
                                                   f"collect it again") from None
             if recorded is not None and now != recorded:
@@ -208,16 +208,37 @@ def run(cfg: Config, out: Path | str, progress: bool = True) -> dict[str, Any]:
     with run_dir.locked(out), interrupt.deferred():
         _check_config(out, cfg)
         stages = _Stages(out, progress)
-        summary_path = out / "summary.json"
-        if summary_path.exists():
-            try:
-                summary = json.loads(summary_path.read_text())
-            except (ValueError, UnicodeDecodeError):
-                stages._note("summary.json is damaged; rebuilding it")
-            else:
-                _repair_agent_files(out, cfg, stages)
-                return summary
+        summary = _finished_summary(out, stages)
+        if summary is not None:
+            _repair_agent_files(out, cfg, stages)
+            return summary
         return _run(_Run(cfg=cfg, out=out, stages=stages, keys=_keys(cfg.seed), progress=progress))
+
+
+def _finished_summary(out: Path, stages: _Stages) -> dict[str, Any] | None:
+    """The summary of a finished run whose stages' outputs are all in place (files and folders
+    present, latents hashing to their records), else None: the run goes through its stages again,
+    redoing what is gone and rebuilding the summary. Checkpoints are not read here (Agent.load and
+    a run that goes through the stages check them)."""
+    path = out / "summary.json"
+    if not path.exists():
+        return None
+    try:
+        summary = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError, OSError):
+        summary = None
+    if not isinstance(summary, dict) or not set(SUMMARY_KEYS) <= summary.keys():
+        stages._note("summary.json is damaged; rebuilding it")
+        return None
+    for name, rec in stages.done.items():
+        why = stages._stale(rec, rec.get("inputs", {}))
+        for file, identity in rec.get("outputs", {}).items():
+            if why is None and file.endswith(".npz") and run_dir.read_latents(out / file, identity) is None:
+                why = f"{file} is damaged or changed"
+        if why is not None:
+            stages._note(f"{name}: {why}; finishing the run again")
+            return None
+    return summary
 
 
 def _run(ctx: _Run) -> dict[str, Any]:
@@ -230,7 +251,7 @@ def _run(ctx: _Run) -> dict[str, Any]:
     for r in range(1, cfg.rounds.rounds + 1):  # round 1 on random data, later ones on the agent's
         _round(ctx, r)
     assert ctx.best is not None
-    _write_agent_files(out, cfg, ctx.best["round"], ctx.best["ctrl"])
+    _write_agent_files(out, cfg, ctx.best["round"], ctx.best["ctrl"], ctx.best["ctrl_id"])
     ev = ctx.stages.run("evaluate", lambda: _evaluate(ctx), inputs=_agent_id(ctx))
     summary = _summary(ctx, ev)
     run_dir.write_json(out / "summary.json", summary)
@@ -239,7 +260,7 @@ def _run(ctx: _Run) -> dict[str, Any]:
 
 def _agent_id(ctx: _Run) -> dict[str, Any]:
     best = ctx.best
-    return {"vae": ctx.vae_id, "transition": best["m_id"], "controller": checkpoint.digest(best["ctrl"])}
+    return {"vae": ctx.vae_id, "transition": best["m_id"], "controller": best["ctrl_id"]}
 
 
 def _best_round(cfg: Config, done: dict[str, Any]) -> int:
@@ -253,7 +274,22 @@ def _best_round(cfg: Config, done: dict[str, Any]) -> int:
     return best
 
 
-def _write_agent_files(out: Path, cfg: Config, r: int, ctrl: np.ndarray) -> None:
+def _controller(out: Path, done: dict[str, Any], r: int) -> tuple[np.ndarray, str]:
+    """Round r's best controller and its identity, from the evolve stage's record (runs recorded
+    before the controller was stored there: from evolve_round{r}/controller.npy)."""
+    name = f"evolve_round{r}"
+    rec = done[name]
+    if "controller" not in rec:
+        ctrl = np.load(out / name / "controller.npy")
+        return ctrl, checkpoint.digest(ctrl)
+    ctrl, identity = np.asarray(rec["controller"], np.float32), rec["outputs"][name]
+    if checkpoint.digest(ctrl) != identity:
+        raise RunDirError(f"{out / 'stages.json'}: the controller of {name} does not match its recorded hash; "
+                          f"start afresh with a new --out")
+    return ctrl, identity
+
+
+def _write_agent_files(out: Path, cfg: Config, r: int, ctrl: np.ndarray, ctrl_id: str) -> None:
     """agent.json and controller.npy: the final agent (round r's M and controller), rewritten only
     when missing or different (a rerun repairs them from the stages' records)."""
     m_dir = "transition" if r == 1 else f"transition_round{r}"
@@ -265,7 +301,7 @@ def _write_agent_files(out: Path, cfg: Config, r: int, ctrl: np.ndarray) -> None
         same = False
     if not same:
         run_dir.write_json(out / "agent.json", meta)
-    if run_dir.read_controller(out / "controller.npy", ctrl.tolist()) is None:
+    if run_dir.read_controller(out / "controller.npy", ctrl_id) is None:
         run_dir.save_npy(out / "controller.npy", ctrl)
 
 
@@ -274,15 +310,14 @@ def _repair_agent_files(out: Path, cfg: Config, stages: _Stages) -> None:
     damaged (runs recorded before the controller was stored in stages.json are left as they are)."""
     done = stages.done
     for r in range(1, cfg.rounds.rounds + 1):
-        rec = done.get(f"evolve_round{r}", {})
-        if "controller" not in rec:
+        if "controller" not in done.get(f"evolve_round{r}", {}):
             return
-        ctrl = np.asarray(rec["controller"], np.float32)
+        ctrl, ctrl_id = _controller(out, done, r)
         path = out / f"evolve_round{r}" / "controller.npy"
-        if path.parent.is_dir() and run_dir.read_controller(path, rec["controller"]) is None:
+        if path.parent.is_dir() and run_dir.read_controller(path, ctrl_id) is None:
             run_dir.save_npy(path, ctrl)
     r = _best_round(cfg, done)
-    _write_agent_files(out, cfg, r, np.asarray(done[f"evolve_round{r}"]["controller"], np.float32))
+    _write_agent_files(out, cfg, r, *_controller(out, done, r))
 
 
 def _collect(ctx: _Run, r: int) -> dict[str, Any]:
@@ -371,7 +406,7 @@ def _round(ctx: _Run, r: int) -> None:
                                    init_params=ctx.m_params)
         return {"steps_per_s": info["steps_per_s"], "final": info["final"], "outputs": {m_name: info["identity"]}}
 
-    stages.run(m_name, train_m, inputs={"latents": ctx.lat_id, "init": ctx.m_id}, folder=m_dir)
+    stages.run(m_name, train_m, inputs={"latents": ctx.lat_id, "init": ctx.m_id, **ctx.data_ids()}, folder=m_dir)
     m_params, m_id = ctx.load(m_name, m_name, transition.load, cfg)
     ctx.m_params, ctx.m_id = m_params, m_id
     k_params, k_id = None, None
@@ -383,7 +418,8 @@ def _round(ctx: _Run, r: int) -> None:
                                      ctx.progress, m_params=m_params)
             return {"steps_per_s": info["steps_per_s"], "final": info["final"], "outputs": {k_name: info["identity"]}}
 
-        stages.run(k_name, train_k, inputs={"latents": ctx.lat_id, "transition": m_id}, folder=out / k_name)
+        stages.run(k_name, train_k, inputs={"latents": ctx.lat_id, "transition": m_id, **ctx.data_ids()},
+                   folder=out / k_name)
         k_params, k_id = ctx.load(k_name, k_name, verifier.load, cfg)
 
     e_name = f"evolve_round{r}"
@@ -394,20 +430,23 @@ def _round(ctx: _Run, r: int) -> None:
         res = evolve.evolve(cfg, jax.random.fold_in(ctx.keys["evolve"], r), world, out / e_name,
                             init_mean=None if ctx.best is None else ctx.best["ctrl"], progress=ctx.progress)
         best = np.asarray(res["best"], np.float32)
+        if not np.isfinite(best).all():  # stored in stages.json, whose JSON has no NaN
+            raise train.TrainingError(f"{e_name}: the controller search diverged (its best controller has "
+                                      f"non-finite weights); delete {out / e_name} to search again")
         run_dir.save_npy(out / e_name / "controller.npy", best)
         return {"best_real": res["best_real"], "checks": res["checks"], "real_env_steps": res["real_env_steps"],
                 "final_dream_mean": res["history"][-1]["dream_mean"], "controller": best.tolist(),
                 "outputs": {e_name: checkpoint.digest(best)}}
 
     inputs = {"vae": ctx.vae_id, "transition": m_id, "verifier": k_id, "latents": ctx.lat_id,
-              "init": None if ctx.best is None else checkpoint.digest(ctx.best["ctrl"])}
+              "init": None if ctx.best is None else ctx.best["ctrl_id"]}
     evo = stages.run(e_name, search, inputs=inputs, folder=out / e_name)
-    ctrl = np.asarray(evo["controller"], np.float32) if "controller" in evo else np.load(out / e_name / "controller.npy")
+    ctrl, ctrl_id = _controller(out, stages.done, r)
     ctx.real_env_steps += evo["real_env_steps"]
     ctx.checks += evo["checks"]
     if ctx.best is None or evo["best_real"] >= ctx.best["real"]:  # ties go to the M trained on more data (_best_round)
-        ctx.best = {"real": evo["best_real"], "round": r, "ctrl": ctrl, "m_params": m_params, "m_id": m_id,
-                    "k_params": k_params}
+        ctx.best = {"real": evo["best_real"], "round": r, "ctrl": ctrl, "ctrl_id": ctrl_id, "m_params": m_params,
+                    "m_id": m_id, "k_params": k_params}
 
 
 def _evaluate(ctx: _Run) -> dict[str, Any]:

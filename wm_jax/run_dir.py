@@ -22,6 +22,7 @@ import errno
 import fcntl
 import json
 import os
+import warnings
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -61,16 +62,26 @@ def locked(directory: Path | str) -> Iterator[None]:
     directory.mkdir(parents=True, exist_ok=True)
     fd = os.open(directory / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
+        busy = unlockable = False
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
-            if e.errno not in (errno.EAGAIN, errno.EACCES):
+            if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):  # a file system without locks
+                unlockable = True
+            elif e.errno in (errno.EAGAIN, errno.EACCES):
+                busy = True
+            else:
                 raise
+        if busy:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
             raise RunDirBusy(f"{directory} is in use by another wm-jax process (PID {holder}); wait for it to "
-                             f"finish or use another --out") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+                             f"finish or use another --out")
+        if unlockable:
+            warnings.warn(f"{directory}: this file system cannot lock files; nothing stops a second process "
+                          f"from running in this directory at the same time", stacklevel=3)
+        else:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield
     finally:
         os.close(fd)  # closing the descriptor releases the lock
@@ -121,14 +132,17 @@ def save_npy(path: Path, array: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-def read_controller(path: Path, recorded: list[float] | None) -> np.ndarray | None:
-    """The controller in `path` if it is readable and equals the stage's record (when there is
-    one); None when it is missing, damaged or different."""
+def read_controller(path: Path, recorded: str | None) -> np.ndarray | None:
+    """The controller in `path` if it is a readable float32 array hashing to the stage's record
+    (when there is one); None when it is missing, damaged or different."""
     try:
         ctrl = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError):
         return None
-    if recorded is not None and (ctrl.dtype != np.float32 or not np.array_equal(ctrl, np.asarray(recorded, np.float32))):
+    if not isinstance(ctrl, np.ndarray):  # an .npz at that name
+        ctrl.close()
+        return None
+    if ctrl.dtype != np.float32 or (recorded is not None and checkpoint.digest(ctrl) != recorded):
         return None
     return ctrl
 
@@ -162,7 +176,8 @@ def load_arrays(paths: list[Path]) -> dict[str, np.ndarray]:
 
 def data_paths(run: Path | str) -> list[Path]:
     """The run's datasets, round 1 first."""
-    return sorted((Path(run) / "data").iterdir(), key=lambda p: int(p.name.removeprefix("round")))
+    rounds = [p for p in (Path(run) / "data").iterdir() if p.name.startswith("round") and p.name[5:].isdigit()]
+    return sorted(rounds, key=lambda p: int(p.name[5:]))  # not the .roundN.tmp-* a killed save leaves
 
 
 def load_agent(run: Path | str) -> tuple[Config, dict[str, Any]]:
@@ -192,7 +207,7 @@ def load_agent(run: Path | str) -> tuple[Config, dict[str, Any]]:
         m_params = transition.load(cfg.for_round(r), run / m_dir, stage_output(stages, m_dir, m_dir))
     except checkpoint.Damaged as e:
         raise damaged(run, m_dir, m_dir, e) from None
-    ctrl = read_controller(run / "controller.npy", stages.get(f"evolve_round{r}", {}).get("controller"))
+    ctrl = read_controller(run / "controller.npy", stage_output(stages, f"evolve_round{r}", f"evolve_round{r}"))
     if ctrl is None:
         raise RunDirError(f"{run / 'controller.npy'} is damaged or differs from the controller the search of round {r} "
                           f"recorded; {rerun}")
