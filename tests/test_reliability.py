@@ -407,8 +407,14 @@ def test_sigint_stops_training_at_the_next_chunk_and_resumes_bit_for_bit(tmp_pat
         return out
 
     monkeypatch.setattr(train, "run_chunk", chunk_then_sigint)
-    with pytest.raises(KeyboardInterrupt), interrupt.deferred():
-        _quad(tmp_path / "run")
+    # as from a terminal: a suite started in the background inherits an ignored SIGINT, which
+    # deferred() leaves alone
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt), interrupt.deferred():
+            _quad(tmp_path / "run")
+    finally:
+        signal.signal(signal.SIGINT, before)
     assert len(calls) == 2  # the chunk in flight finished and was checkpointed; no third began
     assert sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir()) == [5, 10]
     monkeypatch.setattr(train, "run_chunk", real_chunk)
@@ -418,10 +424,13 @@ def test_sigint_stops_training_at_the_next_chunk_and_resumes_bit_for_bit(tmp_pat
 
 
 def test_deferred_restores_the_handler_and_leaves_an_ignored_sigint_alone():
-    before = signal.getsignal(signal.SIGINT)
-    with interrupt.deferred():
-        assert signal.getsignal(signal.SIGINT) is interrupt._on_sigint
-    assert signal.getsignal(signal.SIGINT) is before
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # as from a terminal
+    try:
+        with interrupt.deferred():
+            assert signal.getsignal(signal.SIGINT) is interrupt._on_sigint
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, before)
     interrupt.check()  # nothing pending: no effect
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a job started in the background ignores Ctrl-C
     try:
@@ -436,7 +445,8 @@ def test_sigint_to_the_real_command_exits_130(tmp_path):
     the stage is not recorded as finished."""
     out = tmp_path / "run"
     proc = subprocess.Popen([*_wm_jax(), "run", "--preset", "smoke", "--out", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as from a terminal
     try:
         for line in proc.stdout:  # progress lines: wait for the VAE stage
             if line.startswith("[wm-jax] vae ..."):
