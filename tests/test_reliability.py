@@ -444,9 +444,12 @@ def test_sigint_to_the_real_command_exits_130(tmp_path):
     """Ctrl-C while V trains: exit 130 at the next chunk, the last line says how to resume, and
     the stage is not recorded as finished."""
     out = tmp_path / "run"
-    proc = subprocess.Popen([*_wm_jax(), "run", "--preset", "smoke", "--out", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as from a terminal
+    # As from a terminal: a suite started in the background passes SIGINT on as ignored, so a small
+    # launcher resets it before exec (not preexec_fn: forking a multithreaded JAX process runs
+    # Python code in the child).
+    reset = "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execv(sys.argv[1], sys.argv[1:])"
+    proc = subprocess.Popen([sys.executable, "-c", reset, *_wm_jax(), "run", "--preset", "smoke", "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         for line in proc.stdout:  # progress lines: wait for the VAE stage
             if line.startswith("[wm-jax] vae ..."):
