@@ -268,6 +268,22 @@ def test_b2_full_disk_exits_3_and_the_rerun_resumes(mounts, unfinished, smoke_ru
         assert summary[k] == smoke_run[1][k], k
 
 
+def test_b2_full_disk_in_an_orbax_save_is_one_line_from_the_real_command(mounts):
+    """The disk fills while V's first checkpoint is written: orbax's error and its asyncio noise
+    (50 to 970 lines before) become one line after the progress output, exit 3. orbax's partial
+    step stays under its temporary name, which no restore reads and the next save removes."""
+    disk = mounts("vae-full", "size=4600k")  # the smoke data (4.1 MB) fits, V's checkpoint does not
+    out = disk / "run"
+    proc = subprocess.run([*_wm_jax(), "run", "--preset", "smoke", "--out", str(out)], capture_output=True,
+                          text=True, timeout=300, check=False)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and "Event loop" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("wm-jax run: error: cannot write") and "No space left on device" in last, last
+    assert len(proc.stderr.strip().replace("\r", "\n").splitlines()) < 40  # progress bars and the line
+    assert set(json.loads((out / "stages.json").read_text())) == {"collect"}
+
+
 def test_b2_full_disk_during_a_checkpoint_save_leaves_nothing_restored(mounts):
     """orbax's partial step (its temporary name) is never restored and is cleaned by the next save."""
     disk = mounts("ckpt", "size=64k")

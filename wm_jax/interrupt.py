@@ -27,9 +27,10 @@ def _on_sigint(signum: int, frame: Any) -> None:
 
 
 def check() -> None:
-    """Raise KeyboardInterrupt if a SIGINT arrived since the last chunk boundary."""
+    """Raise KeyboardInterrupt if a SIGINT arrived since the last chunk boundary (in the main thread
+    only, the one `deferred` serves: a job in another thread never takes its Ctrl-C)."""
     global _pending
-    if _pending:
+    if _pending and threading.current_thread() is threading.main_thread():
         _pending = False
         raise KeyboardInterrupt
 
