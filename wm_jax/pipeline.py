@@ -58,11 +58,11 @@ class _Stages:
         self.done: dict[str, Any] = run_dir.read_stages(out)
         self.progress = progress
 
-    def _note(self, text: str) -> None:
+    def note(self, text: str) -> None:
         if self.progress:
             print(f"[wm-jax] {text}", flush=True)
 
-    def _stale(self, rec: dict[str, Any], inputs: dict[str, Any]) -> str | None:
+    def stale(self, rec: dict[str, Any], inputs: dict[str, Any]) -> str | None:
         gone = [p for p in rec.get("outputs", {}) if not (self.out / p).exists()]
         if gone:
             return f"its output {gone[0]} is gone"
@@ -81,28 +81,28 @@ class _Stages:
         inputs = inputs or {}
         rec = self.done.get(name)
         if rec is not None:
-            why = self._stale(rec, inputs)
+            why = self.stale(rec, inputs)
             if why is None:
                 return rec
-            self._note(f"{name}: {why}; running it again")
+            self.note(f"{name}: {why}; running it again")
             self.forget(name)
             if folder is not None and folder.exists():
                 shutil.rmtree(folder)
         if folder is not None:
             started = folder / "inputs.json"
             if started.exists() and run_dir.read_json(started, f"delete {folder} to redo the stage") != inputs:
-                self._note(f"{name}: its half-finished work was built on other inputs; starting it afresh")
+                self.note(f"{name}: its half-finished work was built on other inputs; starting it afresh")
                 shutil.rmtree(folder)
             run_dir.write_json(started, inputs)
         interrupt.check()  # Ctrl-C between stages (stages without chunks of their own, too)
-        self._note(f"{name} ...")
+        self.note(f"{name} ...")
         t0 = time.perf_counter()
         result = fn()
         result["wall_s"] = time.perf_counter() - t0
         result["inputs"] = inputs
         self.done[name] = result
         run_dir.write_json(self.path, self.done)
-        self._note(f"{name} done in {result['wall_s']:.1f}s")
+        self.note(f"{name} done in {result['wall_s']:.1f}s")
         interrupt.check()
         return result
 
@@ -228,15 +228,15 @@ def _finished_summary(out: Path, stages: _Stages) -> dict[str, Any] | None:
     except (ValueError, UnicodeDecodeError, OSError):
         summary = None
     if not isinstance(summary, dict) or not set(SUMMARY_KEYS) <= summary.keys():
-        stages._note("summary.json is damaged; rebuilding it")
+        stages.note("summary.json is damaged; rebuilding it")
         return None
     for name, rec in stages.done.items():
-        why = stages._stale(rec, rec.get("inputs", {}))
+        why = stages.stale(rec, rec.get("inputs", {}))
         for file, identity in rec.get("outputs", {}).items():
             if why is None and file.endswith(".npz") and run_dir.read_latents(out / file, identity) is None:
                 why = f"{file} is damaged or changed"
         if why is not None:
-            stages._note(f"{name}: {why}; finishing the run again")
+            stages.note(f"{name}: {why}; finishing the run again")
             return None
     return summary
 
@@ -365,7 +365,7 @@ def _encode(ctx: _Run, r: int, arrays: dict[str, Any], index: data_lib.EpisodeIn
     tmp = ctx.out / f".{name}.tmp.npz"
     np.savez(tmp, mean=mean, logvar=logvar)
     os.replace(tmp, ctx.out / name)
-    return {"rows": int(len(mean)), "outputs": {name: checkpoint.digest({"mean": mean, "logvar": logvar})}}
+    return {"rows": len(mean), "outputs": {name: checkpoint.digest({"mean": mean, "logvar": logvar})}}
 
 
 def _latents(ctx: _Run, r: int, arrays: dict[str, Any], index: data_lib.EpisodeIndex,
@@ -374,13 +374,13 @@ def _latents(ctx: _Run, r: int, arrays: dict[str, Any], index: data_lib.EpisodeI
     derived data: encoded again (the stages built on it run again only if the result differs)."""
     name, stage = f"latents_round{r}.npz", f"encode_round{r}"
     inputs = {"vae": ctx.vae_id, **ctx.data_ids(), "previous": None if prev is None else ctx.lat_id}
-    for attempt in range(2):
+    for _ in range(2):  # the second time, after encoding it again
         rec = ctx.stages.run(stage, lambda: _encode(ctx, r, arrays, index, prev), inputs=inputs)
         recorded = rec.get("outputs", {}).get(name)
         lat = run_dir.read_latents(ctx.out / name, recorded)
         if lat is not None:
             return lat, recorded if recorded is not None else checkpoint.digest(lat)
-        ctx.stages._note(f"{name} is missing, damaged or changed; encoding it again")
+        ctx.stages.note(f"{name} is missing, damaged or changed; encoding it again")
         ctx.stages.forget(stage)
     raise RunDirError(f"{ctx.out / name} cannot be written and read back")
 
