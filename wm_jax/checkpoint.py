@@ -173,11 +173,19 @@ def _set_aside(directory: Path, step: int) -> None:
         os.replace(src, directory / f"damaged-{step}-{uuid.uuid4().hex[:6]}")
 
 
+def _chain(error: BaseException) -> list[BaseException]:
+    """The error and the causes below it, outermost first."""
+    chain: list[BaseException] = []
+    while error is not None and len(chain) < 20:
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    return chain
+
+
 def _short(error: BaseException) -> str:
     """The root cause of an orbax/TensorStore error on one line (orbax wraps TensorStore's reason,
     e.g. 'NOT_FOUND: Error reading "params.w/0" ...', in a message that prints the whole spec)."""
-    while (error.__cause__ or error.__context__) is not None:
-        error = error.__cause__ or error.__context__
+    error = _chain(error)[-1]
     text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     text = text.split(" See full TensorStore details")[0].split(' in OCDBT database at local file')[0]
     return text[:160]
@@ -191,11 +199,8 @@ _NOT_DAMAGE_ERRNOS = {errno.EACCES, errno.EPERM, errno.EMFILE, errno.ENFILE, err
 
 
 def _damage(where: str, error: BaseException) -> CheckpointError:
-    chain, e = [], error
-    while e is not None and len(chain) < 20:
-        chain.append(e)
-        e = e.__cause__ or e.__context__
-    if any(getattr(c, "errno", None) in _NOT_DAMAGE_ERRNOS or any(t in str(c) for t in _NOT_DAMAGE) for c in chain):
+    if any(getattr(c, "errno", None) in _NOT_DAMAGE_ERRNOS or any(t in str(c) for t in _NOT_DAMAGE)
+           for c in _chain(error)):
         return CheckpointError(f"cannot read {where} ({_short(error)}); it is not damaged: fix the cause and rerun")
     return Damaged(f"{where} is damaged ({_short(error)})")
 
