@@ -22,7 +22,7 @@ import numpy as np
 import optax
 
 from wm_jax import data as data_lib
-from wm_jax import interrupt, precision
+from wm_jax import interrupt, layers, precision
 from wm_jax import train as train_lib
 from wm_jax.config import Config, VAEConfig
 
@@ -35,8 +35,8 @@ class _Encoder(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-        for f in self.filters:
-            x = nn.elu(nn.Conv(f, (4, 4), strides=(2, 2), padding="VALID")(x))
+        for i, f in enumerate(self.filters):
+            x = nn.elu(layers.Conv(f, 4, name=f"Conv_{i}")(x))
         x = x.reshape(x.shape[:-3] + (-1,))
         return nn.Dense(self.latent, name="mean")(x), nn.Dense(self.latent, name="logvar")(x)
 
@@ -47,10 +47,10 @@ class _Decoder(nn.Module):
     @nn.compact
     def __call__(self, z: jax.Array) -> jax.Array:
         x = nn.Dense(4 * self.filters[3])(z)[..., None, None, :]  # 1x1 spatial, as Ha
-        for f, k in zip((self.filters[2], self.filters[1], self.filters[0]), (5, 5, 6)):
-            x = nn.elu(nn.ConvTranspose(f, (k, k), strides=(2, 2), padding="VALID")(x))
+        for i, (f, k) in enumerate(zip((self.filters[2], self.filters[1], self.filters[0]), (5, 5, 6))):
+            x = nn.elu(layers.ConvTranspose(f, k, name=f"ConvTranspose_{i}")(x))
         # 1 -> 5 -> 13 -> 30 -> 64 pixels
-        return nn.ConvTranspose(4, (6, 6), strides=(2, 2), padding="VALID")(x)  # logits
+        return layers.ConvTranspose(4, 6, name="ConvTranspose_3")(x)  # logits
 
 
 class ConvVAE(nn.Module):

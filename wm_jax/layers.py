@@ -1,0 +1,87 @@
+"""Stride-2 convolutions written as one matmul each, with flax's parameters and results.
+
+XLA's CPU convolutions are fast forward but their gradients are not: the input gradient of a
+strided convolution is a convolution with a dilated input, the kernel gradient one with a dilated
+kernel, and both fall to slow generic loops (measured on the `cpu` preset's VAE: 80% of a training
+step, docs/PERFORMANCE.md). Written as gathers of shifted, strided slices (im2col) and one dot, the
+gradients are slices, pads and dots, which XLA runs at matmul speed on every backend.
+
+`Conv` and `ConvTranspose` are drop-in replacements for `flax.linen.Conv` / `ConvTranspose` with
+strides (2, 2), padding "VALID" and a square kernel: the same parameter names, shapes and
+initializers, so checkpoints load either way and the outputs agree to float rounding
+(tests/test_layers.py).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+def conv_s2(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """Cross-correlation, stride 2, VALID: [..., H, W, C] x [k, k, C, D] -> [..., (H-k)//2+1, ..., D]."""
+    k = kernel.shape[0]
+    oh, ow = (x.shape[-3] - k) // 2 + 1, (x.shape[-2] - k) // 2 + 1
+    cols = [x[..., u:u + 2 * oh - 1:2, v:v + 2 * ow - 1:2, :] for u in range(k) for v in range(k)]
+    return jnp.concatenate(cols, axis=-1) @ kernel.reshape(-1, kernel.shape[-1])
+
+
+def conv_transpose_s2(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """flax/lax `conv_transpose`, stride 2, VALID: [..., H, W, C] x [k, k, C, D] -> [..., 2H-2+k, 2W-2+k, D].
+
+    Sub-pixel form: output row 2a + p is a stride-1 correlation of the input with the kernel's rows
+    of parity 1 - p, so the four output phases are one dot of k/2 x k/2 input patches with the four
+    phase kernels side by side, interleaved afterwards. An odd kernel is padded in front to even.
+    """
+    h_in, w_in = x.shape[-3], x.shape[-2]
+    k = kernel.shape[0]
+    out_h, out_w = 2 * h_in - 2 + k, 2 * w_in - 2 + k
+    if h_in == w_in == 1:  # every output pixel sees the one input pixel (flipped kernel): a dense layer
+        return jnp.einsum("...ijc,uvcd->...uvd", x, kernel[::-1, ::-1])
+    if k % 2:
+        kernel = jnp.pad(kernel, ((1, 0), (1, 0), (0, 0), (0, 0)))
+        k += 1
+    half = k // 2
+    batch = x.shape[:-3]
+    xp = jnp.pad(x, [(0, 0)] * len(batch) + [(half - 1, half - 1), (half - 1, half - 1), (0, 0)])
+    ah, aw = h_in + half - 1, w_in + half - 1
+    patches = jnp.concatenate([xp[..., i:i + ah, j:j + aw, :] for i in range(half) for j in range(half)], axis=-1)
+    # phase kernel [i, j, p, q] = kernel[1 + 2i - p, 1 + 2j - q]
+    rows = jnp.array([[1 + 2 * i - p for p in (0, 1)] for i in range(half)])
+    phases = kernel[rows[:, None, :, None], rows[None, :, None, :]]  # [half, half, 2, 2, C, D]
+    d = kernel.shape[-1]
+    phases = jnp.moveaxis(phases, 4, 2).reshape(half * half * x.shape[-1], 4 * d)
+    y = (patches @ phases).reshape(batch + (ah, aw, 2, 2, d))
+    y = jnp.swapaxes(y, -4, -3).reshape(batch + (2 * ah, 2 * aw, d))
+    return y[..., :out_h, :out_w, :]
+
+
+class Conv(nn.Module):
+    """`nn.Conv(features, (k, k), strides=(2, 2), padding="VALID")`, computed by `conv_s2`."""
+
+    features: int
+    kernel_size: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        shape = (self.kernel_size, self.kernel_size, x.shape[-1], self.features)
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), shape, jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
+        kernel, bias = kernel.astype(x.dtype), bias.astype(x.dtype)
+        return conv_s2(x, kernel) + bias
+
+
+class ConvTranspose(nn.Module):
+    """`nn.ConvTranspose(features, (k, k), strides=(2, 2), padding="VALID")`, computed by `conv_transpose_s2`."""
+
+    features: int
+    kernel_size: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        shape = (self.kernel_size, self.kernel_size, x.shape[-1], self.features)
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), shape, jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
+        kernel, bias = kernel.astype(x.dtype), bias.astype(x.dtype)
+        return conv_transpose_s2(x, kernel) + bias
