@@ -4,6 +4,7 @@ mixed precision."""
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -419,17 +420,41 @@ def test_training_lowers_the_loss(tmp_path, cfg):
 # Mixed precision
 
 
-def test_float32_step_is_the_plain_network(cfg, params):
-    """compute_dtype float32 (the default) adds no operation: bit for bit the network itself."""
+@pytest.mark.parametrize("head", ["mdn", "gaussian"])
+def test_float32_step_is_the_flax_network(cfg, head):
+    """The packed step (one matmul of [z, h], the action as a row, the heads as one matmul, the
+    tanh form of the sigmoid) computes flax's LSTM cell and dense heads up to float32 rounding;
+    float32 adds no bfloat16 operation."""
     assert cfg.compute_dtype == "float32"
-    carry = transition.initial_carry(cfg, 3)
+    cfg = dataclasses.replace(cfg, head=head)
+    params = transition.init(jax.random.key(7), cfg, LATENT)
+    params = jax.tree.map(lambda x: x + 0.3 * jax.random.normal(jax.random.key(8), x.shape), params)  # non-zero biases
+    carry = (0.5 * jax.random.normal(jax.random.key(4), (3, cfg.hidden)), 0.5 * jax.random.normal(jax.random.key(5), (3, cfg.hidden)))
     z = jax.random.normal(jax.random.key(3), (3, LATENT))
     a = jnp.array([0, 1, 1], jnp.int32)
-    got = transition.step(cfg, params, carry, z, a)
-    ref = transition._net(cfg, LATENT).apply(params, carry, z, a)
-    for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    (c, h), got = transition.step(cfg, params, carry, z, a)
+    (c_ref, h_ref), ref = transition._net(cfg, LATENT).apply(params, carry, z, a)
+    close = partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-5)
+    for x, y in ((c, c_ref), (h, h_ref), (got.mean, ref.mean), (got.logstd, ref.logstd), (got.reward, ref.reward),
+                 (got.done_logit, ref.done_logit)):
+        close(np.asarray(x), np.asarray(y))
+    # the mixture weights agree (a single Gaussian's logit is 0 in the packed step: its value never matters)
+    close(np.asarray(jax.nn.log_softmax(got.logits)), np.asarray(jax.nn.log_softmax(ref.logits)))
     assert "bf16" not in str(jax.make_jaxpr(lambda p: transition.step(cfg, p, carry, z, a))(params))
+
+
+def test_imagine_draws_the_noise_sample_latent_draws(cfg, params):
+    """imagine draws every step's noise before its loop: the same bits as stepping M and calling
+    sample_latent with each step's key."""
+    key, length = jax.random.key(11), 6
+    z0 = jax.random.normal(jax.random.key(12), (LATENT,))
+    actions = jnp.array([0, 1, 1, 0, 1, 0], jnp.int32)
+    _, traj = transition.imagine(cfg, params, key, transition.initial_carry(cfg), z0, length, 0.8, actions=actions)
+    carry, z = transition.initial_carry(cfg), z0
+    for t, k in enumerate(jax.random.split(key, length)):
+        carry, pred = transition.step(cfg, params, carry, z, actions[t])
+        z = transition.sample_latent(k, pred, 0.8)
+        np.testing.assert_allclose(np.asarray(traj["z_next"][t]), np.asarray(z), rtol=1e-5, atol=1e-5)
 
 
 def test_bfloat16_training_keeps_float32_state_and_lowers_the_loss(cfg):

@@ -130,7 +130,27 @@ def scores(
         _, returns = jax.vmap(lambda k, s: _dream(cfg, hp, k, m_params, ctrl, s, horizon, k_params))(keys, starts)
         return jnp.mean(returns)
 
-    return sharding.replicated(jax.vmap(one)(sharding.shard_leading(population)))
+    size = population.shape[0]
+    block = cpu_block(size, rollouts)
+    if block == size:
+        return sharding.replicated(jax.vmap(one)(sharding.shard_leading(population)))
+    # One CPU: blocks of candidates one after the other, so a step's working set stays in cache
+    # (docs/PERFORMANCE.md); every block sees the same starts and noise.
+    blocks = population.reshape((size // block, block) + population.shape[1:])
+    return jax.lax.map(jax.vmap(one), blocks).reshape(size)
+
+
+CPU_BLOCK_ROWS = 1024  # dreams stepped together on a CPU: measured best on 2 cores (docs/PERFORMANCE.md)
+
+
+def cpu_block(population: int, rollouts: int) -> int:
+    """How many candidates one device scores together: on a single CPU device the largest divisor
+    of `population` whose dreams fit CPU_BLOCK_ROWS (at least 1); elsewhere all of them (a GPU
+    wants the largest matmul, and several devices split the population between them)."""
+    if jax.default_backend() != "cpu" or jax.device_count() > 1:
+        return population
+    fits = max(1, CPU_BLOCK_ROWS // rollouts)
+    return max(d for d in range(1, min(fits, population) + 1) if population % d == 0)
 
 
 @partial(jax.jit, static_argnums=(0, 9, 10))

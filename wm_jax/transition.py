@@ -39,6 +39,9 @@ class Prediction(NamedTuple):
 
 
 class _Net(nn.Module):
+    """M's parameters (flax's LSTM cell and dense heads): `init` builds them with it, and it is the
+    reference M's `cell_step` must agree with (tests); stepping itself uses the packed `Cell`."""
+
     hidden: int
     latent: int
     components: int
@@ -89,30 +92,109 @@ def init(key: jax.Array, cfg: TransitionConfig, latent: int) -> Params:
     return _net(cfg, latent).init(key, initial_carry(cfg, 1), jnp.zeros((1, latent)), jnp.zeros((1,), jnp.int32))
 
 
+class Cell(NamedTuple):
+    """M's weights laid out for stepping: packed once per program (`pack`), not at every step.
+
+    The LSTM's eight kernels become one [latent + hidden, 4 * hidden] matrix, so a step is one
+    matmul of [z, h]; the one-hot action times its kernel rows is a row lookup, folded with the
+    bias into `action`; the latent, reward and done heads are one [hidden, outputs] matrix. The
+    matrices are in the compute dtype, the rest float32.
+    """
+
+    w: jax.Array  # [latent + hidden, 4 * hidden]: rows for z, then h; columns for gates i, f, g, o
+    action: jax.Array  # [NUM_ACTIONS, 4 * hidden] float32: the action's kernel row plus the bias
+    head_w: jax.Array  # [hidden, 3 * latent * K + 2] (K = 1: 2 * latent + 2, no logits)
+    head_b: jax.Array  # float32
+
+
+def pack(cfg: TransitionConfig, params: Params) -> Cell:
+    """`params` (flax's layout, float32) as a Cell in cfg.compute_dtype; differentiable."""
+    p = params["params"]
+    lstm = p["lstm"]
+    w_in = jnp.concatenate([lstm[f"i{g}"]["kernel"] for g in "ifgo"], axis=-1)  # [latent + actions, 4h]
+    w_h = jnp.concatenate([lstm[f"h{g}"]["kernel"] for g in "ifgo"], axis=-1)
+    bias = jnp.concatenate([lstm[f"h{g}"]["bias"] for g in "ifgo"], axis=-1)
+    latent = w_in.shape[0] - NUM_ACTIONS
+    k = _components(cfg)
+    head_w = p["latent_head"]["kernel"].reshape(cfg.hidden, latent, k, 3)
+    head_b = p["latent_head"]["bias"].reshape(latent, k, 3)
+    if k == 1:  # one component: its logit never matters, so it is not computed
+        head_w, head_b = head_w[..., 1:], head_b[..., 1:]
+    head_w = jnp.concatenate([head_w.reshape(cfg.hidden, -1), p["reward_head"]["kernel"], p["done_head"]["kernel"]], -1)
+    head_b = jnp.concatenate([head_b.reshape(-1), p["reward_head"]["bias"], p["done_head"]["bias"]], -1)
+    dt = precision.DTYPES[cfg.compute_dtype]
+    return Cell(w=jnp.concatenate([w_in[:latent], w_h], 0).astype(dt), action=w_in[latent:] + bias,
+                head_w=head_w.astype(dt), head_b=head_b)
+
+
+def _sigmoid(x: jax.Array) -> jax.Array:
+    # The tanh form: one transcendental, where XLA's logistic costs an exp and a division (a third
+    # of the element-wise time of a dream step on the CPU); equal up to float rounding.
+    return 0.5 * jnp.tanh(0.5 * x) + 0.5
+
+
+def cell_step(
+    cell: Cell, carry: tuple[jax.Array, jax.Array], z: jax.Array, a: jax.Array
+) -> tuple[tuple[jax.Array, jax.Array], Prediction]:
+    """`step` on a packed Cell: matmuls in the Cell's dtype with float32 results, the rest float32."""
+    c, h = carry
+    dt = cell.w.dtype
+    x = jnp.concatenate([z.astype(dt), h.astype(dt)], axis=-1)
+    gates = jnp.dot(x, cell.w, preferred_element_type=jnp.float32) + cell.action[jnp.asarray(a, jnp.int32)]
+    i, f, g, o = jnp.split(gates, 4, axis=-1)
+    c = _sigmoid(f) * c.astype(jnp.float32) + _sigmoid(i) * jnp.tanh(g)
+    h = _sigmoid(o) * jnp.tanh(c)
+    out = jnp.dot(h.astype(dt), cell.head_w, preferred_element_type=jnp.float32) + cell.head_b
+    latent, columns = z.shape[-1], out.shape[-1] - 2
+    if columns == 2 * latent:  # Gaussian: one component, mean and logstd; its logit is 0
+        raw = out[..., :-2].reshape(out.shape[:-1] + (latent, 1, 2))
+        logits, mean, logstd = jnp.zeros_like(raw[..., 0]), raw[..., 0], raw[..., 1]
+    else:  # mixture of columns / (3 * latent) components: logit, mean, logstd each
+        raw = out[..., :-2].reshape(out.shape[:-1] + (latent, columns // (3 * latent), 3))
+        logits, mean, logstd = raw[..., 0], raw[..., 1], raw[..., 2]
+    pred = Prediction(logits=logits, mean=mean, logstd=jnp.clip(logstd, -7.0, 3.0),
+                      reward=out[..., -2], done_logit=out[..., -1])
+    return (c, h), pred
+
+
 def step(
     cfg: TransitionConfig, params: Params, carry: tuple[jax.Array, jax.Array], z: jax.Array, a: jax.Array
 ) -> tuple[tuple[jax.Array, jax.Array], Prediction]:
     """One transition: (h_t, z_t, a_t) -> h_{t+1} and the prediction for z_{t+1}, r_t, done_t.
 
-    Computes in cfg.compute_dtype; the carry and the prediction come back float32.
+    Matmuls in cfg.compute_dtype (float32 accumulation); the carry and the prediction are float32.
+    Inside a loop, `pack` once and call `cell_step`.
     """
-    latent = z.shape[-1]
-    dt = cfg.compute_dtype
-    carry, pred = _net(cfg, latent).apply(
-        precision.cast(params, dt), precision.cast(carry, dt), precision.cast(z, dt), jnp.asarray(a, jnp.int32)
-    )
-    return precision.cast((carry, pred), "float32")
+    return cell_step(pack(cfg, params), carry, z, a)
+
+
+def latent_noise(key: jax.Array, latent: int, components: int) -> tuple[jax.Array | None, jax.Array]:
+    """The random draws one `sample_latent` makes: (Gumbel [latent, K] for the component, None for
+    K = 1; standard normal [latent]). Drawn apart so a rollout can draw all its steps' noise at once."""
+    key_k, key_n = jax.random.split(key)
+    gumbel = jax.random.gumbel(key_k, (latent, components)) if components > 1 else None
+    return gumbel, jax.random.normal(key_n, (latent,))
+
+
+def sample_with_noise(pred: Prediction, noise: tuple[jax.Array | None, jax.Array], tau: float | jax.Array = 1.0
+                      ) -> jax.Array:
+    """z' from M's prediction and `latent_noise`'s draws at temperature tau."""
+    gumbel, eps = noise
+    tau = jnp.asarray(tau, pred.mean.dtype)
+    if gumbel is None:
+        mean, logstd = pred.mean[..., 0], pred.logstd[..., 0]
+    else:  # jax.random.categorical(logits / tau) with these Gumbel draws
+        k = jnp.argmax(gumbel + pred.logits / tau, axis=-1)
+        mean = jnp.take_along_axis(pred.mean, k[..., None], axis=-1)[..., 0]
+        logstd = jnp.take_along_axis(pred.logstd, k[..., None], axis=-1)[..., 0]
+    return mean + jnp.exp(logstd) * jnp.sqrt(tau) * eps
 
 
 def sample_latent(key: jax.Array, pred: Prediction, tau: float | jax.Array = 1.0) -> jax.Array:
     """z' ~ p(z' | h') at temperature tau (logits / tau, sigma * sqrt(tau)); [..., latent]."""
     key_k, key_n = jax.random.split(key)
-    tau = jnp.asarray(tau, pred.mean.dtype)
-    k = jax.random.categorical(key_k, pred.logits / tau, axis=-1)
-    mean = jnp.take_along_axis(pred.mean, k[..., None], axis=-1)[..., 0]
-    logstd = jnp.take_along_axis(pred.logstd, k[..., None], axis=-1)[..., 0]
-    eps = jax.random.normal(key_n, mean.shape, mean.dtype)
-    return mean + jnp.exp(logstd) * jnp.sqrt(tau) * eps
+    gumbel = jax.random.gumbel(key_k, pred.logits.shape) if pred.logits.shape[-1] > 1 else None
+    return sample_with_noise(pred, (gumbel, jax.random.normal(key_n, pred.mean.shape[:-1])), tau)
 
 
 def latent_nll(pred: Prediction, z_next: jax.Array) -> jax.Array:
@@ -138,19 +220,23 @@ def imagine(
     """
     if (actions is None) == (policy is None):
         raise ValueError("imagine needs exactly one of `actions` and `policy`")
-    params = precision.cast(params, cfg.compute_dtype)  # once, not at every step
+    cell = pack(cfg, params)  # once, not at every step
+    latent = z0.shape[-1]
+    # Every step's sampling noise in one draw before the loop (the same bits as sample_latent with
+    # each step's key); under vmap it is drawn once per key, however many controllers share it.
+    noise = jax.vmap(lambda k: latent_noise(k, latent, _components(cfg)))(jax.random.split(key, length))
 
     def body(state, inputs):
         carry, z = state
-        key_t, a = inputs
+        noise_t, a = inputs
         if policy is not None:
             a = policy(carry, z)
-        new_carry, pred = step(cfg, params, carry, z, a)
-        z_next = sample_latent(key_t, pred, tau)
+        new_carry, pred = cell_step(cell, carry, z, a)
+        z_next = sample_with_noise(pred, noise_t, tau)
         return (new_carry, z_next), {"h": hidden(carry), "z": z, "action": a, "z_next": z_next, "pred": pred}
 
     given = jnp.zeros((length,), jnp.int32) if actions is None else jnp.asarray(actions, jnp.int32)
-    (carry, _), traj = jax.lax.scan(body, (carry, z0), (jax.random.split(key, length), given))
+    (carry, _), traj = jax.lax.scan(body, (carry, z0), (noise, given))
     return carry, traj
 
 
@@ -186,11 +272,12 @@ def observe_carries(
     """`observe` that also returns the carry each step started from: ((c, h) [B, L, hidden], preds)."""
     batch = z.shape[0]
     init_c = initial_carry(cfg, batch)
+    cell = pack(cfg, params)
 
     def body(carry, inputs):
         z_t, a_t, reset_t = inputs
         carry = jax.tree.map(lambda c, c0: jnp.where(reset_t[:, None], c0, c), carry, init_c)
-        new_carry, pred = step(cfg, params, carry, z_t, a_t)
+        new_carry, pred = cell_step(cell, carry, z_t, a_t)
         return new_carry, (carry, pred)
 
     xs = (jnp.swapaxes(z, 0, 1), jnp.swapaxes(a, 0, 1), jnp.swapaxes(reset, 0, 1))
