@@ -3,6 +3,7 @@
     python benchmarks/dream_throughput.py                        # the platform's default sizes
     python benchmarks/dream_throughput.py --sizes 64x16,1024x256 --modes bf16 --head mdn
     python benchmarks/dream_throughput.py --quick                # tiny sizes, one repeat (CI)
+    python benchmarks/dream_throughput.py --compare-torch        # + benchmarks/torch_dream.py, same run
 
 Times `wm_jax.dream.score_population` itself (one jitted call vmaps `_dream` over rollouts and the
 population). A population of P candidates with R rollouts each runs P x R dreams of --horizon
@@ -16,6 +17,10 @@ Modes: fp32-highest (float32 under jax.default_matmul_precision("highest")), fp3
 backend's default matmul precision; on CPU the two are the same), bf16 (M computing in bfloat16,
 TransitionConfig.compute_dtype). The first call (compile and one run) is reported apart; the
 steady state is the median of --repeats calls, each waited for with block_until_ready.
+
+--compare-torch runs the same dream as a batched PyTorch eager loop (benchmarks/torch_dream.py,
+fp32 and bf16 autocast; needs the `torch` extra) after each size, in the same process, and prints
+the ratio of the best wm_jax mode to the best PyTorch mode per size.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import importlib.util
 import os
 import platform
 import statistics
@@ -107,12 +113,15 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--horizon", type=int, default=30)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--quick", action="store_true", help="size 8x4 and one repeat")
+    p.add_argument("--compare-torch", action="store_true",
+                   help="also time benchmarks/torch_dream.py (PyTorch eager, fp32 and bf16 autocast) at each size")
     p.add_argument("--json", type=Path, default=None, metavar="PATH",
                    help="where to write the results (default benchmarks/results/dream_throughput_PLATFORM.json)")
     args = p.parse_args(argv)
     modes = tuple(m for m in args.modes.split(",") if m)
     if not modes or any(m not in MODES for m in modes):
         p.error(f"--modes must be a comma-separated subset of {MODES}, got {args.modes!r}")
+    torch_dream = _torch_dream(p) if args.compare_torch else None
     info = machine()
     if args.quick:
         args.sizes, args.repeats = QUICK_SIZES, 1
@@ -142,13 +151,49 @@ def main(argv: list[str] | None = None) -> dict:
             rows.append(r)
             print(f"| {population} x {rollouts} | {mode} | {r['steps_per_s']:,.0f} | {1e3 * r['median_s']:.1f} | "
                   f"{r['first_call_s']:.2f} |", flush=True)
+        if torch_dream is not None:
+            for mode in ("fp32", "bf16"):
+                r = torch_dream.bench(population, rollouts, args.horizon, args.repeats, mode, args.head,
+                                      latent, tcfg.hidden, tcfg.mixtures)
+                rows.append(r)
+                print(f"| {population} x {rollouts} | {r['mode']} | {r['steps_per_s']:,.0f} | "
+                      f"{1e3 * r['median_s']:.1f} | {r['first_call_s']:.2f} |", flush=True)
+    ratios = _ratios(rows) if torch_dream is not None else []
+    for r in ratios:
+        print(f"{r['population']} x {r['rollouts']}: wm_jax {r['jax_mode']} {r['jax_steps_per_s']:,.0f} / "
+              f"PyTorch {r['torch_mode']} {r['torch_steps_per_s']:,.0f} = {r['ratio']:.2f}x")
     result = {
         "machine": info, "head": args.head, "hidden": tcfg.hidden, "latent": latent, "horizon": args.horizon,
-        "repeats": args.repeats, "results": rows,
+        "repeats": args.repeats, "results": rows, "torch_ratios": ratios,
     }
     run_dir.write_json(args.json, result)
     print(f"\nwrote {args.json}")
     return result
+
+
+def _torch_dream(parser: argparse.ArgumentParser):
+    """benchmarks/torch_dream.py as a module, or a parser error naming the missing extra."""
+    if importlib.util.find_spec("torch") is None:
+        parser.error("--compare-torch needs PyTorch: pip install -e '.[torch]'")
+    spec = importlib.util.spec_from_file_location("torch_dream", Path(__file__).resolve().parent / "torch_dream.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.torch.set_num_threads(os.cpu_count() or 1)
+    return module
+
+
+def _ratios(rows: list[dict]) -> list[dict]:
+    """Per size: the best wm_jax mode's steps/s over the best PyTorch mode's."""
+    out = []
+    for size in dict.fromkeys((r["population"], r["rollouts"]) for r in rows):
+        same = [r for r in rows if (r["population"], r["rollouts"]) == size]
+        jax_best = max((r for r in same if not r["mode"].startswith("torch")), key=lambda r: r["steps_per_s"])
+        torch_best = max((r for r in same if r["mode"].startswith("torch")), key=lambda r: r["steps_per_s"])
+        out.append({"population": size[0], "rollouts": size[1], "jax_mode": jax_best["mode"],
+                    "jax_steps_per_s": jax_best["steps_per_s"], "torch_mode": torch_best["mode"],
+                    "torch_steps_per_s": torch_best["steps_per_s"],
+                    "ratio": jax_best["steps_per_s"] / torch_best["steps_per_s"]})
+    return out
 
 
 if __name__ == "__main__":

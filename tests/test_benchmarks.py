@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -86,3 +88,14 @@ def test_gpu_script_quick(tmp_path):
     assert "steps/s" in proc.stdout and "| total | 3.0 |" in proc.stdout and "| 12.5 |" in proc.stdout
     assert json.loads((tmp_path / "results" / "dream_throughput.json").read_text())["results"]
     assert json.loads((tmp_path / "results" / "pipeline_time.json").read_text())
+
+
+def test_dream_throughput_compare_torch(tmp_path):
+    """--compare-torch adds the PyTorch loop's rows and a ratio per size (skipped without the torch extra)."""
+    pytest.importorskip("torch")
+    stdout, result = _run(["benchmarks/dream_throughput.py", "--sizes", "4x2", "--modes", "fp32", "--horizon", "5",
+                           "--repeats", "1", "--compare-torch"], tmp_path)
+    assert [r["mode"] for r in result["results"]] == ["fp32", "torch-fp32", "torch-bf16"]
+    (ratio,) = result["torch_ratios"]
+    assert ratio["ratio"] == ratio["jax_steps_per_s"] / ratio["torch_steps_per_s"] > 0
+    assert "PyTorch" in stdout

@@ -1,0 +1,179 @@
+"""Where a dream step's time goes: the matmul roofline, XLA's cost analysis and timed pieces.
+
+    python benchmarks/dream_profile.py                      # 64x16 and 256x64, fp32 and bf16
+    python benchmarks/dream_profile.py --sizes 64x30 --head mdn --modes bf16
+
+For each size and mode:
+- the roofline: a jitted [rows, latent + 2 + hidden] @ [., 4 * hidden] product, the dream's LSTM
+  matmul alone outside any loop, in float32 and in bfloat16 with float32 results, measured now, and
+  the dream steps/s it allows at the step's FLOPs;
+- XLA's cost analysis of one compiled dream step (controller, M's packed cell, sampling): FLOPs and
+  bytes accessed per dream step;
+- pieces, each a `lax.scan` over the horizon on one block of dreams (the rows a CPU steps together,
+  dream.cpu_block), each adding one part of the step to the previous: the LSTM matmul, the LSTM's
+  element-wise gates, the heads (= transition.cell_step), sampling z' (transition.sample_with_noise),
+  the controller (controller.act per candidate); then the library's whole population scorer
+  (dream.score_population: starts, noise, masks and returns too) at the size;
+- the share of the roofline reached: dream steps/s x FLOPs per step / the mode's matmul FLOP/s.
+Medians of --repeats timed calls after one that compiles.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import dream_throughput  # noqa: E402  (machine(), parse_sizes(), mode_config())
+
+from wm_jax import controller, dream, run_dir, transition  # noqa: E402
+from wm_jax.config import Config, TransitionConfig  # noqa: E402
+
+MODES = ("fp32", "bf16")
+
+
+def _median(f, *args, repeats: int) -> float:
+    jax.block_until_ready(f(*args))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(*args))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def roofline(rows: int, inner: int, out: int, dtype, repeats: int) -> float:
+    """FLOP/s of a jitted [rows, inner] @ [inner, out] product (float32 results), 20 per timed call."""
+    x, w = jnp.ones((rows, inner), dtype), jnp.ones((inner, out), dtype)
+    f = jax.jit(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32))
+
+    def twenty(x, w):
+        for _ in range(20):
+            r = f(x, w)
+        return r
+
+    return 20 * 2 * rows * inner * out / _median(twenty, x, w, repeats=repeats)
+
+
+def pieces(cfg: Config, m_params, pop, starts, noise, horizon: int, repeats: int) -> tuple[list[dict], dict]:
+    """Seconds per scan step of each cumulative piece on one block [Pb, R], and XLA's cost of one full step."""
+    tcfg, ccfg = cfg.transition, cfg.controller
+    cell = transition.pack(tcfg, m_params)
+    pb, r = pop.shape[0], starts.shape[0]
+    z0 = jnp.broadcast_to(starts, (pb,) + starts.shape)
+    zeros = jnp.zeros((pb, r, tcfg.hidden))
+    hidden = tcfg.hidden
+
+    def step(level, cell, pop, state, noise_t):
+        c, h, z = state
+        if level == 0:  # the LSTM matmul alone (its result feeds h so nothing is optimized away)
+            x = jnp.concatenate([z.astype(cell.w.dtype), h.astype(cell.w.dtype)], -1)
+            g = jnp.dot(x, cell.w, preferred_element_type=jnp.float32)
+            return c, g[..., :hidden], z
+        a = jax.vmap(lambda w, z, h: controller.act(ccfg, w, z, h))(pop, z, h) if level >= 4 else jnp.zeros(z.shape[:-1], jnp.int32)
+        if level == 1:  # + the LSTM's gates, no heads
+            x = jnp.concatenate([z.astype(cell.w.dtype), h.astype(cell.w.dtype)], -1)
+            gates = jnp.dot(x, cell.w, preferred_element_type=jnp.float32) + cell.action[a]
+            i, f, g, o = jnp.split(gates, 4, -1)
+            c = transition._sigmoid(f) * c + transition._sigmoid(i) * jnp.tanh(g)
+            return c, transition._sigmoid(o) * jnp.tanh(c), z
+        (c, h), pred = transition.cell_step(cell, (c, h), z, a)
+        if level == 2:  # + the heads: keep the prediction alive through z
+            return c, h, z + 1e-6 * (pred.mean[..., 0] + pred.reward[..., None] + pred.done_logit[..., None])
+        gumbel, eps = noise_t
+        return c, h, transition.sample_with_noise(pred, (gumbel, eps))  # levels 3 (+ sampling), 4 (+ controller)
+
+    rows = []
+    names = ("LSTM matmul", "+ LSTM gates", "+ heads (cell_step)", "+ sampling z'", "+ controller")
+    for level, name in enumerate(names):
+        @jax.jit
+        def run(cell, pop, noise, level=level):
+            return jax.lax.scan(lambda s, n: (step(level, cell, pop, s, n), None), (zeros, zeros, z0), noise)[0]
+
+        rows.append({"piece": name, "s_per_step": _median(run, cell, pop, noise, repeats=repeats) / horizon})
+    one = jax.jit(lambda cell, pop, state, n: step(4, cell, pop, state, n))
+    noise_0 = jax.tree.map(lambda x: x[0], noise)
+    cost = one.lower(cell, pop, (zeros, zeros, z0), noise_0).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return rows, {"flops": float(cost.get("flops", 0.0)) / (pb * r), "bytes": float(cost.get("bytes accessed", 0.0)) / (pb * r)}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", type=dream_throughput.parse_sizes, default=((64, 16), (256, 64)))
+    p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, from {MODES}")
+    p.add_argument("--head", choices=("gaussian", "mdn"), default="gaussian")
+    p.add_argument("--horizon", type=int, default=30)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--json", type=Path, default=None, metavar="PATH",
+                   help="default benchmarks/results/dream_profile_PLATFORM.json")
+    args = p.parse_args(argv)
+    modes = tuple(m for m in args.modes.split(",") if m)
+    if not modes or any(m not in MODES for m in modes):
+        p.error(f"--modes must be a comma-separated subset of {MODES}, got {args.modes!r}")
+    info = dream_throughput.machine()
+    if args.json is None:
+        args.json = Path(__file__).resolve().parent / "results" / f"dream_profile_{info['platform']}.json"
+    base = dataclasses.replace(Config(), transition=TransitionConfig(head=args.head))
+    latent, hidden = base.vae.latent, base.transition.hidden
+    m_params = transition.init(jax.random.key(0), base.transition, latent)
+    k1, k2 = jax.random.split(jax.random.key(3))
+    stored = (jax.random.normal(k1, (1024, latent)), -2.0 + 0.1 * jax.random.normal(k2, (1024, latent)))
+    print(f"Machine: {info['platform']} ({info['device_kind']}) x{info['devices']}, {info['cpu_cores']} CPU cores, "
+          f"jax {info['jax']}; M: LSTM {hidden}, latent {latent}, {args.head} head; horizon {args.horizon}")
+    results = []
+    for population, rollouts in args.sizes:
+        block = dream.cpu_block(population, rollouts)
+        rows_per_block = block * rollouts
+        roof = {m: roofline(rows_per_block, latent + hidden, 4 * hidden, jnp.float32 if m == "fp32" else jnp.bfloat16,
+                            args.repeats) for m in modes}
+        for mode in modes:
+            cfg, _ = dream_throughput.mode_config(base, "bf16" if mode == "bf16" else "fp32")
+            dims = controller.num_params(cfg.controller, latent, hidden)
+            pop = 0.1 * jax.random.normal(jax.random.key(1), (population, dims))
+            starts = dream.draw_starts(jax.random.key(4), *stored, rollouts)
+            keys = jax.random.split(jax.random.key(5), args.horizon * rollouts).reshape(args.horizon, rollouts)
+            components = transition._components(cfg.transition)
+            noise = jax.vmap(jax.vmap(lambda k: transition.latent_noise(k, latent, components)))(keys)
+            parts, cost = pieces(cfg, m_params, pop[:block], starts, noise, args.horizon, args.repeats)
+            whole = _median(lambda k: dream.score_population(cfg, k, m_params, pop, *stored, rollouts, args.horizon),
+                            jax.random.key(6), repeats=args.repeats)
+            steps_per_s = population * rollouts * args.horizon / whole
+            # the roofline in dream steps/s: the matmul's FLOP/s over the step's FLOPs (XLA's count)
+            roof_steps = roof[mode] / cost["flops"]
+            result = {"population": population, "rollouts": rollouts, "block_candidates": block, "mode": mode,
+                      "matmul_flop_per_s": roof[mode], "flops_per_step": cost["flops"], "bytes_per_step": cost["bytes"],
+                      "pieces": parts, "dream_steps_per_s": steps_per_s, "roofline_steps_per_s": roof_steps,
+                      "roofline_share": steps_per_s / roof_steps}
+            results.append(result)
+            print(f"\n## {population} x {rollouts}, {mode} (blocks of {block} candidates = {rows_per_block} dreams)")
+            print(f"matmul roofline {roof[mode] / 1e9:.0f} GFLOP/s; XLA cost of one step: "
+                  f"{cost['flops'] / 1e6:.3f} MFLOP, {cost['bytes'] / 1e3:.1f} kB per dream step; "
+                  f"roofline {roof_steps:,.0f} dream steps/s")
+            print("| piece (cumulative) | ms per scan step | added ms | dream steps/s |")
+            print("|---|---:|---:|---:|")
+            prev = 0.0
+            for part in parts:
+                t = part["s_per_step"]
+                print(f"| {part['piece']} | {1e3 * t:.3f} | {1e3 * (t - prev):+.3f} | {rows_per_block / t:,.0f} |")
+                prev = t
+            t_whole = whole / args.horizon * (block / population)
+            print(f"| whole scorer (dream.score_population) | {1e3 * t_whole:.3f} | {1e3 * (t_whole - prev):+.3f} | "
+                  f"{steps_per_s:,.0f} |")
+            print(f"share of the {mode} matmul roofline: {100 * result['roofline_share']:.0f}%", flush=True)
+    out = {"machine": info, "head": args.head, "hidden": hidden, "latent": latent, "horizon": args.horizon,
+           "results": results}
+    run_dir.write_json(args.json, out)
+    print(f"\nwrote {args.json}")
+    return out
+
+
+if __name__ == "__main__":
+    main()
