@@ -426,8 +426,12 @@ def _cpu() -> Config:
             free_bits=0.5,
             train=TrainConfig(steps=1500, batch=32, lr=1e-3, chunk=50, checkpoint_every=500),
         ),
+        # M computes in bfloat16 (float32 accumulation and state): its dreams run 1.8x faster than
+        # float32 on this CPU and training at the same speed (docs/PERFORMANCE.md). 2,000 steps: the
+        # latent NLL is flat after about 1,600 (60.4 at 1,600, 60.2 at 3,000).
         transition=TransitionConfig(
-            train=TrainConfig(steps=3000, batch=32, lr=1e-3, chunk=100, checkpoint_every=1000),
+            compute_dtype="bfloat16",
+            train=TrainConfig(steps=2000, batch=32, lr=1e-3, chunk=100, checkpoint_every=1000),
         ),
         evolve=EvolveConfig(generations=60, gens_per_call=5, check_every=10),
         # Round 1 alone reached 266 +- 13 (the cart drifts out at ~250 steps: random data never

@@ -4,7 +4,9 @@ XLA's CPU convolutions are fast forward but their gradients are not: the input g
 strided convolution is a convolution with a dilated input, the kernel gradient one with a dilated
 kernel, and both fall to slow generic loops (measured on the `cpu` preset's VAE: 80% of a training
 step, docs/PERFORMANCE.md). Written as gathers of shifted, strided slices (im2col) and one dot, the
-gradients are slices, pads and dots, which XLA runs at matmul speed on every backend.
+gradients are slices, pads and dots, which XLA runs at matmul speed. The forward of `conv_s2`
+stays XLA's convolution (faster than the matmul form at large batches); its gradient is the
+matmul form's, by a custom VJP.
 
 `Conv` and `ConvTranspose` are drop-in replacements for `flax.linen.Conv` / `ConvTranspose` with
 strides (2, 2), padding "VALID" and a square kernel: the same parameter names, shapes and
@@ -14,17 +16,48 @@ initializers, so checkpoints load either way and the outputs agree to float roun
 
 from __future__ import annotations
 
+from functools import partial
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 
-def conv_s2(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """Cross-correlation, stride 2, VALID: [..., H, W, C] x [k, k, C, D] -> [..., (H-k)//2+1, ..., D]."""
-    k = kernel.shape[0]
+def _patches(x: jax.Array, k: int) -> jax.Array:
+    """The k x k windows at stride 2 of [..., H, W, C], side by side: [..., OH, OW, k * k * C]."""
     oh, ow = (x.shape[-3] - k) // 2 + 1, (x.shape[-2] - k) // 2 + 1
-    cols = [x[..., u:u + 2 * oh - 1:2, v:v + 2 * ow - 1:2, :] for u in range(k) for v in range(k)]
-    return jnp.concatenate(cols, axis=-1) @ kernel.reshape(-1, kernel.shape[-1])
+    return jnp.concatenate([x[..., u:u + 2 * oh - 1:2, v:v + 2 * ow - 1:2, :] for u in range(k) for v in range(k)],
+                           axis=-1)
+
+
+@jax.custom_vjp
+def conv_s2(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """Cross-correlation, stride 2, VALID: [..., H, W, C] x [k, k, C, D] -> [..., (H-k)//2+1, ..., D].
+
+    Forward: XLA's convolution (fast forward on the CPU, where the matmul form is 3-6x slower at
+    large batches); gradients: the matmul form's (`_patches` and dots).
+    """
+    batch = x.shape[:-3]
+    y = jax.lax.conv_general_dilated(x.reshape((-1,) + x.shape[-3:]), kernel, (2, 2), "VALID",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return y.reshape(batch + y.shape[1:])
+
+
+def _conv_s2_fwd(x, kernel):
+    return conv_s2(x, kernel), (x, kernel)
+
+
+def _conv_s2_bwd(res, g):
+    x, kernel = res
+    k, d = kernel.shape[0], kernel.shape[-1]
+    patches, patches_vjp = jax.vjp(partial(_patches, k=k), x)
+    g2 = g.reshape(-1, d)
+    d_kernel = (patches.reshape(-1, patches.shape[-1]).T @ g2).reshape(kernel.shape)
+    (d_x,) = patches_vjp((g2 @ kernel.reshape(-1, d).T).reshape(patches.shape))
+    return d_x, d_kernel
+
+
+conv_s2.defvjp(_conv_s2_fwd, _conv_s2_bwd)
 
 
 def conv_transpose_s2(x: jax.Array, kernel: jax.Array) -> jax.Array:

@@ -13,6 +13,7 @@ Loss: the negative ELBO, reconstruction (summed over pixels) plus beta * KL, bet
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 from typing import Any
 
 import flax.linen as nn
@@ -188,21 +189,33 @@ def reconstructions(cfg: VAEConfig, params: Params, frames, stack_rows, n: int =
     mean: (real uint8[n, 64, 64], recon [n, 64, 64] in [0, 1], rows int32[n])."""
     rows = np.linspace(0, len(stack_rows) - 1, n).astype(np.int32)
     x = data_lib.stacks(jnp.asarray(frames), jnp.asarray(stack_rows), jnp.asarray(rows))
-    mean, _ = encode(cfg, params, x)
-    return np.asarray(x[..., -1]), np.asarray(decode(cfg, params, mean))[..., -1], rows
+    recon = _reconstruct(cfg.static(), params, x)
+    return np.asarray(x[..., -1]), np.asarray(recon)[..., -1], rows
+
+
+@partial(jax.jit, static_argnums=0)
+def _reconstruct(cfg: VAEConfig, params: Params, x: jax.Array) -> jax.Array:
+    # jitted: eagerly, each of the convolutions' slices would be dispatched (and compiled) alone
+    return decode(cfg, params, encode(cfg, params, x)[0])
+
+
+@partial(jax.jit, static_argnums=0)
+def _encode_rows(cfg: VAEConfig, params: Params, frames: jax.Array, stack_rows: jax.Array, rows: jax.Array):
+    return encode(cfg, params, data_lib.stacks(frames, stack_rows, rows))
 
 
 def encode_all(cfg: VAEConfig, params: Params, frames, stack_rows, batch: int = 1024) -> tuple:
-    """Posterior (mean, logvar) for every dataset row, in fixed-size batches (one compile)."""
+    """Posterior (mean, logvar) for every dataset row, in fixed-size batches (one compile per
+    config, the frames an argument of it, not a constant baked into it)."""
     frames = jnp.asarray(frames)
     stack_rows = jnp.asarray(stack_rows)
-    fn = jax.jit(lambda p, rows: encode(cfg, p, data_lib.stacks(frames, stack_rows, rows)))
+    static = cfg.static()
     n = stack_rows.shape[0]
     means, logvars = [], []
     for lo in range(0, n, batch):
         interrupt.check()  # Ctrl-C between batches
         rows = np.minimum(np.arange(lo, lo + batch), n - 1)
-        m, lv = fn(params, jnp.asarray(rows))
+        m, lv = _encode_rows(static, params, frames, stack_rows, jnp.asarray(rows))
         means.append(np.asarray(m)[: n - lo])
         logvars.append(np.asarray(lv)[: n - lo])
     return np.concatenate(means), np.concatenate(logvars)
