@@ -103,7 +103,7 @@ class Cell(NamedTuple):
 
     w: jax.Array  # [latent + hidden, 4 * hidden]: rows for z, then h; columns for gates i, f, g, o
     action: jax.Array  # [NUM_ACTIONS, 4 * hidden] float32: the action's kernel row plus the bias
-    head_w: jax.Array  # [hidden, 3 * latent * K + 2] (K = 1: 2 * latent + 2, no logits)
+    head_w: jax.Array  # [hidden, 3 * latent * K + 2]: logits, means, logstds, reward, done (K = 1: no logits)
     head_b: jax.Array  # float32
 
 
@@ -120,8 +120,12 @@ def pack(cfg: TransitionConfig, params: Params) -> Cell:
     head_b = p["latent_head"]["bias"].reshape(latent, k, 3)
     if k == 1:  # one component: its logit never matters, so it is not computed
         head_w, head_b = head_w[..., 1:], head_b[..., 1:]
-    head_w = jnp.concatenate([head_w.reshape(cfg.hidden, -1), p["reward_head"]["kernel"], p["done_head"]["kernel"]], -1)
-    head_b = jnp.concatenate([head_b.reshape(-1), p["reward_head"]["bias"], p["done_head"]["bias"]], -1)
+    # columns grouped by kind (logits, means, logstds), each [latent, K] contiguous: slicing them
+    # out of the result is then cheap, where every-third-column slices cost more than the matmul
+    head_w = jnp.moveaxis(head_w, -1, 1).reshape(cfg.hidden, -1)
+    head_b = jnp.moveaxis(head_b, -1, 0).reshape(-1)
+    head_w = jnp.concatenate([head_w, p["reward_head"]["kernel"], p["done_head"]["kernel"]], -1)
+    head_b = jnp.concatenate([head_b, p["reward_head"]["bias"], p["done_head"]["bias"]], -1)
     dt = precision.DTYPES[cfg.compute_dtype]
     return Cell(w=jnp.concatenate([w_in[:latent], w_h], 0).astype(dt), action=w_in[latent:] + bias,
                 head_w=head_w.astype(dt), head_b=head_b)
@@ -144,12 +148,13 @@ def _heads(cell: Cell, h: jax.Array, latent: int) -> Prediction:
     """The latent, reward and done heads on h [..., hidden], one matmul."""
     out = jnp.dot(h.astype(cell.head_w.dtype), cell.head_w, preferred_element_type=jnp.float32) + cell.head_b
     columns = out.shape[-1] - 2
-    if columns == 2 * latent:  # Gaussian: one component, mean and logstd; its logit is 0
-        raw = out[..., :-2].reshape(out.shape[:-1] + (latent, 1, 2))
-        logits, mean, logstd = jnp.zeros_like(raw[..., 0]), raw[..., 0], raw[..., 1]
-    else:  # mixture of columns / (3 * latent) components: logit, mean, logstd each
-        raw = out[..., :-2].reshape(out.shape[:-1] + (latent, columns // (3 * latent), 3))
-        logits, mean, logstd = raw[..., 0], raw[..., 1], raw[..., 2]
+    if columns == 2 * latent:  # Gaussian: one component, means then logstds; its logit is 0
+        mean, logstd = (out[..., i * latent:(i + 1) * latent, None] for i in range(2))
+        logits = jnp.zeros_like(mean)
+    else:  # a mixture of columns / (3 * latent) components: logits, means, logstds, each [latent, K]
+        k = columns // (3 * latent)
+        logits, mean, logstd = (out[..., i * latent * k:(i + 1) * latent * k].reshape(out.shape[:-1] + (latent, k))
+                                for i in range(3))
     return Prediction(logits=logits, mean=mean, logstd=jnp.clip(logstd, -7.0, 3.0),
                       reward=out[..., -2], done_logit=out[..., -1])
 
