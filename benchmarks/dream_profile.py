@@ -14,7 +14,10 @@ For each size and mode:
   element-wise gates, the heads (= transition.cell_step), sampling z' (transition.sample_with_noise),
   the controller (controller.act per candidate); then the library's whole population scorer
   (dream.score_population: starts, noise, masks and returns too) at the size;
-- the share of the roofline reached: dream steps/s x FLOPs per step / the mode's matmul FLOP/s.
+- the share of the roofline reached: dream steps/s x FLOPs per step / the mode's matmul FLOP/s;
+- the alternatives the library's choices were measured against: the whole population stepped at
+  once instead of in blocks, a bf16 matmul with bf16 results, the LSTM gates in bfloat16 or with
+  XLA's logistic instead of the tanh form.
 Medians of --repeats timed calls after one that compiles.
 """
 
@@ -31,10 +34,10 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import dream_throughput  # noqa: E402  (machine(), parse_sizes(), mode_config())
+import dream_throughput  # (machine(), parse_sizes(), mode_config())
 
-from wm_jax import controller, dream, run_dir, transition  # noqa: E402
-from wm_jax.config import Config, TransitionConfig  # noqa: E402
+from wm_jax import controller, dream, run_dir, transition
+from wm_jax.config import Config, TransitionConfig
 
 MODES = ("fp32", "bf16")
 
@@ -49,10 +52,10 @@ def _median(f, *args, repeats: int) -> float:
     return statistics.median(times)
 
 
-def roofline(rows: int, inner: int, out: int, dtype, repeats: int) -> float:
+def roofline(rows: int, inner: int, out: int, dtype, repeats: int, result=jnp.float32) -> float:
     """FLOP/s of a jitted [rows, inner] @ [inner, out] product (float32 results), 20 per timed call."""
     x, w = jnp.ones((rows, inner), dtype), jnp.ones((inner, out), dtype)
-    f = jax.jit(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32))
+    f = jax.jit(lambda x, w: jnp.dot(x, w, preferred_element_type=result))
 
     def twenty(x, w):
         for _ in range(20):
@@ -60,6 +63,27 @@ def roofline(rows: int, inner: int, out: int, dtype, repeats: int) -> float:
         return r
 
     return 20 * 2 * rows * inner * out / _median(twenty, x, w, repeats=repeats)
+
+
+def alternatives(rows: int, inner: int, hidden: int, horizon: int, repeats: int) -> dict:
+    """What the choices in transition.cell_step were measured against, at `rows` dreams: the LSTM
+    matmul in bf16 with bf16 results (FLOP/s), and one step's gates (ms) with float32 and the tanh
+    form (the library's), float32 and XLA's logistic, bfloat16 and the tanh form."""
+    out = {"bf16_results_matmul_flop_per_s": roofline(rows, inner, 4 * hidden, jnp.bfloat16, repeats, jnp.bfloat16)}
+    gates = jax.random.normal(jax.random.key(0), (rows, 4 * hidden))
+    for name, dtype, sigmoid in (("gates_f32_tanh_form_ms", jnp.float32, transition._sigmoid),
+                                 ("gates_f32_logistic_ms", jnp.float32, jax.nn.sigmoid),
+                                 ("gates_bf16_tanh_form_ms", jnp.bfloat16, transition._sigmoid)):
+        @jax.jit
+        def run(g, c, sigmoid=sigmoid):
+            def body(c, _):
+                i, f, gg, o = jnp.split(g + 1e-3 * jnp.tile(c[:, :1], (1, 4 * hidden)), 4, -1)
+                c = sigmoid(f) * c + sigmoid(i) * jnp.tanh(gg)
+                return c + 1e-4 * sigmoid(o) * jnp.tanh(c), None
+            return jax.lax.scan(body, c, None, length=horizon)[0]
+
+        out[name] = 1e3 * _median(run, gates.astype(dtype), jnp.zeros((rows, hidden), dtype), repeats=repeats) / horizon
+    return out
 
 
 def pieces(cfg: Config, m_params, pop, starts, noise, horizon: int, repeats: int) -> tuple[list[dict], dict]:
@@ -128,11 +152,11 @@ def main(argv: list[str] | None = None) -> dict:
     stored = (jax.random.normal(k1, (1024, latent)), -2.0 + 0.1 * jax.random.normal(k2, (1024, latent)))
     print(f"Machine: {info['platform']} ({info['device_kind']}) x{info['devices']}, {info['cpu_cores']} CPU cores, "
           f"jax {info['jax']}; M: LSTM {hidden}, latent {latent}, {args.head} head; horizon {args.horizon}")
-    results = []
+    results, others = [], []
     for population, rollouts in args.sizes:
         block = dream.cpu_block(population, rollouts)
         rows_per_block = block * rollouts
-        roof = {m: roofline(rows_per_block, latent + hidden, 4 * hidden, jnp.float32 if m == "fp32" else jnp.bfloat16,
+        roof = {m: roofline(rows_per_block, latent + 2 + hidden, 4 * hidden, jnp.float32 if m == "fp32" else jnp.bfloat16,
                             args.repeats) for m in modes}
         for mode in modes:
             cfg, _ = dream_throughput.mode_config(base, "bf16" if mode == "bf16" else "fp32")
@@ -168,8 +192,27 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"| whole scorer (dream.score_population) | {1e3 * t_whole:.3f} | {1e3 * (t_whole - prev):+.3f} | "
                   f"{steps_per_s:,.0f} |")
             print(f"share of the {mode} matmul roofline: {100 * result['roofline_share']:.0f}%", flush=True)
+            if block < population:  # the same scorer with the whole population stepped together
+                saved, dream.CPU_BLOCK_ROWS = dream.CPU_BLOCK_ROWS, population * rollouts
+                jax.clear_caches()
+                try:
+                    unblocked = _median(lambda k: dream.score_population(cfg, k, m_params, pop, *stored, rollouts,
+                                                                         args.horizon), jax.random.key(6), repeats=args.repeats)
+                finally:
+                    dream.CPU_BLOCK_ROWS = saved
+                    jax.clear_caches()
+                result["unblocked_steps_per_s"] = population * rollouts * args.horizon / unblocked
+                print(f"without blocks (all {population * rollouts} dreams stepped together): "
+                      f"{result['unblocked_steps_per_s']:,.0f} dream steps/s")
+        alt = alternatives(rows_per_block, latent + 2 + hidden, hidden, args.horizon, args.repeats)
+        others.append({"population": population, "rollouts": rollouts, "rows": rows_per_block, **alt})
+        print(f"\nalternatives at {rows_per_block} dreams: bf16 matmul with bf16 results "
+              f"{alt['bf16_results_matmul_flop_per_s'] / 1e9:.0f} GFLOP/s (float32 results: "
+              f"{roof.get('bf16', float('nan')) / 1e9:.0f}); one step's LSTM gates: float32 tanh form "
+              f"{alt['gates_f32_tanh_form_ms']:.3f} ms, float32 logistic {alt['gates_f32_logistic_ms']:.3f} ms, "
+              f"bfloat16 tanh form {alt['gates_bf16_tanh_form_ms']:.3f} ms", flush=True)
     out = {"machine": info, "head": args.head, "hidden": hidden, "latent": latent, "horizon": args.horizon,
-           "results": results}
+           "results": results, "alternatives": others}
     run_dir.write_json(args.json, out)
     print(f"\nwrote {args.json}")
     return out

@@ -99,3 +99,22 @@ def test_dream_throughput_compare_torch(tmp_path):
     (ratio,) = result["torch_ratios"]
     assert ratio["ratio"] == ratio["jax_steps_per_s"] / ratio["torch_steps_per_s"] > 0
     assert "PyTorch" in stdout
+
+
+def test_dream_profile_quick(tmp_path):
+    stdout, result = _run(["benchmarks/dream_profile.py", "--sizes", "4x2", "--modes", "fp32,bf16", "--horizon", "3",
+                           "--repeats", "1"], tmp_path)
+    assert "LSTM matmul" in stdout and "whole scorer" in stdout
+    assert [r["mode"] for r in result["results"]] == ["fp32", "bf16"]
+    for r in result["results"]:
+        assert len(r["pieces"]) == 5 and r["flops_per_step"] > 0 and r["dream_steps_per_s"] > 0
+        assert r["roofline_share"] == r["dream_steps_per_s"] / r["roofline_steps_per_s"]
+    (alt,) = result["alternatives"]
+    assert alt["gates_f32_tanh_form_ms"] > 0 and alt["bf16_results_matmul_flop_per_s"] > 0
+
+
+def test_conv_speed_quick(tmp_path):
+    stdout, result = _run(["benchmarks/conv_speed.py", "--batch", "2", "--forward-batch", "2", "--filters", "2,2,2,2"],
+                          tmp_path)
+    assert len(result["layers"]) == 8 and "deconv" in stdout
+    assert all(r["layers_train_ms"] > 0 and r["flax_train_ms"] > 0 for r in result["layers"])

@@ -1,7 +1,6 @@
 """benchmarks/torch_dream.py dreams the same dream as wm_jax.dream (skipped without the torch extra):
 with M's weights copied over and the same starts and noise, every candidate's mean return agrees."""
 
-import dataclasses
 import importlib.util
 from pathlib import Path
 

@@ -240,8 +240,9 @@ class TransitionConfig(_Section):
     done_pos_weight: float = 10.0
     reward_weight: float = 1.0
     done_weight: float = 1.0
-    # dtype of M's forward and backward pass, in training and in the dream; parameters, optimizer
-    # state, the carry between steps, losses, sampling and returns stay float32
+    # dtype of M's matmul inputs (weights and activations), in training and in the dream; the
+    # matmuls accumulate and return float32, and parameters, optimizer state, the LSTM's
+    # element-wise work and carry, losses, sampling and returns stay float32
     compute_dtype: str = "float32"
     # Drift mitigations, off unless measured to help (README): dropout on M's input z while
     # training (probability per dimension), and a penalty weight on the squared norm of the

@@ -7,7 +7,8 @@ Start states are latents sampled from stored encoder posteriors of real observat
 initial_z), with M's carry at zero; with grounding (the traced share evolve.grounding > 0) a
 share of them comes from a pool of states the current controller reached in the real
 environment instead.
-M runs in cfg.transition.compute_dtype; the controller, sampling, p_done and returns are float32.
+M's matmuls take cfg.transition.compute_dtype inputs (float32 results); the controller, sampling,
+p_done and returns are float32.
 
 Every jitted function here takes the static config (`cfg.static()`) and the traced
 hyperparameters (`hp = cfg.hyper()`: tau, the verifier's threshold, the grounding share) apart,

@@ -85,8 +85,16 @@ def to_float(stack: jax.Array) -> jax.Array:
 
 
 def init(key: jax.Array, cfg: VAEConfig) -> Params:
-    x = jnp.zeros((1, 64, 64, 4), jnp.float32)
-    return model(cfg).init(key, x, jnp.zeros((1, cfg.latent)))
+    return _init(key, cfg.static())
+
+
+@partial(jax.jit, static_argnums=1)
+def _init(key: jax.Array, cfg: VAEConfig) -> Params:
+    # One program of the initializers only (lazy_init traces the model with abstract inputs): run
+    # op by op, flax's init compiled every truncated-normal shape and every convolution slice apart
+    # (9 s on the cpu preset; this is 5 s)
+    x = jax.ShapeDtypeStruct((1, 64, 64, 4), jnp.float32)
+    return model(cfg).lazy_init(key, x, jax.ShapeDtypeStruct((1, cfg.latent), jnp.float32))
 
 
 def encode(cfg: VAEConfig, params: Params, stack: jax.Array) -> tuple[jax.Array, jax.Array]:
