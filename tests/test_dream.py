@@ -629,3 +629,12 @@ def test_bfloat16_dream_matches_float32():
     assert abs(bf16.mean() - fp32.mean()) <= 0.01 * abs(fp32.mean()), (bf16.mean(), fp32.mean())
     assert np.abs(bf16 - fp32).max() <= 0.05 * horizon
     assert np.corrcoef(fp32, bf16)[0, 1] > 0.95
+
+
+def test_a_search_compiles_its_period_once(tmp_path):
+    """evosax's init leaves weakly typed fields that a period's output does not have: unless init
+    fixes the dtypes, the second period compiles the program again."""
+    cfg = _toy_cfg(population=8, generations=30, gens_per_call=5, check_every=10, sigma=0.1)
+    before = evolve._period_cells._cache_size()
+    evolve.evolve(cfg, jax.random.key(23), _toy_world(), tmp_path, progress=False, score=_toy_score, check=_TOY_CHECK)
+    assert evolve._period_cells._cache_size() - before == 1

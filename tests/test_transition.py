@@ -554,3 +554,16 @@ def test_observe_is_stepping_the_cell(cfg, head):
             carry, pred = transition.step(cfg, params, carry, z[i, t], a[i, t])
             for x, y in zip(got, pred):
                 np.testing.assert_allclose(np.asarray(x[i, t]), np.asarray(y), rtol=1e-5, atol=1e-5)
+
+
+def test_fine_tuning_from_loaded_parameters_compiles_nothing_new(tmp_path, cfg):
+    """Parameters restored from a checkpoint are committed to a device and a training chunk's
+    outputs are not: fit starts from host copies, so fine-tuning reuses the first training's program."""
+    full = Config(vae=VAEConfig(latent=LATENT), transition=dataclasses.replace(cfg, train=dataclasses.replace(
+        cfg.train, steps=20, chunk=10, checkpoint_every=10)))
+    arrays = _synthetic_arrays()
+    transition.train(full, jax.random.key(0), arrays, tmp_path / "a", progress=False)
+    loaded = transition.load(full, tmp_path / "a")
+    before = train_lib.run_chunk._cache_size()
+    transition.train(full, jax.random.key(1), arrays, tmp_path / "b", progress=False, init_params=loaded)
+    assert train_lib.run_chunk._cache_size() == before

@@ -113,7 +113,9 @@ def init(cfg: Config, hp: dict[str, Any], key: jax.Array, world: World, init_mea
     rows = jax.random.randint(jax.random.fold_in(key_init, 1), (cfg.evolve.check_episodes * cfg.eval.max_steps,), 0,
                               world.starts[0].shape[0])
     return EvolveState(
-        es=es.init(key_init, mean0, _es_params(es, hp)),
+        # evosax leaves some fields weakly typed, which a period's output is not: without the
+        # explicit dtypes the first period would compile a second program (6 s on the cpu preset)
+        es=jax.tree.map(lambda x: jnp.asarray(x, dtype=x.dtype), es.init(key_init, mean0, _es_params(es, hp))),
         pool=(world.starts[0][rows], world.starts[1][rows], jnp.ones(rows.shape, jnp.float32)),
         best=mean0,
         best_real=jnp.asarray(-jnp.inf, jnp.float32),

@@ -165,6 +165,9 @@ def fit(
         _truncate_metrics(metrics_path, restored[0])
     else:
         metrics_path.unlink(missing_ok=True)
+    # Through the host: restored (or loaded, when fine-tuning) arrays are committed to a device and
+    # a chunk's outputs are not, so the second chunk would compile the program again (4 s for M)
+    state = jax.tree.map(jnp.asarray, jax.device_get(state))
     start = int(state.step)
     mngr = checkpoint.manager(ckpt_dir, cfg.max_to_keep)
     every = max(cfg.chunk, -(-cfg.checkpoint_every // cfg.chunk) * cfg.chunk)
