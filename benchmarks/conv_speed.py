@@ -10,9 +10,7 @@ respect to the input and the parameters) at --batch, and for the forward alone a
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import flax.linen as nn
@@ -28,13 +26,7 @@ STEPS = 10
 
 
 def _ms(f, *args, repeats: int = 5) -> float:
-    jax.block_until_ready(f(*args))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times) / STEPS
+    return 1e3 * dream_throughput.median_seconds(f, *args, repeats=repeats) / STEPS
 
 
 def _train_ms(module, params, x) -> float:

@@ -25,9 +25,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import statistics
 import sys
-import time
+from functools import partial
 from pathlib import Path
 
 import jax
@@ -42,14 +41,7 @@ from wm_jax.config import Config, TransitionConfig
 MODES = ("fp32", "bf16")
 
 
-def _median(f, *args, repeats: int) -> float:
-    jax.block_until_ready(f(*args))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+_median = dream_throughput.median_seconds
 
 
 def roofline(rows: int, inner: int, out: int, dtype, repeats: int, result=jnp.float32) -> float:
@@ -165,10 +157,11 @@ def main(argv: list[str] | None = None) -> dict:
             starts = dream.draw_starts(jax.random.key(4), *stored, rollouts)
             keys = jax.random.split(jax.random.key(5), args.horizon * rollouts).reshape(args.horizon, rollouts)
             components = transition._components(cfg.transition)
-            noise = jax.vmap(jax.vmap(lambda k: transition.latent_noise(k, latent, components)))(keys)
+            noise = jax.vmap(jax.vmap(partial(transition.latent_noise, latent=latent, components=components)))(keys)
             parts, cost = pieces(cfg, m_params, pop[:block], starts, noise, args.horizon, args.repeats)
-            whole = _median(lambda k: dream.score_population(cfg, k, m_params, pop, *stored, rollouts, args.horizon),
-                            jax.random.key(6), repeats=args.repeats)
+            score = partial(dream.score_population, cfg, m_params=m_params, population=pop, mean=stored[0],
+                            logvar=stored[1], rollouts=rollouts, horizon=args.horizon)
+            whole = _median(score, jax.random.key(6), repeats=args.repeats)
             steps_per_s = population * rollouts * args.horizon / whole
             # the roofline in dream steps/s: the matmul's FLOP/s over the step's FLOPs (XLA's count)
             roof_steps = roof[mode] / cost["flops"]
@@ -196,8 +189,7 @@ def main(argv: list[str] | None = None) -> dict:
                 saved, dream.CPU_BLOCK_ROWS = dream.CPU_BLOCK_ROWS, population * rollouts
                 jax.clear_caches()
                 try:
-                    unblocked = _median(lambda k: dream.score_population(cfg, k, m_params, pop, *stored, rollouts,
-                                                                         args.horizon), jax.random.key(6), repeats=args.repeats)
+                    unblocked = _median(score, jax.random.key(6), repeats=args.repeats)
                 finally:
                     dream.CPU_BLOCK_ROWS = saved
                     jax.clear_caches()

@@ -61,6 +61,17 @@ def machine() -> dict:
     }
 
 
+def median_seconds(f, *args, repeats: int) -> float:
+    """Median wall seconds of `repeats` calls of f(*args), each waited for, after one call (compile)."""
+    jax.block_until_ready(f(*args))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(*args))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 def parse_sizes(text: str) -> tuple[tuple[int, int], ...]:
     try:
         sizes = tuple(tuple(int(n) for n in part.lower().split("x")) for part in text.split(","))

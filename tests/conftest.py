@@ -6,15 +6,21 @@ alone leaves about 25,000), and the whole suite in one process compiles enough p
 the kernel's limit (vm.max_map_count, 65,530 by default), where the next compile crashes the
 process with a segmentation fault. The library itself compiles each program once per static
 config (traced hyperparameters never compile again), so this is the suite's concern only: many
-small configs, each compiled for a few calls.
+small configs, each compiled for a few calls. The suite keeps the wm-jax commands' persistent
+compilation cache off.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import jax
 import pytest
+
+# The wm-jax commands turn on JAX's persistent compilation cache (cli.compilation_cache); tests that
+# run them, in this process or in subprocesses, leave the user's cache alone.
+os.environ["WM_JAX_COMPILATION_CACHE"] = "off"
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -186,3 +186,20 @@ def test_collect_succeeds(tmp_path, capsys):
     code, stdout, _ = _main(["collect", "--episodes", "3", "--seed", "2", "--out", str(out), "--overwrite"], capsys)
     assert code == 0 and "3 episodes" in stdout
     assert len(set(data.to_arrays(data.load_dataset(out))["episode"].tolist())) == 3
+
+
+def test_compilation_cache_goes_where_asked_and_can_be_turned_off(monkeypatch, tmp_path):
+    import jax
+
+    before = jax.config.jax_compilation_cache_dir
+    monkeypatch.setenv("WM_JAX_COMPILATION_CACHE", "off")
+    assert cli.compilation_cache() is None and jax.config.jax_compilation_cache_dir == before
+    try:
+        monkeypatch.setenv("WM_JAX_COMPILATION_CACHE", str(tmp_path / "xla"))
+        assert cli.compilation_cache() == tmp_path / "xla"
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "xla")
+        monkeypatch.setenv("WM_JAX_COMPILATION_CACHE", "")
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+        assert cli.compilation_cache() == tmp_path / "cache" / "wm_jax" / "jax"
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)

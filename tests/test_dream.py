@@ -638,3 +638,26 @@ def test_a_search_compiles_its_period_once(tmp_path):
     before = evolve._period_cells._cache_size()
     evolve.evolve(cfg, jax.random.key(23), _toy_world(), tmp_path, progress=False, score=_toy_score, check=_TOY_CHECK)
     assert evolve._period_cells._cache_size() - before == 1
+
+
+@pytest.mark.parametrize("population,rollouts,block", [(64, 16, 64), (256, 64, 16), (60, 30, 30), (7, 2048, 1), (8, 2, 8)])
+def test_cpu_blocks_are_the_largest_divisor_that_fits(population, rollouts, block):
+    assert dream.cpu_block(population, rollouts) == block  # one CPU device here (tests/test_sharding.py has 8)
+
+
+def test_scoring_in_blocks_gives_the_same_scores(monkeypatch):
+    """Blocks of candidates scored one after the other see the same starts and noise as the whole
+    population at once: the same scores up to float rounding."""
+    cfg = SMOKE
+    latent, hidden = cfg.vae.latent, cfg.transition.hidden
+    m = transition.init(jax.random.key(0), cfg.transition, latent)
+    pop = 0.5 * jax.random.normal(jax.random.key(1), (12, controller.num_params(cfg.controller, latent, hidden)))
+    mean, logvar = jax.random.normal(jax.random.key(2), (20, latent)), jnp.full((20, latent), -1.0)
+    whole = dream.score_population(cfg, jax.random.key(3), m, pop, mean, logvar, 4, 10)
+    monkeypatch.setattr(dream, "CPU_BLOCK_ROWS", 8)  # blocks of 2 candidates x 4 rollouts
+    jax.clear_caches()
+    assert dream.cpu_block(12, 4) == 2
+    blocked = dream.score_population(cfg, jax.random.key(3), m, pop, mean, logvar, 4, 10)
+    jax.clear_caches()
+    np.testing.assert_allclose(np.asarray(blocked), np.asarray(whole), rtol=1e-5, atol=1e-5)
+    assert len(set(np.round(np.asarray(whole), 4))) > 1

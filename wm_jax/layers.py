@@ -90,31 +90,31 @@ def conv_transpose_s2(x: jax.Array, kernel: jax.Array) -> jax.Array:
     return y[..., :out_h, :out_w, :]
 
 
-class Conv(nn.Module):
+class _Stride2(nn.Module):
+    """A stride-2, VALID, square-kernel layer with flax's parameters (kernel [k, k, C, D], bias [D])."""
+
+    features: int
+    kernel_size: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        shape = (self.kernel_size, self.kernel_size, x.shape[-1], self.features)
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), shape, jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
+        return self.op(x, kernel.astype(x.dtype)) + bias.astype(x.dtype)
+
+    @staticmethod
+    def op(x: jax.Array, kernel: jax.Array) -> jax.Array:
+        raise NotImplementedError
+
+
+class Conv(_Stride2):
     """`nn.Conv(features, (k, k), strides=(2, 2), padding="VALID")`, computed by `conv_s2`."""
 
-    features: int
-    kernel_size: int
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        shape = (self.kernel_size, self.kernel_size, x.shape[-1], self.features)
-        kernel = self.param("kernel", nn.initializers.lecun_normal(), shape, jnp.float32)
-        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
-        kernel, bias = kernel.astype(x.dtype), bias.astype(x.dtype)
-        return conv_s2(x, kernel) + bias
+    op = staticmethod(conv_s2)
 
 
-class ConvTranspose(nn.Module):
+class ConvTranspose(_Stride2):
     """`nn.ConvTranspose(features, (k, k), strides=(2, 2), padding="VALID")`, computed by `conv_transpose_s2`."""
 
-    features: int
-    kernel_size: int
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        shape = (self.kernel_size, self.kernel_size, x.shape[-1], self.features)
-        kernel = self.param("kernel", nn.initializers.lecun_normal(), shape, jnp.float32)
-        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
-        kernel, bias = kernel.astype(x.dtype), bias.astype(x.dtype)
-        return conv_transpose_s2(x, kernel) + bias
+    op = staticmethod(conv_transpose_s2)
