@@ -98,9 +98,12 @@ def test_precision_flag_sets_v_and_m(command):
     parser = cli.build_parser()
     default = cli._preset(parser.parse_args(command))
     bf16 = cli._preset(parser.parse_args([*command, "--precision", "bf16"]))
-    assert default.vae.compute_dtype == default.transition.compute_dtype == "float32"
+    fp32 = cli._preset(parser.parse_args([*command, "--precision", "fp32"]))
+    # the cpu preset's own: V float32, M bfloat16
+    assert (default.vae.compute_dtype, default.transition.compute_dtype) == ("float32", "bfloat16")
     assert bf16.vae.compute_dtype == bf16.transition.compute_dtype == "bfloat16"
-    assert bf16.evolve == default.evolve and bf16.vae.train == default.vae.train
+    assert fp32.vae.compute_dtype == fp32.transition.compute_dtype == "float32"
+    assert bf16.evolve == default.evolve == fp32.evolve and bf16.vae.train == default.vae.train
 
 
 def test_run_verifier_flag_sets_the_mode_and_the_default_out(monkeypatch, tmp_path):

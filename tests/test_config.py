@@ -181,16 +181,19 @@ def test_configs_are_frozen():
 
 
 def test_compute_dtype_defaults_and_old_configs():
-    """float32 by default; configs written before the field existed load as float32."""
+    """float32 by default (the cpu preset runs M in bfloat16); configs written before the field
+    existed load as float32."""
+    assert Config().vae.compute_dtype == Config().transition.compute_dtype == "float32"
     cfg = get_preset("cpu")
-    assert cfg.vae.compute_dtype == cfg.transition.compute_dtype == "float32"
+    assert (cfg.vae.compute_dtype, cfg.transition.compute_dtype) == ("float32", "bfloat16")
     old = cfg.to_dict()
     del old["vae"]["compute_dtype"], old["transition"]["compute_dtype"]
-    assert Config.from_dict(old) == cfg
+    assert Config.from_dict(old) == with_compute_dtype(cfg, "float32")
     bf16 = with_compute_dtype(cfg, "bfloat16")
     assert bf16.vae.compute_dtype == bf16.transition.compute_dtype == "bfloat16"
     assert Config.from_dict(json.loads(bf16.to_json())) == bf16
     assert dataclasses.replace(bf16.vae, compute_dtype="float32") == cfg.vae
+    assert bf16.transition == dataclasses.replace(cfg.transition, compute_dtype="bfloat16")
     with pytest.raises(ConfigError, match=r"Config\.compute_dtype must be one of \('float32', 'bfloat16'\)"):
         with_compute_dtype(cfg, "float16")
 

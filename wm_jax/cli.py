@@ -102,7 +102,7 @@ def _preset(args: argparse.Namespace):
     from wm_jax.config import get_preset, with_compute_dtype
 
     cfg = get_preset(args.preset, args.seed)
-    return cfg if args.precision == "fp32" else with_compute_dtype(cfg, PRECISIONS[args.precision])
+    return cfg if args.precision is None else with_compute_dtype(cfg, PRECISIONS[args.precision])
 
 
 def cmd_train_vae(args: argparse.Namespace) -> int:
@@ -156,7 +156,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         cfg = dataclasses.replace(cfg, verifier=dataclasses.replace(cfg.verifier, mode=args.verifier))
     if args.grounding is not None:
         cfg = dataclasses.replace(cfg, evolve=dataclasses.replace(cfg.evolve, grounding=args.grounding))
-    name = cfg.preset + (f"-s{cfg.seed}" if cfg.seed else "") + ("" if args.precision == "fp32" else f"-{args.precision}")
+    name = cfg.preset + (f"-s{cfg.seed}" if cfg.seed else "") + ("" if args.precision is None else f"-{args.precision}")
     name += "" if cfg.verifier.mode == "off" else f"-k{cfg.verifier.mode}"
     name += f"-g{cfg.evolve.grounding:g}" if cfg.evolve.grounding else ""
     out = Path(args.out) if args.out else Path("runs") / name
@@ -200,8 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--out", required=True)
         p.add_argument("--preset", choices=presets, default="cpu")
         p.add_argument("--seed", type=_seed, default=0)
-        p.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32",
-                       help="compute dtype of V and M (parameters and optimizer state stay float32)")
+        p.add_argument("--precision", choices=tuple(PRECISIONS), default=None,
+                       help="compute dtype of V and M (default: the preset's; parameters and optimizer state stay float32)")
 
     v = sub.add_parser("train-vae", help="train V on a dataset")
     v.add_argument("data")
@@ -218,8 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--preset", choices=presets, default="cpu")
     r.add_argument("--out", default=None, help="run directory (default: runs/PRESET[-sSEED][-bf16][-kMODE][-gSHARE])")
     r.add_argument("--seed", type=_seed, default=0)
-    r.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32",
-                   help="compute dtype of V and M (parameters and optimizer state stay float32)")
+    r.add_argument("--precision", choices=tuple(PRECISIONS), default=None,
+                   help="compute dtype of V and M (default: the preset's; parameters and optimizer state stay float32)")
     r.add_argument("--rounds", type=_positive_int, default=None, help="iterative rounds (default: the preset's)")
     r.add_argument("--verifier", choices=("off", "weight", "cutoff"), default=None,
                    help="train the verifier K and weight (or cut) the dream reward by its confidence")
