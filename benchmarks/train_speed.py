@@ -2,8 +2,8 @@
 
     python benchmarks/train_speed.py [--preset cpu] [--chunks 3] [--json PATH]
 
-Times the library's own jitted chunk (wm_jax.train.run_chunk, what `fit` runs) on 200 random
-episodes, after one warm-up chunk that compiles.
+Times the library's own jitted chunk (wm_jax.train.run_chunk, what `fit` runs) on --episodes random
+episodes (default 200), after one warm-up chunk that compiles.
 """
 
 from __future__ import annotations
@@ -42,10 +42,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="cpu")
     p.add_argument("--chunks", type=int, default=3)
+    p.add_argument("--episodes", type=int, default=200, help="random episodes to train on (seed 123)")
     p.add_argument("--json")
     args = p.parse_args()
     cfg = get_preset(args.preset)
-    cols = data.collect_arrays(jax.random.key(123), 200, progress=False)
+    cols = data.collect_arrays(jax.random.key(123), args.episodes, progress=False)
     index = data.EpisodeIndex.from_columns(cols["episode"], cols["t"])
 
     vcfg = cfg.vae

@@ -245,18 +245,17 @@ def test_b2_full_disk_exits_3_and_the_rerun_resumes(mounts, unfinished, smoke_ru
     out = disk / "run"
     shutil.copytree(unfinished, out)
     filler = disk / "filler"
-    with open(filler, "wb") as f:  # fill the disk to the last block
+    # Unbuffered: a buffered file keeps the bytes a full disk refused and raises again when closed
+    with open(filler, "wb", buffering=0) as f:  # fill the disk to the last block
         try:
             while True:
                 f.write(b"\0" * 65536)
-                f.flush()
         except OSError:
             pass
     try:
-        with open(filler, "ab") as f:
+        with open(filler, "ab", buffering=0) as f:
             while True:
                 f.write(b"\0")
-                f.flush()
     except OSError:
         pass
     _one_line(*_run_cli(capsys, out), 3, "No space left on device", "rerun to resume")
