@@ -6,21 +6,32 @@ alone leaves about 25,000), and the whole suite in one process compiles enough p
 the kernel's limit (vm.max_map_count, 65,530 by default), where the next compile crashes the
 process with a segmentation fault. The library itself compiles each program once per static
 config (traced hyperparameters never compile again), so this is the suite's concern only: many
-small configs, each compiled for a few calls. The suite keeps the wm-jax commands' persistent
-compilation cache off.
+small configs, each compiled for a few calls.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
-import jax
-import pytest
+# One persistent compilation cache for the session, in a temporary folder removed at exit: the
+# programs that this process, the wm-jax commands (cli.compilation_cache) and the scripts the tests
+# start in subprocesses compile again and again (the smoke pipeline's in every real-command test,
+# each test file's after the module hygiene below) compile once. The user's own cache is left alone.
+_CACHE = tempfile.mkdtemp(prefix="wm_jax_tests_jax_cache_")
+atexit.register(shutil.rmtree, _CACHE, True)
+os.environ["WM_JAX_COMPILATION_CACHE"] = _CACHE
+os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
 
-# The wm-jax commands turn on JAX's persistent compilation cache (cli.compilation_cache); tests that
-# run them, in this process or in subprocesses, leave the user's cache alone.
-os.environ["WM_JAX_COMPILATION_CACHE"] = "off"
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_compilation_cache_dir", _CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -32,10 +43,15 @@ def _release_compiled_programs():
 @pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory) -> tuple[Path, dict]:
     """One finished `pipeline.run` at the smoke preset (about a minute), shared by the files that
-    read it (test_pipeline) or damage copies of it (test_reliability). Never modify it in place."""
-    from wm_jax import pipeline
+    read it (test_pipeline, test_portable) or damage copies of it (test_reliability). It runs with
+    the TensorBoard writer on (`--log tensorboard`), as test_portable reads. Never modify it in place."""
+    from wm_jax import logs, pipeline
     from wm_jax.config import get_preset
 
     out = tmp_path_factory.mktemp("pipeline") / "smoke"
-    summary = pipeline.run(get_preset("smoke"), out, progress=False)
+    logs.use("tensorboard")
+    try:
+        summary = pipeline.run(get_preset("smoke"), out, progress=False)
+    finally:
+        logs.use()
     return out, summary

@@ -61,14 +61,20 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def _run(tmp_path: Path, devices: int) -> dict:
-    script = tmp_path / "sharded.py"
-    script.write_text(SCRIPT)
+def _start(script: Path, devices: int) -> subprocess.Popen:
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
-    proc = subprocess.run([sys.executable, str(script)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads([l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1][len("RESULT "):])
+    return subprocess.Popen([sys.executable, str(script)], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _result(proc: subprocess.Popen) -> dict:
+    try:
+        stdout, stderr = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, stderr[-4000:]
+    return json.loads([l for l in stdout.splitlines() if l.startswith("RESULT ")][-1][len("RESULT "):])
 
 
 def test_sharded_matches_single_device(tmp_path):
@@ -76,7 +82,11 @@ def test_sharded_matches_single_device(tmp_path):
     returns, two CMA-ES generations with their real checks, and a sweep of 8 cells split over the
     devices equal the single-device computation up to float rounding (measured: scores within
     3e-8, the rest identical)."""
-    sharded, single = _run(tmp_path, 8), _run(tmp_path, 1)
+    # Both processes at once: most of their time is compilation, one core each.
+    script = tmp_path / "sharded.py"
+    script.write_text(SCRIPT)
+    procs = [_start(script, 8), _start(script, 1)]
+    sharded, single = (_result(p) for p in procs)
     assert sharded["devices"] == 8 and single["devices"] == 1
     for k in ("scores", "eval_returns", "evolve_best"):
         np.testing.assert_allclose(sharded[k], single[k], rtol=1e-5, atol=1e-5, err_msg=k)

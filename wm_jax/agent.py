@@ -1,9 +1,12 @@
-"""Agent: a trained V + M + C loaded from a run directory, acting on raw pixel observations.
+"""Agent: a trained V + M + C (and K when trained), acting on raw pixel observations.
 
-    agent = Agent.load("runs/cpu")
+    agent = Agent.load("runs/cpu")                 # a finished `wm-jax run` directory
+    agent.save_pretrained("agents/cpu")            # one portable folder (safetensors + config.json)
+    agent = Agent.from_pretrained("agents/cpu")    # no run directory, no training data
     carry = agent.initial_carry()
     action, carry = agent.act(carry, obs)          # obs uint8[64, 64, 4]
     actions, carries = agent.act_batch(carries, observations)   # leading batch axis
+    agent.evaluate(100)                            # real episodes, with the run's own evaluation key
 
 `act` is jit-compiled once per Agent (no retrace per call) and runs the same `agent_step` as the
 vmapped evaluation rollout, so its actions equal the rollout's on the same frames.
@@ -18,9 +21,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from wm_jax import rollout, transition
+from wm_jax import pretrained, rollout, transition
 from wm_jax import run_dir as run_dir_lib
 from wm_jax.config import Config
+
+
+def evaluation_key(seed: int) -> jax.Array:
+    """The key `wm-jax run --seed seed` evaluates its final agent with."""
+    from wm_jax import pipeline
+
+    return pipeline.run_keys(seed)["evaluate"]
 
 
 def _observation(obs: Any, wanted: str) -> jax.Array:
@@ -35,9 +45,12 @@ def _observation(obs: Any, wanted: str) -> jax.Array:
 
 
 class Agent:
-    def __init__(self, cfg: Config, params: dict[str, Any]) -> None:
+    def __init__(self, cfg: Config, params: dict[str, Any], verifier: Any = None,
+                 card: dict[str, Any] | None = None) -> None:
         self.cfg = cfg
-        self.params = params
+        self.params = params  # {"vae", "transition", "controller"}
+        self.verifier = verifier  # K's parameters, or None when the run trained none
+        self.card = dict(card or {})  # what the run measured (summary.json's figures), for the model card
         self._device = jax.devices()[0]
         self._act = jax.jit(self._act_impl)
         self._act_batch = jax.jit(jax.vmap(self._act_impl, in_axes=(None, 0, 0)))
@@ -49,7 +62,36 @@ class Agent:
     @classmethod
     def load(cls, run_dir: Path | str) -> "Agent":
         """Load the final agent of a finished `wm-jax run` directory."""
-        return cls(*run_dir_lib.load_agent(run_dir))
+        cfg, params = run_dir_lib.load_agent(run_dir)
+        return cls(cfg, params, run_dir_lib.load_verifier(run_dir), run_dir_lib.card(run_dir))
+
+    @classmethod
+    def from_pretrained(cls, directory: Path | str) -> "Agent":
+        """Load an agent folder written by `save_pretrained` (or `wm-jax export`); a missing,
+        damaged or other-version file is a pretrained.PretrainedError naming it."""
+        cfg, params, card = pretrained.load(directory)
+        k_params = params.pop("verifier", None)
+        return cls(cfg, params, k_params, card)
+
+    @classmethod
+    def open(cls, path: Path | str) -> "Agent":
+        """A run directory (Agent.load) or an exported folder (Agent.from_pretrained), by what it holds."""
+        path = Path(path)
+        exported = (path / pretrained.WEIGHTS).exists() or (path / pretrained.CONFIG).exists()
+        if exported and not (path / "agent.json").exists() and not (path / "stages.json").exists():
+            return cls.from_pretrained(path)
+        return cls.load(path)
+
+    def save_pretrained(self, directory: Path | str) -> Path:
+        """One folder with V, M, C (and K) as safetensors, config.json and a model card (README.md)."""
+        return pretrained.save(directory, self.cfg, {**self.params, "verifier": self.verifier}, self.card)
+
+    def evaluate(self, episodes: int | None = None, key: jax.Array | None = None) -> dict[str, Any]:
+        """Real episodes (rollout.evaluate); the default key is the one the run's own final
+        evaluation used, so a loaded or exported agent reproduces summary.json's returns."""
+        if key is None:
+            key = evaluation_key(self.cfg.seed)
+        return rollout.evaluate(self.cfg, self.params, key, episodes)
 
     def initial_carry(self, batch: int | None = None) -> Any:
         """M's carry at the start of an episode (with a leading axis when batch is given)."""

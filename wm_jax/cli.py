@@ -1,4 +1,4 @@
-"""The `wm-jax` command: collect, train-vae, train-transition, run.
+"""The `wm-jax` command: collect, train-vae, train-transition, run, evaluate, export, video.
 
 Subcommands import the model stack when they run, not at start-up: argument errors come back at once.
 Every expected failure is one line on stderr and an exit code (`--debug` or WM_JAX_DEBUG=1 shows
@@ -174,6 +174,54 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _agent(path: str):
+    from wm_jax.agent import Agent
+
+    if not Path(path).is_dir():
+        raise UsageError(f"{path}: no such folder (give a `wm-jax run` directory or an exported agent)")
+    return Agent.open(path)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    agent = _agent(args.agent)
+    seed = agent.cfg.seed if args.seed is None else args.seed
+    from wm_jax.agent import evaluation_key
+
+    ev = agent.evaluate(args.episodes, evaluation_key(seed))
+    report = {k: ev[k] for k in ("return_mean", "return_std", "return_min", "episodes", "env_steps", "latent_kl")}
+    report["key"] = f"the evaluation key of `wm-jax run --seed {seed}`"
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    agent = _agent(args.run)
+    out = agent.save_pretrained(args.out)
+    size = sum(f.stat().st_size for f in out.iterdir()) / 1e6
+    print(f"exported to {out} ({size:.1f} MB: model.safetensors, config.json, README.md); "
+          f"load it with Agent.from_pretrained({str(out)!r})")
+    return 0
+
+
+def cmd_video(args: argparse.Namespace) -> int:
+    import jax
+
+    from wm_jax import video
+    from wm_jax.agent import evaluation_key
+
+    agent = _agent(args.agent)
+    out = Path(args.out) if args.out else Path(args.agent) / "episode.gif"
+    if out.suffix.lower() != ".gif":
+        raise UsageError(f"--out {out}: the video is an animated GIF, name it *.gif")
+    key = jax.random.fold_in(evaluation_key(agent.cfg.seed if args.seed is None else args.seed), 1000)
+    frames = video.record(agent.cfg, {**agent.params, "verifier": agent.verifier}, key, args.episodes, args.max_steps)
+    video.write(out, frames, fps=args.fps)
+    print(f"{out}: {len(frames)} frames, {args.episodes} episode(s), {out.stat().st_size / 1e6:.1f} MB")
+    return 0
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit code 2, no usage dump
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -202,6 +250,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--seed", type=_seed, default=0)
         p.add_argument("--precision", choices=tuple(PRECISIONS), default=None,
                        help="compute dtype of V and M (default: the preset's; parameters and optimizer state stay float32)")
+        log_arg(p)
+
+    def log_arg(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--log", choices=("jsonl", "tensorboard"), default="jsonl",
+                       help="metrics.jsonl always; tensorboard also writes event files (STAGE/tensorboard/; "
+                            "needs the tensorboard extra)")
 
     v = sub.add_parser("train-vae", help="train V on a dataset")
     v.add_argument("data")
@@ -225,7 +279,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train the verifier K and weight (or cut) the dream reward by its confidence")
     r.add_argument("--grounding", type=_share, default=None, metavar="SHARE",
                    help="share of dreams started from states the controller reached in its latest real check")
+    log_arg(r)
     r.set_defaults(fn=cmd_run)
+
+    e = sub.add_parser("evaluate", help="real episodes of a trained agent (a run directory or an exported folder)")
+    e.add_argument("agent", help="a `wm-jax run` directory or a folder written by `wm-jax export`")
+    e.add_argument("--episodes", type=_positive_int, default=None, help="default: the preset's (100 for cpu)")
+    e.add_argument("--seed", type=_seed, default=None,
+                   help="use the evaluation key of `wm-jax run --seed SEED` (default: the agent's own seed)")
+    e.set_defaults(fn=cmd_evaluate)
+
+    x = sub.add_parser("export", help="write the final agent as one portable folder (safetensors + config.json)")
+    x.add_argument("run", help="a finished `wm-jax run` directory")
+    x.add_argument("--out", required=True, help="the folder to write (replaced if it is an earlier export)")
+    x.set_defaults(fn=cmd_export)
+
+    vid = sub.add_parser("video", help="an animated GIF: real episode, V's reconstruction and M's dream")
+    vid.add_argument("agent", help="a `wm-jax run` directory or a folder written by `wm-jax export`")
+    vid.add_argument("--episodes", type=_positive_int, default=1)
+    vid.add_argument("--out", default=None, help="the GIF to write (default: AGENT/episode.gif)")
+    vid.add_argument("--max-steps", type=_positive_int, default=None, help="steps per episode at most (default: the preset's)")
+    vid.add_argument("--fps", type=_positive_int, default=25)
+    vid.add_argument("--seed", type=_seed, default=None, help="episode seed (default: the agent's)")
+    vid.set_defaults(fn=cmd_video)
     return p
 
 
@@ -271,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     from wm_jax.checkpoint import CheckpointError
     from wm_jax.config import ConfigError
     from wm_jax.data import DatasetError, TooLarge
+    from wm_jax.pretrained import PretrainedError
     from wm_jax.run_dir import RunDirBusy, RunDirError
     from wm_jax.train import TrainingError
 
@@ -281,11 +358,18 @@ def main(argv: list[str] | None = None) -> int:
         return code
 
     try:
+        if getattr(args, "log", "jsonl") == "tensorboard":
+            from wm_jax import logs
+
+            try:
+                logs.use("tensorboard")
+            except ValueError as e:
+                raise UsageError(str(e)) from None
         return args.fn(args)
     except RunDirBusy as e:
         return fail(e, EXIT_BUSY, f"error: {e}")
-    except (UsageError, DatasetError, ConfigError, RunDirError, CheckpointError, TooLarge, FileNotFoundError,
-            FileExistsError, NotADirectoryError) as e:
+    except (UsageError, DatasetError, ConfigError, RunDirError, CheckpointError, PretrainedError, TooLarge,
+            FileNotFoundError, FileExistsError, NotADirectoryError) as e:
         return fail(e, EXIT_INPUT, f"error: {e}")
     except TrainingError as e:
         return fail(e, EXIT_TRAINING, f"training failed: {e}")

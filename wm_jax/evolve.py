@@ -33,7 +33,7 @@ from evosax.algorithms import CMA_ES
 from flax import struct
 from tqdm.auto import tqdm
 
-from wm_jax import checkpoint, controller, dream, interrupt, rollout, sharding
+from wm_jax import checkpoint, controller, dream, interrupt, logs, rollout, sharding
 from wm_jax.config import Config
 
 
@@ -281,8 +281,7 @@ def search(
                                    "real_return": float(m["real_return"][c]), "env_steps": int(m["env_steps"][c]),
                                    "grounding_states": int(m["grounding_states"][c])})
             for path, entries in (("generations.jsonl", new_history), ("evolve.jsonl", new_checks)):
-                with open(out_dir / path, "a") as f:
-                    f.write("".join(json.dumps(e) + "\n" for e in entries))
+                logs.append(out_dir / path, entries, step="generation")
             history += new_history
             checks += new_checks
             done += gens

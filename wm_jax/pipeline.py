@@ -33,10 +33,13 @@ from wm_jax import (
     transition,
     vae,
     verifier,
+    video,
 )
 from wm_jax import data as data_lib
 from wm_jax.config import Config
 from wm_jax.run_dir import RunDirError
+
+STRIP_STEPS = 10  # episode_strip.png: the first steps of the episode the video shows
 
 SUMMARY_KEYS = (
     "preset", "seed", "real_return_mean", "real_return_std", "real_return_min", "real_episodes", "solved",
@@ -172,7 +175,7 @@ class _Run:
         return ids
 
 
-def _keys(seed: int) -> dict[str, jax.Array]:
+def run_keys(seed: int) -> dict[str, jax.Array]:
     key = jax.random.key(seed)
     names = ("vae", "transition", "evolve", "evaluate", "rounds")
     keys = dict(zip(names, jax.random.split(key, len(names))))
@@ -212,7 +215,7 @@ def run(cfg: Config, out: Path | str, progress: bool = True) -> dict[str, Any]:
         if summary is not None:
             _repair_agent_files(out, cfg, stages)
             return summary
-        return _run(_Run(cfg=cfg, out=out, stages=stages, keys=_keys(cfg.seed), progress=progress))
+        return _run(_Run(cfg=cfg, out=out, stages=stages, keys=run_keys(cfg.seed), progress=progress))
 
 
 def _finished_summary(out: Path, stages: _Stages) -> dict[str, Any] | None:
@@ -457,11 +460,16 @@ def _evaluate(ctx: _Run) -> dict[str, Any]:
     params = {"vae": ctx.vae_params, "transition": best["m_params"], "controller": jnp.asarray(best["ctrl"])}
     res = rollout.evaluate(cfg, params, ctx.keys["evaluate"])
     plots.dream_vs_real(ctx.checks, ctx.out / "dream_vs_real.png")
-    strip = rollout.episode_strip(cfg, {**params, "verifier": best["k_params"]},
-                                  jax.random.fold_in(ctx.keys["evaluate"], 99))
-    plots.episode_strip(strip["real"], strip["recon"], strip["dreamed"], ctx.out / "episode_strip.png")
+    # One real episode beside V's reconstructions and M's open-loop dream: its first steps are the
+    # strip, the whole of it the video; imagined rollouts of the controller from the strip's latents.
+    params = {**params, "verifier": best["k_params"]}
+    k_episode, k_dreams = jax.random.split(jax.random.fold_in(ctx.keys["evaluate"], 99))
+    rec = rollout.open_loop(cfg, params, k_episode, cfg.eval.max_steps)
+    n = STRIP_STEPS
+    plots.episode_strip(rec["real"][:n], rec["recon"][:n], rec["dreamed"][:n], ctx.out / "episode_strip.png")
+    video.write(ctx.out / "episode.gif", video.render(rec))
     tmp = ctx.out / ".imagined_rollouts.tmp.npz"
-    np.savez_compressed(tmp, **strip["imagined"])  # a batch of imagined rollouts of the final agent
+    np.savez_compressed(tmp, **rollout.imagined_rollouts(cfg, params, k_dreams, rec["z"][:n]))
     os.replace(tmp, ctx.out / "imagined_rollouts.npz")
     return res
 

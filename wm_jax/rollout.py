@@ -8,13 +8,14 @@ experimental/rollout.py): `ret += reward * valid; valid *= 1 - done`. The agent 
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from wm_jax import controller, dream, interrupt, sharding, transition, vae
+from wm_jax import controller, dream, interrupt, sharding, transition, vae, verifier
 from wm_jax.config import Config
 from wm_jax.env import PixelCartPole
 
@@ -144,35 +145,56 @@ def evaluate(
     }
 
 
-def episode_strip(cfg: Config, params: dict[str, Any], key: jax.Array, steps: int = 10) -> dict[str, Any]:
-    """A real episode's first `steps` steps beside what V and M make of them, for the run's figure.
+def open_loop(cfg: Config, params: dict[str, Any], key: jax.Array, steps: int) -> dict[str, np.ndarray]:
+    """A real episode of the agent (at most `steps` steps) beside what V and M make of it: the
+    data of the run's episode strip and of `wm-jax video`.
 
-    Returns real (the newest frames, uint8[steps, 64, 64]), recon (V's reconstructions from the
-    posterior means), dreamed (M open-loop from the first latent along the real actions, decoded)
-    and imagined: `dream.dream` of the agent's controller from every step's latent (a dict of
-    [steps, horizon, ...] arrays; with params["verifier"], K's confidence too).
+    Per step t (arrays [steps, ...]; `valid` is 1 up to and including the episode's last step):
+    real (the newest frame of the obs the agent acted on, uint8[64, 64]), action, reward (real),
+    recon (V's reconstruction from the posterior mean, [0, 1]), dreamed (M open loop from the
+    first latent along the real actions, decoded), dream_reward and dream_p_done (M's heads at
+    the dream's step t), dream_confidence (K's p(real) for the dream's transition t, with
+    params["verifier"]), pixel_error (mean |dreamed - recon|) and z (V's posterior means).
     """
+    return jax.device_get(_open_loop(cfg.static(), cfg.hyper()["evolve"]["tau"], params, key, steps))
+
+
+@partial(jax.jit, static_argnums=(0, 4))
+def _open_loop(cfg: Config, tau: jax.Array, params: dict[str, Any], key: jax.Array, steps: int) -> dict[str, Any]:
     env = PixelCartPole()
     k_reset, k_run, k_dream = jax.random.split(key, 3)
     obs, state = env.reset(k_reset)
 
     def body(c, t):
-        obs, state, carry = c
+        obs, state, carry, valid = c
         action, carry, extra = agent_step(cfg, params, carry, obs)
-        obs_next, state, *_ = env.step(jax.random.fold_in(k_run, t), state, action)
-        return (obs_next, state, carry), (obs[..., -1], extra["mean"], action)
+        obs_next, state, reward, terminated, truncated, _ = env.step(jax.random.fold_in(k_run, t), state, action)
+        out = (obs[..., -1], extra["mean"], action, reward * valid, valid)
+        valid = valid * (1.0 - jnp.logical_or(terminated, truncated).astype(jnp.float32))
+        return (obs_next, state, carry, valid), out
 
-    init = (obs, state, transition.initial_carry(cfg.transition))
-    _, (real, zs, actions) = jax.lax.scan(body, init, jnp.arange(steps))
+    init = (obs, state, transition.initial_carry(cfg.transition), jnp.ones(()))
+    _, (real, zs, actions, reward, valid) = jax.lax.scan(body, init, jnp.arange(steps))
     recon = vae.decode(cfg.vae, params["vae"], zs)[..., -1]
-    k_open, k_rollouts = jax.random.split(k_dream)
-    _, im = transition.imagine(cfg.transition, params["transition"], k_open, transition.initial_carry(cfg.transition),
-                               zs[0], steps, cfg.evolve.tau, actions=actions)
+    _, im = transition.imagine(cfg.transition, params["transition"], k_dream, transition.initial_carry(cfg.transition),
+                               zs[0], steps, tau, actions=actions)
     dreamed = vae.decode(cfg.vae, params["vae"], im["z"])[..., -1]
+    out = {"z": zs, "real": real, "action": actions, "reward": reward, "valid": valid, "recon": recon, "dreamed": dreamed,
+           "dream_reward": im["pred"].reward, "dream_p_done": jax.nn.sigmoid(im["pred"].done_logit),
+           "pixel_error": jnp.mean(jnp.abs(dreamed - recon), axis=(-2, -1))}
+    if params.get("verifier") is not None:
+        out["dream_confidence"] = verifier.confidence(cfg.verifier, params["verifier"], im["h"], im["z"],
+                                                      im["action"], im["z_next"])
+    return out
+
+
+def imagined_rollouts(cfg: Config, params: dict[str, Any], key: jax.Array, starts: jax.Array) -> dict[str, np.ndarray]:
+    """`dream.dream` of the agent's controller from each latent of `starts` [n, latent] (the run's
+    imagined_rollouts.npz): a dict of [n, horizon, ...] arrays; with params["verifier"], K's
+    confidence too."""
     k_params = params.get("verifier")
     if k_params is None:  # without K the rollouts are plain dreams
         cfg = dataclasses.replace(cfg, verifier=dataclasses.replace(cfg.verifier, mode="off"))
     trajs = [dream.dream(cfg, k, params["transition"], params["controller"], z, cfg.evolve.horizon, k_params)[0]
-             for k, z in zip(jax.random.split(k_rollouts, steps), zs)]
-    imagined = {k: np.stack([np.asarray(tr[k]) for tr in trajs]) for k in trajs[0]}
-    return {"real": np.asarray(real), "recon": np.asarray(recon), "dreamed": np.asarray(dreamed), "imagined": imagined}
+             for k, z in zip(jax.random.split(key, len(starts)), starts)]
+    return {k: np.stack([np.asarray(tr[k]) for tr in trajs]) for k in trajs[0]}

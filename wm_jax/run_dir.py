@@ -214,6 +214,34 @@ def load_agent(run: Path | str) -> tuple[Config, dict[str, Any]]:
     return cfg, {"vae": vae_params, "transition": m_params, "controller": jnp.asarray(ctrl)}
 
 
+def load_verifier(run: Path | str) -> Any:
+    """K trained beside the final agent's M (its round's), or None when the run trained none."""
+    from wm_jax import verifier  # K's module is needed only here
+
+    run = Path(run)
+    meta = read_json(run / "agent.json", "rerun the `wm-jax run` that made this directory (same --out) to rewrite it")
+    cfg = Config.from_dict(meta["config"])
+    if cfg.verifier.mode == "off":
+        return None
+    r = meta.get("round") or 1
+    name = "verifier" if r == 1 else f"verifier_round{r}"
+    try:
+        return verifier.load(cfg.for_round(r), run / name, stage_output(read_stages(run), name, name))
+    except checkpoint.Damaged as e:
+        raise damaged(run, name, name, e) from None
+
+
+def card(run: Path | str) -> dict[str, Any]:
+    """What a finished run measured, for an exported agent's model card (summary.json's figures)."""
+    try:
+        summary = json.loads((Path(run) / "summary.json").read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return {}
+    keys = ("real_return_mean", "real_return_std", "real_return_min", "real_episodes", "real_env_steps_training",
+            "agent_round", "device", "versions")
+    return {k: summary[k] for k in keys if k in summary}
+
+
 @dataclass(frozen=True)
 class Run:
     cfg: Config

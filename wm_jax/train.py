@@ -25,7 +25,7 @@ import optax
 from flax import struct
 from tqdm.auto import tqdm
 
-from wm_jax import checkpoint, interrupt
+from wm_jax import checkpoint, interrupt, logs
 from wm_jax.config import TrainConfig
 
 LossFn = Callable[[Any, jax.Array, Any, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
@@ -182,8 +182,7 @@ def fit(
             state, metrics = run_chunk(cfg.hyper(), loss_fn, sample_fn, length, key, data, state)
             metrics = jax.device_get(metrics)
             last = {"step": step + length, **_summarise(metrics)}
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(last) + "\n")
+            logs.append(metrics_path, [last])
             done_steps += length
             bar.update(length)
             bar.set_postfix(loss=f"{last['loss']:.4g}")

@@ -1,0 +1,225 @@
+"""Portable agents: V, M, C (and K when trained) as one folder that loads without a run directory.
+
+    pretrained.save(dir, cfg, params, card)     # Agent.save_pretrained / `wm-jax export RUN --out DIR`
+    cfg, params, card = pretrained.load(dir)    # Agent.from_pretrained
+
+The folder holds
+  model.safetensors  every parameter as a named tensor: "vae/params/...", "transition/params/...",
+                     "controller", "verifier/params/..." (names are the parameter tree's paths)
+  config.json        the format and its version, the full Config (every field the networks are
+                     rebuilt from), each tensor's shape and dtype, the weights' SHA-256 and the card
+  README.md          a model card: preset, seed, measured return, real steps, versions
+Loading checks all of it: a missing or damaged file, weights that differ from their recorded hash,
+or tensors that differ from the layout this version builds is a PretrainedError naming the problem.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from wm_jax import controller, transition, vae, verifier
+from wm_jax.config import Config, ConfigError
+
+FORMAT = "wm_jax.agent"
+FORMAT_VERSION = 1
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+CARD = "README.md"
+COMPONENTS = ("vae", "transition", "controller", "verifier")
+
+
+class PretrainedError(ValueError):
+    """An exported agent folder that is missing, damaged or of another layout."""
+
+
+def _name(path: tuple[Any, ...]) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def flatten(params: dict[str, Any]) -> dict[str, np.ndarray]:
+    """{tensor name: array} for the components present in `params`, in a fixed order."""
+    out = {}
+    for comp in COMPONENTS:
+        if params.get(comp) is None:
+            continue
+        leaves = jax.tree_util.tree_flatten_with_path(jax.device_get(params[comp]))[0]
+        for path, leaf in leaves:
+            out["/".join(filter(None, (comp, _name(path))))] = np.ascontiguousarray(np.asarray(leaf))
+    return out
+
+
+def layout(cfg: Config, with_verifier: bool) -> dict[str, Any]:
+    """The parameter trees this version builds for `cfg`, as shape/dtype structs (nothing is computed)."""
+    latent, hidden = cfg.vae.latent, cfg.transition.hidden
+    key = jax.random.key(0)
+    like = {
+        "vae": jax.eval_shape(lambda k: vae.init(k, cfg.vae), key),
+        "transition": jax.eval_shape(lambda k: transition.init(k, cfg.transition, latent), key),
+        "controller": jax.ShapeDtypeStruct((controller.num_params(cfg.controller, latent, hidden),), np.float32),
+    }
+    if with_verifier:
+        like["verifier"] = jax.eval_shape(lambda k: verifier.init(k, cfg.verifier, latent, hidden), key)
+    return like
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def card_text(cfg: Config, card: dict[str, Any]) -> str:
+    """The folder's README.md: what the agent is and what it measured."""
+    lines = [
+        f"# wm_jax agent: World Models on pixel CartPole-v1 ({cfg.preset} preset, seed {cfg.seed})",
+        "",
+        "V (convolutional VAE, latent {}), M (LSTM {}, {} head), C ({} controller){}.".format(
+            cfg.vae.latent, cfg.transition.hidden, cfg.transition.head, cfg.controller.kind,
+            ", K (verifier)" if card.get("has_verifier") else ""),
+        "",
+        "| measured | value |",
+        "|---|---|",
+    ]
+    for key, label in (("real_return_mean", "real return, mean"), ("real_return_std", "real return, std"),
+                       ("real_episodes", "real episodes evaluated"),
+                       ("real_env_steps_training", "real env steps used in training"),
+                       ("agent_round", "round of the final agent"), ("device", "trained on")):
+        if card.get(key) is not None:
+            lines.append(f"| {label} | {card[key]} |")
+    versions = card.get("versions") or {}
+    if versions:
+        lines += ["", "Versions: " + ", ".join(f"{k} {v}" for k, v in sorted(versions.items()))]
+    lines += [
+        "",
+        "Load it with",
+        "",
+        "```python",
+        "from wm_jax import Agent",
+        "agent = Agent.from_pretrained(\"<this folder>\")",
+        "carry = agent.initial_carry()",
+        "action, carry = agent.act(carry, obs)   # obs: uint8[64, 64, 4]",
+        "```",
+        "",
+        f"Files: {WEIGHTS} (safetensors), {CONFIG} (format {FORMAT} v{FORMAT_VERSION}, the full config).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def save(directory: Path | str, cfg: Config, params: dict[str, Any], card: dict[str, Any] | None = None) -> Path:
+    """Write the folder atomically: the files are built beside it and swapped in whole, so a crash
+    leaves the old folder or the new one. An existing folder that is not an exported agent is
+    never overwritten."""
+    from safetensors.numpy import save_file
+
+    directory = Path(directory)
+    if directory.exists() and any(directory.iterdir()) and not (directory / CONFIG).exists():
+        raise PretrainedError(f"{directory} exists and is not an exported wm_jax agent; choose another folder")
+    tensors = flatten(params)
+    card = {**(card or {}), "has_verifier": params.get("verifier") is not None}
+    tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+        meta = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "config": cfg.to_dict(),
+            "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in tensors.items()},
+            "sha256": {WEIGHTS: _sha256(tmp / WEIGHTS)},
+            "card": card,
+        }
+        (tmp / CONFIG).write_text(json.dumps(meta, indent=2, sort_keys=True, allow_nan=False))
+        (tmp / CARD).write_text(card_text(cfg, card))
+        old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+        if directory.exists():
+            os.replace(directory, old)
+        os.replace(tmp, directory)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return directory
+
+
+def _meta(directory: Path) -> dict[str, Any]:
+    path = directory / CONFIG
+    if not directory.is_dir():
+        raise PretrainedError(f"{directory}: no such folder (an exported agent is a folder with {CONFIG} and {WEIGHTS})")
+    if not path.exists():
+        raise PretrainedError(f"{path} is missing: {directory} is not an exported wm_jax agent (make one with "
+                              f"`wm-jax export RUN_DIR --out DIR`)")
+    try:
+        meta = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise PretrainedError(f"{path} is damaged ({type(e).__name__}: {e}); export the agent again") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise PretrainedError(f"{path} is not a wm_jax agent's config (format {meta.get('format') if isinstance(meta, dict) else None!r}, "
+                              f"expected {FORMAT!r})")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise PretrainedError(f"{directory} has layout version {meta.get('format_version')!r}; this wm_jax reads "
+                              f"version {FORMAT_VERSION}: export it again with this version")
+    return meta
+
+
+def load(directory: Path | str) -> tuple[Config, dict[str, Any], dict[str, Any]]:
+    """(cfg, params {"vae", "transition", "controller"[, "verifier"]}, card) of an exported folder."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    directory = Path(directory)
+    meta = _meta(directory)
+    try:
+        cfg = Config.from_dict(meta["config"])
+        recorded = meta["sha256"][WEIGHTS]
+        card = dict(meta.get("card") or {})
+    except (ConfigError, KeyError, TypeError) as e:
+        raise PretrainedError(f"{directory / CONFIG} is damaged ({type(e).__name__}: {e}); export the agent again") from None
+    weights = directory / WEIGHTS
+    if not weights.exists():
+        raise PretrainedError(f"{weights} is missing; export the agent again")
+    if _sha256(weights) != recorded:
+        raise PretrainedError(f"{weights} is damaged (its SHA-256 differs from the one {CONFIG} records); "
+                              f"export the agent again")
+    try:
+        tensors = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise PretrainedError(f"{weights} is damaged ({type(e).__name__}: {e}); export the agent again") from None
+    like = layout(cfg, with_verifier=any(k.startswith("verifier/") for k in tensors))
+    wanted = {name: (tuple(leaf.shape), np.dtype(leaf.dtype)) for name, leaf in flatten_like(like).items()}
+    missing = sorted(set(wanted) - set(tensors))
+    extra = sorted(set(tensors) - set(wanted))
+    if missing or extra:
+        raise PretrainedError(f"{weights} holds another layout than this wm_jax builds from its config "
+                              f"(missing {missing[:3]}, unexpected {extra[:3]}); export it again with this version")
+    for name, (shape, dtype) in wanted.items():
+        if tensors[name].shape != shape or tensors[name].dtype != dtype:
+            raise PretrainedError(f"{weights}: tensor {name} is {tensors[name].dtype}{list(tensors[name].shape)}, this "
+                                  f"wm_jax builds {dtype}{list(shape)} from the config; export it again with this version")
+    params = {}
+    for comp, tree in like.items():
+        paths, treedef = jax.tree_util.tree_flatten_with_path(tree)
+        names = ["/".join(filter(None, (comp, _name(p)))) for p, _ in paths]
+        params[comp] = jax.tree_util.tree_unflatten(treedef, [jax.numpy.asarray(tensors[n]) for n in names])
+    return cfg, params, card
+
+
+def flatten_like(like: dict[str, Any]) -> dict[str, Any]:
+    """{tensor name: shape/dtype struct} with the names `flatten` gives."""
+    out = {}
+    for comp in COMPONENTS:
+        if comp not in like:
+            continue
+        for path, leaf in jax.tree_util.tree_flatten_with_path(like[comp])[0]:
+            out["/".join(filter(None, (comp, _name(path))))] = leaf
+    return out
