@@ -221,7 +221,10 @@ def test_render_marks_where_the_dream_ended():
     assert frames.shape[0] == 5 and frames.dtype == np.uint8  # the episode's length, not the scan's
     size = 64 * video.SCALE
     x0 = 2 * (size + video.PAD) + video.PAD
-    dream_panel = lambda t: frames[t, video.TITLE_H:video.TITLE_H + size, x0:x0 + size]  # noqa: E731
+
+    def dream_panel(t: int) -> np.ndarray:
+        return frames[t, video.TITLE_H:video.TITLE_H + size, x0:x0 + size]
+
     assert dream_panel(1).max() == 0 and dream_panel(2).min() > 100  # dimmed after the step p(done) > 0.5
     with pytest.raises(ValueError, match="gif"):
         video.write(Path("x.png"), frames)

@@ -62,7 +62,8 @@ SCRIPT = textwrap.dedent(
 
 
 def _start(script: Path, devices: int) -> subprocess.Popen:
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
+    env = {**os.environ, "XLA_FLAGS": flags}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
     return subprocess.Popen([sys.executable, str(script)], cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
@@ -92,7 +93,7 @@ def test_sharded_matches_single_device(tmp_path):
         np.testing.assert_allclose(sharded[k], single[k], rtol=1e-5, atol=1e-5, err_msg=k)
     assert np.unique(np.round(single["scores"], 4)).size > 1  # candidates differ: not vacuous
     assert abs(sharded["eval_kl"] - single["eval_kl"]) <= 1e-4 * max(1.0, abs(single["eval_kl"]))
-    rows = lambda r: r["evolve_history"] + r["evolve_checks"] + [c for cell in r["sweep_checks"] for c in cell]  # noqa: E731
+    rows = lambda r: r["evolve_history"] + r["evolve_checks"] + [c for cell in r["sweep_checks"] for c in cell]
     assert len(rows(sharded)) == len(rows(single)) == 2 + 2 + 8 * 2
     for a, b in zip(rows(sharded), rows(single)):
         assert a.keys() == b.keys()

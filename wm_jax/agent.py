@@ -60,13 +60,13 @@ class Agent:
         return action, carry
 
     @classmethod
-    def load(cls, run_dir: Path | str) -> "Agent":
+    def load(cls, run_dir: Path | str) -> Agent:
         """Load the final agent of a finished `wm-jax run` directory."""
         cfg, params = run_dir_lib.load_agent(run_dir)
         return cls(cfg, params, run_dir_lib.load_verifier(run_dir), run_dir_lib.card(run_dir))
 
     @classmethod
-    def from_pretrained(cls, directory: Path | str) -> "Agent":
+    def from_pretrained(cls, directory: Path | str) -> Agent:
         """Load an agent folder written by `save_pretrained` (or `wm-jax export`); a missing,
         damaged or other-version file is a pretrained.PretrainedError naming it."""
         cfg, params, card = pretrained.load(directory)
@@ -74,7 +74,7 @@ class Agent:
         return cls(cfg, params, k_params, card)
 
     @classmethod
-    def open(cls, path: Path | str) -> "Agent":
+    def open(cls, path: Path | str) -> Agent:
         """A run directory (Agent.load) or an exported folder (Agent.from_pretrained), by what it holds."""
         path = Path(path)
         exported = (path / pretrained.WEIGHTS).exists() or (path / pretrained.CONFIG).exists()

@@ -224,7 +224,8 @@ def _restore(directory: Path, mngr: ocp.CheckpointManager, step: int, like: Any,
         raise _damage(where, e) from None
 
 
-def _key_name(k: Any) -> str:
+def key_name(k: Any) -> str:
+    """A pytree path entry as text (a dict key, an attribute name or an index)."""
     for attr in ("key", "name", "idx"):
         if hasattr(k, attr):
             return str(getattr(k, attr))
@@ -234,7 +235,7 @@ def _key_name(k: Any) -> str:
 def _shapes(tree: Any, shape_of: Any) -> dict[str, tuple[int, ...]]:
     """{'params/Conv_0/kernel': shape}: orbax's metadata keeps dict keys where the live tree has
     attributes and tuple indices; both read the same through their names."""
-    return {"/".join(_key_name(k) for k in path): tuple(shape_of(leaf))
+    return {"/".join(key_name(k) for k in path): tuple(shape_of(leaf))
             for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 

@@ -25,7 +25,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from wm_jax import controller, transition, vae, verifier
+from wm_jax import checkpoint, controller, transition, vae, verifier
 from wm_jax.config import Config, ConfigError
 
 FORMAT = "wm_jax.agent"
@@ -40,20 +40,22 @@ class PretrainedError(ValueError):
     """An exported agent folder that is missing, damaged or of another layout."""
 
 
-def _name(path: tuple[Any, ...]) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+def _named(tree: dict[str, Any]) -> dict[str, Any]:
+    """{tensor name: leaf} of a {component: parameter tree} dict, in a fixed order: the component,
+    then the leaf's path in its tree ("vae/params/Encoder_0/Conv_0/kernel"; the controller's flat
+    vector is just "controller")."""
+    out = {}
+    for comp in COMPONENTS:
+        if tree.get(comp) is None:
+            continue
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree[comp])[0]:
+            out["/".join((comp, *map(checkpoint.key_name, path)))] = leaf
+    return out
 
 
 def flatten(params: dict[str, Any]) -> dict[str, np.ndarray]:
-    """{tensor name: array} for the components present in `params`, in a fixed order."""
-    out = {}
-    for comp in COMPONENTS:
-        if params.get(comp) is None:
-            continue
-        leaves = jax.tree_util.tree_flatten_with_path(jax.device_get(params[comp]))[0]
-        for path, leaf in leaves:
-            out["/".join(filter(None, (comp, _name(path))))] = np.ascontiguousarray(np.asarray(leaf))
-    return out
+    """{tensor name: host array} for the components present in `params`."""
+    return {k: np.ascontiguousarray(np.asarray(v)) for k, v in _named(jax.device_get(params)).items()}
 
 
 def layout(cfg: Config, with_verifier: bool) -> dict[str, Any]:
@@ -142,6 +144,10 @@ def save(directory: Path | str, cfg: Config, params: dict[str, Any], card: dict[
         }
         (tmp / CONFIG).write_text(json.dumps(meta, indent=2, sort_keys=True, allow_nan=False))
         (tmp / CARD).write_text(card_text(cfg, card))
+        mask = os.umask(0)
+        os.umask(mask)
+        for f in tmp.iterdir():  # safetensors writes its file owner-only; an export is for sharing
+            f.chmod(0o644 & ~mask)
         old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
         if directory.exists():
             os.replace(directory, old)
@@ -196,7 +202,7 @@ def load(directory: Path | str) -> tuple[Config, dict[str, Any], dict[str, Any]]
     except (SafetensorError, OSError, ValueError) as e:
         raise PretrainedError(f"{weights} is damaged ({type(e).__name__}: {e}); export the agent again") from None
     like = layout(cfg, with_verifier=any(k.startswith("verifier/") for k in tensors))
-    wanted = {name: (tuple(leaf.shape), np.dtype(leaf.dtype)) for name, leaf in flatten_like(like).items()}
+    wanted = {name: (tuple(leaf.shape), np.dtype(leaf.dtype)) for name, leaf in _named(like).items()}
     missing = sorted(set(wanted) - set(tensors))
     extra = sorted(set(tensors) - set(wanted))
     if missing or extra:
@@ -207,19 +213,8 @@ def load(directory: Path | str) -> tuple[Config, dict[str, Any], dict[str, Any]]
             raise PretrainedError(f"{weights}: tensor {name} is {tensors[name].dtype}{list(tensors[name].shape)}, this "
                                   f"wm_jax builds {dtype}{list(shape)} from the config; export it again with this version")
     params = {}
-    for comp, tree in like.items():
-        paths, treedef = jax.tree_util.tree_flatten_with_path(tree)
-        names = ["/".join(filter(None, (comp, _name(p)))) for p, _ in paths]
-        params[comp] = jax.tree_util.tree_unflatten(treedef, [jax.numpy.asarray(tensors[n]) for n in names])
+    for comp, tree in like.items():  # each tree's leaves in its own flattening order, as _named names them
+        leaves = [jax.numpy.asarray(tensors[name]) for name in _named({comp: tree})]
+        params[comp] = jax.tree.unflatten(jax.tree.structure(tree), leaves)
     return cfg, params, card
 
-
-def flatten_like(like: dict[str, Any]) -> dict[str, Any]:
-    """{tensor name: shape/dtype struct} with the names `flatten` gives."""
-    out = {}
-    for comp in COMPONENTS:
-        if comp not in like:
-            continue
-        for path, leaf in jax.tree_util.tree_flatten_with_path(like[comp])[0]:
-            out["/".join(filter(None, (comp, _name(path))))] = leaf
-    return out
