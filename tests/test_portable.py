@@ -80,6 +80,7 @@ def test_export_with_a_verifier_keeps_it(agent, tmp_path):
     Agent(cfg, agent.params, k_params, {"real_return_mean": 1.0}).save_pretrained(tmp_path / "k")
     loaded = Agent.from_pretrained(tmp_path / "k")
     assert loaded.cfg.verifier.mode == "weight" and loaded.card["has_verifier"] is True
+    assert jax.tree.structure(k_params) == jax.tree.structure(loaded.verifier)
     for x, y in zip(jax.tree.leaves(k_params), jax.tree.leaves(loaded.verifier)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
@@ -156,13 +157,21 @@ def test_a_damaged_export_fails_with_one_line_naming_the_problem(exported, tmp_p
     assert err.count("\n") == 1 and words in err
 
 
-def test_export_refuses_a_folder_that_is_not_an_export_and_replaces_an_earlier_one(agent, exported, tmp_path):
+def test_export_refuses_a_folder_that_is_not_an_export_and_replaces_an_earlier_one(agent, exported, smoke_run,
+                                                                                   tmp_path):
     other = tmp_path / "other"
     other.mkdir()
     (other / "notes.txt").write_text("mine")
-    with pytest.raises(pretrained.PretrainedError, match="not an exported wm_jax agent"):
-        agent.save_pretrained(other)
-    assert (other / "notes.txt").read_text() == "mine"
+    hf = tmp_path / "hf"  # another library's model folder: a config.json of its own
+    hf.mkdir()
+    (hf / "config.json").write_text('{"model_type": "gpt2"}')
+    run = smoke_run[0]  # a run directory has a config.json too
+    before = sorted(p.name for p in run.iterdir())
+    for folder in (other, hf, run):
+        with pytest.raises(pretrained.PretrainedError, match="not an exported wm_jax agent"):
+            agent.save_pretrained(folder)
+    assert (other / "notes.txt").read_text() == "mine" and (hf / "config.json").read_text() == '{"model_type": "gpt2"}'
+    assert sorted(p.name for p in run.iterdir()) == before
     again = agent.save_pretrained(_copy(exported, tmp_path))  # an earlier export is replaced whole
     assert sorted(p.name for p in again.iterdir()) == ["README.md", "config.json", "model.safetensors"]
     assert not list(tmp_path.glob(".*"))  # no temporary folders left behind
@@ -181,7 +190,7 @@ def test_export_command(smoke_run, tmp_path, capsys):
 
 def _gif_frames(path: Path) -> tuple[int, tuple[int, int]]:
     with Image.open(path) as im:
-        assert im.format == "GIF" and im.is_animated or im.n_frames == 1
+        assert im.format == "GIF" and (im.is_animated or im.n_frames == 1)
         return im.n_frames, im.size
 
 

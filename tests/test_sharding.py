@@ -87,7 +87,11 @@ def test_sharded_matches_single_device(tmp_path):
     script = tmp_path / "sharded.py"
     script.write_text(SCRIPT)
     procs = [_start(script, 8), _start(script, 1)]
-    sharded, single = (_result(p) for p in procs)
+    try:
+        sharded, single = (_result(p) for p in procs)
+    finally:
+        for p in procs:
+            p.kill()
     assert sharded["devices"] == 8 and single["devices"] == 1
     for k in ("scores", "eval_returns", "evolve_best"):
         np.testing.assert_allclose(sharded[k], single[k], rtol=1e-5, atol=1e-5, err_msg=k)

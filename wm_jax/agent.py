@@ -49,7 +49,9 @@ class Agent:
                  card: dict[str, Any] | None = None) -> None:
         self.cfg = cfg
         self.params = params  # {"vae", "transition", "controller"}
-        self.verifier = verifier  # K's parameters, or None when the run trained none
+        # K's parameters (None when the run trained none), or a function that loads them: acting
+        # never needs K, so a run's K is read only when asked for (export, video).
+        self._verifier = verifier
         self.card = dict(card or {})  # what the run measured (summary.json's figures), for the model card
         self._device = jax.devices()[0]
         self._act = jax.jit(self._act_impl)
@@ -59,11 +61,17 @@ class Agent:
         action, carry, _ = rollout.agent_step(self.cfg, params, carry, obs)
         return action, carry
 
+    @property
+    def verifier(self) -> Any:
+        if callable(self._verifier):
+            self._verifier = self._verifier()
+        return self._verifier
+
     @classmethod
     def load(cls, run_dir: Path | str) -> Agent:
-        """Load the final agent of a finished `wm-jax run` directory."""
+        """Load the final agent of a finished `wm-jax run` directory (its K, if any, on first use)."""
         cfg, params = run_dir_lib.load_agent(run_dir)
-        return cls(cfg, params, run_dir_lib.load_verifier(run_dir), run_dir_lib.card(run_dir))
+        return cls(cfg, params, lambda: run_dir_lib.load_verifier(run_dir), run_dir_lib.card(run_dir))
 
     @classmethod
     def from_pretrained(cls, directory: Path | str) -> Agent:
@@ -77,8 +85,7 @@ class Agent:
     def open(cls, path: Path | str) -> Agent:
         """A run directory (Agent.load) or an exported folder (Agent.from_pretrained), by what it holds."""
         path = Path(path)
-        exported = (path / pretrained.WEIGHTS).exists() or (path / pretrained.CONFIG).exists()
-        if exported and not (path / "agent.json").exists() and not (path / "stages.json").exists():
+        if pretrained.is_export(path) and not (path / "agent.json").exists() and not (path / "stages.json").exists():
             return cls.from_pretrained(path)
         return cls.load(path)
 

@@ -211,14 +211,16 @@ def cmd_video(args: argparse.Namespace) -> int:
     from wm_jax import video
     from wm_jax.agent import evaluation_key
 
-    agent = _agent(args.agent)
-    out = Path(args.out) if args.out else Path(args.agent) / "episode.gif"
+    out = Path(args.out) if args.out else Path(args.agent) / "video.gif"
     if out.suffix.lower() != ".gif":
         raise UsageError(f"--out {out}: the video is an animated GIF, name it *.gif")
+    if not 1 <= args.fps <= video.MAX_FPS:
+        raise UsageError(f"--fps must be in 1..{video.MAX_FPS} (GIF viewers slow faster frames down), got {args.fps}")
+    agent = _agent(args.agent)
     key = jax.random.fold_in(evaluation_key(agent.cfg.seed if args.seed is None else args.seed), 1000)
     frames = video.record(agent.cfg, {**agent.params, "verifier": agent.verifier}, key, args.episodes, args.max_steps)
-    video.write(out, frames, fps=args.fps)
-    print(f"{out}: {len(frames)} frames, {args.episodes} episode(s), {out.stat().st_size / 1e6:.1f} MB")
+    count = video.write(out, frames, fps=args.fps)
+    print(f"{out}: {count} frames, {args.episodes} episode(s), {out.stat().st_size / 1e6:.1f} MB")
     return 0
 
 
@@ -297,7 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     vid = sub.add_parser("video", help="an animated GIF: real episode, V's reconstruction and M's dream")
     vid.add_argument("agent", help="a `wm-jax run` directory or a folder written by `wm-jax export`")
     vid.add_argument("--episodes", type=_positive_int, default=1)
-    vid.add_argument("--out", default=None, help="the GIF to write (default: AGENT/episode.gif)")
+    vid.add_argument("--out", default=None, help="the GIF to write (default: AGENT/video.gif; a run's own episode.gif "
+                                                 "is left alone)")
     vid.add_argument("--max-steps", type=_positive_int, default=None, help="steps per episode at most (default: the preset's)")
     vid.add_argument("--fps", type=_positive_int, default=25)
     vid.add_argument("--seed", type=_seed, default=None, help="episode seed (default: the agent's)")
@@ -357,10 +360,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wm-jax {args.command}: {message}", file=sys.stderr)
         return code
 
+    from wm_jax import logs
+
     try:
         if getattr(args, "log", "jsonl") == "tensorboard":
-            from wm_jax import logs
-
             try:
                 logs.use("tensorboard")
             except ValueError as e:
@@ -387,6 +390,8 @@ def main(argv: list[str] | None = None) -> int:
         if message is None:
             raise
         return fail(e, EXIT_WRITE, f"error: {message}")
+    finally:
+        logs.close()  # the writers belong to this command, not to whatever the process does next
 
 
 def console() -> None:

@@ -467,7 +467,7 @@ def _evaluate(ctx: _Run) -> dict[str, Any]:
     rec = rollout.open_loop(cfg, params, k_episode, cfg.eval.max_steps)
     n = STRIP_STEPS
     plots.episode_strip(rec["real"][:n], rec["recon"][:n], rec["dreamed"][:n], ctx.out / "episode_strip.png")
-    video.write(ctx.out / "episode.gif", video.render(rec))
+    video.write(ctx.out / "episode.gif", video.frames(rec))
     tmp = ctx.out / ".imagined_rollouts.tmp.npz"
     np.savez_compressed(tmp, **rollout.imagined_rollouts(cfg, params, k_dreams, rec["z"][:n]))
     os.replace(tmp, ctx.out / "imagined_rollouts.npz")

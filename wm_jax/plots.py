@@ -68,7 +68,7 @@ def dream_vs_real(checks: list[dict[str, Any]], path: Path) -> None:
 
 def episode_strip(real: np.ndarray, recon: np.ndarray, dreamed: np.ndarray, path: Path) -> None:
     """Rows: a real episode's newest frames (uint8), V's reconstructions and M's open-loop dream
-    along the same actions ([0, 1]); each [steps, 64, 64] (rollout.episode_strip makes them)."""
+    along the same actions ([0, 1]); each [steps, 64, 64] (the first steps of rollout.open_loop)."""
     steps = len(real)
     fig, axes = plt.subplots(3, steps, figsize=(1.2 * steps, 3.9))
     for t in range(steps):

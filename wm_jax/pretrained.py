@@ -15,10 +15,12 @@ or tensors that differ from the layout this version builds is a PretrainedError 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import shutil
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -118,22 +120,58 @@ def card_text(cfg: Config, card: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def is_export(directory: Path | str) -> bool:
+    """Whether `directory` looks like an exported agent (its config.json names this format, or it
+    holds the weights file): what `save` may replace and `Agent.open` loads as one."""
+    directory = Path(directory)
+    try:
+        meta = json.loads((directory / CONFIG).read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return (directory / WEIGHTS).is_file()
+    return isinstance(meta, dict) and meta.get("format") == FORMAT
+
+
+def _refuse_to_replace(directory: Path) -> None:
+    if not directory.exists():
+        return
+    if not directory.is_dir():
+        raise PretrainedError(f"{directory} is a file, not a folder; choose another folder for the export")
+    if any(directory.iterdir()) and (not is_export(directory) or (directory / "stages.json").exists()
+                                     or (directory / "agent.json").exists()):
+        raise PretrainedError(f"{directory} exists and is not an exported wm_jax agent (a run directory or other "
+                              f"files); nothing was written: choose another folder")
+
+
+def _write_error(path: Path, error: Exception) -> Exception:
+    """An OSError with the errno the text names (the CLI's exit 3 for a full disk or a read-only
+    folder), else a PretrainedError saying the file could not be written."""
+    for code in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT):
+        if os.strerror(code) in str(error):
+            return OSError(code, os.strerror(code), str(path))
+    return PretrainedError(f"cannot write {path} ({error})")
+
+
 def save(directory: Path | str, cfg: Config, params: dict[str, Any], card: dict[str, Any] | None = None) -> Path:
     """Write the folder atomically: the files are built beside it and swapped in whole, so a crash
-    leaves the old folder or the new one. An existing folder that is not an exported agent is
-    never overwritten."""
+    leaves the old folder or the new one (a failed swap puts the old one back). A folder that is
+    not an earlier export (a run directory, anything else) is never replaced."""
+    from safetensors import SafetensorError
     from safetensors.numpy import save_file
 
-    directory = Path(directory)
-    if directory.exists() and any(directory.iterdir()) and not (directory / CONFIG).exists():
-        raise PretrainedError(f"{directory} exists and is not an exported wm_jax agent; choose another folder")
+    directory = Path(directory).resolve()
+    if directory.parent == directory:
+        raise PretrainedError(f"{directory}: cannot export into the file system's root; choose a folder")
+    _refuse_to_replace(directory)
     tensors = flatten(params)
     card = {**(card or {}), "has_verifier": params.get("verifier") is not None}
-    tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tag = uuid.uuid4().hex[:8]
+    tmp = directory.with_name(f".{directory.name}.tmp-{tag}")
     tmp.mkdir(parents=True)
     try:
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+        try:
+            save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+        except SafetensorError as e:  # a plain Exception: its text carries the OS reason, if any
+            raise _write_error(tmp / WEIGHTS, e) from None
         meta = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -148,11 +186,20 @@ def save(directory: Path | str, cfg: Config, params: dict[str, Any], card: dict[
         os.umask(mask)
         for f in tmp.iterdir():  # safetensors writes its file owner-only; an export is for sharing
             f.chmod(0o644 & ~mask)
-        old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+            with open(f, "rb") as fh:  # on disk before the swap that makes it the export
+                os.fsync(fh.fileno())
+        old = None
         if directory.exists():
+            old = directory.with_name(f".{directory.name}.old-{tag}")
             os.replace(directory, old)
-        os.replace(tmp, directory)
-        shutil.rmtree(old, ignore_errors=True)
+        try:
+            os.replace(tmp, directory)
+        except BaseException:
+            if old is not None:  # put the earlier export back before giving up
+                os.replace(old, directory)
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return directory
@@ -169,6 +216,8 @@ def _meta(directory: Path) -> dict[str, Any]:
         meta = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as e:
         raise PretrainedError(f"{path} is damaged ({type(e).__name__}: {e}); export the agent again") from None
+    except OSError as e:
+        raise PretrainedError(f"cannot read {path} ({e.strerror or e})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise PretrainedError(f"{path} is not a wm_jax agent's config (format {meta.get('format') if isinstance(meta, dict) else None!r}, "
                               f"expected {FORMAT!r})")
@@ -189,12 +238,16 @@ def load(directory: Path | str) -> tuple[Config, dict[str, Any], dict[str, Any]]
         cfg = Config.from_dict(meta["config"])
         recorded = meta["sha256"][WEIGHTS]
         card = dict(meta.get("card") or {})
-    except (ConfigError, KeyError, TypeError) as e:
+    except (ConfigError, KeyError, TypeError, ValueError) as e:
         raise PretrainedError(f"{directory / CONFIG} is damaged ({type(e).__name__}: {e}); export the agent again") from None
     weights = directory / WEIGHTS
     if not weights.exists():
         raise PretrainedError(f"{weights} is missing; export the agent again")
-    if _sha256(weights) != recorded:
+    try:
+        digest = _sha256(weights)
+    except OSError as e:
+        raise PretrainedError(f"cannot read {weights} ({e.strerror or e})") from None
+    if digest != recorded:
         raise PretrainedError(f"{weights} is damaged (its SHA-256 differs from the one {CONFIG} records); "
                               f"export the agent again")
     try:

@@ -1,7 +1,8 @@
 """Dream videos: a real episode, V's reconstruction and M's open-loop dream, frame by frame.
 
-    frames = video.render(rollout.open_loop(cfg, params, key, 500))   # uint8[T, H, W, 3]
-    video.write("episode.gif", frames)                                 # an animated GIF (Pillow)
+    rec = rollout.open_loop(cfg, params, key, 500)
+    video.write("episode.gif", video.frames(rec))      # an animated GIF (Pillow), frames streamed
+    video.render(rec)                                  # the same frames as one uint8[T, H, W, 3] array
 
 Each frame shows three panels (real | V recon | M dream from the episode's first latent, under the
 real actions) and a caption: step, action, real reward, M's predicted reward and p(done) and, with
@@ -14,12 +15,15 @@ or ends is visible at a glance. `wm-jax video` and the pipeline (episode.gif) wr
 from __future__ import annotations
 
 import os
+import uuid
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 SCALE = 3  # each 64x64 panel is drawn at 192x192
+MAX_FPS = 50  # GIF frame delays under 20 ms are shown at 100 ms by most viewers
 PAD = 6
 TITLE_H = 16
 CAPTION_H = 34
@@ -43,6 +47,12 @@ def _panel(image01: np.ndarray) -> np.ndarray:
 
 def render(rec: dict[str, Any], episode: int | None = None) -> np.ndarray:
     """The frames (uint8[T, H, W, 3]) of one `rollout.open_loop` record, T = the episode's length."""
+    return np.stack(list(frames(rec, episode)))
+
+
+def frames(rec: dict[str, Any], episode: int | None = None) -> Iterator[np.ndarray]:
+    """The frames of one `rollout.open_loop` record one at a time (uint8[H, W, 3]; a 500-step
+    episode is 265 MB as one array)."""
     from PIL import Image, ImageDraw
 
     length = max(1, int(np.sum(rec["valid"])))
@@ -73,7 +83,6 @@ def render(rec: dict[str, Any], episode: int | None = None) -> np.ndarray:
     if end is not None:
         draw.line([(xs[end], plot_y0), (xs[end], plot_y1)], fill=RED, width=2)
 
-    frames = []
     for t in range(length):
         img = base.copy()
         draw = ImageDraw.Draw(img)
@@ -97,8 +106,7 @@ def render(rec: dict[str, Any], episode: int | None = None) -> np.ndarray:
         draw.text((PAD, y), real_line, fill=BLACK, font=font)
         draw.text((PAD, y + 14), dream_line, fill=NAVY, font=font)
         draw.line([(xs[t], plot_y0), (xs[t], plot_y1)], fill=BLACK, width=1)
-        frames.append(np.asarray(img))
-    return np.stack(frames)
+        yield np.asarray(img)
 
 
 def _palette():
@@ -113,36 +121,37 @@ def _palette():
     return pal
 
 
-def write(path: Path | str, frames: np.ndarray, fps: int = 25) -> Path:
-    """Write frames (uint8[T, H, W, 3]) as a looping GIF, atomically: a crash leaves the old file
-    or the new one."""
+def write(path: Path | str, frames: Iterable[np.ndarray], fps: int = 25) -> int:
+    """Write frames (each uint8[H, W, 3], any iterable) as a looping GIF, atomically: a crash
+    leaves the old file or the new one. Returns the number of frames."""
     from PIL import Image
 
     path = Path(path)
     if path.suffix.lower() != ".gif":
         raise ValueError(f"{path}: a video is written as an animated .gif, got {path.suffix or 'no extension'!r}")
-    if len(frames) == 0:
-        raise ValueError(f"{path}: no frames to write")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if not 1 <= fps <= MAX_FPS:
+        raise ValueError(f"fps must be in 1..{MAX_FPS} (GIF viewers slow faster frames down), got {fps}")
     pal = _palette()
     images = [Image.fromarray(np.asarray(f, np.uint8)).quantize(palette=pal, dither=Image.Dither.NONE) for f in frames]
-    tmp = path.with_name(f".{path.stem}.tmp.gif")
+    if not images:
+        raise ValueError(f"{path}: no frames to write")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp-{uuid.uuid4().hex[:8]}.gif")
     try:
         images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    return path
+    return len(images)
 
 
-def record(cfg, params: dict[str, Any], key, episodes: int = 1, max_steps: int | None = None) -> np.ndarray:
-    """`episodes` real episodes of the agent in params (with params["verifier"], K's confidences
-    too), rendered one after another: uint8[frames, H, W, 3]."""
+def record(cfg, params: dict[str, Any], key, episodes: int = 1, max_steps: int | None = None) -> Iterator[np.ndarray]:
+    """The frames of `episodes` real episodes of the agent in params (with params["verifier"], K's
+    confidences too), one after another; episode i uses jax.random.fold_in(key, i)."""
     import jax
 
     from wm_jax import rollout
 
     steps = cfg.eval.max_steps if max_steps is None else max_steps
-    parts = [render(rollout.open_loop(cfg, params, jax.random.fold_in(key, i), steps), episode=i + 1)
-             for i in range(episodes)]
-    return np.concatenate(parts)
+    for i in range(episodes):
+        yield from frames(rollout.open_loop(cfg, params, jax.random.fold_in(key, i), steps), episode=i + 1)
