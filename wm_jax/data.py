@@ -307,22 +307,29 @@ def save_dataset(ds: datasets.Dataset, path: os.PathLike | str, overwrite: bool 
             json.dump(manifest, f)
             f.flush()
             os.fsync(f.fileno())
-        old = None
-        if path.exists():
-            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(path, old)
-        try:
-            os.replace(tmp, path)
-        except BaseException:
-            if old is not None:  # put the previous dataset back before giving up
-                os.replace(old, path)
-            raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        swap_in(tmp, path)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def swap_in(tmp: Path, path: Path) -> None:
+    """Make the finished folder `tmp` the folder `path`: an existing `path` is set aside as
+    `.NAME.old-*` first, put back if the move fails, and removed after it succeeds (the datasets
+    and the exported agents are saved this way)."""
+    old = None
+    if path.exists():
+        old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(path, old)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        if old is not None:  # put the previous folder back before giving up
+            os.replace(old, path)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _check_features(path: Path, ds: datasets.Dataset) -> None:

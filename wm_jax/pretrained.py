@@ -27,7 +27,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from wm_jax import checkpoint, controller, transition, vae, verifier
+from wm_jax import checkpoint, controller, data, transition, vae, verifier
 from wm_jax.config import Config, ConfigError
 
 FORMAT = "wm_jax.agent"
@@ -164,8 +164,7 @@ def save(directory: Path | str, cfg: Config, params: dict[str, Any], card: dict[
     _refuse_to_replace(directory)
     tensors = flatten(params)
     card = {**(card or {}), "has_verifier": params.get("verifier") is not None}
-    tag = uuid.uuid4().hex[:8]
-    tmp = directory.with_name(f".{directory.name}.tmp-{tag}")
+    tmp = directory.with_name(f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}")
     tmp.mkdir(parents=True)
     try:
         try:
@@ -188,18 +187,7 @@ def save(directory: Path | str, cfg: Config, params: dict[str, Any], card: dict[
             f.chmod(0o644 & ~mask)
             with open(f, "rb") as fh:  # on disk before the swap that makes it the export
                 os.fsync(fh.fileno())
-        old = None
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.old-{tag}")
-            os.replace(directory, old)
-        try:
-            os.replace(tmp, directory)
-        except BaseException:
-            if old is not None:  # put the earlier export back before giving up
-                os.replace(old, directory)
-            raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        data.swap_in(tmp, directory)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return directory
