@@ -79,9 +79,10 @@ def main() -> None:
         "vae_mse_per_pixel": float(np.mean(np.concatenate(recon))),
         "m_round1": m_metrics(cfg, transition.load(cfg, run / "transition"), rows),
     }
-    if cfg.rounds.rounds > 1:
-        final_dir = run / f"transition_round{cfg.rounds.rounds}"
-        m_final = transition.load(cfg.for_round(cfg.rounds.rounds), final_dir)
+    # the last round that ran (a run skips its later rounds once its agent is solved: evolve.stop_at)
+    last = max((r for r in range(2, cfg.rounds.rounds + 1) if (run / f"transition_round{r}").is_dir()), default=None)
+    if last is not None:
+        m_final = transition.load(cfg.for_round(last), run / f"transition_round{last}")
         result["m_final"] = m_metrics(cfg, m_final, rows)
     for name in ("vae", "transition"):
         stage = json.loads((run / "stages.json").read_text()).get(name, {})

@@ -124,6 +124,11 @@ def test_run_verifier_flag_sets_the_mode_and_the_default_out(monkeypatch, tmp_pa
     assert seen["cfg"].evolve.grounding == 0.0
     assert cli.main(["run", "--preset", "smoke", "--grounding", "0.5"]) == 130
     assert seen["cfg"].evolve.grounding == 0.5 and seen["out"] == Path("runs") / "smoke-g0.5"
+    # the name says what differs from the preset: the frugal preset grounds half its dreams itself
+    assert cli.main(["run", "--preset", "frugal"]) == 130
+    assert seen["cfg"].evolve.grounding == 0.5 and seen["out"] == Path("runs") / "frugal"
+    assert cli.main(["run", "--preset", "frugal", "--grounding", "0"]) == 130
+    assert seen["cfg"].evolve.grounding == 0.0 and seen["out"] == Path("runs") / "frugal-g0"
 
 
 def test_train_vae_missing_data_dir(tmp_path, capsys):
@@ -206,3 +211,11 @@ def test_compilation_cache_goes_where_asked_and_can_be_turned_off(monkeypatch, t
         assert cli.compilation_cache() == tmp_path / "cache" / "wm_jax" / "jax"
     finally:
         jax.config.update("jax_compilation_cache_dir", before)
+
+
+def test_run_offers_every_preset():
+    from wm_jax.config import PRESETS
+
+    parser = cli.build_parser()
+    for name in PRESETS:
+        assert parser.parse_args(["run", "--preset", name]).preset == name

@@ -121,7 +121,7 @@ def test_unknown_preset():
         assert name in msg  # lists the choices
 
 
-@pytest.mark.parametrize("name", ["smoke", "cpu", "paper"])
+@pytest.mark.parametrize("name", ["smoke", "cpu", "frugal", "paper"])
 def test_presets_construct_and_round_trip(name):
     cfg = get_preset(name)
     assert isinstance(cfg, Config)
@@ -287,3 +287,14 @@ def test_seed_range(seed):
     with pytest.raises(ConfigError, match=r"DataConfig.seed must be in"):
         DataConfig(seed=seed)
     assert dataclasses.replace(Config(), seed=2**32 - 1).seed == 2**32 - 1
+
+
+def test_frugal_is_the_cpu_preset_with_fewer_real_steps():
+    """frugal changes only what spends real steps: random episodes, checks, grounding, the stop,
+    round 2's episodes and generations; V, M, C and the evaluation are the cpu preset's."""
+    cpu, frugal = get_preset("cpu"), get_preset("frugal")
+    for section in ("vae", "transition", "controller", "eval", "verifier"):
+        assert getattr(frugal, section) == getattr(cpu, section), section
+    assert frugal.data.episodes < cpu.data.episodes and frugal.rounds.episodes < cpu.rounds.episodes
+    assert frugal.evolve.check_episodes * cpu.evolve.check_every < cpu.evolve.check_episodes * frugal.evolve.check_every
+    assert frugal.evolve.stop_at == frugal.eval.solved_at and cpu.evolve.stop_at is None

@@ -398,6 +398,24 @@ def test_evolve_maximises_the_return(tmp_path):
     assert res["real_env_steps"] == 5 * len(res["checks"])
 
 
+def test_evolve_stops_at_the_first_check_that_reaches_stop_at(tmp_path):
+    """evolve.stop_at: no generations (and no real steps) after the first check whose mean return
+    reaches it; what was done equals the same search without it, and a rerun resumes as finished."""
+    cfg = _toy_cfg(population=8, generations=12, gens_per_call=2, check_every=4, sigma=0.1)
+    whole = evolve.evolve(cfg, jax.random.key(30), _toy_world(), tmp_path / "whole", progress=False, score=_toy_score,
+                          check=_TOY_CHECK)
+    reals = [c["real_return"] for c in whole["checks"]]
+    assert reals[1] > reals[0], reals  # the second check is the first to reach the bar below
+    stop = _replace(cfg, evolve={"stop_at": (reals[0] + reals[1]) / 2})
+    for _ in range(2):  # the second call restores the finished search from its checkpoint
+        res = evolve.evolve(stop, jax.random.key(30), _toy_world(), tmp_path / "stop", progress=False,
+                            score=_toy_score, check=_TOY_CHECK)
+        assert [c["generation"] for c in res["checks"]] == [4, 8] and res["generations"] == 8
+        assert res["checks"] == whole["checks"][:2] and res["history"] == whole["history"][:8]
+        assert res["real_env_steps"] == 10 and res["best_real"] == reals[1]
+    assert whole["generations"] == 12 and whole["real_env_steps"] == 15
+
+
 def test_evolve_check_schedule_and_log(tmp_path):
     cfg = _toy_cfg(population=4, generations=7, gens_per_call=2, check_every=3)
     (tmp_path / "evolve.jsonl").write_text('{"generation": 99}\n')  # a previous search's log is replaced

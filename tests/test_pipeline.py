@@ -130,6 +130,62 @@ def test_summary_schema(finished):
     )
 
 
+def test_every_real_step_is_counted_once(finished):
+    """The training's real steps are the rows of the datasets on disk (random data, then each
+    round's) plus the steps of every real check, and the learning curve walks through them in the
+    order they were spent, ending at summary.json's real_env_steps_training."""
+    out, summary = finished
+    stages = json.loads((out / "stages.json").read_text())
+    rows = {r: data.load_dataset(out / "data" / f"round{r}").num_rows for r in (1, 2)}
+    assert stages["collect"]["env_steps"] == rows[1] and stages["collect_round2"]["env_steps"] == rows[2]
+    for r in (1, 2):
+        checks = stages[f"evolve_round{r}"]["checks"]
+        assert stages[f"evolve_round{r}"]["real_env_steps"] == sum(c["env_steps"] for c in checks) > 0
+        # a check's steps are its episodes' lengths: at least one step each, at most max_steps
+        assert all(SMOKE.evolve.check_episodes <= c["env_steps"] <= SMOKE.evolve.check_episodes * SMOKE.eval.max_steps
+                   for c in checks)
+    checks = [c for r in (1, 2) for c in stages[f"evolve_round{r}"]["checks"]]
+    assert summary["real_env_steps_training"] == rows[1] + rows[2] + sum(c["env_steps"] for c in checks)
+    assert summary["real_env_steps"] == summary["real_env_steps_training"] + stages["evaluate"]["env_steps"]
+
+    curve = summary["learning_curve"]
+    assert [p["source"] for p in curve] == (["collect"] + ["check"] * len(stages["evolve_round1"]["checks"])
+                                            + ["collect"] + ["check"] * len(stages["evolve_round2"]["checks"])
+                                            + ["evaluate"])
+    spent = [curve[0]["real_env_steps"]] + [b["real_env_steps"] - a["real_env_steps"] for a, b in zip(curve, curve[1:])]
+    assert spent == [rows[1]] + [c["env_steps"] for c in stages["evolve_round1"]["checks"]] + [rows[2]] + [
+        c["env_steps"] for c in stages["evolve_round2"]["checks"]] + [0]  # the evaluation's steps are not training's
+    assert curve[-1]["real_env_steps"] == summary["real_env_steps_training"]
+    assert curve[-1]["real_return"] == summary["real_return_mean"]
+    assert [p["real_return"] for p in curve if p["source"] == "check"] == [c["real_return"] for c in checks]
+    # a collection's return: its episodes' mean length (CartPole pays 1 per step)
+    assert curve[0]["real_return"] == pytest.approx(rows[1] / SMOKE.data.episodes)
+    assert curve[0]["episodes"] == SMOKE.data.episodes and curve[-1]["episodes"] == SMOKE.eval.episodes
+
+
+def test_a_solved_agent_ends_the_search_and_the_rounds(tmp_path):
+    """evolve.stop_at: round 1's search ends at its first check that reaches it and round 2 (its
+    data, M, search) is skipped, so no real step is spent after it; the run finishes and reruns."""
+    cfg = dataclasses.replace(SMOKE, evolve=dataclasses.replace(SMOKE.evolve, stop_at=0.0))
+    out = tmp_path / "solved"
+    summary = pipeline.run(cfg, out, progress=False)
+    stages = json.loads((out / "stages.json").read_text())
+    assert set(stages) == {"collect", "vae", "encode_round1", "transition", "evolve_round1", "evaluate"}
+    assert [c["generation"] for c in stages["evolve_round1"]["checks"]] == [SMOKE.evolve.check_every]
+    assert stages["evolve_round1"]["generations"] == SMOKE.evolve.check_every < SMOKE.evolve.generations
+    assert summary["agent_round"] == 1
+    assert summary["real_env_steps_training"] == (stages["collect"]["env_steps"]
+                                                  + stages["evolve_round1"]["checks"][0]["env_steps"])
+    assert [p["source"] for p in summary["learning_curve"]] == ["collect", "check", "evaluate"]
+    assert json.loads((out / "agent.json").read_text())["round"] == 1
+    (out / "agent.json").unlink()  # derived: a rerun of the finished run rewrites it
+    assert _same(pipeline.run(cfg, out, progress=False), summary)
+    assert json.loads((out / "agent.json").read_text())["round"] == 1
+    agent = Agent.load(out)
+    obs, _ = PixelCartPole().reset(jax.random.key(0))
+    assert agent.act(agent.initial_carry(), obs)[0] in (0, 1)
+
+
 def test_dream_real_corr_is_finite(finished):
     """The smoke preset must check the CMA-ES mean at least 3 times, or the correlation is NaN."""
     _, summary = finished

@@ -149,16 +149,17 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from wm_jax import pipeline
 
-    cfg = _preset(args)
+    cfg = preset = _preset(args)
     if args.rounds is not None:
         cfg = dataclasses.replace(cfg, rounds=dataclasses.replace(cfg.rounds, rounds=args.rounds))
     if args.verifier is not None:
         cfg = dataclasses.replace(cfg, verifier=dataclasses.replace(cfg.verifier, mode=args.verifier))
     if args.grounding is not None:
         cfg = dataclasses.replace(cfg, evolve=dataclasses.replace(cfg.evolve, grounding=args.grounding))
+    # the default directory names what differs from the preset
     name = cfg.preset + (f"-s{cfg.seed}" if cfg.seed else "") + ("" if args.precision is None else f"-{args.precision}")
-    name += "" if cfg.verifier.mode == "off" else f"-k{cfg.verifier.mode}"
-    name += f"-g{cfg.evolve.grounding:g}" if cfg.evolve.grounding else ""
+    name += "" if cfg.verifier.mode == preset.verifier.mode else f"-k{cfg.verifier.mode}"
+    name += "" if cfg.evolve.grounding == preset.evolve.grounding else f"-g{cfg.evolve.grounding:g}"
     out = Path(args.out) if args.out else Path("runs") / name
     summary = pipeline.run(cfg, out)
     print()
@@ -244,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--overwrite", action="store_true")
     c.set_defaults(fn=cmd_collect)
 
-    presets = ("smoke", "cpu", "paper")
+    presets = ("smoke", "cpu", "frugal", "paper")  # config.PRESETS (tests/test_cli.py checks)
 
     def training_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--out", required=True)

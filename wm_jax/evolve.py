@@ -239,10 +239,11 @@ def search(
     """Drive `period` to cfg.evolve.generations for one search or, with `batched`, for a batch of
     cells (keys [N], every leaf of hp and init_mean with a leading N) vmapped as one program.
 
-    Checks land every check_every generations and at the end. Writes out_dir/evolve.jsonl (one line
+    Checks land every check_every generations and at the end; with evolve.stop_at, the search ends
+    after the first check at which every cell's best real return reaches it. Writes out_dir/evolve.jsonl (one line
     per check and cell), out_dir/generations.jsonl (one per generation and cell) and a checkpoint
     of the state after every period (out_dir/checkpoints; a rerun resumes from it). Returns one
-    dict per cell: best, best_real, checks, history, real_env_steps, wall_s.
+    dict per cell: best, best_real, checks, history, real_env_steps, generations (done), wall_s.
     """
     ev = cfg.evolve
     hp = cfg.hyper() if hp is None else hp
@@ -264,8 +265,11 @@ def search(
     mngr = checkpoint.manager(out_dir / "checkpoints")
     t0 = time.perf_counter()
     bar = tqdm(total=ev.generations, initial=done, desc="evolve", unit="gen", disable=not progress, leave=False)
+    def solved() -> bool:  # every cell's best check reached evolve.stop_at: no more real checks needed
+        return ev.stop_at is not None and bool(np.all(np.asarray(jax.device_get(state.best_real)) >= ev.stop_at))
+
     try:
-        while done < ev.generations:
+        while done < ev.generations and not solved():
             interrupt.check()  # Ctrl-C between periods: the last checkpoint is whole
             gens = min(ev.check_every - done % ev.check_every, ev.generations - done)
             state, m = _period_cells(static, hp, world, state, keys, gens, score, check, batched)
@@ -306,6 +310,7 @@ def search(
             "checks": mine,
             "history": [{k: v for k, v in e.items() if k != "cell"} for e in history if e.get("cell", 0) == c],
             "real_env_steps": int(steps),
+            "generations": done,
             "wall_s": wall,
         })
     return out
@@ -318,7 +323,7 @@ def evolve(
 ) -> dict[str, Any]:
     """One controller search (see `search`): cfg.evolve.generations generations from init_mean.
 
-    Returns {"best", "best_real", "checks", "history", "real_env_steps", "wall_s"}; the best is
+    Returns {"best", "best_real", "checks", "history", "real_env_steps", "generations", "wall_s"}; the best is
     the checked CMA-ES mean with the best real return.
     """
     return search(cfg, key, world, out_dir, hp, init_mean, progress, score, check)[0]

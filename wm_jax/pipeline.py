@@ -3,7 +3,8 @@
 `run(cfg, out_dir)` writes a run directory; every stage records its result in stages.json when it
 finishes, and a rerun with the same command skips finished stages (training stages also resume
 mid-way from their checkpoints). With cfg.rounds.rounds > 1, Ha's iterative procedure follows:
-collect with the current controller (with action noise), fine-tune M on all data, evolve again.
+collect with the current controller (with action noise), fine-tune M on all data, evolve again;
+with evolve.stop_at set, the rounds end once a real check of the best agent reaches it.
 """
 
 from __future__ import annotations
@@ -252,6 +253,11 @@ def _run(ctx: _Run) -> dict[str, Any]:
     ctx.stages.run("vae", lambda: _train_vae(ctx), inputs=ctx.data_ids(), folder=out / "vae")
     ctx.vae_params, ctx.vae_id = ctx.load("vae", "vae", vae.load, cfg)
     for r in range(1, cfg.rounds.rounds + 1):  # round 1 on random data, later ones on the agent's
+        if r > 1 and _solved(cfg, ctx.best["real"]):
+            later = f"round {r}" if r == cfg.rounds.rounds else f"rounds {r}-{cfg.rounds.rounds}"
+            ctx.stages.note(f"{later} skipped: the agent's real check reached "
+                            f"evolve.stop_at={cfg.evolve.stop_at:g} ({ctx.best['real']:g})")
+            break
         _round(ctx, r)
     assert ctx.best is not None
     _write_agent_files(out, cfg, ctx.best["round"], ctx.best["ctrl"], ctx.best["ctrl_id"])
@@ -266,11 +272,22 @@ def _agent_id(ctx: _Run) -> dict[str, Any]:
     return {"vae": ctx.vae_id, "transition": best["m_id"], "controller": best["ctrl_id"]}
 
 
+def _solved(cfg: Config, best_real: float) -> bool:
+    """The best agent's real check reached evolve.stop_at: the rounds after it are skipped (their
+    data and checks would cost real steps to replace an agent that is already as good as asked)."""
+    return cfg.evolve.stop_at is not None and best_real >= cfg.evolve.stop_at
+
+
+def _rounds_run(cfg: Config, done: dict[str, Any]) -> list[int]:
+    """The rounds whose search finished (later rounds skipped by _solved have no record)."""
+    return [r for r in range(1, cfg.rounds.rounds + 1) if f"evolve_round{r}" in done]
+
+
 def _best_round(cfg: Config, done: dict[str, Any]) -> int:
     """The round whose controller did best in its real checks; ties go to the later round (its M
     was trained on more data). The same rule as the rounds apply as they finish."""
     best, best_real = 1, None
-    for r in range(1, cfg.rounds.rounds + 1):
+    for r in _rounds_run(cfg, done):
         real = done[f"evolve_round{r}"]["best_real"]
         if best_real is None or real >= best_real:
             best, best_real = r, real
@@ -312,8 +329,8 @@ def _repair_agent_files(out: Path, cfg: Config, stages: _Stages) -> None:
     """A finished run's derived agent files, rewritten from the evolve stages' records if missing or
     damaged (runs recorded before the controller was stored in stages.json are left as they are)."""
     done = stages.done
-    for r in range(1, cfg.rounds.rounds + 1):
-        if "controller" not in done.get(f"evolve_round{r}", {}):
+    for r in _rounds_run(cfg, done):
+        if "controller" not in done[f"evolve_round{r}"]:
             return
         ctrl, ctrl_id = _controller(out, done, r)
         path = out / f"evolve_round{r}" / "controller.npy"
@@ -339,8 +356,10 @@ def _collect(ctx: _Run, r: int) -> dict[str, Any]:
                               episode_offset=r * 1_000_000, progress=ctx.progress)
     path = ctx.out / "data" / f"round{r}"
     data_lib.save_dataset(ds, path, overwrite=True)
-    return {"episodes": cfg.data.episodes if r == 1 else cfg.rounds.episodes, "rows": ds.num_rows,
-            "env_steps": ds.num_rows, "outputs": {f"data/round{r}": data_lib.identity(path)}}
+    episodes = cfg.data.episodes if r == 1 else cfg.rounds.episodes
+    # CartPole pays 1 per step (data._check_values), so an episode's return is its length
+    return {"episodes": episodes, "rows": ds.num_rows, "env_steps": ds.num_rows, "return_mean": ds.num_rows / episodes,
+            "outputs": {f"data/round{r}": data_lib.identity(path)}}
 
 
 def _train_vae(ctx: _Run) -> dict[str, Any]:
@@ -438,7 +457,7 @@ def _round(ctx: _Run, r: int) -> None:
                                       f"non-finite weights); delete {out / e_name} to search again")
         run_dir.save_npy(out / e_name / "controller.npy", best)
         return {"best_real": res["best_real"], "checks": res["checks"], "real_env_steps": res["real_env_steps"],
-                "final_dream_mean": res["history"][-1]["dream_mean"], "controller": best.tolist(),
+                "generations": res["generations"], "final_dream_mean": res["history"][-1]["dream_mean"], "controller": best.tolist(),
                 "outputs": {e_name: checkpoint.digest(best)}}
 
     inputs = {"vae": ctx.vae_id, "transition": m_id, "verifier": k_id, "latents": ctx.lat_id,
@@ -488,6 +507,7 @@ def _summary(ctx: _Run, ev: dict[str, Any]) -> dict[str, Any]:
         "solved": bool(ev["return_mean"] >= cfg.eval.solved_at),
         "real_env_steps": int(ctx.real_env_steps + ev["env_steps"]),
         "real_env_steps_training": int(ctx.real_env_steps),
+        "learning_curve": learning_curve(cfg, stages.done),
         "agent_round": ctx.best["round"],
         "dream_real_corr": stats.correlation([c["dream_return"] for c in ctx.checks],
                                              [c["real_return"] for c in ctx.checks]),
@@ -497,6 +517,31 @@ def _summary(ctx: _Run, ev: dict[str, Any]) -> dict[str, Any]:
         "versions": versions(),
     }
     return run_dir.finite_or_none(summary)  # the same values in memory, on disk and on a rerun
+
+
+def learning_curve(cfg: Config, done: dict[str, Any]) -> list[dict[str, Any]]:
+    """Real return against the real env steps used so far, from the stages' records: a point
+    after each collection (the mean return of the episodes collected: the random policy's, then
+    the agent's with action noise), one at each real check (its mean return over
+    evolve.check_episodes), and the final evaluation (evaluate.episodes; its own steps are not
+    training steps, so the count stays). Every real step is counted once, in the order spent."""
+    points, steps = [], 0
+    for r in range(1, cfg.rounds.rounds + 1):
+        rec = done.get("collect" if r == 1 else f"collect_round{r}")
+        if rec is None:
+            break
+        steps += rec["env_steps"]
+        points.append({"round": r, "source": "collect", "real_env_steps": steps, "real_return": rec.get("return_mean"),
+                       "episodes": rec["episodes"]})
+        for c in done.get(f"evolve_round{r}", {}).get("checks", []):
+            steps += c["env_steps"]
+            points.append({"round": r, "source": "check", "generation": c["generation"], "real_env_steps": steps,
+                           "real_return": c["real_return"], "dream_return": c["dream_return"],
+                           "episodes": cfg.evolve.check_episodes})
+    if "evaluate" in done:
+        points.append({"source": "evaluate", "real_env_steps": steps, "real_return": done["evaluate"]["return_mean"],
+                       "episodes": done["evaluate"]["episodes"]})
+    return points
 
 
 def agent_policy(cfg: Config, params: dict[str, Any]) -> data_lib.Policy:
