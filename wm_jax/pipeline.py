@@ -329,7 +329,10 @@ def _repair_agent_files(out: Path, cfg: Config, stages: _Stages) -> None:
     """A finished run's derived agent files, rewritten from the evolve stages' records if missing or
     damaged (runs recorded before the controller was stored in stages.json are left as they are)."""
     done = stages.done
-    for r in _rounds_run(cfg, done):
+    rounds = _rounds_run(cfg, done)
+    if not rounds:  # nothing to repair from (a summary written by other means)
+        return
+    for r in rounds:
         if "controller" not in done[f"evolve_round{r}"]:
             return
         ctrl, ctrl_id = _controller(out, done, r)
