@@ -7,7 +7,8 @@ and from the same pixels), with the same step accounting, on this machine.
 Steps counted for training: wm_jax's random data, the data of its later rounds and every real
 check (summary.json's learning_curve); PPO's rollouts (experiments/ppo.py). Neither counts the
 evaluation episodes: wm_jax's final 100, PPO's 100 greedy episodes after every `eval_every` steps.
-Writes experiments/results/sample_efficiency.{png,json,md}. PPO's curves are cached in the JSON
+Writes experiments/results/sample_efficiency.{png,json,md} and the table of docs/RESULTS.md
+(between its sample_efficiency.py markers). PPO's curves are cached in the JSON
 (keyed on their config and seeds): `--rerun-ppo` trains them again.
 """
 
@@ -26,6 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # experiments/ppo.py
 import ppo
 
 RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS_MD = Path(__file__).resolve().parents[1] / "docs" / "RESULTS.md"
+BEGIN, END = "<!-- sample_efficiency.py: begin -->", "<!-- sample_efficiency.py: end -->"
 SOLVED = 475.0
 
 
@@ -120,6 +123,16 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     os.replace(tmp, path)
 
 
+def update_block(path: Path, table: str) -> bool:
+    """Replace the table between BEGIN and END in `path` (docs/RESULTS.md); False if it has none."""
+    text = path.read_text()
+    if BEGIN not in text or END not in text:
+        return False
+    head, rest = text.split(BEGIN, 1)
+    _write(path, head + BEGIN + "\n" + table + rest[rest.index(END):])
+    return True
+
+
 def _write(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
@@ -141,6 +154,7 @@ def main() -> None:
     p.add_argument("--ppo-pixel-minibatches", type=int, default=4)
     p.add_argument("--rerun-ppo", action="store_true")
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--results-md", type=Path, default=RESULTS_MD, help="the document whose table to replace")
     a = p.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     cache_path = a.out / "sample_efficiency.json"
@@ -158,6 +172,10 @@ def main() -> None:
     plot(rows, a.out / "sample_efficiency.png")
     print(md)
     print(f"wrote {a.out}/sample_efficiency.{{png,json,md}}")
+    if update_block(a.results_md, md):
+        print(f"updated the table in {a.results_md}")
+    else:
+        print(f"{a.results_md} has no {BEGIN} ... {END} block: its table was left alone")
 
 
 if __name__ == "__main__":

@@ -71,9 +71,14 @@ def test_ppo_config_is_checked():
 def test_sample_efficiency_writes_table_and_plot(smoke_run, tmp_path, monkeypatch, capsys):
     out, summary = smoke_run
     se = _load("sample_efficiency")
+    doc = tmp_path / "RESULTS.md"
+    doc.write_text(f"# R\n\n{se.BEGIN}\nold table\n{se.END}\n\nafter\n")
     monkeypatch.setattr(sys, "argv", ["sample_efficiency.py", str(out), "--ppo-seeds", "0", "--ppo-state-steps", "256",
-                                      "--ppo-pixel-steps", "256", "--out", str(tmp_path)])
+                                      "--ppo-pixel-steps", "256", "--out", str(tmp_path), "--results-md", str(doc)])
     se.main()
+    md_doc = doc.read_text()
+    assert "old table" not in md_doc and md_doc.endswith(f"{se.END}\n\nafter\n")
+    assert (tmp_path / "sample_efficiency.md").read_text() in md_doc
     for name in ("sample_efficiency.png", "sample_efficiency.json", "sample_efficiency.md"):
         assert (tmp_path / name).stat().st_size > 0, name
     rows = json.loads((tmp_path / "sample_efficiency.json").read_text())["rows"]
