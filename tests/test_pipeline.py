@@ -8,6 +8,7 @@ resume test runs it once more in a second directory.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import shutil
@@ -152,7 +153,7 @@ def test_every_real_step_is_counted_once(finished):
     assert [p["source"] for p in curve] == (["collect"] + ["check"] * len(stages["evolve_round1"]["checks"])
                                             + ["collect"] + ["check"] * len(stages["evolve_round2"]["checks"])
                                             + ["evaluate"])
-    spent = [curve[0]["real_env_steps"]] + [b["real_env_steps"] - a["real_env_steps"] for a, b in zip(curve, curve[1:])]
+    spent = [curve[0]["real_env_steps"]] + [b["real_env_steps"] - a["real_env_steps"] for a, b in itertools.pairwise(curve)]
     assert spent == [rows[1]] + [c["env_steps"] for c in stages["evolve_round1"]["checks"]] + [rows[2]] + [
         c["env_steps"] for c in stages["evolve_round2"]["checks"]] + [0]  # the evaluation's steps are not training's
     assert curve[-1]["real_env_steps"] == summary["real_env_steps_training"]
