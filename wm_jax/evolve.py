@@ -240,8 +240,8 @@ def search(
     cells (keys [N], every leaf of hp and init_mean with a leading N) vmapped as one program.
 
     Checks land every check_every generations and at the end; with evolve.stop_at, the search ends
-    after the first check at which every cell's best real return reaches it. Writes out_dir/evolve.jsonl (one line
-    per check and cell), out_dir/generations.jsonl (one per generation and cell) and a checkpoint
+    after the first check at which every cell's best real return reaches it. Writes
+    out_dir/evolve.jsonl (one line per check and cell), out_dir/generations.jsonl (one per generation and cell) and a checkpoint
     of the state after every period (out_dir/checkpoints; a rerun resumes from it). Returns one
     dict per cell: best, best_real, checks, history, real_env_steps, generations (done), wall_s.
     """
@@ -265,6 +265,7 @@ def search(
     mngr = checkpoint.manager(out_dir / "checkpoints")
     t0 = time.perf_counter()
     bar = tqdm(total=ev.generations, initial=done, desc="evolve", unit="gen", disable=not progress, leave=False)
+
     def solved() -> bool:  # every cell's best check reached evolve.stop_at: no more real checks needed
         return ev.stop_at is not None and bool(np.all(np.asarray(jax.device_get(state.best_real)) >= ev.stop_at))
 
