@@ -241,9 +241,9 @@ def search(
 
     Checks land every check_every generations and at the end; with evolve.stop_at, the search ends
     after the first check at which every cell's best real return reaches it. Writes
-    out_dir/evolve.jsonl (one line per check and cell), out_dir/generations.jsonl (one per generation and cell) and a checkpoint
-    of the state after every period (out_dir/checkpoints; a rerun resumes from it). Returns one
-    dict per cell: best, best_real, checks, history, real_env_steps, generations (done), wall_s.
+    out_dir/evolve.jsonl (one line per check and cell), out_dir/generations.jsonl (one per
+    generation and cell) and a checkpoint of the state after every period (out_dir/checkpoints; a
+    rerun resumes from it). Returns one dict per cell: best, best_real, checks, history, real_env_steps, generations (done), wall_s.
     """
     ev = cfg.evolve
     hp = cfg.hyper() if hp is None else hp
