@@ -129,7 +129,7 @@ def gae(reward: jax.Array, value: jax.Array, done: jax.Array, last_value: jax.Ar
 
 
 def make_train(pc: PPOConfig):
-    """(init(key) -> runner, segment(runner) -> (runner, metrics), evaluate(runner, key) -> returns):
+    """(init(key) -> runner, segment(runner, n) -> (runner, None), evaluate(runner, key) -> returns):
     pure functions of one seed, to be vmapped over seeds and jitted."""
     env, env_params = make_env(pc.obs)
     net = ActorCritic(pixels=pc.obs == "pixels")
@@ -194,9 +194,7 @@ def make_train(pc: PPOConfig):
                                         jax.random.split(k_epochs, pc.epochs))
         runner = {"params": params, "opt": opt, "env": state, "obs": obs, "key": key,
                   "steps": runner["steps"] + pc.batch}
-        # the mean length of the episodes that ended in this batch (training episodes, sampled actions)
-        ended = jnp.sum(traj["done"])
-        return runner, {"episodes_ended": ended}
+        return runner, None
 
     def segment(runner, n_updates):
         return jax.lax.scan(update, runner, None, n_updates)
