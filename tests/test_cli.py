@@ -219,3 +219,26 @@ def test_run_offers_every_preset():
     parser = cli.build_parser()
     for name in PRESETS:
         assert parser.parse_args(["run", "--preset", name]).preset == name
+
+
+def test_run_offers_every_trainer_and_names_its_directory(monkeypatch, tmp_path):
+    from wm_jax import pipeline
+    from wm_jax.config import TRAINERS
+
+    parser = cli.build_parser()
+    for name in TRAINERS:
+        assert parser.parse_args(["run", "--trainer", name]).trainer == name
+    seen = {}
+    monkeypatch.setattr(pipeline, "run", lambda cfg, out: seen.update(cfg=cfg, out=out) or _fake_summary(cfg))
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["run", "--preset", "smoke", "--trainer", "ppo"]) == 0
+    assert seen["out"] == Path("runs") / "smoke-ppo"
+    assert seen["cfg"].evolve.trainer == "ppo" and seen["cfg"].controller.kind == "mlp"
+    assert cli.main(["run", "--preset", "laptop", "--trainer", "ppo"]) == 0  # the preset's own: no suffix
+    assert seen["out"] == Path("runs") / "laptop"
+
+
+def _fake_summary(cfg):
+    keys = ("seed", "real_return_mean", "real_return_std", "real_return_min", "real_episodes", "solved",
+            "real_env_steps", "dream_real_corr", "latent_kl")
+    return {"preset": cfg.preset, **{k: 0 for k in keys}, "wall_s": {}, "device": "cpu"}

@@ -214,8 +214,9 @@ def test_hyper_is_the_traced_fields_and_static_hides_them():
 
     cfg = get_preset("cpu")
     hp = cfg.hyper()
-    assert set(hp) == {"vae", "transition", "evolve", "verifier"}
+    assert set(hp) == {"vae", "transition", "evolve", "verifier", "ppo"}
     assert set(hp["evolve"]) == {"sigma", "tau", "grounding"} and set(hp["verifier"]) == {"threshold", "train"}
+    assert set(hp["ppo"]) == {"lr", "gamma", "gae_lambda", "clip", "ent_coef", "vf_coef", "max_grad_norm"}
     assert all(leaf.dtype == np.float32 and leaf.shape == () for leaf in jax.tree.leaves(hp))
     assert float(hp["transition"]["train"]["lr"]) == pytest.approx(cfg.transition.train.lr)
     static = cfg.static()

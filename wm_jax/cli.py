@@ -148,6 +148,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     import dataclasses
 
     from wm_jax import pipeline
+    from wm_jax.config import with_trainer
 
     cfg = preset = _preset(args)
     if args.rounds is not None:
@@ -156,10 +157,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         cfg = dataclasses.replace(cfg, verifier=dataclasses.replace(cfg.verifier, mode=args.verifier))
     if args.grounding is not None:
         cfg = dataclasses.replace(cfg, evolve=dataclasses.replace(cfg.evolve, grounding=args.grounding))
+    if args.trainer is not None:
+        cfg = with_trainer(cfg, args.trainer)
     # the default directory names what differs from the preset
     name = cfg.preset + (f"-s{cfg.seed}" if cfg.seed else "") + ("" if args.precision is None else f"-{args.precision}")
     name += "" if cfg.verifier.mode == preset.verifier.mode else f"-k{cfg.verifier.mode}"
     name += "" if cfg.evolve.grounding == preset.evolve.grounding else f"-g{cfg.evolve.grounding:g}"
+    name += "" if cfg.evolve.trainer == preset.evolve.trainer else f"-{cfg.evolve.trainer}"
     out = Path(args.out) if args.out else Path("runs") / name
     summary = pipeline.run(cfg, out)
     print()
@@ -245,7 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--overwrite", action="store_true")
     c.set_defaults(fn=cmd_collect)
 
-    presets = ("smoke", "cpu", "frugal", "paper")  # config.PRESETS (tests/test_cli.py checks)
+    presets = ("smoke", "cpu", "frugal", "laptop", "paper")  # config.PRESETS (tests/test_cli.py checks)
+    trainers = ("cmaes", "ppo")  # config.TRAINERS (tests/test_cli.py checks)
 
     def training_args(p: argparse.ArgumentParser) -> None:
         p.add_argument("--out", required=True)
@@ -273,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="the whole recipe: collect, V, M, evolve C in the dream, evaluate")
     r.add_argument("--preset", choices=presets, default="cpu")
-    r.add_argument("--out", default=None, help="run directory (default: runs/PRESET[-sSEED][-bf16][-kMODE][-gSHARE])")
+    r.add_argument("--out", default=None, help="run directory (default: runs/PRESET[-sSEED][-bf16][-kMODE][-gSHARE][-TRAINER])")
     r.add_argument("--seed", type=_seed, default=0)
     r.add_argument("--precision", choices=tuple(PRECISIONS), default=None,
                    help="compute dtype of V and M (default: the preset's; parameters and optimizer state stay float32)")
@@ -282,6 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train the verifier K and weight (or cut) the dream reward by its confidence")
     r.add_argument("--grounding", type=_share, default=None, metavar="SHARE",
                    help="share of dreams started from states the controller reached in its latest real check")
+    r.add_argument("--trainer", choices=trainers, default=None,
+                   help="how C is searched in the dream: cmaes (Ha's linear controller) or ppo (an actor with one "
+                        "tanh layer of 64); default: the preset's")
     log_arg(r)
     r.set_defaults(fn=cmd_run)
 

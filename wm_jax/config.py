@@ -276,6 +276,9 @@ def grounded_count(share: Any, rollouts: int) -> Any:
     return jnp.floor(jnp.asarray(share, jnp.float32) * rollouts + 0.5).astype(jnp.int32)
 
 
+TRAINERS = ("cmaes", "ppo")  # how C is searched (EvolveConfig.trainer)
+
+
 @dataclass(frozen=True)
 class EvolveConfig(_Section):
     population: int = 64  # Ha
@@ -297,8 +300,14 @@ class EvolveConfig(_Section):
     # its generations), and a run's later rounds are skipped once its best agent's check has.
     # Every check and every round's data cost real steps.
     stop_at: float | None = None
+    # How C is searched: "cmaes" (Ha: evosax CMA-ES over the flat controller) or "ppo" (PPO in the
+    # dream env, the `ppo` section). Everything else here holds for both: a PPO generation is
+    # ppo.updates updates, and the checks, grounding, stop_at, tau and horizon (a dream episode's
+    # length at most) are the same.
+    trainer: str = "cmaes"
 
     def __post_init__(self) -> None:
+        _one_of(self, "trainer", TRAINERS)
         if self.population < 2:
             raise ConfigError(f"EvolveConfig.population must be >= 2, got {self.population!r}")
         _positive(self, "sigma", "generations", "rollouts", "horizon", "tau", "gens_per_call", "check_every", "check_episodes")
@@ -307,6 +316,36 @@ class EvolveConfig(_Section):
         if self.grounding > 0 and int(grounded_count(self.grounding, self.rollouts)) == 0:
             raise ConfigError(f"EvolveConfig.grounding={self.grounding!r} of {self.rollouts} rollouts grounds no dream "
                               f"(it rounds to 0); use at least {0.5 / self.rollouts:.3g}")
+
+
+@dataclass(frozen=True)
+class PPOConfig(_Section):
+    """PPO in the dream (evolve.trainer = "ppo"): purejaxrl's recipe on batches of imagined steps."""
+
+    envs: int = 512  # dreams stepped side by side
+    steps: int = 32  # imagined steps per dream and update (a batch is envs * steps)
+    updates: int = 4  # updates per generation (evolve.generations and check_every count generations)
+    epochs: int = 4
+    minibatches: int = 8
+    critic_hidden: int = 64  # the critic: two tanh layers on [z, h]; the actor is the controller
+    lr: float = traced(1e-3)
+    gamma: float = traced(0.99)
+    gae_lambda: float = traced(0.95)
+    clip: float = traced(0.2)
+    ent_coef: float = traced(0.01)
+    vf_coef: float = traced(0.5)
+    max_grad_norm: float = traced(0.5)
+
+    def __post_init__(self) -> None:
+        _positive(self, "envs", "steps", "updates", "epochs", "minibatches", "critic_hidden", "lr", "clip",
+                  "max_grad_norm")
+        _non_negative(self, "ent_coef", "vf_coef")
+        for name in ("gamma", "gae_lambda"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"PPOConfig.{name} must be in [0, 1], got {getattr(self, name)!r}")
+        if (self.envs * self.steps) % self.minibatches:
+            raise ConfigError(f"PPOConfig.minibatches ({self.minibatches}) must divide a batch of envs * steps = "
+                              f"{self.envs * self.steps} imagined steps")
 
 
 @dataclass(frozen=True)
@@ -372,6 +411,7 @@ class Config(_Section):
     eval: EvalConfig = field(default_factory=EvalConfig)
     rounds: RoundsConfig = field(default_factory=RoundsConfig)
     verifier: VerifierConfig = field(default_factory=VerifierConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
 
     def __post_init__(self) -> None:
         _seed(self, "seed")
@@ -470,6 +510,34 @@ def _frugal() -> Config:
     )
 
 
+# The actor PPO trains when a config switches to it (`with_trainer`): one tanh layer of 64 units
+# (purejaxrl's width); Ha's linear controller stays CMA-ES's.
+PPO_CONTROLLER = ControllerConfig(kind="mlp", mlp_hidden=64)
+
+
+def with_trainer(cfg: Config, trainer: str) -> Config:
+    """cfg searching C with `trainer`: "ppo" also gives C PPO_CONTROLLER's shape, "cmaes" Ha's
+    linear controller; the trainer cfg already has returns cfg unchanged."""
+    if trainer not in TRAINERS:
+        raise ConfigError(f"EvolveConfig.trainer must be one of {TRAINERS}, got {trainer!r}")
+    if trainer == cfg.evolve.trainer:
+        return cfg
+    return dataclasses.replace(cfg, evolve=dataclasses.replace(cfg.evolve, trainer=trainer),
+                               controller=PPO_CONTROLLER if trainer == "ppo" else ControllerConfig())
+
+
+def _laptop() -> Config:
+    """The brief's laptop recipe: 2,000 random episodes, an LSTM of 128 units, C trained with PPO
+    in the dream; the rest as the `cpu` preset."""
+    cpu = with_trainer(_cpu(), "ppo")
+    return dataclasses.replace(
+        cpu,
+        preset="laptop",
+        data=DataConfig(episodes=2000),
+        transition=dataclasses.replace(cpu.transition, hidden=128),
+    )
+
+
 def _smoke() -> Config:
     return Config(
         preset="smoke",
@@ -491,7 +559,7 @@ def _smoke() -> Config:
     )
 
 
-PRESETS = {"smoke": _smoke, "cpu": _cpu, "frugal": _frugal, "paper": _paper}
+PRESETS = {"smoke": _smoke, "cpu": _cpu, "frugal": _frugal, "laptop": _laptop, "paper": _paper}
 
 
 def with_compute_dtype(cfg: Config, dtype: str) -> Config:

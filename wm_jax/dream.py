@@ -42,21 +42,38 @@ def _dream(
 
     _, im = transition.imagine(tcfg, m_params, key, transition.initial_carry(tcfg), start, horizon,
                                hp["evolve"]["tau"], policy=policy)
-    p_done = jax.nn.sigmoid(im["pred"].done_logit)
-    # Ha's rule: the step where p_done > 0.5 still counts, every later step is dead (a mask, not a branch).
-    still = (p_done <= 0.5).astype(start.dtype)
-    alive = jnp.cumprod(jnp.concatenate([jnp.ones((1,), start.dtype), still[:-1]]))
-    traj = {"z": im["z"], "action": im["action"], "p_done": p_done}
-    reward = im["pred"].reward
+    out = outcome(cfg, hp, k_params, im["h"], im["z"], im["action"], im["z_next"], im["pred"])
+    # Ha's rule: the step where p_done > 0.5 still counts, every later step is dead (a mask, not a
+    # branch); in cutoff mode the first unverified step earns nothing and ends the dream too.
+    still = 1.0 - out["ends"]
+    alive = jnp.cumprod(jnp.concatenate([jnp.ones((1,), start.dtype), still[:-1]])) * jnp.cumprod(out["verified"])
+    traj = {"z": im["z"], "action": im["action"], "p_done": out["p_done"]}
+    reward = out["reward"]
     if vcfg.mode != "off":
-        conf = verifier.confidence(vcfg, k_params, im["h"], im["z"], im["action"], im["z_next"])
-        traj["confidence"] = conf
-        if vcfg.mode == "weight":
-            reward = reward * conf
-        else:  # cutoff: an unverified transition earns nothing and ends the dream
-            alive = alive * jnp.cumprod((conf >= hp["verifier"]["threshold"]).astype(alive.dtype))
+        traj["confidence"] = out["confidence"]
     traj.update(reward=reward * alive, alive=alive)
     return traj, jnp.sum(traj["reward"])
+
+
+def outcome(cfg: Config, hp: dict[str, Any], k_params: Any, h: jax.Array, z: jax.Array, a: jax.Array,
+            z_next: jax.Array, pred: transition.Prediction) -> dict[str, jax.Array]:
+    """What a dream makes of imagined steps (h, z, a) -> z' with M's prediction (any leading shape):
+    reward (the reward head's, times K's confidence in verifier mode "weight"), p_done, ends (1.0
+    where p_done > 0.5: Ha's rule, the step itself still counts), verified (in mode "cutoff" 1.0
+    where K's confidence >= the threshold, else all ones: an unverified step earns nothing and
+    ends the dream) and, with a verifier, confidence. Shared by `dream` and the PPO dream env."""
+    vcfg = cfg.verifier
+    p_done = jax.nn.sigmoid(pred.done_logit)
+    out = {"reward": pred.reward, "p_done": p_done, "ends": (p_done > 0.5).astype(jnp.float32),
+           "verified": jnp.ones_like(p_done)}
+    if vcfg.mode != "off":
+        conf = verifier.confidence(vcfg, k_params, h, z, a, z_next)
+        out["confidence"] = conf
+        if vcfg.mode == "weight":
+            out["reward"] = pred.reward * conf
+        else:
+            out["verified"] = (conf >= hp["verifier"]["threshold"]).astype(jnp.float32)
+    return out
 
 
 @partial(jax.jit, static_argnums=(0, 6))

@@ -174,9 +174,8 @@ def period(cfg: Config, hp: dict[str, Any], world: World, state: EvolveState, ke
     history = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), history) if batched else history  # cells first
     done = state.generation + gens
     mean = es_state.mean  # the CMA-ES mean (es.get_mean)
-    key_c = every(lambda k, d: jax.random.fold_in(k, 10_000_000 + d), key_run, done)
-    dream_return = every(lambda h, k, m, pool: score(cfg, h, k, world, m[None], pool)[0], hp, key_c, mean, state.pool)
-    real = every(lambda h, k, m: check(cfg, h, jax.random.fold_in(k, 1), world, m), hp, key_c, mean)
+    dream_return, real = every(lambda h, pool, k, d, m: check_candidate(cfg, h, world, pool, k, d, m, score, check),
+                               hp, state.pool, key_run, done, mean)
     better = real["return_mean"] > state.best_real
     new = EvolveState(
         es=es_state,
@@ -192,18 +191,53 @@ def period(cfg: Config, hp: dict[str, Any], world: World, state: EvolveState, ke
     return new, metrics
 
 
+def check_candidate(cfg: Config, hp: dict[str, Any], world: World, pool: dream.Pool, key_run: jax.Array,
+                    done: jax.Array, candidate: jax.Array, score: Score, check: Check) -> tuple[jax.Array, dict]:
+    """A search's check after `done` generations: the candidate's dream return (scored like the
+    generations before it, on `pool`) and its real check. Both trainers check this way."""
+    key_c = jax.random.fold_in(key_run, 10_000_000 + done)
+    dream_return = score(cfg, hp, key_c, world, candidate[None], pool)[0]
+    return dream_return, check(cfg, hp, jax.random.fold_in(key_c, 1), world, candidate)
+
+
+def trainer(cfg: Config) -> Any:
+    """The module whose `init` and `period` search C under cfg.evolve.trainer: this one (CMA-ES)
+    or wm_jax.ppo."""
+    if cfg.evolve.trainer == "ppo":
+        from wm_jax import ppo  # it imports this module
+
+        return ppo
+    import sys
+
+    return sys.modules[__name__]
+
+
+def imagined_steps(cfg: Config, generations: int, checks: int) -> int:
+    """Imagined steps a search computes in `generations` generations and `checks` checks (dreams
+    that end early are masked, not cut short, so every step of the horizon is computed)."""
+    ev = cfg.evolve
+    if ev.trainer == "ppo":
+        from wm_jax import ppo
+
+        per_generation = ppo.imagined_steps_per_generation(cfg)
+    else:
+        per_generation = ev.population * ev.rollouts * ev.horizon
+    return generations * per_generation + checks * ev.rollouts * ev.horizon
+
+
 @partial(jax.jit, static_argnums=(0, 5))
 def _init_cells(cfg, hp, keys, world, init_mean, batched):
+    init_fn = trainer(cfg).init
     if not batched:
-        return init(cfg, hp, keys, world, init_mean)
-    return jax.vmap(lambda h, k, m: init(cfg, h, k, world, m))(hp, keys, init_mean)
+        return init_fn(cfg, hp, keys, world, init_mean)
+    return jax.vmap(lambda h, k, m: init_fn(cfg, h, k, world, m))(hp, keys, init_mean)
 
 
 @partial(jax.jit, static_argnums=(0, 5, 6, 7, 8))
 def _period_cells(cfg, hp, world, state, keys, gens, score, check, batched):
     if batched:  # one cell per (seed, hyperparameters), split over the devices
         hp, state, keys = sharding.shard_leading((hp, state, keys))
-    return sharding.replicated(period(cfg, hp, world, state, keys, gens, score, check, batched))
+    return sharding.replicated(trainer(cfg).period(cfg, hp, world, state, keys, gens, score, check, batched))
 
 
 def _read_jsonl(path: Path, upto: int) -> list[dict[str, Any]]:
@@ -264,7 +298,7 @@ def search(
     history = _read_jsonl(out_dir / "generations.jsonl", done)
     mngr = checkpoint.manager(out_dir / "checkpoints")
     t0 = time.perf_counter()
-    bar = tqdm(total=ev.generations, initial=done, desc="evolve", unit="gen", disable=not progress, leave=False)
+    bar = tqdm(total=ev.generations, initial=done, desc=ev.trainer, unit="gen", disable=not progress, leave=False)
 
     def solved() -> bool:  # every cell's best check reached evolve.stop_at: no more real checks needed
         return ev.stop_at is not None and bool(np.all(np.asarray(jax.device_get(state.best_real)) >= ev.stop_at))

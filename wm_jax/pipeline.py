@@ -460,7 +460,9 @@ def _round(ctx: _Run, r: int) -> None:
                                       f"non-finite weights); delete {out / e_name} to search again")
         run_dir.save_npy(out / e_name / "controller.npy", best)
         return {"best_real": res["best_real"], "checks": res["checks"], "real_env_steps": res["real_env_steps"],
-                "generations": res["generations"], "final_dream_mean": res["history"][-1]["dream_mean"], "controller": best.tolist(),
+                "trainer": cfg.evolve.trainer, "generations": res["generations"],
+                "imagined_steps": evolve.imagined_steps(cfg, res["generations"], len(res["checks"])),
+                "final_dream_mean": res["history"][-1]["dream_mean"], "controller": best.tolist(),
                 "outputs": {e_name: checkpoint.digest(best)}}
 
     inputs = {"vae": ctx.vae_id, "transition": m_id, "verifier": k_id, "latents": ctx.lat_id,
@@ -511,6 +513,8 @@ def _summary(ctx: _Run, ev: dict[str, Any]) -> dict[str, Any]:
         "real_env_steps": int(ctx.real_env_steps + ev["env_steps"]),
         "real_env_steps_training": int(ctx.real_env_steps),
         "learning_curve": learning_curve(cfg, stages.done),
+        "trainer": cfg.evolve.trainer,
+        "imagined_steps": imagined_steps(cfg, stages.done),
         "agent_round": ctx.best["round"],
         "dream_real_corr": stats.correlation([c["dream_return"] for c in ctx.checks],
                                              [c["real_return"] for c in ctx.checks]),
@@ -520,6 +524,18 @@ def _summary(ctx: _Run, ev: dict[str, Any]) -> dict[str, Any]:
         "versions": versions(),
     }
     return run_dir.finite_or_none(summary)  # the same values in memory, on disk and on a rerun
+
+
+def imagined_steps(cfg: Config, done: dict[str, Any]) -> int:
+    """Imagined steps the controller searches computed, over every round run (evolve.imagined_steps)."""
+    total = 0
+    for r in _rounds_run(cfg, done):
+        rec, rcfg = done[f"evolve_round{r}"], cfg.for_round(r)
+        if "imagined_steps" not in rec:  # recorded before the count was
+            rec = {"imagined_steps": evolve.imagined_steps(rcfg, rec.get("generations", rcfg.evolve.generations),
+                                                           len(rec["checks"]))}
+        total += rec["imagined_steps"]
+    return total
 
 
 def learning_curve(cfg: Config, done: dict[str, Any]) -> list[dict[str, Any]]:

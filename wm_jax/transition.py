@@ -205,6 +205,17 @@ def sample_with_noise(pred: Prediction, noise: tuple[jax.Array | None, jax.Array
     return mean + jnp.exp(logstd) * jnp.sqrt(tau) * eps
 
 
+def dream_step(
+    cell: Cell, carry: tuple[jax.Array, jax.Array], z: jax.Array, a: jax.Array,
+    noise: tuple[jax.Array | None, jax.Array], tau: float | jax.Array,
+) -> tuple[tuple[jax.Array, jax.Array], jax.Array, Prediction]:
+    """One imagined step: M's transition from (carry, z, a), then z' sampled with `latent_noise`'s
+    draws at temperature tau. Returns (new carry, z', prediction). Every dream steps with it:
+    `imagine`'s scan and the dream environment of wm_jax.ppo."""
+    new_carry, pred = cell_step(cell, carry, z, a)
+    return new_carry, sample_with_noise(pred, noise, tau), pred
+
+
 def sample_latent(key: jax.Array, pred: Prediction, tau: float | jax.Array = 1.0) -> jax.Array:
     """z' ~ p(z' | h') at temperature tau (logits / tau, sigma * sqrt(tau)); [..., latent]."""
     key_k, key_n = jax.random.split(key)
@@ -246,8 +257,7 @@ def imagine(
         noise_t, a = inputs
         if policy is not None:
             a = policy(carry, z)
-        new_carry, pred = cell_step(cell, carry, z, a)
-        z_next = sample_with_noise(pred, noise_t, tau)
+        new_carry, z_next, pred = dream_step(cell, carry, z, a, noise_t, tau)
         return (new_carry, z_next), {"h": hidden(carry), "z": z, "action": a, "z_next": z_next, "pred": pred}
 
     given = jnp.zeros((length,), jnp.int32) if actions is None else jnp.asarray(actions, jnp.int32)
