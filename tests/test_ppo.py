@@ -11,7 +11,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_dream import HIDDEN, LATENT, R_STEP, SMOKE, _action_rewarding_m, _check_with, _replace, _world
+from test_dream import (
+    HIDDEN,
+    LATENT,
+    R_STEP,
+    SMOKE,
+    _action_rewarding_m,
+    _check_with,
+    _replace,
+    _world,
+)
 
 from wm_jax import checkpoint, controller, dream, evolve, ppo, transition
 from wm_jax.config import ConfigError, with_trainer

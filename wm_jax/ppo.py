@@ -225,7 +225,7 @@ def init(cfg: Config, hp: dict[str, Any], key: jax.Array, world: Any, init_mean:
     initialised, a fresh critic, ppo.envs dreams reset, and the pool as evolve.init draws it."""
     latent = world.starts[0].shape[-1]
     key_init, key_rest = jax.random.split(key)
-    k_actor, k_critic, k_env, k_pool = jax.random.split(key_rest, 4)
+    k_actor, k_critic, k_env = jax.random.split(key_rest, 3)
     actor = init_actor(cfg, k_actor, latent) if init_mean is None else jnp.asarray(init_mean, jnp.float32)
     critic = init_critic(cfg, k_critic, latent)
     rows = jax.random.randint(jax.random.fold_in(key_init, 1), (cfg.evolve.check_episodes * cfg.eval.max_steps,), 0,
