@@ -9,7 +9,7 @@ of the same environment:
 purejaxrl's structure: the training of every seed is one jitted program (seeds vmapped from the
 state, mapped in turn from pixels; see `train`); an update
 collects num_envs x num_steps transitions under `lax.scan`, computes GAE, and runs `epochs` passes of
-clipped-objective minibatch updates (optax Adam, global-norm clipping, linear learning-rate decay).
+clipped-objective minibatch updates (wm_jax.ppo's `gae` and `clipped_loss`, as PPO in the dream) (optax Adam, global-norm clipping, linear learning-rate decay).
 Python only cuts the run into segments of `eval_every` env steps to record the learning curve: after
 each, `eval_episodes` greedy episodes per seed, which are not training steps and are not counted
 (as wm_jax's final 100 evaluation episodes are not). Every training step is counted: the env steps
@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from wm_jax import layers
 from wm_jax.env import PixelCartPole
+from wm_jax.ppo import clipped_loss, gae
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,19 +114,13 @@ class ActorCritic(nn.Module):
         return logits, value
 
 
-def gae(reward: jax.Array, value: jax.Array, done: jax.Array, last_value: jax.Array, gamma: float, lam: float
-        ) -> tuple[jax.Array, jax.Array]:
-    """Generalized advantage estimates over time (axis 0): (advantages, returns = advantages + values).
-    done[t] ends the episode after step t (no bootstrap from the next state)."""
-    def back(carry, x):
-        adv_next, v_next = carry
-        r, v, d = x
-        delta = r + gamma * v_next * (1.0 - d) - v
-        adv = delta + gamma * lam * (1.0 - d) * adv_next
-        return (adv, v), adv
-
-    _, adv = jax.lax.scan(back, (jnp.zeros_like(last_value), last_value), (reward, value, done), reverse=True)
-    return adv, adv + value
+def segment_gae(reward: jax.Array, value: jax.Array, done: jax.Array, last_value: jax.Array, gamma: float,
+                lam: float) -> tuple[jax.Array, jax.Array]:
+    """wm_jax.ppo.gae on a rollout segment [T, envs]: step t's next value is step t + 1's (the
+    value after the segment for the last), and every episode end is terminal (gymnax's
+    CartPole-v1 reports its 500-step cut as done, as purejaxrl treats it)."""
+    next_value = jnp.concatenate([value[1:], last_value[None]])
+    return gae(reward, value, next_value, done, done, gamma, lam)
 
 
 def make_train(pc: PPOConfig):
@@ -147,15 +142,7 @@ def make_train(pc: PPOConfig):
 
     def loss_fn(params, mb):
         logits, value = net.apply(params, mb["obs"])
-        logp_all = jax.nn.log_softmax(logits)
-        logp = jnp.take_along_axis(logp_all, mb["action"][..., None], -1)[..., 0]
-        ratio = jnp.exp(logp - mb["logp"])
-        adv = (mb["adv"] - mb["adv"].mean()) / (mb["adv"].std() + 1e-8)
-        actor = -jnp.mean(jnp.minimum(ratio * adv, jnp.clip(ratio, 1 - pc.clip_eps, 1 + pc.clip_eps) * adv))
-        v_clipped = mb["value"] + jnp.clip(value - mb["value"], -pc.clip_eps, pc.clip_eps)
-        critic = 0.5 * jnp.mean(jnp.maximum(jnp.square(value - mb["ret"]), jnp.square(v_clipped - mb["ret"])))
-        entropy = -jnp.mean(jnp.sum(jnp.exp(logp_all) * logp_all, -1))
-        return actor + pc.vf_coef * critic - pc.ent_coef * entropy
+        return clipped_loss(logits, value, mb, pc.clip_eps, pc.vf_coef, pc.ent_coef)[0]
 
     def update(runner, _):
         def env_step(carry, _):
@@ -173,7 +160,7 @@ def make_train(pc: PPOConfig):
         (state, obs, key), traj = jax.lax.scan(env_step, (runner["env"], runner["obs"], runner["key"]), None,
                                                pc.num_steps)
         _, last_value = net.apply(runner["params"], obs)
-        adv, ret = gae(traj["reward"], traj["value"], traj["done"], last_value, pc.gamma, pc.gae_lambda)
+        adv, ret = segment_gae(traj["reward"], traj["value"], traj["done"], last_value, pc.gamma, pc.gae_lambda)
         batch = {k: traj[k].reshape(pc.batch, *traj[k].shape[2:]) for k in ("obs", "action", "logp", "value")}
         batch["adv"], batch["ret"] = adv.reshape(-1), ret.reshape(-1)
 

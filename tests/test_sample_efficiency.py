@@ -36,7 +36,7 @@ def test_gae_matches_a_hand_computation():
     value = jnp.array([[0.5], [2.0], [1.0]])
     done = jnp.array([[0.0], [1.0], [0.0]])  # the episode ends after step 1; step 2 starts a new one
     last = jnp.array([3.0])
-    adv, ret = ppo.gae(reward, value, done, last, g, lam)
+    adv, ret = ppo.segment_gae(reward, value, done, last, g, lam)
     d2 = 1 + g * 3.0 - 1.0  # bootstraps from the value after the segment
     d1 = 1 - 2.0  # the episode ended: no bootstrap, and no advantage flows back past it
     d0 = 1 + g * 2.0 - 0.5
