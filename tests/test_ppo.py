@@ -82,6 +82,34 @@ def test_dream_env_done_head_ends_the_episode_and_its_step_counts(starts):
     np.testing.assert_allclose(out["episode_return"], R_STEP, rtol=1e-4)
 
 
+def _constant_verifier(logit: float):
+    """K with zero weights and a final bias `logit`: the same confidence for every transition."""
+    from wm_jax import verifier
+
+    k = verifier.init(jax.random.key(9), SMOKE.verifier, LATENT, HIDDEN)
+    k = jax.tree.map(jnp.zeros_like, k)
+    k["params"]["logit"]["bias"] = jnp.full((1,), logit)
+    return k
+
+
+def test_dream_env_verifier_weights_or_cuts_the_dream(starts):
+    conf = float(jax.nn.sigmoid(0.5))
+    weight = _replace(PPO_SMOKE, verifier={"mode": "weight"})
+    env = ppo.DreamEnv(weight, horizon=5)
+    out = _run_env(env, env.params(_action_rewarding_m(), starts, k_params=_constant_verifier(0.5)),
+                   jax.random.key(10), [1, 1], envs=2)
+    np.testing.assert_allclose(out["reward"], R_STEP * conf, rtol=1e-4)  # reward * K's confidence
+    np.testing.assert_allclose(out["confidence"], conf, rtol=1e-6)
+    assert not out["terminated"].any()
+    cutoff = _replace(PPO_SMOKE, verifier={"mode": "cutoff", "threshold": 0.7})
+    env = ppo.DreamEnv(cutoff, horizon=5)
+    out = _run_env(env, env.params(_action_rewarding_m(), starts, k_params=_constant_verifier(0.5)),
+                   jax.random.key(10), [1, 1], envs=2)
+    assert out["terminated"].all() and np.all(out["reward"] == 0.0)  # an unverified step earns nothing, ends it
+    with pytest.raises(ValueError, match="k_params"):
+        env.params(_action_rewarding_m(), starts)
+
+
 def test_dream_env_grounding_starts_from_the_pool(starts):
     target = jnp.full((LATENT,), 7.0)
     pool = (jnp.stack([jnp.zeros(LATENT), target]), jnp.full((2, LATENT), -30.0), jnp.asarray([0.0, 1.0]))

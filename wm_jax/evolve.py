@@ -14,6 +14,9 @@ new value never compiles again and `jax.vmap` runs a grid of them (and of seeds)
 (wm_jax.sweep). `search` (and `evolve`, one search) drives the periods from Python: it only
 logs, draws the progress bar and checkpoints the state after every period, so a killed search
 resumes where it stopped and ends with the same result. evosax minimizes, so the fitness handed to `tell` is the negated return.
+
+`search` drives PPO in the dream (wm_jax.ppo, cfg.evolve.trainer = "ppo") the same way: ppo.init
+and ppo.period have this module's signatures and metrics (`trainer(cfg)` picks the module).
 """
 
 from __future__ import annotations
@@ -56,6 +59,8 @@ class EvolveState:
     generation: jax.Array  # int32: generations done
     real_env_steps: jax.Array  # int32: env steps spent in real checks
 
+
+GENERATION_METRICS = ("dream_mean", "dream_max")  # a period's per-generation metrics (generations.jsonl)
 
 Score = Callable[[Config, dict, jax.Array, World, jax.Array, dream.Pool], jax.Array]
 Check = Callable[[Config, dict, jax.Array, World, jax.Array], dict]
@@ -300,6 +305,8 @@ def search(
     t0 = time.perf_counter()
     bar = tqdm(total=ev.generations, initial=done, desc=ev.trainer, unit="gen", disable=not progress, leave=False)
 
+    per_generation = trainer(cfg).GENERATION_METRICS  # logged in generations.jsonl
+
     def solved() -> bool:  # every cell's best check reached evolve.stop_at: no more real checks needed
         return ev.stop_at is not None and bool(np.all(np.asarray(jax.device_get(state.best_real)) >= ev.stop_at))
 
@@ -314,8 +321,8 @@ def search(
             for c in range(cells):
                 cell = {"cell": c} if batched else {}
                 for i in range(gens):
-                    new_history.append({**cell, "generation": done + i + 1, "dream_mean": float(m["dream_mean"][c][i]),
-                                        "dream_max": float(m["dream_max"][c][i])})
+                    new_history.append({**cell, "generation": done + i + 1,
+                                        **{k: float(m[k][c][i]) for k in per_generation}})
                 new_checks.append({**new_history[-1], "dream_return": float(m["dream_return"][c]),
                                    "real_return": float(m["real_return"][c]), "env_steps": int(m["env_steps"][c]),
                                    "grounding_states": int(m["grounding_states"][c])})

@@ -65,8 +65,6 @@ class DreamEnv:
     """
 
     def __init__(self, cfg: Config, horizon: int | None = None) -> None:
-        if cfg.verifier.mode != "off" and cfg.verifier.mode not in ("weight", "cutoff"):
-            raise ValueError(f"unknown verifier mode {cfg.verifier.mode!r}")
         self.cfg = cfg
         self.horizon = cfg.evolve.horizon if horizon is None else horizon
 
@@ -213,6 +211,11 @@ class PPOState:
     best_real: jax.Array
     generation: jax.Array  # int32: generations done (ppo.updates updates each)
     real_env_steps: jax.Array  # int32: env steps spent in real checks
+
+
+# a period's per-generation metrics (generations.jsonl): the dream returns as CMA-ES logs them, and
+# the policy's entropy and the critic's loss, averaged over the generation's minibatch steps
+GENERATION_METRICS = ("dream_mean", "dream_max", "entropy", "value_loss")
 
 
 def imagined_steps_per_generation(cfg: Config) -> int:
