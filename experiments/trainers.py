@@ -57,9 +57,9 @@ def row(run: Path) -> dict[str, Any]:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| preset | trainer (C) | seed | real return mean +- std (min) | agent round | real steps (training) "
-             "| imagined steps | dream-real corr | wall: data / V / M / search / other / total |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    header = ("| preset | trainer (C) | seed | real return mean +- std (min) | agent round | real steps (training) "
+              "| imagined steps | dream-real corr | wall: data / V / M / search / other / total |")
+    lines = [header, "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         w = r["wall_s"]
         corr = "n/a" if r["dream_real_corr"] is None else f"{r['dream_real_corr']:.2f}"
