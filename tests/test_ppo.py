@@ -235,3 +235,15 @@ def test_an_agent_trained_with_ppo_runs_loads_and_acts(tmp_path):
     ev = agent.evaluate()
     assert ev["return_mean"] == pytest.approx(summary["real_return_mean"])
     assert transition.hidden(agent.initial_carry()).shape == (cfg.transition.hidden,)
+    # experiments/trainers.py tabulates it (and replaces its block in a results document)
+    from test_sample_efficiency import _load
+
+    trainers = _load("trainers")
+    doc = tmp_path / "RESULTS.md"
+    doc.write_text(f"intro\n{trainers.BEGIN}\nold table\n{trainers.END}\nafter\n")
+    assert trainers.main([str(tmp_path / "run"), "--out", str(tmp_path / "res"), "--results-md", str(doc)]) == 0
+    md = (tmp_path / "res" / "trainers.md").read_text()
+    assert "| ppo (mlp 8) | 0 |" in md and f"{summary['real_return_mean']:.1f}" in md
+    text = doc.read_text()
+    assert "old table" not in text and md in text and text.startswith("intro") and text.endswith("after\n")
+    assert trainers.main([str(tmp_path / "nothing")]) == 2
