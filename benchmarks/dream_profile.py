@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
             pop = 0.1 * jax.random.normal(jax.random.key(1), (population, dims))
             starts = dream.draw_starts(jax.random.key(4), *stored, rollouts)
             keys = jax.random.split(jax.random.key(5), args.horizon * rollouts).reshape(args.horizon, rollouts)
-            components = transition._components(cfg.transition)
+            components = transition.components(cfg.transition)
             noise = jax.vmap(jax.vmap(partial(transition.latent_noise, latent=latent, components=components)))(keys)
             parts, cost = pieces(cfg, m_params, pop[:block], starts, noise, args.horizon, args.repeats)
             score = partial(dream.score_population, cfg, m_params=m_params, population=pop, mean=stored[0],

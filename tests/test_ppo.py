@@ -67,6 +67,8 @@ def test_dream_env_shapes_and_truncation(starts):
     # the observation after a reset has M's zero carry; final_obs is the state the step reached
     np.testing.assert_array_equal(out["obs"][4][:, LATENT:], 0.0)
     assert np.all(np.abs(out["final_obs"][4][:, LATENT:]) > 0.5)
+    with pytest.raises(ValueError, match=r"starts must be \(mean, logvar\) of shape \[N, 8\]"):
+        env.params(_action_rewarding_m(), (starts[0][:, :3], starts[1][:, :3]))
     out0 = _run_env(env, params, jax.random.key(1), [0] * 3, envs=2)
     np.testing.assert_allclose(out0["reward"], -R_STEP, rtol=1e-4)
 

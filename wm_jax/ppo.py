@@ -72,9 +72,14 @@ class DreamEnv:
                k_params: Any = None, hp: dict[str, Any] | None = None) -> DreamParams:
         if self.cfg.verifier.mode != "off" and k_params is None:
             raise ValueError(f"verifier.mode={self.cfg.verifier.mode!r} needs the verifier's parameters (k_params)")
+        cell = transition.pack(self.cfg.transition, m_params)
+        m_latent = cell.w.shape[0] - self.cfg.transition.hidden
+        if starts[0].shape[-1] != m_latent or starts[1].shape != starts[0].shape:
+            raise ValueError(f"starts must be (mean, logvar) of shape [N, {m_latent}] (M's latent size), got "
+                             f"{tuple(starts[0].shape)} and {tuple(starts[1].shape)}")
         if pool is None:  # nothing grounded: one invalid row
             pool = (starts[0][:1], starts[1][:1], jnp.zeros((1,), jnp.float32))
-        return DreamParams(cell=transition.pack(self.cfg.transition, m_params), k_params=k_params, starts=starts,
+        return DreamParams(cell=cell, k_params=k_params, starts=starts,
                            pool=pool, pool_cdf=jnp.cumsum(pool[2] > 0), hp=self.cfg.hyper() if hp is None else hp)
 
     def observation_size(self, latent: int) -> int:
@@ -96,7 +101,8 @@ class DreamEnv:
         prow = jnp.searchsorted(params.pool_cdf, jax.random.randint(key_p, (), 0, jnp.maximum(valid, 1)), side="right")
         prow = jnp.minimum(prow, p_mean.shape[0] - 1)
         use = (jax.random.uniform(key_g) < params.hp["evolve"]["grounding"]) & (valid > 0)
-        z = stats.gaussian_sample(key_z, jnp.where(use, p_mean[prow], mean[row]), jnp.where(use, p_logvar[prow], logvar[row]))
+        z = stats.gaussian_sample(key_z, jnp.where(use, p_mean[prow], mean[row]),
+                                  jnp.where(use, p_logvar[prow], logvar[row]))
         state = DreamState(carry=transition.initial_carry(self.cfg.transition), z=z,
                            t=jnp.zeros((), jnp.int32), ret=jnp.zeros((), jnp.float32))
         return self.obs(state), state
@@ -106,7 +112,7 @@ class DreamEnv:
         key_step, key_reset = jax.random.split(key)
         latent = state.z.shape[-1]
         action = jnp.asarray(action, jnp.int32)
-        noise = transition.latent_noise(key_step, latent, transition._components(self.cfg.transition))
+        noise = transition.latent_noise(key_step, latent, transition.components(self.cfg.transition))
         carry, z_next, pred = transition.dream_step(params.cell, state.carry, state.z, action, noise,
                                                     params.hp["evolve"]["tau"])
         out = dream.outcome(self.cfg, params.hp, params.k_params, transition.hidden(state.carry), state.z, action,

@@ -68,12 +68,12 @@ class _Net(nn.Module):
         return carry, pred
 
 
-def _components(cfg: TransitionConfig) -> int:
+def components(cfg: TransitionConfig) -> int:
     return cfg.mixtures if cfg.head == "mdn" else 1
 
 
 def _net(cfg: TransitionConfig, latent: int) -> _Net:
-    return _Net(hidden=cfg.hidden, latent=latent, components=_components(cfg))
+    return _Net(hidden=cfg.hidden, latent=latent, components=components(cfg))
 
 
 def initial_carry(cfg: TransitionConfig, batch: int | tuple[int, ...] = ()) -> tuple[jax.Array, jax.Array]:
@@ -115,7 +115,7 @@ def pack(cfg: TransitionConfig, params: Params) -> Cell:
     w_h = jnp.concatenate([lstm[f"h{g}"]["kernel"] for g in "ifgo"], axis=-1)
     bias = jnp.concatenate([lstm[f"h{g}"]["bias"] for g in "ifgo"], axis=-1)
     latent = w_in.shape[0] - NUM_ACTIONS
-    k = _components(cfg)
+    k = components(cfg)
     head_w = p["latent_head"]["kernel"].reshape(cfg.hidden, latent, k, 3)
     head_b = p["latent_head"]["bias"].reshape(latent, k, 3)
     if k == 1:  # one component: its logit never matters, so it is not computed
@@ -250,7 +250,7 @@ def imagine(
     latent = z0.shape[-1]
     # Every step's sampling noise in one draw before the loop (the same bits as sample_latent with
     # each step's key); under vmap it is drawn once per key, however many controllers share it.
-    noise = jax.vmap(lambda k: latent_noise(k, latent, _components(cfg)))(jax.random.split(key, length))
+    noise = jax.vmap(lambda k: latent_noise(k, latent, components(cfg)))(jax.random.split(key, length))
 
     def body(state, inputs):
         carry, z = state
