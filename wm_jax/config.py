@@ -437,7 +437,7 @@ class Config(_Section):
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @staticmethod
-    def from_dict(d: dict[str, Any]) -> "Config":
+    def from_dict(d: dict[str, Any]) -> Config:
         return _from_dict(Config, d)
 
 
