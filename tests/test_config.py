@@ -299,3 +299,20 @@ def test_frugal_is_the_cpu_preset_with_fewer_real_steps():
     assert frugal.data.episodes < cpu.data.episodes and frugal.rounds.episodes < cpu.rounds.episodes
     assert frugal.evolve.check_episodes * cpu.evolve.check_every < cpu.evolve.check_episodes * frugal.evolve.check_every
     assert frugal.evolve.stop_at == frugal.eval.solved_at and cpu.evolve.stop_at is None
+
+
+def test_laptop_is_the_cpu_preset_with_the_briefs_laptop_recipe():
+    """laptop: 2,000 random episodes, an LSTM of 128, PPO (with its actor) and grounded dreams;
+    everything else is the cpu preset's."""
+    import dataclasses
+
+    from wm_jax.config import PPO_CONTROLLER, with_trainer
+
+    cpu, laptop = get_preset("cpu"), get_preset("laptop")
+    assert laptop.data.episodes == 2000 and laptop.transition.hidden == 128
+    assert laptop.evolve.trainer == "ppo" and laptop.controller == PPO_CONTROLLER and laptop.evolve.grounding == 0.5
+    back = dataclasses.replace(
+        with_trainer(laptop, "cmaes"), preset="cpu", data=cpu.data,
+        transition=dataclasses.replace(laptop.transition, hidden=cpu.transition.hidden),
+        evolve=dataclasses.replace(laptop.evolve, trainer="cmaes", grounding=cpu.evolve.grounding))
+    assert back == cpu
