@@ -302,8 +302,9 @@ class EvolveConfig(_Section):
     stop_at: float | None = None
     # How C is searched: "cmaes" (Ha: evosax CMA-ES over the flat controller) or "ppo" (PPO in the
     # dream env, the `ppo` section). Everything else here holds for both: a PPO generation is
-    # ppo.updates updates, and the checks, grounding, stop_at, tau and horizon (a dream episode's
-    # length at most) are the same.
+    # ppo.updates updates, and the checks, stop_at, tau and horizon (a dream episode's length at
+    # most) are the same; grounding is the share of CMA-ES's dreams, and the probability that a
+    # PPO dream resets to a pool state.
     trainer: str = "cmaes"
 
     def __post_init__(self) -> None:
@@ -313,7 +314,8 @@ class EvolveConfig(_Section):
         _positive(self, "sigma", "generations", "rollouts", "horizon", "tau", "gens_per_call", "check_every", "check_episodes")
         if not 0.0 <= self.grounding <= 1.0:
             raise ConfigError(f"EvolveConfig.grounding must be in [0, 1], got {self.grounding!r}")
-        if self.grounding > 0 and int(grounded_count(self.grounding, self.rollouts)) == 0:
+        # CMA-ES grounds a rounded count of its dreams (PPO's resets draw the share as a probability)
+        if self.trainer == "cmaes" and self.grounding > 0 and int(grounded_count(self.grounding, self.rollouts)) == 0:
             raise ConfigError(f"EvolveConfig.grounding={self.grounding!r} of {self.rollouts} rollouts grounds no dream "
                               f"(it rounds to 0); use at least {0.5 / self.rollouts:.3g}")
 

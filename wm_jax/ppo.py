@@ -1,6 +1,7 @@
 """PPO in the dream: the second way to search C (evolve.trainer = "ppo"), beside CMA-ES.
 
-- `DreamEnv`: a gymnax-style functional environment over M. reset draws a start latent as the
+- `DreamEnv`: a gymnax-style functional environment over M (step returns six values, terminated
+  and truncated apart, as wm_jax.env.PixelCartPole). reset draws a start latent as the
   CMA-ES dreams do (a stored encoder posterior, or with the grounding share a state the latest
   real check reached) with M's carry at zero; step is M's `transition.dream_step` and the dream's
   `dream.outcome` (reward head, Ha's done rule, the verifier's weight or cutoff); observation =
@@ -32,6 +33,7 @@ from flax import struct
 
 from wm_jax import controller, dream, stats, train, transition
 from wm_jax.config import Config
+from wm_jax.env import NUM_ACTIONS
 
 
 @struct.dataclass
@@ -56,7 +58,7 @@ class DreamState:
 
 
 class DreamEnv:
-    """M as an environment (gymnax's functional API, one dream; vmap for a batch).
+    """M as an environment (gymnax-style functional API, one dream; vmap for a batch).
 
     reset(key, params) -> (obs, state); step(key, state, action, params) -> (obs, state, reward,
     terminated, truncated, info), resetting by itself when the episode ends; info holds
@@ -177,10 +179,10 @@ def init_actor(cfg: Config, key: jax.Array, latent: int) -> jax.Array:
     ccfg, inputs = cfg.controller, latent + cfg.transition.hidden
     k1, k2 = jax.random.split(key)
     if ccfg.kind == "linear":
-        parts = [_orthogonal(k1, (inputs, 2), 0.01), jnp.zeros((2,))]
+        parts = [_orthogonal(k1, (inputs, NUM_ACTIONS), 0.01), jnp.zeros((NUM_ACTIONS,))]
     else:
         parts = [_orthogonal(k1, (inputs, ccfg.mlp_hidden), math.sqrt(2.0)), jnp.zeros((ccfg.mlp_hidden,)),
-                 _orthogonal(k2, (ccfg.mlp_hidden, 2), 0.01), jnp.zeros((2,))]
+                 _orthogonal(k2, (ccfg.mlp_hidden, NUM_ACTIONS), 0.01), jnp.zeros((NUM_ACTIONS,))]
     flat = jnp.concatenate([p.reshape(-1) for p in parts]).astype(jnp.float32)
     assert flat.shape[0] == controller.num_params(ccfg, latent, cfg.transition.hidden)
     return flat
@@ -233,8 +235,9 @@ def init(cfg: Config, hp: dict[str, Any], key: jax.Array, world: Any, init_mean:
     """PPO's start: the actor from init_mean (a previous round's controller) or freshly
     initialised, a fresh critic, ppo.envs dreams reset, and the pool as evolve.init draws it."""
     latent = world.starts[0].shape[-1]
-    key_init, key_rest = jax.random.split(key)
-    k_actor, k_critic, k_env = jax.random.split(key_rest, 3)
+    # key_init's branch only: the other half of split(key) is the search's (period's key_run)
+    key_init, _ = jax.random.split(key)
+    k_actor, k_critic, k_env = jax.random.split(jax.random.fold_in(key_init, 2), 3)
     actor = init_actor(cfg, k_actor, latent) if init_mean is None else jnp.asarray(init_mean, jnp.float32)
     critic = init_critic(cfg, k_critic, latent)
     rows = jax.random.randint(jax.random.fold_in(key_init, 1), (cfg.evolve.check_episodes * cfg.eval.max_steps,), 0,
@@ -310,7 +313,7 @@ def period(cfg: Config, hp: dict[str, Any], world: Any, state: PPOState, key: ja
     dream_max per generation are the mean and best return of the dream episodes that ended in
     it). With `batched`, every cell's search is vmapped (PPO has no per-cell sequential part).
 
-    Update u of the search draws fold_in(key_run, u), so the result does not depend on how the
+    Update u of the search draws fold_in(key_updates, u), so the result does not depend on how the
     search is cut into calls."""
     if batched:
         return jax.vmap(lambda h, s, k: period(cfg, h, world, s, k, gens, score, check))(hp, state, key)
@@ -318,12 +321,14 @@ def period(cfg: Config, hp: dict[str, Any], world: Any, state: PPOState, key: ja
 
     pc = cfg.ppo
     key_run = jax.random.split(key)[1]
+    # the updates' own branch: fold_in(key_run, 10_000_000 + g) are the checks' keys
+    key_updates = jax.random.fold_in(key_run, 2**31 - 1)
     env = DreamEnv(cfg)
     params = env.params(world.m_params, world.starts, state.pool, world.k_params, hp)
 
     def generation(st, g):
         def one(st, u):
-            return _update(cfg, hp, env, params, st, jax.random.fold_in(key_run, u))
+            return _update(cfg, hp, env, params, st, jax.random.fold_in(key_updates, u))
 
         st, m = jax.lax.scan(one, st, g * pc.updates + jnp.arange(pc.updates))
         episodes = jnp.sum(m["episodes"])
