@@ -290,10 +290,10 @@ class EvolveConfig(_Section):
     # generations per block of random keys (split(fold_in(key, block start), block)): the keys the
     # earlier chunked loop drew, kept so that a search draws the same random numbers as before
     gens_per_call: int = 5
-    check_every: int = 10  # generations between real checks of the CMA-ES mean
+    check_every: int = 10  # generations between real checks of the CMA-ES mean (PPO: its greedy policy)
     check_episodes: int = 16
     # Grounding (a drift mitigation, off by default): this share of the dream rollouts starts from
-    # states the CMA-ES mean reached in its latest real check (refreshed every check_every
+    # states the checked controller reached in its latest real check (refreshed every check_every
     # generations, at no extra env steps); the rest from the stored posteriors.
     grounding: float = traced(0.0)
     # The search ends at the first real check whose mean return reaches this (None: it runs all

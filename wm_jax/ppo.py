@@ -311,7 +311,7 @@ def period(cfg: Config, hp: dict[str, Any], world: Any, state: PPOState, key: ja
     """`gens` generations of PPO updates, then the check of the greedy policy, the pool refresh and
     the best update, as evolve.period does for the CMA-ES mean (same metrics: dream_mean and
     dream_max per generation are the mean and best return of the dream episodes that ended in
-    it). With `batched`, every cell's search is vmapped (PPO has no per-cell sequential part).
+    it; if none ended, both are the mean return so far of the dreams in flight). With `batched`, every cell's search is vmapped (PPO has no per-cell sequential part).
 
     Update u of the search draws fold_in(key_updates, u), so the result does not depend on how the
     search is cut into calls."""
