@@ -39,7 +39,7 @@ def row(run: Path) -> dict[str, Any]:
     done = done.get("done", done)
     wall = s["wall_s"]
     return {
-        "run": str(run), "preset": s["preset"], "seed": s["seed"], "trainer": cfg.evolve.trainer,
+        "preset": s["preset"], "seed": s["seed"], "trainer": cfg.evolve.trainer,
         "controller": f"{cfg.controller.kind}" + (f" {cfg.controller.mlp_hidden}" if cfg.controller.kind == "mlp" else ""),
         "lstm": cfg.transition.hidden, "random_episodes": cfg.data.episodes,
         "return_mean": s["real_return_mean"], "return_std": s["real_return_std"], "return_min": s["real_return_min"],

@@ -531,8 +531,8 @@ def with_trainer(cfg: Config, trainer: str) -> Config:
 def _laptop() -> Config:
     """The brief's laptop recipe: 2,000 random episodes, an LSTM of 128 units, C trained with PPO
     in the dream; the rest as the `cpu` preset, with half the dreams grounded in the latest real
-    check's states (without it, seed 2 kept 455.4 after two rounds and 468.4 after a third; with
-    it, 499.7: docs/RESULTS.md section 9)."""
+    check's states (measured once before a fix to PPO's keys: seed 2 went from 455.4 to 499.7;
+    after it, seed 2 scored 366.4 grounded. Not reliable on seed 2: docs/RESULTS.md section 9)."""
     cpu = with_trainer(_cpu(), "ppo")
     return dataclasses.replace(
         cpu,
