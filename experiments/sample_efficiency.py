@@ -25,6 +25,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # experiments/ppo.py
 
 import ppo
+import results_doc
 
 RESULTS = Path(__file__).resolve().parent / "results"
 RESULTS_MD = Path(__file__).resolve().parents[1] / "docs" / "RESULTS.md"
@@ -125,18 +126,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 def update_block(path: Path, table: str) -> bool:
     """Replace the table between BEGIN and END in `path` (docs/RESULTS.md); False if it has none."""
-    text = path.read_text()
-    if BEGIN not in text or END not in text:
-        return False
-    head, rest = text.split(BEGIN, 1)
-    _write(path, head + BEGIN + "\n" + table + rest[rest.index(END):])
-    return True
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    return results_doc.update_block(path, table, BEGIN, END)
 
 
 def main() -> None:
@@ -166,9 +156,9 @@ def main() -> None:
                                    minibatches=a.ppo_pixel_minibatches, eval_every=a.ppo_pixel_eval_every),
                      a.ppo_seeds, cache, used, a.rerun_ppo)
     # written before the figures, so that PPO's curves are kept even if drawing fails
-    _write(a.out / "sample_efficiency.json", json.dumps({"rows": rows, "ppo_cache": used}, indent=1))
+    results_doc.write(a.out / "sample_efficiency.json", json.dumps({"rows": rows, "ppo_cache": used}, indent=1))
     md = table(rows)
-    _write(a.out / "sample_efficiency.md", md)
+    results_doc.write(a.out / "sample_efficiency.md", md)
     plot(rows, a.out / "sample_efficiency.png")
     print(md)
     print(f"wrote {a.out}/sample_efficiency.{{png,json,md}}")

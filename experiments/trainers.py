@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
+
+import results_doc
 
 from wm_jax import pipeline
 from wm_jax.config import Config
@@ -72,22 +73,6 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def update_block(path: Path, text: str) -> bool:
-    """Replace what lies between BEGIN and END in `path`; False if it has no such block."""
-    doc = path.read_text()
-    if BEGIN not in doc or END not in doc:
-        return False
-    head, rest = doc.split(BEGIN, 1)
-    _write(path, head + BEGIN + "\n" + text + rest[rest.index(END):])
-    return True
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="+", type=Path, help="finished `wm-jax run` directories")
@@ -101,11 +86,11 @@ def main(argv: list[str] | None = None) -> int:
     rows = [row(r) for r in a.runs]
     md = table(rows)
     a.out.mkdir(parents=True, exist_ok=True)
-    _write(a.out / "trainers.json", json.dumps(rows, indent=1))
-    _write(a.out / "trainers.md", md)
+    results_doc.write(a.out / "trainers.json", json.dumps(rows, indent=1))
+    results_doc.write(a.out / "trainers.md", md)
     print(md)
     print(f"wrote {a.out}/trainers.{{md,json}}")
-    if update_block(a.results_md, md):
+    if results_doc.update_block(a.results_md, md, BEGIN, END):
         print(f"updated the table in {a.results_md}")
     return 0
 
