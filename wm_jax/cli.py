@@ -229,6 +229,41 @@ def cmd_video(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_verifier(args: argparse.Namespace) -> int:
+    from wm_jax import run_dir
+
+    if not Path(args.run).is_dir():
+        raise UsageError(f"{args.run}: no such run directory")
+    record = run_dir.train_verifier(args.run, args.steps, progress=not args.quiet)
+    final = record.get("final") or {}
+    print(f"{Path(args.run) / run_dir.ADDED_VERIFIER}: K trained for {record['steps']} steps "
+          f"({_fmt(final)}); `wm-jax serve {args.run}` gates with it")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from wm_jax import serve
+    except ImportError as e:
+        raise UsageError(f"serving needs the serve extra ({e.name} is missing): pip install -e '.[serve]'") from None
+    try:
+        settings = serve.Settings(precision="int8" if args.int8 else "float32", gate=args.gate,
+                                  lookahead=args.lookahead, threshold=args.threshold, safe_action=args.safe_action,
+                                  max_sessions=args.max_sessions, batch_window_ms=args.batch_window_ms)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if not Path(args.run).is_dir():
+        raise UsageError(f"{args.run}: no such run directory or agent folder")
+    model = serve.Model.load(args.run, settings)  # a damaged run fails here, in one line, before the server starts
+    print(f"serving {args.run} ({settings.precision}, gate {model.gate}"
+          f"{'' if model.has_verifier else ': no verifier, run `wm-jax train-verifier` for one'}) "
+          f"on http://{args.host}:{args.port}", flush=True)
+    uvicorn.run(serve.create_app(model), host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit code 2, no usage dump
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -314,6 +349,31 @@ def build_parser() -> argparse.ArgumentParser:
     vid.add_argument("--fps", type=_positive_int, default=25)
     vid.add_argument("--seed", type=_seed, default=None, help="episode seed (default: the agent's)")
     vid.set_defaults(fn=cmd_video)
+
+    tv = sub.add_parser("train-verifier", help="train the verifier K for a finished run trained without one "
+                                               "(RUN/verifier_added; the server's gate uses it)")
+    tv.add_argument("run", help="a finished `wm-jax run` directory")
+    tv.add_argument("--steps", type=_positive_int, default=None, help="training steps (default: the preset's)")
+    tv.add_argument("--quiet", action="store_true", help="no progress bar")
+    tv.set_defaults(fn=cmd_train_verifier)
+
+    s = sub.add_parser("serve", help="serve a trained agent over HTTP (needs the serve extra)")
+    s.add_argument("run", help="a `wm-jax run` directory or a folder written by `wm-jax export`")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=_positive_int, default=8000)
+    s.add_argument("--int8", action="store_true", help="V and M quantized to INT8 after training")
+    s.add_argument("--gate", choices=("off", "observe", "enforce"), default="observe",
+                   help="the verifier's look-ahead: off; observe (reported with each action); enforce "
+                        "(an unverified step answers --safe-action, or 409 without one)")
+    s.add_argument("--lookahead", type=_positive_int, default=10, help="imagined steps the gate scores")
+    s.add_argument("--threshold", type=float, default=0.5, help="K's mean confidence a step needs to be verified")
+    s.add_argument("--safe-action", type=int, default=None, choices=(0, 1))
+    s.add_argument("--max-sessions", type=_positive_int, default=1024)
+    s.add_argument("--batch-window-ms", type=float, default=0.0,
+                   help="how long a batch waits for more /act requests (default 0: a batch is whatever queued "
+                        "while the previous one ran)")
+    s.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"))
+    s.set_defaults(fn=cmd_serve)
     return p
 
 

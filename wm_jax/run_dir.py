@@ -25,10 +25,12 @@ import os
 import warnings
 import zipfile
 from collections.abc import Iterator
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -214,21 +216,61 @@ def load_agent(run: Path | str) -> tuple[Config, dict[str, Any]]:
     return cfg, {"vae": vae_params, "transition": m_params, "controller": jnp.asarray(ctrl)}
 
 
+ADDED_VERIFIER = "verifier_added"  # K trained for a finished run by `wm-jax train-verifier` (train_verifier)
+
+
 def load_verifier(run: Path | str) -> Any:
-    """K trained beside the final agent's M (its round's), or None when the run trained none."""
+    """K trained beside the final agent's M (its round's), or the one `train_verifier` added to a
+    run trained without K; None when there is neither."""
     from wm_jax import verifier  # K's module is needed only here
 
     run = Path(run)
     meta = read_json(run / "agent.json", "rerun the `wm-jax run` that made this directory (same --out) to rewrite it")
     cfg = Config.from_dict(meta["config"])
     if cfg.verifier.mode == "off":
-        return None
+        added = run / ADDED_VERIFIER
+        if not (added / "done.json").exists():
+            return None
+        record = read_json(added / "done.json", f"rerun `wm-jax train-verifier {run}`")
+        try:
+            return verifier.load(_k_steps(cfg, record.get("steps")), added, record.get("identity"))
+        except checkpoint.Damaged as e:
+            raise RunDirError(f"{added} is damaged ({e}); delete it and rerun `wm-jax train-verifier {run}`") from None
     r = meta.get("round") or 1
     name = "verifier" if r == 1 else f"verifier_round{r}"
     try:
         return verifier.load(cfg.for_round(r), run / name, stage_output(read_stages(run), name, name))
     except checkpoint.Damaged as e:
         raise damaged(run, name, name, e) from None
+
+
+def _k_steps(cfg: Config, steps: int | None) -> Config:
+    if steps is None:
+        return cfg
+    train = dataclasses.replace(cfg.verifier.train, steps=int(steps))
+    return dataclasses.replace(cfg, verifier=dataclasses.replace(cfg.verifier, train=train))
+
+
+def train_verifier(run: Path | str, steps: int | None = None, progress: bool = True) -> dict[str, Any]:
+    """Train K for a finished run that has none (RUN/verifier_added): against the final agent's M,
+    on all the run's data, with the run's verifier settings (`steps` overrides the step count).
+    Resumable; holds the run's lock. Returns what it wrote in done.json (steps, final metrics)."""
+    from wm_jax import pipeline, verifier
+
+    run = Path(run)
+    r = load(run)
+    if r.cfg.verifier.mode != "off":
+        raise RunDirError(f"{run} trained its own verifier (verifier.mode={r.cfg.verifier.mode!r}); nothing to add")
+    cfg = _k_steps(r.cfg, steps)
+    out = run / ADDED_VERIFIER
+    with locked(run):
+        (out / "done.json").unlink(missing_ok=True)
+        key = jax.random.fold_in(pipeline.run_keys(cfg.seed)["verifier"], 0)  # rounds use 1, 2, ...
+        _, info = verifier.train(cfg, key, r.arrays, out, progress, m_params=r.params["transition"])
+        record = {"steps": cfg.verifier.train.steps, "final": finite_or_none(info["final"]),
+                  "identity": info["identity"]}
+        write_json(out / "done.json", record)
+    return record
 
 
 def card(run: Path | str) -> dict[str, Any]:

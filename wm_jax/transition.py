@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from wm_jax import data as data_lib
-from wm_jax import precision, stats
+from wm_jax import precision, quant, stats
 from wm_jax import train as train_lib
 from wm_jax.config import Config, TransitionConfig
 from wm_jax.env import NUM_ACTIONS
@@ -106,10 +106,16 @@ class Cell(NamedTuple):
     action: jax.Array  # [NUM_ACTIONS, 4 * hidden] float32: the action's kernel row plus the bias
     head_w: jax.Array  # [hidden, 3 * latent * K + 2]: logits, means, logstds, reward, done (K = 1: no logits)
     head_b: jax.Array  # float32
+    # INT8 (`quantize`): w and head_w are int8 and these their per-column float32 scales; else None
+    w_scale: jax.Array | None = None
+    head_scale: jax.Array | None = None
 
 
 def pack(cfg: TransitionConfig, params: Params) -> Cell:
-    """`params` (flax's layout, float32) as a Cell in cfg.compute_dtype; differentiable."""
+    """`params` (flax's layout, float32) as a Cell in cfg.compute_dtype; differentiable. A Cell
+    (an INT8 one from `quantize`) is returned as it is."""
+    if isinstance(params, Cell):
+        return params
     p = params["params"]
     lstm = p["lstm"]
     w_in = jnp.concatenate([lstm[f"i{g}"]["kernel"] for g in "ifgo"], axis=-1)  # [latent + actions, 4h]
@@ -132,6 +138,15 @@ def pack(cfg: TransitionConfig, params: Params) -> Cell:
                 head_w=head_w.astype(dt), head_b=head_b)
 
 
+def quantize(cfg: TransitionConfig, params: Params) -> Cell:
+    """M for INT8 serving: the packed Cell with int8 w and head_w (one scale per output column,
+    from the float32 weights); `cell_step`, `imagine`, `observe` and the agent step take it in
+    place of `params`. Activations are quantized per row at every step (wm_jax.quant.matmul)."""
+    cell = pack(dataclasses.replace(cfg, compute_dtype="float32"), params)
+    w, head_w = quant.per_channel(cell.w), quant.per_channel(cell.head_w)
+    return cell._replace(w=w.q, head_w=head_w.q, w_scale=w.scale[0], head_scale=head_w.scale[0])
+
+
 def _sigmoid(x: jax.Array) -> jax.Array:
     # The tanh form: one transcendental, where XLA's logistic costs an exp and a division; equal up
     # to float rounding (one dream step's gates at 1,024 dreams: 0.43 against 0.47-0.72 ms,
@@ -148,7 +163,7 @@ def _lstm(gates: jax.Array, c: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 def _heads(cell: Cell, h: jax.Array, latent: int) -> Prediction:
     """The latent, reward and done heads on h [..., hidden], one matmul."""
-    out = jnp.dot(h.astype(cell.head_w.dtype), cell.head_w, preferred_element_type=jnp.float32) + cell.head_b
+    out = quant.matmul(h, cell.head_w, cell.head_scale) + cell.head_b
     columns = out.shape[-1] - 2
     if columns == 2 * latent:  # Gaussian: one component, means then logstds; its logit is 0
         mean, logstd = (out[..., i * latent:(i + 1) * latent, None] for i in range(2))
@@ -166,9 +181,14 @@ def cell_step(
 ) -> tuple[tuple[jax.Array, jax.Array], Prediction]:
     """`step` on a packed Cell: matmuls in the Cell's dtype with float32 results, the rest float32."""
     c, h = carry
-    dt = cell.w.dtype
-    x = jnp.concatenate([z.astype(dt), h.astype(dt)], axis=-1)
-    gates = jnp.dot(x, cell.w, preferred_element_type=jnp.float32) + cell.action[jnp.asarray(a, jnp.int32)]
+    if cell.w_scale is None:  # one matmul of [z, h]
+        dt = cell.w.dtype
+        x = jnp.concatenate([z.astype(dt), h.astype(dt)], axis=-1)
+        gates = jnp.dot(x, cell.w, preferred_element_type=jnp.float32)
+    else:  # INT8: z and h quantized apart (their ranges differ: z ~ N(0, 1), h in [-1, 1])
+        latent = z.shape[-1]
+        gates = quant.matmul(z, cell.w[:latent], cell.w_scale) + quant.matmul(h, cell.w[latent:], cell.w_scale)
+    gates = gates + cell.action[jnp.asarray(a, jnp.int32)]
     c, h = _lstm(gates, c)
     return (c, h), _heads(cell, h, z.shape[-1])
 
@@ -299,11 +319,10 @@ def observe_carries(
     batch, latent = z.shape[0], z.shape[-1]
     init_c = initial_carry(cfg, batch)
     cell = pack(cfg, params)
-    dt = cell.w.dtype
     # Teacher forcing knows every input in advance: the inputs' share of the gates for all steps is
     # one large matmul before the loop, the heads on every h one after it; only h's matmul stays
     # in the loop (the same sums as cell_step, up to float rounding; half the time of stepping it).
-    from_inputs = jnp.dot(z.astype(dt), cell.w[:latent], preferred_element_type=jnp.float32)
+    from_inputs = quant.matmul(z, cell.w[:latent], cell.w_scale)
     from_inputs = from_inputs + cell.action[jnp.asarray(a, jnp.int32)]
     w_h = cell.w[latent:]
 
@@ -311,7 +330,7 @@ def observe_carries(
         x_t, reset_t = inputs
         carry = jax.tree.map(lambda c, c0: jnp.where(reset_t[:, None], c0, c), carry, init_c)
         c, h = carry
-        new_carry = _lstm(x_t + jnp.dot(h.astype(dt), w_h, preferred_element_type=jnp.float32), c)
+        new_carry = _lstm(x_t + quant.matmul(h, w_h, cell.w_scale), c)
         return new_carry, (carry, new_carry[1])
 
     xs = (jnp.swapaxes(from_inputs, 0, 1), jnp.swapaxes(reset, 0, 1))

@@ -13,8 +13,9 @@ Loss: the negative ELBO, reconstruction (summed over pixels) plus beta * KL, bet
 from __future__ import annotations
 
 import dataclasses
+import functools
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -23,7 +24,7 @@ import numpy as np
 import optax
 
 from wm_jax import data as data_lib
-from wm_jax import interrupt, layers, precision
+from wm_jax import interrupt, layers, precision, quant
 from wm_jax import train as train_lib
 from wm_jax.config import Config, VAEConfig
 
@@ -97,15 +98,48 @@ def _init(key: jax.Array, cfg: VAEConfig) -> Params:
     return model(cfg).lazy_init(key, x, jax.ShapeDtypeStruct((1, cfg.latent), jnp.float32))
 
 
+class Int8VAE(NamedTuple):
+    """V for INT8 serving (`quantize`): `encode` and `decode` take it in place of the float params."""
+
+    encoder: Any  # qwix's quantized tree of the encoder's parameters
+    decoder: Any  # the decoder's parameters with int8 kernels (wm_jax.quant.QTensor)
+
+
+@functools.lru_cache(maxsize=None)
+def _int8_model(filters: tuple[int, ...], latent: int) -> nn.Module:
+    return quant.ptq_model(ConvVAE(filters=filters, latent=latent), ("encode",))
+
+
+def quantize(cfg: VAEConfig, params: Params) -> Int8VAE:
+    """Post-training INT8: the encoder through qwix (int8 weights per output channel, int8 dynamic
+    activations), the decoder's kernels int8 per output channel, widened to float32 when it runs
+    (qwix does not follow its kernels into the sub-pixel transposed convolutions; wm_jax.quant)."""
+    qmodel = _int8_model(tuple(cfg.filters), cfg.latent)
+    enc = {"encoder": params["params"]["encoder"]}
+    enc = quant.ptq_params(qmodel, enc, jnp.zeros((1, 64, 64, 4), jnp.float32), method="encode")["encoder"]
+    return Int8VAE(encoder=enc, decoder=quant.weight_only(params["params"]["decoder"]))
+
+
 def encode(cfg: VAEConfig, params: Params, stack: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """uint8[..., 64, 64, 4] -> (mean, logvar), each float32[..., latent] (computed in cfg.compute_dtype)."""
+    """uint8[..., 64, 64, 4] -> (mean, logvar), each float32[..., latent] (computed in
+    cfg.compute_dtype, or INT8 when params is an Int8VAE)."""
+    if isinstance(params, Int8VAE):
+        qmodel = _int8_model(tuple(cfg.filters), cfg.latent)
+        x = to_float(stack)
+        flat = x.reshape((-1,) + x.shape[-3:])  # qwix quantizes activations per example of a flat batch
+        mean, logvar = qmodel.apply({"params": {"encoder": params.encoder}}, flat, method="encode")
+        return mean.reshape(x.shape[:-3] + mean.shape[-1:]), logvar.reshape(x.shape[:-3] + logvar.shape[-1:])
     dt = cfg.compute_dtype
     out = model(cfg).apply(precision.cast(params, dt), precision.cast(to_float(stack), dt), method=ConvVAE.encode)
     return precision.cast(out, "float32")
 
 
 def decode(cfg: VAEConfig, params: Params, z: jax.Array) -> jax.Array:
-    """float32[..., latent] -> float32[..., 64, 64, 4] in [0, 1] (computed in cfg.compute_dtype)."""
+    """float32[..., latent] -> float32[..., 64, 64, 4] in [0, 1] (computed in cfg.compute_dtype;
+    from int8 kernels widened to float32 when params is an Int8VAE)."""
+    if isinstance(params, Int8VAE):
+        return model(cfg).apply({"params": {"decoder": quant.widen(params.decoder)}}, jnp.asarray(z, jnp.float32),
+                                method=ConvVAE.decode)
     dt = cfg.compute_dtype
     out = model(cfg).apply(precision.cast(params, dt), precision.cast(z, dt), method=ConvVAE.decode)
     return precision.cast(out, "float32")

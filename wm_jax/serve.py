@@ -1,0 +1,640 @@
+"""A trained agent behind HTTP: FastAPI, one jitted program per request batch, a verifier gate.
+
+    wm-jax serve RUN_DIR [--host 127.0.0.1] [--port 8000] [--int8] [--gate observe|enforce|off]
+
+    POST   /v1/sessions                -> {"id"}: a session holds the agent's recurrent carry (LRU-capped)
+    DELETE /v1/sessions/{id}
+    POST   /v1/sessions/{id}/act       {"observation"} -> {"action", "confidence", "dreamed_return", "verified", ...}
+    POST   /v1/dream                   {"observation", "horizon", "actions"?, "frames"?} -> the imagined steps
+    GET    /health, GET /metrics       (Prometheus text format)
+
+An observation is one uint8 64x64x4 frame stack: base64 of its 16,384 raw bytes (row-major) or
+nested lists. /act encodes it (V), picks C's action on [z, h], advances M, and gates the step:
+from the state the action leads to, M dreams `lookahead` steps under the policy (the most likely
+latent at each step: the gate is deterministic) and K scores every imagined transition; the step
+is `verified` when K's mean confidence is at least `threshold`. In gate mode "enforce" an
+unverified step answers `safe_action` (M advances with it) or, without one, 409 and nothing
+changes. The session's carry advances only when the step is answered.
+
+Requests that arrive within `batch_window_ms` of each other run as one jitted call on a batch
+padded to the next of `buckets` (compiled at start-up, so load never recompiles).
+Precision: "float32" (V, M and K in float32, whatever the run trained in) or "int8" (V and M
+quantized after training, wm_jax.quant; K stays float32).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import io
+import platform
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field, replace
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from fastapi import FastAPI, HTTPException, Request, Response
+from fastapi.responses import PlainTextResponse
+from pydantic import BaseModel, Field, field_validator
+
+from wm_jax import controller, transition, vae, verifier
+from wm_jax.env import NUM_ACTIONS
+
+OBS_SHAPE = (64, 64, 4)
+OBS_BYTES = int(np.prod(OBS_SHAPE))
+GATES = ("off", "observe", "enforce")
+PRECISIONS = ("float32", "int8")
+
+
+@dataclass(frozen=True)
+class Settings:
+    precision: str = "float32"
+    gate: str = "observe"  # off: no look-ahead; observe: report it; enforce: act on it
+    lookahead: int = 10
+    threshold: float = 0.5
+    safe_action: int | None = None  # what "enforce" answers for an unverified step (None: 409)
+    max_sessions: int = 1024
+    max_body_bytes: int = 1 << 20
+    batch_window_ms: float = 0.0  # 0: a call takes whatever queued while the previous one ran
+    buckets: tuple[int, ...] = (1, 8, 64)
+    max_dream_horizon: int = 100
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.gate not in GATES:
+            raise ValueError(f"gate must be one of {GATES}, got {self.gate!r}")
+        if self.safe_action is not None and not 0 <= self.safe_action < NUM_ACTIONS:
+            raise ValueError(f"safe_action must be in [0, {NUM_ACTIONS}), got {self.safe_action}")
+        for name in ("lookahead", "max_sessions", "max_body_bytes", "max_dream_horizon"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.buckets or list(self.buckets) != sorted(set(self.buckets)) or self.buckets[0] < 1:
+            raise ValueError(f"buckets must be increasing positive sizes, got {self.buckets}")
+
+
+def _float32(cfg: Any) -> Any:
+    return replace(cfg, vae=replace(cfg.vae, compute_dtype="float32"),
+                   transition=replace(cfg.transition, compute_dtype="float32"))
+
+
+class Model:
+    """The served agent: V, M (packed Cell), C and K, in the settings' precision, and its jitted
+    programs. `act` and `dream` take and return host (NumPy) arrays."""
+
+    def __init__(self, agent: Any, settings: Settings, source: str = "") -> None:
+        self.settings = settings
+        self.source = source
+        self.cfg = _float32(agent.cfg)
+        k_params = agent.verifier
+        self.has_verifier = k_params is not None
+        self.gate = settings.gate if self.has_verifier else "off"
+        m = transition.pack(self.cfg.transition, agent.params["transition"])
+        v = agent.params["vae"]
+        if settings.precision == "int8":
+            m = transition.quantize(self.cfg.transition, agent.params["transition"])
+            v = vae.quantize(self.cfg.vae, v)
+        self.params = {"vae": v, "transition": m, "controller": jnp.asarray(agent.params["controller"]),
+                       "verifier": k_params}
+        self.hidden = self.cfg.transition.hidden
+        self.latent = self.cfg.vae.latent
+        self._act = jax.jit(partial(_act_batch, self.cfg, settings.lookahead, settings.safe_action,
+                                    self.gate != "off"))
+        self._dream = jax.jit(partial(_dream, self.cfg, settings.max_dream_horizon))
+        self._decode = jax.jit(partial(vae.decode, self.cfg.vae))
+
+    @classmethod
+    def load(cls, path: Path | str, settings: Settings) -> Model:
+        """A run directory or an exported agent folder; a missing or damaged one raises the loader's
+        error (FileNotFoundError, RunDirError, PretrainedError) naming the problem."""
+        from wm_jax.agent import Agent
+
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no such run directory or agent folder")
+        return cls(Agent.open(path), settings, str(path))
+
+    def initial_carry(self) -> tuple[np.ndarray, np.ndarray]:
+        zeros = np.zeros((self.hidden,), np.float32)
+        return zeros, zeros.copy()
+
+    def bucket(self, n: int) -> int:
+        for b in self.settings.buckets:
+            if n <= b:
+                return b
+        return self.settings.buckets[-1]
+
+    def act(self, carries: list[tuple[np.ndarray, np.ndarray]], obs: list[np.ndarray]) -> list[dict[str, Any]]:
+        """One batched step for len(obs) <= the largest bucket sessions, padded to a bucket."""
+        n = len(obs)
+        size = self.bucket(n)
+        c = np.zeros((size, self.hidden), np.float32)
+        h = np.zeros((size, self.hidden), np.float32)
+        x = np.zeros((size,) + OBS_SHAPE, np.uint8)
+        for i in range(n):
+            c[i], h[i] = carries[i]
+            x[i] = obs[i]
+        out = jax.device_get(self._act(self.params, (c, h), x))
+        rows = []
+        for i in range(n):
+            row = {k: (v[0][i], v[1][i]) if isinstance(v, tuple) else v[i] for k, v in out.items()}
+            rows.append(row)
+        return rows
+
+    def warm_up(self) -> None:
+        """Compile every bucket's program (and the dream's) before the first request."""
+        for b in self.settings.buckets:
+            self.act([self.initial_carry()] * b, [np.zeros(OBS_SHAPE, np.uint8)] * b)
+        self.dream(self.initial_carry(), np.zeros(OBS_SHAPE, np.uint8), 1, None, frames=True)
+
+    def dream(self, carry: tuple[np.ndarray, np.ndarray], obs: np.ndarray, horizon: int, actions: list[int] | None,
+              frames: bool = False) -> dict[str, Any]:
+        steps = self.settings.max_dream_horizon
+        given = np.zeros((steps,), np.int32)
+        if actions is not None:
+            given[:len(actions)] = actions
+        out = jax.device_get(self._dream(self.params, carry, obs, given, actions is None))
+        res = {k: np.asarray(v[:horizon]) for k, v in out.items()}
+        if frames:
+            pixels = np.asarray(self._decode(self.params["vae"], out["z_next"]))[:horizon]
+            res["frames"] = [_png(p) for p in pixels]
+        return res
+
+
+def _lookahead(cfg: Any, params: dict[str, Any], carry: Any, z: jax.Array, a: jax.Array, length: int
+               ) -> tuple[jax.Array, jax.Array]:
+    """K's mean confidence over the transition (carry, z, a) and `length` imagined steps after it
+    under the policy, and the dreamed return (reward head, Ha's done rule); deterministic (every
+    step takes M's most likely latent). One example; vmapped by the caller."""
+    cell, ctrl, k_params = params["transition"], params["controller"], params["verifier"]
+    latent = z.shape[-1]
+    zero_noise = (jnp.zeros((latent, transition.components(cfg.transition))) if
+                  transition.components(cfg.transition) > 1 else None, jnp.zeros((latent,)))
+
+    def body(state, _):
+        carry, z, a, alive = state
+        h = transition.hidden(carry)
+        new_carry, z_next, pred = transition.dream_step(cell, carry, z, a, zero_noise, 1.0)
+        conf = verifier.confidence(cfg.verifier, k_params, h, z, a, z_next)
+        reward = pred.reward * alive
+        alive = alive * (jax.nn.sigmoid(pred.done_logit) <= 0.5)
+        a_next = controller.act(cfg.controller, ctrl, z_next, transition.hidden(new_carry))
+        return (new_carry, z_next, a_next, alive), (conf, reward)
+
+    _, (conf, reward) = jax.lax.scan(body, (carry, z, a, jnp.ones(())), None, length=length + 1)
+    return jnp.mean(conf), jnp.sum(reward)
+
+
+def _act_batch(cfg: Any, lookahead: int, safe_action: int | None, gate: bool, params: dict[str, Any],
+               carry: tuple[jax.Array, jax.Array], obs: jax.Array) -> dict[str, Any]:
+    mean, _ = vae.encode(cfg.vae, params["vae"], obs)
+    cell = params["transition"]
+    action = controller.act(cfg.controller, params["controller"], mean, transition.hidden(carry))
+    new_carry, _ = transition.cell_step(cell, carry, mean, action)
+    out = {"action": action, "carry": new_carry}
+    if safe_action is not None:
+        safe = jnp.full_like(action, safe_action)
+        out["safe_carry"] = transition.cell_step(cell, carry, mean, safe)[0]
+    if gate:
+        look = jax.vmap(lambda c, z, a: _lookahead(cfg, params, c, z, a, lookahead))
+        out["confidence"], out["dreamed_return"] = look(carry, mean, action)
+    return out
+
+
+def _dream(cfg: Any, steps: int, params: dict[str, Any], carry: Any, obs: jax.Array, given: jax.Array,
+           use_policy: jax.Array) -> dict[str, jax.Array]:
+    """`steps` imagined steps from (carry, obs) under the policy or the `given` actions; M's most
+    likely latent at each step, so the same request always dreams the same."""
+    cell, ctrl, k_params = params["transition"], params["controller"], params["verifier"]
+    mean, _ = vae.encode(cfg.vae, params["vae"], obs[None])
+    z0 = mean[0]
+    k = transition.components(cfg.transition)
+    zero_noise = (jnp.zeros((cfg.vae.latent, k)) if k > 1 else None, jnp.zeros((cfg.vae.latent,)))
+
+    def body(state, a_given):
+        carry, z = state
+        h = transition.hidden(carry)
+        a = jnp.where(use_policy, controller.act(cfg.controller, ctrl, z, h), a_given)
+        new_carry, z_next, pred = transition.dream_step(cell, carry, z, a, zero_noise, 1.0)
+        row = {"z": z, "action": a, "z_next": z_next, "reward": pred.reward,
+               "p_done": jax.nn.sigmoid(pred.done_logit)}
+        if k_params is not None:
+            row["confidence"] = verifier.confidence(cfg.verifier, k_params, h, z, a, z_next)
+        return (new_carry, z_next), row
+
+    _, traj = jax.lax.scan(body, (carry, z0), given)
+    return traj
+
+
+def _png(pixels: np.ndarray) -> str:
+    """A decoded stack [64, 64, 4] in [0, 1]: its newest frame as a base64 grayscale PNG."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(pixels[..., -1] * 255.0 + 0.5, 0, 255).astype(np.uint8), "L").save(buf, "PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+# ---------------------------------------------------------------------------------------------- input
+
+
+def parse_observation(value: Any) -> np.ndarray:
+    """A request's observation as uint8[64, 64, 4]; a ValueError saying what is wrong otherwise."""
+    if isinstance(value, str):
+        try:
+            raw = base64.b64decode(value.encode("ascii"), validate=True)
+        except (binascii.Error, UnicodeEncodeError, ValueError):
+            raise ValueError("not valid base64") from None
+        if len(raw) != OBS_BYTES:
+            raise ValueError(f"base64 must hold {OBS_BYTES} bytes (uint8 {list(OBS_SHAPE)}, row-major), "
+                             f"got {len(raw)}")
+        return np.frombuffer(raw, np.uint8).reshape(OBS_SHAPE)
+    if isinstance(value, list):
+        try:
+            arr = np.asarray(value, dtype=object)
+        except ValueError:
+            raise ValueError(f"nested lists must have shape {list(OBS_SHAPE)}") from None
+        if arr.shape != OBS_SHAPE:
+            raise ValueError(f"nested lists must have shape {list(OBS_SHAPE)}, got {list(arr.shape)}")
+        flat = arr.reshape(-1)
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in flat):
+            raise ValueError("values must be numbers")
+        num = np.asarray(flat.tolist(), np.float64)
+        if not np.isfinite(num).all():
+            raise ValueError("values must be finite (NaN or infinity found)")
+        if (num != np.round(num)).any():
+            raise ValueError("values must be whole numbers (uint8 pixels)")
+        if num.min() < 0 or num.max() > 255:
+            raise ValueError(f"values must be in [0, 255], got [{num.min():g}, {num.max():g}]")
+        return num.astype(np.uint8).reshape(OBS_SHAPE)
+    raise ValueError("must be a base64 string or nested lists of uint8 [64, 64, 4]")
+
+
+class Observation(BaseModel):
+    observation: str | list = Field(description="uint8 [64, 64, 4]: base64 of the raw bytes, or nested lists")
+
+    @field_validator("observation", mode="after")
+    @classmethod
+    def _obs(cls, value: Any) -> Any:
+        return parse_observation(value)
+
+
+class DreamRequest(Observation):
+    horizon: int = Field(10, ge=1, description="imagined steps (at most the server's max_dream_horizon)")
+    actions: list[int] | None = Field(None, description="one action (0 or 1) per step; omitted: the agent acts")
+    frames: bool = Field(False, description="also return each imagined step's decoded newest frame as PNG (base64)")
+    session: str | None = Field(None, description="dream from this session's carry (it is not changed)")
+
+    @field_validator("actions")
+    @classmethod
+    def _actions(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and any(not 0 <= a < NUM_ACTIONS for a in value):
+            raise ValueError(f"actions must be in [0, {NUM_ACTIONS})")
+        return value
+
+
+# -------------------------------------------------------------------------------------------- batching
+
+
+@dataclass
+class _Pending:
+    carry: tuple[np.ndarray, np.ndarray]
+    obs: np.ndarray
+    future: asyncio.Future
+
+
+class Batcher:
+    """Runs queued /act requests as one `Model.act` call in a worker thread: every request that
+    queued while the previous call ran (up to the largest bucket), and with `window` > 0 also those
+    that arrive within `window` seconds of the first. A lone request never waits."""
+
+    def __init__(self, model: Model, window: float) -> None:
+        self.model = model
+        self.window = window
+        self.max = model.settings.buckets[-1]
+        self.queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        self.batch_sizes: list[int] = []
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+
+    async def submit(self, carry: tuple[np.ndarray, np.ndarray], obs: np.ndarray) -> dict[str, Any]:
+        future = asyncio.get_running_loop().create_future()
+        await self.queue.put(_Pending(carry, obs, future))
+        return await future
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self.queue.get()]
+            deadline = loop.time() + self.window
+            while len(batch) < self.max:
+                if not self.queue.empty():
+                    batch.append(self.queue.get_nowait())
+                    continue
+                left = deadline - loop.time()
+                if left <= 0:
+                    break
+                try:
+                    batch.append(await asyncio.wait_for(self.queue.get(), left))
+                except asyncio.TimeoutError:
+                    break
+            self.batch_sizes.append(len(batch))
+            try:
+                rows = await loop.run_in_executor(None, self.model.act, [p.carry for p in batch],
+                                                  [p.obs for p in batch])
+            except Exception as e:  # noqa: BLE001: every waiting request gets the error, the loop lives on
+                for p in batch:
+                    if not p.future.done():
+                        p.future.set_exception(e)
+                continue
+            for p, row in zip(batch, rows):
+                if not p.future.done():
+                    p.future.set_result(row)
+
+
+# ---------------------------------------------------------------------------------------------- sessions
+
+
+@dataclass
+class Session:
+    carry: tuple[np.ndarray, np.ndarray]
+    steps: int = 0
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+class Sessions:
+    """At most `cap` sessions; creating one more evicts the least recently used."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self._items: OrderedDict[str, Session] = OrderedDict()
+        self.evicted = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def create(self, carry: tuple[np.ndarray, np.ndarray]) -> str:
+        while len(self._items) >= self.cap:
+            self._items.popitem(last=False)
+            self.evicted += 1
+        sid = uuid.uuid4().hex
+        self._items[sid] = Session(carry)
+        return sid
+
+    def get(self, sid: str) -> Session | None:
+        s = self._items.get(sid)
+        if s is not None:
+            self._items.move_to_end(sid)
+        return s
+
+    def delete(self, sid: str) -> bool:
+        return self._items.pop(sid, None) is not None
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class Metrics:
+    """Request counts and latency histograms, rendered in the Prometheus text format."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.requests: dict[tuple[str, str, int], int] = {}
+        self.latency: dict[tuple[str, str], list[int]] = {}
+        self.latency_sum: dict[tuple[str, str], float] = {}
+        self.gate: dict[str, int] = {}
+
+    def observe(self, method: str, path: str, status: int, seconds: float) -> None:
+        with self._lock:
+            self.requests[(method, path, status)] = self.requests.get((method, path, status), 0) + 1
+            counts = self.latency.setdefault((method, path), [0] * (len(LATENCY_BUCKETS) + 1))
+            for i, edge in enumerate(LATENCY_BUCKETS):
+                if seconds <= edge:
+                    counts[i] += 1
+            counts[-1] += 1
+            self.latency_sum[(method, path)] = self.latency_sum.get((method, path), 0.0) + seconds
+
+    def count_gate(self, outcome: str) -> None:
+        with self._lock:
+            self.gate[outcome] = self.gate.get(outcome, 0) + 1
+
+    def render(self, sessions: int, evicted: int, batch_sizes: list[int]) -> str:
+        lines = ["# HELP wm_jax_requests_total HTTP requests by method, route and status.",
+                 "# TYPE wm_jax_requests_total counter"]
+        with self._lock:
+            for (m, p, s), n in sorted(self.requests.items()):
+                lines.append(f'wm_jax_requests_total{{method="{m}",path="{p}",status="{s}"}} {n}')
+            lines += ["# HELP wm_jax_request_duration_seconds Time from request to response.",
+                      "# TYPE wm_jax_request_duration_seconds histogram"]
+            for (m, p), counts in sorted(self.latency.items()):
+                labels = f'method="{m}",path="{p}"'
+                for edge, n in zip(LATENCY_BUCKETS, counts):
+                    lines.append(f'wm_jax_request_duration_seconds_bucket{{{labels},le="{edge}"}} {n}')
+                lines.append(f'wm_jax_request_duration_seconds_bucket{{{labels},le="+Inf"}} {counts[-1]}')
+                lines.append(f"wm_jax_request_duration_seconds_sum{{{labels}}} {self.latency_sum[(m, p)]:.6f}")
+                lines.append(f"wm_jax_request_duration_seconds_count{{{labels}}} {counts[-1]}")
+            lines += ["# HELP wm_jax_gate_total /act steps by the gate's outcome.", "# TYPE wm_jax_gate_total counter"]
+            for outcome, n in sorted(self.gate.items()):
+                lines.append(f'wm_jax_gate_total{{outcome="{outcome}"}} {n}')
+        lines += ["# HELP wm_jax_sessions Open sessions.", "# TYPE wm_jax_sessions gauge", f"wm_jax_sessions {sessions}",
+                  "# HELP wm_jax_sessions_evicted_total Sessions evicted (least recently used).",
+                  "# TYPE wm_jax_sessions_evicted_total counter", f"wm_jax_sessions_evicted_total {evicted}",
+                  "# HELP wm_jax_act_batches_total Batched /act calls.", "# TYPE wm_jax_act_batches_total counter",
+                  f"wm_jax_act_batches_total {len(batch_sizes)}",
+                  "# HELP wm_jax_act_batched_requests_total Requests those calls carried.",
+                  "# TYPE wm_jax_act_batched_requests_total counter",
+                  f"wm_jax_act_batched_requests_total {sum(batch_sizes)}"]
+        return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------ app
+
+
+class BodyLimit:
+    """ASGI wrapper: a request body over `limit` bytes is answered 413 before the app reads it
+    (by Content-Length, and by counting for bodies sent without one)."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def _too_large(self, send: Any) -> None:
+        body = b'{"detail":"request body over %d bytes"}' % self.limit
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]})
+        await send({"type": "http.response.body", "body": body})
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        try:
+            if length is not None and int(length) > self.limit:
+                return await self._too_large(send)
+        except ValueError:
+            pass
+        body, more = b"", True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.limit:
+                return await self._too_large(send)
+        replayed = False
+
+        async def replay() -> Any:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+def versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for name in ("wm_jax", "jax", "jaxlib", "flax", "fastapi", "uvicorn", "qwix"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def create_app(model: Model | Path | str, settings: Settings | None = None) -> Any:
+    """The ASGI app: `model` loaded (Model) or a run directory / agent folder that the lifespan
+    loads with `settings`. Use it as `TestClient(create_app(...))` or `uvicorn.run(create_app(...))`."""
+    settings = model.settings if isinstance(model, Model) else (settings or Settings())
+    state: dict[str, Any] = {}
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: Any):
+        m = model if isinstance(model, Model) else await asyncio.to_thread(Model.load, model, settings)
+        await asyncio.to_thread(m.warm_up)
+        state["model"] = m
+        state["sessions"] = Sessions(settings.max_sessions)
+        state["batcher"] = Batcher(m, settings.batch_window_ms / 1000.0)
+        state["batcher"].start()
+        state["started"] = time.time()
+        try:
+            yield
+        finally:
+            await state["batcher"].stop()
+
+    app = FastAPI(title="wm_jax", version=versions().get("wm_jax", ""), lifespan=lifespan)
+
+    @app.middleware("http")
+    async def timing(request: Request, call_next):
+        t0 = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        metrics.observe(request.method, path, response.status_code, time.perf_counter() - t0)
+        return response
+
+    def _session(sid: str) -> Session:
+        s = state["sessions"].get(sid)
+        if s is None:
+            raise HTTPException(404, f"unknown session {sid!r} (never created, deleted, or evicted)")
+        return s
+
+    @app.post("/v1/sessions", status_code=201)
+    async def create_session() -> dict[str, Any]:
+        sid = state["sessions"].create(state["model"].initial_carry())
+        return {"id": sid}
+
+    @app.delete("/v1/sessions/{sid}", status_code=204, response_class=Response)
+    async def delete_session(sid: str):
+        if not state["sessions"].delete(sid):
+            raise HTTPException(404, f"unknown session {sid!r}")
+        return Response(status_code=204)
+
+    @app.post("/v1/sessions/{sid}/act")
+    async def act(sid: str, body: Observation) -> dict[str, Any]:
+        s = _session(sid)
+        m: Model = state["model"]
+        async with s.lock:
+            row = await state["batcher"].submit(s.carry, body.observation)
+            policy_action = int(row["action"])
+            out: dict[str, Any] = {"action": policy_action, "policy_action": policy_action, "gate": m.gate,
+                                   "step": s.steps}
+            carry = row["carry"]
+            if m.gate != "off":
+                verified = bool(row["confidence"] >= settings.threshold)
+                out.update(confidence=float(row["confidence"]), dreamed_return=float(row["dreamed_return"]),
+                           verified=verified, lookahead=settings.lookahead)
+                metrics.count_gate("verified" if verified else "unverified")
+                if m.gate == "enforce" and not verified:
+                    if settings.safe_action is None:
+                        raise HTTPException(409, {"message": "the verifier did not confirm this step; nothing "
+                                                             "changed", **out})
+                    out["action"] = settings.safe_action
+                    carry = row["safe_carry"]
+            s.carry = (np.asarray(carry[0]), np.asarray(carry[1]))
+            s.steps += 1
+        return out
+
+    @app.post("/v1/dream")
+    async def dream(body: DreamRequest) -> dict[str, Any]:
+        m: Model = state["model"]
+        if body.horizon > settings.max_dream_horizon:
+            raise HTTPException(422, [{"loc": ["body", "horizon"], "type": "less_than_equal",
+                                       "msg": f"horizon must be <= {settings.max_dream_horizon}"}])
+        if body.actions is not None and len(body.actions) != body.horizon:
+            raise HTTPException(422, [{"loc": ["body", "actions"], "type": "value_error",
+                                       "msg": f"actions must hold horizon={body.horizon} entries, "
+                                              f"got {len(body.actions)}"}])
+        carry = m.initial_carry() if body.session is None else _session(body.session).carry
+        res = await asyncio.to_thread(m.dream, carry, body.observation, body.horizon, body.actions, body.frames)
+        out = {"horizon": body.horizon, "latents": res["z_next"].tolist(), "actions": res["action"].tolist(),
+               "rewards": res["reward"].tolist(), "done_prob": res["p_done"].tolist(),
+               "confidence": res["confidence"].tolist() if "confidence" in res else None}
+        if body.frames:
+            out["frames"] = res["frames"]
+        return out
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        m: Model = state["model"]
+        out = {"status": "ok", "model_loaded": True, "source": m.source, "precision": settings.precision,
+               "gate": m.gate, "verifier": m.has_verifier, "lookahead": settings.lookahead,
+               "threshold": settings.threshold, "safe_action": settings.safe_action,
+               "sessions": len(state["sessions"]), "max_sessions": settings.max_sessions,
+               "buckets": list(settings.buckets), "preset": m.cfg.preset, "seed": m.cfg.seed, "versions": versions()}
+        if not m.has_verifier:
+            out["note"] = "no verifier: the gate is off (train one with `wm-jax train-verifier RUN_DIR`)"
+        return out
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def prometheus() -> str:
+        return metrics.render(len(state["sessions"]), state["sessions"].evicted, state["batcher"].batch_sizes)
+
+    return BodyLimit(app, settings.max_body_bytes)
