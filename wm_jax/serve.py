@@ -43,7 +43,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from fastapi import FastAPI, HTTPException, Request, Response
-from fastapi.responses import PlainTextResponse
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, Field, field_validator
 
 from wm_jax import controller, transition, vae, verifier
@@ -280,7 +281,8 @@ def parse_observation(value: Any) -> np.ndarray:
 
 
 class Observation(BaseModel):
-    observation: str | list = Field(description="uint8 [64, 64, 4]: base64 of the raw bytes, or nested lists")
+    # Any: parse_observation judges every form, so a wrong one is one message at ["body", "observation"]
+    observation: Any = Field(description="uint8 [64, 64, 4]: base64 of the raw bytes (str), or nested lists")
 
     @field_validator("observation", mode="after")
     @classmethod
@@ -550,6 +552,14 @@ def create_app(model: Model | Path | str, settings: Settings | None = None) -> A
             await state["batcher"].stop()
 
     app = FastAPI(title="wm_jax", version=versions().get("wm_jax", ""), lifespan=lifespan)
+    app.state.serve = state  # the model, sessions and batcher, for tests and embedding code
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # the field and what is wrong, without echoing the input (a frame stack is 16,384 numbers,
+        # and a NaN in it cannot be written as JSON)
+        return JSONResponse({"detail": [{"type": e.get("type"), "loc": list(e.get("loc", ())), "msg": e.get("msg")}
+                                        for e in exc.errors()]}, status_code=422)
 
     @app.middleware("http")
     async def timing(request: Request, call_next):
