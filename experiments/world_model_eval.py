@@ -67,9 +67,9 @@ def main() -> None:
     rows = transition.training_arrays(mean, logvar, arrays, index)
     recon = []
     dec = jax.jit(lambda z: vae.decode(cfg.vae, vae_params, z))
-    for lo in range(0, len(mean), 1024):
-        rows = jnp.arange(lo, min(lo + 1024, len(mean)))
-        x = data.stacks(jnp.asarray(arrays["frame"]), jnp.asarray(index.stack_rows), rows)
+    for lo in range(0, len(mean), 1024):  # (named apart from `rows`, the per-row arrays M is scored on)
+        chunk = jnp.arange(lo, min(lo + 1024, len(mean)))
+        x = data.stacks(jnp.asarray(arrays["frame"]), jnp.asarray(index.stack_rows), chunk)
         recon.append(np.asarray(jnp.mean(jnp.square(dec(jnp.asarray(mean[lo : lo + 1024])) - vae.to_float(x)), axis=(1, 2, 3))))
     result = {
         "run_dir": str(run),

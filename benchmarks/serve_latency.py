@@ -1,0 +1,191 @@
+"""/act latency of the real server: `wm-jax serve` in a subprocess on 127.0.0.1, driven by httpx.
+
+    python benchmarks/serve_latency.py RUN_DIR                       # float32 and INT8, concurrency 1, 8, 64
+    python benchmarks/serve_latency.py RUN_DIR --requests 200 --concurrency 1,8 --precisions int8
+    python benchmarks/serve_latency.py RUN_DIR --quick               # a few requests (CI, the tests)
+
+For each precision it starts the server (`--gate observe` by default: every /act dreams the
+verifier's look-ahead; a run without K serves with the gate off, and the table says so), waits for
+/health, then for each concurrency C runs C clients, each with its own session, each sending /act
+with real pixel-CartPole frame stacks (base64) back to back. A level stops after --requests
+requests or --seconds, whichever comes first; warm-up requests are not timed. It prints p50 / p95
+/ p99 latency (client side, the whole HTTP round trip), requests/s, the mean batch the server ran
+(from /metrics) and the server's resident memory (VmRSS, and its peak VmHWM), then stops the
+server. The clients run on the same machine as the server and share its cores.
+Results: benchmarks/results/serve_latency_<platform>.json (--out to change).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def frames(n: int) -> list[str]:
+    """n real observations (uint8 [64, 64, 4], base64) of pixel CartPole under a random policy."""
+    import jax
+
+    from wm_jax.env import PixelCartPole
+
+    env = PixelCartPole()
+    obs, state = env.reset(jax.random.key(7))
+    out = []
+    for t in range(n):
+        out.append(base64.b64encode(np.asarray(obs, np.uint8).tobytes()).decode())
+        obs, state, _, done, *_ = env.step(jax.random.key(t), state, t % 3 % 2)
+        if bool(done):
+            obs, state = env.reset(jax.random.key(1000 + t))
+    return out
+
+
+def memory_mb(pid: int) -> dict[str, float]:
+    out = {}
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                key, value = line.split(":")
+                out[key.lower()] = float(value.split()[0]) / 1024.0
+    except OSError:
+        pass
+    return out
+
+
+def batch_counts(text: str) -> tuple[float, float]:
+    vals = {}
+    for line in text.splitlines():
+        if line.startswith(("wm_jax_act_batches_total", "wm_jax_act_batched_requests_total")):
+            name, value = line.split()
+            vals[name] = float(value)
+    return vals.get("wm_jax_act_batches_total", 0.0), vals.get("wm_jax_act_batched_requests_total", 0.0)
+
+
+async def level(base: str, concurrency: int, requests: int, seconds: float, obs: list[str], warmup: int) -> dict:
+    import httpx
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=base, limits=limits, timeout=60.0) as client:
+        sessions = [(await client.post("/v1/sessions")).json()["id"] for _ in range(concurrency)]
+        for i in range(warmup):
+            await client.post(f"/v1/sessions/{sessions[i % concurrency]}/act", json={"observation": obs[i % len(obs)]})
+        b0, r0 = batch_counts((await client.get("/metrics")).text)
+        latencies: list[float] = []
+        errors = 0
+        counter = iter(range(requests))
+        deadline = time.perf_counter() + seconds
+
+        async def worker(k: int) -> None:
+            nonlocal errors
+            step = 0
+            for _ in counter:
+                if time.perf_counter() > deadline:
+                    return
+                t0 = time.perf_counter()
+                r = await client.post(f"/v1/sessions/{sessions[k]}/act", json={"observation": obs[(k + step) % len(obs)]})
+                latencies.append(time.perf_counter() - t0)
+                errors += r.status_code != 200
+                step += 1
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(k) for k in range(concurrency)))
+        wall = time.perf_counter() - t0
+        b1, r1 = batch_counts((await client.get("/metrics")).text)
+        for s in sessions:
+            await client.delete(f"/v1/sessions/{s}")
+    lat = np.asarray(latencies) * 1e3
+    return {"concurrency": concurrency, "requests": int(lat.size), "errors": int(errors), "seconds": wall,
+            "requests_per_s": lat.size / wall, "p50_ms": float(np.percentile(lat, 50)),
+            "p95_ms": float(np.percentile(lat, 95)), "p99_ms": float(np.percentile(lat, 99)),
+            "mean_batch": (r1 - r0) / max(b1 - b0, 1.0)}
+
+
+def serve_and_measure(run: str, precision: str, args: argparse.Namespace, obs: list[str]) -> dict:
+    import httpx
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "wm_jax.cli", "serve", run, "--port", str(port), "--gate", args.gate]
+    if precision == "int8":
+        cmd.append("--int8")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        t0 = time.perf_counter()
+        health = None
+        while time.perf_counter() - t0 < args.start_timeout:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the server exited ({proc.returncode}): {proc.stdout.read().strip()}")
+            try:
+                health = httpx.get(f"{base}/health", timeout=1.0).json()
+                break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        if health is None:
+            raise RuntimeError(f"the server did not answer /health within {args.start_timeout} s")
+        start_s = time.perf_counter() - t0
+        rows = []
+        for c in args.concurrency:
+            row = asyncio.run(level(base, c, args.requests, args.seconds, obs, args.warmup))
+            row.update(precision=precision, gate=health["gate"], **memory_mb(proc.pid))
+            rows.append(row)
+            print(f"{precision:8s} c={c:3d}  n={row['requests']:5d}  p50 {row['p50_ms']:7.2f} ms  "
+                  f"p95 {row['p95_ms']:7.2f} ms  p99 {row['p99_ms']:7.2f} ms  {row['requests_per_s']:7.1f} req/s  "
+                  f"batch {row['mean_batch']:5.2f}  rss {row.get('vmrss', float('nan')):6.0f} MB  "
+                  f"errors {row['errors']}", flush=True)
+        return {"precision": precision, "start_s": start_s, "health": health, "levels": rows}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("run", help="a `wm-jax run` directory or exported agent folder")
+    p.add_argument("--precisions", default="float32,int8")
+    p.add_argument("--concurrency", default="1,8,64")
+    p.add_argument("--requests", type=int, default=2000, help="timed requests per level, at most")
+    p.add_argument("--seconds", type=float, default=60.0, help="seconds per level, at most")
+    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--gate", choices=("off", "observe", "enforce"), default="observe")
+    p.add_argument("--start-timeout", type=float, default=300.0)
+    p.add_argument("--quick", action="store_true", help="20 requests per level at concurrency 1 and 4")
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    if args.quick:
+        args.requests, args.warmup, args.concurrency = 20, 4, "1,4"
+    args.concurrency = [int(c) for c in args.concurrency.split(",")]
+    obs = frames(64)
+    results = [serve_and_measure(args.run, prec, args, obs) for prec in args.precisions.split(",")]
+    import jax
+
+    out = {"machine": {"platform": jax.devices()[0].platform, "cpu_cores": os.cpu_count(),
+                       "machine": platform.machine(), "processor": platform.processor(), "jax": jax.__version__,
+                       "python": platform.python_version()},
+           "run": args.run, "gate": args.gate, "requests_per_level": args.requests, "results": results}
+    path = Path(args.out or Path(__file__).parent / "results" / f"serve_latency_{jax.devices()[0].platform}.json")
+    if not args.quick or args.out:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(out, indent=2) + "\n")
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
