@@ -10,9 +10,11 @@ verifier's look-ahead; a run without K serves with the gate off, and the table s
 with real pixel-CartPole frame stacks (base64) back to back. A level stops after --requests
 requests or --seconds, whichever comes first; warm-up requests are not timed. It prints p50 / p95
 / p99 latency (client side, the whole HTTP round trip), requests/s, the mean batch the server ran
-(from /metrics) and the server's resident memory (VmRSS, and its peak VmHWM), then stops the
+(from /metrics), the CPU time the server and the clients spent per request, and the server's
+resident memory (VmRSS, and its peak VmHWM), then stops the
 server. The clients run on the same machine as the server and share its cores.
-Results: benchmarks/results/serve_latency_<platform>.json (--out to change).
+Results: benchmarks/results/serve_latency_<platform>.json (--json to write elsewhere; --quick
+writes only where --json says).
 """
 
 from __future__ import annotations
@@ -67,6 +69,15 @@ def memory_mb(pid: int) -> dict[str, float]:
     return out
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process `pid` (all its threads) so far."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return float("nan")
+
+
 def batch_counts(text: str) -> tuple[float, float]:
     vals = {}
     for line in text.splitlines():
@@ -76,7 +87,8 @@ def batch_counts(text: str) -> tuple[float, float]:
     return vals.get("wm_jax_act_batches_total", 0.0), vals.get("wm_jax_act_batched_requests_total", 0.0)
 
 
-async def level(base: str, concurrency: int, requests: int, seconds: float, obs: list[str], warmup: int) -> dict:
+async def level(base: str, concurrency: int, requests: int, seconds: float, obs: list[str], warmup: int,
+                pid: int) -> dict:
     import httpx
 
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
@@ -102,9 +114,10 @@ async def level(base: str, concurrency: int, requests: int, seconds: float, obs:
                 errors += r.status_code != 200
                 step += 1
 
-        t0 = time.perf_counter()
+        t0, server0, client0 = time.perf_counter(), cpu_seconds(pid), time.process_time()
         await asyncio.gather(*(worker(k) for k in range(concurrency)))
         wall = time.perf_counter() - t0
+        server_cpu, client_cpu = cpu_seconds(pid) - server0, time.process_time() - client0
         b1, r1 = batch_counts((await client.get("/metrics")).text)
         for s in sessions:
             await client.delete(f"/v1/sessions/{s}")
@@ -112,7 +125,9 @@ async def level(base: str, concurrency: int, requests: int, seconds: float, obs:
     return {"concurrency": concurrency, "requests": int(lat.size), "errors": int(errors), "seconds": wall,
             "requests_per_s": lat.size / wall, "p50_ms": float(np.percentile(lat, 50)),
             "p95_ms": float(np.percentile(lat, 95)), "p99_ms": float(np.percentile(lat, 99)),
-            "mean_batch": (r1 - r0) / max(b1 - b0, 1.0)}
+            "mean_batch": (r1 - r0) / max(b1 - b0, 1.0),
+            "server_cpu_ms_per_request": 1e3 * server_cpu / max(lat.size, 1),
+            "client_cpu_ms_per_request": 1e3 * client_cpu / max(lat.size, 1)}
 
 
 def serve_and_measure(run: str, precision: str, args: argparse.Namespace, obs: list[str]) -> dict:
@@ -140,13 +155,15 @@ def serve_and_measure(run: str, precision: str, args: argparse.Namespace, obs: l
         start_s = time.perf_counter() - t0
         rows = []
         for c in args.concurrency:
-            row = asyncio.run(level(base, c, args.requests, args.seconds, obs, args.warmup))
+            row = asyncio.run(level(base, c, args.requests, args.seconds, obs, args.warmup, proc.pid))
             row.update(precision=precision, gate=health["gate"], **memory_mb(proc.pid))
             rows.append(row)
             print(f"{precision:8s} c={c:3d}  n={row['requests']:5d}  p50 {row['p50_ms']:7.2f} ms  "
                   f"p95 {row['p95_ms']:7.2f} ms  p99 {row['p99_ms']:7.2f} ms  {row['requests_per_s']:7.1f} req/s  "
-                  f"batch {row['mean_batch']:5.2f}  rss {row.get('vmrss', float('nan')):6.0f} MB  "
+                  f"batch {row['mean_batch']:5.2f}  cpu/req server {row['server_cpu_ms_per_request']:.2f} ms, "
+                  f"client {row['client_cpu_ms_per_request']:.2f} ms  rss {row.get('vmrss', float('nan')):6.0f} MB  "
                   f"errors {row['errors']}", flush=True)
+        health.pop("source", None)  # a local path
         return {"precision": precision, "start_s": start_s, "health": health, "levels": rows}
     finally:
         proc.terminate()
@@ -167,7 +184,7 @@ def main() -> None:
     p.add_argument("--gate", choices=("off", "observe", "enforce"), default="observe")
     p.add_argument("--start-timeout", type=float, default=300.0)
     p.add_argument("--quick", action="store_true", help="20 requests per level at concurrency 1 and 4")
-    p.add_argument("--out", default=None)
+    p.add_argument("--json", default=None, help="where to write the results")
     args = p.parse_args()
     if args.quick:
         args.requests, args.warmup, args.concurrency = 20, 4, "1,4"
@@ -179,9 +196,9 @@ def main() -> None:
     out = {"machine": {"platform": jax.devices()[0].platform, "cpu_cores": os.cpu_count(),
                        "machine": platform.machine(), "processor": platform.processor(), "jax": jax.__version__,
                        "python": platform.python_version()},
-           "run": args.run, "gate": args.gate, "requests_per_level": args.requests, "results": results}
-    path = Path(args.out or Path(__file__).parent / "results" / f"serve_latency_{jax.devices()[0].platform}.json")
-    if not args.quick or args.out:
+           "run": f"{results[0]['health']['preset']} preset, seed {results[0]['health']['seed']}", "gate": args.gate, "requests_per_level": args.requests, "results": results}
+    path = Path(args.json or Path(__file__).parent / "results" / f"serve_latency_{jax.devices()[0].platform}.json")
+    if not args.quick or args.json:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(out, indent=2) + "\n")
         print(f"wrote {path}")

@@ -9,6 +9,8 @@ import dataclasses
 import io
 import json
 import shutil
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -26,6 +28,7 @@ from wm_jax import cli, quant, rollout, run_dir, serve, transition, vae  # noqa:
 from wm_jax.agent import Agent  # noqa: E402
 from wm_jax.env import PixelCartPole  # noqa: E402
 
+ROOT = Path(__file__).resolve().parents[1]
 BUCKETS = (1, 8)  # fewer programs to compile than the server's default
 
 
@@ -341,3 +344,18 @@ def test_serve_refuses_a_missing_or_damaged_run_in_one_line(tmp_path, smoke_run,
         cli.main(["serve", str(smoke_run[0]), "--lookahead", "0"])
     assert e.value.code == 2 and "--lookahead" in capsys.readouterr().err
     assert cli.main(["train-verifier", str(tmp_path / "nope")]) == 2
+
+
+def test_latency_benchmark_runs_the_real_server(run_with_k, tmp_path):
+    """benchmarks/serve_latency.py --quick: uvicorn in a subprocess, httpx clients, a JSON report
+    (figures printed, not asserted)."""
+    out = tmp_path / "latency.json"
+    proc = subprocess.run([sys.executable, "benchmarks/serve_latency.py", str(run_with_k), "--quick",
+                           "--precisions", "float32", "--json", str(out)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    levels = report["results"][0]["levels"]
+    assert [r["concurrency"] for r in levels] == [1, 4] and all(r["errors"] == 0 for r in levels)
+    assert all(r["requests"] == 20 and r["p99_ms"] >= r["p50_ms"] > 0 for r in levels)
+    assert report["results"][0]["health"]["gate"] == "observe" and "p99" in proc.stdout
