@@ -28,6 +28,7 @@ import platform
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -137,14 +138,16 @@ def serve_and_measure(run: str, precision: str, args: argparse.Namespace, obs: l
     cmd = [sys.executable, "-m", "wm_jax.cli", "serve", run, "--port", str(port), "--gate", args.gate]
     if precision == "int8":
         cmd.append("--int8")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = tempfile.TemporaryFile("w+")  # the server's output: a file, so a full pipe can never block it
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
         t0 = time.perf_counter()
         health = None
         while time.perf_counter() - t0 < args.start_timeout:
             if proc.poll() is not None:
-                raise RuntimeError(f"the server exited ({proc.returncode}): {proc.stdout.read().strip()}")
+                log.seek(0)
+                raise RuntimeError(f"the server exited ({proc.returncode}): {log.read().strip()[-2000:]}")
             try:
                 health = httpx.get(f"{base}/health", timeout=1.0).json()
                 break
@@ -171,6 +174,7 @@ def serve_and_measure(run: str, precision: str, args: argparse.Namespace, obs: l
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
+        log.close()
 
 
 def main() -> None:

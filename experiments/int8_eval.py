@@ -98,7 +98,7 @@ def main() -> None:
     rows8 = transition.training_arrays(mean8, zeros, arrays, index)
     result = {
         "run": f"{cfg.preset} preset, seed {cfg.seed} (`wm-jax run --preset {cfg.preset} --seed {cfg.seed}`)",
-        "held_out_episodes": args.held_out, "held_out_rows": int(len(mean)),
+        "held_out_episodes": args.held_out, "held_out_rows": len(mean),
         "held_out_seed": args.seed, "device": pipeline.device_name(),
         "size_bytes": size,
         "encoder": {"mean_abs_err": float(err.mean()), "max_abs_err": float(err.max()),

@@ -532,6 +532,55 @@ def test_z_penalty_adds_the_weighted_term(cfg, params):
         dataclasses.replace(cfg, z_penalty=-1.0)
 
 
+def test_contrastive_weight_zero_adds_no_gradient(cfg, params):
+    batch = _batch(jax.random.key(27))
+    grad = jax.grad(lambda p, c: transition.loss(c, p, batch)[0])
+    plain = grad(params, cfg)
+    off = grad(params, dataclasses.replace(cfg, contrastive=0.0, contrastive_temperature=0.5))
+    on = grad(params, dataclasses.replace(cfg, contrastive=1.0))
+    for x, y in zip(jax.tree.leaves(plain), jax.tree.leaves(off)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert any(not np.allclose(x, y) for x, y in zip(jax.tree.leaves(plain), jax.tree.leaves(on)))
+    total, m = transition.loss(dataclasses.replace(cfg, contrastive=0.5), params, batch)
+    np.testing.assert_allclose(total, transition.loss(cfg, params, batch)[0] + 0.5 * m["loss/contrastive"], rtol=1e-5)
+    with pytest.raises(ConfigError, match="contrastive"):
+        dataclasses.replace(cfg, contrastive=-1.0)
+
+
+def test_contrastive_loss_matches_numpy_and_training_on_it_lowers_it(cfg, params):
+    batch = _batch(jax.random.key(28))
+    ccfg = dataclasses.replace(cfg, contrastive=1.0, contrastive_temperature=0.2)
+
+    def term(p):
+        carries, pred = transition.observe_carries(ccfg, p, batch["z"], batch["action"], batch["reset"])
+        return transition.contrastive_loss(ccfg, p, carries, batch["z"], batch["action"], pred, batch["z_next"],
+                                           batch["next_valid"])
+
+    # against a direct numpy computation of the same InfoNCE
+    carries, pred = transition.observe_carries(ccfg, params, batch["z"], batch["action"], batch["reset"])
+    _, other = transition.step(ccfg, params, carries, batch["z"], 1 - batch["action"])
+    q = np.asarray(transition.mixture_moments(pred)[0]).reshape(-1, LATENT)
+    ko = np.asarray(transition.mixture_moments(other)[0]).reshape(-1, LATENT)
+    k = np.asarray(batch["z_next"]).reshape(-1, LATENT)
+    m = np.asarray(batch["next_valid"]).reshape(-1)
+    score = lambda x, y: -np.mean(np.square(x - y), -1) / 0.2  # noqa: E731
+    losses = []
+    for i in np.flatnonzero(m):
+        cand = np.concatenate([score(q[i], k[m]), [score(q[i], ko[i])]])
+        losses.append(np.log(np.sum(np.exp(cand))) - score(q[i], k[i]))
+    np.testing.assert_allclose(float(term(params)), np.mean(losses), rtol=1e-4)
+    # a toy problem: Adam on the term alone lowers it
+    import optax
+
+    opt = optax.adam(3e-3)
+    state, p, first = opt.init(params), params, float(term(params))
+    step = jax.jit(lambda p, s: (lambda g: (lambda u, s2: (optax.apply_updates(p, u), s2))(*opt.update(g, s)))(
+        jax.grad(term)(p)))
+    for _ in range(60):
+        p, state = step(p, state)
+    assert float(term(p)) < 0.8 * first
+
+
 @pytest.mark.parametrize("head", ["mdn", "gaussian"])
 def test_observe_is_stepping_the_cell(cfg, head):
     """observe's teacher forcing (inputs' matmul before the loop, heads after it) equals stepping

@@ -249,11 +249,17 @@ class TransitionConfig(_Section):
     # predicted z' (the mixture mean, per dimension).
     input_dropout: float = 0.0
     z_penalty: float = 0.0
+    # A contrastive latent loss (InfoNCE, off at weight 0; docs/RESULTS.md section 11): M's predicted
+    # z' (the mixture mean) scored against the true z' (positive), the z' M predicts under the
+    # other action from the same state, and the true z' of every other step in the batch
+    # (negatives); score = -mean squared distance / temperature.
+    contrastive: float = 0.0
+    contrastive_temperature: float = 0.1
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=20_000, batch=100, lr=1e-3))
 
     def __post_init__(self) -> None:
-        _positive(self, "hidden", "mixtures", "seq_len", "done_pos_weight")
-        _non_negative(self, "reward_weight", "done_weight", "z_penalty")
+        _positive(self, "hidden", "mixtures", "seq_len", "done_pos_weight", "contrastive_temperature")
+        _non_negative(self, "reward_weight", "done_weight", "z_penalty", "contrastive")
         _one_of(self, "head", ("mdn", "gaussian"))
         _one_of(self, "compute_dtype", COMPUTE_DTYPES)
         if not 0.0 <= self.input_dropout < 1.0:

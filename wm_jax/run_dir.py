@@ -18,6 +18,7 @@ so damage or a change on disk is an error naming the file, never a silent use of
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import json
@@ -25,7 +26,6 @@ import os
 import warnings
 import zipfile
 from collections.abc import Iterator
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -231,17 +231,28 @@ def load_verifier(run: Path | str) -> Any:
         added = run / ADDED_VERIFIER
         if not (added / "done.json").exists():
             return None
-        record = read_json(added / "done.json", f"rerun `wm-jax train-verifier {run}`")
+        remedy = f"rerun `wm-jax train-verifier {run}`"
+        record = read_json(added / "done.json", remedy)
+        if not isinstance(record, dict) or not isinstance(record.get("identity"), dict):
+            raise RunDirError(f"{added / 'done.json'} is damaged (no checkpoint identity); {remedy}")
+        if record.get("m_identity") != _final_m_identity(run, meta):
+            raise RunDirError(f"{added} was trained against another M than this run's final agent has now; {remedy}")
         try:
-            return verifier.load(_k_steps(cfg, record.get("steps")), added, record.get("identity"))
-        except checkpoint.Damaged as e:
-            raise RunDirError(f"{added} is damaged ({e}); delete it and rerun `wm-jax train-verifier {run}`") from None
+            return verifier.load(_k_steps(cfg, record.get("steps")), added, record["identity"])
+        except (checkpoint.Damaged, checkpoint.CheckpointError) as e:
+            raise RunDirError(f"{added} is damaged ({e}); {remedy}") from None
     r = meta.get("round") or 1
     name = "verifier" if r == 1 else f"verifier_round{r}"
     try:
         return verifier.load(cfg.for_round(r), run / name, stage_output(read_stages(run), name, name))
     except checkpoint.Damaged as e:
         raise damaged(run, name, name, e) from None
+
+
+def _final_m_identity(run: Path, meta: dict[str, Any]) -> Any:
+    """What stages.json records for the final agent's M (its step and parameter hash)."""
+    m_dir = str(meta.get("transition_dir"))
+    return stage_output(read_stages(run), m_dir, m_dir)
 
 
 def _k_steps(cfg: Config, steps: int | None) -> Config:
@@ -258,17 +269,19 @@ def train_verifier(run: Path | str, steps: int | None = None, progress: bool = T
     from wm_jax import pipeline, verifier
 
     run = Path(run)
-    r = load(run)
-    if r.cfg.verifier.mode != "off":
-        raise RunDirError(f"{run} trained its own verifier (verifier.mode={r.cfg.verifier.mode!r}); nothing to add")
-    cfg = _k_steps(r.cfg, steps)
-    out = run / ADDED_VERIFIER
     with locked(run):
+        r = load(run)
+        if r.cfg.verifier.mode != "off":
+            raise RunDirError(f"{run} trained its own verifier (verifier.mode={r.cfg.verifier.mode!r}); nothing to add")
+        cfg = _k_steps(r.cfg, steps)
+        out = run / ADDED_VERIFIER
+        # K is usable only once this run finishes: an interrupted one leaves no done.json (rerun to resume)
         (out / "done.json").unlink(missing_ok=True)
         key = jax.random.fold_in(pipeline.run_keys(cfg.seed)["verifier"], 0)  # rounds use 1, 2, ...
         _, info = verifier.train(cfg, key, r.arrays, out, progress, m_params=r.params["transition"])
+        meta = read_json(run / "agent.json", "rerun the `wm-jax run` that made this directory (same --out)")
         record = {"steps": cfg.verifier.train.steps, "final": finite_or_none(info["final"]),
-                  "identity": info["identity"]}
+                  "identity": info["identity"], "m_identity": _final_m_identity(run, meta)}
         write_json(out / "done.json", record)
     return record
 

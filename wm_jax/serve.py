@@ -33,6 +33,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -45,7 +46,7 @@ import numpy as np
 from fastapi import FastAPI, HTTPException, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, StrictInt, field_validator
 
 from wm_jax import controller, transition, vae, verifier
 from wm_jax.env import NUM_ACTIONS
@@ -53,6 +54,7 @@ from wm_jax.env import NUM_ACTIONS
 OBS_SHAPE = (64, 64, 4)
 OBS_BYTES = int(np.prod(OBS_SHAPE))
 GATES = ("off", "observe", "enforce")
+DECODE_CHUNK = 10  # /v1/dream decodes its frames this many at a time (one compiled shape)
 PRECISIONS = ("float32", "int8")
 
 
@@ -74,6 +76,8 @@ class Settings:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.gate not in GATES:
             raise ValueError(f"gate must be one of {GATES}, got {self.gate!r}")
+        if not np.isfinite(self.threshold):
+            raise ValueError(f"threshold must be a finite number, got {self.threshold}")
         if self.safe_action is not None and not 0 <= self.safe_action < NUM_ACTIONS:
             raise ValueError(f"safe_action must be in [0, {NUM_ACTIONS}), got {self.safe_action}")
         for name in ("lookahead", "max_sessions", "max_body_bytes", "max_dream_horizon"):
@@ -146,8 +150,8 @@ class Model:
             x[i] = obs[i]
         out = jax.device_get(self._act(self.params, (c, h), x))
         rows = []
-        for i in range(n):
-            row = {k: (v[0][i], v[1][i]) if isinstance(v, tuple) else v[i] for k, v in out.items()}
+        for i in range(n):  # copies: a row must not keep the whole padded batch alive
+            row = {k: (v[0][i].copy(), v[1][i].copy()) if isinstance(v, tuple) else v[i].copy() for k, v in out.items()}
             rows.append(row)
         return rows
 
@@ -165,8 +169,11 @@ class Model:
             given[:len(actions)] = actions
         out = jax.device_get(self._dream(self.params, carry, obs, given, actions is None))
         res = {k: np.asarray(v[:horizon]) for k, v in out.items()}
-        if frames:
-            pixels = np.asarray(self._decode(self.params["vae"], out["z_next"]))[:horizon]
+        if frames:  # the horizon's frames only, decoded in chunks of one compiled size
+            z = np.zeros((-(-horizon // DECODE_CHUNK) * DECODE_CHUNK, self.latent), np.float32)
+            z[:horizon] = res["z_next"]
+            pixels = np.concatenate([np.asarray(self._decode(self.params["vae"], z[i:i + DECODE_CHUNK]))
+                                     for i in range(0, len(z), DECODE_CHUNK)])[:horizon]
             res["frames"] = [_png(p) for p in pixels]
         return res
 
@@ -174,8 +181,9 @@ class Model:
 def _lookahead(cfg: Any, params: dict[str, Any], carry: Any, z: jax.Array, a: jax.Array, length: int
                ) -> tuple[jax.Array, jax.Array]:
     """K's mean confidence over the transition (carry, z, a) and `length` imagined steps after it
-    under the policy, and the dreamed return (reward head, Ha's done rule); deterministic (every
-    step takes M's most likely latent). One example; vmapped by the caller."""
+    under the policy, up to where M's done head ends the dream, and the dreamed return (reward
+    head, Ha's done rule); deterministic (every step takes M's most likely latent). One example;
+    vmapped by the caller."""
     cell, ctrl, k_params = params["transition"], params["controller"], params["verifier"]
     latent = z.shape[-1]
     zero_noise = (jnp.zeros((latent, transition.components(cfg.transition))) if
@@ -186,13 +194,15 @@ def _lookahead(cfg: Any, params: dict[str, Any], carry: Any, z: jax.Array, a: ja
         h = transition.hidden(carry)
         new_carry, z_next, pred = transition.dream_step(cell, carry, z, a, zero_noise, 1.0)
         conf = verifier.confidence(cfg.verifier, k_params, h, z, a, z_next)
-        reward = pred.reward * alive
-        alive = alive * (jax.nn.sigmoid(pred.done_logit) <= 0.5)
+        live = alive
+        alive = alive * (jax.nn.sigmoid(pred.done_logit) <= 0.5)  # Ha's rule: the step itself still counts
         a_next = controller.act(cfg.controller, ctrl, z_next, transition.hidden(new_carry))
-        return (new_carry, z_next, a_next, alive), (conf, reward)
+        return (new_carry, z_next, a_next, alive), (conf, pred.reward, live)
 
-    _, (conf, reward) = jax.lax.scan(body, (carry, z, a, jnp.ones(())), None, length=length + 1)
-    return jnp.mean(conf), jnp.sum(reward)
+    _, (conf, reward, live) = jax.lax.scan(body, (carry, z, a, jnp.ones(())), None, length=length + 1)
+    # the mean over the steps the dream lived (the first always does): after M's done head fires,
+    # the imagined transitions cannot happen and are not scored
+    return jnp.sum(conf * live) / jnp.sum(live), jnp.sum(reward * live)
 
 
 def _act_batch(cfg: Any, lookahead: int, safe_action: int | None, gate: bool, params: dict[str, Any],
@@ -269,7 +279,10 @@ def parse_observation(value: Any) -> np.ndarray:
         flat = arr.reshape(-1)
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in flat):
             raise ValueError("values must be numbers")
-        num = np.asarray(flat.tolist(), np.float64)
+        try:
+            num = np.asarray(flat.tolist(), np.float64)
+        except (OverflowError, ValueError, TypeError):  # an integer beyond float64, for one
+            raise ValueError("values must be in [0, 255]") from None
         if not np.isfinite(num).all():
             raise ValueError("values must be finite (NaN or infinity found)")
         if (num != np.round(num)).any():
@@ -292,7 +305,7 @@ class Observation(BaseModel):
 
 class DreamRequest(Observation):
     horizon: int = Field(10, ge=1, description="imagined steps (at most the server's max_dream_horizon)")
-    actions: list[int] | None = Field(None, description="one action (0 or 1) per step; omitted: the agent acts")
+    actions: list[StrictInt] | None = Field(None, description="one action (0 or 1) per step; omitted: the agent acts")
     frames: bool = Field(False, description="also return each imagined step's decoded newest frame as PNG (base64)")
     session: str | None = Field(None, description="dream from this session's carry (it is not changed)")
 
@@ -314,31 +327,62 @@ class _Pending:
     future: asyncio.Future
 
 
+class Unavailable(RuntimeError):
+    """The batcher is stopped (shutting down) or its loop has died: the request cannot be served."""
+
+
 class Batcher:
-    """Runs queued /act requests as one `Model.act` call in a worker thread: every request that
-    queued while the previous call ran (up to the largest bucket), and with `window` > 0 also those
-    that arrive within `window` seconds of the first. A lone request never waits."""
+    """Runs queued /act requests as one `Model.act` call on its own worker thread: every request
+    that queued while the previous call ran (up to the largest bucket), and with `window` > 0 also
+    those that arrive within `window` seconds of the first. A lone request never waits. When it
+    stops, or its loop dies, every waiting request fails with Unavailable (never hangs)."""
 
     def __init__(self, model: Model, window: float) -> None:
         self.model = model
         self.window = window
         self.max = model.settings.buckets[-1]
         self.queue: asyncio.Queue[_Pending] = asyncio.Queue()
-        self.batch_sizes: list[int] = []
+        self.batches = 0  # calls made
+        self.batched = 0  # requests they carried
+        self.error: BaseException | None = None  # why the loop ended, once it has
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="wm_jax-act")
         self._task: asyncio.Task | None = None
+        self._stopped = False
+
+    @property
+    def alive(self) -> bool:
+        return self._task is not None and not self._task.done() and not self._stopped
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
+        self._task.add_done_callback(self._ended)
+
+    def _ended(self, task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            self.error = task.exception()
+        self._fail_queued()
+
+    def _fail_queued(self) -> None:
+        while not self.queue.empty():
+            p = self.queue.get_nowait()
+            if not p.future.done():
+                p.future.set_exception(Unavailable("the server is shutting down" if self._stopped
+                                                   else f"the batcher stopped: {self.error!r}"))
 
     async def stop(self) -> None:
+        self._stopped = True
         if self._task is not None:
             self._task.cancel()
             try:
                 await self._task
             except asyncio.CancelledError:
                 pass
+        self._fail_queued()
+        self._pool.shutdown(wait=False)
 
     async def submit(self, carry: tuple[np.ndarray, np.ndarray], obs: np.ndarray) -> dict[str, Any]:
+        if not self.alive:
+            raise Unavailable("the server is shutting down" if self._stopped else f"the batcher stopped: {self.error!r}")
         future = asyncio.get_running_loop().create_future()
         await self.queue.put(_Pending(carry, obs, future))
         return await future
@@ -347,30 +391,38 @@ class Batcher:
         loop = asyncio.get_running_loop()
         while True:
             batch = [await self.queue.get()]
-            deadline = loop.time() + self.window
-            while len(batch) < self.max:
-                if not self.queue.empty():
-                    batch.append(self.queue.get_nowait())
-                    continue
-                left = deadline - loop.time()
-                if left <= 0:
-                    break
-                try:
-                    batch.append(await asyncio.wait_for(self.queue.get(), left))
-                except asyncio.TimeoutError:
-                    break
-            self.batch_sizes.append(len(batch))
             try:
-                rows = await loop.run_in_executor(None, self.model.act, [p.carry for p in batch],
-                                                  [p.obs for p in batch])
-            except Exception as e:  # noqa: BLE001: every waiting request gets the error, the loop lives on
+                deadline = loop.time() + self.window
+                while len(batch) < self.max:
+                    if not self.queue.empty():
+                        batch.append(self.queue.get_nowait())
+                        continue
+                    left = deadline - loop.time()
+                    if left <= 0:
+                        break
+                    try:
+                        batch.append(await asyncio.wait_for(self.queue.get(), left))
+                    except TimeoutError:
+                        break
+                self.batches += 1
+                self.batched += len(batch)
+                try:
+                    rows = await loop.run_in_executor(self._pool, self.model.act, [p.carry for p in batch],
+                                                      [p.obs for p in batch])
+                # any error of the model call goes to the batch's requests; the loop lives on
+                except Exception as e:  # noqa: BLE001
+                    for p in batch:
+                        if not p.future.done():
+                            p.future.set_exception(e)
+                    continue
+                for p, row in zip(batch, rows):
+                    if not p.future.done():
+                        p.future.set_result(row)
+            except BaseException:  # cancelled (stop) or dying: the batch in hand must not hang
                 for p in batch:
                     if not p.future.done():
-                        p.future.set_exception(e)
-                continue
-            for p, row in zip(batch, rows):
-                if not p.future.done():
-                    p.future.set_result(row)
+                        p.future.set_exception(Unavailable("the server is shutting down"))
+                raise
 
 
 # ---------------------------------------------------------------------------------------------- sessions
@@ -408,6 +460,10 @@ class Sessions:
             self._items.move_to_end(sid)
         return s
 
+    def holds(self, sid: str, session: Session) -> bool:
+        """Whether `session` is still stored under `sid` (not deleted or evicted); the LRU order stays."""
+        return self._items.get(sid) is session
+
     def delete(self, sid: str) -> bool:
         return self._items.pop(sid, None) is not None
 
@@ -415,6 +471,7 @@ class Sessions:
 # ---------------------------------------------------------------------------------------------- metrics
 
 
+HTTP_METHODS = ("GET", "POST", "DELETE", "PUT", "PATCH", "HEAD", "OPTIONS")
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
@@ -429,6 +486,7 @@ class Metrics:
         self.gate: dict[str, int] = {}
 
     def observe(self, method: str, path: str, status: int, seconds: float) -> None:
+        method = method if method in HTTP_METHODS else "other"  # a client cannot add label values
         with self._lock:
             self.requests[(method, path, status)] = self.requests.get((method, path, status), 0) + 1
             counts = self.latency.setdefault((method, path), [0] * (len(LATENCY_BUCKETS) + 1))
@@ -442,7 +500,7 @@ class Metrics:
         with self._lock:
             self.gate[outcome] = self.gate.get(outcome, 0) + 1
 
-    def render(self, sessions: int, evicted: int, batch_sizes: list[int]) -> str:
+    def render(self, sessions: int, evicted: int, batches: int, batched: int) -> str:
         lines = ["# HELP wm_jax_requests_total HTTP requests by method, route and status.",
                  "# TYPE wm_jax_requests_total counter"]
         with self._lock:
@@ -464,10 +522,10 @@ class Metrics:
                   "# HELP wm_jax_sessions_evicted_total Sessions evicted (least recently used).",
                   "# TYPE wm_jax_sessions_evicted_total counter", f"wm_jax_sessions_evicted_total {evicted}",
                   "# HELP wm_jax_act_batches_total Batched /act calls.", "# TYPE wm_jax_act_batches_total counter",
-                  f"wm_jax_act_batches_total {len(batch_sizes)}",
+                  f"wm_jax_act_batches_total {batches}",
                   "# HELP wm_jax_act_batched_requests_total Requests those calls carried.",
                   "# TYPE wm_jax_act_batched_requests_total counter",
-                  f"wm_jax_act_batched_requests_total {sum(batch_sizes)}"]
+                  f"wm_jax_act_batched_requests_total {batched}"]
         return "\n".join(lines) + "\n"
 
 
@@ -564,11 +622,13 @@ def create_app(model: Model | Path | str, settings: Settings | None = None) -> A
         state["sessions"] = Sessions(settings.max_sessions)
         state["batcher"] = Batcher(m, settings.batch_window_ms / 1000.0)
         state["batcher"].start()
+        state["dreams"] = ThreadPoolExecutor(1, thread_name_prefix="wm_jax-dream")  # /v1/dream, one at a time
         state["started"] = time.time()
         try:
             yield
         finally:
             await state["batcher"].stop()
+            state["dreams"].shutdown(wait=False)
 
     app = FastAPI(title="wm_jax", version=versions().get("wm_jax", ""), lifespan=lifespan)
     app.state.serve = state  # the model, sessions and batcher, for tests and embedding code
@@ -597,12 +657,21 @@ def create_app(model: Model | Path | str, settings: Settings | None = None) -> A
             raise HTTPException(404, f"unknown session {sid!r}")
         return Response(status_code=204)
 
+    gone = "session {!r} was deleted or evicted while this step waited; nothing was answered"
+
     @app.post("/v1/sessions/{sid}/act")
     async def act(sid: str, body: Observation) -> dict[str, Any]:
         s = _session(sid)
         m: Model = state["model"]
         async with s.lock:
-            row = await state["batcher"].submit(s.carry, body.observation)
+            if not state["sessions"].holds(sid, s):  # deleted while this request waited for the lock
+                raise HTTPException(404, gone.format(sid))
+            try:
+                row = await state["batcher"].submit(s.carry, body.observation)
+            except Unavailable as e:
+                raise HTTPException(503, str(e)) from None
+            if not state["sessions"].holds(sid, s):  # deleted or evicted during the step
+                raise HTTPException(404, gone.format(sid))
             policy_action = int(row["action"])
             out: dict[str, Any] = {"action": policy_action, "policy_action": policy_action, "gate": m.gate,
                                    "step": s.steps}
@@ -633,7 +702,8 @@ def create_app(model: Model | Path | str, settings: Settings | None = None) -> A
                                        "msg": f"actions must hold horizon={body.horizon} entries, "
                                               f"got {len(body.actions)}"}])
         carry = m.initial_carry() if body.session is None else _session(body.session).carry
-        res = await asyncio.to_thread(m.dream, carry, body.observation, body.horizon, body.actions, body.frames)
+        res = await asyncio.get_running_loop().run_in_executor(
+            state["dreams"], m.dream, carry, body.observation, body.horizon, body.actions, body.frames)
         out = {"horizon": body.horizon, "latents": res["z_next"].tolist(), "actions": res["action"].tolist(),
                "rewards": res["reward"].tolist(), "done_prob": res["p_done"].tolist(),
                "confidence": res["confidence"].tolist() if "confidence" in res else None}
@@ -644,7 +714,7 @@ def create_app(model: Model | Path | str, settings: Settings | None = None) -> A
     @app.get("/health")
     async def health() -> dict[str, Any]:
         m: Model = state["model"]
-        out = {"status": "ok", "model_loaded": True, "source": m.source, "precision": settings.precision,
+        out = {"status": "ok" if state["batcher"].alive else "unavailable", "model_loaded": True, "source": m.source, "precision": settings.precision,
                "gate": m.gate, "verifier": m.has_verifier, "lookahead": settings.lookahead,
                "threshold": settings.threshold, "safe_action": settings.safe_action,
                "sessions": len(state["sessions"]), "max_sessions": settings.max_sessions,
@@ -655,6 +725,7 @@ def create_app(model: Model | Path | str, settings: Settings | None = None) -> A
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus() -> str:
-        return metrics.render(len(state["sessions"]), state["sessions"].evicted, state["batcher"].batch_sizes)
+        b = state["batcher"]
+        return metrics.render(len(state["sessions"]), state["sessions"].evicted, b.batches, b.batched)
 
     return Outer(app, settings.max_body_bytes, metrics)

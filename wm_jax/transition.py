@@ -113,7 +113,7 @@ class Cell(NamedTuple):
 
 def pack(cfg: TransitionConfig, params: Params) -> Cell:
     """`params` (flax's layout, float32) as a Cell in cfg.compute_dtype; differentiable. A Cell
-    (an INT8 one from `quantize`) is returned as it is."""
+    (an INT8 one from `quantize`, or one packed before) is returned as it is, in its own precision."""
     if isinstance(params, Cell):
         return params
     p = params["params"]
@@ -142,6 +142,8 @@ def quantize(cfg: TransitionConfig, params: Params) -> Cell:
     """M for INT8 serving: the packed Cell with int8 w and head_w (one scale per output column,
     from the float32 weights); `cell_step`, `imagine`, `observe` and the agent step take it in
     place of `params`. Activations are quantized per row at every step (wm_jax.quant.matmul)."""
+    if isinstance(params, Cell):
+        raise TypeError("transition.quantize needs M's float32 parameters (flax's layout), got a packed Cell")
     cell = pack(dataclasses.replace(cfg, compute_dtype="float32"), params)
     w, head_w = quant.per_channel(cell.w), quant.per_channel(cell.head_w)
     return cell._replace(w=w.q, head_w=head_w.q, w_scale=w.scale[0], head_scale=head_w.scale[0])
@@ -349,7 +351,8 @@ def loss(
     Latent NLL counts only where the next frame exists in the same episode (next_valid); reward and
     done count on every valid row. Each term is a masked mean; the total is their weighted sum.
     With cfg.input_dropout > 0 (needs `key`) input dimensions of z are dropped (inverted dropout);
-    with cfg.z_penalty > 0 the mean squared predicted z' is added with that weight.
+    with cfg.z_penalty > 0 the mean squared predicted z' is added with that weight; with
+    cfg.contrastive > 0 the `contrastive_loss` term with that weight.
     """
     z = batch["z"]
     if cfg.input_dropout > 0.0:
@@ -357,7 +360,7 @@ def loss(
             raise ValueError("TransitionConfig.input_dropout > 0 needs a key for the dropout mask")
         keep = jax.random.bernoulli(key, 1.0 - cfg.input_dropout, z.shape)
         z = jnp.where(keep, z / (1.0 - cfg.input_dropout), 0.0)
-    pred = observe(cfg, params, z, batch["action"], batch["reset"])
+    carries, pred = observe_carries(cfg, params, z, batch["action"], batch["reset"])
     valid = batch["valid"].astype(jnp.float32)
     next_valid = batch["next_valid"].astype(jnp.float32)
     nll = latent_nll(pred, batch["z_next"])
@@ -376,10 +379,43 @@ def loss(
     if cfg.z_penalty > 0.0:
         terms["z_penalty"] = stats.masked_mean(jnp.mean(jnp.square(mixture_moments(pred)[0]), axis=-1), next_valid)
         weights["z_penalty"] = cfg.z_penalty
+    if cfg.contrastive > 0.0:
+        terms["contrastive"] = contrastive_loss(cfg, params, carries, z, batch["action"], pred, batch["z_next"],
+                                                next_valid)
+        weights["contrastive"] = cfg.contrastive
     assert terms.keys() == weights.keys()
     total = sum(weights[k] * terms[k] for k in terms)
     metrics = {"loss": total, **{f"loss/{k}": v for k, v in terms.items()}}
     return total, metrics
+
+
+def contrastive_loss(
+    cfg: TransitionConfig, params: Params, carries: tuple[jax.Array, jax.Array], z: jax.Array, a: jax.Array,
+    pred: Prediction, z_next: jax.Array, mask: jax.Array,
+) -> jax.Array:
+    """InfoNCE on M's predicted next latent, over [B, L] teacher-forced steps (`observe_carries`).
+
+    The query is M's prediction for z_{t+1} (the mixture mean); the candidates are the true z_{t+1}
+    (the positive), the mean M predicts from the same carry and z_t under the other action (a
+    perturbed-action negative, held fixed: no gradient flows into it), and the true z' of every
+    other step of the batch where `mask` holds (in-batch negatives). score = -mean squared
+    distance / cfg.contrastive_temperature; the loss is the masked mean of -log softmax(score)[positive].
+    """
+    n_actions = NUM_ACTIONS
+    q = mixture_moments(pred)[0]  # [B, L, latent]
+    _, other = cell_step(pack(cfg, params), carries, z, (jnp.asarray(a, jnp.int32) + 1) % n_actions)
+    k_other = jax.lax.stop_gradient(mixture_moments(other)[0])
+    latent = q.shape[-1]
+    scale = 1.0 / (cfg.contrastive_temperature * latent)
+    qf, kf = q.reshape(-1, latent), jnp.asarray(z_next, q.dtype).reshape(-1, latent)
+    m = mask.reshape(-1).astype(bool)
+    # squared distances of every query to every true z' of the batch: [N, N]
+    d = jnp.sum(qf * qf, -1)[:, None] + jnp.sum(kf * kf, -1)[None, :] - 2.0 * qf @ kf.T
+    scores = jnp.where(m[None, :], -d * scale, -jnp.inf)  # steps without a next latent are no candidates
+    positive = -jnp.sum(jnp.square(qf - kf), -1) * scale
+    other_score = -jnp.sum(jnp.square(qf - k_other.reshape(-1, latent)), -1) * scale
+    log_z = jnp.logaddexp(jax.nn.logsumexp(scores, axis=-1), other_score)  # the diagonal is the positive
+    return stats.masked_mean((log_z - positive).reshape(mask.shape), mask.astype(jnp.float32))
 
 
 def sequence_batch(
@@ -442,9 +478,9 @@ def model_config(cfg: TransitionConfig, latent: int) -> dict[str, Any]:
     """What a checkpoint must agree on to be loaded into `cfg` (training settings stored apart).
 
     Not the compute dtype (parameters are float32 whatever it is) nor the training-loss switches
-    input_dropout and z_penalty, so checkpoints written before they existed keep loading.
+    (input_dropout, z_penalty, contrastive), so checkpoints written before they existed keep loading.
     """
-    skip = ("train", "compute_dtype", "input_dropout", "z_penalty")
+    skip = ("train", "compute_dtype", "input_dropout", "z_penalty", "contrastive", "contrastive_temperature")
     return {**{k: v for k, v in dataclasses.asdict(cfg).items() if k not in skip}, "latent": int(latent)}
 
 

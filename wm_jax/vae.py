@@ -114,6 +114,8 @@ def quantize(cfg: VAEConfig, params: Params) -> Int8VAE:
     """Post-training INT8: the encoder through qwix (int8 weights per output channel, int8 dynamic
     activations), the decoder's kernels int8 per output channel, widened to float32 when it runs
     (qwix does not follow its kernels into the sub-pixel transposed convolutions; wm_jax.quant)."""
+    if isinstance(params, Int8VAE):
+        raise TypeError("vae.quantize needs V's float32 parameters, got an Int8VAE")
     qmodel = _int8_model(tuple(cfg.filters), cfg.latent)
     enc = {"encoder": params["params"]["encoder"]}
     enc = quant.ptq_params(qmodel, enc, jnp.zeros((1, 64, 64, 4), jnp.float32), method="encode")["encoder"]
