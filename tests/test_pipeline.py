@@ -627,10 +627,10 @@ def test_mitigations_script(with_verifier, tmp_path, monkeypatch):
     for run in runs:
         shutil.copytree(with_verifier[0], run)
     monkeypatch.setattr(sys, "argv", ["mitigations.py", *map(str, runs), "--steps", "3", "--dropout", "0.1", "0.2",
-                                      "--z-penalty", "0.5", "--out", str(tmp_path / "out")])
+                                      "--z-penalty", "0.5", "--contrastive", "0.1", "--out", str(tmp_path / "out")])
     mod.main()
     md = (tmp_path / "out" / "mitigations.md").read_text()
-    for name in ("plain", "input_dropout=0.1", "input_dropout=0.2", "z_penalty=0.5"):
+    for name in ("plain", "input_dropout=0.1", "input_dropout=0.2", "z_penalty=0.5", "contrastive=0.1"):
         assert f"| {name} | random |" in md
     assert "| z_penalty=0.5 | agent |" in md and "of 2 |" in md  # the summary against plain over both runs
     saved = json.loads((tmp_path / "out" / "mitigations.json").read_text())

@@ -236,8 +236,9 @@ def cmd_train_verifier(args: argparse.Namespace) -> int:
         raise UsageError(f"{args.run}: no such run directory")
     record = run_dir.train_verifier(args.run, args.steps, progress=not args.quiet)
     final = record.get("final") or {}
-    print(f"{Path(args.run) / run_dir.ADDED_VERIFIER}: K trained for {record['steps']} steps "
-          f"({_fmt(final)}); `wm-jax serve {args.run}` gates with it")
+    done = f"({_fmt(final)})" if final else "(its checkpoint was already there: nothing left to train)"
+    print(f"{Path(args.run) / run_dir.ADDED_VERIFIER}: K trained for {record['steps']} steps {done}; "
+          f"`wm-jax serve {args.run}` gates with it")
     return 0
 
 
