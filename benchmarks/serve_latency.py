@@ -13,6 +13,9 @@ requests or --seconds, whichever comes first; warm-up requests are not timed. It
 (from /metrics), the CPU time the server and the clients spent per request, and the server's
 resident memory (VmRSS, and its peak VmHWM), then stops the
 server. The clients run on the same machine as the server and share its cores.
+With --episodes N it also plays N real pixel-CartPole episodes through /act (one client, one
+session per episode, up to 500 steps each) and reports their return: the agent served over HTTP,
+scored in the real environment.
 Results: benchmarks/results/serve_latency_<platform>.json (--json to write elsewhere; --quick
 writes only where --json says).
 """
@@ -131,6 +134,39 @@ async def level(base: str, concurrency: int, requests: int, seconds: float, obs:
             "client_cpu_ms_per_request": 1e3 * client_cpu / max(lat.size, 1)}
 
 
+def play(base: str, episodes: int, seed: int = 0) -> dict:
+    """`episodes` real episodes of the served agent: every action comes from POST /act."""
+    import httpx
+    import jax
+
+    from wm_jax.env import PixelCartPole
+
+    env = PixelCartPole()
+    params = env.default_params
+    reset = jax.jit(lambda k: env.reset(k, params))
+    step = jax.jit(lambda k, s, a: env.step(k, s, a, params))
+    returns = []
+    t0 = time.perf_counter()
+    with httpx.Client(base_url=base, timeout=60.0) as client:
+        for e in range(episodes):
+            key = jax.random.fold_in(jax.random.key(seed), e)
+            obs, state = reset(key)
+            sid = client.post("/v1/sessions").json()["id"]
+            total = 0.0
+            for t in range(500):
+                body = {"observation": base64.b64encode(np.asarray(obs, np.uint8).tobytes()).decode()}
+                action = client.post(f"/v1/sessions/{sid}/act", json=body).json()["action"]
+                obs, state, reward, done, *_ = step(jax.random.fold_in(key, t + 1), state, action)
+                total += float(reward)
+                if bool(done):
+                    break
+            client.delete(f"/v1/sessions/{sid}")
+            returns.append(total)
+    r = np.asarray(returns)
+    return {"episodes": episodes, "return_mean": float(r.mean()), "return_std": float(r.std()),
+            "return_min": float(r.min()), "steps": int(r.sum()), "seconds": time.perf_counter() - t0}
+
+
 def serve_and_measure(run: str, precision: str, args: argparse.Namespace, obs: list[str]) -> dict:
     import httpx
 
@@ -167,7 +203,14 @@ def serve_and_measure(run: str, precision: str, args: argparse.Namespace, obs: l
                   f"client {row['client_cpu_ms_per_request']:.2f} ms  rss {row.get('vmrss', float('nan')):6.0f} MB  "
                   f"errors {row['errors']}", flush=True)
         health.pop("source", None)  # a local path
-        return {"precision": precision, "start_s": start_s, "health": health, "levels": rows}
+        out = {"precision": precision, "start_s": start_s, "health": health, "levels": rows}
+        if args.episodes:
+            out["episodes"] = play(base, args.episodes)
+            e = out["episodes"]
+            print(f"{precision:8s} {e['episodes']} real episodes through /act: return {e['return_mean']:.1f} +- "
+                  f"{e['return_std']:.1f} (min {e['return_min']:.0f}), {e['steps']:,} steps in {e['seconds']:.0f} s",
+                  flush=True)
+        return out
     finally:
         proc.terminate()
         try:
@@ -181,18 +224,19 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("run", help="a `wm-jax run` directory or exported agent folder")
     p.add_argument("--precisions", default="float32,int8")
-    p.add_argument("--concurrency", default="1,8,64")
+    p.add_argument("--concurrency", default="1,8,64", help="client counts ('' for none: --episodes only)")
     p.add_argument("--requests", type=int, default=2000, help="timed requests per level, at most")
     p.add_argument("--seconds", type=float, default=60.0, help="seconds per level, at most")
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--gate", choices=("off", "observe", "enforce"), default="observe")
     p.add_argument("--start-timeout", type=float, default=300.0)
+    p.add_argument("--episodes", type=int, default=0, help="also play this many real episodes through /act")
     p.add_argument("--quick", action="store_true", help="20 requests per level at concurrency 1 and 4")
     p.add_argument("--json", default=None, help="where to write the results")
     args = p.parse_args()
     if args.quick:
         args.requests, args.warmup, args.concurrency = 20, 4, "1,4"
-    args.concurrency = [int(c) for c in args.concurrency.split(",")]
+    args.concurrency = [int(c) for c in args.concurrency.split(",") if c]
     obs = frames(64)
     results = [serve_and_measure(args.run, prec, args, obs) for prec in args.precisions.split(",")]
     import jax

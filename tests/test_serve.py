@@ -357,7 +357,7 @@ def test_latency_benchmark_runs_the_real_server(run_with_k, tmp_path):
     (figures printed, not asserted)."""
     out = tmp_path / "latency.json"
     proc = subprocess.run([sys.executable, "benchmarks/serve_latency.py", str(run_with_k), "--quick",
-                           "--precisions", "float32", "--json", str(out)], cwd=ROOT, capture_output=True,
+                           "--precisions", "float32", "--episodes", "1", "--json", str(out)], cwd=ROOT, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     report = json.loads(out.read_text())
@@ -365,6 +365,7 @@ def test_latency_benchmark_runs_the_real_server(run_with_k, tmp_path):
     assert [r["concurrency"] for r in levels] == [1, 4] and all(r["errors"] == 0 for r in levels)
     assert all(r["requests"] == 20 and r["p99_ms"] >= r["p50_ms"] > 0 for r in levels)
     assert report["results"][0]["health"]["gate"] == "observe" and "p99" in proc.stdout
+    assert report["results"][0]["episodes"]["episodes"] == 1 and report["results"][0]["episodes"]["steps"] >= 1
 
 
 class _SlowModel:

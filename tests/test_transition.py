@@ -563,7 +563,9 @@ def test_contrastive_loss_matches_numpy_and_training_on_it_lowers_it(cfg, params
     ko = np.asarray(transition.mixture_moments(other)[0]).reshape(-1, LATENT)
     k = np.asarray(batch["z_next"]).reshape(-1, LATENT)
     m = np.asarray(batch["next_valid"]).reshape(-1)
-    score = lambda x, y: -np.mean(np.square(x - y), -1) / 0.2  # noqa: E731
+    def score(x, y):
+        return -np.mean(np.square(x - y), -1) / 0.2
+
     losses = []
     for i in np.flatnonzero(m):
         cand = np.concatenate([score(q[i], k[m]), [score(q[i], ko[i])]])
@@ -574,8 +576,12 @@ def test_contrastive_loss_matches_numpy_and_training_on_it_lowers_it(cfg, params
 
     opt = optax.adam(3e-3)
     state, p, first = opt.init(params), params, float(term(params))
-    step = jax.jit(lambda p, s: (lambda g: (lambda u, s2: (optax.apply_updates(p, u), s2))(*opt.update(g, s)))(
-        jax.grad(term)(p)))
+
+    @jax.jit
+    def step(p, s):
+        updates, s = opt.update(jax.grad(term)(p), s)
+        return optax.apply_updates(p, updates), s
+
     for _ in range(60):
         p, state = step(p, state)
     assert float(term(p)) < 0.8 * first
