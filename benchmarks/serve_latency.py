@@ -108,15 +108,13 @@ async def level(base: str, concurrency: int, requests: int, seconds: float, obs:
 
         async def worker(k: int) -> None:
             nonlocal errors
-            step = 0
-            for _ in counter:
+            for step, _ in enumerate(counter):
                 if time.perf_counter() > deadline:
                     return
                 t0 = time.perf_counter()
                 r = await client.post(f"/v1/sessions/{sessions[k]}/act", json={"observation": obs[(k + step) % len(obs)]})
                 latencies.append(time.perf_counter() - t0)
                 errors += r.status_code != 200
-                step += 1
 
         t0, server0, client0 = time.perf_counter(), cpu_seconds(pid), time.process_time()
         await asyncio.gather(*(worker(k) for k in range(concurrency)))

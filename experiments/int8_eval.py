@@ -135,13 +135,13 @@ def markdown(r: dict) -> str:
     lines = [
         "| | float32 | INT8 |",
         "|---|---|---|",
-        f"| V + M on disk (safetensors) | {size['float32'] / 1e6:.2f} MB | {size['int8'] / 1e6:.2f} MB "
-        f"({size['int8'] / size['float32']:.0%}) |",
-        f"| encoder: mean abs error of the latent mean (max) | - | {r['encoder']['mean_abs_err']:.4f} "
-        f"({r['encoder']['max_abs_err']:.3f}) |",
+        (f"| V + M on disk (safetensors) | {size['float32'] / 1e6:.2f} MB | {size['int8'] / 1e6:.2f} MB "
+         f"({size['int8'] / size['float32']:.0%}) |"),
+        (f"| encoder: mean abs error of the latent mean (max) | - | {r['encoder']['mean_abs_err']:.4f} "
+         f"({r['encoder']['max_abs_err']:.3f}) |"),
         f"| encoder: RMS error / latent spread | - | {r['encoder']['rms_err_over_spread']:.3%} |",
-        f"| decoder: reconstruction MSE per pixel | {r['decoder_mse_per_pixel']['float32']:.5f} | "
-        f"{r['decoder_mse_per_pixel']['int8']:.5f} |",
+        (f"| decoder: reconstruction MSE per pixel | {r['decoder_mse_per_pixel']['float32']:.5f} | "
+         f"{r['decoder_mse_per_pixel']['int8']:.5f} |"),
     ]
     for label, key in (("M: one-step latent NLL (nats)", "latent_nll"), ("M: done AUC", "done_auc"),
                        ("M: reward MAE", "reward_mae")):

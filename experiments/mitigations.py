@@ -80,8 +80,8 @@ def _fmt(x, nd):
 
 
 def table(seeds: list[dict]) -> str:
-    lines = ["| seed (run) | M trained with | held-out episodes | latent MSE k=1 | k=5 | k=20 | k=50 | k=100 | KL k=1 | "
-             "k=5 | k=20 | k=50 | k=100 | one-step NLL (random) |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [("| seed (run) | M trained with | held-out episodes | latent MSE k=1 | k=5 | k=20 | k=50 | k=100 | KL k=1 | "
+              "k=5 | k=20 | k=50 | k=100 | one-step NLL (random) |"), "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in seeds:
         for name, r in s["results"].items():
             for policy, d in r["drift"].items():
@@ -90,8 +90,8 @@ def table(seeds: list[dict]) -> str:
                 run = f"{s['seed']} ({Path(s['run']).name})"
                 lines.append(f"| {run} | {name} | {policy} | {mse} | {kl} | {r['one_step_nll_random']:.2f} |")
     if len(seeds) > 1:  # each variant against plain, seed by seed: the change in the mean over seeds
-        lines += ["", "| M trained with | held-out episodes | latent MSE k=20 vs plain | k=50 vs plain | k=100 vs plain | "
-                  "seeds better at k=20 | KL k=20 vs plain | seeds better | one-step NLL vs plain |",
+        lines += ["", ("| M trained with | held-out episodes | latent MSE k=20 vs plain | k=50 vs plain | k=100 vs plain | "
+                       "seeds better at k=20 | KL k=20 vs plain | seeds better | one-step NLL vs plain |"),
                   "|---|---|---|---|---|---|---|---|---|"]
         for name in seeds[0]["results"]:
             if name == "plain":

@@ -105,7 +105,7 @@ class Int8VAE(NamedTuple):
     decoder: Any  # the decoder's parameters with int8 kernels (wm_jax.quant.QTensor)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _int8_model(filters: tuple[int, ...], latent: int) -> nn.Module:
     return quant.ptq_model(ConvVAE(filters=filters, latent=latent), ("encode",))
 
