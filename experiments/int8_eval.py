@@ -23,7 +23,6 @@ docs/RESULTS.md between the int8_eval.py markers.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import tempfile
 import time
@@ -37,15 +36,11 @@ from world_model_eval import m_metrics
 
 from wm_jax import agent as agent_lib
 from wm_jax import data, pipeline, quant, rollout, run_dir, transition, vae
+from wm_jax.config import with_compute_dtype
 
 RESULTS = Path(__file__).parent / "results"
 DOC = Path(__file__).parent.parent / "docs" / "RESULTS.md"
 BEGIN, END = "<!-- int8_eval.py: begin -->", "<!-- int8_eval.py: end -->"
-
-
-def float32(cfg):
-    return dataclasses.replace(cfg, vae=dataclasses.replace(cfg.vae, compute_dtype="float32"),
-                               transition=dataclasses.replace(cfg.transition, compute_dtype="float32"))
 
 
 def encode(cfg, v, frames, stack_rows, batch=512):
@@ -76,7 +71,7 @@ def main() -> None:
     args = p.parse_args()
     t_start = time.perf_counter()
     cfg, params = run_dir.load_agent(args.run_dir)
-    cfg = float32(cfg)
+    cfg = with_compute_dtype(cfg, "float32")
     v8 = vae.quantize(cfg.vae, params["vae"])
     m8 = transition.quantize(cfg.transition, params["transition"])
     models = {"float32": {"vae": params["vae"], "transition": params["transition"]},

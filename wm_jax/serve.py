@@ -35,7 +35,7 @@ import uuid
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -49,6 +49,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, Field, StrictInt, field_validator
 
 from wm_jax import controller, transition, vae, verifier
+from wm_jax.config import with_compute_dtype
 from wm_jax.env import NUM_ACTIONS
 
 OBS_SHAPE = (64, 64, 4)
@@ -87,11 +88,6 @@ class Settings:
             raise ValueError(f"buckets must be increasing positive sizes, got {self.buckets}")
 
 
-def _float32(cfg: Any) -> Any:
-    return replace(cfg, vae=replace(cfg.vae, compute_dtype="float32"),
-                   transition=replace(cfg.transition, compute_dtype="float32"))
-
-
 class Model:
     """The served agent: V, M (packed Cell), C and K, in the settings' precision, and its jitted
     programs. `act` and `dream` take and return host (NumPy) arrays."""
@@ -99,7 +95,7 @@ class Model:
     def __init__(self, agent: Any, settings: Settings, source: str = "") -> None:
         self.settings = settings
         self.source = source
-        self.cfg = _float32(agent.cfg)
+        self.cfg = with_compute_dtype(agent.cfg, "float32")
         k_params = agent.verifier
         self.has_verifier = k_params is not None
         self.gate = settings.gate if self.has_verifier else "off"
