@@ -276,6 +276,12 @@ def test_batched_requests_get_the_same_answers_as_single_ones(run_with_k):
     model = serve.Model(Agent.load(run_with_k), serve.Settings(buckets=BUCKETS))
     singles = [model.act([model.initial_carry()], [o])[0] for o in frames]
     batched = model.act([model.initial_carry()] * 5, frames)
+    # the gate's look-ahead supplies the new carry: it is the plain step's (a model without the gate)
+    plain = serve.Model(Agent.load(run_with_k), serve.Settings(buckets=BUCKETS, gate="off"))
+    for s, p in zip(singles, (plain.act([plain.initial_carry()], [o])[0] for o in frames)):
+        assert int(s["action"]) == int(p["action"]) and "confidence" not in p
+        np.testing.assert_allclose(s["carry"][0], p["carry"][0], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(s["carry"][1], p["carry"][1], rtol=1e-5, atol=1e-6)
     for s, b in zip(singles, batched):
         assert int(s["action"]) == int(b["action"])
         np.testing.assert_allclose(s["confidence"], b["confidence"], rtol=1e-4, atol=1e-6)

@@ -174,16 +174,21 @@ class Model:
         return res
 
 
+def _most_likely(cfg: Any) -> tuple[jax.Array | None, jax.Array]:
+    """`transition.latent_noise`-shaped zeros: with them `dream_step` takes M's most likely
+    component and its mean, so a dream from the same state is always the same."""
+    latent, k = cfg.vae.latent, transition.components(cfg.transition)
+    return (jnp.zeros((latent, k)) if k > 1 else None, jnp.zeros((latent,)))
+
+
 def _lookahead(cfg: Any, params: dict[str, Any], carry: Any, z: jax.Array, a: jax.Array, length: int
-               ) -> tuple[jax.Array, jax.Array]:
+               ) -> tuple[jax.Array, jax.Array, Any]:
     """K's mean confidence over the transition (carry, z, a) and `length` imagined steps after it
-    under the policy, up to where M's done head ends the dream, and the dreamed return (reward
-    head, Ha's done rule); deterministic (every step takes M's most likely latent). One example;
-    vmapped by the caller."""
+    under the policy, up to where M's done head ends the dream, the dreamed return (reward head,
+    Ha's done rule), and the carry after (carry, z, a), the step the agent takes; deterministic
+    (every step takes M's most likely latent). One example; vmapped by the caller."""
     cell, ctrl, k_params = params["transition"], params["controller"], params["verifier"]
-    latent = z.shape[-1]
-    zero_noise = (jnp.zeros((latent, transition.components(cfg.transition))) if
-                  transition.components(cfg.transition) > 1 else None, jnp.zeros((latent,)))
+    zero_noise = _most_likely(cfg)
 
     def body(state, _):
         carry, z, a, alive = state
@@ -193,12 +198,13 @@ def _lookahead(cfg: Any, params: dict[str, Any], carry: Any, z: jax.Array, a: ja
         live = alive
         alive = alive * (jax.nn.sigmoid(pred.done_logit) <= 0.5)  # Ha's rule: the step itself still counts
         a_next = controller.act(cfg.controller, ctrl, z_next, transition.hidden(new_carry))
-        return (new_carry, z_next, a_next, alive), (conf, pred.reward, live)
+        return (new_carry, z_next, a_next, alive), (conf, pred.reward, live, new_carry)
 
-    _, (conf, reward, live) = jax.lax.scan(body, (carry, z, a, jnp.ones(())), None, length=length + 1)
+    _, (conf, reward, live, carries) = jax.lax.scan(body, (carry, z, a, jnp.ones(())), None, length=length + 1)
     # the mean over the steps the dream lived (the first always does): after M's done head fires,
     # the imagined transitions cannot happen and are not scored
-    return jnp.sum(conf * live) / jnp.sum(live), jnp.sum(reward * live)
+    first = jax.tree.map(lambda x: x[0], carries)
+    return jnp.sum(conf * live) / jnp.sum(live), jnp.sum(reward * live), first
 
 
 def _act_batch(cfg: Any, lookahead: int, safe_action: int | None, gate: bool, params: dict[str, Any],
@@ -206,14 +212,15 @@ def _act_batch(cfg: Any, lookahead: int, safe_action: int | None, gate: bool, pa
     mean, _ = vae.encode(cfg.vae, params["vae"], obs)
     cell = params["transition"]
     action = controller.act(cfg.controller, params["controller"], mean, transition.hidden(carry))
-    new_carry, _ = transition.cell_step(cell, carry, mean, action)
-    out = {"action": action, "carry": new_carry}
+    out = {"action": action}
+    if gate:  # the look-ahead's first step is the agent's step: its carry is the new one
+        look = jax.vmap(lambda c, z, a: _lookahead(cfg, params, c, z, a, lookahead))
+        out["confidence"], out["dreamed_return"], out["carry"] = look(carry, mean, action)
+    else:
+        out["carry"] = transition.cell_step(cell, carry, mean, action)[0]
     if safe_action is not None:
         safe = jnp.full_like(action, safe_action)
         out["safe_carry"] = transition.cell_step(cell, carry, mean, safe)[0]
-    if gate:
-        look = jax.vmap(lambda c, z, a: _lookahead(cfg, params, c, z, a, lookahead))
-        out["confidence"], out["dreamed_return"] = look(carry, mean, action)
     return out
 
 
@@ -224,8 +231,7 @@ def _dream(cfg: Any, steps: int, params: dict[str, Any], carry: Any, obs: jax.Ar
     cell, ctrl, k_params = params["transition"], params["controller"], params["verifier"]
     mean, _ = vae.encode(cfg.vae, params["vae"], obs[None])
     z0 = mean[0]
-    k = transition.components(cfg.transition)
-    zero_noise = (jnp.zeros((cfg.vae.latent, k)) if k > 1 else None, jnp.zeros((cfg.vae.latent,)))
+    zero_noise = _most_likely(cfg)
 
     def body(state, a_given):
         carry, z = state
