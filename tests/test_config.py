@@ -54,6 +54,8 @@ BAD = [
     (EvalConfig, {"episodes": 0}, "EvalConfig.episodes"),
     (ControllerConfig, {"mlp_hidden": 0}, "ControllerConfig.mlp_hidden"),
     (RoundsConfig, {"rounds": 0}, "RoundsConfig.rounds"),
+    (RoundsConfig, {"env_steps": 0}, "RoundsConfig.env_steps"),
+    (RoundsConfig, {"env_steps": True}, "RoundsConfig.env_steps"),
     # population
     (EvolveConfig, {"population": 1}, "EvolveConfig.population"),
     (EvolveConfig, {"population": 0}, "EvolveConfig.population"),

@@ -141,6 +141,23 @@ def test_collect_truncates_at_max_steps():
     assert not done[long_rows].all()
 
 
+def test_collect_stops_at_a_step_budget(arrays):
+    """max_rows: the same episodes in the same order, up to the budget; the episode that reaches it
+    is cut there (no done on its last row) and none after it is kept, across chunk boundaries."""
+    starts = np.flatnonzero(np.diff(np.append(-1, arrays["episode"])))
+    budget = int(starts[20]) + 3  # three steps into episode 20 (chunk 2 of 3)
+    assert arrays["episode"][budget - 1] == arrays["episode"][starts[20]] and not arrays["done"][budget - 1]
+    cut = D.to_arrays(_collect(jax.random.key(0), max_rows=budget))
+    assert len(cut["episode"]) == budget
+    for name in D.COLUMNS:
+        np.testing.assert_array_equal(cut[name], arrays[name][:budget], err_msg=name)
+    assert np.unique(cut["episode"]).size == 21
+    whole = D.to_arrays(_collect(jax.random.key(0), max_rows=len(arrays["episode"]) + 5))  # budget never reached
+    np.testing.assert_array_equal(whole["episode"], arrays["episode"])
+    with pytest.raises(ValueError, match="max_rows"):
+        _collect(jax.random.key(0), max_rows=0)
+
+
 def test_collect_is_deterministic(arrays):
     again = D.to_arrays(_collect(jax.random.key(0)))
     for name in D.COLUMNS:

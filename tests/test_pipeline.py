@@ -187,6 +187,28 @@ def test_a_solved_agent_ends_the_search_and_the_rounds(tmp_path):
     assert agent.act(agent.initial_carry(), obs)[0] in (0, 1)
 
 
+def test_a_solved_agent_with_every_round_run_and_a_step_budget(tmp_path):
+    """rounds.skip_solved=False: round 2 runs although round 1's check reached stop_at (its search
+    still stops at its first check), and rounds.env_steps caps its collection, cutting the episode
+    that reaches the budget; every step is counted once."""
+    budget = 7
+    cfg = dataclasses.replace(SMOKE, evolve=dataclasses.replace(SMOKE.evolve, stop_at=0.0),
+                              rounds=dataclasses.replace(SMOKE.rounds, skip_solved=False, env_steps=budget))
+    out = tmp_path / "every-round"
+    summary = pipeline.run(cfg, out, progress=False)
+    stages = json.loads((out / "stages.json").read_text())
+    assert {"collect_round2", "transition_round2", "evolve_round2"} <= set(stages)
+    got = stages["collect_round2"]
+    assert got["env_steps"] == got["rows"] == budget == len(data.load_dataset(out / "data" / "round2"))
+    assert got["episodes"] <= SMOKE.rounds.episodes
+    for r in (1, 2):
+        assert [c["generation"] for c in stages[f"evolve_round{r}"]["checks"]] == [SMOKE.evolve.check_every]
+    assert summary["real_env_steps_training"] == (stages["collect"]["env_steps"] + budget + sum(
+        stages[f"evolve_round{r}"]["checks"][0]["env_steps"] for r in (1, 2)))
+    reals = [stages[f"evolve_round{r}"]["best_real"] for r in (1, 2)]
+    assert summary["agent_round"] == (2 if reals[1] >= reals[0] else 1)  # ties: the M that saw more data
+
+
 def test_dream_real_corr_is_finite(finished):
     """The smoke preset must check the CMA-ES mean at least 3 times, or the correlation is NaN."""
     _, summary = finished

@@ -255,10 +255,13 @@ class TransitionConfig(_Section):
     # (negatives); score = -mean squared distance / temperature.
     contrastive: float = 0.0
     contrastive_temperature: float = 0.1
+    # How many actions M's input one-hot has: CartPole's 2, or a macro-M's number of macros
+    # (wm_jax.macro); checkpoints record it only when it is not 2 (transition.model_config)
+    actions: int = 2
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=20_000, batch=100, lr=1e-3))
 
     def __post_init__(self) -> None:
-        _positive(self, "hidden", "mixtures", "seq_len", "done_pos_weight", "contrastive_temperature")
+        _positive(self, "hidden", "mixtures", "seq_len", "done_pos_weight", "contrastive_temperature", "actions")
         _non_negative(self, "reward_weight", "done_weight", "z_penalty", "contrastive")
         _one_of(self, "head", ("mdn", "gaussian"))
         _one_of(self, "compute_dtype", COMPUTE_DTYPES)
@@ -270,10 +273,11 @@ class TransitionConfig(_Section):
 class ControllerConfig(_Section):
     kind: str = "linear"  # Ha's action = argmax(W [z, h] + b); "mlp" adds one tanh layer
     mlp_hidden: int = 16
+    actions: int = 2  # how many scores C outputs: CartPole's 2 actions, or a macro controller's macros
 
     def __post_init__(self) -> None:
         _one_of(self, "kind", ("linear", "mlp"))
-        _positive(self, "mlp_hidden")
+        _positive(self, "mlp_hidden", "actions")
 
 
 def grounded_count(share: Any, rollouts: int) -> Any:
@@ -398,11 +402,19 @@ class RoundsConfig(_Section):
     transition_steps: int = 1000  # fine-tuning steps of M per extra round
     generations: int = 50
     horizon: int | None = None  # dream horizon of the extra rounds; None: evolve.horizon
+    # Real steps a round's collection may use at most (None: `episodes` whole episodes): the
+    # episode that reaches it is cut there, and no later one runs (data.collect's max_rows).
+    env_steps: int | None = None
+    # Skip the later rounds once the best agent's real check reaches evolve.stop_at (False: every
+    # round runs; stop_at then only ends each search early).
+    skip_solved: bool = True
 
     def __post_init__(self) -> None:
         _positive(self, "rounds", "episodes", "transition_steps", "generations")
-        if self.horizon is not None and (not isinstance(self.horizon, int) or self.horizon <= 0):
-            raise ConfigError(f"RoundsConfig.horizon must be a positive int or None, got {self.horizon!r}")
+        for name in ("horizon", "env_steps"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+                raise ConfigError(f"RoundsConfig.{name} must be a positive int or None, got {value!r}")
         if not 0.0 <= self.action_noise <= 1.0:
             raise ConfigError(f"RoundsConfig.action_noise must be in [0, 1], got {self.action_noise!r}")
 

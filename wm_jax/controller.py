@@ -12,14 +12,13 @@ import jax
 import jax.numpy as jnp
 
 from wm_jax.config import ControllerConfig
-from wm_jax.env import NUM_ACTIONS
 
 
 def _shapes(cfg: ControllerConfig, latent: int, hidden: int) -> list[tuple[int, ...]]:
-    inputs = latent + hidden
+    inputs, actions = latent + hidden, cfg.actions  # CartPole's 2, or a macro controller's macros
     if cfg.kind == "linear":
-        return [(inputs, NUM_ACTIONS), (NUM_ACTIONS,)]
-    return [(inputs, cfg.mlp_hidden), (cfg.mlp_hidden,), (cfg.mlp_hidden, NUM_ACTIONS), (NUM_ACTIONS,)]
+        return [(inputs, actions), (actions,)]
+    return [(inputs, cfg.mlp_hidden), (cfg.mlp_hidden,), (cfg.mlp_hidden, actions), (actions,)]
 
 
 def num_params(cfg: ControllerConfig, latent: int, hidden: int) -> int:

@@ -166,9 +166,12 @@ def check_memory(num_episodes: int, max_steps: int, policy: Policy = RANDOM_POLI
 
 def _chunks(
     key: jax.Array, num_episodes: int, policy: Policy, max_steps: int, chunk_size: int, episode_offset: int,
-    progress: bool,
+    progress: bool, max_rows: int | None = None,
 ):
-    """Yield each chunk's rows as a dict of numpy columns (frames rendered), in episode order."""
+    """Yield each chunk's rows as a dict of numpy columns (frames rendered), in episode order; with
+    max_rows, no more rows than that in all (see `collect`)."""
+    if max_rows is not None and max_rows <= 0:
+        raise ValueError(f"max_rows must be positive or None, got {max_rows}")
     if num_episodes <= 0:
         raise ValueError(f"num_episodes must be positive, got {num_episodes}")
     if max_steps <= 0:
@@ -186,6 +189,9 @@ def _chunks(
         keep = min(chunk_size, num_episodes - c * chunk_size)
         valid = out["valid"][:keep]  # [E, T]
         ep, t = np.nonzero(valid)  # row-major: episode-major, time ascending
+        if max_rows is not None:  # the budget's last episode is cut where the budget ends
+            ep, t = ep[:max_rows], t[:max_rows]
+            max_rows -= ep.size
         cols = {
             "episode": (ep + c * chunk_size + episode_offset).astype(np.int32),
             "t": t.astype(np.int32),
@@ -197,6 +203,8 @@ def _chunks(
         cols["frame"] = render_states(cols["state"])
         bar.update(keep)
         yield {k: cols[k] for k in COLUMNS}
+        if max_rows == 0:
+            break
     bar.close()
 
 
@@ -208,9 +216,10 @@ def collect_arrays(
     chunk_size: int = 1000,
     episode_offset: int = 0,
     progress: bool = True,
+    max_rows: int | None = None,
 ) -> dict[str, np.ndarray]:
     """`collect` without the Dataset wrapper: a dict of numpy columns, one row per step."""
-    parts = list(_chunks(key, num_episodes, policy, max_steps, chunk_size, episode_offset, progress))
+    parts = list(_chunks(key, num_episodes, policy, max_steps, chunk_size, episode_offset, progress, max_rows))
     return {k: np.concatenate([p[k] for p in parts]) for k in COLUMNS}
 
 
@@ -222,8 +231,13 @@ def collect(
     chunk_size: int = 1000,
     episode_offset: int = 0,
     progress: bool = True,
+    max_rows: int | None = None,
 ) -> datasets.Dataset:
     """Run `num_episodes` episodes of `policy` (default: uniform random) and return a Dataset.
+
+    With `max_rows`, the collection stops once it holds that many steps: the episodes run in order
+    and the one that reaches the budget is cut there (a time limit: its last row has no done), and
+    the episodes after it are not kept. Their steps are never counted, as if never run.
 
     All episodes of a chunk run in one jitted program: a fixed-length scan of `max_steps` with a
     validity mask, vmapped over episodes. Frames are rendered afterwards from the stored states
@@ -234,7 +248,7 @@ def collect(
     """
     parts = [
         datasets.Dataset.from_dict(cols, features=FEATURES)
-        for cols in _chunks(key, num_episodes, policy, max_steps, chunk_size, episode_offset, progress)
+        for cols in _chunks(key, num_episodes, policy, max_steps, chunk_size, episode_offset, progress, max_rows)
     ]
     return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
 
@@ -399,7 +413,7 @@ def load_dataset(path: os.PathLike | str) -> datasets.Dataset:
     if ds.num_rows != num_rows:
         raise DatasetError(path, f"has {ds.num_rows} rows, manifest says {num_rows}")
     _check_features(path, ds)
-    _check_episodes(path, _column(ds, "episode"), _column(ds, "t"))
+    _check_episodes(path, column(ds, "episode"), column(ds, "t"))
     _check_values(path, ds)
     return ds
 
@@ -412,8 +426,8 @@ def _first_bad(mask: np.ndarray) -> int | None:
 def _check_values(path: Path, ds: datasets.Dataset) -> None:
     """Values as the env makes them: actions 0 or 1, finite physics states, rewards 1 - done of the
     step before (gymnax CartPole; always 1 within an episode), done only on an episode's last row."""
-    action, state, reward, done = (_column(ds, c) for c in ("action", "state", "reward", "done"))
-    episode = _column(ds, "episode")
+    action, state, reward, done = (column(ds, c) for c in ("action", "state", "reward", "done"))
+    episode = column(ds, "episode")
     checks = (
         ((action != 0) & (action != 1), "action", lambda i: f"{int(action[i])} (CartPole has actions 0 and 1)"),
         (~np.isfinite(state).all(axis=1), "state", lambda i: f"{state[i].tolist()} (not finite)"),
@@ -427,7 +441,7 @@ def _check_values(path: Path, ds: datasets.Dataset) -> None:
             raise DatasetError(path, f"row {i} (episode {int(episode[i])}): {name} is {describe(i)}")
 
 
-def _column(ds: datasets.Dataset, name: str) -> np.ndarray:
+def column(ds: datasets.Dataset, name: str) -> np.ndarray:
     """A column as numpy straight from Arrow (the `numpy` formatter upcasts frames to int64)."""
     col = ds.data.column(name).combine_chunks()
     if name == "frame":
@@ -442,7 +456,7 @@ def to_arrays(ds: datasets.Dataset) -> dict[str, np.ndarray]:
     """All columns as numpy arrays (frames uint8[N, 64, 64]), honouring select/shuffle/filter views."""
     if ds._indices is not None:
         ds = ds.flatten_indices()
-    return {name: _column(ds, name) for name in COLUMNS}
+    return {name: column(ds, name) for name in COLUMNS}
 
 
 # --------------------------------------------------------------------------------------------

@@ -254,7 +254,7 @@ def _run(ctx: _Run) -> dict[str, Any]:
     ctx.stages.run("vae", lambda: _train_vae(ctx), inputs=ctx.data_ids(), folder=out / "vae")
     ctx.vae_params, ctx.vae_id = ctx.load("vae", "vae", vae.load, cfg)
     for r in range(1, cfg.rounds.rounds + 1):  # round 1 on random data, later ones on the agent's
-        if r > 1 and _solved(cfg, ctx.best["real"]):
+        if r > 1 and cfg.rounds.skip_solved and _solved(cfg, ctx.best["real"]):
             later = f"round {r}" if r == cfg.rounds.rounds else f"rounds {r}-{cfg.rounds.rounds}"
             ctx.stages.note(f"{later} skipped: the agent's real check reached "
                             f"evolve.stop_at={cfg.evolve.stop_at:g} ({ctx.best['real']:g})")
@@ -346,7 +346,7 @@ def _repair_agent_files(out: Path, cfg: Config, stages: _Stages) -> None:
 
 def _collect(ctx: _Run, r: int) -> dict[str, Any]:
     """Round 1: the recipe's random episodes (data.seed); round r > 1: the best agent so far, with
-    rounds.action_noise random actions."""
+    rounds.action_noise random actions, for rounds.episodes episodes or until rounds.env_steps."""
     cfg = ctx.cfg
     if r == 1:
         ds = data_lib.collect(jax.random.key(cfg.data.seed), cfg.data.episodes, max_steps=cfg.data.max_steps,
@@ -357,13 +357,23 @@ def _collect(ctx: _Run, r: int) -> dict[str, Any]:
                                     "controller": jnp.asarray(best["ctrl"])})
         ds = data_lib.collect(jax.random.fold_in(ctx.keys["rounds"], r), cfg.rounds.episodes, policy=policy,
                               max_steps=cfg.data.max_steps, chunk_size=cfg.rounds.episodes,
-                              episode_offset=r * 1_000_000, progress=ctx.progress)
+                              episode_offset=r * 1_000_000, progress=ctx.progress, max_rows=cfg.rounds.env_steps)
     path = ctx.out / "data" / f"round{r}"
     data_lib.save_dataset(ds, path, overwrite=True)
-    episodes = cfg.data.episodes if r == 1 else cfg.rounds.episodes
-    # CartPole pays 1 per step (data._check_values), so an episode's return is its length
-    return {"episodes": episodes, "rows": ds.num_rows, "env_steps": ds.num_rows, "return_mean": ds.num_rows / episodes,
-            "outputs": {f"data/round{r}": data_lib.identity(path)}}
+    return {**_collected(ds, cfg.data.max_steps), "outputs": {f"data/round{r}": data_lib.identity(path)}}
+
+
+def _collected(ds: Any, max_steps: int) -> dict[str, Any]:
+    """A collection's record: episodes (begun), rows = env_steps, and the mean return of the
+    episodes that ran to their end (CartPole pays 1 per step, so a return is a length); an
+    episode cut by rounds.env_steps is counted in the steps but not in the mean."""
+    episode, done = data_lib.column(ds, "episode"), data_lib.column(ds, "done").astype(bool)
+    starts = np.flatnonzero(np.concatenate([[True], episode[1:] != episode[:-1]]))
+    lengths = np.diff(np.append(starts, episode.size))
+    ended = done[starts + lengths - 1] | (lengths >= max_steps)
+    whole = lengths[ended] if ended.any() else lengths
+    return {"episodes": int(starts.size), "rows": int(episode.size), "env_steps": int(episode.size),
+            "return_mean": float(whole.mean()), "cut": int((~ended).sum())}
 
 
 def _train_vae(ctx: _Run) -> dict[str, Any]:

@@ -46,6 +46,7 @@ class _Net(nn.Module):
     hidden: int
     latent: int
     components: int
+    actions: int = NUM_ACTIONS
 
     def setup(self) -> None:
         self.cell = nn.OptimizedLSTMCell(self.hidden, name="lstm")
@@ -54,7 +55,7 @@ class _Net(nn.Module):
         self.done_head = nn.Dense(1, name="done_head")
 
     def __call__(self, carry, z, a):
-        x = jnp.concatenate([z, jax.nn.one_hot(a, NUM_ACTIONS, dtype=z.dtype)], axis=-1)
+        x = jnp.concatenate([z, jax.nn.one_hot(a, self.actions, dtype=z.dtype)], axis=-1)
         carry, h = self.cell(carry, x)
         raw = self.latent_head(h).reshape(h.shape[:-1] + (self.latent, self.components, 3))
         logits, mean, logstd = raw[..., 0], raw[..., 1], raw[..., 2]
@@ -74,7 +75,7 @@ def components(cfg: TransitionConfig) -> int:
 
 
 def _net(cfg: TransitionConfig, latent: int) -> _Net:
-    return _Net(hidden=cfg.hidden, latent=latent, components=components(cfg))
+    return _Net(hidden=cfg.hidden, latent=latent, components=components(cfg), actions=cfg.actions)
 
 
 def initial_carry(cfg: TransitionConfig, batch: int | tuple[int, ...] = ()) -> tuple[jax.Array, jax.Array]:
@@ -103,7 +104,7 @@ class Cell(NamedTuple):
     """
 
     w: jax.Array  # [latent + hidden, 4 * hidden]: rows for z, then h; columns for gates i, f, g, o
-    action: jax.Array  # [NUM_ACTIONS, 4 * hidden] float32: the action's kernel row plus the bias
+    action: jax.Array  # [actions, 4 * hidden] float32: the action's kernel row plus the bias
     head_w: jax.Array  # [hidden, 3 * latent * K + 2]: logits, means, logstds, reward, done (K = 1: no logits)
     head_b: jax.Array  # float32
     # INT8 (`quantize`): w and head_w are int8 and these their per-column float32 scales; else None
@@ -121,7 +122,7 @@ def pack(cfg: TransitionConfig, params: Params) -> Cell:
     w_in = jnp.concatenate([lstm[f"i{g}"]["kernel"] for g in "ifgo"], axis=-1)  # [latent + actions, 4h]
     w_h = jnp.concatenate([lstm[f"h{g}"]["kernel"] for g in "ifgo"], axis=-1)
     bias = jnp.concatenate([lstm[f"h{g}"]["bias"] for g in "ifgo"], axis=-1)
-    latent = w_in.shape[0] - NUM_ACTIONS
+    latent = w_in.shape[0] - cfg.actions
     k = components(cfg)
     head_w = p["latent_head"]["kernel"].reshape(cfg.hidden, latent, k, 3)
     head_b = p["latent_head"]["bias"].reshape(latent, k, 3)
@@ -396,12 +397,13 @@ def contrastive_loss(
     """InfoNCE on M's predicted next latent, over [B, L] teacher-forced steps (`observe_carries`).
 
     The query is M's prediction for z_{t+1} (the mixture mean); the candidates are the true z_{t+1}
-    (the positive), the mean M predicts from the same carry and z_t under the other action (a
-    perturbed-action negative, held fixed: no gradient flows into it), and the true z' of every
+    (the positive), the mean M predicts from the same carry and z_t under the next action,
+    (a + 1) mod cfg.actions (the other one for CartPole; a perturbed-action negative, held fixed:
+    no gradient flows into it), and the true z' of every
     other step of the batch where `mask` holds (in-batch negatives). score = -mean squared
     distance / cfg.contrastive_temperature; the loss is the masked mean of -log softmax(score)[positive].
     """
-    n_actions = NUM_ACTIONS
+    n_actions = cfg.actions
     q = mixture_moments(pred)[0]  # [B, L, latent]
     _, other = cell_step(pack(cfg, params), carries, z, (jnp.asarray(a, jnp.int32) + 1) % n_actions)
     k_other = jax.lax.stop_gradient(mixture_moments(other)[0])
@@ -478,9 +480,12 @@ def model_config(cfg: TransitionConfig, latent: int) -> dict[str, Any]:
     """What a checkpoint must agree on to be loaded into `cfg` (training settings stored apart).
 
     Not the compute dtype (parameters are float32 whatever it is) nor the training-loss switches
-    (input_dropout, z_penalty, contrastive), so checkpoints written before they existed keep loading.
+    (input_dropout, z_penalty, contrastive), so checkpoints written before they existed keep loading;
+    the action count only when it is not CartPole's 2 (a macro-M's), for the same reason.
     """
     skip = ("train", "compute_dtype", "input_dropout", "z_penalty", "contrastive", "contrastive_temperature")
+    if cfg.actions == NUM_ACTIONS:
+        skip += ("actions",)
     return {**{k: v for k, v in dataclasses.asdict(cfg).items() if k not in skip}, "latent": int(latent)}
 
 
