@@ -11,9 +11,8 @@ For each finished run (one per seed), with the macro set wm_jax.macro.MACROS (LL
 - K per style (wm_jax.verifier.train, the run's verifier settings but --k-steps steps, default 500 of
   the cpu preset's 1,000, for time; 0 keeps the run's): for "twice" against
   the run's final M on the primitive rows (as `wm-jax train-verifier` does), for "macro_m" against
-  macro-M on the macro rows. K's network one-hots its action with verifier.py's NUM_ACTIONS = 2, so
-  macro-M's K sees LL and LR as the two primitive codes and RL and RR both as a zero vector (it still
-  sees h, z, z'); RUN/macro/k_twice_STEPS, RUN/macro/k_macro_m_STEPS;
+  macro-M on the macro rows (its one-hot has the 4 macros: VerifierConfig.actions, set by
+  macro.style_config); RUN/macro/k_twice_STEPS, RUN/macro/k_macro_m_STEPS;
 - per style and horizon H: a linear macro controller on [z, h] (Ha's C, 4 outputs) evolved with
   evosax in H-macro-step dreams from stored posteriors (dream.draw_starts), fitness the mean
   dream return over --rollouts dreams with common random numbers, one jitted generation; the
@@ -386,7 +385,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("runs", nargs="+", type=Path)
     p.add_argument("--horizons", nargs="+", type=int, default=[25, 50, 100])
-    p.add_argument("--generations", type=int, default=40)
+    p.add_argument("--generations", type=int, default=100)
     p.add_argument("--population", type=int, default=64)
     p.add_argument("--rollouts", type=int, default=16)
     p.add_argument("--episodes", type=int, default=100)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from wm_jax import checkpoint, controller, data, macro, transition, vae
+from wm_jax import checkpoint, controller, data, macro, transition, vae, verifier
 from wm_jax.config import (
     Config,
     ConfigError,
@@ -164,7 +164,8 @@ def test_old_m_checkpoint_config_without_actions_loads(tmp_path):
     for a, b in zip(jax.tree.leaves(saved), jax.tree.leaves(loaded)):
         np.testing.assert_array_equal(a, b)
     with pytest.raises(checkpoint.CheckpointError):  # a macro-M (4 actions) is another model: not loaded from there
-        transition.load(dataclasses.replace(full, transition=dataclasses.replace(tcfg, actions=4)), tmp_path)
+        transition.load(dataclasses.replace(full, transition=dataclasses.replace(tcfg, actions=4),
+                                            verifier=dataclasses.replace(full.verifier, actions=4)), tmp_path)
 
 
 def _rows():
@@ -192,8 +193,30 @@ def test_macro_m_with_four_actions_trains_and_imagines(tmp_path):
                                4, "macro_m")
     assert s.shape == (4,) and np.isfinite(np.asarray(s)).all()
     with pytest.raises(ValueError, match="transition.actions"):
-        macro.score_population(dataclasses.replace(cfg, transition=base.transition), jax.random.key(2), params, pop,
-                               jnp.asarray(mean), jnp.full_like(mean, -2.0), 3, 4, "macro_m")
+        macro.score_population(dataclasses.replace(cfg, transition=base.transition, verifier=base.verifier),
+                               jax.random.key(2), params, pop, jnp.asarray(mean), jnp.full_like(mean, -2.0), 3, 4,
+                               "macro_m")
+
+
+def test_macro_m_verifier_sees_every_macro(tmp_path):
+    """K judges macro-M's transitions with a one-hot of all its macros (VerifierConfig.actions, set
+    with M's by style_config): macros 2 and 3 are told apart; K's checkpoints at 2 actions record
+    no "actions" (they keep loading), and K and M must agree on the count."""
+    _, (mean, cols, index) = _rows()
+    arrays = macro.training_arrays(mean, np.full_like(mean, -2.0), cols, index)
+    base = Config(vae=dataclasses.replace(Config().vae, latent=LATENT), transition=_tcfg())
+    cfg = macro.style_config(base, "macro_m", macro.MACROS)
+    assert cfg.verifier.actions == 4 and macro.style_config(base, "twice", macro.MACROS).verifier.actions == 2
+    m_params = transition.init(jax.random.key(0), cfg.transition, LATENT)
+    small = dataclasses.replace(cfg, verifier=dataclasses.replace(
+        cfg.verifier, hidden=8, seq_len=4, train=dataclasses.replace(cfg.verifier.train, steps=3, batch=2, chunk=3)))
+    k_params, _ = verifier.train(small, jax.random.key(1), arrays, tmp_path, progress=False, m_params=m_params)
+    h, z = jnp.zeros((16,)), jnp.zeros((LATENT,))
+    conf = [float(verifier.confidence(small.verifier, k_params, h, z, a, z)) for a in range(4)]
+    assert len(set(conf)) == 4  # each macro its own input
+    assert verifier.model_config(small, LATENT)["actions"] == 4 and "actions" not in verifier.model_config(base, LATENT)
+    with pytest.raises(ConfigError, match="verifier.actions"):
+        dataclasses.replace(cfg, verifier=base.verifier)
 
 
 def test_action_count_validated_and_controller_shapes():

@@ -378,6 +378,9 @@ class VerifierConfig(_Section):
     threshold: float = traced(0.5)
     hidden: int = 128
     noise: float = 1.0  # perturbed negatives: z' + noise * (per-dimension spread of the posterior means) * eps
+    # How many actions K's one-hot has: M's (TransitionConfig.actions; a macro-M's macros);
+    # checkpoints record it only when it is not 2 (verifier.model_config)
+    actions: int = 2
     seq_len: int = 32  # windows for the open-loop negatives (drift of 1 .. seq_len - 1 steps)
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(steps=1000, batch=32, lr=1e-3, chunk=100, checkpoint_every=500)
@@ -385,7 +388,7 @@ class VerifierConfig(_Section):
 
     def __post_init__(self) -> None:
         _one_of(self, "mode", ("off", "weight", "cutoff"))
-        _positive(self, "hidden", "noise", "seq_len")
+        _positive(self, "hidden", "noise", "seq_len", "actions")
         if not 0.0 < self.threshold < 1.0:
             raise ConfigError(f"VerifierConfig.threshold must be in (0, 1), got {self.threshold!r}")
         if self.seq_len < 2:
@@ -435,6 +438,9 @@ class Config(_Section):
 
     def __post_init__(self) -> None:
         _seed(self, "seed")
+        if self.verifier.actions != self.transition.actions:  # K judges M's transitions, actions and all
+            raise ConfigError(f"verifier.actions ({self.verifier.actions}) must equal transition.actions "
+                              f"({self.transition.actions})")
 
     def for_round(self, r: int) -> Config:
         """The config of round r of Ha's iterative procedure: round 1 is this config; later rounds

@@ -67,11 +67,14 @@ def _check_style(style: str) -> None:
 
 def style_config(cfg: Config, style: str, macros: Macros) -> Config:
     """`cfg` for a style's macro controller: C scores len(macros) macros; for "macro_m", M's
-    action input is a macro index too (macro-M), for "twice" it stays the primitive one."""
+    action input is a macro index too (macro-M), and so is K's, which judges M's transitions; for
+    "twice" both stay primitive."""
     _check_style(style)
     n = len(validate(macros))
-    tcfg = cfg.transition if style == "twice" else dataclasses.replace(cfg.transition, actions=n)
-    return dataclasses.replace(cfg, transition=tcfg, controller=dataclasses.replace(cfg.controller, actions=n))
+    m_actions = NUM_ACTIONS if style == "twice" else n
+    return dataclasses.replace(cfg, transition=dataclasses.replace(cfg.transition, actions=m_actions),
+                               verifier=dataclasses.replace(cfg.verifier, actions=m_actions),
+                               controller=dataclasses.replace(cfg.controller, actions=n))
 
 
 def _check_config(cfg: Config, style: str, macros: Macros) -> None:
@@ -80,9 +83,10 @@ def _check_config(cfg: Config, style: str, macros: Macros) -> None:
     if cfg.controller.actions != n:
         raise ValueError(f"controller.actions={cfg.controller.actions} but there are {n} macros (use style_config)")
     want = NUM_ACTIONS if style == "twice" else n
-    if cfg.transition.actions != want:
-        raise ValueError(f"style {style!r} needs transition.actions={want}, got {cfg.transition.actions} "
-                         f"(use style_config)")
+    for section in ("transition", "verifier"):
+        got = getattr(cfg, section).actions
+        if got != want:
+            raise ValueError(f"style {style!r} needs {section}.actions={want}, got {got} (use style_config)")
 
 
 def training_arrays(mean: Any, logvar: Any, columns: dict[str, Any], index: Any, macros: Macros = MACROS

@@ -33,10 +33,11 @@ NEGATIVE_KINDS = ("one_step", "open_loop", "noise")
 
 class _Net(nn.Module):
     hidden: int
+    actions: int = NUM_ACTIONS
 
     @nn.compact
     def __call__(self, h, z, a, z_next):
-        onehot = jax.nn.one_hot(a, NUM_ACTIONS, dtype=z.dtype)
+        onehot = jax.nn.one_hot(a, self.actions, dtype=z.dtype)
         x = jnp.concatenate([h, z, onehot, z_next, z_next - z], axis=-1)
         x = nn.elu(nn.Dense(self.hidden, name="dense_0")(x))
         x = nn.elu(nn.Dense(self.hidden, name="dense_1")(x))
@@ -46,14 +47,14 @@ class _Net(nn.Module):
 def init(key: jax.Array, cfg: VerifierConfig, latent: int, hidden: int) -> Params:
     """Parameters of K for latents of size `latent` and M's hidden size `hidden`."""
     z = jnp.zeros((1, latent))
-    return _Net(cfg.hidden).init(key, jnp.zeros((1, hidden)), z, jnp.zeros((1,), jnp.int32), z)
+    return _Net(cfg.hidden, cfg.actions).init(key, jnp.zeros((1, hidden)), z, jnp.zeros((1,), jnp.int32), z)
 
 
 def logit(
     cfg: VerifierConfig, params: Params, h: jax.Array, z: jax.Array, a: jax.Array, z_next: jax.Array
 ) -> jax.Array:
     """K's logit that (h, z, a, z_next) is a real transition; any leading batch shape."""
-    return _Net(cfg.hidden).apply(params, h, z, jnp.asarray(a, jnp.int32), z_next)
+    return _Net(cfg.hidden, cfg.actions).apply(params, h, z, jnp.asarray(a, jnp.int32), z_next)
 
 
 def confidence(cfg: VerifierConfig, params: Params, h, z, a, z_next) -> jax.Array:
@@ -117,8 +118,11 @@ def _data(m_params: Params, arrays: dict[str, Any]) -> dict[str, Any]:
 
 
 def model_config(cfg: Config, latent: int) -> dict[str, Any]:
-    return {"hidden": cfg.verifier.hidden, "latent": int(latent), "m_hidden": cfg.transition.hidden,
-            "noise": cfg.verifier.noise, "seq_len": cfg.verifier.seq_len}
+    """What a checkpoint of K must agree on; the action count only when it is not CartPole's 2 (a
+    macro-M's K), so checkpoints written before it existed keep loading."""
+    out = {"hidden": cfg.verifier.hidden, "latent": int(latent), "m_hidden": cfg.transition.hidden,
+           "noise": cfg.verifier.noise, "seq_len": cfg.verifier.seq_len}
+    return out if cfg.verifier.actions == NUM_ACTIONS else {**out, "actions": cfg.verifier.actions}
 
 
 def train(cfg: Config, key: jax.Array, data: dict[str, Any], out_dir, progress: bool = True, *,
