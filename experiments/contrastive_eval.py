@@ -2,7 +2,8 @@
 controllers each M yields (docs/RESULTS.md section 11).
 
     python experiments/contrastive_eval.py RUN [RUN ...] [--variants plain contrastive=1.0]
-        [--generations 40] [--k-steps 500] [--pairs 64] [--out experiments/results]
+        [--generations 40] [--k-steps 500] [--pairs 32] [--out experiments/results]
+    python experiments/contrastive_eval.py --report   (only rewrite OUT/contrastive_eval.md from its .json)
 
 Each RUN (one per seed) must hold the M variants experiments/mitigations.py trained
 (RUN/mitigations/NAME: 2,000 steps from scratch on the run's round-1 random data, the same key).
@@ -170,19 +171,30 @@ def _ms(values, nd=2):
     return f"{np.mean(v):.{nd}f} +- {np.std(v):.{nd}f}" if len(v) > 1 else f"{v[0]:.{nd}f}"
 
 
+def _pooled(results: list[dict], imagined: str) -> float | None:
+    """The correlation over every (imagined, real) pair of these results' controllers. A seed whose
+    controllers all balance for the whole window has no spread in its real returns (its own
+    correlation is undefined); pooled over seeds it still counts."""
+    pairs = [c["paired"] for r in results for c in r["controllers"].values()]
+    value = stats.correlation([x for p in pairs for x in p[imagined]], [x for p in pairs for x in p["real"]])
+    return None if value is None or not np.isfinite(value) else float(value)
+
+
 def tables(seeds: list[dict], variants: list[str]) -> str:
     lines = [("K's held-out AUC (200 random episodes) and the controllers' real return (100 episodes); "
              "mean +- std over seeds, then per seed"), "",
              ("| M | K AUC one-step | open-loop | noise | drift 1 | drift 5 | drift 20 | K loss | "
              "real return, plain dream | real return, K-weighted dream | corr imagined/real (plain reward) | "
-             "corr (K-weighted reward) |"), "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "corr (K-weighted reward) | corr over all seeds' pairs (plain) | (K-weighted) |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name in variants:
         rs = [s["results"][name] for s in seeds]
         auc = [_ms([r["k_auc"][f"auc/{k}"] for r in rs]) for k in
                ("one_step", "open_loop", "noise", "drift_1", "drift_5", "drift_20")]
         real = [_ms([r["controllers"][m]["return_mean"] for r in rs], 1) for m in MODES]
         lines.append(f"| {name} | {' | '.join(auc)} | {_ms([r['k_final'].get('loss') for r in rs], 3)} | "
-                     f"{' | '.join(real)} | {_ms([r['corr_plain'] for r in rs])} | {_ms([r['corr_weighted'] for r in rs])} |")
+                     f"{' | '.join(real)} | {_ms([r['corr_plain'] for r in rs])} | {_ms([r['corr_weighted'] for r in rs])} | "
+                     f"{_f(_pooled(rs, 'imagined_off'))} | {_f(_pooled(rs, 'imagined_weight'))} |")
     lines += ["", ("| seed | M | dream reward | checks (16 episodes each) | real return mean +- std (min) | "
               "pairs | imagined / real 100-step return (mean) | corr plain | corr K-weighted |"),
               "|---|---|---|---|---|---|---|---|---|"]
@@ -200,14 +212,22 @@ def tables(seeds: list[dict], variants: list[str]) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("runs", nargs="+", type=Path)
+    p.add_argument("runs", nargs="*", type=Path)
     p.add_argument("--variants", nargs="+", default=["plain", "contrastive=1.0"])
     p.add_argument("--temperature", type=float, default=0.1, help="the contrastive loss's temperature (as trained)")
     p.add_argument("--generations", type=int, default=40)
     p.add_argument("--k-steps", type=int, default=500)
     p.add_argument("--pairs", type=int, default=32, help="real episodes whose states start the pairs")
     p.add_argument("--out", type=Path, default=Path("experiments/results"))
+    p.add_argument("--report", action="store_true", help="only rewrite OUT/contrastive_eval.md from its .json")
     args = p.parse_args()
+    if args.report:
+        saved = json.loads((args.out / "contrastive_eval.json").read_text())
+        (args.out / "contrastive_eval.md").write_text(tables(saved["seeds"], args.variants))
+        print(tables(saved["seeds"], args.variants))
+        return
+    if not args.runs:
+        p.error("give one finished run per seed (or --report)")
     for run in args.runs:
         if not (run / "agent.json").exists():
             p.error(f"{run}: not a finished run (no agent.json)")
