@@ -165,10 +165,12 @@ def _f(x, nd=2):
 
 
 def _ms(values, nd=2):
+    """mean +- std over the seeds that have a value, naming how many when some have none."""
     v = [x for x in values if x is not None]
     if not v:
         return "n/a"
-    return f"{np.mean(v):.{nd}f} +- {np.std(v):.{nd}f}" if len(v) > 1 else f"{v[0]:.{nd}f}"
+    out = f"{np.mean(v):.{nd}f} +- {np.std(v):.{nd}f}" if len(v) > 1 else f"{v[0]:.{nd}f}"
+    return out if len(v) == len(values) else f"{out} ({len(v)} of {len(values)} seeds)"
 
 
 def _pooled(results: list[dict], imagined: str) -> float | None:

@@ -209,6 +209,18 @@ def test_a_solved_agent_with_every_round_run_and_a_step_budget(tmp_path):
     assert summary["agent_round"] == (2 if reals[1] >= reals[0] else 1)  # ties: the M that saw more data
 
 
+def test_run_refuses_a_macro_controllers_config(tmp_path):
+    """The pipeline plays CartPole's two actions: a config with a macro controller's action count
+    is refused by name before anything runs."""
+    from wm_jax import macro
+    from wm_jax.config import ConfigError
+
+    cfg = macro.style_config(SMOKE, "twice", macro.MACROS)
+    with pytest.raises(ConfigError, match="controller.actions=4"):
+        pipeline.run(cfg, tmp_path / "macro", progress=False)
+    assert not (tmp_path / "macro").exists()
+
+
 def test_dream_real_corr_is_finite(finished):
     """The smoke preset must check the CMA-ES mean at least 3 times, or the correlation is NaN."""
     _, summary = finished

@@ -235,9 +235,11 @@ def collect(
 ) -> datasets.Dataset:
     """Run `num_episodes` episodes of `policy` (default: uniform random) and return a Dataset.
 
-    With `max_rows`, the collection stops once it holds that many steps: the episodes run in order
-    and the one that reaches the budget is cut there (a time limit: its last row has no done), and
-    the episodes after it are not kept. Their steps are never counted, as if never run.
+    With `max_rows`, the collection holds that many steps at most: in episode order, the episode
+    that reaches the budget is cut there (a time limit: its last row has no done) and the episodes
+    after it are dropped. A chunk's episodes run side by side, so the dropped rows were simulated,
+    but they are discarded and not counted: the data and the count are those of an agent stopped
+    at the budget.
 
     All episodes of a chunk run in one jitted program: a fixed-length scan of `max_steps` with a
     validity mask, vmapped over episodes. Frames are rendered afterwards from the stored states

@@ -38,7 +38,8 @@ from wm_jax import (
     video,
 )
 from wm_jax import data as data_lib
-from wm_jax.config import Config
+from wm_jax.config import Config, ConfigError
+from wm_jax.env import NUM_ACTIONS
 from wm_jax.run_dir import RunDirError
 
 STRIP_STEPS = 10  # episode_strip.png: the first steps of the episode the video shows
@@ -210,6 +211,10 @@ def run(cfg: Config, out: Path | str, progress: bool = True) -> dict[str, Any]:
     (KeyboardInterrupt); the same call resumes. A rerun of a finished run rewrites the derived files
     (agent.json, controller.npy, summary.json) that are missing or damaged."""
     out = Path(out)
+    if (cfg.transition.actions, cfg.controller.actions) != (NUM_ACTIONS, NUM_ACTIONS):
+        raise ConfigError(f"the pipeline plays CartPole's {NUM_ACTIONS} actions; transition.actions="
+                          f"{cfg.transition.actions} and controller.actions={cfg.controller.actions} are a macro "
+                          f"controller's (wm_jax.macro)")
     with run_dir.locked(out), interrupt.deferred():
         _check_config(out, cfg)
         stages = _Stages(out, progress)
