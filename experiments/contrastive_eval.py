@@ -37,6 +37,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import results_doc  # experiments/, on sys.path when a script runs
 
 from wm_jax import (
     data,
@@ -161,16 +162,11 @@ def _seed(run: Path, args) -> dict:
 
 
 def _f(x, nd=2):
-    return "n/a" if x is None else f"{x:.{nd}f}"
+    return results_doc.fmt(x, nd)
 
 
 def _ms(values, nd=2):
-    """mean +- std over the seeds that have a value, naming how many when some have none."""
-    v = [x for x in values if x is not None]
-    if not v:
-        return "n/a"
-    out = f"{np.mean(v):.{nd}f} +- {np.std(v):.{nd}f}" if len(v) > 1 else f"{v[0]:.{nd}f}"
-    return out if len(v) == len(values) else f"{out} ({len(v)} of {len(values)} seeds)"
+    return results_doc.mean_std(values, nd)
 
 
 def _pooled(results: list[dict], imagined: str) -> float | None:

@@ -53,6 +53,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import results_doc  # experiments/, on sys.path when a script runs
 from evosax.algorithms import CMA_ES, Sep_CMA_ES
 
 from wm_jax import (
@@ -280,15 +281,11 @@ def _seed(run: Path, args) -> dict:
 
 
 def _f(x, nd=1):
-    return "n/a" if x is None else f"{x:.{nd}f}"
+    return results_doc.fmt(x, nd)
 
 
 def _ms(values, nd=1):
-    """mean +- spread (std) over seeds of the values that exist."""
-    v = [x for x in values if x is not None]
-    if not v:
-        return "n/a"
-    return f"{np.mean(v):.{nd}f} +- {np.std(v):.{nd}f}" if len(v) > 1 else f"{v[0]:.{nd}f}"
+    return results_doc.mean_std(values, nd)
 
 
 def tables(seeds: list[dict], horizons) -> str:

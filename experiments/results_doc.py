@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
+
 
 def write(path: Path, text: str) -> None:
     """`text` to `path` atomically (a temporary file beside it, then a rename)."""
@@ -22,3 +24,18 @@ def update_block(path: Path, text: str, begin: str, end: str) -> bool:
     head, rest = doc.split(begin, 1)
     write(path, head + begin + "\n" + text + rest[rest.index(end):])
     return True
+
+
+def fmt(x: float | None, nd: int = 1) -> str:
+    """A table cell: the number to `nd` decimals, "n/a" for None."""
+    return "n/a" if x is None else f"{x:.{nd}f}"
+
+
+def mean_std(values: list[float | None], nd: int = 1) -> str:
+    """A table cell: mean +- std (over seeds) of the values that exist, naming how many when some
+    are missing; one value alone, "n/a" for none."""
+    v = [x for x in values if x is not None]
+    if not v:
+        return "n/a"
+    out = f"{np.mean(v):.{nd}f} +- {np.std(v):.{nd}f}" if len(v) > 1 else f"{v[0]:.{nd}f}"
+    return out if len(v) == len(values) else f"{out} ({len(v)} of {len(values)} seeds)"
