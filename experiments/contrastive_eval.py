@@ -4,6 +4,7 @@ controllers each M yields (docs/RESULTS.md section 11).
     python experiments/contrastive_eval.py RUN [RUN ...] [--variants plain contrastive=1.0]
         [--generations 40] [--k-steps 500] [--pairs 32] [--out experiments/results]
     python experiments/contrastive_eval.py --report   (only rewrite OUT/contrastive_eval.md from its .json)
+    python experiments/contrastive_eval.py RUN [RUN ...] --drift   (add each M's drift curves with K)
 
 Each RUN (one per seed) must hold the M variants experiments/mitigations.py trained
 (RUN/mitigations/NAME: 2,000 steps from scratch on the run's round-1 random data, the same key).
@@ -42,6 +43,7 @@ import results_doc  # experiments/, on sys.path when a script runs
 from wm_jax import (
     data,
     dream,
+    drift,
     evolve,
     pipeline,
     rollout,
@@ -161,6 +163,28 @@ def _seed(run: Path, args) -> dict:
     return res
 
 
+DRIFT_K = (1, 20, 50, 100)
+
+
+def _drift(run: Path, res: dict, args) -> dict:
+    """Each M's drift curves with K (wm_jax.drift.measure: latent MSE, KL, decoded-frame error on 32
+    rollouts, K's confidence) along 20 held-out agent episodes (seed 1000, as mitigations.py)."""
+    cfg, params = run_dir.load_agent(run)
+    held = drift.pad_episodes(pipeline.collect_encoded(cfg, params, "agent", 20, 1000))
+    out = {}
+    for name in args.variants:
+        vcfg = _variant(cfg, name, args.temperature)
+        vcfg = dataclasses.replace(vcfg, verifier=dataclasses.replace(vcfg.verifier, train=dataclasses.replace(
+            vcfg.verifier.train, steps=args.k_steps)))
+        m = transition.load(vcfg, run / "mitigations" / name.replace("=", "_"))
+        k = verifier.load(vcfg, run / "contrastive_eval" / f"k_{name.replace('=', '_')}_{args.k_steps}")
+        d = drift.measure(vcfg, jax.random.key(7), {"vae": params["vae"], "transition": m, "verifier": k}, held,
+                          max_k=max(DRIFT_K), stride=25, decode_pairs=32)
+        out[name] = {metric: {str(i): d[metric][i] for i in DRIFT_K} for metric in drift.METRICS}
+        _log(f"seed {cfg.seed} {name} drift: {out[name]}")
+    return out
+
+
 def _f(x, nd=2):
     return results_doc.fmt(x, nd)
 
@@ -193,6 +217,15 @@ def tables(seeds: list[dict], variants: list[str]) -> str:
         lines.append(f"| {name} | {' | '.join(auc)} | {_ms([r['k_final'].get('loss') for r in rs], 3)} | "
                      f"{' | '.join(real)} | {_ms([r['corr_plain'] for r in rs])} | {_ms([r['corr_weighted'] for r in rs])} | "
                      f"{_f(_pooled(rs, 'imagined_off'))} | {_f(_pooled(rs, 'imagined_weight'))} |")
+    if all("drift" in s for s in seeds):
+        lines += ["", ("Drift along 20 held-out agent episodes (open loop; decoded-frame error on 32 rollouts), "
+                      "mean +- std over seeds"), "",
+                  "| M | " + " | ".join(f"{m} k={i}" for m in drift.METRICS for i in DRIFT_K) + " |",
+                  "|---|" + "---|" * (len(drift.METRICS) * len(DRIFT_K))]
+        for name in variants:
+            cells = [_ms([s["drift"][name][m][str(i)] for s in seeds], 4 if m != "kl" else 1)
+                     for m in drift.METRICS for i in DRIFT_K]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", ("| seed | M | dream reward | checks (16 episodes each) | real return mean +- std (min) | "
               "pairs | imagined / real 100-step return (mean) | corr plain | corr K-weighted |"),
               "|---|---|---|---|---|---|---|---|---|"]
@@ -218,8 +251,15 @@ def main() -> None:
     p.add_argument("--pairs", type=int, default=32, help="real episodes whose states start the pairs")
     p.add_argument("--out", type=Path, default=Path("experiments/results"))
     p.add_argument("--report", action="store_true", help="only rewrite OUT/contrastive_eval.md from its .json")
+    p.add_argument("--drift", action="store_true",
+                   help="add each M's drift curves with K to OUT/contrastive_eval.json (RUNs in the same order)")
     args = p.parse_args()
-    if args.report:
+    if args.drift:  # add the drift curves to a finished OUT/contrastive_eval.json
+        saved = json.loads((args.out / "contrastive_eval.json").read_text())
+        for seed, run in zip(saved["seeds"], args.runs, strict=True):
+            seed["drift"] = run_dir.finite_or_none(_drift(run, seed, args))
+        run_dir.write_json(args.out / "contrastive_eval.json", saved)
+    if args.report or args.drift:
         saved = json.loads((args.out / "contrastive_eval.json").read_text())
         (args.out / "contrastive_eval.md").write_text(tables(saved["seeds"], args.variants))
         print(tables(saved["seeds"], args.variants))
