@@ -166,7 +166,7 @@ def _seed(run: Path, args) -> dict:
 DRIFT_K = (1, 20, 50, 100)
 
 
-def _drift(run: Path, res: dict, args) -> dict:
+def _drift(run: Path, args) -> dict:
     """Each M's drift curves with K (wm_jax.drift.measure: latent MSE, KL, decoded-frame error on 32
     rollouts, K's confidence) along 20 held-out agent episodes (seed 1000, as mitigations.py)."""
     cfg, params = run_dir.load_agent(run)
@@ -257,7 +257,7 @@ def main() -> None:
     if args.drift:  # add the drift curves to a finished OUT/contrastive_eval.json
         saved = json.loads((args.out / "contrastive_eval.json").read_text())
         for seed, run in zip(saved["seeds"], args.runs, strict=True):
-            seed["drift"] = run_dir.finite_or_none(_drift(run, seed, args))
+            seed["drift"] = run_dir.finite_or_none(_drift(run, args))
         run_dir.write_json(args.out / "contrastive_eval.json", saved)
     if args.report or args.drift:
         saved = json.loads((args.out / "contrastive_eval.json").read_text())
