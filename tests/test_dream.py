@@ -649,12 +649,23 @@ def test_bfloat16_dream_matches_float32():
     assert np.corrcoef(fp32, bf16)[0, 1] > 0.95
 
 
-def test_a_search_compiles_its_period_once(tmp_path):
+def _score_reading_m(cfg, hp, key, world, population, pool):
+    """The toy score, reading M's parameters as the dream does (adding zero)."""
+    return _toy_score(cfg, hp, key, world, population, pool) + 0.0 * jax.tree.leaves(world.m_params)[0].sum()
+
+
+@pytest.mark.parametrize("restored", [False, True])
+def test_a_search_compiles_its_period_once(tmp_path, restored):
     """evosax's init leaves weakly typed fields that a period's output does not have: unless init
-    fixes the dtypes, the second period compiles the program again."""
+    fixes the dtypes, the second period compiles the program again. Likewise with M's parameters
+    restored from a checkpoint (committed to the device, as the pipeline's are): a period's outputs
+    are committed then, and the first period's inputs must be too."""
     cfg = _toy_cfg(population=8, generations=30, gens_per_call=5, check_every=10, sigma=0.1)
+    world = _toy_world()
+    if restored:
+        world = world.replace(m_params=jax.device_put(world.m_params, jax.devices()[0]))
     before = evolve._period_cells._cache_size()
-    evolve.evolve(cfg, jax.random.key(23), _toy_world(), tmp_path, progress=False, score=_toy_score, check=_TOY_CHECK)
+    evolve.evolve(cfg, jax.random.key(23), world, tmp_path, progress=False, score=_score_reading_m, check=_TOY_CHECK)
     assert evolve._period_cells._cache_size() - before == 1
 
 

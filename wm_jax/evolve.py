@@ -297,8 +297,9 @@ def search(
               "check": getattr(check, "__qualname__", str(check))}
     restored = checkpoint.restore_latest(out_dir / "checkpoints", state, stored, set_aside=True)
     done = 0 if restored is None else int(restored[0])
-    if restored is not None:
-        state = sharding.put_replicated(restored[1])
+    # committed as the periods' outputs are (the world's restored parameters are): otherwise the
+    # second period compiles the program again (7 s a round on the cpu preset)
+    state = sharding.commit(state if restored is None else restored[1])
     checks = _read_jsonl(out_dir / "evolve.jsonl", done)
     history = _read_jsonl(out_dir / "generations.jsonl", done)
     mngr = checkpoint.manager(out_dir / "checkpoints")

@@ -48,6 +48,17 @@ def replicated(tree: Any) -> Any:
     return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, s), tree)
 
 
+def commit(tree: Any) -> Any:
+    """Outside jit: each array committed to the devices (one device: that device; several: a copy
+    on each, as put_replicated). A jitted program compiles once per placement of its arguments, and
+    its outputs are committed when an argument it reads is (parameters restored from a checkpoint,
+    say): a loop that feeds a program's outputs back in commits its first inputs, or the second
+    call compiles the program again."""
+    if jax.device_count() == 1:
+        return jax.device_put(tree, jax.devices()[0])
+    return put_replicated(tree)
+
+
 def put_replicated(tree: Any) -> Any:
     """Outside jit: place a copy of each array on every device of the mesh.
 
