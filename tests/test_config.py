@@ -56,6 +56,8 @@ BAD = [
     (RoundsConfig, {"rounds": 0}, "RoundsConfig.rounds"),
     (RoundsConfig, {"env_steps": 0}, "RoundsConfig.env_steps"),
     (RoundsConfig, {"env_steps": True}, "RoundsConfig.env_steps"),
+    (RoundsConfig, {"min_rounds": 0}, "RoundsConfig.min_rounds"),
+    (RoundsConfig, {"rounds": 2, "min_rounds": 3}, "RoundsConfig.min_rounds"),
     # population
     (EvolveConfig, {"population": 1}, "EvolveConfig.population"),
     (EvolveConfig, {"population": 0}, "EvolveConfig.population"),
@@ -100,6 +102,7 @@ def test_boundaries_are_accepted():
     EvolveConfig(population=2)
     RoundsConfig(action_noise=0.0)
     RoundsConfig(action_noise=1.0)
+    RoundsConfig(rounds=2, min_rounds=2)
     VAEConfig(kl_ramp_steps=100, train=TrainConfig(steps=100))  # ramp == training is fine
     VAEConfig(kl_ramp_steps=0, train=TrainConfig(steps=1))
     TransitionConfig(head="gaussian")

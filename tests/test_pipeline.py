@@ -187,13 +187,29 @@ def test_a_solved_agent_ends_the_search_and_the_rounds(tmp_path):
     assert agent.act(agent.initial_carry(), obs)[0] in (0, 1)
 
 
+@pytest.mark.parametrize("r,best_real,min_rounds,skip_solved,skipped", [
+    (1, 500.0, 1, True, False),  # round 1 always runs
+    (2, 500.0, 1, True, True),
+    (2, 474.0, 1, True, False),  # not solved
+    (2, 500.0, 2, True, False),  # within min_rounds
+    (3, 500.0, 2, True, True),
+    (2, 500.0, 1, False, False),  # skip_solved off: every round runs
+    (3, 500.0, 2, False, False),
+])
+def test_which_rounds_a_solved_agent_skips(r, best_real, min_rounds, skip_solved, skipped):
+    cfg = dataclasses.replace(SMOKE, evolve=dataclasses.replace(SMOKE.evolve, stop_at=475.0), rounds=dataclasses.replace(
+        SMOKE.rounds, rounds=3, min_rounds=min_rounds, skip_solved=skip_solved))
+    assert pipeline._skipped(cfg, r, best_real) == skipped
+    assert not pipeline._skipped(dataclasses.replace(cfg, evolve=SMOKE.evolve), r, best_real)  # no stop_at
+
+
 def test_a_solved_agent_with_every_round_run_and_a_step_budget(tmp_path):
-    """rounds.skip_solved=False: round 2 runs although round 1's check reached stop_at (its search
+    """rounds.min_rounds=2: round 2 runs although round 1's check reached stop_at (its search
     still stops at its first check), and rounds.env_steps caps its collection, cutting the episode
     that reaches the budget; every step is counted once."""
     budget = 7
     cfg = dataclasses.replace(SMOKE, evolve=dataclasses.replace(SMOKE.evolve, stop_at=0.0),
-                              rounds=dataclasses.replace(SMOKE.rounds, skip_solved=False, env_steps=budget))
+                              rounds=dataclasses.replace(SMOKE.rounds, min_rounds=2, env_steps=budget))
     out = tmp_path / "every-round"
     summary = pipeline.run(cfg, out, progress=False)
     stages = json.loads((out / "stages.json").read_text())

@@ -411,9 +411,15 @@ class RoundsConfig(_Section):
     # Skip the later rounds once the best agent's real check reaches evolve.stop_at (False: every
     # round runs; stop_at then only ends each search early).
     skip_solved: bool = True
+    # Rounds 1..min_rounds run even after a check reached evolve.stop_at (later ones are skipped as
+    # skip_solved says): a few check episodes can pass an agent by luck, and a round-1 agent's M
+    # has never seen the agent's own data (docs/RESULTS.md section 8).
+    min_rounds: int = 1
 
     def __post_init__(self) -> None:
-        _positive(self, "rounds", "episodes", "transition_steps", "generations")
+        _positive(self, "rounds", "episodes", "transition_steps", "generations", "min_rounds")
+        if self.min_rounds > self.rounds:
+            raise ConfigError(f"RoundsConfig.min_rounds ({self.min_rounds}) must be at most rounds ({self.rounds})")
         for name in ("horizon", "env_steps"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):

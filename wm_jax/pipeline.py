@@ -4,7 +4,8 @@
 finishes, and a rerun with the same command skips finished stages (training stages also resume
 mid-way from their checkpoints). With cfg.rounds.rounds > 1, Ha's iterative procedure follows:
 collect with the current controller (with action noise), fine-tune M on all data, evolve again;
-with evolve.stop_at set, the rounds end once a real check of the best agent reaches it.
+with evolve.stop_at set, the rounds after rounds.min_rounds end once a real check of the best agent
+reaches it.
 """
 
 from __future__ import annotations
@@ -259,7 +260,7 @@ def _run(ctx: _Run) -> dict[str, Any]:
     ctx.stages.run("vae", lambda: _train_vae(ctx), inputs=ctx.data_ids(), folder=out / "vae")
     ctx.vae_params, ctx.vae_id = ctx.load("vae", "vae", vae.load, cfg)
     for r in range(1, cfg.rounds.rounds + 1):  # round 1 on random data, later ones on the agent's
-        if r > 1 and cfg.rounds.skip_solved and _solved(cfg, ctx.best["real"]):
+        if _skipped(cfg, r, None if ctx.best is None else ctx.best["real"]):
             later = f"round {r}" if r == cfg.rounds.rounds else f"rounds {r}-{cfg.rounds.rounds}"
             ctx.stages.note(f"{later} skipped: the agent's real check reached "
                             f"evolve.stop_at={cfg.evolve.stop_at:g} ({ctx.best['real']:g})")
@@ -282,6 +283,13 @@ def _solved(cfg: Config, best_real: float) -> bool:
     """The best agent's real check reached evolve.stop_at: the rounds after it are skipped (their
     data and checks would cost real steps to replace an agent that is already as good as asked)."""
     return cfg.evolve.stop_at is not None and best_real >= cfg.evolve.stop_at
+
+
+def _skipped(cfg: Config, r: int, best_real: float | None) -> bool:
+    """Round r (and every later one) is skipped: it is past rounds.min_rounds, rounds.skip_solved
+    is on, and the best agent's check (None before the first) reached evolve.stop_at."""
+    return (r > cfg.rounds.min_rounds and cfg.rounds.skip_solved and best_real is not None
+            and _solved(cfg, best_real))
 
 
 def _rounds_run(cfg: Config, done: dict[str, Any]) -> list[int]:
