@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from wm_jax import data, drift, stats, transition, vae
+from wm_jax import data, drift, run_dir, stats, transition, vae
 from wm_jax.config import Config
 
 
@@ -82,7 +82,7 @@ def main() -> None:
     # the last round that ran (a run skips its later rounds once its agent is solved: evolve.stop_at)
     last = max((r for r in range(2, cfg.rounds.rounds + 1) if (run / f"transition_round{r}").is_dir()), default=None)
     if last is not None:
-        m_final = transition.load(cfg.for_round(last), run / f"transition_round{last}")
+        m_final = transition.load(run_dir.round_config(cfg, run_dir.read_stages(run), last), run / f"transition_round{last}")
         result["m_final"] = m_metrics(cfg, m_final, rows)
     for name in ("vae", "transition"):
         stage = json.loads((run / "stages.json").read_text()).get(name, {})

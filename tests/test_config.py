@@ -57,6 +57,8 @@ BAD = [
     (RoundsConfig, {"env_steps": 0}, "RoundsConfig.env_steps"),
     (RoundsConfig, {"env_steps": True}, "RoundsConfig.env_steps"),
     (RoundsConfig, {"min_rounds": 0}, "RoundsConfig.min_rounds"),
+    (RoundsConfig, {"transition_rows_per_step": 0}, "RoundsConfig.transition_rows_per_step"),
+    (RoundsConfig, {"transition_rows_per_step": True}, "RoundsConfig.transition_rows_per_step"),
     (RoundsConfig, {"rounds": 2, "min_rounds": 3}, "RoundsConfig.min_rounds"),
     # population
     (EvolveConfig, {"population": 1}, "EvolveConfig.population"),
@@ -212,6 +214,20 @@ def test_for_round_sets_the_later_rounds_sizes():
     assert r2.vae == cfg.vae and r2.evolve.tau == cfg.evolve.tau
     smoke = get_preset("smoke")  # rounds.horizon None: the dreams keep evolve.horizon
     assert smoke.for_round(2).evolve.horizon == smoke.evolve.horizon
+
+
+def test_fine_tuning_steps_can_follow_the_rounds_new_rows():
+    """rounds.transition_rows_per_step: round r fine-tunes M for its new rows // it steps (at
+    least 1); without the rows the config cannot be made, and the error says why."""
+    cfg = dataclasses.replace(get_preset("cpu"), rounds=dataclasses.replace(get_preset("cpu").rounds,
+                                                                            transition_rows_per_step=8))
+    assert cfg.for_round(2, 5101).transition.train.steps == 637
+    assert cfg.for_round(2, 8000).transition.train.steps == 1000
+    assert cfg.for_round(2, 3).transition.train.steps == 1
+    assert cfg.for_round(1) is cfg
+    with pytest.raises(ConfigError, match="transition_rows_per_step=8"):
+        cfg.for_round(2)
+    assert get_preset("cpu").for_round(2, 8000).transition.train.steps == get_preset("cpu").rounds.transition_steps
 
 
 def test_hyper_is_the_traced_fields_and_static_hides_them():

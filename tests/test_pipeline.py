@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from wm_jax import cli, data, evolve, pipeline, rollout, stats, transition, vae
+from wm_jax import cli, data, evolve, pipeline, rollout, run_dir, stats, transition, vae
 from wm_jax.agent import Agent
 from wm_jax.config import get_preset
 from wm_jax.env import PixelCartPole
@@ -208,8 +208,8 @@ def test_a_solved_agent_with_every_round_run_and_a_step_budget(tmp_path):
     still stops at its first check), and rounds.env_steps caps its collection, cutting the episode
     that reaches the budget; every step is counted once."""
     budget = 7
-    cfg = dataclasses.replace(SMOKE, evolve=dataclasses.replace(SMOKE.evolve, stop_at=0.0),
-                              rounds=dataclasses.replace(SMOKE.rounds, min_rounds=2, env_steps=budget))
+    cfg = dataclasses.replace(SMOKE, evolve=dataclasses.replace(SMOKE.evolve, stop_at=0.0), rounds=dataclasses.replace(
+        SMOKE.rounds, min_rounds=2, env_steps=budget, transition_rows_per_step=2))
     out = tmp_path / "every-round"
     summary = pipeline.run(cfg, out, progress=False)
     stages = json.loads((out / "stages.json").read_text())
@@ -223,6 +223,15 @@ def test_a_solved_agent_with_every_round_run_and_a_step_budget(tmp_path):
         stages[f"evolve_round{r}"]["checks"][0]["env_steps"] for r in (1, 2)))
     reals = [stages[f"evolve_round{r}"]["best_real"] for r in (1, 2)]
     assert summary["agent_round"] == (2 if reals[1] >= reals[0] else 1)  # ties: the M that saw more data
+    # rounds.transition_rows_per_step: round 2 fine-tuned M for its 7 new rows // 2 = 3 steps, and
+    # its M loads with the round's config read back from the stages
+    assert stages["transition_round2"]["outputs"]["transition_round2"]["step"] == budget // 2
+    r2 = run_dir.round_config(cfg, stages, 2)
+    assert r2.transition.train.steps == budget // 2
+    transition.load(r2, out / "transition_round2", run_dir.stage_output(stages, "transition_round2", "transition_round2"))
+    if summary["agent_round"] == 2:
+        assert json.loads((out / "agent.json").read_text())["transition_steps"] == budget // 2
+    Agent.load(out)
 
 
 def test_run_refuses_a_macro_controllers_config(tmp_path):

@@ -415,12 +415,16 @@ class RoundsConfig(_Section):
     # skip_solved says): a few check episodes can pass an agent by luck, and a round-1 agent's M
     # has never seen the agent's own data (docs/RESULTS.md section 8).
     min_rounds: int = 1
+    # When set, a later round fine-tunes M for (the rows that round collected) // this steps (at
+    # least 1) instead of transition_steps: fine-tuning in proportion to the new data. Config.for_round
+    # then needs the rows (run_dir.round_config reads them from the collect stage's record).
+    transition_rows_per_step: int | None = None
 
     def __post_init__(self) -> None:
         _positive(self, "rounds", "episodes", "transition_steps", "generations", "min_rounds")
         if self.min_rounds > self.rounds:
             raise ConfigError(f"RoundsConfig.min_rounds ({self.min_rounds}) must be at most rounds ({self.rounds})")
-        for name in ("horizon", "env_steps"):
+        for name in ("horizon", "env_steps", "transition_rows_per_step"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
                 raise ConfigError(f"RoundsConfig.{name} must be a positive int or None, got {value!r}")
@@ -448,17 +452,24 @@ class Config(_Section):
             raise ConfigError(f"verifier.actions ({self.verifier.actions}) must equal transition.actions "
                               f"({self.transition.actions})")
 
-    def for_round(self, r: int) -> Config:
+    def for_round(self, r: int, new_rows: int | None = None) -> Config:
         """The config of round r of Ha's iterative procedure: round 1 is this config; later rounds
-        fine-tune M for rounds.transition_steps and evolve for rounds.generations generations in
-        dreams of rounds.horizon steps (when set)."""
+        fine-tune M for rounds.transition_steps (or, with rounds.transition_rows_per_step, for
+        new_rows // it steps: new_rows is the rows round r collected) and evolve for
+        rounds.generations generations in dreams of rounds.horizon steps (when set)."""
         if r == 1:
             return self
+        steps, per = self.rounds.transition_steps, self.rounds.transition_rows_per_step
+        if per is not None:
+            if new_rows is None:
+                raise ConfigError(f"round {r}'s config needs the rows it collected: rounds.transition_rows_per_step="
+                                  f"{per} sets M's fine-tuning steps from them")
+            steps = max(1, int(new_rows) // per)
         horizon = self.evolve.horizon if self.rounds.horizon is None else self.rounds.horizon
         return dataclasses.replace(
             self,
             transition=dataclasses.replace(
-                self.transition, train=dataclasses.replace(self.transition.train, steps=self.rounds.transition_steps)),
+                self.transition, train=dataclasses.replace(self.transition.train, steps=steps)),
             evolve=dataclasses.replace(self.evolve, generations=self.rounds.generations, horizon=horizon),
         )
 

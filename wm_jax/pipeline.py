@@ -267,7 +267,7 @@ def _run(ctx: _Run) -> dict[str, Any]:
             break
         _round(ctx, r)
     assert ctx.best is not None
-    _write_agent_files(out, cfg, ctx.best["round"], ctx.best["ctrl"], ctx.best["ctrl_id"])
+    _write_agent_files(out, cfg, ctx.stages.done, ctx.best["round"], ctx.best["ctrl"], ctx.best["ctrl_id"])
     ev = ctx.stages.run("evaluate", lambda: _evaluate(ctx), inputs=_agent_id(ctx))
     summary = _summary(ctx, ev)
     run_dir.write_json(out / "summary.json", summary)
@@ -323,12 +323,13 @@ def _controller(out: Path, done: dict[str, Any], r: int) -> tuple[np.ndarray, st
     return ctrl, identity
 
 
-def _write_agent_files(out: Path, cfg: Config, r: int, ctrl: np.ndarray, ctrl_id: str) -> None:
+def _write_agent_files(out: Path, cfg: Config, done: dict[str, Any], r: int, ctrl: np.ndarray, ctrl_id: str) -> None:
     """agent.json and controller.npy: the final agent (round r's M and controller), rewritten only
     when missing or different (a rerun repairs them from the stages' records)."""
     m_dir = "transition" if r == 1 else f"transition_round{r}"
     meta = {"round": r, "transition_dir": m_dir,
-            "transition_steps": cfg.for_round(r).transition.train.steps if r > 1 else None, "config": cfg.to_dict()}
+            "transition_steps": run_dir.round_config(cfg, done, r).transition.train.steps if r > 1 else None,
+            "config": cfg.to_dict()}
     try:
         same = json.loads((out / "agent.json").read_text()) == run_dir.finite_or_none(meta)
     except (OSError, ValueError, UnicodeDecodeError):
@@ -354,7 +355,7 @@ def _repair_agent_files(out: Path, cfg: Config, stages: _Stages) -> None:
         if path.parent.is_dir() and run_dir.read_controller(path, ctrl_id) is None:
             run_dir.save_npy(path, ctrl)
     r = _best_round(cfg, done)
-    _write_agent_files(out, cfg, r, *_controller(out, done, r))
+    _write_agent_files(out, cfg, done, r, *_controller(out, done, r))
 
 
 def _collect(ctx: _Run, r: int) -> dict[str, Any]:
@@ -437,11 +438,12 @@ def _latents(ctx: _Run, r: int, arrays: dict[str, Any], index: data_lib.EpisodeI
 def _round(ctx: _Run, r: int) -> None:
     """One round of Ha's iterative procedure: (collect with the best agent,) encode, train or
     fine-tune M (and K), evolve C in M's dreams; the best agent is updated from its real checks."""
-    cfg, out, stages = ctx.cfg.for_round(r), ctx.out, ctx.stages
+    out, stages = ctx.out, ctx.stages
     if r > 1:
         got = stages.run(f"collect_round{r}", lambda: _collect(ctx, r), inputs=_agent_id(ctx))
         ctx.real_env_steps += got["env_steps"]
         ctx.data_paths.append(out / "data" / f"round{r}")
+    cfg = run_dir.round_config(ctx.cfg, stages.done, r)  # after the collection: M's steps may follow its rows
     arrays = run_dir.load_arrays(ctx.data_paths)
     index = data_lib.EpisodeIndex.from_columns(arrays["episode"], arrays["t"])
     lat, ctx.lat_id = _latents(ctx, r, arrays, index, ctx.latents)
@@ -554,7 +556,7 @@ def imagined_steps(cfg: Config, done: dict[str, Any]) -> int:
     """Imagined steps the controller searches computed, over every round run (evolve.imagined_steps)."""
     total = 0
     for r in _rounds_run(cfg, done):
-        rec, rcfg = done[f"evolve_round{r}"], cfg.for_round(r)
+        rec, rcfg = done[f"evolve_round{r}"], run_dir.round_config(cfg, done, r)
         if "imagined_steps" not in rec:  # recorded before the count was
             rec = {"imagined_steps": evolve.imagined_steps(rcfg, rec.get("generations", rcfg.evolve.generations),
                                                            len(rec["checks"]))}

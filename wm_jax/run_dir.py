@@ -89,6 +89,13 @@ def locked(directory: Path | str) -> Iterator[None]:
         os.close(fd)  # closing the descriptor releases the lock
 
 
+def round_config(cfg: Config, stages: dict[str, Any], r: int) -> Config:
+    """Round r's config (Config.for_round) with the rows its collection recorded in `stages`
+    (stages.json's records): M's fine-tuning steps follow them under rounds.transition_rows_per_step."""
+    rows = stages.get(f"collect_round{r}", {}).get("rows") if r > 1 else None
+    return cfg.for_round(r, rows)
+
+
 def read_stages(run: Path | str) -> dict[str, Any]:
     """stages.json ({} before the first stage finished); damage is a RunDirError."""
     path = Path(run) / "stages.json"
@@ -206,7 +213,7 @@ def load_agent(run: Path | str) -> tuple[Config, dict[str, Any]]:
     # The M the controller was evolved with: its round's config (fine-tuning rounds train fewer
     # steps). agent.json files older than the "round" field name a fine-tuned M by its steps.
     try:
-        m_params = transition.load(cfg.for_round(r), run / m_dir, stage_output(stages, m_dir, m_dir))
+        m_params = transition.load(round_config(cfg, stages, r), run / m_dir, stage_output(stages, m_dir, m_dir))
     except checkpoint.Damaged as e:
         raise damaged(run, m_dir, m_dir, e) from None
     ctrl = read_controller(run / "controller.npy", stage_output(stages, f"evolve_round{r}", f"evolve_round{r}"))
@@ -244,7 +251,8 @@ def load_verifier(run: Path | str) -> Any:
     r = meta.get("round") or 1
     name = "verifier" if r == 1 else f"verifier_round{r}"
     try:
-        return verifier.load(cfg.for_round(r), run / name, stage_output(read_stages(run), name, name))
+        stages = read_stages(run)
+        return verifier.load(round_config(cfg, stages, r), run / name, stage_output(stages, name, name))
     except checkpoint.Damaged as e:
         raise damaged(run, name, name, e) from None
 
