@@ -242,3 +242,17 @@ def _fake_summary(cfg):
     keys = ("seed", "real_return_mean", "real_return_std", "real_return_min", "real_episodes", "solved",
             "real_env_steps", "dream_real_corr", "latent_kl")
     return {"preset": cfg.preset, **{k: 0 for k in keys}, "wall_s": {}, "device": "cpu"}
+
+
+def test_run_with_fewer_rounds_than_the_preset_always_runs(monkeypatch, tmp_path):
+    """frugal always runs 2 rounds (rounds.min_rounds); `--rounds 1` asks for one: the run gets one
+    round, not a config error."""
+    from wm_jax import pipeline
+
+    seen = {}
+    monkeypatch.setattr(pipeline, "run", lambda cfg, out: seen.update(cfg=cfg) or _fake_summary(cfg))
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["run", "--preset", "frugal", "--rounds", "1"]) == 0
+    assert seen["cfg"].rounds.rounds == seen["cfg"].rounds.min_rounds == 1
+    assert cli.main(["run", "--preset", "frugal", "--rounds", "3"]) == 0
+    assert (seen["cfg"].rounds.rounds, seen["cfg"].rounds.min_rounds) == (3, 2)

@@ -320,6 +320,11 @@ def test_frugal_is_the_cpu_preset_with_fewer_real_steps():
     assert frugal.data.episodes < cpu.data.episodes and frugal.rounds.episodes < cpu.rounds.episodes
     assert frugal.evolve.check_episodes * cpu.evolve.check_every < cpu.evolve.check_episodes * frugal.evolve.check_every
     assert frugal.evolve.stop_at == frugal.eval.solved_at and cpu.evolve.stop_at is None
+    # round 2 always runs, on at most 8,000 new rows, fine-tuning M one step per 8 of them
+    assert frugal.rounds.min_rounds == frugal.rounds.rounds == 2 and cpu.rounds.min_rounds == 1
+    assert frugal.rounds.env_steps == 8000 and cpu.rounds.env_steps is None
+    assert frugal.for_round(2, 5101).transition.train.steps == 637
+    assert cpu.rounds.transition_rows_per_step is None
 
 
 def test_laptop_is_the_cpu_preset_with_the_briefs_laptop_recipe():

@@ -152,7 +152,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = preset = _preset(args)
     if args.rounds is not None:
-        cfg = dataclasses.replace(cfg, rounds=dataclasses.replace(cfg.rounds, rounds=args.rounds))
+        # the rounds that always run (frugal: 2) cannot outnumber the rounds asked for
+        cfg = dataclasses.replace(cfg, rounds=dataclasses.replace(
+            cfg.rounds, rounds=args.rounds, min_rounds=min(cfg.rounds.min_rounds, args.rounds)))
     if args.verifier is not None:
         cfg = dataclasses.replace(cfg, verifier=dataclasses.replace(cfg.verifier, mode=args.verifier))
     if args.grounding is not None:
