@@ -202,9 +202,13 @@ def _seed(run: Path, args) -> dict:
     m_rows = macro.training_arrays(arrays["mean"], arrays["logvar"], arrays, index, macro.MACROS)
     timing["load"] = time.time() - t
 
-    # macro-M: as many steps as the run's final M (round 1 + fine-tuning rounds)
+    # macro-M: as many steps as the run's final M (round 1 + the fine-tuning rounds that ran, as
+    # their stages recorded them: a skipped round trained none, and rounds.transition_rows_per_step
+    # sets a round's steps from its data)
     t = time.time()
-    steps = cfg.transition.train.steps + (cfg.rounds.rounds - 1) * cfg.rounds.transition_steps
+    done = run_dir.read_stages(run)
+    steps = sum(done[m]["outputs"][m]["step"] for m in ["transition"] + [f"transition_round{r}" for r in range(
+        2, cfg.rounds.rounds + 1)] if m in done)
     mcfg = cfgs["macro_m"]
     mcfg = dataclasses.replace(mcfg, transition=dataclasses.replace(
         mcfg.transition, train=dataclasses.replace(mcfg.transition.train, steps=steps)))

@@ -78,7 +78,7 @@ def table(rows: list[dict[str, Any]]) -> str:
     out = [("| method | seed | real steps to reach 475 (100-episode mean) | stays >= 475 from | real steps for training "
             "| final return (min) | wall |"), "|---|---|---|---|---|---|---|"]
     for r in rows:
-        reach = "not within the budget" if r["steps_to_solved"] is None else f"{r['steps_to_solved']:,}"
+        reach = "not reached" if r["steps_to_solved"] is None else f"{r['steps_to_solved']:,}"
         if r["first_check_solved"] is not None:
             reach += f" (first check >= 475 at {r['first_check_solved']:,})"
         wall = f"{r['wall_s'] / 60:.1f} min" + (f" ({r['wall_note']})" if "wall_note" in r else "")

@@ -22,7 +22,7 @@ import pytest
 
 from wm_jax import cli, data, evolve, pipeline, rollout, run_dir, stats, transition, vae
 from wm_jax.agent import Agent
-from wm_jax.config import get_preset
+from wm_jax.config import ConfigError, get_preset
 from wm_jax.env import PixelCartPole
 
 SMOKE = get_preset("smoke")
@@ -232,6 +232,12 @@ def test_a_solved_agent_with_every_round_run_and_a_step_budget(tmp_path):
     if summary["agent_round"] == 2:
         assert json.loads((out / "agent.json").read_text())["transition_steps"] == budget // 2
     Agent.load(out)
+    # without the collect stage's record, agent.json's recorded steps stand in for the rows
+    assert run_dir.round_config(cfg, {}, 2, transition_steps=budget // 2).transition.train.steps == budget // 2
+    with pytest.raises(ConfigError, match="transition_rows_per_step=2"):
+        run_dir.round_config(cfg, {}, 2)
+    (out / "stages.json").rename(out / "stages.json.aside")
+    Agent.load(out)  # the newest checkpoints, round 2's M at agent.json's step when the agent is round 2's
 
 
 def test_run_refuses_a_macro_controllers_config(tmp_path):

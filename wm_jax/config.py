@@ -307,7 +307,8 @@ class EvolveConfig(_Section):
     # generations, at no extra env steps); the rest from the stored posteriors.
     grounding: float = traced(0.0)
     # The search ends at the first real check whose mean return reaches this (None: it runs all
-    # its generations), and a run's later rounds are skipped once its best agent's check has.
+    # its generations), and a run's rounds after rounds.min_rounds are skipped once its best
+    # agent's check has (rounds.skip_solved).
     # Every check and every round's data cost real steps.
     stop_at: float | None = None
     # How C is searched: "cmaes" (Ha: evosax CMA-ES over the flat controller) or "ppo" (PPO in the
@@ -548,9 +549,10 @@ def _frugal() -> Config:
         evolve=dataclasses.replace(cpu.evolve, check_every=20, check_episodes=4, grounding=0.5, stop_at=475.0),
         # Round 2 always runs: a round-1 agent passed its 4-episode check by luck (seed 2: 500 on
         # the check, 449 over 100 episodes) and its M had never seen the agent's own data. It
-        # collects up to 30 episodes of the agent, at most 8,000 steps (a good agent's 30 episodes
-        # cost 9,705), and fine-tunes M for one step per 8 new rows: 500-1,000 steps on 4,000-8,000
-        # rows (with 600 for every seed, seed 2's round 2 failed; with 1,000 or 1,500, seed 1's).
+        # collects up to 30 episodes of the agent, at most 8,000 steps (seed 2's agent, 323 steps
+        # an episode, spent 9,705 on 30; a 500-step agent's would cost 15,000), and fine-tunes M for
+        # one step per 8 new rows: 500-1,000 steps on 4,000-8,000 rows (with 600 for every seed,
+        # seed 2's round 2 failed; with 1,000 or 1,500, seed 1's).
         # Up to 80 generations: with checks every 20, as many checks as the cpu preset's 40 every 10.
         rounds=dataclasses.replace(cpu.rounds, episodes=30, generations=80, min_rounds=2, env_steps=8000,
                                    transition_rows_per_step=8),

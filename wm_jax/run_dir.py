@@ -89,10 +89,15 @@ def locked(directory: Path | str) -> Iterator[None]:
         os.close(fd)  # closing the descriptor releases the lock
 
 
-def round_config(cfg: Config, stages: dict[str, Any], r: int) -> Config:
+def round_config(cfg: Config, stages: dict[str, Any], r: int, transition_steps: int | None = None) -> Config:
     """Round r's config (Config.for_round) with the rows its collection recorded in `stages`
-    (stages.json's records): M's fine-tuning steps follow them under rounds.transition_rows_per_step."""
+    (stages.json's records): M's fine-tuning steps follow them under rounds.transition_rows_per_step.
+    Without that record, `transition_steps` (as agent.json records them) stands in for the rows."""
     rows = stages.get(f"collect_round{r}", {}).get("rows") if r > 1 else None
+    if r > 1 and rows is None and transition_steps is not None and cfg.rounds.transition_rows_per_step is not None:
+        rcfg = cfg.for_round(r, 0)
+        return dataclasses.replace(rcfg, transition=dataclasses.replace(
+            rcfg.transition, train=dataclasses.replace(rcfg.transition.train, steps=int(transition_steps))))
     return cfg.for_round(r, rows)
 
 
@@ -213,7 +218,11 @@ def load_agent(run: Path | str) -> tuple[Config, dict[str, Any]]:
     # The M the controller was evolved with: its round's config (fine-tuning rounds train fewer
     # steps). agent.json files older than the "round" field name a fine-tuned M by its steps.
     try:
-        m_params = transition.load(round_config(cfg, stages, r), run / m_dir, stage_output(stages, m_dir, m_dir))
+        rcfg = round_config(cfg, stages, r, meta.get("transition_steps"))
+    except ConfigError as e:
+        raise RunDirError(f"{run}: round {r}'s M cannot be found ({e}); {rerun}") from None
+    try:
+        m_params = transition.load(rcfg, run / m_dir, stage_output(stages, m_dir, m_dir))
     except checkpoint.Damaged as e:
         raise damaged(run, m_dir, m_dir, e) from None
     ctrl = read_controller(run / "controller.npy", stage_output(stages, f"evolve_round{r}", f"evolve_round{r}"))
