@@ -94,10 +94,9 @@ def round_config(cfg: Config, stages: dict[str, Any], r: int, transition_steps: 
     (stages.json's records): M's fine-tuning steps follow them under rounds.transition_rows_per_step.
     Without that record, `transition_steps` (as agent.json records them) stands in for the rows."""
     rows = stages.get(f"collect_round{r}", {}).get("rows") if r > 1 else None
-    if r > 1 and rows is None and transition_steps is not None and cfg.rounds.transition_rows_per_step is not None:
-        rcfg = cfg.for_round(r, 0)
-        return dataclasses.replace(rcfg, transition=dataclasses.replace(
-            rcfg.transition, train=dataclasses.replace(rcfg.transition.train, steps=int(transition_steps))))
+    per = cfg.rounds.transition_rows_per_step
+    if rows is None and transition_steps is not None and per is not None:
+        rows = int(transition_steps) * per  # as many rows as give those steps
     return cfg.for_round(r, rows)
 
 
