@@ -64,6 +64,26 @@ def _client(path: Path, **settings) -> TestClient:
 # INT8
 
 
+def test_a_qwix_that_cannot_import_flax_nnx_is_one_named_error(monkeypatch):
+    """Seen with jax 0.11.2 and flax 0.12.8: importing qwix imports flax.nnx, which raises AttributeError
+    (jax 0.11 has no jax.experimental.hijax.HiPrimitive). INT8 says so in one line naming both versions."""
+    import importlib.abc
+    import sys
+
+    import flax
+
+    class Broken(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "qwix":
+                raise AttributeError("module 'jax.experimental.hijax' has no attribute 'HiPrimitive'")
+            return None
+
+    monkeypatch.delitem(sys.modules, "qwix", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [Broken(), *sys.meta_path])
+    with pytest.raises(ImportError, match=f"flax {flax.__version__} does not run on jax {jax.__version__}"):
+        quant.ptq_model(object(), ("encode",))  # fails at the import, before the model is looked at
+
+
 def test_per_channel_int8_round_trip_is_within_half_a_step():
     w = jax.random.normal(jax.random.key(0), (40, 6)) * jnp.arange(1, 7)
     t = quant.per_channel(w)
@@ -117,6 +137,28 @@ def test_train_verifier_adds_k_that_the_agent_loads(run_with_k, smoke_run, capsy
 def client(run_with_k):
     with _client(run_with_k, max_sessions=4) as c:
         yield c
+
+
+def test_a_source_checkout_without_installed_metadata_serves_and_reports_its_version(run_with_k, monkeypatch):
+    """wm_jax run from a checkout on PYTHONPATH, not pip-installed: no distribution metadata. The
+    server must still start (FastAPI refuses an empty version) and report the package's own version."""
+    from importlib import metadata
+
+    import wm_jax
+    from wm_jax import pipeline
+
+    real = metadata.version
+
+    def version(name):
+        if name.replace("-", "_") == "wm_jax":
+            raise metadata.PackageNotFoundError(name)
+        return real(name)
+
+    monkeypatch.setattr(metadata, "version", version)
+    assert pipeline.versions()["wm_jax"] == wm_jax.__version__
+    with _client(run_with_k) as c:
+        assert c.get("/health").json()["versions"]["wm_jax"] == wm_jax.__version__
+        assert c.get("/openapi.json").json()["info"]["version"] == wm_jax.__version__
 
 
 def test_health_metrics_and_session_lifecycle(client):

@@ -115,12 +115,15 @@ class _Stages:
 
 
 def versions() -> dict[str, str]:
+    from wm_jax import __version__
+
     out = {}
-    for pkg in ("jax", "jaxlib", "flax", "optax", "evosax", "gymnax", "orbax-checkpoint", "datasets", "wm_jax"):
+    for pkg in ("jax", "jaxlib", "flax", "optax", "evosax", "gymnax", "orbax-checkpoint", "datasets"):
         try:
             out[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
             out[pkg] = "missing"
+    out["wm_jax"] = __version__  # the package's own: a checkout on PYTHONPATH has no metadata
     return out
 
 

@@ -87,6 +87,12 @@ def ptq_model(model: Any, methods: tuple[str, ...]) -> Any:
         import qwix
     except ImportError as e:  # the optional extra
         raise ImportError("INT8 needs qwix: pip install -e '.[serve]'") from e
+    except AttributeError as e:  # qwix imports flax.nnx, which fails at import on a jax newer than that flax knows
+        import flax
+
+        raise ImportError(f"INT8 needs qwix, which could not import flax.nnx: flax {flax.__version__} does not run on "
+                          f"jax {jax.__version__} ({e}); install the flax made for this jax (with jax 0.11, flax "
+                          "0.12.10 works and 0.12.8 does not)") from e
     rule = qwix.QuantizationRule(module_path=".*", weight_qtype=jnp.int8, act_qtype=jnp.int8)
     return qwix.quantize_model(model, qwix.PtqProvider([rule]), methods=methods)
 

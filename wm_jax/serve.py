@@ -600,8 +600,11 @@ class Outer:
 def versions() -> dict[str, str]:
     from importlib import metadata
 
-    out = {"python": platform.python_version()}
-    for name in ("wm_jax", "jax", "jaxlib", "flax", "fastapi", "uvicorn", "qwix"):
+    from wm_jax import __version__
+
+    # wm_jax's own version from the package, not its metadata: a checkout on PYTHONPATH has none
+    out = {"python": platform.python_version(), "wm_jax": __version__}
+    for name in ("jax", "jaxlib", "flax", "fastapi", "uvicorn", "qwix"):
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -632,7 +635,7 @@ def create_app(model: Model | Path | str, settings: Settings | None = None) -> A
             await state["batcher"].stop()
             state["dreams"].shutdown(wait=False)
 
-    app = FastAPI(title="wm_jax", version=versions().get("wm_jax", ""), lifespan=lifespan)
+    app = FastAPI(title="wm_jax", version=versions()["wm_jax"], lifespan=lifespan)
     app.state.serve = state  # the model, sessions and batcher, for tests and embedding code
 
     @app.exception_handler(RequestValidationError)
