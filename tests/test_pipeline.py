@@ -193,6 +193,7 @@ def test_a_solved_agent_ends_the_search_and_the_rounds(tmp_path):
     (2, 474.0, 1, True, False),  # not solved
     (2, 500.0, 2, True, False),  # within min_rounds
     (3, 500.0, 2, True, True),
+    (3, 474.0, 2, True, False),  # past min_rounds but not solved: runs
     (2, 500.0, 1, False, False),  # skip_solved off: every round runs
     (3, 500.0, 2, False, False),
 ])
