@@ -114,16 +114,21 @@ class _Stages:
         return result
 
 
-def versions() -> dict[str, str]:
+RUN_PACKAGES = ("jax", "jaxlib", "flax", "optax", "evosax", "gymnax", "orbax-checkpoint", "datasets", "wm_jax")
+
+
+def versions(packages: tuple[str, ...] = RUN_PACKAGES, missing: str | None = "missing") -> dict[str, str]:
+    """The installed version of each package: `missing` for one not installed (None: left out).
+    wm_jax's is the package's own __version__, as a checkout on PYTHONPATH has no metadata."""
     from wm_jax import __version__
 
     out = {}
-    for pkg in ("jax", "jaxlib", "flax", "optax", "evosax", "gymnax", "orbax-checkpoint", "datasets"):
+    for pkg in packages:
         try:
-            out[pkg] = metadata.version(pkg)
+            out[pkg] = __version__ if pkg == "wm_jax" else metadata.version(pkg)
         except metadata.PackageNotFoundError:
-            out[pkg] = "missing"
-    out["wm_jax"] = __version__  # the package's own: a checkout on PYTHONPATH has no metadata
+            if missing is not None:
+                out[pkg] = missing
     return out
 
 

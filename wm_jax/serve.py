@@ -598,18 +598,10 @@ class Outer:
 
 
 def versions() -> dict[str, str]:
-    from importlib import metadata
+    from wm_jax.pipeline import versions as installed
 
-    from wm_jax import __version__
-
-    # wm_jax's own version from the package, not its metadata: a checkout on PYTHONPATH has none
-    out = {"python": platform.python_version(), "wm_jax": __version__}
-    for name in ("jax", "jaxlib", "flax", "fastapi", "uvicorn", "qwix"):
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
+    return {"python": platform.python_version(),
+            **installed(("wm_jax", "jax", "jaxlib", "flax", "fastapi", "uvicorn", "qwix"), missing=None)}
 
 
 def create_app(model: Model | Path | str, settings: Settings | None = None) -> Any:
