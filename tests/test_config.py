@@ -312,14 +312,16 @@ def test_seed_range(seed):
 
 
 def test_frugal_is_the_cpu_preset_with_fewer_real_steps():
-    """frugal changes only what spends real steps: random episodes, checks, grounding, the stop,
-    round 2's episodes and generations; V, M, C and the evaluation are the cpu preset's."""
+    """frugal changes only what spends real steps: random episodes, checks, grounding, the stop
+    and its confirmation, round 2's episodes and generations; V, M, C and the evaluation are the cpu preset's."""
     cpu, frugal = get_preset("cpu"), get_preset("frugal")
     for section in ("vae", "transition", "controller", "eval", "verifier"):
         assert getattr(frugal, section) == getattr(cpu, section), section
     assert frugal.data.episodes < cpu.data.episodes and frugal.rounds.episodes < cpu.rounds.episodes
     assert frugal.evolve.check_episodes * cpu.evolve.check_every < cpu.evolve.check_episodes * frugal.evolve.check_every
     assert frugal.evolve.stop_at == frugal.eval.solved_at and cpu.evolve.stop_at is None
+    # a check at the mark ends the search only once 4 more episodes confirm it
+    assert frugal.evolve.confirm_episodes == frugal.evolve.check_episodes == 4 and cpu.evolve.confirm_episodes == 0
     # round 2 always runs, on at most 8,000 new rows, fine-tuning M one step per 8 of them
     assert frugal.rounds.min_rounds == frugal.rounds.rounds == 2 and cpu.rounds.min_rounds == 1
     assert frugal.rounds.env_steps == 8000 and cpu.rounds.env_steps is None

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from wm_jax import controller, dream, evolve, transition
-from wm_jax.config import ControllerConfig, get_preset
+from wm_jax.config import ConfigError, ControllerConfig, get_preset
 
 SMOKE = get_preset("smoke")
 LATENT = SMOKE.vae.latent  # 8
@@ -414,6 +414,44 @@ def test_evolve_stops_at_the_first_check_that_reaches_stop_at(tmp_path):
         assert res["checks"] == whole["checks"][:2] and res["history"] == whole["history"][:8]
         assert res["real_env_steps"] == 10 and res["best_real"] == reals[1]
     assert whole["generations"] == 12 and whole["real_env_steps"] == 15
+
+
+def _lucky_check(cfg, hp, key, world, ctrl):
+    """A check whose first episodes are lucky: 2 episodes (the check) score 10 each, 3 (the
+    confirming ones, evolve.confirm_episodes) 0 each; every episode costs 5 real steps."""
+    n = cfg.evolve.check_episodes
+    rows = n * cfg.eval.max_steps
+    zeros = jnp.zeros((rows, world.starts[0].shape[-1]))
+    return {"return_mean": jnp.float32(10.0 if n == 2 else 0.0), "env_steps": jnp.int32(5 * n),
+            "latents": (zeros, zeros, jnp.ones(rows))}
+
+
+@pytest.mark.parametrize("stop_at, solved", [(5.0, False), (3.0, True), (11.0, False)])
+def test_a_check_that_reaches_stop_at_is_confirmed_by_more_episodes(tmp_path, stop_at, solved):
+    """evolve.confirm_episodes: a check at stop_at runs that many more episodes and counts their
+    mean with its own (2 x 10 + 3 x 0) / 5 = 4: a lucky pass (stop_at 5) does not end the search;
+    a check below stop_at (11) runs none; every episode run is counted once."""
+    cfg = _toy_cfg(population=4, generations=6, gens_per_call=2, check_every=2, check_episodes=2,
+                   stop_at=stop_at, confirm_episodes=3)
+    res = evolve.evolve(cfg, jax.random.key(31), _toy_world(), tmp_path, progress=False, score=_toy_score,
+                        check=_lucky_check)
+    passed = stop_at <= 10.0
+    assert res["generations"] == (2 if solved else 6)
+    for c in res["checks"]:
+        assert c["real_return"] == (4.0 if passed else 10.0)
+        assert c["confirm_return"] == (0.0 if passed else None)
+        assert c["env_steps"] == (25 if passed else 10)
+    assert res["real_env_steps"] == sum(c["env_steps"] for c in res["checks"])
+    assert res["best_real"] == (4.0 if passed else 10.0)
+    logged = [json.loads(line) for line in (tmp_path / "evolve.jsonl").read_text().splitlines()]
+    assert logged == res["checks"]
+
+
+def test_confirm_episodes_needs_stop_at():
+    with pytest.raises(ConfigError, match="confirm_episodes=4 confirms checks that reach stop_at"):
+        _toy_cfg(confirm_episodes=4)
+    with pytest.raises(ConfigError, match="confirm_episodes must be >= 0"):
+        _toy_cfg(confirm_episodes=-1, stop_at=1.0)
 
 
 def test_evolve_check_schedule_and_log(tmp_path):

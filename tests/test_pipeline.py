@@ -164,15 +164,22 @@ def test_every_real_step_is_counted_once(finished):
     assert curve[0]["episodes"] == SMOKE.data.episodes and curve[-1]["episodes"] == SMOKE.eval.episodes
 
 
-def test_a_solved_agent_ends_the_search_and_the_rounds(tmp_path):
+@pytest.mark.parametrize("confirm", [0, 3])
+def test_a_solved_agent_ends_the_search_and_the_rounds(tmp_path, confirm):
     """evolve.stop_at: round 1's search ends at its first check that reaches it and round 2 (its
-    data, M, search) is skipped, so no real step is spent after it; the run finishes and reruns."""
-    cfg = dataclasses.replace(SMOKE, evolve=dataclasses.replace(SMOKE.evolve, stop_at=0.0))
+    data, M, search) is skipped, so no real step is spent after it; the run finishes and reruns.
+    With evolve.confirm_episodes, the passing check's confirming episodes are counted once, in the
+    check's steps and its learning-curve point."""
+    cfg = dataclasses.replace(SMOKE, evolve=dataclasses.replace(SMOKE.evolve, stop_at=0.0, confirm_episodes=confirm))
     out = tmp_path / "solved"
     summary = pipeline.run(cfg, out, progress=False)
     stages = json.loads((out / "stages.json").read_text())
     assert set(stages) == {"collect", "vae", "encode_round1", "transition", "evolve_round1", "evaluate"}
     assert [c["generation"] for c in stages["evolve_round1"]["checks"]] == [SMOKE.evolve.check_every]
+    check, episodes = stages["evolve_round1"]["checks"][0], SMOKE.evolve.check_episodes + confirm
+    assert (check.get("confirm_return") is not None) == bool(confirm)
+    assert episodes <= check["env_steps"] <= episodes * SMOKE.eval.max_steps  # each episode 1 to max_steps
+    assert summary["learning_curve"][1]["episodes"] == episodes
     assert stages["evolve_round1"]["generations"] == SMOKE.evolve.check_every < SMOKE.evolve.generations
     assert summary["agent_round"] == 1
     assert summary["real_env_steps_training"] == (stages["collect"]["env_steps"]

@@ -21,6 +21,7 @@ and ppo.period have this module's signatures and metrics (`trainer(cfg)` picks t
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import time
@@ -36,7 +37,7 @@ from evosax.algorithms import CMA_ES
 from flax import struct
 from tqdm.auto import tqdm
 
-from wm_jax import checkpoint, controller, dream, interrupt, logs, rollout, sharding
+from wm_jax import checkpoint, controller, dream, interrupt, logs, rollout, run_dir, sharding
 from wm_jax.config import Config
 
 
@@ -190,9 +191,7 @@ def period(cfg: Config, hp: dict[str, Any], world: World, state: EvolveState, ke
         generation=done,
         real_env_steps=state.real_env_steps + real["env_steps"],
     )
-    metrics = {**history, "generation": done, "dream_return": dream_return, "real_return": real["return_mean"],
-               "env_steps": real["env_steps"],
-               "grounding_states": jnp.sum(real["latents"][2], axis=-1).astype(jnp.int32)}
+    metrics = {**history, "generation": done, "dream_return": dream_return, **check_metrics(real)}
     return new, metrics
 
 
@@ -202,7 +201,49 @@ def check_candidate(cfg: Config, hp: dict[str, Any], world: World, pool: dream.P
     generations before it, on `pool`) and its real check. Both trainers check this way."""
     key_c = jax.random.fold_in(key_run, 10_000_000 + done)
     dream_return = score(cfg, hp, key_c, world, candidate[None], pool)[0]
-    return dream_return, check(cfg, hp, jax.random.fold_in(key_c, 1), world, candidate)
+    real = check(cfg, hp, jax.random.fold_in(key_c, 1), world, candidate)
+    ev = cfg.evolve
+    if not ev.confirm_episodes:
+        return dream_return, real
+    # A check at stop_at is confirmed by confirm_episodes more episodes (the pool stays the first
+    # check's); a check below it runs none (lax.cond: under a sweep's vmap both branches are
+    # computed, but only a passing cell's confirming episodes are counted or used).
+    more = _with_check_episodes(cfg, ev.confirm_episodes)
+    passed = real["return_mean"] >= ev.stop_at
+
+    def confirm(_):
+        c = check(more, hp, jax.random.fold_in(key_c, 2), world, candidate)
+        return c["return_mean"].astype(jnp.float32), c["env_steps"].astype(jnp.int32)
+
+    def skip(_):
+        return jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32)
+
+    c_mean, c_steps = jax.lax.cond(passed, confirm, skip, None)
+    n, m = ev.check_episodes, ev.confirm_episodes
+    return dream_return, {**real, "return_mean": jnp.where(passed, (n * real["return_mean"] + m * c_mean) / (n + m),
+                                                           real["return_mean"]),
+                          "env_steps": real["env_steps"] + c_steps,
+                          "confirm_return": jnp.where(passed, c_mean, jnp.nan)}
+
+
+def _with_check_episodes(cfg: Config, episodes: int) -> Config:
+    """cfg (a static one: its traced fields are markers, which dataclasses.replace would
+    validate) with evolve.check_episodes = episodes."""
+    ev = copy.copy(cfg.evolve)
+    object.__setattr__(ev, "check_episodes", episodes)
+    out = copy.copy(cfg)
+    object.__setattr__(out, "evolve", ev)
+    return out
+
+
+def check_metrics(real: dict[str, Any]) -> dict[str, jax.Array]:
+    """A check's figures for the period's metrics (evolve.jsonl): its real return and steps, and
+    the confirming episodes' mean when evolve.confirm_episodes is on (NaN where none ran)."""
+    out = {"real_return": real["return_mean"], "env_steps": real["env_steps"],
+           "grounding_states": jnp.sum(real["latents"][2], axis=-1).astype(jnp.int32)}
+    if "confirm_return" in real:
+        out["confirm_return"] = real["confirm_return"]
+    return out
 
 
 def trainer(cfg: Config) -> Any:
@@ -326,7 +367,9 @@ def search(
                                         **{k: float(m[k][c][i]) for k in per_generation}})
                 new_checks.append({**new_history[-1], "dream_return": float(m["dream_return"][c]),
                                    "real_return": float(m["real_return"][c]), "env_steps": int(m["env_steps"][c]),
-                                   "grounding_states": int(m["grounding_states"][c])})
+                                   "grounding_states": int(m["grounding_states"][c]),
+                                   **({"confirm_return": run_dir.finite_or_none(float(m["confirm_return"][c]))}
+                                      if "confirm_return" in m else {})})
             for path, entries in (("generations.jsonl", new_history), ("evolve.jsonl", new_checks)):
                 logs.append(out_dir / path, entries, step="generation")
             history += new_history

@@ -348,7 +348,5 @@ def period(cfg: Config, hp: dict[str, Any], world: Any, state: PPOState, key: ja
         generation=done,
         real_env_steps=state.real_env_steps + real["env_steps"],
     )
-    metrics = {**history, "generation": done, "dream_return": dream_return, "real_return": real["return_mean"],
-               "env_steps": real["env_steps"],
-               "grounding_states": jnp.sum(real["latents"][2], axis=-1).astype(jnp.int32)}
+    metrics = {**history, "generation": done, "dream_return": dream_return, **evolve.check_metrics(real)}
     return new, metrics
