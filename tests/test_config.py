@@ -319,8 +319,8 @@ def test_frugal_is_the_cpu_preset_with_fewer_real_steps():
         assert getattr(frugal, section) == getattr(cpu, section), section
     assert frugal.data.episodes < cpu.data.episodes and frugal.rounds.episodes < cpu.rounds.episodes
     assert frugal.evolve.check_episodes * cpu.evolve.check_every < cpu.evolve.check_episodes * frugal.evolve.check_every
-    assert frugal.evolve.stop_at == frugal.eval.solved_at and cpu.evolve.stop_at is None
-    # a check at the mark ends the search only once 4 more episodes confirm it
+    # a check 15 above the solved mark ends the search, once 4 more episodes confirm it
+    assert frugal.evolve.stop_at == frugal.eval.solved_at + 15 and cpu.evolve.stop_at is None
     assert frugal.evolve.confirm_episodes == frugal.evolve.check_episodes == 4 and cpu.evolve.confirm_episodes == 0
     # round 2 always runs, on at most 8,000 new rows, fine-tuning M one step per 8 of them
     assert frugal.rounds.min_rounds == frugal.rounds.rounds == 2 and cpu.rounds.min_rounds == 1

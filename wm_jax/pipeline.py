@@ -576,8 +576,9 @@ def learning_curve(cfg: Config, done: dict[str, Any]) -> list[dict[str, Any]]:
     """Real return against the real env steps used so far, from the stages' records: a point
     after each collection (the mean return of the episodes collected: the random policy's, then
     the agent's with action noise), one at each real check (its mean return over
-    evolve.check_episodes, and evolve.confirm_episodes more when it reached stop_at), and the final evaluation (evaluate.episodes; its own steps are not
-    training steps, so the count stays). Every real step is counted once, in the order spent."""
+    evolve.check_episodes, and evolve.confirm_episodes more when it reached stop_at), and the
+    final evaluation (evaluate.episodes; its own steps are not training steps, so the count
+    stays). Every real step is counted once, in the order spent."""
     points, steps = [], 0
     for r in range(1, cfg.rounds.rounds + 1):
         rec = done.get("collect" if r == 1 else f"collect_round{r}")
