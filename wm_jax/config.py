@@ -544,13 +544,13 @@ def _cpu() -> Config:
 
 def _frugal() -> Config:
     """The `cpu` preset spending as few real steps as it can (the goal: at most 20,000 for
-    training, against the cpu preset's 80,000-129,000). Measured on three seeds in
-    docs/RESULTS.md section 8."""
+    training, against the cpu preset's 80,000-129,000). Measured on seven seeds in
+    docs/RESULTS.md section 8 (the fourth attempt)."""
     cpu = _cpu()
     return dataclasses.replace(
         cpu,
         preset="frugal",
-        # 200 random episodes (4,4xx steps; 300 and 1,000 gave round-1 checks alike: 94-300 and 81-165)
+        # 200 random episodes (4,489 steps; 300 and 1,000 gave round-1 checks alike: 94-300 and 81-165)
         data=DataConfig(episodes=200),
         # real checks of 4 episodes every 20 generations (16 every 10 cost 8x the steps); half the
         # dreams start from the states the latest check reached (the late-episode states random
