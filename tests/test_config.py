@@ -56,6 +56,8 @@ BAD = [
     (RoundsConfig, {"rounds": 0}, "RoundsConfig.rounds"),
     (RoundsConfig, {"env_steps": 0}, "RoundsConfig.env_steps"),
     (RoundsConfig, {"env_steps": True}, "RoundsConfig.env_steps"),
+    (RoundsConfig, {"budget": 0}, "RoundsConfig.budget"),
+    (RoundsConfig, {"budget": 2.5e4}, "RoundsConfig.budget"),
     (RoundsConfig, {"min_rounds": 0}, "RoundsConfig.min_rounds"),
     (RoundsConfig, {"transition_rows_per_step": 0}, "RoundsConfig.transition_rows_per_step"),
     (RoundsConfig, {"transition_rows_per_step": True}, "RoundsConfig.transition_rows_per_step"),
@@ -313,7 +315,7 @@ def test_seed_range(seed):
 
 def test_frugal_is_the_cpu_preset_with_fewer_real_steps():
     """frugal changes only what spends real steps: random episodes, checks, grounding, the stop
-    and its confirmation, round 2's episodes and generations; V, M, C and the evaluation are the cpu preset's."""
+    and its confirmation, the later rounds' episodes, generations and budget; V, M, C and the evaluation are the cpu preset's."""
     cpu, frugal = get_preset("cpu"), get_preset("frugal")
     for section in ("vae", "transition", "controller", "eval", "verifier"):
         assert getattr(frugal, section) == getattr(cpu, section), section
@@ -322,8 +324,10 @@ def test_frugal_is_the_cpu_preset_with_fewer_real_steps():
     # a check 15 above the solved mark ends the search, once 4 more episodes confirm it
     assert frugal.evolve.stop_at == frugal.eval.solved_at + 15 and cpu.evolve.stop_at is None
     assert frugal.evolve.confirm_episodes == frugal.evolve.check_episodes == 4 and cpu.evolve.confirm_episodes == 0
-    # round 2 always runs, on at most 8,000 new rows, fine-tuning M one step per 8 of them
-    assert frugal.rounds.min_rounds == frugal.rounds.rounds == 2 and cpu.rounds.min_rounds == 1
+    # round 2 always runs, on at most 8,000 new rows, fine-tuning M one step per 8 of them; a
+    # third only if round 2 did not solve, within 20,000 real steps for training
+    assert frugal.rounds.min_rounds == 2 and frugal.rounds.rounds == 3 and cpu.rounds.min_rounds == 1
+    assert frugal.rounds.budget == 20_000 and cpu.rounds.budget is None
     assert frugal.rounds.env_steps == 8000 and cpu.rounds.env_steps is None
     assert frugal.for_round(2, 5101).transition.train.steps == 637
     assert cpu.rounds.transition_rows_per_step is None

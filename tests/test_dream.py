@@ -416,6 +416,21 @@ def test_evolve_stops_at_the_first_check_that_reaches_stop_at(tmp_path):
     assert whole["generations"] == 12 and whole["real_env_steps"] == 15
 
 
+@pytest.mark.parametrize("real_steps, checks", [(1, 1), (-3, 1), (10, 2), (11, 3), (100, 3)])
+def test_evolve_starts_no_check_once_its_real_steps_are_spent(tmp_path, real_steps, checks):
+    """real_steps (the run's budget left, rounds.budget): the search ends after the first check at
+    which its checks have spent that many (5 each here); the first check always runs; what was
+    done equals the same search without the limit."""
+    cfg = _toy_cfg(population=4, generations=6, gens_per_call=2, check_every=2, sigma=0.1)
+    whole = evolve.evolve(cfg, jax.random.key(32), _toy_world(), tmp_path / "whole", progress=False,
+                          score=_toy_score, check=_TOY_CHECK)
+    for _ in range(2):  # the second call restores the finished search from its checkpoint
+        res = evolve.evolve(cfg, jax.random.key(32), _toy_world(), tmp_path / "limited", progress=False,
+                            score=_toy_score, check=_TOY_CHECK, real_steps=real_steps)
+        assert res["generations"] == 2 * checks and res["real_env_steps"] == 5 * checks
+        assert res["checks"] == whole["checks"][:checks]
+
+
 def _lucky_check(cfg, hp, key, world, ctrl):
     """A check whose first episodes are lucky: 2 episodes (the check) score 10 each, 3 (the
     confirming ones, evolve.confirm_episodes) 0 each; every episode costs 5 real steps."""

@@ -211,6 +211,34 @@ def test_which_rounds_a_solved_agent_skips(r, best_real, min_rounds, skip_solved
     assert not pipeline._skipped(dataclasses.replace(cfg, evolve=SMOKE.evolve), r, best_real)  # no stop_at
 
 
+def test_a_spent_budget_ends_the_search_and_the_rounds(tmp_path):
+    """rounds.budget: once the run's training steps reach it, round 1's search starts no more checks
+    (its first runs) and the later rounds are skipped, min_rounds' included; every step counted once."""
+    cfg = dataclasses.replace(SMOKE, rounds=dataclasses.replace(SMOKE.rounds, rounds=3, min_rounds=2, budget=1))
+    out = tmp_path / "spent"
+    summary = pipeline.run(cfg, out, progress=False)
+    stages = json.loads((out / "stages.json").read_text())
+    assert set(stages) == {"collect", "vae", "encode_round1", "transition", "evolve_round1", "evaluate"}
+    assert [c["generation"] for c in stages["evolve_round1"]["checks"]] == [SMOKE.evolve.check_every]
+    assert stages["evolve_round1"]["generations"] == SMOKE.evolve.check_every < SMOKE.evolve.generations
+    assert summary["real_env_steps_training"] == (stages["collect"]["env_steps"]
+                                                  + stages["evolve_round1"]["checks"][0]["env_steps"])
+    assert _same(pipeline.run(cfg, out, progress=False), summary)
+
+
+@pytest.mark.parametrize("budget, env_steps, used, cap", [
+    (None, None, 100, None),  # no limit: every episode whole
+    (None, 50, 100, 50),
+    (1000, None, 600, 200),  # half the budget left: the other half is the search's checks
+    (1000, 150, 600, 150),
+    (1000, None, 999, 1),
+])
+def test_a_later_rounds_collection_is_capped_by_half_the_budget_left(budget, env_steps, used, cap):
+    cfg = dataclasses.replace(SMOKE, rounds=dataclasses.replace(SMOKE.rounds, budget=budget, env_steps=env_steps))
+    assert pipeline._collect_cap(cfg, used) == cap
+    assert pipeline._budget_left(cfg, used) == (None if budget is None else budget - used)
+
+
 def test_a_solved_agent_with_every_round_run_and_a_step_budget(tmp_path):
     """rounds.min_rounds=2: round 2 runs although round 1's check reached stop_at (its search
     still stops at its first check), and rounds.env_steps caps its collection, cutting the episode

@@ -430,12 +430,17 @@ class RoundsConfig(_Section):
     # least 1) instead of transition_steps: fine-tuning in proportion to the new data. Config.for_round
     # then needs the rows (run_dir.round_config reads them from the collect stage's record).
     transition_rows_per_step: int | None = None
+    # Real env steps the run may spend on training (random data, rounds' data and real checks; None:
+    # no limit). A later round starts only while some are left (min_rounds included) and collects at
+    # most half of them (and at most env_steps), leaving the rest to its search; a search starts no
+    # real check once they are spent (its first always runs), so the run ends at most one check past it.
+    budget: int | None = None
 
     def __post_init__(self) -> None:
         _positive(self, "rounds", "episodes", "transition_steps", "generations", "min_rounds")
         if self.min_rounds > self.rounds:
             raise ConfigError(f"RoundsConfig.min_rounds ({self.min_rounds}) must be at most rounds ({self.rounds})")
-        for name in ("horizon", "env_steps", "transition_rows_per_step"):
+        for name in ("horizon", "env_steps", "transition_rows_per_step", "budget"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
                 raise ConfigError(f"RoundsConfig.{name} must be a positive int or None, got {value!r}")
@@ -569,8 +574,11 @@ def _frugal() -> Config:
         # one step per 8 new rows: 500-1,000 steps on 4,000-8,000 rows (with 600 for every seed,
         # seed 2's round 2 failed; with 1,000 or 1,500, seed 1's).
         # Up to 80 generations: with checks every 20, as many checks as the cpu preset's 40 every 10.
-        rounds=dataclasses.replace(cpu.rounds, episodes=30, generations=80, min_rounds=2, env_steps=8000,
-                                   transition_rows_per_step=8),
+        # A third round runs only if round 2 did not solve, within a budget of 20,000 real steps
+        # for training: it collects half of what is left (seed 4's round 2 checked 281-397 with
+        # 6,100 steps left) and its search checks until the rest is spent.
+        rounds=dataclasses.replace(cpu.rounds, rounds=3, episodes=30, generations=80, min_rounds=2, env_steps=8000,
+                                   transition_rows_per_step=8, budget=20_000),
     )
 
 

@@ -315,12 +315,15 @@ def search(
     score: Score = score_candidates,
     check: Check = real_check,
     batched: bool = False,
+    real_steps: int | None = None,
 ) -> list[dict[str, Any]]:
     """Drive `period` to cfg.evolve.generations for one search or, with `batched`, for a batch of
     cells (keys [N], every leaf of hp and init_mean with a leading N) vmapped as one program.
 
     Checks land every check_every generations and at the end; with evolve.stop_at, the search ends
-    after the first check at which every cell's best real return reaches it. Writes
+    after the first check at which every cell's best real return reaches it; with real_steps, after
+    the first check at which every cell's checks have spent that many real env steps (the run's
+    budget left, rounds.budget). Writes
     out_dir/evolve.jsonl (one line per check and cell), out_dir/generations.jsonl (one per
     generation and cell) and a checkpoint of the state after every period (out_dir/checkpoints; a
     rerun resumes from it). Returns one dict per cell: best, best_real, checks, history, real_env_steps, generations (done), wall_s.
@@ -352,8 +355,12 @@ def search(
     def solved() -> bool:  # every cell's best check reached evolve.stop_at: no more real checks needed
         return ev.stop_at is not None and bool(np.all(np.asarray(jax.device_get(state.best_real)) >= ev.stop_at))
 
+    def spent() -> bool:  # every cell's checks spent the real steps allowed: no more real checks
+        return (real_steps is not None and done > 0
+                and bool(np.all(np.asarray(jax.device_get(state.real_env_steps)) >= real_steps)))
+
     try:
-        while done < ev.generations and not solved():
+        while done < ev.generations and not solved() and not spent():
             interrupt.check()  # Ctrl-C between periods: the last checkpoint is whole
             gens = min(ev.check_every - done % ev.check_every, ev.generations - done)
             state, m = _period_cells(static, hp, world, state, keys, gens, score, check, batched)
@@ -405,11 +412,11 @@ def search(
 def evolve(
     cfg: Config, key: jax.Array, world: World, out_dir: Path | str, init_mean: jax.Array | None = None,
     progress: bool = True, hp: dict[str, Any] | None = None, score: Score = score_candidates,
-    check: Check = real_check,
+    check: Check = real_check, real_steps: int | None = None,
 ) -> dict[str, Any]:
     """One controller search (see `search`): cfg.evolve.generations generations from init_mean.
 
     Returns {"best", "best_real", "checks", "history", "real_env_steps", "generations", "wall_s"}; the best is
     the checked CMA-ES mean with the best real return.
     """
-    return search(cfg, key, world, out_dir, hp, init_mean, progress, score, check)[0]
+    return search(cfg, key, world, out_dir, hp, init_mean, progress, score, check, real_steps=real_steps)[0]

@@ -5,7 +5,7 @@ finishes, and a rerun with the same command skips finished stages (training stag
 mid-way from their checkpoints). With cfg.rounds.rounds > 1, Ha's iterative procedure follows:
 collect with the current controller (with action noise), fine-tune M on all data, evolve again;
 with evolve.stop_at set, the rounds after rounds.min_rounds end once a real check of the best agent
-reaches it.
+reaches it; with rounds.budget set, the rounds and the searches' checks end once the run has spent it.
 """
 
 from __future__ import annotations
@@ -268,10 +268,15 @@ def _run(ctx: _Run) -> dict[str, Any]:
     ctx.stages.run("vae", lambda: _train_vae(ctx), inputs=ctx.data_ids(), folder=out / "vae")
     ctx.vae_params, ctx.vae_id = ctx.load("vae", "vae", vae.load, cfg)
     for r in range(1, cfg.rounds.rounds + 1):  # round 1 on random data, later ones on the agent's
+        later = f"round {r}" if r == cfg.rounds.rounds else f"rounds {r}-{cfg.rounds.rounds}"
         if _skipped(cfg, r, None if ctx.best is None else ctx.best["real"]):
-            later = f"round {r}" if r == cfg.rounds.rounds else f"rounds {r}-{cfg.rounds.rounds}"
             ctx.stages.note(f"{later} skipped: the agent's real check reached "
                             f"evolve.stop_at={cfg.evolve.stop_at:g} ({ctx.best['real']:g})")
+            break
+        left = _budget_left(cfg, ctx.real_env_steps)
+        if r > 1 and left is not None and left <= 0:
+            ctx.stages.note(f"{later} skipped: the run spent its rounds.budget={cfg.rounds.budget} real steps "
+                            f"({ctx.real_env_steps})")
             break
         _round(ctx, r)
     assert ctx.best is not None
@@ -298,6 +303,19 @@ def _skipped(cfg: Config, r: int, best_real: float | None) -> bool:
     is on, and the best agent's check (None before the first) reached evolve.stop_at."""
     return (r > cfg.rounds.min_rounds and cfg.rounds.skip_solved and best_real is not None
             and _solved(cfg, best_real))
+
+
+def _budget_left(cfg: Config, used: int) -> int | None:
+    """The real steps rounds.budget leaves after `used` (None: no budget; <= 0: spent)."""
+    return None if cfg.rounds.budget is None else cfg.rounds.budget - int(used)
+
+
+def _collect_cap(cfg: Config, used: int) -> int | None:
+    """The rows a later round may collect after `used` real steps: rounds.env_steps, and at most
+    half the budget left (the other half is its search's checks); None: no cap."""
+    left = _budget_left(cfg, used)
+    caps = [c for c in (cfg.rounds.env_steps, None if left is None else max(1, left // 2)) if c is not None]
+    return min(caps) if caps else None
 
 
 def _rounds_run(cfg: Config, done: dict[str, Any]) -> list[int]:
@@ -368,7 +386,7 @@ def _repair_agent_files(out: Path, cfg: Config, stages: _Stages) -> None:
 
 def _collect(ctx: _Run, r: int) -> dict[str, Any]:
     """Round 1: the recipe's random episodes (data.seed); round r > 1: the best agent so far, with
-    rounds.action_noise random actions, for rounds.episodes episodes or until rounds.env_steps."""
+    rounds.action_noise random actions, for rounds.episodes episodes or until _collect_cap's rows."""
     cfg = ctx.cfg
     if r == 1:
         ds = data_lib.collect(jax.random.key(cfg.data.seed), cfg.data.episodes, max_steps=cfg.data.max_steps,
@@ -379,7 +397,8 @@ def _collect(ctx: _Run, r: int) -> dict[str, Any]:
                                     "controller": jnp.asarray(best["ctrl"])})
         ds = data_lib.collect(jax.random.fold_in(ctx.keys["rounds"], r), cfg.rounds.episodes, policy=policy,
                               max_steps=cfg.data.max_steps, chunk_size=cfg.rounds.episodes,
-                              episode_offset=r * 1_000_000, progress=ctx.progress, max_rows=cfg.rounds.env_steps)
+                              episode_offset=r * 1_000_000, progress=ctx.progress,
+                              max_rows=_collect_cap(cfg, ctx.real_env_steps))
     path = ctx.out / "data" / f"round{r}"
     data_lib.save_dataset(ds, path, overwrite=True)
     return {**_collected(ds, cfg.data.max_steps), "outputs": {f"data/round{r}": data_lib.identity(path)}}
@@ -487,7 +506,8 @@ def _round(ctx: _Run, r: int) -> None:
         world = evolve.World(m_params=m_params, vae_params=ctx.vae_params, k_params=k_params,
                              starts=(jnp.asarray(lat["mean"]), jnp.asarray(lat["logvar"])))
         res = evolve.evolve(cfg, jax.random.fold_in(ctx.keys["evolve"], r), world, out / e_name,
-                            init_mean=None if ctx.best is None else ctx.best["ctrl"], progress=ctx.progress)
+                            init_mean=None if ctx.best is None else ctx.best["ctrl"], progress=ctx.progress,
+                            real_steps=_budget_left(cfg, ctx.real_env_steps))
         best = np.asarray(res["best"], np.float32)
         if not np.isfinite(best).all():  # stored in stages.json, whose JSON has no NaN
             raise train.TrainingError(f"{e_name}: the controller search diverged (its best controller has "
