@@ -129,6 +129,13 @@ def test_run_verifier_flag_sets_the_mode_and_the_default_out(monkeypatch, tmp_pa
     assert seen["cfg"].evolve.grounding == 0.5 and seen["out"] == Path("runs") / "frugal"
     assert cli.main(["run", "--preset", "frugal", "--grounding", "0"]) == 130
     assert seen["cfg"].evolve.grounding == 0.0 and seen["out"] == Path("runs") / "frugal-g0"
+    # the main job: `run` alone is the frugal preset (scripts/run.sh passes it too); the stage
+    # commands default to cpu, whose V and M frugal shares
+    assert cli.main(["run", "--seed", "1"]) == 130
+    assert seen["cfg"].preset == "frugal" and seen["out"] == Path("runs") / "frugal-s1"
+    assert "run --preset frugal" in (Path(__file__).parents[1] / "scripts" / "run.sh").read_text()
+    stage = cli._preset(cli.build_parser().parse_args(["train-vae", "d", "--out", "o"]))
+    assert stage.preset == "cpu" and (stage.vae, stage.transition) == (seen["cfg"].vae, seen["cfg"].transition)
 
 
 def test_train_vae_missing_data_dir(tmp_path, capsys):

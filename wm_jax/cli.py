@@ -315,7 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(fn=cmd_train_transition)
 
     r = sub.add_parser("run", help="the whole recipe: collect, V, M, evolve C in the dream, evaluate")
-    r.add_argument("--preset", choices=presets, default="cpu")
+    r.add_argument("--preset", choices=presets, default="frugal",
+                   help="default: frugal, the main job (the stage commands above default to cpu, whose V and M it shares)")
     r.add_argument("--out", default=None, help="run directory (default: runs/PRESET[-sSEED][-bf16][-kMODE][-gSHARE][-TRAINER])")
     r.add_argument("--seed", type=_seed, default=0)
     r.add_argument("--precision", choices=tuple(PRECISIONS), default=None,
