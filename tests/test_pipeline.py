@@ -226,6 +226,35 @@ def test_a_spent_budget_ends_the_search_and_the_rounds(tmp_path):
     assert _same(pipeline.run(cfg, out, progress=False), summary)
 
 
+def test_a_budget_gives_round_2_half_of_what_is_left_and_its_search_the_rest(tmp_path, monkeypatch):
+    """rounds.budget with round 2 running (min_rounds=2; stop_at ends each search at its first
+    check): round 2's collection is capped at half the budget left after round 1, and each search
+    is allowed what is left when it starts (round 2's after its collection)."""
+    budget = 1_000_000
+    seen = {"max_rows": [], "real_steps": []}
+    collect, search = data.collect, evolve.evolve
+
+    def spy_collect(*args, **kwargs):
+        seen["max_rows"].append(kwargs.get("max_rows"))
+        return collect(*args, **kwargs)
+
+    def spy_search(*args, **kwargs):
+        seen["real_steps"].append(kwargs.get("real_steps"))
+        return search(*args, **kwargs)
+
+    monkeypatch.setattr(data, "collect", spy_collect)
+    monkeypatch.setattr(evolve, "evolve", spy_search)
+    cfg = dataclasses.replace(SMOKE, evolve=dataclasses.replace(SMOKE.evolve, stop_at=0.0), rounds=dataclasses.replace(
+        SMOKE.rounds, min_rounds=2, budget=budget))
+    summary = pipeline.run(cfg, tmp_path / "run", progress=False)
+    stages = json.loads((tmp_path / "run" / "stages.json").read_text())
+    random_data, check1 = stages["collect"]["env_steps"], stages["evolve_round1"]["real_env_steps"]
+    round2 = stages["collect_round2"]["env_steps"]
+    assert seen["max_rows"] == [None, (budget - random_data - check1) // 2]
+    assert seen["real_steps"] == [budget - random_data, budget - random_data - check1 - round2]
+    assert summary["real_env_steps_training"] == random_data + check1 + round2 + stages["evolve_round2"]["real_env_steps"]
+
+
 @pytest.mark.parametrize("budget, env_steps, used, cap", [
     (None, None, 100, None),  # no limit: every episode whole
     (None, 50, 100, 50),

@@ -433,7 +433,8 @@ class RoundsConfig(_Section):
     # Real env steps the run may spend on training (random data, rounds' data and real checks; None:
     # no limit). A later round starts only while some are left (min_rounds included) and collects at
     # most half of them (and at most env_steps), leaving the rest to its search; a search starts no
-    # real check once they are spent (its first always runs), so the run ends at most one check past it.
+    # real check once they are spent (its first always runs), so the run ends at most one check past it
+    # (round 1's random data is not capped: data.episodes whole episodes).
     budget: int | None = None
 
     def __post_init__(self) -> None:
