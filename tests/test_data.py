@@ -436,6 +436,25 @@ def test_collection_too_large_for_memory_is_refused_before_any_work():
         D.collect(jax.random.key(0), 100_000_000_000)
 
 
+@pytest.mark.parametrize("max_steps", [10**9, 10**11])
+def test_a_step_limit_whose_scan_buffers_exceed_memory_is_refused_before_any_work(monkeypatch, max_steps):
+    """One episode: the kept rows are tiny, but the scan writes max_steps steps for every episode."""
+    monkeypatch.setattr(D, "_collect_chunk_jit", lambda *a: pytest.fail("the scan was compiled"))
+    with pytest.raises(D.TooLarge, match="scan buffers"):
+        D.collect(jax.random.key(0), 1, max_steps=max_steps, progress=False)
+
+
+def test_the_memory_rule_counts_rows_and_one_chunks_scan(monkeypatch):
+    monkeypatch.setattr(D, "memory_bytes", lambda: 2 * 10**9)  # half: 10**9 bytes
+    per_episode_scan = 500 * D.SCAN_STEP_BYTES
+    D.check_memory(1000, 500, chunk_size=1000)  # 1000 x 22.5 x 4132 + 1000 x 30,000 = 123 MB
+    with pytest.raises(D.TooLarge):  # 10**4 x 22.5 x 4132 = 930 MB of rows + 300 MB of one chunk's scan
+        D.check_memory(10**4, 500, chunk_size=10**4)
+    D.check_memory(10**4, 500, chunk_size=10**9 // per_episode_scan // 20)  # a small chunk fits
+    with pytest.raises(D.TooLarge):  # a pixel policy's episodes are counted at max_steps
+        D.check_memory(1000, 500, policy=D.Policy(act=lambda k, c, o: (0, c)), chunk_size=1)
+
+
 def test_load_rejects_half_written_directories(small_ds, tmp_path):
     # datasets' own save without the manifest (what a crash before the manifest would leave).
     raw = tmp_path / "raw"

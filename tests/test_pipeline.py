@@ -293,7 +293,7 @@ def test_a_solved_agent_with_every_round_run_and_a_step_budget(tmp_path):
     assert stages["transition_round2"]["outputs"]["transition_round2"]["step"] == budget // 2
     r2 = run_dir.round_config(cfg, stages, 2)
     assert r2.transition.train.steps == budget // 2
-    transition.load(r2, out / "transition_round2", run_dir.stage_output(stages, "transition_round2", "transition_round2"))
+    transition.load(r2, out / "transition_round2", run_dir.stage_output(out, stages, "transition_round2", "transition_round2"))
     if summary["agent_round"] == 2:
         assert json.loads((out / "agent.json").read_text())["transition_steps"] == budget // 2
     Agent.load(out)
@@ -302,7 +302,8 @@ def test_a_solved_agent_with_every_round_run_and_a_step_budget(tmp_path):
     with pytest.raises(ConfigError, match="transition_rows_per_step=2"):
         run_dir.round_config(cfg, {}, 2)
     (out / "stages.json").rename(out / "stages.json.aside")
-    Agent.load(out)  # the newest checkpoints, round 2's M at agent.json's step when the agent is round 2's
+    with pytest.raises(pipeline.RunDirError, match="stages.json is missing"):  # nothing loads unchecked
+        Agent.load(out)
 
 
 def test_run_refuses_a_macro_controllers_config(tmp_path):
@@ -380,17 +381,15 @@ def test_other_config_in_run_dir_raises(finished):
 
 
 def test_run_dir_from_before_compute_dtype_keeps_working(finished, tmp_path):
-    """config.json and agent.json written without compute_dtype read as float32: the rerun returns
-    the summary, the agent loads, and a bf16 config is a different config."""
+    """A config.json written without compute_dtype reads as float32: the rerun returns the summary,
+    the agent loads (its agent.json, hashed, is the run's own), and a bf16 config is a different config."""
     from wm_jax.config import with_compute_dtype
 
     out = tmp_path / "old"
     shutil.copytree(finished[0], out)
-    for name in ("config.json", "agent.json"):
-        d = json.loads((out / name).read_text())
-        cfg = d.get("config", d)
-        del cfg["vae"]["compute_dtype"], cfg["transition"]["compute_dtype"]
-        (out / name).write_text(json.dumps(d))
+    d = json.loads((out / "config.json").read_text())
+    del d["vae"]["compute_dtype"], d["transition"]["compute_dtype"]
+    (out / "config.json").write_text(json.dumps(d))
     assert _same(pipeline.run(SMOKE, out, progress=False), finished[1])
     assert Agent.load(out).cfg == SMOKE
     with pytest.raises(pipeline.RunDirError, match="different config"):

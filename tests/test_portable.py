@@ -89,15 +89,25 @@ def _copy(exported: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(exported, tmp_path / "copy"))
 
 
-def _rewrite_weights(folder: Path, change) -> None:
-    """Replace model.safetensors by change(tensors) and record its new hash (a consistent folder)."""
-    from safetensors.numpy import load_file, save_file
-
-    tensors = change(load_file(str(folder / pretrained.WEIGHTS)))
-    save_file(tensors, str(folder / pretrained.WEIGHTS))
+def _record_weights_hash(folder: Path) -> None:
+    """config.json records the weights file as it is now, and hashes itself again (a folder that
+    passes both hashes, whose damage only a deeper check sees)."""
     meta = json.loads((folder / pretrained.CONFIG).read_text())
     meta["sha256"][pretrained.WEIGHTS] = pretrained._sha256(folder / pretrained.WEIGHTS)
+    meta["config_sha256"] = pretrained.config_digest(meta)
     (folder / pretrained.CONFIG).write_text(json.dumps(meta))
+
+
+def _rewrite_weights(folder: Path, change) -> None:
+    """Replace model.safetensors by change(tensors), with its metadata, and record its new hash."""
+    from safetensors import safe_open
+    from safetensors.numpy import load_file, save_file
+
+    with safe_open(str(folder / pretrained.WEIGHTS), "np") as f:
+        metadata = f.metadata()
+    tensors = change(load_file(str(folder / pretrained.WEIGHTS)))
+    save_file(tensors, str(folder / pretrained.WEIGHTS), metadata=metadata)
+    _record_weights_hash(folder)
 
 
 def _flip_byte(path: Path) -> None:
@@ -126,9 +136,7 @@ def _truncate(folder: Path) -> None:
     the safetensors reader sees)."""
     path = folder / pretrained.WEIGHTS
     path.write_bytes(path.read_bytes()[:100])
-    meta = json.loads((folder / pretrained.CONFIG).read_text())
-    meta["sha256"][pretrained.WEIGHTS] = pretrained._sha256(path)
-    (folder / pretrained.CONFIG).write_text(json.dumps(meta))
+    _record_weights_hash(folder)
 
 
 DAMAGE = {
@@ -217,6 +225,10 @@ def test_video_command_writes_every_episode(exported, tmp_path, capsys):
     assert _gif_frames(out)[0] == sum(lengths)
     assert f"{sum(lengths)} frames" in capsys.readouterr().out
     assert cli.main(["video", str(exported), "--out", str(tmp_path / "v.mp4")]) == cli.EXIT_INPUT
+    capsys.readouterr()
+    # every step's frames are held until written: no more steps than an episode can have
+    assert cli.main(["video", str(exported), "--max-steps", "1000000000", "--out", str(out)]) == cli.EXIT_INPUT
+    assert "--max-steps must be at most 500 steps" in capsys.readouterr().err
 
 
 def test_render_marks_where_the_dream_ended():

@@ -442,8 +442,10 @@ def test_deferred_restores_the_handler_and_leaves_an_ignored_sigint_alone():
     before = signal.signal(signal.SIGINT, signal.default_int_handler)  # as from a terminal
     try:
         with interrupt.deferred():
-            assert signal.getsignal(signal.SIGINT) is interrupt._on_sigint
+            taken = signal.getsignal(signal.SIGINT)
+            assert taken is not signal.default_int_handler and signal.getsignal(signal.SIGTERM) is taken
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
     finally:
         signal.signal(signal.SIGINT, before)
     interrupt.check()  # nothing pending: no effect
@@ -455,10 +457,8 @@ def test_deferred_restores_the_handler_and_leaves_an_ignored_sigint_alone():
         signal.signal(signal.SIGINT, before)
 
 
-def test_sigint_to_the_real_command_exits_130(tmp_path):
-    """Ctrl-C while V trains: exit 130 at the next chunk, the last line says how to resume, and
-    the stage is not recorded as finished."""
-    out = tmp_path / "run"
+def _signal_while_v_trains(out: Path, signum: int) -> tuple[int, str]:
+    """`wm-jax run --preset smoke` sent `signum` once its VAE stage began: (exit code, stderr)."""
     # As from a terminal: a suite started in the background passes SIGINT on as ignored, so a small
     # launcher resets it before exec (not preexec_fn: forking a multithreaded JAX process runs
     # Python code in the child).
@@ -469,11 +469,149 @@ def test_sigint_to_the_real_command_exits_130(tmp_path):
         for line in proc.stdout:  # progress lines: wait for the VAE stage
             if line.startswith("[wm-jax] vae ..."):
                 break
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
         _, err = proc.communicate(timeout=120)
     finally:
         proc.kill()
-    assert proc.returncode == 130, err
     assert "Traceback" not in err
-    assert err.strip().splitlines()[-1].endswith("interrupted; rerun the same command to resume")
-    assert set(json.loads((out / "stages.json").read_text())) == {"collect"}
+    assert set(json.loads((out / "stages.json").read_text())) == {"collect"}  # V's stage not recorded
+    return proc.returncode, err.strip().splitlines()[-1]
+
+
+def test_sigint_to_the_real_command_exits_130(tmp_path):
+    """Ctrl-C while V trains: exit 130 at the next chunk, the last line says how to resume, and
+    the stage is not recorded as finished."""
+    code, last = _signal_while_v_trains(tmp_path / "run", signal.SIGINT)
+    assert code == 130 and last.endswith("interrupted; rerun the same command to resume"), (code, last)
+
+
+# ------------------------------------------------------------------------------------------------
+# The second audit: each numbered case of its report (docs/RELIABILITY.md, "second audit")
+
+
+def _flip_bytes(path: Path, at: int, count: int = 8) -> None:
+    blob = bytearray(path.read_bytes())
+    for i in range(at, at + count):
+        blob[i] ^= 0xFF
+    path.write_bytes(bytes(blob))
+
+
+def test_case1_deleted_stages_json_is_refused_not_trusted(run, monkeypatch, capsys):
+    """Without stages.json nothing could check the checkpoints: a run directory that holds finished
+    stages but no stages.json is refused by the run, evaluate and the library, and nothing is
+    rewritten (stages.json is not recreated from unverified files)."""
+    _no_heavy_work(monkeypatch)
+    _flip_bytes(_largest_data_file(run / "vae" / "checkpoints" / str(_vae_step(run))), 4096)
+    (run / "stages.json").unlink()
+    _one_line(*_run_cli(capsys, run), 2, "stages.json is missing", "new --out")
+    assert not (run / "stages.json").exists()
+    _one_line(*_cli(capsys, "evaluate", str(run)), 2, "stages.json is missing")
+    with pytest.raises(RunDirError, match="stages.json is missing"):
+        Agent.load(run)
+
+
+def test_case1_a_run_killed_between_its_first_two_writes_starts(tmp_path):
+    """config.json written, stages.json not yet (a kill between the two): nothing was built, so the
+    directory's records are empty, not missing."""
+    (tmp_path / "config.json").write_text(SMOKE.to_json())
+    assert run_dir.read_stages(tmp_path) == {}
+    (tmp_path / "vae").mkdir()
+    with pytest.raises(RunDirError, match="stages.json is missing"):
+        run_dir.read_stages(tmp_path)
+
+
+@pytest.mark.parametrize("max_steps", ["1000000000", "100000000000"])
+def test_case2_collect_max_steps_beyond_memory_is_refused(tmp_path, capsys, max_steps):
+    """One episode of 10**9 steps: the scan's buffers, not the kept rows, exhaust memory."""
+    out = tmp_path / "data"
+    _one_line(*_cli(capsys, "collect", "--episodes", "1", "--max-steps", max_steps, "--out", str(out)), 2,
+              "GiB", "--max-steps")
+    assert not out.exists()
+
+
+def test_case5_overlong_out_name_is_one_line(tmp_path, capsys):
+    out = tmp_path / ("x" * 300)
+    _one_line(*_run_cli(capsys, out), 2, "File name too long", "shorter")
+
+
+def test_case5_lock_that_is_a_directory_is_one_line(unfinished, capsys):
+    (unfinished / ".lock").unlink(missing_ok=True)
+    (unfinished / ".lock").mkdir()
+    _one_line(*_run_cli(capsys, unfinished), 2, ".lock", "is a directory", "remove it")
+
+
+def _edit_agent_json(run: Path, edit) -> None:
+    meta = json.loads((run / "agent.json").read_text())
+    edit(meta)
+    (run / "agent.json").write_text(json.dumps(meta))
+
+
+def test_case5_agent_json_naming_another_controller_kind_is_refused(run, capsys):
+    _edit_agent_json(run, lambda m: m["config"]["controller"].update(kind="mlp"))
+    _one_line(*_cli(capsys, "evaluate", str(run)), 2, "agent.json", "rerun")
+    _one_line(*_cli(capsys, "serve", str(run)), 2, "agent.json", "rerun")
+
+
+def test_case5_sigterm_to_the_real_command_exits_143(tmp_path):
+    """SIGTERM is Ctrl-C's twin: at the next chunk, one line, exit 143, the stage not recorded."""
+    code, last = _signal_while_v_trains(tmp_path / "run", signal.SIGTERM)
+    assert code == 143 and last.endswith("terminated (SIGTERM); rerun the same command to resume"), (code, last)
+
+
+@pytest.mark.parametrize("edit", ["compute_dtype", "seed", "round"])
+def test_case6_edited_agent_json_is_refused(run, capsys, edit):
+    edits = {
+        "compute_dtype": lambda m: m["config"]["vae"].update(compute_dtype="bfloat16"),
+        "seed": lambda m: m["config"].update(seed=7),
+        "round": lambda m: m.update(round=2),
+    }
+    _edit_agent_json(run, edits[edit])
+    _one_line(*_cli(capsys, "evaluate", str(run), "--episodes", "1"), 2, "agent.json", "SHA-256", "rerun")
+
+
+@pytest.mark.parametrize("edit", ["card", "compute_dtype", "seed"])
+def test_case6_edited_export_config_is_refused(run, tmp_path, capsys, edit):
+    export = tmp_path / "export"
+    Agent.load(run).save_pretrained(export)
+    meta = json.loads((export / "config.json").read_text())
+    {"card": lambda: meta["card"].update(real_return_mean=500.0),
+     "compute_dtype": lambda: meta["config"]["vae"].update(compute_dtype="bfloat16"),
+     "seed": lambda: meta["config"].update(seed=7)}[edit]()
+    (export / "config.json").write_text(json.dumps(meta))
+    _one_line(*_cli(capsys, "evaluate", str(export), "--episodes", "1"), 2, "config.json", "SHA-256",
+              "export the agent again")
+
+
+def test_case7_damaged_dataset_in_an_unfinished_run_names_the_remedy(unfinished, monkeypatch, capsys):
+    _no_heavy_work(monkeypatch)
+    (unfinished / "latents_round1.npz").unlink()  # the run reads its data again to encode it
+    arrow = max((unfinished / "data" / "round1").glob("*.arrow"), key=lambda p: p.stat().st_size)
+    _flip_bytes(arrow, arrow.stat().st_size // 2)
+    _one_line(*_run_cli(capsys, unfinished), 2, "does not match its checksum",
+              f"delete {unfinished / 'data' / 'round1'}", "rerun")
+
+
+def test_case7_changed_config_names_the_field(unfinished, capsys):
+    _one_line(*_run_cli(capsys, unfinished, "--seed", "3"), 2, "seed: 0 in config.json, 3 now")
+    _one_line(*_run_cli(capsys, unfinished, "--precision", "bf16"), 2,
+              "transition.compute_dtype", "vae.compute_dtype")
+
+
+def test_case7_out_that_is_a_file_says_so(tmp_path, capsys):
+    out = tmp_path / "file"
+    out.write_text("not a run")
+    _one_line(*_run_cli(capsys, out), 2, f"{out} is a file, not a run directory", "choose another --out")
+
+
+def test_case7_export_whose_weights_do_not_fit_its_config_names_the_cause(run, tmp_path, capsys):
+    """config.json's hash matches (it was rewritten consistently) but its latent size is not the
+    weights': the message says they do not fit each other, not that the version is old."""
+    export = tmp_path / "export"
+    Agent.load(run).save_pretrained(export)
+    meta = json.loads((export / "config.json").read_text())
+    meta["config"]["vae"]["latent"] += 1
+    from wm_jax import pretrained
+    meta["config_sha256"] = pretrained.config_digest(meta)
+    (export / "config.json").write_text(json.dumps(meta))
+    line = _one_line(*_cli(capsys, "evaluate", str(export), "--episodes", "1"), 2, "vae.latent", "does not fit")
+    assert "with this version" not in line

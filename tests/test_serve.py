@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
 import json
 import re
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -28,6 +31,7 @@ from fastapi.testclient import TestClient
 
 from wm_jax import cli, quant, rollout, run_dir, serve, transition, vae
 from wm_jax.agent import Agent
+from wm_jax.data import TooLarge
 from wm_jax.env import PixelCartPole
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -280,7 +284,7 @@ def test_dream_endpoint(client):
 
 def test_gate_enforce_answers_the_safe_action_or_409_and_a_rejection_changes_nothing(run_with_k):
     frames = _frames(4)
-    with _client(run_with_k, gate="enforce", threshold=1.01) as c:  # K never reaches 1.01: every step unverified
+    with _client(run_with_k, gate="enforce", threshold=1.0) as c:  # K (a sigmoid) stays below 1: every step unverified
         sid = c.post("/v1/sessions").json()["id"]
         r = c.post(f"/v1/sessions/{sid}/act", json={"observation": _b64(frames[0])})
         assert r.status_code == 409 and r.json()["detail"]["verified"] is False
@@ -288,7 +292,7 @@ def test_gate_enforce_answers_the_safe_action_or_409_and_a_rejection_changes_not
     with _client(run_with_k, gate="observe") as c:
         sid = c.post("/v1/sessions").json()["id"]
         observed = [c.post(f"/v1/sessions/{sid}/act", json={"observation": _b64(o)}).json() for o in frames]
-    with _client(run_with_k, gate="enforce", threshold=1.01, safe_action=1) as c:
+    with _client(run_with_k, gate="enforce", threshold=1.0, safe_action=1) as c:
         sid = c.post("/v1/sessions").json()["id"]
         safe = [c.post(f"/v1/sessions/{sid}/act", json={"observation": _b64(o)}).json() for o in frames]
     assert all(s["action"] == 1 and not s["verified"] for s in safe)
@@ -302,7 +306,7 @@ def test_gate_enforce_answers_the_safe_action_or_409_and_a_rejection_changes_not
     keys = ("action", "step", "confidence", "dreamed_return")
     assert [{k: r[k] for k in keys} for r in (first, *rest)] == [{k: r[k] for k in keys} for r in observed]
     # a 409 leaves the session's carry and step count as they were
-    with _client(run_with_k, gate="enforce", threshold=1.01) as c:
+    with _client(run_with_k, gate="enforce", threshold=1.0) as c:
         sid = c.post("/v1/sessions").json()["id"]
         session = c.app.app.state.serve["sessions"].get(sid)
         before = (session.carry[0].copy(), session.carry[1].copy())
@@ -329,7 +333,7 @@ def test_batched_requests_get_the_same_answers_as_single_ones(run_with_k):
         np.testing.assert_allclose(s["confidence"], b["confidence"], rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(s["carry"][1], b["carry"][1], rtol=1e-4, atol=1e-6)
     # over HTTP: concurrent requests from threads, with a window long enough for them to share calls
-    with _client(run_with_k, batch_window_ms=2000.0) as c:
+    with _client(run_with_k, batch_window_ms=serve.MAX_BATCH_WINDOW_MS) as c:
         ids = [c.post("/v1/sessions").json()["id"] for _ in frames]
         results: dict[int, dict] = {}
         barrier = threading.Barrier(len(frames))
@@ -476,3 +480,303 @@ def test_an_added_verifier_is_refused_once_the_run_has_another_m(run_with_k, tmp
     done.write_text(json.dumps(record))
     with pytest.raises(run_dir.RunDirError, match="another M"):
         run_dir.load_verifier(run)
+
+
+# settings the server cannot honour
+
+
+@pytest.mark.parametrize("flag, value, says", [
+    ("--batch-window-ms", "1e9", "[0, 1000] ms"),  # every /act waited for a batch that never filled
+    ("--batch-window-ms", "nan", "[0, 1000] ms"),  # every /act answered 503
+    ("--batch-window-ms", "-1", "[0, 1000] ms"),
+    ("--port", "80000", "[1, 65535] (a TCP port)"),  # announced 80000, listened on 14464
+    ("--port", "0", "[1, 65535] (a TCP port)"),
+    ("--lookahead", "1000000000", "[1, 10000] imagined steps"),  # RESOURCE_EXHAUSTED at warm-up (140 GB)
+    ("--lookahead", "1e3", "whole number of imagined steps"),
+    ("--threshold", "5", "[0, 1]"),
+    ("--threshold", "nan", "[0, 1]"),
+])
+def test_settings_it_cannot_honour_are_refused_by_the_parser_in_one_line(tmp_path, capsys, flag, value, says):
+    with pytest.raises(SystemExit) as e:  # at parsing: before anything loads (the run does not even exist)
+        cli.main(["serve", str(tmp_path / "nope"), flag, value])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.count("\n") == 0 and flag in err and says in err, err
+
+
+def test_the_parser_and_the_library_agree_on_the_bounds():
+    top = ["--lookahead", str(serve.MAX_LOOKAHEAD), "--batch-window-ms", f"{serve.MAX_BATCH_WINDOW_MS:g}",
+           "--threshold", "1", "--port", "65535"]
+    args = cli.build_parser().parse_args(["serve", "run", *top])
+    serve.Settings(lookahead=args.lookahead, batch_window_ms=args.batch_window_ms, threshold=args.threshold)
+    serve.check_port(args.port)
+    for flag, over in (("--lookahead", str(serve.MAX_LOOKAHEAD + 1)),
+                       ("--batch-window-ms", str(serve.MAX_BATCH_WINDOW_MS + 0.5))):
+        with pytest.raises(SystemExit):
+            cli.build_parser().parse_args(["serve", "run", flag, over])
+
+
+@pytest.mark.parametrize("field, value", [
+    ("threshold", 5.0), ("threshold", -0.1), ("threshold", float("nan")),
+    ("batch_window_ms", 1e9), ("batch_window_ms", float("nan")), ("batch_window_ms", float("inf")),
+    ("batch_window_ms", -1.0), ("lookahead", 10 ** 9), ("lookahead", 0),
+])
+def test_settings_it_cannot_honour_are_refused_by_the_library(field, value):
+    with pytest.raises(ValueError, match=field):
+        serve.Settings(**{field: value})
+
+
+def test_a_port_out_of_range_is_refused_before_binding(run_with_k):
+    app = serve.create_app(run_with_k, serve.Settings(buckets=BUCKETS))  # not started: nothing loads
+    for port in (80000, 0, -1, 8000.5):
+        with pytest.raises(ValueError, match=r"port must be a TCP port in \[1, 65535\]"):
+            serve.run(app, port=port)
+
+
+def test_settings_beyond_the_machines_memory_are_refused_before_anything_compiles(run_with_k, monkeypatch, capsys):
+    """A look-ahead keeps every imagined step's carry for every example of the largest bucket: its
+    memory is counted from the settings and refused (data.TooLarge, one line) before XLA would
+    fail at warm-up; so are sessions that could not all be held."""
+    agent = Agent.load(run_with_k)
+
+    def no_compiling(*args, **kwargs):
+        raise AssertionError("compiled before the settings were checked")
+
+    with monkeypatch.context() as m:
+        m.setattr(jax, "jit", no_compiling)
+        for settings, names in ((serve.Settings(lookahead=10_000, buckets=(1, 2 ** 30)), "lookahead"),
+                                (serve.Settings(max_sessions=10 ** 13), "max_sessions")):
+            with pytest.raises(TooLarge, match="GiB") as e:
+                serve.Model(agent, settings)
+            assert "\n" not in str(e.value) and names in str(e.value)
+    # on a device with memory of its own (a GPU) the programs are weighed against it, and the
+    # look-ahead counts only where the gate runs
+    monkeypatch.setattr(serve, "_memory", lambda: (2 ** 30, 2 ** 40))
+    big = serve.Settings(lookahead=10_000, buckets=(1, 8, 1024))
+    need = serve.memory_need(agent.cfg, big, gate=True)
+    assert need["act"] > 2 ** 29 > serve.memory_need(agent.cfg, big, gate=False)["act"]
+    with pytest.raises(TooLarge, match="device"):
+        serve.check_memory(agent.cfg, big, gate=True)
+    serve.check_memory(agent.cfg, big, gate=False)
+    monkeypatch.undo()
+    # the command: exit 2, one line, before the server starts
+    assert cli.main(["serve", str(run_with_k), "--max-sessions", str(10 ** 13)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "max_sessions" in err and "GiB" in err
+
+
+class _IdleModel:
+    """Stands in for Model in the batcher: act answers at once."""
+
+    settings = serve.Settings(buckets=(1, 8))
+
+    def act(self, carries, obs):
+        return [{"action": np.int32(0), "carry": c} for c in carries]
+
+
+def test_a_draining_batcher_answers_the_batch_waiting_out_its_window_at_once():
+    async def scenario():
+        batcher = serve.Batcher(_IdleModel(), 600.0)  # ten minutes
+        batcher.start()
+        carry = (np.zeros(2, np.float32), np.zeros(2, np.float32))
+        waiting = asyncio.ensure_future(batcher.submit(carry, np.zeros(serve.OBS_SHAPE, np.uint8)))
+        await asyncio.sleep(0.2)
+        assert not waiting.done()
+        batcher.drain()
+        row = await asyncio.wait_for(waiting, 10)
+        later = await asyncio.wait_for(batcher.submit(carry, np.zeros(serve.OBS_SHAPE, np.uint8)), 10)
+        await batcher.stop()
+        return row, later, batcher.batches
+
+    row, later, batches = asyncio.run(asyncio.wait_for(scenario(), 30))
+    assert int(row["action"]) == 0 and int(later["action"]) == 0 and batches == 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_sigterm_stops_the_server_at_once_while_a_batch_window_waits(run_with_k, tmp_path):
+    """`serve.run` in its own process, with a ten-minute window (the cap lifted for the test): an
+    /act waits in it, and the first SIGTERM answers it and stops the server within seconds."""
+    import httpx
+
+    port = _free_port()
+    code = ("import sys; from wm_jax import serve; serve.MAX_BATCH_WINDOW_MS = 600_000.0; "
+            "settings = serve.Settings(buckets=(1, 8), batch_window_ms=600_000.0); "
+            "serve.run(serve.create_app(sys.argv[1], settings), port=int(sys.argv[2]))")
+    log = (tmp_path / "server.log").open("w+")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(run_with_k), str(port)], cwd=ROOT, stdout=log,
+                            stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert proc.poll() is None, (tmp_path / "server.log").read_text()[-2000:]
+            assert time.monotonic() < deadline, "the server did not start"
+            try:
+                if httpx.get(f"{base}/health", timeout=1.0).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        sid = httpx.post(f"{base}/v1/sessions").json()["id"]
+        result = {}
+        body = {"observation": _b64(_frames(1)[0])}
+        t = threading.Thread(target=lambda: result.update(r=httpx.post(f"{base}/v1/sessions/{sid}/act", json=body,
+                                                                          timeout=120)))
+        t.start()
+        time.sleep(1.0)  # the request waits in the window
+        assert "r" not in result
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+        t.join(60)
+        assert time.monotonic() - t0 < 60
+        assert result["r"].status_code == 200 and result["r"].json()["step"] == 0
+        assert proc.returncode == -signal.SIGTERM  # uvicorn ends by raising the signal it caught
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+# clients that leave
+
+
+def _asgi(client, path: str, body: bytes, length: int | None = None, send_fails: bool = False) -> list[dict]:
+    """POST `body` to the app at the ASGI level, on the client's event loop, as a client that is
+    gone once it sent it (every later receive() answers http.disconnect, as uvicorn's does after a
+    lost connection); `length` declares a longer body (the client left in the middle of it). With
+    `send_fails` the connection looks open (receive() waits) but sending the answer raises, as on a
+    reset connection. The messages sent."""
+    length = len(body) if length is None else length
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
+             "headers": [(b"host", b"test"), (b"content-type", b"application/json"),
+                         (b"content-length", str(length).encode())],
+             "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 80)}
+    pending = [{"type": "http.request", "body": body, "more_body": length > len(body)}]
+    sent: list[dict] = []
+
+    async def receive():
+        if not pending and send_fails:
+            await asyncio.sleep(3600)
+        return pending.pop(0) if pending else {"type": "http.disconnect"}
+
+    async def send(message):
+        if send_fails and message["type"] == "http.response.body":
+            raise ConnectionResetError("the client reset the connection")
+        sent.append(message)
+
+    client.portal.call(client.app, scope, receive, send)
+    return sent
+
+
+def _count(text: str, path: str, status: int) -> int:
+    m = re.search(r'wm_jax_requests_total\{method="POST",path="%s",status="%d"\} (\d+)' % (re.escape(path), status), text)
+    return int(m.group(1)) if m else 0
+
+
+def test_an_act_whose_client_left_before_the_answer_does_not_advance_the_session(client):
+    sid = client.post("/v1/sessions").json()["id"]
+    session = client.app.app.state.serve["sessions"].get(sid)
+    path, route = f"/v1/sessions/{sid}/act", "/v1/sessions/{sid}/act"
+    before = _count(client.get("/metrics").text, route, 499)
+    body = json.dumps({"observation": _b64(_frames(1)[0])}).encode()
+    sent = _asgi(client, path, body)  # computed, but the client is gone: nothing is answered
+    assert not any(m["type"] == "http.response.body" for m in sent) and session.steps == 0
+    with pytest.raises(ConnectionResetError):  # the answer's send fails: the step is not taken either
+        _asgi(client, path, body, send_fails=True)
+    assert session.steps == 0
+    r = client.post(path, json={"observation": _b64(_frames(1)[0])})  # the retry: the first step
+    assert r.status_code == 200 and r.json()["step"] == 0 and session.steps == 1
+    assert client.post(path, json={"observation": _b64(_frames(1)[0])}).json()["step"] == 1  # the lock is free
+    assert _count(client.get("/metrics").text, route, 499) == before + 2
+
+
+def test_a_client_leaving_mid_body_is_counted_as_499_not_as_a_server_error(client):
+    sid = client.post("/v1/sessions").json()["id"]
+    before = client.get("/metrics").text
+    _asgi(client, f"/v1/sessions/{sid}/act", b'{"observation": "AAAA', length=30_000)
+    text = client.get("/metrics").text
+    assert _count(text, "unmatched", 499) == _count(before, "unmatched", 499) + 1
+    assert 'status="500"' not in text
+
+
+@contextlib.contextmanager
+def _served(app):
+    """`app` on uvicorn at 127.0.0.1, on a port the OS picks, in a thread; stopped on exit. Plain
+    uvicorn.Server: what holds for clients that leave holds under any ASGI server."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 300
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.05)
+    try:
+        yield server.servers[0].sockets[0].getsockname()[1]
+    finally:
+        server.should_exit = True
+        thread.join(60)
+        assert not thread.is_alive()
+
+
+def test_a_client_that_closes_before_its_answer_and_retries_moves_the_agent_one_step(run_with_k):
+    """Over a real socket to uvicorn: the client sends a whole /act and closes while the step is
+    computed, then retries; and another sends half a body and closes. The session advanced once,
+    the retry's answer is the first step, and /metrics counts both as 499, none as 500."""
+    import httpx
+
+    model = serve.Model(Agent.load(run_with_k), serve.Settings(buckets=BUCKETS))
+    app = serve.create_app(model)
+    act, started, finished = model.act, threading.Event(), threading.Event()
+
+    def slow(carries, obs):
+        started.set()
+        time.sleep(0.5)
+        try:
+            return act(carries, obs)
+        finally:
+            finished.set()
+
+    obs = _b64(_frames(1)[0])
+    with _served(app) as port:
+        base = f"http://127.0.0.1:{port}"
+        sid = httpx.post(f"{base}/v1/sessions").json()["id"]
+        session = app.app.state.serve["sessions"].get(sid)
+        body = json.dumps({"observation": obs}).encode()
+        head = (f"POST /v1/sessions/{sid}/act HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n").encode()
+        model.act = slow
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(head + body)
+            assert started.wait(30)
+        assert finished.wait(30)  # closed while the step was computed
+        model.act = act
+        r = httpx.post(f"{base}/v1/sessions/{sid}/act", json={"observation": obs}, timeout=60)
+        assert r.status_code == 200 and r.json()["step"] == 0 and session.steps == 1
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:  # half a body, then gone
+            sock.sendall(head + body[:100])
+        deadline = time.monotonic() + 30
+        while _count(text := httpx.get(f"{base}/metrics").text, "unmatched", 499) < 1:
+            assert time.monotonic() < deadline, text
+            time.sleep(0.1)
+    assert _count(text, "/v1/sessions/{sid}/act", 499) == 1 and 'status="500"' not in text
+
+
+def test_a_restart_loses_every_session_and_the_404_and_readme_say_so(run_with_k):
+    obs = {"observation": _b64(_frames(1)[0])}
+    with _client(run_with_k) as c:
+        sid = c.post("/v1/sessions").json()["id"]
+        assert c.post(f"/v1/sessions/{sid}/act", json=obs).status_code == 200
+    with _client(run_with_k) as c:  # the same run served again
+        r = c.post(f"/v1/sessions/{sid}/act", json=obs)
+        assert r.status_code == 404 and "restarted" in r.json()["detail"]
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert "a restart loses every one" in readme
+

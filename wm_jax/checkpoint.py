@@ -27,6 +27,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from wm_jax.config import diff
+
 
 class CheckpointError(ValueError):
     """No usable checkpoint, a damaged one, or one that does not match the requested config."""
@@ -97,21 +99,10 @@ def digest(tree: Any) -> str:
 
 
 def _check_config(directory: Path, step: int, saved: dict[str, Any], wanted: dict[str, Any]) -> None:
-    diffs = _diff(saved, wanted)
+    diffs = diff(saved, wanted)
     if diffs:
         shown = "; ".join(f"{k}: checkpoint has {a!r}, config has {b!r}" for k, a, b in diffs[:5])
         raise CheckpointError(f"{directory} step {step} was trained with a different config ({shown})")
-
-
-def _diff(a: Any, b: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        out = []
-        for k in sorted(set(a) | set(b)):
-            out += _diff(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else str(k))
-        return out
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        a, b = list(a), list(b)
-    return [] if a == b else [(prefix, a, b)]
 
 
 def restore_latest(

@@ -11,6 +11,7 @@ the traceback instead):
     3    the output cannot be written: read-only file system, disk full, no permission
     4    the run directory is in use by another wm-jax process (the line names its PID)
     130  interrupted (Ctrl-C, honoured at the next chunk boundary); the same command resumes
+    143  terminated (SIGTERM, honoured like Ctrl-C); the same command resumes
 """
 
 from __future__ import annotations
@@ -18,13 +19,19 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import signal
 import sys
 import time
 from pathlib import Path
 
-EXIT_TRAINING, EXIT_INPUT, EXIT_WRITE, EXIT_BUSY, EXIT_INTERRUPTED = 1, 2, 3, 4, 130
+EXIT_TRAINING, EXIT_INPUT, EXIT_WRITE, EXIT_BUSY = 1, 2, 3, 4  # a signal: 128 + its number (130, 143)
 # OSErrors that mean "this location cannot be written", whatever the file
 WRITE_ERRNOS = {errno.EROFS, errno.ENOSPC, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.EFBIG}
+# OSErrors that mean "this path is not one that can be used": the argument is at fault (exit 2)
+PATH_ERRNOS = {errno.ENAMETOOLONG: "choose a shorter path", errno.ENOTDIR: "a part of the path is a file; choose another path",
+               errno.EISDIR: "it is a directory; remove it or choose another path",
+               errno.EEXIST: "remove it or choose another path", errno.ELOOP: "the path loops through symbolic links",
+               errno.ENOENT: "check the path"}
 
 
 class UsageError(Exception):
@@ -223,6 +230,12 @@ def cmd_video(args: argparse.Namespace) -> int:
         raise UsageError(f"--out {out}: the video is an animated GIF, name it *.gif")
     if not 1 <= args.fps <= video.MAX_FPS:
         raise UsageError(f"--fps must be in 1..{video.MAX_FPS} (GIF viewers slow faster frames down), got {args.fps}")
+    from wm_jax.env import PixelCartPole
+
+    limit = int(PixelCartPole().default_params.max_steps_in_episode)
+    if args.max_steps is not None and args.max_steps > limit:  # each step's frames are held until written
+        raise UsageError(f"--max-steps must be at most {limit} steps (the environment ends every episode by then), "
+                         f"got {args.max_steps}")
     agent = _agent(args.agent)
     key = jax.random.fold_in(evaluation_key(agent.cfg.seed if args.seed is None else args.seed), 1000)
     frames = video.record(agent.cfg, {**agent.params, "verifier": agent.verifier}, key, args.episodes, args.max_steps)
@@ -244,10 +257,39 @@ def cmd_train_verifier(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve_int(low: int, high: int, unit: str):
+    """An argparse type for a whole number of `unit` in [low, high] (serve's bounds, checked again
+    by serve.Settings and serve.run; parsed here so a bad one is refused before anything loads)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number of {unit}, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be in [{low}, {high}] {unit}, got {value}")
+        return value
+
+    return parse
+
+
+def _serve_number(low: float, high: float, unit: str):
+    """An argparse type for a finite number of `unit` in [low, high] (NaN and infinities refused)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number of {unit}, got {text!r}") from None
+        if not low <= value <= high:  # NaN fails every comparison
+            raise argparse.ArgumentTypeError(f"must be a finite number in [{low:g}, {high:g}] {unit}, got {text}")
+        return value
+
+    return parse
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
-        import uvicorn
-
         from wm_jax import serve
     except ImportError as e:
         raise UsageError(f"serving needs the serve extra ({e.name} is missing): pip install -e '.[serve]'") from None
@@ -255,15 +297,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         settings = serve.Settings(precision="int8" if args.int8 else "float32", gate=args.gate,
                                   lookahead=args.lookahead, threshold=args.threshold, safe_action=args.safe_action,
                                   max_sessions=args.max_sessions, batch_window_ms=args.batch_window_ms)
+        serve.check_port(args.port)
     except ValueError as e:
         raise UsageError(str(e)) from None
     if not Path(args.run).is_dir():
         raise UsageError(f"{args.run}: no such run directory or agent folder")
-    model = serve.Model.load(args.run, settings)  # a damaged run fails here, in one line, before the server starts
+    # a damaged run, or settings whose memory this machine lacks (data.TooLarge), fail here in one
+    # line, before anything is compiled and before the server starts
+    model = serve.Model.load(args.run, settings)
     print(f"serving {args.run} ({settings.precision}, gate {model.gate}"
           f"{'' if model.has_verifier else ': no verifier, run `wm-jax train-verifier` for one'}) "
           f"on http://{args.host}:{args.port}", flush=True)
-    uvicorn.run(serve.create_app(model), host=args.host, port=args.port, log_level=args.log_level)
+    serve.run(serve.create_app(model), host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
 
@@ -364,18 +409,20 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="serve a trained agent over HTTP (needs the serve extra)")
     s.add_argument("run", help="a `wm-jax run` directory or a folder written by `wm-jax export`")
     s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=_positive_int, default=8000)
+    s.add_argument("--port", type=_serve_int(1, 65535, "(a TCP port)"), default=8000)
     s.add_argument("--int8", action="store_true", help="V and M quantized to INT8 after training")
     s.add_argument("--gate", choices=("off", "observe", "enforce"), default="observe",
                    help="the verifier's look-ahead: off; observe (reported with each action); enforce "
                         "(an unverified step answers --safe-action, or 409 without one)")
-    s.add_argument("--lookahead", type=_positive_int, default=10, help="imagined steps the gate scores")
-    s.add_argument("--threshold", type=float, default=0.5, help="K's mean confidence a step needs to be verified")
+    s.add_argument("--lookahead", type=_serve_int(1, 10_000, "imagined steps"), default=10,
+                   help="imagined steps the gate scores (at most 10,000, and what this machine's memory holds)")
+    s.add_argument("--threshold", type=_serve_number(0.0, 1.0, "(K's mean confidence)"), default=0.5,
+                   help="K's mean confidence, in [0, 1], a step needs to be verified")
     s.add_argument("--safe-action", type=int, default=None, choices=(0, 1))
     s.add_argument("--max-sessions", type=_positive_int, default=1024)
-    s.add_argument("--batch-window-ms", type=float, default=0.0,
-                   help="how long a batch waits for more /act requests (default 0: a batch is whatever queued "
-                        "while the previous one ran)")
+    s.add_argument("--batch-window-ms", type=_serve_number(0.0, 1000.0, "ms"), default=0.0,
+                   help="how long, in [0, 1000] ms, a batch waits for more /act requests (default 0: a batch "
+                        "is whatever queued while the previous one ran)")
     s.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"))
     s.set_defaults(fn=cmd_serve)
     return p
@@ -384,6 +431,12 @@ def build_parser() -> argparse.ArgumentParser:
 def _write_error(e: OSError, out: str | None) -> str:
     where = f" {e.filename}" if e.filename else (f" under {out}" if out else "")
     return f"cannot write{where} ({os.strerror(e.errno)}); free space or choose a writable --out, then rerun to resume"
+
+
+def _path_error(e: OSError) -> str:
+    """A path that cannot be used as given, named, with what to do."""
+    where = f"{e.filename}: " if e.filename else ""
+    return f"{where}{os.strerror(e.errno)}; {PATH_ERRNOS[e.errno]}"
 
 
 def _write_error_in_text(e: Exception, out: str | None) -> str | None:
@@ -433,8 +486,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wm-jax {args.command}: {message}", file=sys.stderr)
         return code
 
-    from wm_jax import logs
+    from wm_jax import interrupt, logs
 
+    # SIGTERM stops a command as Ctrl-C does (one line, resumable; long jobs at their next chunk
+    # boundary through interrupt.deferred). `serve` hands both signals to uvicorn, which shuts down.
+    sigterm = signal.getsignal(signal.SIGTERM)
+    if sigterm is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, interrupt.raise_at_once)
     try:
         if getattr(args, "log", "jsonl") == "tensorboard":
             try:
@@ -444,16 +502,21 @@ def main(argv: list[str] | None = None) -> int:
         return args.fn(args)
     except RunDirBusy as e:
         return fail(e, EXIT_BUSY, f"error: {e}")
-    except (UsageError, DatasetError, ConfigError, RunDirError, CheckpointError, PretrainedError, TooLarge,
-            FileNotFoundError, FileExistsError, NotADirectoryError) as e:
+    except (UsageError, DatasetError, ConfigError, RunDirError, CheckpointError, PretrainedError, TooLarge) as e:
         return fail(e, EXIT_INPUT, f"error: {e}")
     except TrainingError as e:
         return fail(e, EXIT_TRAINING, f"training failed: {e}")
     except KeyboardInterrupt as e:
-        return fail(e, EXIT_INTERRUPTED, "interrupted; rerun the same command to resume")
+        signum = getattr(e, "signum", signal.SIGINT)
+        what = "interrupted" if signum == signal.SIGINT else f"terminated ({signal.Signals(signum).name})"
+        return fail(e, 128 + signum, f"{what}; rerun the same command to resume")
     except OSError as e:
         if e.errno in WRITE_ERRNOS:
             return fail(e, EXIT_WRITE, f"error: {_write_error(e, getattr(args, 'out', None))}")
+        if e.errno is None and isinstance(e, (FileNotFoundError, FileExistsError, NotADirectoryError)):
+            return fail(e, EXIT_INPUT, f"error: {e}")  # raised by wm_jax with its own message
+        if e.errno in PATH_ERRNOS:
+            return fail(e, EXIT_INPUT, f"error: {_path_error(e)}")
         message = _write_error_in_text(e, getattr(args, "out", None))  # pyarrow: errno None, the reason in the text
         if message is None:
             raise
@@ -465,6 +528,7 @@ def main(argv: list[str] | None = None) -> int:
         return fail(e, EXIT_WRITE, f"error: {message}")
     finally:
         logs.close()  # the writers belong to this command, not to whatever the process does next
+        signal.signal(signal.SIGTERM, sigterm)
 
 
 def console() -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import json
 import math
 import numbers
@@ -636,6 +637,26 @@ def _smoke() -> Config:
 
 
 PRESETS = {"smoke": _smoke, "cpu": _cpu, "frugal": _frugal, "laptop": _laptop, "paper": _paper}
+
+
+def diff(a: Any, b: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted field, value in a, value in b) for every leaf where two nested dicts (to_dict's
+    form) differ; lists and tuples compare by their items."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            out += diff(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else str(k))
+        return out
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        a, b = list(a), list(b)
+    return [] if a == b else [(prefix, a, b)]
+
+
+def json_digest(obj: Any) -> str:
+    """sha256 of a JSON value in canonical form (sorted keys, no spaces): the hash a record file
+    (agent.json, an export's config.json) carries of its own content."""
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def with_compute_dtype(cfg: Config, dtype: str) -> Config:

@@ -142,26 +142,45 @@ def render_states(states: np.ndarray, batch: int = 4096) -> np.ndarray:
 
 ROW_BYTES = FRAME_SIZE * FRAME_SIZE + 4 * 4 + 4 * 5  # a frame, the state, episode/t/action/reward/done
 RANDOM_EPISODE_STEPS = 22.5  # mean length of a random-policy CartPole episode (measured: 22.4 over 5,000)
+# What one step of one episode takes in a chunk's scan, whether the episode is still running or not:
+# its key (8 bytes), the outputs valid, action, reward, done and state (26 bytes) on the device, and
+# the same outputs again on the host after device_get.
+SCAN_STEP_BYTES = 8 + 2 * 26
 
 
 class TooLarge(ValueError):
     """A collection that cannot fit in this machine's memory."""
 
 
-def check_memory(num_episodes: int, max_steps: int, policy: Policy = RANDOM_POLICY) -> None:
-    """Refuse, before any work, a collection whose rows (all held in memory until saved) would not
-    fit in half of this machine's memory: random episodes are counted at their mean length, other
-    policies' at max_steps."""
-    steps = min(max_steps, RANDOM_EPISODE_STEPS) if policy is RANDOM_POLICY else max_steps
-    need = num_episodes * steps * ROW_BYTES
+def memory_bytes() -> int | None:
+    """This machine's physical memory in bytes (None where POSIX cannot tell)."""
     try:
-        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):  # not POSIX: no estimate
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_memory(num_episodes: int, max_steps: int, policy: Policy = RANDOM_POLICY, chunk_size: int | None = None,
+                 max_rows: int | None = None) -> None:
+    """Refuse, before any work, a collection that would not fit in half of this machine's memory.
+    The rule: the rows it keeps (all held until saved: episodes x steps x ROW_BYTES, random
+    episodes counted at their mean length, other policies' at max_steps, at most max_rows) plus one
+    chunk's scan buffers (chunk episodes x max_steps x SCAN_STEP_BYTES: the scan runs max_steps
+    for every episode, ended or not) must stay within half of the physical memory."""
+    have = memory_bytes()
+    if have is None:  # not POSIX: no estimate
         return
-    if need > have / 2:
-        raise TooLarge(f"{num_episodes:,} episodes need about {need / 2**30:,.1f} GiB in memory (at {steps:g} steps "
-                       f"of {ROW_BYTES:,} bytes each), more than half of this machine's {have / 2**30:.1f} GiB: "
-                       f"collect fewer episodes, in several datasets")
+    chunk = num_episodes if chunk_size is None else min(chunk_size, num_episodes)
+    steps = min(max_steps, RANDOM_EPISODE_STEPS) if policy is RANDOM_POLICY else max_steps
+    rows = num_episodes * steps if max_rows is None else min(num_episodes * steps, max_rows)
+    kept, scan = rows * ROW_BYTES, chunk * max_steps * SCAN_STEP_BYTES
+    if kept + scan > have / 2:
+        gib = 2**30
+        raise TooLarge(f"{num_episodes:,} episodes of at most {max_steps:,} steps need about {(kept + scan) / gib:,.1f} "
+                       f"GiB in memory ({kept / gib:,.1f} GiB of rows kept at {steps:g} steps of {ROW_BYTES:,} bytes, "
+                       f"{scan / gib:,.1f} GiB of scan buffers for {chunk:,} episodes at a time), more than half of "
+                       f"this machine's {have / gib:.1f} GiB: collect fewer episodes (in several datasets) or lower "
+                       f"--max-steps")
 
 
 def _chunks(
@@ -178,7 +197,7 @@ def _chunks(
         raise ValueError(f"max_steps must be positive, got {max_steps}")
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-    check_memory(num_episodes, max_steps, policy)
+    check_memory(num_episodes, max_steps, policy, chunk_size, max_rows)
     chunk_size = min(chunk_size, num_episodes)
     num_chunks = -(-num_episodes // chunk_size)
     bar = tqdm(total=num_episodes, desc="collect", unit="ep", disable=not progress, leave=False)

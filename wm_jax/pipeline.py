@@ -39,7 +39,7 @@ from wm_jax import (
     video,
 )
 from wm_jax import data as data_lib
-from wm_jax.config import Config, ConfigError
+from wm_jax.config import Config, ConfigError, diff
 from wm_jax.env import NUM_ACTIONS
 from wm_jax.run_dir import RunDirError
 
@@ -64,6 +64,8 @@ class _Stages:
         self.path = out / "stages.json"
         self.done: dict[str, Any] = run_dir.read_stages(out)
         self.progress = progress
+        if not self.path.exists():  # before any stage writes: its absence later means it was removed
+            run_dir.write_json(self.path, self.done)
 
     def note(self, text: str) -> None:
         if self.progress:
@@ -73,8 +75,9 @@ class _Stages:
         gone = [p for p in rec.get("outputs", {}) if not (self.out / p).exists()]
         if gone:
             return f"its output {gone[0]} is gone"
-        if "inputs" in rec and rec["inputs"] != inputs:  # runs recorded before identities: trusted
-            changed = sorted(k for k in set(rec["inputs"]) | set(inputs) if rec["inputs"].get(k) != inputs.get(k))
+        if rec.get("inputs") != inputs:
+            was = rec.get("inputs") if isinstance(rec.get("inputs"), dict) else {}
+            changed = sorted(k for k in set(was) | set(inputs) if was.get(k) != inputs.get(k)) or ["its record"]
             return f"what it was built on changed ({', '.join(changed)})"
         return None
 
@@ -163,7 +166,7 @@ class _Run:
 
     def load(self, stage: str, folder: str, loader: Callable[..., Any], cfg: Config) -> tuple[Any, Any]:
         """A finished stage's parameters, exactly as it recorded them: (params, identity)."""
-        identity = run_dir.stage_output(self.stages.done, stage, folder)
+        identity = run_dir.stage_output(self.out, self.stages.done, stage, folder)
         try:
             return loader(cfg, self.out / folder, identity), identity
         except checkpoint.Damaged as e:
@@ -175,13 +178,13 @@ class _Run:
         for r, path in enumerate(self.data_paths, start=1):
             stage = "collect" if r == 1 else f"collect_round{r}"
             name = f"data/round{r}"
-            recorded = run_dir.stage_output(self.stages.done, stage, name)
+            recorded = run_dir.stage_output(self.out, self.stages.done, stage, name)
             try:
                 now = data_lib.identity(path)
             except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
                 raise data_lib.DatasetError(path, f"unreadable manifest ({type(e).__name__}: {e}); delete {path} to "
                                                   f"collect it again") from None
-            if recorded is not None and now != recorded:
+            if now != recorded:
                 raise run_dir.damaged(self.out, stage, name, RunDirError(f"{path} is not the dataset its stage saved"))
             ids[name] = now
         return ids
@@ -202,9 +205,12 @@ def _check_config(out: Path, cfg: Config) -> None:
     cfg_path = out / "config.json"
     if cfg_path.exists():
         saved = run_dir.read_config(out)  # through from_dict: fields added since compare as defaults
-        if json.loads(saved.to_json()) != json.loads(cfg.to_json()):
-            raise RunDirError(f"{out} holds a run with a different config (preset {saved.preset!r}, seed "
-                              f"{saved.seed!r}); use a new --out or delete it")
+        changed = diff(json.loads(saved.to_json()), json.loads(cfg.to_json()))
+        if changed:
+            shown = "; ".join(f"{k}: {a!r} in config.json, {b!r} now" for k, a, b in changed[:4])
+            more = f" (and {len(changed) - 4} more)" if len(changed) > 4 else ""
+            raise RunDirError(f"{out} holds a run with a different config ({shown}{more}); rerun it with its own "
+                              f"arguments, or use a new --out")
         return
     held = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
     if held:
@@ -353,9 +359,7 @@ def _write_agent_files(out: Path, cfg: Config, done: dict[str, Any], r: int, ctr
     """agent.json and controller.npy: the final agent (round r's M and controller), rewritten only
     when missing or different (a rerun repairs them from the stages' records)."""
     m_dir = "transition" if r == 1 else f"transition_round{r}"
-    meta = {"round": r, "transition_dir": m_dir,
-            "transition_steps": run_dir.round_config(cfg, done, r).transition.train.steps if r > 1 else None,
-            "config": cfg.to_dict()}
+    meta = run_dir.agent_record(out, cfg, done, r, m_dir, ctrl_id)
     try:
         same = json.loads((out / "agent.json").read_text()) == run_dir.finite_or_none(meta)
     except (OSError, ValueError, UnicodeDecodeError):

@@ -7,10 +7,13 @@ The folder holds
   model.safetensors  every parameter as a named tensor: "vae/params/...", "transition/params/...",
                      "controller", "verifier/params/..." (names are the parameter tree's paths)
   config.json        the format and its version, the full Config (every field the networks are
-                     rebuilt from), each tensor's shape and dtype, the weights' SHA-256 and the card
+                     rebuilt from), each tensor's shape and dtype, the weights' SHA-256, the card, and
+                     a SHA-256 of all of that (config_sha256): an edit is refused, not loaded
   README.md          a model card: preset, seed, measured return, real steps, versions
-Loading checks all of it: a missing or damaged file, weights that differ from their recorded hash,
-or tensors that differ from the layout this version builds is a PretrainedError naming the problem.
+Loading checks all of it: a missing or damaged file, a config.json edited after export, weights
+that differ from their recorded hash or were exported with another config (the weights' own
+metadata holds the config they were exported with), or tensors that differ from the layout this
+version builds is a PretrainedError naming the problem.
 """
 
 from __future__ import annotations
@@ -28,10 +31,10 @@ import jax
 import numpy as np
 
 from wm_jax import checkpoint, controller, data, transition, vae, verifier
-from wm_jax.config import Config, ConfigError
+from wm_jax.config import Config, ConfigError, diff, json_digest
 
 FORMAT = "wm_jax.agent"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: config.json hashes its own content; the weights' metadata holds the config
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 CARD = "README.md"
@@ -80,6 +83,11 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def config_digest(meta: dict[str, Any]) -> str:
+    """The SHA-256 config.json carries of its own content (every key but config_sha256)."""
+    return json_digest({k: v for k, v in meta.items() if k != "config_sha256"})
 
 
 def card_text(cfg: Config, card: dict[str, Any]) -> str:
@@ -168,7 +176,8 @@ def save(directory: Path | str, cfg: Config, params: dict[str, Any], card: dict[
     tmp.mkdir(parents=True)
     try:
         try:
-            save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+            save_file(tensors, str(tmp / WEIGHTS), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION),
+                                                             "config": cfg.to_json()})
         except SafetensorError as e:  # a plain Exception: its text carries the OS reason, if any
             raise _write_error(tmp / WEIGHTS, e) from None
         meta = {
@@ -179,6 +188,8 @@ def save(directory: Path | str, cfg: Config, params: dict[str, Any], card: dict[
             "sha256": {WEIGHTS: _sha256(tmp / WEIGHTS)},
             "card": card,
         }
+        meta = json.loads(json.dumps(meta, allow_nan=False))  # hashed as it will be read back
+        meta["config_sha256"] = config_digest(meta)
         (tmp / CONFIG).write_text(json.dumps(meta, indent=2, sort_keys=True, allow_nan=False))
         (tmp / CARD).write_text(card_text(cfg, card))
         mask = os.umask(0)
@@ -212,12 +223,15 @@ def _meta(directory: Path) -> dict[str, Any]:
     if meta.get("format_version") != FORMAT_VERSION:
         raise PretrainedError(f"{directory} has layout version {meta.get('format_version')!r}; this wm_jax reads "
                               f"version {FORMAT_VERSION}: export it again with this version")
+    if meta.get("config_sha256") != config_digest(meta):
+        raise PretrainedError(f"{path} was changed after export (its content's SHA-256 differs from the one it "
+                              f"records); export the agent again from its run")
     return meta
 
 
 def load(directory: Path | str) -> tuple[Config, dict[str, Any], dict[str, Any]]:
     """(cfg, params {"vae", "transition", "controller"[, "verifier"]}, card) of an exported folder."""
-    from safetensors import SafetensorError
+    from safetensors import SafetensorError, safe_open
     from safetensors.numpy import load_file
 
     directory = Path(directory)
@@ -240,8 +254,16 @@ def load(directory: Path | str) -> tuple[Config, dict[str, Any], dict[str, Any]]
                               f"export the agent again")
     try:
         tensors = load_file(str(weights))
+        with safe_open(str(weights), "np") as f:
+            exported = json.loads((f.metadata() or {}).get("config", "null"))
     except (SafetensorError, OSError, ValueError) as e:
         raise PretrainedError(f"{weights} is damaged ({type(e).__name__}: {e}); export the agent again") from None
+    changed = diff(meta["config"], exported) if isinstance(exported, dict) else [("config", "a config", None)]
+    if changed:
+        k, a, b = changed[0]
+        raise PretrainedError(f"{directory / CONFIG} does not fit {weights}: {k} is {a!r} in {CONFIG} but the weights "
+                              f"were exported with {b!r}; one was changed after export: export the agent again from "
+                              f"its run")
     like = layout(cfg, with_verifier=any(k.startswith("verifier/") for k in tensors))
     wanted = {name: (tuple(leaf.shape), np.dtype(leaf.dtype)) for name, leaf in _named(like).items()}
     missing = sorted(set(wanted) - set(tensors))

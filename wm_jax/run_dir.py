@@ -36,7 +36,7 @@ import numpy as np
 
 from wm_jax import checkpoint, transition, vae
 from wm_jax import data as data_lib
-from wm_jax.config import Config, ConfigError
+from wm_jax.config import Config, ConfigError, diff, json_digest
 
 
 class RunDirError(ValueError):
@@ -61,8 +61,13 @@ def locked(directory: Path | str) -> Iterator[None]:
     """Hold DIRECTORY/.lock (fcntl, released by the kernel when the process ends, however it ends):
     a second process on the same directory gets RunDirBusy naming the holder's PID."""
     directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise RunDirError(f"{directory} is a file, not a run directory; choose another --out")
     directory.mkdir(parents=True, exist_ok=True)
-    fd = os.open(directory / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    lock = directory / ".lock"
+    if lock.is_dir() and not lock.is_symlink():
+        raise RunDirError(f"{lock} is a directory, not wm-jax's lock file; remove it (rmdir {lock}) and rerun")
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         busy = unlockable = False
         try:
@@ -101,9 +106,18 @@ def round_config(cfg: Config, stages: dict[str, Any], r: int, transition_steps: 
 
 
 def read_stages(run: Path | str) -> dict[str, Any]:
-    """stages.json ({} before the first stage finished); damage is a RunDirError."""
+    """stages.json; damage is a RunDirError. The records are what every check of the run's files is
+    made against, so a missing stages.json is {} only while the directory holds nothing they would
+    cover (a new run writes stages.json right after config.json, before any stage starts): with
+    finished work beside it, it is refused, never rebuilt from files nothing can check."""
     path = Path(run) / "stages.json"
     if not path.exists():
+        held = sorted(p.name for p in Path(run).iterdir() if not p.name.startswith(".") and p.name != "config.json") \
+            if Path(run).is_dir() else []
+        if held:
+            raise RunDirError(f"{path} is missing but {run} holds a run's work ({', '.join(held[:4])}"
+                              f"{', ...' if len(held) > 4 else ''}); without its records none of it can be checked: "
+                              f"restore stages.json, or start afresh with a new --out")
         return {}
     stages = read_json(path, "it records which stages finished and what they produced, so the run cannot be "
                              "checked: start afresh with a new --out")
@@ -125,10 +139,15 @@ def read_config(run: Path | str) -> Config:
         raise RunDirError(f"{path} is damaged ({e}); {remedy}") from None
 
 
-def stage_output(stages: dict[str, Any], stage: str, name: str) -> Any:
-    """The identity a finished stage recorded for its output `name` (None for runs recorded before
-    identities, which then load unchecked)."""
-    return stages.get(stage, {}).get("outputs", {}).get(name)
+def stage_output(run: Path | str, stages: dict[str, Any], stage: str, name: str) -> Any:
+    """The identity the finished stage `stage` recorded for its output `name`. Without that record
+    the output could not be checked, so it is a RunDirError, never a load of whatever is on disk."""
+    try:
+        return stages[stage]["outputs"][name]
+    except (KeyError, TypeError):
+        raise RunDirError(f"{Path(run) / 'stages.json'} records no {name} made by a finished stage {stage!r}, so "
+                          f"{Path(run) / name} cannot be checked; rerun the `wm-jax run` that made this directory "
+                          f"(same --out) to finish it, or start afresh with a new --out") from None
 
 
 def damaged(run: Path, stage: str, folder: str, error: Exception) -> RunDirError:
@@ -183,7 +202,13 @@ def write_json(path: Path | str, obj: Any) -> None:
 
 def load_arrays(paths: list[Path]) -> dict[str, np.ndarray]:
     """The columns of several stored datasets, concatenated in order."""
-    parts = [data_lib.to_arrays(data_lib.load_dataset(p)) for p in paths]
+    parts = []
+    for p in paths:
+        try:
+            parts.append(data_lib.to_arrays(data_lib.load_dataset(p)))
+        except data_lib.DatasetError as e:  # a run collects a round that is gone again, the same episodes
+            raise data_lib.DatasetError(p, f"{e.problem}; delete {p} and rerun the same `wm-jax run` command to "
+                                           f"collect it again") from None
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
@@ -193,41 +218,80 @@ def data_paths(run: Path | str) -> list[Path]:
     return sorted(rounds, key=lambda p: int(p.name[5:]))  # not the .roundN.tmp-* a killed save leaves
 
 
+RERUN = "rerun the `wm-jax run` that made this directory (same --out) to rewrite it"
+
+
+def agent_record(run: Path | str, cfg: Config, stages: dict[str, Any], r: int, m_dir: str,
+                 ctrl_id: str) -> dict[str, Any]:
+    """agent.json: the final agent is round r's M (in m_dir) with its controller, under cfg. It
+    names the identities of everything the agent is rebuilt from (V, that M, the controller, as
+    stages.json records them) and carries a SHA-256 of its own content, so an edit (a compute
+    dtype, a seed, a round) is refused rather than evaluated."""
+    meta = {"round": r, "transition_dir": m_dir,
+            "transition_steps": round_config(cfg, stages, r).transition.train.steps if r > 1 else None,
+            "config": cfg.to_dict(),
+            "built_from": {"vae": stage_output(run, stages, "vae", "vae"),
+                           m_dir: stage_output(run, stages, m_dir, m_dir), "controller": ctrl_id}}
+    meta = finite_or_none(meta)
+    return {**meta, "sha256": json_digest(meta)}
+
+
+def read_agent_record(run: Path | str) -> tuple[Config, dict[str, Any]]:
+    """agent.json as (cfg, record), checked: its own hash, its config against config.json's, and
+    the identities it names against stages.json's records."""
+    run = Path(run)
+    path = run / "agent.json"
+    meta = read_json(path, RERUN)
+    body = {k: v for k, v in meta.items() if k != "sha256"} if isinstance(meta, dict) else None
+    if body is None or meta.get("sha256") != json_digest(body):
+        raise RunDirError(f"{path} was changed after the run wrote it (its content's SHA-256 differs from the one it "
+                          f"records); {RERUN}")
+    try:
+        cfg = Config.from_dict(meta["config"])
+        r, m_dir = int(meta["round"]), str(meta["transition_dir"])
+    except (ConfigError, KeyError, TypeError, ValueError) as e:
+        raise RunDirError(f"{path} is damaged ({type(e).__name__}: {e}); {RERUN}") from None
+    changed = diff(read_config(run).to_dict(), cfg.to_dict())
+    if changed:
+        k, a, b = changed[0]
+        raise RunDirError(f"{path} holds another config than {run / 'config.json'} ({k}: {b!r} there, {a!r} in "
+                          f"config.json); {RERUN}")
+    stages = read_stages(run)
+    recorded = {"vae": stage_output(run, stages, "vae", "vae"), m_dir: stage_output(run, stages, m_dir, m_dir),
+                "controller": stage_output(run, stages, f"evolve_round{r}", f"evolve_round{r}")}
+    if meta.get("built_from") != finite_or_none(recorded):
+        raise RunDirError(f"{path} names another V, M or controller than {run / 'stages.json'} records; {RERUN}")
+    return cfg, meta
+
+
 def load_agent(run: Path | str) -> tuple[Config, dict[str, Any]]:
     """The final agent of a finished run: (cfg, {"vae", "transition", "controller"}), each checked
     against what its stage recorded in stages.json."""
     run = Path(run)
-    meta_path = run / "agent.json"
-    if not meta_path.exists() or not (run / "controller.npy").exists():
+    if not (run / "agent.json").exists() or not (run / "controller.npy").exists():
         raise FileNotFoundError(f"{run}: no trained agent (agent.json / controller.npy missing; run `wm-jax run` "
                                 f"first, or rerun it to repair a finished run)")
-    rerun = "rerun the `wm-jax run` that made this directory (same --out) to rewrite it"
-    meta = read_json(meta_path, rerun)
-    try:
-        cfg = Config.from_dict(meta["config"])
-        r = meta.get("round") or (1 if meta.get("transition_steps") is None else 2)
-        m_dir = str(meta["transition_dir"])
-    except (ConfigError, KeyError, TypeError) as e:
-        raise RunDirError(f"{meta_path} is damaged ({type(e).__name__}: {e}); {rerun}") from None
+    cfg, meta = read_agent_record(run)
+    r, m_dir = int(meta["round"]), str(meta["transition_dir"])
     stages = read_stages(run)
     try:
-        vae_params = vae.load(cfg, run / "vae", stage_output(stages, "vae", "vae"))
+        vae_params = vae.load(cfg, run / "vae", stage_output(run, stages, "vae", "vae"))
     except checkpoint.Damaged as e:
         raise damaged(run, "vae", "vae", e) from None
-    # The M the controller was evolved with: its round's config (fine-tuning rounds train fewer
-    # steps). agent.json files older than the "round" field name a fine-tuned M by its steps.
+    # The M the controller was evolved with, under its round's config (fine-tuning rounds train
+    # fewer steps).
     try:
         rcfg = round_config(cfg, stages, r, meta.get("transition_steps"))
     except ConfigError as e:
-        raise RunDirError(f"{run}: round {r}'s M cannot be found ({e}); {rerun}") from None
+        raise RunDirError(f"{run}: round {r}'s M cannot be found ({e}); {RERUN}") from None
     try:
-        m_params = transition.load(rcfg, run / m_dir, stage_output(stages, m_dir, m_dir))
+        m_params = transition.load(rcfg, run / m_dir, stage_output(run, stages, m_dir, m_dir))
     except checkpoint.Damaged as e:
         raise damaged(run, m_dir, m_dir, e) from None
-    ctrl = read_controller(run / "controller.npy", stage_output(stages, f"evolve_round{r}", f"evolve_round{r}"))
+    ctrl = read_controller(run / "controller.npy", meta["built_from"]["controller"])
     if ctrl is None:
         raise RunDirError(f"{run / 'controller.npy'} is damaged or differs from the controller the search of round {r} "
-                          f"recorded; {rerun}")
+                          f"recorded; {RERUN}")
     return cfg, {"vae": vae_params, "transition": m_params, "controller": jnp.asarray(ctrl)}
 
 
@@ -240,8 +304,7 @@ def load_verifier(run: Path | str) -> Any:
     from wm_jax import verifier  # K's module is needed only here
 
     run = Path(run)
-    meta = read_json(run / "agent.json", "rerun the `wm-jax run` that made this directory (same --out) to rewrite it")
-    cfg = Config.from_dict(meta["config"])
+    cfg, meta = read_agent_record(run)
     if cfg.verifier.mode == "off":
         added = run / ADDED_VERIFIER
         if not (added / "done.json").exists():
@@ -256,11 +319,11 @@ def load_verifier(run: Path | str) -> Any:
             return verifier.load(_k_steps(cfg, record.get("steps")), added, record["identity"])
         except (checkpoint.Damaged, checkpoint.CheckpointError) as e:
             raise RunDirError(f"{added} is damaged ({e}); {remedy}") from None
-    r = meta.get("round") or 1
+    r = int(meta["round"])
     name = "verifier" if r == 1 else f"verifier_round{r}"
     try:
         stages = read_stages(run)
-        return verifier.load(round_config(cfg, stages, r), run / name, stage_output(stages, name, name))
+        return verifier.load(round_config(cfg, stages, r), run / name, stage_output(run, stages, name, name))
     except checkpoint.Damaged as e:
         raise damaged(run, name, name, e) from None
 
@@ -268,7 +331,7 @@ def load_verifier(run: Path | str) -> Any:
 def _final_m_identity(run: Path, meta: dict[str, Any]) -> Any:
     """What stages.json records for the final agent's M (its step and parameter hash)."""
     m_dir = str(meta.get("transition_dir"))
-    return stage_output(read_stages(run), m_dir, m_dir)
+    return stage_output(run, read_stages(run), m_dir, m_dir)
 
 
 def _k_steps(cfg: Config, steps: int | None) -> Config:
@@ -295,7 +358,7 @@ def train_verifier(run: Path | str, steps: int | None = None, progress: bool = T
         (out / "done.json").unlink(missing_ok=True)
         key = jax.random.fold_in(pipeline.run_keys(cfg.seed)["verifier"], 0)  # rounds use 1, 2, ...
         _, info = verifier.train(cfg, key, r.arrays, out, progress, m_params=r.params["transition"])
-        meta = read_json(run / "agent.json", "rerun the `wm-jax run` that made this directory (same --out)")
+        _, meta = read_agent_record(run)
         record = {"steps": cfg.verifier.train.steps, "final": finite_or_none(info["final"]),
                   "identity": info["identity"], "m_identity": _final_m_identity(run, meta)}
         write_json(out / "done.json", record)
@@ -328,7 +391,7 @@ def load(run: Path | str) -> Run:
     arrays = load_arrays(paths)
     index = data_lib.EpisodeIndex.from_columns(arrays["episode"], arrays["t"])
     lat = read_latents(run / f"latents_round{len(paths)}.npz",
-                       stage_output(read_stages(run), f"encode_round{len(paths)}", f"latents_round{len(paths)}.npz"))
+                       stage_output(run, read_stages(run), f"encode_round{len(paths)}", f"latents_round{len(paths)}.npz"))
     if lat is None:
         raise RunDirError(f"{run / f'latents_round{len(paths)}.npz'} is damaged or differs from what its stage recorded; "
                           f"rerun the `wm-jax run` that made this directory (same --out) to rebuild it")

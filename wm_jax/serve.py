@@ -14,10 +14,15 @@ from the state the action leads to, M dreams `lookahead` steps under the policy 
 latent at each step: the gate is deterministic) and K scores every imagined transition; the step
 is `verified` when K's mean confidence is at least `threshold`. In gate mode "enforce" an
 unverified step answers `safe_action` (M advances with it) or, without one, 409 and nothing
-changes. The session's carry advances only when the step is answered.
+changes. The session's carry advances only when the step is answered: when its answer was handed
+to the client's connection (`Outer` commits it), not when the client had gone by then. Sessions
+live in this process's memory: a restart loses them all (their ids answer 404; create new ones).
 
 Requests that arrive within `batch_window_ms` of each other run as one jitted call on a batch
-padded to the next of `buckets` (compiled at start-up, so load never recompiles).
+padded to the next of `buckets` (compiled at start-up, so load never recompiles). `run` serves
+with uvicorn and, at the first SIGINT or SIGTERM, answers a batch waiting out its window at once.
+Settings that cannot be honoured are refused before anything is compiled: out of range, or a
+look-ahead, bucket or session cap whose memory exceeds half of this machine's (`memory_need`).
 Precision: "float32" (V, M and K in float32, whatever the run trained in) or "int8" (V and M
 quantized after training, wm_jax.quant; K stays float32).
 """
@@ -28,6 +33,7 @@ import asyncio
 import base64
 import binascii
 import io
+import os
 import platform
 import threading
 import time
@@ -43,6 +49,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import uvicorn
 from fastapi import FastAPI, HTTPException, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
@@ -50,6 +57,7 @@ from pydantic import BaseModel, Field, StrictInt, field_validator
 
 from wm_jax import controller, transition, vae, verifier
 from wm_jax.config import with_compute_dtype
+from wm_jax.data import TooLarge
 from wm_jax.env import NUM_ACTIONS
 
 OBS_SHAPE = (64, 64, 4)
@@ -57,6 +65,9 @@ OBS_BYTES = int(np.prod(OBS_SHAPE))
 GATES = ("off", "observe", "enforce")
 DECODE_CHUNK = 10  # /v1/dream decodes its frames this many at a time (one compiled shape)
 PRECISIONS = ("float32", "int8")
+MAX_LOOKAHEAD = 10_000  # imagined steps per /act: past this a step costs seconds of sequential work
+MAX_BATCH_WINDOW_MS = 1000.0  # longer than a second of waiting for company is a stall, not batching
+CLIENT_CLOSED = 499  # /metrics status of a request whose client left before its answer went out (nginx's)
 
 
 @dataclass(frozen=True)
@@ -77,15 +88,83 @@ class Settings:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.gate not in GATES:
             raise ValueError(f"gate must be one of {GATES}, got {self.gate!r}")
-        if not np.isfinite(self.threshold):
-            raise ValueError(f"threshold must be a finite number, got {self.threshold}")
+        # NaN fails every comparison: `not lo <= x <= hi` refuses it with the out-of-range values
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"threshold must be a confidence (K's mean) in [0, 1], got {self.threshold}")
+        if not 0.0 <= self.batch_window_ms <= MAX_BATCH_WINDOW_MS:
+            raise ValueError(f"batch_window_ms must be in [0, {MAX_BATCH_WINDOW_MS:g}] ms, got {self.batch_window_ms}")
+        if not 1 <= self.lookahead <= MAX_LOOKAHEAD:
+            raise ValueError(f"lookahead must be in [1, {MAX_LOOKAHEAD}] imagined steps, got {self.lookahead}")
         if self.safe_action is not None and not 0 <= self.safe_action < NUM_ACTIONS:
             raise ValueError(f"safe_action must be in [0, {NUM_ACTIONS}), got {self.safe_action}")
-        for name in ("lookahead", "max_sessions", "max_body_bytes", "max_dream_horizon"):
+        for name in ("max_sessions", "max_body_bytes", "max_dream_horizon"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.buckets or list(self.buckets) != sorted(set(self.buckets)) or self.buckets[0] < 1:
             raise ValueError(f"buckets must be increasing positive sizes, got {self.buckets}")
+
+
+SESSION_BYTES = 1024  # a session's Python objects (id, lock, array headers) beyond its carry's floats
+
+
+def memory_need(cfg: Any, settings: Settings, gate: bool) -> dict[str, int]:
+    """Bytes the served programs and sessions need at most, from every setting that scales them.
+    "act": the /act program at the largest bucket, per example: the frame stack (uint8 and
+    float32), V's encoder activations, the carries it takes and returns, and, with the gate on,
+    the look-ahead scan, which keeps every imagined step's carry (c, h), K's confidence, the reward
+    and the alive flag ((2 hidden + 3) float32) for lookahead + 1 steps. "dream": the /v1/dream
+    program's max_dream_horizon steps (two latents and four scalars each). "sessions": every
+    session's carry at max_sessions. About: XLA's own buffers and the parameters are not counted."""
+    f32, hidden, latent = 4, cfg.transition.hidden, cfg.vae.latent
+    side, encoder = OBS_SHAPE[0], 0
+    for width in cfg.vae.filters:  # four stride-2 4x4 valid convolutions: 64 -> 31 -> 14 -> 6 -> 2
+        side = (side - 4) // 2 + 1
+        encoder += side * side * width * f32
+    example = OBS_BYTES * (1 + f32) + encoder + 3 * 2 * hidden * f32
+    if gate:
+        example += (settings.lookahead + 1) * (2 * hidden + 3) * f32
+    return {"act": settings.buckets[-1] * example,
+            "dream": settings.max_dream_horizon * (2 * latent + 4) * f32 + OBS_BYTES * (1 + f32) + encoder,
+            "sessions": settings.max_sessions * (2 * hidden * f32 + SESSION_BYTES)}
+
+
+def _memory() -> tuple[int | None, int | None]:
+    """(the default device's memory when it reports one, this machine's physical memory); None
+    where unknown (a platform without sysconf, a device without memory stats)."""
+    try:
+        host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        host = None
+    try:
+        stats = jax.local_devices()[0].memory_stats() or {}
+    except Exception:  # noqa: BLE001 - a backend without the query: no device figure
+        stats = {}
+    return stats.get("bytes_limit"), host
+
+
+def check_memory(cfg: Any, settings: Settings, gate: bool) -> None:
+    """Refuse (TooLarge, one line naming the settings to lower) settings whose programs would not
+    fit in half of the device's memory, or whose sessions would not fit in half of this machine's:
+    before anything is compiled, where XLA would fail at warm-up with RESOURCE_EXHAUSTED, or the
+    sessions would exhaust memory as clients create them. The act and dream programs can run at
+    once (one worker thread each); on a device without its own memory figure (the CPU) they share
+    the machine's memory with the sessions."""
+    need = memory_need(cfg, settings, gate)
+    device, host = _memory()
+    gib = 2 ** 30
+    what = (f"the /act program needs about {need['act'] / gib:,.1f} GiB (largest bucket {settings.buckets[-1]:,}"
+            + (f", lookahead {settings.lookahead:,} imagined steps" if gate else "") + f"), /v1/dream "
+            f"{need['dream'] / gib:,.1f} GiB (max_dream_horizon {settings.max_dream_horizon:,}), the sessions "
+            f"{need['sessions'] / gib:,.1f} GiB (max_sessions {settings.max_sessions:,})")
+    programs = need["act"] + need["dream"]
+    if device is not None and programs > device / 2:
+        raise TooLarge(f"{what}: the programs exceed half of the device's {device / gib:,.1f} GiB; lower "
+                       f"{'the lookahead or ' if gate else ''}the largest bucket")
+    if host is not None:
+        total = need["sessions"] + (programs if device is None else 0)
+        if total > host / 2:
+            raise TooLarge(f"{what}: more than half of this machine's {host / gib:,.1f} GiB; lower "
+                           f"{'the lookahead, ' if gate else ''}the largest bucket or max_sessions")
 
 
 class Model:
@@ -99,6 +178,7 @@ class Model:
         k_params = agent.verifier
         self.has_verifier = k_params is not None
         self.gate = settings.gate if self.has_verifier else "off"
+        check_memory(self.cfg, settings, self.gate != "off")  # before anything is quantized or compiled
         m = transition.pack(self.cfg.transition, agent.params["transition"])
         v = agent.params["vae"]
         if settings.precision == "int8":
@@ -336,8 +416,10 @@ class Unavailable(RuntimeError):
 class Batcher:
     """Runs queued /act requests as one `Model.act` call on its own worker thread: every request
     that queued while the previous call ran (up to the largest bucket), and with `window` > 0 also
-    those that arrive within `window` seconds of the first. A lone request never waits. When it
-    stops, or its loop dies, every waiting request fails with Unavailable (never hangs)."""
+    those that arrive within `window` seconds of the first. A lone request never waits. `drain`
+    (shutdown begins) ends a window being waited out: the batch in hand runs at once, and later
+    ones take no window. When it stops, or its loop dies, every waiting request fails with
+    Unavailable (never hangs)."""
 
     def __init__(self, model: Model, window: float) -> None:
         self.model = model
@@ -350,6 +432,7 @@ class Batcher:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="wm_jax-act")
         self._task: asyncio.Task | None = None
         self._stopped = False
+        self._draining = asyncio.Event()
 
     @property
     def alive(self) -> bool:
@@ -371,6 +454,12 @@ class Batcher:
                 p.future.set_exception(Unavailable("the server is shutting down" if self._stopped
                                                    else f"the batcher stopped: {self.error!r}"))
 
+    def drain(self) -> None:
+        """Shutdown begins: answer what is queued now instead of at the end of a window (the server
+        waits for in-flight requests before it stops the batcher). Call it on the batcher's loop."""
+        self.window = 0.0
+        self._draining.set()
+
     async def stop(self) -> None:
         self._stopped = True
         if self._task is not None:
@@ -389,6 +478,23 @@ class Batcher:
         await self.queue.put(_Pending(carry, obs, future))
         return await future
 
+    async def _wait_for_one(self, batch: list[_Pending], left: float) -> bool:
+        """Up to `left` seconds for one more request, appended to `batch`; False when the time ran
+        out or `drain` was called first (a request that arrived meanwhile stays queued)."""
+        get = asyncio.ensure_future(self.queue.get())
+        drained = asyncio.ensure_future(self._draining.wait())
+        got = False
+        try:
+            await asyncio.wait((get, drained), timeout=left, return_when=asyncio.FIRST_COMPLETED)
+        finally:  # also when stop() cancels the wait: a request taken off the queue joins the batch
+            drained.cancel()
+            if get.done() and not get.cancelled():
+                batch.append(get.result())
+                got = True
+            else:
+                get.cancel()  # a cancelled get leaves the queue as it was
+        return got
+
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
@@ -400,11 +506,9 @@ class Batcher:
                         batch.append(self.queue.get_nowait())
                         continue
                     left = deadline - loop.time()
-                    if left <= 0:
+                    if left <= 0 or self._draining.is_set():
                         break
-                    try:
-                        batch.append(await asyncio.wait_for(self.queue.get(), left))
-                    except TimeoutError:
+                    if not await self._wait_for_one(batch, left):
                         break
                 self.batches += 1
                 self.batched += len(batch)
@@ -470,6 +574,22 @@ class Sessions:
         return self._items.pop(sid, None) is not None
 
 
+STEP = "wm_jax.step"  # the ASGI scope key under which /act leaves its step for `Outer` to take or drop
+
+
+@dataclass
+class _Step:
+    """An /act step computed and answered but not yet taken: its session, whose lock the request
+    holds until `Outer` knows whether the answer went out, and the carry it advances to."""
+
+    session: Session
+    carry: tuple[np.ndarray, np.ndarray]
+
+    def take(self) -> None:
+        self.session.carry = self.carry
+        self.session.steps += 1
+
+
 # ---------------------------------------------------------------------------------------------- metrics
 
 
@@ -503,7 +623,8 @@ class Metrics:
             self.gate[outcome] = self.gate.get(outcome, 0) + 1
 
     def render(self, sessions: int, evicted: int, batches: int, batched: int) -> str:
-        lines = ["# HELP wm_jax_requests_total HTTP requests by method, route and status.",
+        lines = ["# HELP wm_jax_requests_total HTTP requests by method, route and status (499: the client left "
+                 "before its answer was sent).",
                  "# TYPE wm_jax_requests_total counter"]
         with self._lock:
             for (m, p, s), n in sorted(self.requests.items()):
@@ -534,16 +655,38 @@ class Metrics:
 # ------------------------------------------------------------------------------------------------ app
 
 
+async def _client_gone(receive: Any) -> bool:
+    """Whether the server already knows this request's client is gone: after the whole body,
+    receive() answers http.disconnect at once when the connection was lost (uvicorn, Starlette)
+    and otherwise waits for it, so the wait is cancelled at the first pause."""
+    message = asyncio.ensure_future(receive())
+    await asyncio.sleep(0)
+    if not message.done():
+        message.cancel()
+        return False
+    return not message.cancelled() and message.exception() is None and message.result()["type"] == "http.disconnect"
+
+
 class Outer:
     """ASGI wrapper around the FastAPI app: a request body over `limit` bytes is answered 413
     before the app reads it (by Content-Length, and by counting for bodies sent without one), and
-    every request's status and time go to `metrics` under its route's template. Plain ASGI:
-    Starlette's `@app.middleware("http")` costs far more per request."""
+    every request's status and time go to `metrics` under its route's template; a request whose
+    client left before its answer went out (in the middle of its body, or while it was computed)
+    is counted as 499, not as a server error. It takes or drops the step an /act leaves in its
+    scope (`STEP`), and releases its session's lock, once the answer's last message was handed to
+    the server. Plain ASGI: Starlette's `@app.middleware("http")` costs far more per request."""
 
-    def __init__(self, app: Any, limit: int, metrics: Metrics) -> None:
+    def __init__(self, app: Any, limit: int, metrics: Metrics, state: dict[str, Any] | None = None) -> None:
         self.app = app
         self.limit = limit
         self.metrics = metrics
+        self.state = state if state is not None else {}
+
+    def drain(self) -> None:
+        """Shutdown begins: a batch waiting out its window runs now (`Batcher.drain`)."""
+        batcher = self.state.get("batcher")
+        if batcher is not None:
+            batcher.drain()
 
     async def _too_large(self, send: Any) -> None:
         body = b'{"detail":"request body over %d bytes"}' % self.limit
@@ -555,19 +698,54 @@ class Outer:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         t0 = time.perf_counter()
-        status = 500
+        status: int | None = None
+        answered = gone = received = False
 
-        async def send_status(message: Any) -> None:
-            nonlocal status
+        async def receive_watched() -> Any:
+            nonlocal gone, received
+            message = await receive()
+            gone = gone or message["type"] == "http.disconnect"
+            received = received or (message["type"] == "http.request" and not message.get("more_body", False))
+            return message
+
+        async def send_watched(message: Any) -> None:
+            nonlocal status, answered, gone
             if message["type"] == "http.response.start":
                 status = message["status"]
-            await send(message)
+            if message["type"] != "http.response.body" or message.get("more_body", False):
+                return await send(message)
+            # the answer's last message. An /act step is taken only if its answer can still reach
+            # the client: uvicorn drops what is sent on a lost connection without a word, so the
+            # connection is asked first; it is taken after the send returns, in the same turn of
+            # the event loop (uvicorn's send writes to the socket without pausing unless the
+            # client stopped reading). No server can know more: bytes in flight when the client
+            # vanishes are lost with it, and TCP acknowledges to the kernel, not to the program.
+            step = scope.get(STEP) if status == 200 else None
+            # asked only once the whole body arrived: before that, receive() would take the next
+            # part of the body (or make uvicorn answer `Expect: 100-continue`, inviting it)
+            if received and await _client_gone(receive):
+                gone = True
+                return  # nobody to answer (an /act step is not taken)
+            try:
+                await send(message)
+            except OSError:  # a server that raises for a lost connection (uvicorn's ClientDisconnected is one)
+                gone = True
+                raise
+            answered = True
+            if step is not None:
+                step.take()
 
         try:
-            await self._limited(scope, receive, send_status)
+            await self._limited(scope, receive_watched, send_watched)
         finally:
+            step = scope.pop(STEP, None)
+            if step is not None:  # taken or not, the session is free for its next step
+                step.session.lock.release()
+            if gone and not answered:
+                status = CLIENT_CLOSED
             path = getattr(scope.get("route"), "path", "unmatched")
-            self.metrics.observe(scope.get("method", ""), path, status, time.perf_counter() - t0)
+            self.metrics.observe(scope.get("method", ""), path, 500 if status is None else status,
+                                 time.perf_counter() - t0)
 
     async def _limited(self, scope: Any, receive: Any, send: Any) -> None:
         length = dict(scope.get("headers") or []).get(b"content-length")
@@ -606,7 +784,8 @@ def versions() -> dict[str, str]:
 
 def create_app(model: Model | Path | str, settings: Settings | None = None) -> Any:
     """The ASGI app: `model` loaded (Model) or a run directory / agent folder that the lifespan
-    loads with `settings`. Use it as `TestClient(create_app(...))` or `uvicorn.run(create_app(...))`."""
+    loads with `settings`. Use it as `TestClient(create_app(...))` or `run(create_app(...))` (uvicorn's
+    own `uvicorn.run` serves it too, but waits out a batch window at shutdown)."""
     settings = model.settings if isinstance(model, Model) else (settings or Settings())
     state: dict[str, Any] = {}
     metrics = Metrics()
@@ -639,8 +818,9 @@ def create_app(model: Model | Path | str, settings: Settings | None = None) -> A
 
     def _session(sid: str) -> Session:
         s = state["sessions"].get(sid)
-        if s is None:
-            raise HTTPException(404, f"unknown session {sid!r} (never created, deleted, or evicted)")
+        if s is None:  # sessions live in this process: a restarted server knows none of the old ones
+            raise HTTPException(404, f"unknown session {sid!r} (never created, deleted, evicted, or lost when "
+                                     f"the server restarted: create a new one)")
         return s
 
     @app.post("/v1/sessions", status_code=201)
@@ -657,10 +837,13 @@ def create_app(model: Model | Path | str, settings: Settings | None = None) -> A
     gone = "session {!r} was deleted or evicted while this step waited; nothing was answered"
 
     @app.post("/v1/sessions/{sid}/act")
-    async def act(sid: str, body: Observation) -> dict[str, Any]:
+    async def act(sid: str, body: Observation, request: Request) -> dict[str, Any]:
         s = _session(sid)
         m: Model = state["model"]
-        async with s.lock:
+        # the session's lock stays held after this returns: `Outer` takes the step once its answer
+        # went out (or drops it) and then releases it, so a retry waits for that and sees its result
+        await s.lock.acquire()
+        try:
             if not state["sessions"].holds(sid, s):  # deleted while this request waited for the lock
                 raise HTTPException(404, gone.format(sid))
             try:
@@ -684,8 +867,10 @@ def create_app(model: Model | Path | str, settings: Settings | None = None) -> A
                                                              "changed", **out})
                     out["action"] = settings.safe_action
                     carry = row["safe_carry"]
-            s.carry = (np.asarray(carry[0]), np.asarray(carry[1]))
-            s.steps += 1
+        except BaseException:
+            s.lock.release()
+            raise
+        request.scope[STEP] = _Step(s, (np.asarray(carry[0]), np.asarray(carry[1])))
         return out
 
     @app.post("/v1/dream")
@@ -725,4 +910,29 @@ def create_app(model: Model | Path | str, settings: Settings | None = None) -> A
         b = state["batcher"]
         return metrics.render(len(state["sessions"]), state["sessions"].evicted, b.batches, b.batched)
 
-    return Outer(app, settings.max_body_bytes, metrics)
+    return Outer(app, settings.max_body_bytes, metrics, state)
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server, which at shutdown (the first SIGINT or SIGTERM) stops accepting and waits
+    for the requests in flight before it ends the app; first it drains the app (`Outer.drain`), so
+    a request waiting out a batch window is answered now and the server stops at once."""
+
+    async def shutdown(self, sockets: Any = None) -> None:
+        drain = getattr(self.config.app, "drain", None)
+        if drain is not None:
+            drain()
+        await super().shutdown(sockets)
+
+
+def check_port(port: int) -> None:
+    """A TCP port to listen on, 1 to 65535 (0, "any free port", is refused: the address announced
+    must be the one served)."""
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise ValueError(f"port must be a TCP port in [1, 65535], got {port!r}")
+
+
+def run(app: Any, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning") -> None:
+    """Serve `app` (`create_app`) on host:port with `Server` until SIGINT or SIGTERM."""
+    check_port(port)
+    Server(uvicorn.Config(app, host=host, port=port, log_level=log_level)).run()
