@@ -777,6 +777,6 @@ def test_a_restart_loses_every_session_and_the_404_and_readme_say_so(run_with_k)
     with _client(run_with_k) as c:  # the same run served again
         r = c.post(f"/v1/sessions/{sid}/act", json=obs)
         assert r.status_code == 404 and "restarted" in r.json()["detail"]
-    readme = " ".join((ROOT / "README.md").read_text().split())
+    readme = " ".join((ROOT / "docs" / "SERVING.md").read_text().split())
     assert "a restart loses every one" in readme
 
