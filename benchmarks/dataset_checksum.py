@@ -49,7 +49,7 @@ def main() -> None:
         save_s = time.perf_counter() - t0
         size = sum(f.stat().st_size for f in path.iterdir())
         arrow = [f for f in path.iterdir() if f.suffix == ".arrow"]
-        hash_s = _best(lambda: [data._sha256(f) for f in arrow], args.repeats)
+        hash_s = _best(lambda: [data.sha256_file(f) for f in arrow], args.repeats)
         with_s = _best(lambda: data.load_dataset(path), args.repeats)
         plain = Path(tmp) / "plain"
         shutil.copytree(path, plain)

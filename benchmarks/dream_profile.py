@@ -63,9 +63,9 @@ def alternatives(rows: int, inner: int, hidden: int, horizon: int, repeats: int)
     form (the library's), float32 and XLA's logistic, bfloat16 and the tanh form."""
     out = {"bf16_results_matmul_flop_per_s": roofline(rows, inner, 4 * hidden, jnp.bfloat16, repeats, jnp.bfloat16)}
     gates = jax.random.normal(jax.random.key(0), (rows, 4 * hidden))
-    for name, dtype, sigmoid in (("gates_f32_tanh_form_ms", jnp.float32, transition._sigmoid),
+    for name, dtype, sigmoid in (("gates_f32_tanh_form_ms", jnp.float32, transition.sigmoid),
                                  ("gates_f32_logistic_ms", jnp.float32, jax.nn.sigmoid),
-                                 ("gates_bf16_tanh_form_ms", jnp.bfloat16, transition._sigmoid)):
+                                 ("gates_bf16_tanh_form_ms", jnp.bfloat16, transition.sigmoid)):
         @jax.jit
         def run(g, c, sigmoid=sigmoid):
             def body(c, _):
@@ -98,8 +98,8 @@ def pieces(cfg: Config, m_params, pop, starts, noise, horizon: int, repeats: int
             x = jnp.concatenate([z.astype(cell.w.dtype), h.astype(cell.w.dtype)], -1)
             gates = jnp.dot(x, cell.w, preferred_element_type=jnp.float32) + cell.action[a]
             i, f, g, o = jnp.split(gates, 4, -1)
-            c = transition._sigmoid(f) * c + transition._sigmoid(i) * jnp.tanh(g)
-            return c, transition._sigmoid(o) * jnp.tanh(c), z
+            c = transition.sigmoid(f) * c + transition.sigmoid(i) * jnp.tanh(g)
+            return c, transition.sigmoid(o) * jnp.tanh(c), z
         (c, h), pred = transition.cell_step(cell, (c, h), z, a)
         if level == 2:  # + the heads: keep the prediction alive through z
             return c, h, z + 1e-6 * (pred.mean[..., 0] + pred.reward[..., None] + pred.done_logit[..., None])

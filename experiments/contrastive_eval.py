@@ -41,10 +41,12 @@ import numpy as np
 import results_doc  # experiments/, on sys.path when a script runs
 
 from wm_jax import (
+    checks,
     data,
     dream,
     drift,
-    evolve,
+    driver,
+    logs,
     pipeline,
     rollout,
     run_dir,
@@ -130,13 +132,13 @@ def _seed(run: Path, args) -> dict:
         _, k_info = verifier.train(vcfg, jax.random.key(cfg.seed + 4000), m_arrays, k_dir, progress=False, m_params=m)
         k = verifier.load(vcfg, k_dir)
         auc = verifier.evaluate(vcfg, jax.random.key(11), m, k, held)
-        res = {"k_auc": auc, "k_final": run_dir.finite_or_none(k_info["final"]), "controllers": {}}
+        res = {"k_auc": auc, "k_final": logs.finite_or_none(k_info["final"]), "controllers": {}}
         pooled = {"real": [], "imagined_off": [], "imagined_weight": []}
         for mode in MODES:
             scfg = dataclasses.replace(vcfg, verifier=dataclasses.replace(vcfg.verifier, mode=mode))
-            world = evolve.World(m_params=m, vae_params=params["vae"], k_params=k, starts=starts)
+            world = checks.World(m_params=m, vae_params=params["vae"], k_params=k, starts=starts)
             t = time.time()
-            found = evolve.evolve(scfg, jax.random.key(cfg.seed + 5000), world, out / f"evolve_{name}_{mode}",
+            found = driver.evolve(scfg, jax.random.key(cfg.seed + 5000), world, out / f"evolve_{name}_{mode}",
                                   progress=False)
             agent = {"vae": params["vae"], "transition": m, "controller": jnp.asarray(found["best"])}
             ev = rollout.evaluate(scfg, agent, jax.random.key(cfg.seed + 6000))
@@ -157,7 +159,7 @@ def _seed(run: Path, args) -> dict:
         res["corr_plain"] = stats.correlation(pooled["imagined_off"], pooled["real"])
         res["corr_weighted"] = stats.correlation(pooled["imagined_weight"], pooled["real"])
         results[name] = res
-    res = run_dir.finite_or_none({"run": str(run), "seed": cfg.seed, "settings": settings, "results": results,
+    res = logs.finite_or_none({"run": str(run), "seed": cfg.seed, "settings": settings, "results": results,
                                   "wall_s": time.time() - t_seed})
     run_dir.write_json(cached, res)
     return res
@@ -257,7 +259,7 @@ def main() -> None:
     if args.drift:  # add the drift curves to a finished OUT/contrastive_eval.json
         saved = json.loads((args.out / "contrastive_eval.json").read_text())
         for seed, run in zip(saved["seeds"], args.runs, strict=True):
-            seed["drift"] = run_dir.finite_or_none(_drift(run, args))
+            seed["drift"] = logs.finite_or_none(_drift(run, args))
         run_dir.write_json(args.out / "contrastive_eval.json", saved)
     if args.report or args.drift:
         saved = json.loads((args.out / "contrastive_eval.json").read_text())

@@ -59,6 +59,7 @@ from evosax.algorithms import CMA_ES, Sep_CMA_ES
 from wm_jax import (
     controller,
     drift,
+    logs,
     macro,
     pipeline,
     run_dir,
@@ -226,7 +227,7 @@ def _seed(run: Path, args) -> dict:
         k_dir = run / "macro" / f"k_{style}_{cfgs[style].verifier.train.steps}"
         _, info = verifier.train(cfgs[style], jax.random.key(cfg.seed + 4000), rows, k_dir, progress=False, m_params=m_params[style])
         k_params[style] = verifier.load(cfgs[style], k_dir)
-        k_info[style] = run_dir.finite_or_none(info["final"])
+        k_info[style] = logs.finite_or_none(info["final"])
     timing["k_train"] = time.time() - t
 
     t = time.time()
@@ -278,7 +279,7 @@ def _seed(run: Path, args) -> dict:
                  "KL " + ", ".join(f"k={k}: {ivr['per_k']['kl'][k - 1]}" for k in K_REPORT))
     res = {"run": str(run), "seed": cfg.seed, "settings": _settings(args), "wall_s": time.time() - t_seed,
            "timing_s": timing, "macro_m": {"steps": steps, "rows": len(m_rows["action"]),
-                                           "final": run_dir.finite_or_none(m_info["final"])},
+                                           "final": logs.finite_or_none(m_info["final"])},
            "k": k_info, "drift": drifts, "controllers": controllers}
     run_dir.write_json(cached, res)
     return res

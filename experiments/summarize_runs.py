@@ -1,7 +1,7 @@
-"""Markdown table of finished `wm-jax run` directories (the README's results table).
+"""Markdown table of finished `wm-jax run` directories (the seed tables of docs/RESULTS.md).
 
-    for s in 0 1 2; do wm-jax run --preset cpu --seed $s; done      # runs/cpu, runs/cpu-s1, runs/cpu-s2
-    python experiments/summarize_runs.py runs/cpu runs/cpu-s1 runs/cpu-s2
+    for s in 0 1 2; do wm-jax run --seed $s; done      # runs/frugal, runs/frugal-s1, runs/frugal-s2
+    python experiments/summarize_runs.py runs/frugal runs/frugal-s1 runs/frugal-s2
 """
 
 from __future__ import annotations

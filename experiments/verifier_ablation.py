@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from wm_jax import drift, evolve, pipeline, rollout, run_dir, stats, sweep, verifier
+from wm_jax import checks, drift, driver, logs, pipeline, rollout, run_dir, stats, sweep, verifier
 from wm_jax.config import Config, ConfigError
 
 
@@ -57,13 +57,13 @@ def _pair(cfg: Config, run: run_dir.Run, k_params, mode: str, horizon: int, todo
     cells = [sweep.Cell(seed, {"evolve.tau": tau, "evolve.grounding": g},
                         sweep.with_values(pair_cfg, {"evolve.tau": tau, "evolve.grounding": g}))
              for tau, g, seed in todo]
-    world = evolve.World(m_params=run.params["transition"], vae_params=run.params["vae"],
+    world = checks.World(m_params=run.params["transition"], vae_params=run.params["vae"],
                          starts=(jnp.asarray(run.arrays["mean"]), jnp.asarray(run.arrays["logvar"])),
                          k_params=None if mode == "off" else k_params)
     tag = hashlib.sha1(json.dumps([todo, args.generations]).encode()).hexdigest()[:8]
     t0 = time.perf_counter()
     if args.one_by_one:
-        results = [evolve.evolve(c.config, c.key(), world, adir / f"lone_{mode}_h{horizon}_{tag}_{i}", progress=False)
+        results = [driver.evolve(c.config, c.key(), world, adir / f"lone_{mode}_h{horizon}_{tag}_{i}", progress=False)
                    for i, c in enumerate(cells)]
     else:
         results = sweep.run(pair_cfg, cells, world, adir / f"sweep_{mode}_h{horizon}_{tag}")
@@ -73,13 +73,13 @@ def _pair(cfg: Config, run: run_dir.Run, k_params, mode: str, horizon: int, todo
     for c, res in zip(cells, results):
         ev = rollout.evaluate(c.config, {**run.params, "controller": jnp.asarray(res["best"])},
                               jax.random.fold_in(eval_key, c.seed), args.eval_episodes)
-        checks = res["checks"]
+        logged = res["checks"]
         rows.append({
             "mode": mode, "tau": c.values["evolve.tau"], "horizon": horizon, "grounding": c.values["evolve.grounding"],
             "cma_seed": c.seed, "generations": args.generations, "eval_episodes": args.eval_episodes,
             "real_return_mean": ev["return_mean"], "real_return_std": ev["return_std"],
             "real_return_min": ev["return_min"],
-            "dream_real_corr": stats.correlation([e["dream_return"] for e in checks], [e["real_return"] for e in checks]),
+            "dream_real_corr": stats.correlation([e["dream_return"] for e in logged], [e["real_return"] for e in logged]),
             "best_check": res["best_real"], "real_env_steps_checks": res["real_env_steps"],
             "program": "one by one" if args.one_by_one else "sweep", "pair_cells": len(cells), "pair_search_s": search_s,
         })
@@ -128,7 +128,7 @@ def run_seed(run_path: Path, args) -> dict:
             with open(cells_path, "a") as f:
                 for r in rows:
                     r["seed"] = cfg.seed
-                    f.write(json.dumps(run_dir.finite_or_none(r)) + "\n")
+                    f.write(json.dumps(logs.finite_or_none(r)) + "\n")
             done += rows
     wanted = [c for c in done if c["generations"] == args.generations]  # this and earlier invocations' cells
     return {"seed": cfg.seed, "report": report, "cells": wanted, "real_env_steps_data": int(len(run.arrays["mean"]))}

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from wm_jax import controller, dream, evolve, transition
+from wm_jax import checks, controller, dream, driver, transition
 from wm_jax.config import ConfigError, ControllerConfig, get_preset
 
 SMOKE = get_preset("smoke")
@@ -315,7 +315,7 @@ def _check_with(objective, env_steps: int = 0, latents=None):
 
 
 def _world(m, starts):
-    return evolve.World(m_params=m, vae_params=None, starts=tuple(jnp.asarray(x) for x in starts))
+    return checks.World(m_params=m, vae_params=None, starts=tuple(jnp.asarray(x) for x in starts))
 
 
 def test_evolve_in_dream_finds_the_rewarded_action(tmp_path, posteriors):
@@ -330,10 +330,10 @@ def test_evolve_in_dream_finds_the_rewarded_action(tmp_path, posteriors):
     mean, logvar = posteriors
 
     def check(cfg, hp, key, world, ctrl):  # the "real" return: the dream score of the checked mean
-        ret = evolve.score_candidates(cfg, hp, key, world, ctrl[None], None)[0]
+        ret = checks.score_candidates(cfg, hp, key, world, ctrl[None], None)[0]
         return _check_with(lambda c: ret, env_steps=3)(cfg, hp, key, world, ctrl)
 
-    res = evolve.evolve(cfg, jax.random.key(14), _world(m, posteriors), tmp_path, progress=False, check=check)
+    res = driver.evolve(cfg, jax.random.key(14), _world(m, posteriors), tmp_path, progress=False, check=check)
     # the start (zeros) ties the logits, so argmax picks action 0 (return -H * R_STEP) or a mix
     assert res["history"][0]["dream_mean"] < 0.5 * H * R_STEP
     assert res["best_real"] > 0.8 * H * R_STEP, res["checks"]
@@ -383,7 +383,7 @@ def _dist(x) -> float:
 
 def test_evolve_maximises_the_return(tmp_path):
     cfg = _toy_cfg(population=16, generations=30, gens_per_call=5, check_every=10, sigma=0.1)
-    res = evolve.evolve(cfg, jax.random.key(17), _toy_world(), tmp_path, progress=False, score=_toy_score,
+    res = driver.evolve(cfg, jax.random.key(17), _toy_world(), tmp_path, progress=False, score=_toy_score,
                         check=_TOY_CHECK)
     d0 = _dist(jnp.zeros(TOY_DIMS))
     assert _dist(res["best"]) < 0.2 * d0, (_dist(res["best"]), d0)
@@ -402,13 +402,13 @@ def test_evolve_stops_at_the_first_check_that_reaches_stop_at(tmp_path):
     """evolve.stop_at: no generations (and no real steps) after the first check whose mean return
     reaches it; what was done equals the same search without it, and a rerun resumes as finished."""
     cfg = _toy_cfg(population=8, generations=12, gens_per_call=2, check_every=4, sigma=0.1)
-    whole = evolve.evolve(cfg, jax.random.key(30), _toy_world(), tmp_path / "whole", progress=False, score=_toy_score,
+    whole = driver.evolve(cfg, jax.random.key(30), _toy_world(), tmp_path / "whole", progress=False, score=_toy_score,
                           check=_TOY_CHECK)
     reals = [c["real_return"] for c in whole["checks"]]
     assert reals[1] > reals[0], reals  # the second check is the first to reach the bar below
     stop = _replace(cfg, evolve={"stop_at": (reals[0] + reals[1]) / 2})
     for _ in range(2):  # the second call restores the finished search from its checkpoint
-        res = evolve.evolve(stop, jax.random.key(30), _toy_world(), tmp_path / "stop", progress=False,
+        res = driver.evolve(stop, jax.random.key(30), _toy_world(), tmp_path / "stop", progress=False,
                             score=_toy_score, check=_TOY_CHECK)
         assert [c["generation"] for c in res["checks"]] == [4, 8] and res["generations"] == 8
         assert res["checks"] == whole["checks"][:2] and res["history"] == whole["history"][:8]
@@ -422,10 +422,10 @@ def test_evolve_starts_no_check_once_its_real_steps_are_spent(tmp_path, real_ste
     which its checks have spent that many (5 each here); the first check always runs; what was
     done equals the same search without the limit."""
     cfg = _toy_cfg(population=4, generations=6, gens_per_call=2, check_every=2, sigma=0.1)
-    whole = evolve.evolve(cfg, jax.random.key(32), _toy_world(), tmp_path / "whole", progress=False,
+    whole = driver.evolve(cfg, jax.random.key(32), _toy_world(), tmp_path / "whole", progress=False,
                           score=_toy_score, check=_TOY_CHECK)
     for _ in range(2):  # the second call restores the finished search from its checkpoint
-        res = evolve.evolve(cfg, jax.random.key(32), _toy_world(), tmp_path / "limited", progress=False,
+        res = driver.evolve(cfg, jax.random.key(32), _toy_world(), tmp_path / "limited", progress=False,
                             score=_toy_score, check=_TOY_CHECK, real_steps=real_steps)
         assert res["generations"] == 2 * checks and res["real_env_steps"] == 5 * checks
         assert res["checks"] == whole["checks"][:checks]
@@ -448,7 +448,7 @@ def test_a_check_that_reaches_stop_at_is_confirmed_by_more_episodes(tmp_path, st
     a check below stop_at (11) runs none; every episode run is counted once."""
     cfg = _toy_cfg(population=4, generations=6, gens_per_call=2, check_every=2, check_episodes=2,
                    stop_at=stop_at, confirm_episodes=3)
-    res = evolve.evolve(cfg, jax.random.key(31), _toy_world(), tmp_path, progress=False, score=_toy_score,
+    res = driver.evolve(cfg, jax.random.key(31), _toy_world(), tmp_path, progress=False, score=_toy_score,
                         check=_lucky_check)
     passed = stop_at <= 10.0
     assert res["generations"] == (2 if solved else 6)
@@ -472,7 +472,7 @@ def test_confirm_episodes_needs_stop_at():
 def test_evolve_check_schedule_and_log(tmp_path):
     cfg = _toy_cfg(population=4, generations=7, gens_per_call=2, check_every=3)
     (tmp_path / "evolve.jsonl").write_text('{"generation": 99}\n')  # a previous search's log is replaced
-    res = evolve.evolve(cfg, jax.random.key(18), _toy_world(), tmp_path, progress=False, score=_toy_score,
+    res = driver.evolve(cfg, jax.random.key(18), _toy_world(), tmp_path, progress=False, score=_toy_score,
                         check=_TOY_CHECK)
     # checks every check_every generations, and at the end
     assert [c["generation"] for c in res["checks"]] == [3, 6, 7]
@@ -493,7 +493,7 @@ def test_evolve_check_schedule_and_log(tmp_path):
 
 def test_evolve_init_mean_is_the_starting_point(tmp_path):
     cfg = _toy_cfg(population=4, generations=1, gens_per_call=1, check_every=1, sigma=1e-3)
-    res = evolve.evolve(cfg, jax.random.key(19), _toy_world(), tmp_path, init_mean=TARGET, progress=False,
+    res = driver.evolve(cfg, jax.random.key(19), _toy_world(), tmp_path, init_mean=TARGET, progress=False,
                         score=_toy_score, check=_TOY_CHECK)
     assert _dist(res["best"]) < 1e-2
 
@@ -517,13 +517,13 @@ def test_new_traced_hyperparameters_do_not_compile_again(tmp_path):
     for i, (tau, sigma, share, threshold) in enumerate([(1.0, 0.1, 0.0, 0.5), (1.3, 0.3, 0.5, 0.7)]):
         cfg = _replace(base, evolve={"tau": tau, "sigma": sigma, "grounding": share},
                        verifier={"threshold": threshold})
-        results.append(evolve.evolve(cfg, jax.random.key(21), _toy_world(), tmp_path / str(i), progress=False,
+        results.append(driver.evolve(cfg, jax.random.key(21), _toy_world(), tmp_path / str(i), progress=False,
                                      score=score, check=_TOY_CHECK))
     # period traces the score twice (generations and the check of the mean); init never
     assert len(traces) == 2
     assert results[0]["history"] != results[1]["history"]  # sigma did change the search
     # a static field (the population) is a new program
-    evolve.evolve(_replace(base, evolve={"population": 6}), jax.random.key(21), _toy_world(), tmp_path / "p",
+    driver.evolve(_replace(base, evolve={"population": 6}), jax.random.key(21), _toy_world(), tmp_path / "p",
                   progress=False, score=score, check=_TOY_CHECK)
     assert len(traces) == 4
 
@@ -539,7 +539,7 @@ def test_evolve_resumes_after_a_kill_with_the_same_result(tmp_path, monkeypatch)
     """A search killed after its first period resumes from the checkpoint and ends bit for bit
     where an uninterrupted one does (history, checks, best)."""
     cfg = _toy_cfg(population=4, generations=6, gens_per_call=2, check_every=2)
-    whole = evolve.evolve(cfg, jax.random.key(22), _toy_world(), tmp_path / "whole", progress=False,
+    whole = driver.evolve(cfg, jax.random.key(22), _toy_world(), tmp_path / "whole", progress=False,
                           score=_toy_score, check=_TOY_CHECK)
 
     from wm_jax import checkpoint
@@ -554,12 +554,12 @@ def test_evolve_resumes_after_a_kill_with_the_same_result(tmp_path, monkeypatch)
 
     monkeypatch.setattr(checkpoint, "save", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        evolve.evolve(cfg, jax.random.key(22), _toy_world(), tmp_path / "cut", progress=False, score=_toy_score,
+        driver.evolve(cfg, jax.random.key(22), _toy_world(), tmp_path / "cut", progress=False, score=_toy_score,
                       check=_TOY_CHECK)
     with open(tmp_path / "cut" / "generations.jsonl", "a") as f:
         f.write('{"generation": 5, "dream_m')  # a torn line, as a kill mid-write leaves
     monkeypatch.setattr(checkpoint, "save", real_save)
-    resumed = evolve.evolve(cfg, jax.random.key(22), _toy_world(), tmp_path / "cut", progress=False,
+    resumed = driver.evolve(cfg, jax.random.key(22), _toy_world(), tmp_path / "cut", progress=False,
                             score=_toy_score, check=_TOY_CHECK)
     assert resumed["history"] == whole["history"] and resumed["checks"] == whole["checks"]
     np.testing.assert_array_equal(resumed["best"], whole["best"])
@@ -624,7 +624,7 @@ def test_evolve_grounding_dreams_from_the_last_checks_states(tmp_path):
         return {"return_mean": _toy_distance(ctrl), "env_steps": jnp.int32(3),
                 "latents": (mean, jnp.zeros_like(mean), jnp.asarray([1.0, 1.0, 1.0, 0.0, 0.0]))}
 
-    res = evolve.evolve(cfg, jax.random.key(20), _toy_world(), tmp_path, progress=False, score=_pool_score,
+    res = driver.evolve(cfg, jax.random.key(20), _toy_world(), tmp_path, progress=False, score=_pool_score,
                         check=check)
     # generations 1-2 dream from the first pool (a draw of the stored starts: all 0), then each
     # period from the states its previous check reached
@@ -717,9 +717,9 @@ def test_a_search_compiles_its_period_once(tmp_path, restored):
     world = _toy_world()
     if restored:
         world = world.replace(m_params=jax.device_put(world.m_params, jax.devices()[0]))
-    before = evolve._period_cells._cache_size()
-    evolve.evolve(cfg, jax.random.key(23), world, tmp_path, progress=False, score=_score_reading_m, check=_TOY_CHECK)
-    assert evolve._period_cells._cache_size() - before == 1
+    before = driver._period_cells._cache_size()
+    driver.evolve(cfg, jax.random.key(23), world, tmp_path, progress=False, score=_score_reading_m, check=_TOY_CHECK)
+    assert driver._period_cells._cache_size() - before == 1
 
 
 @pytest.mark.parametrize("population,rollouts,block", [(64, 16, 64), (256, 64, 16), (60, 30, 30), (7, 2048, 1), (8, 2, 8)])

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from wm_jax import cli, data, evolve, pipeline, rollout, run_dir, stats, transition, vae
+from wm_jax import cli, data, driver, pipeline, rollout, run_dir, stats, transition, vae
 from wm_jax.agent import Agent
 from wm_jax.config import ConfigError, get_preset
 from wm_jax.env import PixelCartPole
@@ -232,7 +232,7 @@ def test_a_budget_gives_round_2_half_of_what_is_left_and_its_search_the_rest(tmp
     is allowed what is left when it starts (round 2's after its collection)."""
     budget = 1_000_000
     seen = {"max_rows": [], "real_steps": []}
-    collect, search = data.collect, evolve.evolve
+    collect, search = data.collect, driver.evolve
 
     def spy_collect(*args, **kwargs):
         seen["max_rows"].append(kwargs.get("max_rows"))
@@ -243,7 +243,7 @@ def test_a_budget_gives_round_2_half_of_what_is_left_and_its_search_the_rest(tmp
         return search(*args, **kwargs)
 
     monkeypatch.setattr(data, "collect", spy_collect)
-    monkeypatch.setattr(evolve, "evolve", spy_search)
+    monkeypatch.setattr(driver, "evolve", spy_search)
     cfg = dataclasses.replace(SMOKE, evolve=dataclasses.replace(SMOKE.evolve, stop_at=0.0), rounds=dataclasses.replace(
         SMOKE.rounds, min_rounds=2, budget=budget))
     summary = pipeline.run(cfg, tmp_path / "run", progress=False)
@@ -341,7 +341,7 @@ def test_summary_with_undefined_corr_is_the_same_in_memory_on_disk_and_on_rerun(
     out = tmp_path / "copy"
     shutil.copytree(finished[0], out)
     (out / "summary.json").unlink()  # every stage is done: only the summary is rebuilt
-    for mod, name in ((data, "collect"), (vae, "train"), (transition, "train"), (evolve, "evolve"), (rollout, "evaluate")):
+    for mod, name in ((data, "collect"), (vae, "train"), (transition, "train"), (driver, "evolve"), (rollout, "evaluate")):
         monkeypatch.setattr(mod, name, _raise(f"{mod.__name__}.{name}"))
     monkeypatch.setattr(stats, "correlation", lambda xs, ys: float("nan"))
     first = pipeline.run(SMOKE, out, progress=False)
@@ -353,7 +353,7 @@ def test_summary_with_undefined_corr_is_the_same_in_memory_on_disk_and_on_rerun(
 
 def test_rerun_of_finished_dir_does_no_work(finished, monkeypatch):
     out, summary = finished
-    for mod, name in ((data, "collect"), (vae, "train"), (transition, "train"), (evolve, "evolve"),
+    for mod, name in ((data, "collect"), (vae, "train"), (transition, "train"), (driver, "evolve"),
                       (rollout, "evaluate"), (vae, "load"), (transition, "load")):
         monkeypatch.setattr(mod, name, _raise(f"{mod.__name__}.{name}"))
     def mtimes():  # .lock is written by every run: it names the process holding the directory

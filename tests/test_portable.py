@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from wm_jax import cli, logs, pipeline, pretrained, rollout, verifier, video
+from wm_jax import cli, data, logs, pretrained, rollout, run_dir, verifier, video
 from wm_jax.agent import Agent, evaluation_key
 from wm_jax.env import PixelCartPole
 
@@ -93,7 +93,7 @@ def _record_weights_hash(folder: Path) -> None:
     """config.json records the weights file as it is now, and hashes itself again (a folder that
     passes both hashes, whose damage only a deeper check sees)."""
     meta = json.loads((folder / pretrained.CONFIG).read_text())
-    meta["sha256"][pretrained.WEIGHTS] = pretrained._sha256(folder / pretrained.WEIGHTS)
+    meta["sha256"][pretrained.WEIGHTS] = data.sha256_file(folder / pretrained.WEIGHTS)
     meta["config_sha256"] = pretrained.config_digest(meta)
     (folder / pretrained.CONFIG).write_text(json.dumps(meta))
 
@@ -206,7 +206,7 @@ def test_the_pipeline_writes_the_episode_video(smoke_run):
     """episode.gif: one frame per step of the episode the strip shows (as long as it lasted)."""
     out = smoke_run[0]
     cfg, params = Agent.load(out).cfg, Agent.load(out).params
-    k_episode, _ = jax.random.split(jax.random.fold_in(pipeline.run_keys(cfg.seed)["evaluate"], 99))
+    k_episode, _ = jax.random.split(jax.random.fold_in(run_dir.run_keys(cfg.seed)["evaluate"], 99))
     rec = rollout.open_loop(cfg, {**params, "verifier": None}, k_episode, cfg.eval.max_steps)
     frames, size = _gif_frames(out / "episode.gif")
     assert frames == int(rec["valid"].sum()) >= 1

@@ -22,7 +22,7 @@ from test_dream import (
     _world,
 )
 
-from wm_jax import checkpoint, controller, dream, evolve, ppo, transition
+from wm_jax import checkpoint, controller, dream, driver, ppo, transition
 from wm_jax.config import ConfigError, with_trainer
 
 PPO_SMOKE = _replace(with_trainer(SMOKE, "ppo"), controller={"mlp_hidden": 8},
@@ -159,7 +159,7 @@ def test_ppo_learns_the_probe_task(tmp_path, starts):
     greedy policy reaches the optimum."""
     cfg = _probe_cfg()
     H = cfg.evolve.horizon
-    res = evolve.search(cfg, jax.random.key(5), _world(_action_rewarding_m(), starts), tmp_path, progress=False,
+    res = driver.search(cfg, jax.random.key(5), _world(_action_rewarding_m(), starts), tmp_path, progress=False,
                         check=_dream_check)[0]
     assert abs(res["history"][0]["dream_mean"]) < 0.5 * H * R_STEP  # random actions: about 0
     assert res["best_real"] > 0.95 * H * R_STEP, res["checks"]
@@ -169,13 +169,13 @@ def test_ppo_learns_the_probe_task(tmp_path, starts):
     best = jnp.asarray(res["best"])
     z, h = jax.random.normal(jax.random.key(6), (64, LATENT)), jax.random.uniform(jax.random.key(7), (64, HIDDEN))
     assert np.all(np.asarray(controller.act(cfg.controller, best, z, h)) == 1)  # C acts greedily: action 1
-    assert evolve.imagined_steps(cfg, 40, 4) == 40 * 2 * 32 * 8 + 4 * cfg.evolve.rollouts * H
+    assert driver.imagined_steps(cfg, 40, 4) == 40 * 2 * 32 * 8 + 4 * cfg.evolve.rollouts * H
 
 
 def test_ppo_search_resumes_after_a_kill_with_the_same_result(tmp_path, starts, monkeypatch):
     cfg = _probe_cfg(generations=6, check_every=2)
     world = _world(_action_rewarding_m(), starts)
-    whole = evolve.search(cfg, jax.random.key(8), world, tmp_path / "whole", progress=False, check=_dream_check)[0]
+    whole = driver.search(cfg, jax.random.key(8), world, tmp_path / "whole", progress=False, check=_dream_check)[0]
     real_save, saves = checkpoint.save, []
 
     def save_then_die(mngr, step, state, config):
@@ -186,9 +186,9 @@ def test_ppo_search_resumes_after_a_kill_with_the_same_result(tmp_path, starts, 
 
     monkeypatch.setattr(checkpoint, "save", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        evolve.search(cfg, jax.random.key(8), world, tmp_path / "cut", progress=False, check=_dream_check)
+        driver.search(cfg, jax.random.key(8), world, tmp_path / "cut", progress=False, check=_dream_check)
     monkeypatch.setattr(checkpoint, "save", real_save)
-    resumed = evolve.search(cfg, jax.random.key(8), world, tmp_path / "cut", progress=False, check=_dream_check)[0]
+    resumed = driver.search(cfg, jax.random.key(8), world, tmp_path / "cut", progress=False, check=_dream_check)[0]
     assert saves == [2, 4]
     assert resumed["history"] == whole["history"] and resumed["checks"] == whole["checks"]
     np.testing.assert_array_equal(resumed["best"], whole["best"])
@@ -200,7 +200,7 @@ def test_ppo_cells_search_side_by_side(tmp_path, starts):
     cfg = _probe_cfg(generations=30)
     keys = jax.vmap(jax.random.key)(jnp.arange(2))
     hp = jax.tree.map(lambda x: jnp.stack([x, x]), cfg.hyper())
-    out = evolve.search(cfg, keys, _world(_action_rewarding_m(), starts), tmp_path, hp=hp, progress=False,
+    out = driver.search(cfg, keys, _world(_action_rewarding_m(), starts), tmp_path, hp=hp, progress=False,
                         check=_dream_check, batched=True)
     assert len(out) == 2 and out[0]["history"] != out[1]["history"]  # two seeds, two searches
     for res in out:
@@ -229,7 +229,7 @@ def test_an_agent_trained_with_ppo_runs_loads_and_acts(tmp_path):
     summary = pipeline.run(cfg, tmp_path / "run", progress=False)
     assert summary["trainer"] == "ppo"
     gens, checks = cfg.evolve.generations, cfg.evolve.generations // cfg.evolve.check_every
-    assert summary["imagined_steps"] == evolve.imagined_steps(cfg, gens, checks) > 0
+    assert summary["imagined_steps"] == driver.imagined_steps(cfg, gens, checks) > 0
     agent = Agent.load(tmp_path / "run")
     assert agent.cfg.evolve.trainer == "ppo" and agent.cfg.controller.kind == "mlp"
     obs, _ = PixelCartPole().reset(jax.random.key(0))

@@ -23,7 +23,7 @@ from wm_jax import (
     Agent,
     checkpoint,
     cli,
-    evolve,
+    driver,
     interrupt,
     pipeline,
     rollout,
@@ -36,7 +36,7 @@ from wm_jax.config import get_preset
 from wm_jax.run_dir import RunDirError
 
 SMOKE = get_preset("smoke")
-HEAVY = ((vae, "train"), (transition, "train"), (evolve, "evolve"), (rollout, "evaluate"))
+HEAVY = ((vae, "train"), (transition, "train"), (driver, "evolve"), (rollout, "evaluate"))
 
 
 @pytest.fixture
@@ -362,7 +362,7 @@ def test_a_diverged_controller_search_is_a_training_error(unfinished, monkeypatc
     """A non-finite controller cannot be recorded (JSON has no NaN) nor trusted: the stage fails."""
     shutil.rmtree(unfinished / "evolve_round2")
     n = 2 * (SMOKE.vae.latent + SMOKE.transition.hidden) + 2
-    monkeypatch.setattr(evolve, "evolve", lambda *a, **k: {"best": np.full(n, np.nan, np.float32), "best_real": 9.0,
+    monkeypatch.setattr(driver, "evolve", lambda *a, **k: {"best": np.full(n, np.nan, np.float32), "best_real": 9.0,
                                                            "checks": [], "real_env_steps": 0, "history": [{}]})
     with pytest.raises(train.TrainingError, match="diverged"):
         pipeline.run(SMOKE, unfinished, progress=False)

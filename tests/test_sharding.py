@@ -25,7 +25,7 @@ SCRIPT = textwrap.dedent(
     """
     import dataclasses, json, tempfile
     import jax, jax.numpy as jnp, numpy as np
-    from wm_jax import controller, dream, evolve, rollout, sweep, transition, vae
+    from wm_jax import checks, controller, dream, driver, rollout, sweep, transition, vae
     from wm_jax.config import get_preset
 
     cfg = get_preset("smoke")
@@ -40,7 +40,7 @@ SCRIPT = textwrap.dedent(
     logvar = jnp.full((20, latent), -1.0)
     pop = 0.5 * jax.random.normal(jax.random.key(3), (16, dims))
     ctrl = 0.5 * jax.random.normal(jax.random.key(5), (dims,))
-    world = evolve.World(m_params=params["transition"], vae_params=params["vae"], starts=(mean, logvar))
+    world = checks.World(m_params=params["transition"], vae_params=params["vae"], starts=(mean, logvar))
 
     out = {"devices": jax.device_count()}
     scores = dream.score_population(cfg, jax.random.key(4), params["transition"], pop, mean, logvar, 2, 8)
@@ -48,7 +48,7 @@ SCRIPT = textwrap.dedent(
     ev = rollout.evaluate(cfg, {**params, "controller": ctrl}, jax.random.key(6), 8, 40, batch=8)
     out["eval_returns"], out["eval_kl"] = ev["returns"], ev["latent_kl"]
     with tempfile.TemporaryDirectory() as tmp:
-        res = evolve.evolve(cfg, jax.random.key(7), world, tmp, progress=False)
+        res = driver.evolve(cfg, jax.random.key(7), world, tmp, progress=False)
     out["evolve_history"], out["evolve_checks"] = res["history"], res["checks"]
     out["evolve_best"] = np.asarray(res["best"]).tolist()
     # a sweep of 8 cells (2 seeds x 4 taus): the cells are split over the devices

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from wm_jax import evolve, sweep, transition, vae
+from wm_jax import checks, driver, sweep, transition, vae
 from wm_jax.config import ConfigError, get_preset
 
 SMOKE = get_preset("smoke")
@@ -26,7 +26,7 @@ ONE_GEN = dataclasses.replace(CFG, evolve=dataclasses.replace(CFG.evolve, genera
 def world():
     latent = CFG.vae.latent
     k1, k2 = jax.random.split(jax.random.key(3))
-    return evolve.World(
+    return checks.World(
         m_params=transition.init(jax.random.key(1), CFG.transition, latent),
         vae_params=vae.init(jax.random.key(0), CFG.vae),
         starts=(jax.random.normal(k1, (40, latent)), -1.0 + 0.1 * jax.random.normal(k2, (40, latent))),
@@ -57,7 +57,7 @@ def test_sweep_over_seeds_and_taus_equals_separate_searches(world, tmp_path):
     assert len(swept) == 6
     for i, (cell, res) in enumerate(zip(cells, swept)):
         assert res["seed"] == cell.seed and res["evolve.tau"] == cell.values["evolve.tau"]
-        lone = evolve.evolve(cell.config, jax.random.key(cell.seed), world, tmp_path / f"lone{i}", progress=False)
+        lone = driver.evolve(cell.config, jax.random.key(cell.seed), world, tmp_path / f"lone{i}", progress=False)
         _same(res, lone)
     # not vacuous: the seeds' searches differ, and so do the taus' dreams
     assert swept[0]["history"] != swept[2]["history"]
@@ -87,11 +87,11 @@ def test_sweep_equals_separate_searches_over_many_generations(tmp_path):
     at generation 7). Both then head for the same optimum: the cell's own tau * TARGET."""
     cfg = dataclasses.replace(SMOKE, transition=dataclasses.replace(SMOKE.transition, hidden=2),
                               evolve=dataclasses.replace(SMOKE.evolve, generations=30, check_every=10))
-    toy = evolve.World(m_params=None, vae_params=None, starts=(jnp.zeros((4, 2)), jnp.zeros((4, 2))))
+    toy = checks.World(m_params=None, vae_params=None, starts=(jnp.zeros((4, 2)), jnp.zeros((4, 2))))
     cells = sweep.grid(cfg, seeds=[0, 1], **{"evolve.tau": [1.0, 2.0], "evolve.sigma": [0.1, 0.3]})
     swept = sweep.run(cfg, cells, toy, tmp_path / "sweep", progress=False, score=_quadratic, check=_distance)
     for i, (cell, res) in enumerate(zip(cells, swept)):
-        lone = evolve.evolve(cell.config, cell.key(), toy, tmp_path / f"lone{i}", progress=False, score=_quadratic,
+        lone = driver.evolve(cell.config, cell.key(), toy, tmp_path / f"lone{i}", progress=False, score=_quadratic,
                              check=_distance)
         for x, y in zip(res["history"][:2], lone["history"][:2]):
             np.testing.assert_allclose([x[k] for k in y], [y[k] for k in y], rtol=1e-5, atol=1e-6)

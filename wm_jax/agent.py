@@ -28,9 +28,7 @@ from wm_jax.config import Config
 
 def evaluation_key(seed: int) -> jax.Array:
     """The key `wm-jax run --seed seed` evaluates its final agent with."""
-    from wm_jax import pipeline
-
-    return pipeline.run_keys(seed)["evaluate"]
+    return run_dir_lib.run_keys(seed)["evaluate"]
 
 
 def _observation(obs: Any, wanted: str) -> jax.Array:

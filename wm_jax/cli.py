@@ -172,7 +172,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     name = cfg.preset + (f"-s{cfg.seed}" if cfg.seed else "") + ("" if args.precision is None else f"-{args.precision}")
     name += "" if cfg.verifier.mode == preset.verifier.mode else f"-k{cfg.verifier.mode}"
     name += "" if cfg.evolve.grounding == preset.evolve.grounding else f"-g{cfg.evolve.grounding:g}"
-    name += "" if cfg.evolve.trainer == preset.evolve.trainer else f"-{cfg.evolve.trainer}"
+    name += "" if cfg.driver.trainer == preset.driver.trainer else f"-{cfg.driver.trainer}"
     out = Path(args.out) if args.out else Path("runs") / name
     summary = pipeline.run(cfg, out)
     print()
@@ -245,11 +245,11 @@ def cmd_video(args: argparse.Namespace) -> int:
 
 
 def cmd_train_verifier(args: argparse.Namespace) -> int:
-    from wm_jax import run_dir
+    from wm_jax import pipeline, run_dir
 
     if not Path(args.run).is_dir():
         raise UsageError(f"{args.run}: no such run directory")
-    record = run_dir.train_verifier(args.run, args.steps, progress=not args.quiet)
+    record = pipeline.train_verifier(args.run, args.steps, progress=not args.quiet)
     final = record.get("final") or {}
     done = f"({_fmt(final)})" if final else "(its checkpoint was already there: nothing left to train)"
     print(f"{Path(args.run) / run_dir.ADDED_VERIFIER}: K trained for {record['steps']} steps {done}; "

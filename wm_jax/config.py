@@ -245,7 +245,7 @@ class TransitionConfig(_Section):
     # matmuls accumulate and return float32, and parameters, optimizer state, the LSTM's
     # element-wise work and carry, losses, sampling and returns stay float32
     compute_dtype: str = "float32"
-    # Drift mitigations, off unless measured to help (README): dropout on M's input z while
+    # Drift mitigations, off unless measured to help (docs/RESULTS.md): dropout on M's input z while
     # training (probability per dimension), and a penalty weight on the squared norm of the
     # predicted z' (the mixture mean, per dimension).
     input_dropout: float = 0.0
@@ -522,7 +522,7 @@ def _paper() -> Config:
 
 
 def _cpu() -> Config:
-    # Sized for the 2-core CPU (see README's preset table for every deviation from the recipe).
+    # Sized for a 2-core CPU (README's preset table lists every deviation from the recipe).
     return Config(
         preset="cpu",
         data=DataConfig(episodes=1000),
@@ -532,19 +532,18 @@ def _cpu() -> Config:
             free_bits=0.5,
             train=TrainConfig(steps=1500, batch=32, lr=1e-3, chunk=50, checkpoint_every=500),
         ),
-        # M computes in bfloat16 (float32 accumulation and state): its dreams run 1.8x faster than
-        # float32 on this CPU and training at the same speed (docs/PERFORMANCE.md). 2,000 steps: the
-        # latent NLL is flat after about 1,600 (60.4 at 1,600, 60.2 at 3,000).
+        # M computes in bfloat16 (float32 accumulation and state): its dreams run faster than in
+        # float32 and its training at the same speed (docs/PERFORMANCE.md has the measured ratios,
+        # per machine). 2,000 steps: the latent NLL is flat after about 1,600.
         transition=TransitionConfig(
             compute_dtype="bfloat16",
             train=TrainConfig(steps=2000, batch=32, lr=1e-3, chunk=100, checkpoint_every=1000),
         ),
         evolve=EvolveConfig(generations=60, gens_per_call=5, check_every=10),
-        # Round 1 alone reached 266 +- 13 (the cart drifts out at ~250 steps: random data never
-        # shows x terminations); round 2 collects with that controller and teaches M the walls.
-        # Its dreams are 100 steps long: 30-step dreams score ~29 for nearly every candidate, too
-        # flat to select against a drift that takes ~250 steps (see README's results). M's
-        # fine-tuning is 600 steps (the done loss fell 0.10 -> 0.08 in the first 400 of 1,000).
+        # Two rounds: random data never shows the cart leaving the track (x terminations), so a
+        # round-1 controller tends to drift out; round 2 collects with it and teaches M the walls.
+        # Its dreams are 100 steps long: 30-step dreams score nearly every candidate alike, too
+        # flat to select against a slow drift (docs/RESULTS.md). M's fine-tuning is 600 steps.
         rounds=RoundsConfig(rounds=2, episodes=100, action_noise=0.1, transition_steps=600, generations=40, horizon=100),
     )
 

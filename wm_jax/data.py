@@ -298,7 +298,9 @@ def _files_manifest(path: Path) -> dict[str, int]:
     return {p.name: p.stat().st_size for p in sorted(path.iterdir()) if p.is_file() and p.name != MANIFEST}
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path | str) -> str:
+    """The SHA-256 of a file's bytes (hex): the checksum a dataset's manifest and an export's
+    config.json record."""
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
@@ -337,7 +339,7 @@ def save_dataset(ds: datasets.Dataset, path: os.PathLike | str, overwrite: bool 
                 os.fsync(fh.fileno())
         files = _files_manifest(tmp)
         manifest = {"format_version": FORMAT_VERSION, "num_rows": ds.num_rows, "files": files,
-                    "sha256": {name: _sha256(tmp / name) for name in files}}
+                    "sha256": {name: sha256_file(tmp / name) for name in files}}
         with open(tmp / MANIFEST, "w") as f:
             json.dump(manifest, f)
             f.flush()
@@ -423,7 +425,7 @@ def load_dataset(path: os.PathLike | str) -> datasets.Dataset:
             raise DatasetError(path, f"file {name} is missing")
         if f.stat().st_size != size:
             raise DatasetError(path, f"file {name} is {f.stat().st_size} bytes, expected {size} (truncated or damaged)")
-        if name in sums and _sha256(f) != sums[name]:
+        if name in sums and sha256_file(f) != sums[name]:
             raise DatasetError(path, f"file {name} does not match its checksum (damaged or changed since it was saved)")
     try:
         ds = datasets.load_from_disk(str(path))

@@ -63,8 +63,8 @@ def outcome(cfg: Config, hp: dict[str, Any], k_params: Any, h: jax.Array, z: jax
     where K's confidence >= the threshold, else all ones: an unverified step earns nothing and
     ends the dream) and, with a verifier, confidence. Shared by `dream` and the PPO dream env."""
     vcfg = cfg.verifier
-    p_done = jax.nn.sigmoid(pred.done_logit)
-    out = {"reward": pred.reward, "p_done": p_done, "ends": (p_done > 0.5).astype(jnp.float32),
+    p_done = transition.p_done(pred)
+    out = {"reward": pred.reward, "p_done": p_done, "ends": transition.ends(p_done),
            "verified": jnp.ones_like(p_done)}
     if vcfg.mode != "off":
         conf = verifier.confidence(vcfg, k_params, h, z, a, z_next)

@@ -1,6 +1,6 @@
 """Metric records: the JSON-lines files of every stage, and optional writers fed the same records.
 
-    logs.append(path, rows, step="step")   # train.fit (metrics.jsonl), evolve.search (generations/evolve.jsonl)
+    logs.append(path, rows, step="step")   # train.fit (metrics.jsonl), driver.search (generations/evolve.jsonl)
     logs.use("tensorboard")                 # also write TensorBoard event files (`--log tensorboard`)
 
 The JSON lines are the record (resumes, plots and experiments read them). A writer turned on with
@@ -18,7 +18,21 @@ import json
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
+
 WRITERS = ("tensorboard",)
+
+
+def finite_or_none(obj: Any) -> Any:
+    """Strict JSON: a metric that is undefined (NaN, e.g. a correlation of a constant) becomes null."""
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_none(v) for v in obj]
+    return obj
+
 
 
 class Writer(Protocol):

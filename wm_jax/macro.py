@@ -228,14 +228,14 @@ def dream(
     carry0 = transition.initial_carry(tcfg)
     if style == "twice":
         _, im = imagine(tcfg, m_params, key, carry0, start, horizon, macros, tau, policy=policy)
-        p_done = jax.nn.sigmoid(im["pred"].done_logit).reshape(-1)  # [2H] in time order
-        alive_step = _alive((p_done > 0.5).astype(jnp.float32))
+        p_done = transition.p_done(im["pred"]).reshape(-1)  # [2H] in time order
+        alive_step = _alive(transition.ends(p_done))
         reward = (im["pred"].reward.reshape(-1) * alive_step).reshape(horizon, 2).sum(-1)
         alive, p_done = alive_step[0::2], p_done[1::2]
     else:
         _, im = transition.imagine(tcfg, m_params, key, carry0, start, horizon, tau, policy=policy)
-        p_done = jax.nn.sigmoid(im["pred"].done_logit)
-        alive = _alive((p_done > 0.5).astype(jnp.float32))
+        p_done = transition.p_done(im["pred"])
+        alive = _alive(transition.ends(p_done))
         reward = im["pred"].reward * alive
     traj = {"z": im["z"], "action": im["action"], "reward": reward, "alive": alive, "p_done": p_done}
     return traj, jnp.sum(reward)

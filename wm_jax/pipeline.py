@@ -27,8 +27,11 @@ import numpy as np
 
 from wm_jax import (
     checkpoint,
-    evolve,
+    checks,
+    driver,
     interrupt,
+    logs,
+    plots,
     rollout,
     run_dir,
     stats,
@@ -190,14 +193,6 @@ class _Run:
         return ids
 
 
-def run_keys(seed: int) -> dict[str, jax.Array]:
-    key = jax.random.key(seed)
-    names = ("vae", "transition", "evolve", "evaluate", "rounds")
-    keys = dict(zip(names, jax.random.split(key, len(names))))
-    keys["verifier"] = jax.random.fold_in(key, 6)  # a new stream: the five above stay as they were
-    return keys
-
-
 def _check_config(out: Path, cfg: Config) -> None:
     """config.json: written by the first run, and the same configuration on every rerun. A directory
     that holds a run but no config.json (deleted, or never written) is refused: its stages cannot be
@@ -237,7 +232,7 @@ def run(cfg: Config, out: Path | str, progress: bool = True) -> dict[str, Any]:
         if summary is not None:
             _repair_agent_files(out, cfg, stages)
             return summary
-        return _run(_Run(cfg=cfg, out=out, stages=stages, keys=run_keys(cfg.seed), progress=progress))
+        return _run(_Run(cfg=cfg, out=out, stages=stages, keys=run_dir.run_keys(cfg.seed), progress=progress))
 
 
 def _finished_summary(out: Path, stages: _Stages) -> dict[str, Any] | None:
@@ -361,7 +356,7 @@ def _write_agent_files(out: Path, cfg: Config, done: dict[str, Any], r: int, ctr
     m_dir = "transition" if r == 1 else f"transition_round{r}"
     meta = run_dir.agent_record(out, cfg, done, r, m_dir, ctrl_id)
     try:
-        same = json.loads((out / "agent.json").read_text()) == run_dir.finite_or_none(meta)
+        same = json.loads((out / "agent.json").read_text()) == logs.finite_or_none(meta)
     except (OSError, ValueError, UnicodeDecodeError):
         same = False
     if not same:
@@ -422,8 +417,6 @@ def _collected(ds: Any, max_steps: int) -> dict[str, Any]:
 
 
 def _train_vae(ctx: _Run) -> dict[str, Any]:
-    from wm_jax import plots  # matplotlib: loaded only when a figure is drawn
-
     arrays = run_dir.load_arrays(ctx.data_paths)
     index = data_lib.EpisodeIndex.from_columns(arrays["episode"], arrays["t"])
     params, info = vae.train(ctx.cfg, ctx.keys["vae"], {"frame": arrays["frame"], "stack_rows": index.stack_rows},
@@ -507,9 +500,9 @@ def _round(ctx: _Run, r: int) -> None:
     e_name = f"evolve_round{r}"
 
     def search() -> dict[str, Any]:
-        world = evolve.World(m_params=m_params, vae_params=ctx.vae_params, k_params=k_params,
+        world = checks.World(m_params=m_params, vae_params=ctx.vae_params, k_params=k_params,
                              starts=(jnp.asarray(lat["mean"]), jnp.asarray(lat["logvar"])))
-        res = evolve.evolve(cfg, jax.random.fold_in(ctx.keys["evolve"], r), world, out / e_name,
+        res = driver.evolve(cfg, jax.random.fold_in(ctx.keys["evolve"], r), world, out / e_name,
                             init_mean=None if ctx.best is None else ctx.best["ctrl"], progress=ctx.progress,
                             real_steps=_budget_left(cfg, ctx.real_env_steps))
         best = np.asarray(res["best"], np.float32)
@@ -519,7 +512,7 @@ def _round(ctx: _Run, r: int) -> None:
         run_dir.save_npy(out / e_name / "controller.npy", best)
         return {"best_real": res["best_real"], "checks": res["checks"], "real_env_steps": res["real_env_steps"],
                 "trainer": cfg.evolve.trainer, "generations": res["generations"],
-                "imagined_steps": evolve.imagined_steps(cfg, res["generations"], len(res["checks"])),
+                "imagined_steps": driver.imagined_steps(cfg, res["generations"], len(res["checks"])),
                 "final_dream_mean": res["history"][-1]["dream_mean"], "controller": best.tolist(),
                 "outputs": {e_name: checkpoint.digest(best)}}
 
@@ -536,8 +529,6 @@ def _round(ctx: _Run, r: int) -> None:
 
 def _evaluate(ctx: _Run) -> dict[str, Any]:
     """The final agent's real episodes, and the figures of the run."""
-    from wm_jax import plots  # matplotlib: loaded only when a figure is drawn
-
     cfg, best = ctx.cfg, ctx.best
     params = {"vae": ctx.vae_params, "transition": best["m_params"], "controller": jnp.asarray(best["ctrl"])}
     res = rollout.evaluate(cfg, params, ctx.keys["evaluate"])
@@ -581,16 +572,16 @@ def _summary(ctx: _Run, ev: dict[str, Any]) -> dict[str, Any]:
         "device": device_name(),
         "versions": versions(),
     }
-    return run_dir.finite_or_none(summary)  # the same values in memory, on disk and on a rerun
+    return logs.finite_or_none(summary)  # the same values in memory, on disk and on a rerun
 
 
 def imagined_steps(cfg: Config, done: dict[str, Any]) -> int:
-    """Imagined steps the controller searches computed, over every round run (evolve.imagined_steps)."""
+    """Imagined steps the controller searches computed, over every round run (driver.imagined_steps)."""
     total = 0
     for r in _rounds_run(cfg, done):
         rec, rcfg = done[f"evolve_round{r}"], run_dir.round_config(cfg, done, r)
         if "imagined_steps" not in rec:  # recorded before the count was
-            rec = {"imagined_steps": evolve.imagined_steps(rcfg, rec.get("generations", rcfg.evolve.generations),
+            rec = {"imagined_steps": driver.imagined_steps(rcfg, rec.get("generations", rcfg.evolve.generations),
                                                            len(rec["checks"]))}
         total += rec["imagined_steps"]
     return total
@@ -648,3 +639,25 @@ def collect_encoded(cfg: Config, params: dict[str, Any], policy: str, episodes: 
     index = data_lib.EpisodeIndex.from_columns(cols["episode"], cols["t"])
     mean, logvar = vae.encode_all(cfg.vae, params["vae"], cols["frame"], index.stack_rows)
     return transition.training_arrays(mean, logvar, cols, index)
+
+
+def train_verifier(run: Path | str, steps: int | None = None, progress: bool = True) -> dict[str, Any]:
+    """Train K for a finished run that has none (RUN/verifier_added): against the final agent's M,
+    on all the run's data, with the run's verifier settings (`steps` overrides the step count).
+    Resumable; holds the run's lock. Returns what it wrote in done.json (steps, final metrics)."""
+    run = Path(run)
+    with run_dir.locked(run):
+        r = run_dir.load(run)
+        if r.cfg.verifier.mode != "off":
+            raise RunDirError(f"{run} trained its own verifier (verifier.mode={r.cfg.verifier.mode!r}); nothing to add")
+        cfg = run_dir.with_k_steps(r.cfg, steps)
+        out = run / run_dir.ADDED_VERIFIER
+        # K is usable only once this run finishes: an interrupted one leaves no done.json (rerun to resume)
+        (out / "done.json").unlink(missing_ok=True)
+        key = jax.random.fold_in(run_dir.run_keys(cfg.seed)["verifier"], 0)  # rounds use 1, 2, ...
+        _, info = verifier.train(cfg, key, r.arrays, out, progress, m_params=r.params["transition"])
+        _, meta = run_dir.read_agent_record(run)
+        record = {"steps": cfg.verifier.train.steps, "final": logs.finite_or_none(info["final"]),
+                  "identity": info["identity"], "m_identity": run_dir.final_m_identity(run, meta)}
+        run_dir.write_json(out / "done.json", record)
+    return record

@@ -8,21 +8,29 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+
+def _pyplot() -> Any:
+    """matplotlib's pyplot on the Agg backend, imported when the first figure is drawn (importing
+    wm_jax.plots, and so the pipeline, costs nothing until then)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def _save(fig, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
+    _pyplot().close(fig)
 
 
 def reconstruction_grid(real: np.ndarray, recon: np.ndarray, rows: np.ndarray, path: Path) -> None:
     """Real (top, uint8) vs reconstructed (bottom, [0, 1]) newest frames [n, 64, 64] of dataset `rows`."""
+    plt = _pyplot()
     n = len(rows)
     fig, axes = plt.subplots(2, n, figsize=(1.6 * n, 3.4))
     for i in range(n):
@@ -38,6 +46,7 @@ def reconstruction_grid(real: np.ndarray, recon: np.ndarray, rows: np.ndarray, p
 
 def loss_curves(rows: list[dict[str, Any]], path: Path) -> None:
     """One panel per loss term of a training run's metrics (train.read_metrics)."""
+    plt = _pyplot()
     if not rows:
         return
     keys = [k for k in rows[0] if k.startswith("loss")]
@@ -55,7 +64,7 @@ def dream_vs_real(checks: list[dict[str, Any]], path: Path) -> None:
     if not checks:
         return
     g = np.arange(len(checks))
-    fig, ax = plt.subplots(figsize=(5, 3))
+    fig, ax = _pyplot().subplots(figsize=(5, 3))
     ax.plot(g, [c["real_return"] for c in checks], "s-", color="tab:orange", label="real return")
     ax.set_xlabel("check of the CMA-ES mean (in order, over rounds)")
     ax.set_ylabel("real return", color="tab:orange")
@@ -69,6 +78,7 @@ def dream_vs_real(checks: list[dict[str, Any]], path: Path) -> None:
 def episode_strip(real: np.ndarray, recon: np.ndarray, dreamed: np.ndarray, path: Path) -> None:
     """Rows: a real episode's newest frames (uint8), V's reconstructions and M's open-loop dream
     along the same actions ([0, 1]); each [steps, 64, 64] (the first steps of rollout.open_loop)."""
+    plt = _pyplot()
     steps = len(real)
     fig, axes = plt.subplots(3, steps, figsize=(1.2 * steps, 3.9))
     for t in range(steps):

@@ -10,7 +10,7 @@
 - `gae` and `clipped_loss`: purejaxrl's advantage estimate and PPO objective (truncations
   bootstrap from the value of the state they cut off).
 - `init` / `period`: the controller search's state machine, the same interface as wm_jax.evolve's
-  CMA-ES, so `evolve.search` drives either (checkpoints, resume, logs, progress bar, stop_at,
+  CMA-ES (`TRAINER`, a checks.Trainer), so `driver.search` drives either (checkpoints, resume, logs, progress bar, stop_at,
   sweeps). A generation is ppo.updates updates (collect envs x steps imagined steps under the
   stochastic policy, GAE, epochs of minibatch updates, all one `lax.scan`); after every
   check_every generations the greedy policy (argmax, as C acts everywhere) is scored in the dream
@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from wm_jax import controller, dream, stats, train, transition
+from wm_jax import checks, controller, dream, stats, train, transition
 from wm_jax.config import Config
 from wm_jax.env import NUM_ACTIONS
 
@@ -208,7 +208,7 @@ def _optimizer(hp: dict[str, Any]) -> optax.GradientTransformation:
 
 @struct.dataclass
 class PPOState:
-    """The search state (the fields evolve.search reads are EvolveState's)."""
+    """The search state (with the fields driver.search reads, as EvolveState has them)."""
 
     actor: jax.Array  # the controller's flat vector: the current policy's logits
     critic: dict[str, jax.Array]
@@ -317,8 +317,6 @@ def period(cfg: Config, hp: dict[str, Any], world: Any, state: PPOState, key: ja
     search is cut into calls."""
     if batched:
         return jax.vmap(lambda h, s, k: period(cfg, h, world, s, k, gens, score, check))(hp, state, key)
-    from wm_jax import evolve  # evolve drives this module
-
     pc = cfg.ppo
     key_run = jax.random.split(key)[1]
     # the updates' own branch: fold_in(key_run, 10_000_000 + g) are the checks' keys
@@ -339,7 +337,7 @@ def period(cfg: Config, hp: dict[str, Any], world: Any, state: PPOState, key: ja
 
     state, history = jax.lax.scan(generation, state, state.generation + jnp.arange(gens))
     done = state.generation + gens
-    dream_return, real = evolve.check_candidate(cfg, hp, world, state.pool, key_run, done, state.actor, score, check)
+    dream_return, real = checks.check_candidate(cfg, hp, world, state.pool, key_run, done, state.actor, score, check)
     better = real["return_mean"] > state.best_real
     new = state.replace(
         pool=real["latents"],
@@ -348,5 +346,9 @@ def period(cfg: Config, hp: dict[str, Any], world: Any, state: PPOState, key: ja
         generation=done,
         real_env_steps=state.real_env_steps + real["env_steps"],
     )
-    metrics = {**history, "generation": done, "dream_return": dream_return, **evolve.check_metrics(real)}
+    metrics = {**history, "generation": done, "dream_return": dream_return, **checks.check_metrics(real)}
     return new, metrics
+
+
+TRAINER = checks.Trainer(init=init, period=period, generation_metrics=GENERATION_METRICS,
+                         imagined_steps_per_generation=imagined_steps_per_generation)

@@ -19,7 +19,6 @@ version builds is a PretrainedError naming the problem.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import shutil
@@ -75,14 +74,6 @@ def layout(cfg: Config, with_verifier: bool) -> dict[str, Any]:
     if with_verifier:
         like["verifier"] = jax.eval_shape(lambda k: verifier.init(k, cfg.verifier, latent, hidden), key)
     return like
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def config_digest(meta: dict[str, Any]) -> str:
@@ -185,7 +176,7 @@ def save(directory: Path | str, cfg: Config, params: dict[str, Any], card: dict[
             "format_version": FORMAT_VERSION,
             "config": cfg.to_dict(),
             "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in tensors.items()},
-            "sha256": {WEIGHTS: _sha256(tmp / WEIGHTS)},
+            "sha256": {WEIGHTS: data.sha256_file(tmp / WEIGHTS)},
             "card": card,
         }
         meta = json.loads(json.dumps(meta, allow_nan=False))  # hashed as it will be read back
@@ -246,7 +237,7 @@ def load(directory: Path | str) -> tuple[Config, dict[str, Any], dict[str, Any]]
     if not weights.exists():
         raise PretrainedError(f"{weights} is missing; export the agent again")
     try:
-        digest = _sha256(weights)
+        digest = data.sha256_file(weights)
     except OSError as e:
         raise PretrainedError(f"cannot read {weights} ({e.strerror or e})") from None
     if digest != recorded:

@@ -18,8 +18,8 @@ the activations:
   - V's decoder (for /v1/dream frames only) is weight-only: its transposed convolutions gather
     the kernel into sub-pixel phases before the dot (wm_jax.layers), which qwix does not follow, so
     its kernels are stored int8 and widened to float32 inside the jitted call.
-Measured on this project's 2-core CPU (docs/RESULTS.md, "INT8 serving"): XLA's int8 dot is no
-faster than float32 at serving batch sizes, so INT8 here buys size, not speed.
+Measured on 2-core x86 CPUs (docs/RESULTS.md, "INT8 serving", names the machine): XLA's int8 dot
+is no faster than float32 at serving batch sizes, so INT8 here buys size, not speed.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from wm_jax import checkpoint
 
 INT8_MAX = 127.0
 
@@ -108,8 +110,6 @@ def ptq_params(qmodel: Any, params: Any, *init_args: Any, method: str) -> Any:
 def arrays(tree: Any) -> dict[str, np.ndarray]:
     """{path: host array} of every array leaf (qwix's quantized leaves open into their int8 values
     and scales), in a fixed order: what `save` writes and `nbytes` counts."""
-    from wm_jax import checkpoint
-
     out = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(jax.device_get(tree))[0]:
         if hasattr(leaf, "dtype") and hasattr(leaf, "shape"):

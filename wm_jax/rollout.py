@@ -180,7 +180,7 @@ def _open_loop(cfg: Config, tau: jax.Array, params: dict[str, Any], key: jax.Arr
                                zs[0], steps, tau, actions=actions)
     dreamed = vae.decode(cfg.vae, params["vae"], im["z"])[..., -1]
     out = {"z": zs, "real": real, "action": actions, "reward": reward, "valid": valid, "recon": recon, "dreamed": dreamed,
-           "dream_reward": im["pred"].reward, "dream_p_done": jax.nn.sigmoid(im["pred"].done_logit),
+           "dream_reward": im["pred"].reward, "dream_p_done": transition.p_done(im["pred"]),
            "pixel_error": jnp.mean(jnp.abs(dreamed - recon), axis=(-2, -1))}
     if params.get("verifier") is not None:
         out["dream_confidence"] = verifier.confidence(cfg.verifier, params["verifier"], im["h"], im["z"],

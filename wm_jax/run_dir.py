@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from wm_jax import checkpoint, transition, vae
+from wm_jax import checkpoint, logs, transition, vae, verifier
 from wm_jax import data as data_lib
 from wm_jax.config import Config, ConfigError, diff, json_digest
 
@@ -92,6 +92,15 @@ def locked(directory: Path | str) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # closing the descriptor releases the lock
+
+
+def run_keys(seed: int) -> dict[str, jax.Array]:
+    """The keys of `wm-jax run --seed seed`, one per stream: each stage draws from its own."""
+    key = jax.random.key(seed)
+    names = ("vae", "transition", "evolve", "evaluate", "rounds")
+    keys = dict(zip(names, jax.random.split(key, len(names))))
+    keys["verifier"] = jax.random.fold_in(key, 6)  # a stream of its own: the five above stay as they are
+    return keys
 
 
 def round_config(cfg: Config, stages: dict[str, Any], r: int, transition_steps: int | None = None) -> Config:
@@ -179,24 +188,13 @@ def read_controller(path: Path, recorded: str | None) -> np.ndarray | None:
     return ctrl
 
 
-def finite_or_none(obj: Any) -> Any:
-    """Strict JSON: a metric that is undefined (NaN, e.g. a correlation of a constant) becomes null."""
-    if isinstance(obj, float) and not np.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: finite_or_none(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [finite_or_none(v) for v in obj]
-    return obj
-
-
 def write_json(path: Path | str, obj: Any) -> None:
     """Atomic strict JSON (NaN -> null): a crash leaves the old file or the new one, never half.
     Creates the parent folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(finite_or_none(obj), indent=2, sort_keys=True, allow_nan=False))
+    tmp.write_text(json.dumps(logs.finite_or_none(obj), indent=2, sort_keys=True, allow_nan=False))
     os.replace(tmp, path)
 
 
@@ -232,7 +230,7 @@ def agent_record(run: Path | str, cfg: Config, stages: dict[str, Any], r: int, m
             "config": cfg.to_dict(),
             "built_from": {"vae": stage_output(run, stages, "vae", "vae"),
                            m_dir: stage_output(run, stages, m_dir, m_dir), "controller": ctrl_id}}
-    meta = finite_or_none(meta)
+    meta = logs.finite_or_none(meta)
     return {**meta, "sha256": json_digest(meta)}
 
 
@@ -259,7 +257,7 @@ def read_agent_record(run: Path | str) -> tuple[Config, dict[str, Any]]:
     stages = read_stages(run)
     recorded = {"vae": stage_output(run, stages, "vae", "vae"), m_dir: stage_output(run, stages, m_dir, m_dir),
                 "controller": stage_output(run, stages, f"evolve_round{r}", f"evolve_round{r}")}
-    if meta.get("built_from") != finite_or_none(recorded):
+    if meta.get("built_from") != logs.finite_or_none(recorded):
         raise RunDirError(f"{path} names another V, M or controller than {run / 'stages.json'} records; {RERUN}")
     return cfg, meta
 
@@ -301,8 +299,6 @@ ADDED_VERIFIER = "verifier_added"  # K trained for a finished run by `wm-jax tra
 def load_verifier(run: Path | str) -> Any:
     """K trained beside the final agent's M (its round's), or the one `train_verifier` added to a
     run trained without K; None when there is neither."""
-    from wm_jax import verifier  # K's module is needed only here
-
     run = Path(run)
     cfg, meta = read_agent_record(run)
     if cfg.verifier.mode == "off":
@@ -313,10 +309,10 @@ def load_verifier(run: Path | str) -> Any:
         record = read_json(added / "done.json", remedy)
         if not isinstance(record, dict) or not isinstance(record.get("identity"), dict):
             raise RunDirError(f"{added / 'done.json'} is damaged (no checkpoint identity); {remedy}")
-        if record.get("m_identity") != _final_m_identity(run, meta):
+        if record.get("m_identity") != final_m_identity(run, meta):
             raise RunDirError(f"{added} was trained against another M than this run's final agent has now; {remedy}")
         try:
-            return verifier.load(_k_steps(cfg, record.get("steps")), added, record["identity"])
+            return verifier.load(with_k_steps(cfg, record.get("steps")), added, record["identity"])
         except (checkpoint.Damaged, checkpoint.CheckpointError) as e:
             raise RunDirError(f"{added} is damaged ({e}); {remedy}") from None
     r = int(meta["round"])
@@ -328,41 +324,17 @@ def load_verifier(run: Path | str) -> Any:
         raise damaged(run, name, name, e) from None
 
 
-def _final_m_identity(run: Path, meta: dict[str, Any]) -> Any:
+def final_m_identity(run: Path, meta: dict[str, Any]) -> Any:
     """What stages.json records for the final agent's M (its step and parameter hash)."""
     m_dir = str(meta.get("transition_dir"))
     return stage_output(run, read_stages(run), m_dir, m_dir)
 
 
-def _k_steps(cfg: Config, steps: int | None) -> Config:
+def with_k_steps(cfg: Config, steps: int | None) -> Config:
     if steps is None:
         return cfg
     train = dataclasses.replace(cfg.verifier.train, steps=int(steps))
     return dataclasses.replace(cfg, verifier=dataclasses.replace(cfg.verifier, train=train))
-
-
-def train_verifier(run: Path | str, steps: int | None = None, progress: bool = True) -> dict[str, Any]:
-    """Train K for a finished run that has none (RUN/verifier_added): against the final agent's M,
-    on all the run's data, with the run's verifier settings (`steps` overrides the step count).
-    Resumable; holds the run's lock. Returns what it wrote in done.json (steps, final metrics)."""
-    from wm_jax import pipeline, verifier
-
-    run = Path(run)
-    with locked(run):
-        r = load(run)
-        if r.cfg.verifier.mode != "off":
-            raise RunDirError(f"{run} trained its own verifier (verifier.mode={r.cfg.verifier.mode!r}); nothing to add")
-        cfg = _k_steps(r.cfg, steps)
-        out = run / ADDED_VERIFIER
-        # K is usable only once this run finishes: an interrupted one leaves no done.json (rerun to resume)
-        (out / "done.json").unlink(missing_ok=True)
-        key = jax.random.fold_in(pipeline.run_keys(cfg.seed)["verifier"], 0)  # rounds use 1, 2, ...
-        _, info = verifier.train(cfg, key, r.arrays, out, progress, m_params=r.params["transition"])
-        _, meta = read_agent_record(run)
-        record = {"steps": cfg.verifier.train.steps, "final": finite_or_none(info["final"]),
-                  "identity": info["identity"], "m_identity": _final_m_identity(run, meta)}
-        write_json(out / "done.json", record)
-    return record
 
 
 def card(run: Path | str) -> dict[str, Any]:

@@ -55,7 +55,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, Field, StrictInt, field_validator
 
-from wm_jax import controller, transition, vae, verifier
+from wm_jax import controller, pipeline, transition, vae, verifier
+from wm_jax.agent import Agent
 from wm_jax.config import with_compute_dtype
 from wm_jax.data import TooLarge
 from wm_jax.env import NUM_ACTIONS
@@ -197,8 +198,6 @@ class Model:
     def load(cls, path: Path | str, settings: Settings) -> Model:
         """A run directory or an exported agent folder; a missing or damaged one raises the loader's
         error (FileNotFoundError, RunDirError, PretrainedError) naming the problem."""
-        from wm_jax.agent import Agent
-
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"{path}: no such run directory or agent folder")
@@ -276,7 +275,7 @@ def _lookahead(cfg: Any, params: dict[str, Any], carry: Any, z: jax.Array, a: ja
         new_carry, z_next, pred = transition.dream_step(cell, carry, z, a, zero_noise, 1.0)
         conf = verifier.confidence(cfg.verifier, k_params, h, z, a, z_next)
         live = alive
-        alive = alive * (jax.nn.sigmoid(pred.done_logit) <= 0.5)  # Ha's rule: the step itself still counts
+        alive = alive * (1.0 - transition.ends(transition.p_done(pred)))  # the step itself still counts
         a_next = controller.act(cfg.controller, ctrl, z_next, transition.hidden(new_carry))
         return (new_carry, z_next, a_next, alive), (conf, pred.reward, live, new_carry)
 
@@ -319,7 +318,7 @@ def _dream(cfg: Any, steps: int, params: dict[str, Any], carry: Any, obs: jax.Ar
         a = jnp.where(use_policy, controller.act(cfg.controller, ctrl, z, h), a_given)
         new_carry, z_next, pred = transition.dream_step(cell, carry, z, a, zero_noise, 1.0)
         row = {"z": z, "action": a, "z_next": z_next, "reward": pred.reward,
-               "p_done": jax.nn.sigmoid(pred.done_logit)}
+               "p_done": transition.p_done(pred)}
         if k_params is not None:
             row["confidence"] = verifier.confidence(cfg.verifier, k_params, h, z, a, z_next)
         return (new_carry, z_next), row
@@ -776,10 +775,8 @@ class Outer:
 
 
 def versions() -> dict[str, str]:
-    from wm_jax.pipeline import versions as installed
-
     return {"python": platform.python_version(),
-            **installed(("wm_jax", "jax", "jaxlib", "flax", "fastapi", "uvicorn", "qwix"), missing=None)}
+            **pipeline.versions(("wm_jax", "jax", "jaxlib", "flax", "fastapi", "uvicorn", "qwix"), missing=None)}
 
 
 def create_app(model: Model | Path | str, settings: Settings | None = None) -> Any:

@@ -5,11 +5,11 @@
 
 Every cell is a (seed, traced hyperparameters) pair: the grid's product of seeds and values. Each
 value is validated as a config field (`dataclasses.replace`, so a bad one is a named ConfigError
-before any work), then the cells' `cfg.hyper()` pytrees are stacked and `evolve.search` runs them
+before any work), then the cells' `cfg.hyper()` pytrees are stacked and `driver.search` runs them
 all at once: CMA-ES generations, dreams and the real checks of every cell in one compiled
 program per period, split over the devices by wm_jax.sharding. Only traced fields can be swept
 (a static one, such as the horizon or the verifier mode, changes the program's shapes: loop over
-it in Python, one sweep per value). A cell's first generation equals a lone `evolve.evolve` with
+it in Python, one sweep per value). A cell's first generation equals a lone `driver.evolve` with
 the same key and config up to float rounding; later ones part from it as rounding reaches
 CMA-ES's eigenvectors: an equivalent search, not the identical one (docs/RESULTS.md section 7).
 """
@@ -25,7 +25,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from wm_jax import evolve
+from wm_jax import checks, driver
 from wm_jax.config import Config, ConfigError
 
 
@@ -92,10 +92,10 @@ def stack(cells: Sequence[Cell]) -> tuple[jax.Array, dict[str, Any]]:
     return keys, hp
 
 
-def run(cfg: Config, cells: Sequence[Cell], world: evolve.World, out_dir: Path | str,
-        init_mean: jax.Array | None = None, progress: bool = True, score: evolve.Score = evolve.score_candidates,
-        check: evolve.Check = evolve.real_check) -> list[dict[str, Any]]:
-    """Every cell's controller search as one vmapped program (see `evolve.search`); resumable from
+def run(cfg: Config, cells: Sequence[Cell], world: checks.World, out_dir: Path | str,
+        init_mean: jax.Array | None = None, progress: bool = True, score: checks.Score = checks.score_candidates,
+        check: checks.Check = checks.real_check) -> list[dict[str, Any]]:
+    """Every cell's controller search as one vmapped program (see `driver.search`); resumable from
     out_dir's checkpoint. Returns one result dict per cell, with its seed and values added."""
     if not cells:
         raise ConfigError("sweep.run needs at least one cell")
@@ -104,5 +104,5 @@ def run(cfg: Config, cells: Sequence[Cell], world: evolve.World, out_dir: Path |
             raise ConfigError(f"cell {c.values} (seed {c.seed}) differs from the sweep's config in a static field")
     keys, hp = stack(cells)
     means = None if init_mean is None else jnp.broadcast_to(jnp.asarray(init_mean), (len(cells),) + jnp.shape(init_mean))
-    results = evolve.search(cfg, keys, world, out_dir, hp, means, progress, score, check, batched=True)
+    results = driver.search(cfg, keys, world, out_dir, hp, means, progress, score, check, batched=True)
     return [{"seed": c.seed, **c.values, **r} for c, r in zip(cells, results)]

@@ -150,7 +150,22 @@ def quantize(cfg: TransitionConfig, params: Params) -> Cell:
     return cell._replace(w=w.q, head_w=head_w.q, w_scale=w.scale[0], head_scale=head_w.scale[0])
 
 
-def _sigmoid(x: jax.Array) -> jax.Array:
+DONE_P = 0.5  # Ha & Schmidhuber's rule: a dream ends at the step whose p_done exceeds this
+
+
+def p_done(pred: Prediction) -> jax.Array:
+    """M's probability that the episode ends at the predicted step."""
+    return jax.nn.sigmoid(pred.done_logit)
+
+
+def ends(p: jax.Array) -> jax.Array:
+    """The done rule, written once: 1.0 where p_done > DONE_P (that step still counts, every later
+    one is dead), else 0.0. Dreams, macro dreams, the server's look-ahead and the video use it."""
+    return (p > DONE_P).astype(jnp.float32)
+
+
+def sigmoid(x: jax.Array) -> jax.Array:
+    """The logistic function in its tanh form (M's LSTM gates)."""
     # The tanh form: one transcendental, where XLA's logistic costs an exp and a division; equal up
     # to float rounding (one dream step's gates at 1,024 dreams: 0.43 against 0.47-0.72 ms,
     # benchmarks/dream_profile.py)
@@ -160,8 +175,8 @@ def _sigmoid(x: jax.Array) -> jax.Array:
 def _lstm(gates: jax.Array, c: jax.Array) -> tuple[jax.Array, jax.Array]:
     """The LSTM's element-wise part, float32: pre-activations [..., 4 * hidden] (i, f, g, o) -> (c, h)."""
     i, f, g, o = jnp.split(gates, 4, axis=-1)
-    c = _sigmoid(f) * c.astype(jnp.float32) + _sigmoid(i) * jnp.tanh(g)
-    return c, _sigmoid(o) * jnp.tanh(c)
+    c = sigmoid(f) * c.astype(jnp.float32) + sigmoid(i) * jnp.tanh(g)
+    return c, sigmoid(o) * jnp.tanh(c)
 
 
 def _heads(cell: Cell, h: jax.Array, latent: int) -> Prediction:

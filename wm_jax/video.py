@@ -20,7 +20,10 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
+
+from wm_jax import rollout, transition
 
 SCALE = 3  # each 64x64 panel is drawn at 192x192
 MAX_FPS = 50  # GIF frame delays under 20 ms are shown at 100 ms by most viewers
@@ -60,7 +63,7 @@ def frames(rec: dict[str, Any], episode: int | None = None) -> Iterator[np.ndarr
     width = 3 * size + 4 * PAD
     height = TITLE_H + size + CAPTION_H + PLOT_H + 2 * PAD
     p_done = np.asarray(rec["dream_p_done"], np.float64)[:length]
-    ended = np.flatnonzero(p_done > 0.5)
+    ended = np.flatnonzero(np.asarray(transition.ends(p_done)))
     end = int(ended[0]) if ended.size else None  # the dream's last step (it still counts)
     err = np.asarray(rec["pixel_error"], np.float64)[:length]
     err_top = max(float(err.max()), 1e-6)
@@ -148,10 +151,6 @@ def write(path: Path | str, frames: Iterable[np.ndarray], fps: int = 25) -> int:
 def record(cfg, params: dict[str, Any], key, episodes: int = 1, max_steps: int | None = None) -> Iterator[np.ndarray]:
     """The frames of `episodes` real episodes of the agent in params (with params["verifier"], K's
     confidences too), one after another; episode i uses jax.random.fold_in(key, i)."""
-    import jax
-
-    from wm_jax import rollout
-
     steps = cfg.eval.max_steps if max_steps is None else max_steps
     for i in range(episodes):
         yield from frames(rollout.open_loop(cfg, params, jax.random.fold_in(key, i), steps), episode=i + 1)

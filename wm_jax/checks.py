@@ -1,0 +1,127 @@
+"""What every way of searching C in the dream shares: the world it dreams in and checks against,
+the fitness and the real check, the check of a candidate (with its confirming episodes), the
+metrics a check logs, and the interface a trainer has.
+
+A trainer (CMA-ES in wm_jax.evolve, PPO in wm_jax.ppo) is a `Trainer`: `init(cfg, hp, key, world,
+init_mean) -> state` and `period(cfg, hp, world, state, key, gens, score, check, batched) ->
+(state, metrics)`, a pure state machine whose state has the fields the driver reads (best,
+best_real, generation, real_env_steps, pool). wm_jax.driver keeps the registry and drives either.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from wm_jax import dream, rollout
+from wm_jax.config import Config
+
+
+@struct.dataclass
+class World:
+    """What a controller search dreams in and checks against; shared by every cell of a sweep."""
+
+    m_params: Any
+    vae_params: Any  # for the real checks (encoding the pixels); unused by a custom `check`
+    starts: tuple[jax.Array, jax.Array]  # stored encoder posteriors (mean, logvar) [N, latent]
+    k_params: Any = None  # the verifier's, when cfg.verifier.mode is not "off"
+
+
+Score = Callable[[Config, dict, jax.Array, World, jax.Array, dream.Pool], jax.Array]
+Check = Callable[[Config, dict, jax.Array, World, jax.Array], dict]
+
+
+
+
+@dataclass(frozen=True)
+class Trainer:
+    """One way to search C in the dream, as the driver (wm_jax.driver.search) runs it."""
+
+    init: Callable[..., Any]  # (cfg, hp, key, world, init_mean) -> state
+    period: Callable[..., tuple[Any, dict[str, jax.Array]]]  # (cfg, hp, world, state, key, gens, score, check, batched)
+    generation_metrics: tuple[str, ...]  # a period's per-generation metrics (generations.jsonl)
+    imagined_steps_per_generation: Callable[[Config], int]  # dreamed steps a generation computes
+
+
+def score_candidates(cfg: Config, hp: dict[str, Any], key: jax.Array, world: World, population: jax.Array,
+                     pool: dream.Pool) -> jax.Array:
+    """The default fitness: mean dream return of each candidate (dream.scores)."""
+    ev = cfg.evolve
+    return dream.scores(cfg, hp, key, world.m_params, population, *world.starts, ev.rollouts, ev.horizon,
+                        world.k_params, pool)
+
+
+def real_check(cfg: Config, hp: dict[str, Any], key: jax.Array, world: World, ctrl: jax.Array) -> dict[str, Any]:
+    """The default check: cfg.evolve.check_episodes real episodes of V + M + ctrl (pure, traceable).
+
+    Returns return_mean, env_steps and latents = (mean, logvar, valid) of every visited step
+    [check_episodes * eval.max_steps, ...], the next grounding pool. The episodes are those of
+    rollout.evaluate(..., batch=check_episodes) with the same key.
+    """
+    params = {"vae": world.vae_params, "transition": world.m_params, "controller": ctrl}
+    res = rollout.episodes(cfg, params, jax.random.fold_in(key, 0), cfg.evolve.check_episodes, cfg.eval.max_steps,
+                           latents=True)
+    rows = cfg.evolve.check_episodes * cfg.eval.max_steps
+    return {
+        "return_mean": jnp.mean(res["return"]),
+        "env_steps": jnp.sum(res["length"]).astype(jnp.int32),
+        "latents": (res["latent_mean"].reshape(rows, -1), res["latent_logvar"].reshape(rows, -1),
+                    res["latent_valid"].reshape(rows)),
+    }
+
+
+def check_candidate(cfg: Config, hp: dict[str, Any], world: World, pool: dream.Pool, key_run: jax.Array,
+                    done: jax.Array, candidate: jax.Array, score: Score, check: Check) -> tuple[jax.Array, dict]:
+    """A search's check after `done` generations: the candidate's dream return (scored like the
+    generations before it, on `pool`) and its real check. Both trainers check this way."""
+    key_c = jax.random.fold_in(key_run, 10_000_000 + done)
+    dream_return = score(cfg, hp, key_c, world, candidate[None], pool)[0]
+    real = check(cfg, hp, jax.random.fold_in(key_c, 1), world, candidate)
+    ev = cfg.evolve
+    if not ev.confirm_episodes:
+        return dream_return, real
+    # A check at stop_at is confirmed by confirm_episodes more episodes (the pool stays the first
+    # check's); a check below it runs none (lax.cond: under a sweep's vmap both branches are
+    # computed, but only a passing cell's confirming episodes are counted or used).
+    more = with_check_episodes(cfg, ev.confirm_episodes)
+    passed = real["return_mean"] >= ev.stop_at
+
+    def confirm(_):
+        c = check(more, hp, jax.random.fold_in(key_c, 2), world, candidate)
+        return c["return_mean"].astype(jnp.float32), c["env_steps"].astype(jnp.int32)
+
+    def skip(_):
+        return jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32)
+
+    c_mean, c_steps = jax.lax.cond(passed, confirm, skip, None)
+    n, m = ev.check_episodes, ev.confirm_episodes
+    return dream_return, {**real, "return_mean": jnp.where(passed, (n * real["return_mean"] + m * c_mean) / (n + m),
+                                                           real["return_mean"]),
+                          "env_steps": real["env_steps"] + c_steps,
+                          "confirm_return": jnp.where(passed, c_mean, jnp.nan)}
+
+
+def with_check_episodes(cfg: Config, episodes: int) -> Config:
+    """cfg (a static one: its traced fields are markers, which dataclasses.replace would
+    validate) with evolve.check_episodes = episodes."""
+    ev = copy.copy(cfg.evolve)
+    object.__setattr__(ev, "check_episodes", episodes)
+    out = copy.copy(cfg)
+    object.__setattr__(out, "evolve", ev)
+    return out
+
+
+def check_metrics(real: dict[str, Any]) -> dict[str, jax.Array]:
+    """A check's figures for the period's metrics (evolve.jsonl): its real return and steps, and
+    the confirming episodes' mean when evolve.confirm_episodes is on (NaN where none ran)."""
+    out = {"real_return": real["return_mean"], "env_steps": real["env_steps"],
+           "grounding_states": jnp.sum(real["latents"][2], axis=-1).astype(jnp.int32)}
+    if "confirm_return" in real:
+        out["confirm_return"] = real["confirm_return"]
+    return out

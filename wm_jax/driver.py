@@ -1,0 +1,192 @@
+"""The one driver of every controller search, and the registry of trainers.
+
+    TRAINERS["cmaes" | "ppo"]        # checks.Trainer: init and period, a pure state machine each
+    driver.evolve(cfg, key, world, out_dir)          # one search under cfg.evolve.trainer
+    driver.search(cfg, keys, world, out_dir, batched=True)   # a batch of cells as one program (wm_jax.sweep)
+
+`search` drives a trainer's `period` from Python: it only logs, draws the progress bar and
+checkpoints the state after every period, so a killed search resumes where it stopped and ends
+with the same result. Checks land every evolve.check_every generations; evolve.stop_at and a
+budget of real steps end a search early.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from wm_jax import checkpoint, checks, evolve, interrupt, logs, ppo, sharding
+from wm_jax.config import Config
+
+TRAINERS: dict[str, checks.Trainer] = {"cmaes": evolve.TRAINER, "ppo": ppo.TRAINER}  # config.TRAINERS names them
+
+
+def trainer(cfg: Config) -> checks.Trainer:
+    """The trainer cfg.evolve.trainer names."""
+    return TRAINERS[cfg.evolve.trainer]
+
+
+def imagined_steps(cfg: Config, generations: int, num_checks: int) -> int:
+    """Imagined steps a search computes in `generations` generations and `num_checks` checks
+    (dreams that end early are masked, not cut short, so every step of the horizon is computed)."""
+    ev = cfg.evolve
+    return generations * trainer(cfg).imagined_steps_per_generation(cfg) + num_checks * ev.rollouts * ev.horizon
+
+
+@partial(jax.jit, static_argnums=(0, 5))
+def _init_cells(cfg, hp, keys, world, init_mean, batched):
+    init_fn = trainer(cfg).init
+    if not batched:
+        return init_fn(cfg, hp, keys, world, init_mean)
+    return jax.vmap(lambda h, k, m: init_fn(cfg, h, k, world, m))(hp, keys, init_mean)
+
+
+@partial(jax.jit, static_argnums=(0, 5, 6, 7, 8))
+def _period_cells(cfg, hp, world, state, keys, gens, score, check, batched):
+    if batched:  # one cell per (seed, hyperparameters), split over the devices
+        hp, state, keys = sharding.shard_leading((hp, state, keys))
+    return sharding.replicated(trainer(cfg).period(cfg, hp, world, state, keys, gens, score, check, batched))
+
+
+def _read_jsonl(path: Path, upto: int) -> list[dict[str, Any]]:
+    """The lines of a log whose generation is <= upto, rewritten atomically (a resumed search
+    drops what was logged after its checkpoint; a torn last line from a crash is dropped too)."""
+    keep = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if entry.get("generation", upto + 1) <= upto:
+                keep.append(entry)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(e) + "\n" for e in keep))
+    os.replace(tmp, path)
+    return keep
+
+
+def search(
+    cfg: Config,
+    keys: jax.Array,
+    world: checks.World,
+    out_dir: Path | str,
+    hp: dict[str, Any] | None = None,
+    init_mean: jax.Array | None = None,
+    progress: bool = True,
+    score: checks.Score = checks.score_candidates,
+    check: checks.Check = checks.real_check,
+    batched: bool = False,
+    real_steps: int | None = None,
+) -> list[dict[str, Any]]:
+    """Drive `period` to cfg.evolve.generations for one search or, with `batched`, for a batch of
+    cells (keys [N], every leaf of hp and init_mean with a leading N) vmapped as one program.
+
+    Checks land every check_every generations and at the end; with evolve.stop_at, the search ends
+    after the first check at which every cell's best real return reaches it; with real_steps, after
+    the first check at which every cell's checks have spent that many real env steps (the run's
+    budget left, rounds.budget). Writes
+    out_dir/evolve.jsonl (one line per check and cell), out_dir/generations.jsonl (one per
+    generation and cell) and a checkpoint of the state after every period (out_dir/checkpoints; a
+    rerun resumes from it). Returns one dict per cell: best, best_real, checks, history, real_env_steps, generations (done), wall_s.
+    """
+    ev = cfg.evolve
+    hp = cfg.hyper() if hp is None else hp
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cells = int(keys.shape[0]) if batched else 1
+    static = cfg.static()
+    world, hp, keys, init_mean = sharding.put_replicated((world, hp, keys, init_mean))
+    state = _init_cells(static, hp, keys, world, init_mean, batched)
+    stored = {"config": cfg.to_dict(), "hyper": jax.tree.map(lambda x: np.asarray(x).tolist(), hp),
+              "cells": cells, "score": getattr(score, "__qualname__", str(score)),
+              "check": getattr(check, "__qualname__", str(check))}
+    restored = checkpoint.restore_latest(out_dir / "checkpoints", state, stored, set_aside=True)
+    done = 0 if restored is None else int(restored[0])
+    # committed as the periods' outputs are (the world's restored parameters are): otherwise the
+    # second period compiles the program again (7 s a round on the cpu preset)
+    state = sharding.commit(state if restored is None else restored[1])
+    check_log = _read_jsonl(out_dir / "evolve.jsonl", done)
+    history = _read_jsonl(out_dir / "generations.jsonl", done)
+    mngr = checkpoint.manager(out_dir / "checkpoints")
+    t0 = time.perf_counter()
+    bar = tqdm(total=ev.generations, initial=done, desc=ev.trainer, unit="gen", disable=not progress, leave=False)
+
+    per_generation = trainer(cfg).generation_metrics  # logged in generations.jsonl
+
+    def solved() -> bool:  # every cell's best check reached evolve.stop_at: no more real checks needed
+        return ev.stop_at is not None and bool(np.all(np.asarray(jax.device_get(state.best_real)) >= ev.stop_at))
+
+    def spent() -> bool:  # every cell's checks spent the real steps allowed: no more real checks
+        return (real_steps is not None and done > 0
+                and bool(np.all(np.asarray(jax.device_get(state.real_env_steps)) >= real_steps)))
+
+    try:
+        while done < ev.generations and not solved() and not spent():
+            interrupt.check()  # Ctrl-C between periods: the last checkpoint is whole
+            gens = min(ev.check_every - done % ev.check_every, ev.generations - done)
+            state, m = _period_cells(static, hp, world, state, keys, gens, score, check, batched)
+            m = jax.device_get(m)
+            m = m if batched else jax.tree.map(lambda x: np.asarray(x)[None], m)
+            new_history, new_checks = [], []
+            for c in range(cells):
+                cell = {"cell": c} if batched else {}
+                for i in range(gens):
+                    new_history.append({**cell, "generation": done + i + 1,
+                                        **{k: float(m[k][c][i]) for k in per_generation}})
+                new_checks.append({**new_history[-1], "dream_return": float(m["dream_return"][c]),
+                                   "real_return": float(m["real_return"][c]), "env_steps": int(m["env_steps"][c]),
+                                   "grounding_states": int(m["grounding_states"][c]),
+                                   **({"confirm_return": logs.finite_or_none(float(m["confirm_return"][c]))}
+                                      if "confirm_return" in m else {})})
+            for path, entries in (("generations.jsonl", new_history), ("evolve.jsonl", new_checks)):
+                logs.append(out_dir / path, entries, step="generation")
+            history += new_history
+            check_log += new_checks
+            done += gens
+            checkpoint.save(mngr, done, state, stored)
+            bar.update(gens)
+            if not batched:
+                e = new_checks[0]
+                bar.write(f"  gen {done:4d}  dream {e['dream_return']:7.2f}  real {e['real_return']:7.2f}")
+    finally:
+        bar.close()
+        mngr.close()
+    wall = time.perf_counter() - t0
+    state = jax.device_get(state)
+    out = []
+    for c in range(cells):
+        best, best_real, steps = (np.asarray(x)[c] if batched else np.asarray(x)
+                                  for x in (state.best, state.best_real, state.real_env_steps))
+        mine = [{k: v for k, v in e.items() if k != "cell"} for e in check_log if e.get("cell", 0) == c]
+        out.append({
+            "best": best,
+            "best_real": float(best_real),
+            "checks": mine,
+            "history": [{k: v for k, v in e.items() if k != "cell"} for e in history if e.get("cell", 0) == c],
+            "real_env_steps": int(steps),
+            "generations": done,
+            "wall_s": wall,
+        })
+    return out
+
+
+def evolve(
+    cfg: Config, key: jax.Array, world: checks.World, out_dir: Path | str, init_mean: jax.Array | None = None,
+    progress: bool = True, hp: dict[str, Any] | None = None, score: checks.Score = checks.score_candidates,
+    check: checks.Check = checks.real_check, real_steps: int | None = None,
+) -> dict[str, Any]:
+    """One controller search (see `search`): cfg.evolve.generations generations from init_mean.
+
+    Returns {"best", "best_real", "checks", "history", "real_env_steps", "generations", "wall_s"}; the best is
+    the checked candidate (CMA-ES's mean, PPO's greedy actor) with the best real return.
+    """
+    return search(cfg, key, world, out_dir, hp, init_mean, progress, score, check, real_steps=real_steps)[0]
