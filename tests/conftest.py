@@ -41,6 +41,17 @@ jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
+# Tests that need a trained run directory (the session's smoke run, about a minute to make) are
+# slow whatever their own time: `pytest -m "not slow"` leaves them out and so never builds it.
+NEEDS_A_TRAINED_RUN = ("smoke_run",)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if any(name in item.fixturenames for name in NEEDS_A_TRAINED_RUN):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _release_compiled_programs():
     yield

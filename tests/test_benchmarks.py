@@ -19,18 +19,21 @@ def _run(args, tmp_path):
     return proc.stdout, json.loads(out.read_text())
 
 
+@pytest.mark.slow
 def test_collect_benchmark_quick(tmp_path):
     stdout, result = _run(["benchmarks/collect.py", "--quick"], tmp_path)
     assert "frames/s" in stdout and "gymnasium" in stdout
     assert result
 
 
+@pytest.mark.slow
 def test_train_speed_benchmark_smoke(tmp_path):
     stdout, result = _run(["benchmarks/train_speed.py", "--preset", "smoke", "--chunks", "1", "--episodes", "20"], tmp_path)
     assert "steps/s" in stdout
     assert result["vae"]["steps_per_s"] > 0 and result["transition"]["steps_per_s"] > 0
 
 
+@pytest.mark.slow
 def test_dream_throughput_quick(tmp_path):
     stdout, result = _run(["benchmarks/dream_throughput.py", "--quick"], tmp_path)
     assert "steps/s" in stdout and "Machine:" in stdout
@@ -64,17 +67,17 @@ def test_pipeline_time(tmp_path):
     assert proc.returncode == 2 and "no summary" in proc.stderr
 
 
-def test_gpu_script_quick(tmp_path):
-    """benchmarks/gpu.sh in its dry-run mode on the CPU. The smoke run directory is prepared as
-    finished (config and summary), so `wm-jax run` returns at once and the test stays short."""
+@pytest.mark.slow
+def test_gpu_script_quick(tmp_path, smoke_run):
+    """benchmarks/gpu.sh in its dry-run mode on the CPU. The smoke run directory is a finished
+    smoke run (with a summary of known figures), so `wm-jax run` returns at once and the test
+    stays short."""
     import os
-
-    from wm_jax.config import get_preset
+    import shutil
 
     assert subprocess.run(["bash", "-n", "benchmarks/gpu.sh"], cwd=ROOT).returncode == 0
     run = tmp_path / "results" / "smoke"
-    run.mkdir(parents=True)
-    (run / "config.json").write_text(get_preset("smoke").to_json())
+    shutil.copytree(smoke_run[0], run)
     summary = {
         "preset": "smoke", "seed": 0, "real_return_mean": 12.5, "real_return_std": 1.0, "real_return_min": 11.0,
         "real_episodes": 4, "solved": False, "real_env_steps": 100, "dream_real_corr": None, "latent_kl": 3.0,
@@ -101,6 +104,7 @@ def test_dream_throughput_compare_torch(tmp_path):
     assert "PyTorch" in stdout
 
 
+@pytest.mark.slow
 def test_dream_profile_quick(tmp_path):
     stdout, result = _run(["benchmarks/dream_profile.py", "--sizes", "4x2", "--modes", "bf16", "--horizon", "3",
                            "--repeats", "1"], tmp_path)
@@ -113,6 +117,7 @@ def test_dream_profile_quick(tmp_path):
     assert alt["gates_f32_tanh_form_ms"] > 0 and alt["bf16_results_matmul_flop_per_s"] > 0
 
 
+@pytest.mark.slow
 def test_conv_speed_quick(tmp_path):
     stdout, result = _run(["benchmarks/conv_speed.py", "--batch", "2", "--forward-batch", "2", "--filters", "2,2,2,2"],
                           tmp_path)

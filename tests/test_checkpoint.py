@@ -93,6 +93,7 @@ def _transition_config_dict(cfg: TransitionConfig, latent: int) -> dict:
     return {"model": model, "train": dataclasses.asdict(cfg.train)}
 
 
+@pytest.mark.slow
 def test_config_mismatch_names_the_field(tmp_path):
     cfg = TransitionConfig(hidden=16, seq_len=8, mixtures=2)
     params32 = transition.init(jax.random.key(0), cfg, 32)
@@ -227,6 +228,7 @@ def test_fit_config_mismatch_names_the_field(tmp_path):
         _quad_fit(tmp_path, dataclasses.replace(cfg, batch=2))
 
 
+@pytest.mark.slow
 def test_fit_resumes_past_a_damaged_newest_checkpoint(tmp_path):
     cfg = TrainConfig(steps=20, batch=1, chunk=5, checkpoint_every=5, max_to_keep=3)
     clean, _ = _quad_fit(tmp_path / "clean", cfg)

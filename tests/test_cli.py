@@ -161,6 +161,7 @@ def _wm_jax() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "wm_jax.cli"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["argparse", "handled"])
 def test_real_process_stderr_is_one_line(tmp_path, kind):
     """The real console script: exit code 2, exactly one stderr line, no traceback, nothing on stdout."""
@@ -179,6 +180,7 @@ def test_real_process_stderr_is_one_line(tmp_path, kind):
     assert lines[0].startswith("wm-jax collect: error:")
 
 
+@pytest.mark.slow
 def test_collect_succeeds(tmp_path, capsys):
     out = tmp_path / "data"
     code, stdout, _ = _main(["collect", "--episodes", "5", "--seed", "1", "--out", str(out)], capsys)

@@ -158,6 +158,7 @@ def test_collect_stops_at_a_step_budget(arrays):
         _collect(jax.random.key(0), max_rows=0)
 
 
+@pytest.mark.slow
 def test_collect_is_deterministic(arrays):
     again = D.to_arrays(_collect(jax.random.key(0)))
     for name in D.COLUMNS:

@@ -318,6 +318,7 @@ def _world(m, starts):
     return checks.World(m_params=m, vae_params=None, starts=tuple(jnp.asarray(x) for x in starts))
 
 
+@pytest.mark.slow
 def test_evolve_in_dream_finds_the_rewarded_action(tmp_path, posteriors):
     """End to end with the real dream: CMA-ES (minimising -return) must learn to pick action 1.
 
@@ -381,6 +382,7 @@ def _dist(x) -> float:
     return float(jnp.linalg.norm(jnp.asarray(x) - TARGET))
 
 
+@pytest.mark.slow
 def test_evolve_maximises_the_return(tmp_path):
     cfg = _toy_cfg(population=16, generations=30, gens_per_call=5, check_every=10, sigma=0.1)
     res = driver.evolve(cfg, jax.random.key(17), _toy_world(), tmp_path, progress=False, score=_toy_score,
@@ -398,6 +400,7 @@ def test_evolve_maximises_the_return(tmp_path):
     assert res["real_env_steps"] == 5 * len(res["checks"])
 
 
+@pytest.mark.slow
 def test_evolve_stops_at_the_first_check_that_reaches_stop_at(tmp_path):
     """evolve.stop_at: no generations (and no real steps) after the first check whose mean return
     reaches it; what was done equals the same search without it, and a rerun resumes as finished."""
@@ -416,6 +419,7 @@ def test_evolve_stops_at_the_first_check_that_reaches_stop_at(tmp_path):
     assert whole["generations"] == 12 and whole["real_env_steps"] == 15
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("real_steps, checks", [(1, 1), (-3, 1), (10, 2), (11, 3), (100, 3)])
 def test_evolve_starts_no_check_once_its_real_steps_are_spent(tmp_path, real_steps, checks):
     """real_steps (the run's budget left, rounds.budget): the search ends after the first check at
@@ -441,6 +445,7 @@ def _lucky_check(cfg, hp, key, world, ctrl):
             "latents": (zeros, zeros, jnp.ones(rows))}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stop_at, solved", [(5.0, False), (3.0, True), (11.0, False)])
 def test_a_check_that_reaches_stop_at_is_confirmed_by_more_episodes(tmp_path, stop_at, solved):
     """evolve.confirm_episodes: a check at stop_at runs that many more episodes and counts their
@@ -469,6 +474,7 @@ def test_confirm_episodes_needs_stop_at():
         _toy_cfg(confirm_episodes=-1, stop_at=1.0)
 
 
+@pytest.mark.slow
 def test_evolve_check_schedule_and_log(tmp_path):
     cfg = _toy_cfg(population=4, generations=7, gens_per_call=2, check_every=3)
     (tmp_path / "evolve.jsonl").write_text('{"generation": 99}\n')  # a previous search's log is replaced
@@ -508,6 +514,7 @@ def _count_traces():
     return score, traces
 
 
+@pytest.mark.slow
 def test_new_traced_hyperparameters_do_not_compile_again(tmp_path):
     """tau, sigma, the verifier threshold and the grounding share are traced: a search with new
     values reuses the compiled period (the score function is traced once, not once per value)."""
@@ -577,6 +584,7 @@ def _grounding_pools():
     return stored, pool
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("share, n_pool", [(0.25, 1), (0.5, 2), (1.0, 4)])
 def test_draw_grounded_starts_mixes_the_pools(share, n_pool):
     stored, pool = _grounding_pools()
@@ -596,6 +604,7 @@ def test_draw_grounded_starts_without_grounding_is_draw_starts(pool_given, share
     np.testing.assert_array_equal(np.asarray(got), np.asarray(dream.draw_starts(key, *stored, 4)))
 
 
+@pytest.mark.slow
 def test_score_population_with_zero_grounding_ignores_the_pool(m_params, posteriors):
     pop = jax.random.normal(jax.random.key(5), (4, controller.num_params(SMOKE.controller, LATENT, HIDDEN)))
     args = (jax.random.key(6), m_params, pop, *posteriors, ROLLOUTS, H)
@@ -612,6 +621,7 @@ def _pool_score(cfg, hp, key, world, population, pool):
     return jnp.zeros(population.shape[0]) + jnp.sum(p_mean[:, 0] * valid) / jnp.sum(valid)
 
 
+@pytest.mark.slow
 def test_evolve_grounding_dreams_from_the_last_checks_states(tmp_path):
     cfg = _toy_cfg(population=4, generations=6, gens_per_call=2, check_every=2, grounding=0.5, check_episodes=1)
     cfg = _replace(cfg, eval={"max_steps": 5})
@@ -672,6 +682,7 @@ def _walls(n_episodes: int = 40, seed: int = 0) -> dict[str, np.ndarray]:
     }
 
 
+@pytest.mark.slow
 def test_bfloat16_dream_matches_float32():
     """A briefly trained M (300 steps on the toy world) scores a population of random controllers
     in bf16 as in fp32: the population's mean return within 1% (measured: 0.16%), each candidate
@@ -707,6 +718,7 @@ def _score_reading_m(cfg, hp, key, world, population, pool):
     return _toy_score(cfg, hp, key, world, population, pool) + 0.0 * jax.tree.leaves(world.m_params)[0].sum()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("restored", [False, True])
 def test_a_search_compiles_its_period_once(tmp_path, restored):
     """evosax's init leaves weakly typed fields that a period's output does not have: unless init
@@ -727,6 +739,7 @@ def test_cpu_blocks_are_the_largest_divisor_that_fits(population, rollouts, bloc
     assert dream.cpu_block(population, rollouts) == block  # one CPU device here (tests/test_sharding.py has 8)
 
 
+@pytest.mark.slow
 def test_scoring_in_blocks_gives_the_same_scores(monkeypatch):
     """Blocks of candidates scored one after the other see the same starts and noise as the whole
     population at once: the same scores up to float rounding."""

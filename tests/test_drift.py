@@ -33,6 +33,7 @@ def test_pad_episodes(arrays):
     np.testing.assert_array_equal(ep["mean"][1, :9], arrays["mean"][3:12])
 
 
+@pytest.mark.slow
 def test_measure_curves(arrays):
     params = {
         "vae": vae.init(jax.random.key(0), SMOKE.vae),

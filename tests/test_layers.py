@@ -18,6 +18,7 @@ CASES = [  # (module, flax module, input shape): every layer shape of the VAE, a
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mine,ref,shape", CASES)
 def test_same_parameters_outputs_and_gradients_as_flax(mine, ref, shape):
     x = jax.random.normal(jax.random.key(0), shape)

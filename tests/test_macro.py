@@ -107,6 +107,7 @@ def test_bad_macro_sets(bad):
         macro.validate(bad)
 
 
+@pytest.mark.slow
 def test_twice_is_2n_primitive_steps_of_m():
     """n macro steps of style "twice" = transition.imagine's 2n steps under the flattened primitives,
     same key: the same noise, carries, samples and predictions."""
@@ -129,6 +130,7 @@ def test_twice_is_2n_primitive_steps_of_m():
         np.testing.assert_allclose(a, b, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_twice_dream_adds_rewards_and_a_done_after_the_first_move_ends_it():
     cfg = macro.style_config(Config(transition=_tcfg()), "twice", macro.MACROS)
     params = transition.init(jax.random.key(0), cfg.transition, LATENT)
@@ -148,6 +150,7 @@ def test_twice_dream_adds_rewards_and_a_done_after_the_first_move_ends_it():
     assert float(ret) == pytest.approx(10.0)
 
 
+@pytest.mark.slow
 def test_old_m_checkpoint_config_without_actions_loads(tmp_path):
     """M checkpoints written before TransitionConfig.actions existed record no "actions" in their
     model config: at the default (2) the config is the old one, so they keep loading."""
@@ -175,6 +178,7 @@ def _rows():
     return transition.training_arrays(mean, np.full_like(mean, -2.0), cols, index), (mean, cols, index)
 
 
+@pytest.mark.slow
 def test_macro_m_with_four_actions_trains_and_imagines(tmp_path):
     _, (mean, cols, index) = _rows()
     arrays = macro.training_arrays(mean, np.full_like(mean, -2.0), cols, index)
@@ -198,6 +202,7 @@ def test_macro_m_with_four_actions_trains_and_imagines(tmp_path):
                                "macro_m")
 
 
+@pytest.mark.slow
 def test_macro_m_verifier_sees_every_macro(tmp_path):
     """K judges macro-M's transitions with a one-hot of all its macros (VerifierConfig.actions, set
     with M's by style_config): macros 2 and 3 are told apart; K's checkpoints at 2 actions record
@@ -230,6 +235,7 @@ def test_action_count_validated_and_controller_shapes():
     assert controller.logits(c, flat, jnp.ones((8,)), jnp.ones((16,))).shape == (4,)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("style", macro.STYLES)
 def test_real_macro_rollout_runs_with_correct_lengths(style):
     pre = get_preset("smoke")

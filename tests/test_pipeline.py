@@ -164,6 +164,7 @@ def test_every_real_step_is_counted_once(finished):
     assert curve[0]["episodes"] == SMOKE.data.episodes and curve[-1]["episodes"] == SMOKE.eval.episodes
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("confirm", [0, 3])
 def test_a_solved_agent_ends_the_search_and_the_rounds(tmp_path, confirm):
     """evolve.stop_at: round 1's search ends at its first check that reaches it and round 2 (its
@@ -211,6 +212,7 @@ def test_which_rounds_a_solved_agent_skips(r, best_real, min_rounds, skip_solved
     assert not pipeline._skipped(dataclasses.replace(cfg, evolve=SMOKE.evolve), r, best_real)  # no stop_at
 
 
+@pytest.mark.slow
 def test_a_spent_budget_ends_the_search_and_the_rounds(tmp_path):
     """rounds.budget: once the run's training steps reach it, round 1's search starts no more checks
     (its first runs) and the later rounds are skipped, min_rounds' included; every step counted once."""
@@ -226,6 +228,7 @@ def test_a_spent_budget_ends_the_search_and_the_rounds(tmp_path):
     assert _same(pipeline.run(cfg, out, progress=False), summary)
 
 
+@pytest.mark.slow
 def test_a_budget_gives_round_2_half_of_what_is_left_and_its_search_the_rest(tmp_path, monkeypatch):
     """rounds.budget with round 2 running (min_rounds=2; stop_at ends each search at its first
     check): round 2's collection is capped at half the budget left after round 1, and each search
@@ -268,6 +271,7 @@ def test_a_later_rounds_collection_is_capped_by_half_the_budget_left(budget, env
     assert pipeline._budget_left(cfg, used) == (None if budget is None else budget - used)
 
 
+@pytest.mark.slow
 def test_a_solved_agent_with_every_round_run_and_a_step_budget(tmp_path):
     """rounds.min_rounds=2: round 2 runs although round 1's check reached stop_at (its search
     still stops at its first check), and rounds.env_steps caps its collection, cutting the episode
@@ -537,6 +541,7 @@ def test_agent_act_batch_rejects_bad_obs(agent, bad):
         agent.act_batch(agent.initial_carry(2), bad)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["trained", "reactive"])
 def test_agent_act_equals_act_batch(agent, which):
     ag = agent if which == "trained" else _reactive_agent(agent)
@@ -559,6 +564,7 @@ def test_agent_act_equals_act_batch(agent, which):
     assert [x.shape for x in jax.tree.leaves(ag.initial_carry(len(frames)))] == [x.shape for x in jax.tree.leaves(batch_carry)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["trained", "reactive"])
 def test_agent_act_equals_evaluation_rollout(agent, which):
     """Agent.act drives the same real episodes as the evaluation rollout (rollout._episode): the same
@@ -596,6 +602,7 @@ def test_agent_act_equals_evaluation_rollout(agent, which):
         assert 0 < sum(all_actions) < len(all_actions)  # both actions taken: the comparison is not vacuous
 
 
+@pytest.mark.slow
 def test_evaluation_rollout_returns_the_visited_posteriors(agent):
     """rollout.evaluate(latents=True): the same episodes, plus the encoder posterior of every step
     the agent saw (valid exactly for the episode's steps); the first is the reset frame's."""
@@ -623,6 +630,7 @@ def test_evaluation_rollout_returns_the_visited_posteriors(agent):
 # resume after a crash
 
 
+@pytest.mark.slow
 def test_resume_after_crash_in_transition_stage(finished, tmp_path, monkeypatch):
     out = tmp_path / "crashed"
 
@@ -659,6 +667,7 @@ def test_resume_after_crash_in_transition_stage(finished, tmp_path, monkeypatch)
         assert summary[k] == ref[k], k
 
 
+@pytest.mark.slow
 def test_collection_policy_advances_m_with_the_executed_action():
     """With random actions mixed in, M must see the action taken, not the controller's choice."""
     cfg = dataclasses.replace(SMOKE, rounds=dataclasses.replace(SMOKE.rounds, action_noise=1.0))
@@ -711,6 +720,7 @@ def test_pipeline_trains_the_verifier_when_it_is_on(with_verifier):
     assert math.isfinite(summary["real_return_mean"])
 
 
+@pytest.mark.slow
 def test_verifier_ablation_script(with_verifier, tmp_path, monkeypatch):
     import importlib.util
     import sys
@@ -745,6 +755,7 @@ def test_verifier_ablation_script(with_verifier, tmp_path, monkeypatch):
     mod.main()
 
 
+@pytest.mark.slow
 def test_mitigations_script(with_verifier, tmp_path, monkeypatch):
     import importlib.util
     import sys

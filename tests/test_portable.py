@@ -214,6 +214,7 @@ def test_the_pipeline_writes_the_episode_video(smoke_run):
                     video.TITLE_H + 64 * video.SCALE + video.CAPTION_H + video.PLOT_H + 2 * video.PAD)
 
 
+@pytest.mark.slow
 def test_video_command_writes_every_episode(exported, tmp_path, capsys):
     """`wm-jax video` on an exported agent: as many frames as the episodes lasted, a readable GIF."""
     out = tmp_path / "v.gif"

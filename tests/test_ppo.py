@@ -49,6 +49,7 @@ def _run_env(env, params, key, actions, envs):
     return jax.device_get(jax.lax.scan(body, state, (jax.random.split(k_steps, len(actions)), jnp.asarray(actions)))[1])
 
 
+@pytest.mark.slow
 def test_dream_env_shapes_and_truncation(starts):
     env = ppo.DreamEnv(PPO_SMOKE, horizon=5)
     params = env.params(_action_rewarding_m(), starts)
@@ -94,6 +95,7 @@ def _constant_verifier(logit: float):
     return k
 
 
+@pytest.mark.slow
 def test_dream_env_verifier_weights_or_cuts_the_dream(starts):
     conf = float(jax.nn.sigmoid(0.5))
     weight = _replace(PPO_SMOKE, verifier={"mode": "weight"})
@@ -112,6 +114,7 @@ def test_dream_env_verifier_weights_or_cuts_the_dream(starts):
         env.params(_action_rewarding_m(), starts)
 
 
+@pytest.mark.slow
 def test_dream_env_grounding_starts_from_the_pool(starts):
     target = jnp.full((LATENT,), 7.0)
     pool = (jnp.stack([jnp.zeros(LATENT), target]), jnp.full((2, LATENT), -30.0), jnp.asarray([0.0, 1.0]))
@@ -153,6 +156,7 @@ def _probe_cfg(**evolve_fields):
     return _replace(PPO_SMOKE, evolve={"generations": 40, "check_every": 10, **evolve_fields}, ppo={"lr": 3e-3})
 
 
+@pytest.mark.slow
 def test_ppo_learns_the_probe_task(tmp_path, starts):
     """In the probe M every step of action 1 earns R_STEP and of action 0 -R_STEP: the optimum is
     H * R_STEP per dream. The near-uniform first policy scores about 0; within 80 updates PPO's
@@ -172,6 +176,7 @@ def test_ppo_learns_the_probe_task(tmp_path, starts):
     assert driver.imagined_steps(cfg, 40, 4) == 40 * 2 * 32 * 8 + 4 * cfg.evolve.rollouts * H
 
 
+@pytest.mark.slow
 def test_ppo_search_resumes_after_a_kill_with_the_same_result(tmp_path, starts, monkeypatch):
     cfg = _probe_cfg(generations=6, check_every=2)
     world = _world(_action_rewarding_m(), starts)
@@ -195,6 +200,7 @@ def test_ppo_search_resumes_after_a_kill_with_the_same_result(tmp_path, starts, 
     assert resumed["best_real"] == whole["best_real"] and resumed["real_env_steps"] == whole["real_env_steps"]
 
 
+@pytest.mark.slow
 def test_ppo_cells_search_side_by_side(tmp_path, starts):
     """A batch of cells (wm_jax.sweep's shape): two seeds vmapped, each learning the probe."""
     cfg = _probe_cfg(generations=30)
@@ -218,6 +224,7 @@ def test_ppo_config_is_validated():
     assert with_trainer(PPO_SMOKE, "cmaes").controller.kind == "linear"
 
 
+@pytest.mark.slow
 def test_an_agent_trained_with_ppo_runs_loads_and_acts(tmp_path):
     """The pipeline end to end with trainer ppo (one round): the summary names the trainer and
     counts its imagined steps, and the agent loads and acts as any other."""

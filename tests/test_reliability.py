@@ -108,6 +108,7 @@ def _vae_step(run: Path) -> int:
 # B1, B3: a finished stage's checkpoint damaged or changed
 
 
+@pytest.mark.slow
 def test_b1_damaged_checkpoint_data_is_damage_not_a_shape_mismatch(unfinished):
     """A data file of V's final checkpoint deleted: the real command says 'damaged' on one line
     (TensorStore's 1,500-line spec and orbax's 'Event loop is closed' noise silenced), exit 2."""
@@ -119,6 +120,7 @@ def test_b1_damaged_checkpoint_data_is_damage_not_a_shape_mismatch(unfinished):
     assert not (unfinished / "summary.json").exists()
 
 
+@pytest.mark.slow
 def test_b3_finished_stage_never_falls_back_to_an_older_checkpoint(unfinished, smoke_run, monkeypatch, capsys):
     """V's newest step damaged after the stage finished (an older step is still there): the run and
     Agent.load refuse instead of pairing an older V with the M and C built on the newer one; after
@@ -238,6 +240,7 @@ def test_b2_read_only_output_location_exits_3(mounts, capsys):
     _one_line(*_run_cli(capsys, ro / "run"), 3, "Read-only file system", str(ro / "run"))
 
 
+@pytest.mark.slow
 def test_b2_full_disk_exits_3_and_the_rerun_resumes(mounts, unfinished, smoke_run, capsys):
     """The evaluation's files do not fit: one line, exit 3; with space again the same command
     finishes with the uninterrupted run's results."""
@@ -267,6 +270,7 @@ def test_b2_full_disk_exits_3_and_the_rerun_resumes(mounts, unfinished, smoke_ru
         assert summary[k] == smoke_run[1][k], k
 
 
+@pytest.mark.slow
 def test_b2_full_disk_in_an_orbax_save_is_one_line_from_the_real_command(mounts):
     """The disk fills while V's first checkpoint is written: orbax's error and its asyncio noise
     (50 to 970 lines before) become one line after the progress output, exit 3. orbax's partial
@@ -478,6 +482,7 @@ def _signal_while_v_trains(out: Path, signum: int) -> tuple[int, str]:
     return proc.returncode, err.strip().splitlines()[-1]
 
 
+@pytest.mark.slow
 def test_sigint_to_the_real_command_exits_130(tmp_path):
     """Ctrl-C while V trains: exit 130 at the next chunk, the last line says how to resume, and
     the stage is not recorded as finished."""
@@ -552,6 +557,7 @@ def test_case5_agent_json_naming_another_controller_kind_is_refused(run, capsys)
     _one_line(*_cli(capsys, "serve", str(run)), 2, "agent.json", "rerun")
 
 
+@pytest.mark.slow
 def test_case5_sigterm_to_the_real_command_exits_143(tmp_path):
     """SIGTERM is Ctrl-C's twin: at the next chunk, one line, exit 143, the stage not recorded."""
     code, last = _signal_while_v_trains(tmp_path / "run", signal.SIGTERM)

@@ -45,6 +45,7 @@ def test_gae_matches_a_hand_computation():
     np.testing.assert_allclose(np.asarray(ret), np.asarray(adv) + np.asarray(value), rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_ppo_counts_every_step_and_learns_from_the_state():
     pc = ppo.PPOConfig(obs="state", total_steps=4096, eval_every=2048, eval_episodes=16)
     res = ppo.train(pc, [0, 1], progress=False)
@@ -68,6 +69,7 @@ def test_ppo_config_is_checked():
         ppo.PPOConfig(minibatches=3)
 
 
+@pytest.mark.slow
 def test_sample_efficiency_writes_table_and_plot(smoke_run, tmp_path, monkeypatch, capsys):
     out, summary = smoke_run
     se = _load("sample_efficiency")

@@ -99,6 +99,7 @@ def test_per_channel_int8_round_trip_is_within_half_a_step():
     assert float(jnp.max(jnp.abs(approx - exact))) < 0.05 * float(jnp.max(jnp.abs(exact)))
 
 
+@pytest.mark.slow
 def test_int8_v_and_m_stay_close_to_float_and_are_a_quarter_of_the_size(smoke_run, tmp_path):
     cfg, params = run_dir.load_agent(smoke_run[0])
     v8, m8 = vae.quantize(cfg.vae, params["vae"]), transition.quantize(cfg.transition, params["transition"])
@@ -282,6 +283,7 @@ def test_dream_endpoint(client):
     assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "horizon"]
 
 
+@pytest.mark.slow
 def test_gate_enforce_answers_the_safe_action_or_409_and_a_rejection_changes_nothing(run_with_k):
     frames = _frames(4)
     with _client(run_with_k, gate="enforce", threshold=1.0) as c:  # K (a sigmoid) stays below 1: every step unverified
@@ -317,6 +319,7 @@ def test_gate_enforce_answers_the_safe_action_or_409_and_a_rejection_changes_not
         np.testing.assert_array_equal(session.carry[1], before[1])
 
 
+@pytest.mark.slow
 def test_batched_requests_get_the_same_answers_as_single_ones(run_with_k):
     frames = _frames(5)
     model = serve.Model(Agent.load(run_with_k), serve.Settings(buckets=BUCKETS))
@@ -355,6 +358,7 @@ def test_batched_requests_get_the_same_answers_as_single_ones(run_with_k):
         np.testing.assert_allclose(results[i]["confidence"], float(s["confidence"]), rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_served_int8_agent_plays_real_episodes_as_in_process(run_with_k):
     """Real episodes driven through /act equal the same INT8 model stepped in process."""
     env = PixelCartPole()
@@ -404,6 +408,7 @@ def test_serve_refuses_a_missing_or_damaged_run_in_one_line(tmp_path, smoke_run,
     assert cli.main(["train-verifier", str(tmp_path / "nope")]) == 2
 
 
+@pytest.mark.slow
 def test_latency_benchmark_runs_the_real_server(run_with_k, tmp_path):
     """benchmarks/serve_latency.py --quick: uvicorn in a subprocess, httpx clients, a JSON report
     (figures printed, not asserted)."""
@@ -454,6 +459,7 @@ def test_a_stopped_batcher_fails_waiting_requests_instead_of_hanging():
     assert all(isinstance(o, serve.Unavailable) for o in outcomes)
 
 
+@pytest.mark.slow
 def test_a_session_deleted_during_its_step_gets_404_not_a_stale_answer(run_with_k):
     settings = serve.Settings(buckets=BUCKETS)
     model = serve.Model(Agent.load(run_with_k), settings)
@@ -597,6 +603,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_sigterm_stops_the_server_at_once_while_a_batch_window_waits(run_with_k, tmp_path):
     """`serve.run` in its own process, with a ten-minute window (the cap lifted for the test): an
     /act waits in it, and the first SIGTERM answers it and stops the server within seconds."""
@@ -726,6 +733,7 @@ def _served(app):
         assert not thread.is_alive()
 
 
+@pytest.mark.slow
 def test_a_client_that_closes_before_its_answer_and_retries_moves_the_agent_one_step(run_with_k):
     """Over a real socket to uvicorn: the client sends a whole /act and closes while the step is
     computed, then retries; and another sends half a body and closes. The session advanced once,
@@ -769,6 +777,7 @@ def test_a_client_that_closes_before_its_answer_and_retries_moves_the_agent_one_
     assert _count(text, "/v1/sessions/{sid}/act", 499) == 1 and 'status="500"' not in text
 
 
+@pytest.mark.slow
 def test_a_restart_loses_every_session_and_the_404_and_readme_say_so(run_with_k):
     obs = {"observation": _b64(_frames(1)[0])}
     with _client(run_with_k) as c:

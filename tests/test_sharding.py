@@ -16,6 +16,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import pytest
 
 from wm_jax import sharding
 
@@ -78,6 +79,7 @@ def _result(proc: subprocess.Popen) -> dict:
     return json.loads([l for l in stdout.splitlines() if l.startswith("RESULT ")][-1][len("RESULT "):])
 
 
+@pytest.mark.slow
 def test_sharded_matches_single_device(tmp_path):
     """8 CPU devices against 1 (two processes, the same script): population scores, evaluation
     returns, two CMA-ES generations with their real checks, and a sweep of 8 cells split over the

@@ -43,6 +43,7 @@ def _same(swept: dict, lone: dict) -> None:
     assert swept["best_real"] == lone["best_real"] and swept["real_env_steps"] == lone["real_env_steps"]
 
 
+@pytest.mark.slow
 def test_sweep_over_seeds_and_taus_equals_separate_searches(world, tmp_path):
     """3 seeds x 2 taus in one program equal the 6 searches run one by one: a generation, the real
     check of the mean (pixel episodes) and the best update, with the real dream.
@@ -79,6 +80,7 @@ def _distance(cfg, hp, key, world, ctrl):
             "latents": (z, z, jnp.ones(rows))}
 
 
+@pytest.mark.slow
 def test_sweep_equals_separate_searches_over_many_generations(tmp_path):
     """On a smooth objective, 2 seeds x 2 taus x 2 sigmas in one program against the 8 lone
     searches: the first generations equal within rtol 1e-5; after that the last-bit differences
@@ -101,6 +103,7 @@ def test_sweep_equals_separate_searches_over_many_generations(tmp_path):
     assert len({tuple(np.round(r["best"], 3)) for r in swept}) == len(swept)  # every cell its own search
 
 
+@pytest.mark.slow
 def test_sweep_resumes_from_its_checkpoint(world, tmp_path, monkeypatch):
     """A sweep killed after its first period resumes and ends as an uninterrupted one, bit for bit."""
     cells = sweep.grid(CFG, seeds=[4], **{"evolve.sigma": [0.05, 0.2]})

@@ -95,6 +95,7 @@ def _last_metric_step(run_dir: Path) -> int:
     return max(steps)
 
 
+@pytest.mark.slow
 def test_kill_and_resume_is_bit_exact(tmp_path):
     helper = tmp_path / "helper.py"
     helper.write_text(HELPER)

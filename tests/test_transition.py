@@ -62,6 +62,7 @@ def _inputs(b: int, key=1):
 # The recurrent interface
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("head, comps", [("mdn", K), ("gaussian", 1)])
 def test_step_shapes(head, comps):
     cfg = _cfg(head)
@@ -401,6 +402,7 @@ def test_sequence_batch_shapes():
     assert np.asarray(b["reset"][:, 0]).all()
 
 
+@pytest.mark.slow
 def test_training_lowers_the_loss(tmp_path, cfg):
     arrays = _synthetic_arrays()
     full = Config(vae=VAEConfig(latent=LATENT), transition=cfg)
@@ -420,6 +422,7 @@ def test_training_lowers_the_loss(tmp_path, cfg):
 # Mixed precision
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("head", ["mdn", "gaussian"])
 def test_float32_step_is_the_flax_network(cfg, head):
     """The packed step (one matmul of [z, h], the action as a row, the heads as one matmul, the
@@ -457,6 +460,7 @@ def test_imagine_draws_the_noise_sample_latent_draws(cfg, params):
         np.testing.assert_allclose(np.asarray(traj["z_next"][t]), np.asarray(z), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_bfloat16_training_keeps_float32_state_and_lowers_the_loss(cfg):
     """bf16 compute: float32 parameters, gradients and optimizer state; the loss falls."""
     bcfg = dataclasses.replace(cfg, compute_dtype="bfloat16", train=dataclasses.replace(cfg.train, lr=3e-3))
@@ -532,6 +536,7 @@ def test_z_penalty_adds_the_weighted_term(cfg, params):
         dataclasses.replace(cfg, z_penalty=-1.0)
 
 
+@pytest.mark.slow
 def test_contrastive_weight_zero_adds_no_gradient(cfg, params):
     batch = _batch(jax.random.key(27))
     grad = jax.grad(lambda p, c: transition.loss(c, p, batch)[0])

@@ -138,6 +138,7 @@ def test_loss_under_jit(cfg, params, stacks):
     assert any(np.abs(np.asarray(g)).max() > 0 for g in leaves)
 
 
+@pytest.mark.slow
 def test_training_lowers_the_loss(tmp_path, dataset):
     frames, stack_rows = dataset
     cfg = _cfg(steps=60, kl_ramp_steps=10, chunk=10, checkpoint_every=60)
@@ -166,6 +167,7 @@ def test_float32_is_the_plain_network(cfg, params, stacks):
     np.testing.assert_array_equal(np.asarray(logvar), np.asarray(ref[1]))
 
 
+@pytest.mark.slow
 def test_bfloat16_loss_and_float32_gradients(cfg, params, stacks):
     """bf16 compute: the loss is float32 and near fp32's; gradients come back float32."""
     bcfg = dataclasses.replace(cfg, compute_dtype="bfloat16")
@@ -181,6 +183,7 @@ def test_bfloat16_loss_and_float32_gradients(cfg, params, stacks):
     assert vae.model_config(bcfg) == vae.model_config(cfg)
 
 
+@pytest.mark.slow
 def test_training_again_with_another_learning_rate_reuses_the_compiled_chunk(tmp_path, dataset, caplog):
     """V's loss and sampler reach train.fit as values (train.Bound over the static config), so a
     second training with another learning rate compiles no new training chunk."""

@@ -71,6 +71,7 @@ def test_auc():
     assert np.isnan(stats.auc([], [1.0]))
 
 
+@pytest.mark.slow
 def test_examples_shapes_and_masks(m_params, arrays):
     cfg = SMOKE
     d = verifier._data(m_params, arrays)
@@ -117,6 +118,7 @@ def test_trivially_separable_toy_is_separated():
     assert losses[-1] < 0.05 < losses[0]
 
 
+@pytest.mark.slow
 def test_training_loss_falls_and_evaluate(m_params, arrays, tmp_path):
     cfg = dataclasses.replace(SMOKE, verifier=dataclasses.replace(
         SMOKE.verifier, hidden=32, seq_len=8,
@@ -136,6 +138,7 @@ def test_training_loss_falls_and_evaluate(m_params, arrays, tmp_path):
         verifier.evaluate(cfg, jax.random.key(8), m_params, loaded, arrays, drifts=(20,))
 
 
+@pytest.mark.slow
 def test_off_ignores_verifier_and_weight_by_one_is_off(m_params, ctrl):
     """mode off is the plain dream whatever K is; weight with confidence exactly 1 is bit-for-bit off."""
     mean = jax.random.normal(jax.random.key(9), (20, LATENT))

@@ -172,7 +172,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     name = cfg.preset + (f"-s{cfg.seed}" if cfg.seed else "") + ("" if args.precision is None else f"-{args.precision}")
     name += "" if cfg.verifier.mode == preset.verifier.mode else f"-k{cfg.verifier.mode}"
     name += "" if cfg.evolve.grounding == preset.evolve.grounding else f"-g{cfg.evolve.grounding:g}"
-    name += "" if cfg.driver.trainer == preset.driver.trainer else f"-{cfg.driver.trainer}"
+    name += "" if cfg.evolve.trainer == preset.evolve.trainer else f"-{cfg.evolve.trainer}"
     out = Path(args.out) if args.out else Path("runs") / name
     summary = pipeline.run(cfg, out)
     print()

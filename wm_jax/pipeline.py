@@ -241,7 +241,7 @@ def _finished_summary(out: Path, stages: _Stages) -> dict[str, Any] | None:
     redoing what is gone and rebuilding the summary. Checkpoints are not read here (Agent.load and
     a run that goes through the stages check them)."""
     path = out / "summary.json"
-    if not path.exists():
+    if not path.exists() or "evaluate" not in stages.done:  # the summary is written after evaluate
         return None
     try:
         summary = json.loads(path.read_text())
