@@ -556,7 +556,7 @@ def test_settings_beyond_the_machines_memory_are_refused_before_anything_compile
             assert "\n" not in str(e.value) and names in str(e.value)
     # on a device with memory of its own (a GPU) the programs are weighed against it, and the
     # look-ahead counts only where the gate runs
-    monkeypatch.setattr(serve, "_memory", lambda: (2 ** 30, 2 ** 40))
+    monkeypatch.setattr(serve.model, "memory", lambda: (2 ** 30, 2 ** 40))
     big = serve.Settings(lookahead=10_000, buckets=(1, 8, 1024))
     need = serve.memory_need(agent.cfg, big, gate=True)
     assert need["act"] > 2 ** 29 > serve.memory_need(agent.cfg, big, gate=False)["act"]

@@ -23,6 +23,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 EXIT_TRAINING, EXIT_INPUT, EXIT_WRITE, EXIT_BUSY = 1, 2, 3, 4  # a signal: 128 + its number (130, 143)
 # OSErrors that mean "this location cannot be written", whatever the file
@@ -317,13 +318,28 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="wm-jax", description="World Models in JAX on pixel CartPole-v1",
-                epilog="exit codes: 0 done, 1 training failed, 2 bad input or damaged files, 3 cannot write, "
-                       "4 run directory in use, 130 interrupted")
-    p.add_argument("--debug", action="store_true", help="show the traceback of an error (also WM_JAX_DEBUG=1)")
-    sub = p.add_subparsers(dest="command", required=True)
+PRESETS = ("smoke", "cpu", "frugal", "laptop", "paper")  # config.PRESETS (tests/test_cli.py checks)
+TRAINERS = ("cmaes", "ppo")  # config.TRAINERS (tests/test_cli.py checks)
 
+
+def _training_args(p: argparse.ArgumentParser) -> None:
+    """The arguments train-vae and train-transition share."""
+    p.add_argument("--out", required=True)
+    p.add_argument("--preset", choices=PRESETS, default="cpu")
+    p.add_argument("--seed", type=_seed, default=0)
+    p.add_argument("--precision", choices=tuple(PRECISIONS), default=None,
+                   help="compute dtype of V and M (default: the preset's; parameters and optimizer state stay float32)")
+    _log_arg(p)
+
+
+def _log_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--log", choices=("jsonl", "tensorboard"), default="jsonl",
+                   help="metrics.jsonl always; tensorboard also writes event files (STAGE/tensorboard/; "
+                        "needs the tensorboard extra)")
+
+
+def _add_collect(sub: Any) -> None:
+    """collect: random-policy episodes into a dataset."""
     c = sub.add_parser("collect", help="collect random-policy episodes into a Hugging Face dataset")
     c.add_argument("--episodes", type=_positive_int, default=5000)
     c.add_argument("--seed", type=_seed, default=123)
@@ -332,35 +348,25 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--overwrite", action="store_true")
     c.set_defaults(fn=cmd_collect)
 
-    presets = ("smoke", "cpu", "frugal", "laptop", "paper")  # config.PRESETS (tests/test_cli.py checks)
-    trainers = ("cmaes", "ppo")  # config.TRAINERS (tests/test_cli.py checks)
 
-    def training_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--out", required=True)
-        p.add_argument("--preset", choices=presets, default="cpu")
-        p.add_argument("--seed", type=_seed, default=0)
-        p.add_argument("--precision", choices=tuple(PRECISIONS), default=None,
-                       help="compute dtype of V and M (default: the preset's; parameters and optimizer state stay float32)")
-        log_arg(p)
-
-    def log_arg(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--log", choices=("jsonl", "tensorboard"), default="jsonl",
-                       help="metrics.jsonl always; tensorboard also writes event files (STAGE/tensorboard/; "
-                            "needs the tensorboard extra)")
-
+def _add_stages(sub: Any) -> None:
+    """train-vae and train-transition: one stage at a time."""
     v = sub.add_parser("train-vae", help="train V on a dataset")
     v.add_argument("data")
-    training_args(v)
+    _training_args(v)
     v.set_defaults(fn=cmd_train_vae)
 
     m = sub.add_parser("train-transition", help="train M on a dataset encoded by a trained V")
     m.add_argument("data")
     m.add_argument("--vae", required=True, help="run directory of train-vae")
-    training_args(m)
+    _training_args(m)
     m.set_defaults(fn=cmd_train_transition)
 
+
+def _add_run(sub: Any) -> None:
+    """run: the whole recipe."""
     r = sub.add_parser("run", help="the whole recipe: collect, V, M, evolve C in the dream, evaluate")
-    r.add_argument("--preset", choices=presets, default="frugal",
+    r.add_argument("--preset", choices=PRESETS, default="frugal",
                    help="default: frugal, the main job (the stage commands above default to cpu, whose V and M it shares)")
     r.add_argument("--out", default=None, help="run directory (default: runs/PRESET[-sSEED][-bf16][-kMODE][-gSHARE][-TRAINER])")
     r.add_argument("--seed", type=_seed, default=0)
@@ -371,12 +377,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train the verifier K and weight (or cut) the dream reward by its confidence")
     r.add_argument("--grounding", type=_share, default=None, metavar="SHARE",
                    help="share of dreams started from states the controller reached in its latest real check")
-    r.add_argument("--trainer", choices=trainers, default=None,
+    r.add_argument("--trainer", choices=TRAINERS, default=None,
                    help="how C is searched in the dream: cmaes (Ha's linear controller) or ppo (an actor with one "
                         "tanh layer of 64); default: the preset's")
-    log_arg(r)
+    _log_arg(r)
     r.set_defaults(fn=cmd_run)
 
+
+def _add_agent_commands(sub: Any) -> None:
+    """evaluate, export, video and train-verifier: what a trained agent can do."""
     e = sub.add_parser("evaluate", help="real episodes of a trained agent (a run directory or an exported folder)")
     e.add_argument("agent", help="a `wm-jax run` directory or a folder written by `wm-jax export`")
     e.add_argument("--episodes", type=_positive_int, default=None, help="default: the preset's (100 for cpu)")
@@ -406,6 +415,9 @@ def build_parser() -> argparse.ArgumentParser:
     tv.add_argument("--quiet", action="store_true", help="no progress bar")
     tv.set_defaults(fn=cmd_train_verifier)
 
+
+def _add_serve(sub: Any) -> None:
+    """serve: the HTTP server; every setting in range, with its unit, before anything loads."""
     s = sub.add_parser("serve", help="serve a trained agent over HTTP (needs the serve extra)")
     s.add_argument("run", help="a `wm-jax run` directory or a folder written by `wm-jax export`")
     s.add_argument("--host", default="127.0.0.1")
@@ -425,6 +437,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "is whatever queued while the previous one ran)")
     s.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"))
     s.set_defaults(fn=cmd_serve)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="wm-jax", description="World Models in JAX on pixel CartPole-v1",
+                epilog="exit codes: 0 done, 1 training failed, 2 bad input or damaged files, 3 cannot write, "
+                       "4 run directory in use, 130 interrupted, 143 terminated")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error (also WM_JAX_DEBUG=1)")
+    sub = p.add_subparsers(dest="command", required=True)
+    for add in (_add_collect, _add_stages, _add_run, _add_agent_commands, _add_serve):
+        add(sub)
     return p
 
 
@@ -468,11 +490,8 @@ def compilation_cache() -> Path | None:
     return path
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)  # argparse prints usage + one error line and exits 2
-    debug = args.debug or os.environ.get("WM_JAX_DEBUG", "") not in ("", "0")
-    compilation_cache()
+def failure(error: BaseException, out: str | None) -> tuple[int, str] | None:
+    """(exit code, the one line) for an expected failure; None for a bug (its traceback is shown)."""
     from wm_jax.checkpoint import CheckpointError
     from wm_jax.config import ConfigError
     from wm_jax.data import DatasetError, TooLarge
@@ -480,12 +499,34 @@ def main(argv: list[str] | None = None) -> int:
     from wm_jax.run_dir import RunDirBusy, RunDirError
     from wm_jax.train import TrainingError
 
-    def fail(error: BaseException, code: int, message: str) -> int:
-        if debug:
-            raise error
-        print(f"wm-jax {args.command}: {message}", file=sys.stderr)
-        return code
+    if isinstance(error, RunDirBusy):
+        return EXIT_BUSY, f"error: {error}"
+    if isinstance(error, (UsageError, DatasetError, ConfigError, RunDirError, CheckpointError, PretrainedError,
+                          TooLarge)):
+        return EXIT_INPUT, f"error: {error}"
+    if isinstance(error, TrainingError):
+        return EXIT_TRAINING, f"training failed: {error}"
+    if isinstance(error, KeyboardInterrupt):
+        signum = getattr(error, "signum", signal.SIGINT)
+        what = "interrupted" if signum == signal.SIGINT else f"terminated ({signal.Signals(signum).name})"
+        return 128 + signum, f"{what}; rerun the same command to resume"
+    if isinstance(error, OSError) and error.errno in WRITE_ERRNOS:
+        return EXIT_WRITE, f"error: {_write_error(error, out)}"
+    if isinstance(error, (FileNotFoundError, FileExistsError, NotADirectoryError)) and error.errno is None:
+        return EXIT_INPUT, f"error: {error}"  # raised by wm_jax with its own message
+    if isinstance(error, OSError) and error.errno in PATH_ERRNOS:
+        return EXIT_INPUT, f"error: {_path_error(error)}"
+    if isinstance(error, (OSError, ValueError)):  # pyarrow, orbax: the OS reason in the text only
+        message = _write_error_in_text(error, out)
+        return None if message is None else (EXIT_WRITE, f"error: {message}")
+    return None
 
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)  # argparse prints usage + one error line and exits 2
+    debug = args.debug or os.environ.get("WM_JAX_DEBUG", "") not in ("", "0")
+    compilation_cache()
     from wm_jax import interrupt, logs
 
     # SIGTERM stops a command as Ctrl-C does (one line, resumable; long jobs at their next chunk
@@ -500,32 +541,12 @@ def main(argv: list[str] | None = None) -> int:
             except ValueError as e:
                 raise UsageError(str(e)) from None
         return args.fn(args)
-    except RunDirBusy as e:
-        return fail(e, EXIT_BUSY, f"error: {e}")
-    except (UsageError, DatasetError, ConfigError, RunDirError, CheckpointError, PretrainedError, TooLarge) as e:
-        return fail(e, EXIT_INPUT, f"error: {e}")
-    except TrainingError as e:
-        return fail(e, EXIT_TRAINING, f"training failed: {e}")
-    except KeyboardInterrupt as e:
-        signum = getattr(e, "signum", signal.SIGINT)
-        what = "interrupted" if signum == signal.SIGINT else f"terminated ({signal.Signals(signum).name})"
-        return fail(e, 128 + signum, f"{what}; rerun the same command to resume")
-    except OSError as e:
-        if e.errno in WRITE_ERRNOS:
-            return fail(e, EXIT_WRITE, f"error: {_write_error(e, getattr(args, 'out', None))}")
-        if e.errno is None and isinstance(e, (FileNotFoundError, FileExistsError, NotADirectoryError)):
-            return fail(e, EXIT_INPUT, f"error: {e}")  # raised by wm_jax with its own message
-        if e.errno in PATH_ERRNOS:
-            return fail(e, EXIT_INPUT, f"error: {_path_error(e)}")
-        message = _write_error_in_text(e, getattr(args, "out", None))  # pyarrow: errno None, the reason in the text
-        if message is None:
+    except (Exception, KeyboardInterrupt) as e:
+        known = failure(e, getattr(args, "out", None))
+        if known is None or debug:
             raise
-        return fail(e, EXIT_WRITE, f"error: {message}")
-    except ValueError as e:
-        message = _write_error_in_text(e, getattr(args, "out", None))
-        if message is None:
-            raise
-        return fail(e, EXIT_WRITE, f"error: {message}")
+        print(f"wm-jax {args.command}: {known[1]}", file=sys.stderr)
+        return known[0]
     finally:
         logs.close()  # the writers belong to this command, not to whatever the process does next
         signal.signal(signal.SIGTERM, sigterm)
