@@ -1,4 +1,4 @@
-"""Benchmark episode collection: wm_jax.data (jitted, vmapped scan) vs a host loop over gymnasium.
+"""Benchmark episode collection: wm_jax.store.data (jitted, vmapped scan) vs a host loop over gymnasium.
 
     python benchmarks/collect.py                 # 5000 episodes (the recipe's dataset), baseline 200
     python benchmarks/collect.py --quick         # 200 episodes, baseline 20
@@ -27,7 +27,8 @@ import datasets
 import jax
 import numpy as np
 
-from wm_jax import data, run_dir
+from wm_jax import run_dir
+from wm_jax.store import data
 from wm_jax.env import render
 
 
@@ -135,7 +136,7 @@ def bench_gymnasium(episodes: int, seed: int) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--episodes", type=int, default=5000, help="episodes for wm_jax.data.collect (default 5000)")
+    parser.add_argument("--episodes", type=int, default=5000, help="episodes for wm_jax.store.data.collect (default 5000)")
     parser.add_argument("--baseline-episodes", type=int, default=200, help="episodes for the gymnasium loop (default 200)")
     parser.add_argument("--chunk-size", type=int, default=1000, help="collect's chunk_size (default 1000)")
     parser.add_argument("--seed", type=int, default=123)

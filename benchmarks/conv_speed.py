@@ -1,4 +1,4 @@
-"""V's convolutions: flax's (XLA's convolution) against wm_jax.layers (gradients as matmuls), per layer.
+"""V's convolutions: flax's (XLA's convolution) against wm_jax.models.layers (gradients as matmuls), per layer.
 
     python benchmarks/conv_speed.py [--batch 32] [--forward-batch 1024] [--filters 8,16,32,64]
 
@@ -20,7 +20,8 @@ import jax.numpy as jnp
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import dream_throughput
 
-from wm_jax import layers, run_dir
+from wm_jax import run_dir
+from wm_jax.models import layers
 
 STEPS = 10
 
@@ -67,8 +68,8 @@ def main(argv: list[str] | None = None) -> dict:
                layers.ConvTranspose(o, k), (s, s, c))
               for s, c, o, k in ((1, 4 * f[3], f[2], 5), (5, f[2], f[1], 5), (13, f[1], f[0], 6), (30, f[0], 4, 6))]
     print(f"Machine: {info['platform']} ({info['device_kind']}), {info['cpu_cores']} CPU cores, jax {info['jax']}")
-    print(f"| layer | flax fwd+bwd ms (batch {args.batch}) | wm_jax.layers fwd+bwd ms | "
-          f"flax fwd ms (batch {args.forward_batch}) | wm_jax.layers fwd ms |")
+    print(f"| layer | flax fwd+bwd ms (batch {args.batch}) | wm_jax.models.layers fwd+bwd ms | "
+          f"flax fwd ms (batch {args.forward_batch}) | wm_jax.models.layers fwd ms |")
     print("|---|---:|---:|---:|---:|")
     rows = []
     for name, ref, ours, shape in cases:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import jax
 
-from wm_jax import data
+from wm_jax.store import data
 
 
 def _best(fn, repeats: int) -> float:

@@ -35,7 +35,9 @@ import jax.numpy as jnp
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import dream_throughput  # (machine(), parse_sizes(), mode_config())
 
-from wm_jax import controller, dream, run_dir, transition
+from wm_jax import run_dir
+from wm_jax.models import controller, transition
+from wm_jax.search import dream
 from wm_jax.config import Config, TransitionConfig
 
 MODES = ("fp32", "bf16")

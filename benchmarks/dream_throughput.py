@@ -5,7 +5,7 @@
     python benchmarks/dream_throughput.py --quick                # tiny sizes, one repeat (CI)
     python benchmarks/dream_throughput.py --compare-torch        # + benchmarks/torch_dream.py, same run
 
-Times `wm_jax.dream.score_population` itself (one jitted call vmaps `_dream` over rollouts and the
+Times `wm_jax.search.dream.score_population` itself (one jitted call vmaps `_dream` over rollouts and the
 population). A population of P candidates with R rollouts each runs P x R dreams of --horizon
 steps; one step of one dream is C's action, one LSTM step of M, a latent sample and the reward and
 done heads, so steps/s = P * R * horizon / seconds. M has the default TransitionConfig sizes (LSTM
@@ -38,7 +38,9 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from wm_jax import controller, dream, run_dir, transition
+from wm_jax import run_dir
+from wm_jax.models import controller, transition
+from wm_jax.search import dream
 from wm_jax.config import Config, TransitionConfig, with_compute_dtype
 
 ALL_SIZES = ((64, 16), (256, 64), (1024, 64), (1024, 256), (4096, 256))

@@ -1,4 +1,4 @@
-"""The dream of wm_jax.dream.score_population written as a batched PyTorch eager loop, for a
+"""The dream of wm_jax.search.dream.score_population written as a batched PyTorch eager loop, for a
 side-by-side speed comparison on the same machine (`dream_throughput.py --compare-torch`).
 
     pip install -e '.[torch]'           # the CPU build of PyTorch (optional extra)

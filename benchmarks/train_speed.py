@@ -2,7 +2,7 @@
 
     python benchmarks/train_speed.py [--preset cpu] [--chunks 3] [--json PATH]
 
-Times the library's own jitted chunk (wm_jax.train.run_chunk, what `fit` runs) on --episodes random
+Times the library's own jitted chunk (wm_jax.models.train.run_chunk, what `fit` runs) on --episodes random
 episodes (default 200), after one warm-up chunk that compiles.
 """
 
@@ -17,7 +17,8 @@ import time
 import jax
 import jax.numpy as jnp
 
-from wm_jax import data, train, transition, vae
+from wm_jax.models import train, transition, vae
+from wm_jax.store import data
 from wm_jax.config import get_preset
 
 

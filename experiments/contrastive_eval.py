@@ -40,20 +40,10 @@ import jax.numpy as jnp
 import numpy as np
 import results_doc  # experiments/, on sys.path when a script runs
 
-from wm_jax import (
-    checks,
-    data,
-    dream,
-    drift,
-    driver,
-    logs,
-    pipeline,
-    rollout,
-    run_dir,
-    stats,
-    transition,
-    verifier,
-)
+from wm_jax import logs, pipeline, run_dir, stats
+from wm_jax.models import transition, verifier
+from wm_jax.search import checks, dream, drift, driver, rollout
+from wm_jax.store import data
 
 HORIZON = 100  # the imagined-vs-real comparison's length (steps)
 STARTS = (0, 50, 100, 150, 200, 250, 300, 350, 400)  # where in a real episode a pair starts (if it is alive)
@@ -169,7 +159,7 @@ DRIFT_K = (1, 20, 50, 100)
 
 
 def _drift(run: Path, args) -> dict:
-    """Each M's drift curves with K (wm_jax.drift.measure: latent MSE, KL, decoded-frame error on 32
+    """Each M's drift curves with K (wm_jax.search.drift.measure: latent MSE, KL, decoded-frame error on 32
     rollouts, K's confidence) along 20 held-out agent episodes (seed 1000, as mitigations.py)."""
     cfg, params = run_dir.load_agent(run)
     held = drift.pad_episodes(pipeline.collect_encoded(cfg, params, "agent", 20, 1000))

@@ -3,8 +3,8 @@
     python experiments/int8_eval.py RUN_DIR [--episodes 100] [--held-out 200] [--seed 999]
 
 Both models are the run's final agent: "float32" runs V and M in float32 (whatever the run trained
-in); "int8" is V and M quantized after training (wm_jax.quant: the encoder by qwix, M's packed
-matrices by wm_jax.quant.matmul, the decoder weight-only). Measured:
+in); "int8" is V and M quantized after training (wm_jax.models.quant: the encoder by qwix, M's packed
+matrices by wm_jax.models.quant.matmul, the decoder weight-only). Measured:
   size on disk        V + M as one safetensors file each (quant.save); the controller (and K) are
                       not quantized and not counted
   encoder             |mean_int8 - mean_fp32| over the held-out stacks: mean and max, and the RMS
@@ -35,7 +35,10 @@ import results_doc
 from world_model_eval import m_metrics
 
 from wm_jax import agent as agent_lib
-from wm_jax import data, pipeline, quant, rollout, run_dir, transition, vae
+from wm_jax import pipeline, run_dir
+from wm_jax.models import quant, transition, vae
+from wm_jax.search import rollout
+from wm_jax.store import data
 from wm_jax.config import with_compute_dtype
 
 RESULTS = Path(__file__).parent / "results"

@@ -4,11 +4,11 @@
         [--rollouts 16] [--episodes 100] [--k-steps N] [--strategy sep_cma_es|cma_es] [--out experiments/results]
     python experiments/macro.py RUN --report   (only redraw macro.md and macro.png from OUT/macro.json)
 
-For each finished run (one per seed), with the macro set wm_jax.macro.MACROS (LL, LR, RL, RR):
+For each finished run (one per seed), with the macro set wm_jax.search.macro.MACROS (LL, LR, RL, RR):
 - macro-M: an M with 4 action inputs trained from scratch on the run's latents (every round's data)
   as macro.training_arrays, for as many steps as the run's final M got in all (round 1 plus the
   fine-tuning round); RUN/macro/transition (resumable);
-- K per style (wm_jax.verifier.train, the run's verifier settings but --k-steps steps, default 500 of
+- K per style (wm_jax.models.verifier.train, the run's verifier settings but --k-steps steps, default 500 of
   the cpu preset's 1,000, for time; 0 keeps the run's): for "twice" against
   the run's final M on the primitive rows (as `wm-jax train-verifier` does), for "macro_m" against
   macro-M on the macro rows (its one-hot has the 4 macros: VerifierConfig.actions, set by
@@ -23,14 +23,14 @@ For each finished run (one per seed), with the macro set wm_jax.macro.MACROS (LL
   steps, and per macro step k the latents' mean and spread (averaged over dimensions) and the KL
   between diagonal Gaussians fitted to the real and the imagined latents at step k
   (KL(real || imagined), summed over dimensions; reported where >= MIN_ALIVE of both are alive);
-- drift per macro step (wm_jax.drift.measure, open loop from teacher-forced states along held-out
+- drift per macro step (wm_jax.search.drift.measure, open loop from teacher-forced states along held-out
   agent episodes' moves, 20 episodes, seed 1000 as experiments/mitigations.py): "twice" steps the
   primitive M 2k times, "macro_m" macro-M k times along the same pairs; latent MSE, KL, K's
   confidence (for "twice" the mean of the macro's two transitions).
 Writes OUT/macro.json, macro.md, macro.png. A seed's results are kept in RUN/macro/result.json and
 reused when rerun with the same settings.
 
-The search strategy: evosax's full CMA-ES (--strategy cma_es, wm_jax.evolve's) decomposes a
+The search strategy: evosax's full CMA-ES (--strategy cma_es, wm_jax.search.evolve's) decomposes a
 1,284 x 1,284 covariance every generation: measured on this loaded 2-core machine, 3.0 s a
 generation for CMA-ES alone (6.1 s for one jnp.linalg.eigh), against 0.03 s for evosax's
 Sep_CMA_ES (diagonal covariance, Ros & Hansen 2008) with the same ask / tell / std_init; the
@@ -56,17 +56,9 @@ import numpy as np
 import results_doc  # experiments/, on sys.path when a script runs
 from evosax.algorithms import CMA_ES, Sep_CMA_ES
 
-from wm_jax import (
-    controller,
-    drift,
-    logs,
-    macro,
-    pipeline,
-    run_dir,
-    stats,
-    transition,
-    verifier,
-)
+from wm_jax import logs, pipeline, run_dir, stats
+from wm_jax.models import controller, transition, verifier
+from wm_jax.search import drift, macro
 
 K_REPORT = (1, 10, 25, 50, 100)
 CAPS = (25, 50, 100)

@@ -9,7 +9,7 @@ the run's latents) once per variant, with the same key and steps: plain, each in
 z_penalty, each contrastive weight (TransitionConfig.contrastive, at --temperature). Give a flag
 with no values to leave that kind out (`--dropout --z-penalty --contrastive 0.1`).
 Each M is then run open-loop on fresh held-out episodes (200 random, seed 999; 20 of the run's
-agent, seed 1000) with wm_jax.drift.measure. Prints latent MSE and KL at k = 1, 5, 20, 50, 100
+agent, seed 1000) with wm_jax.search.drift.measure. Prints latent MSE and KL at k = 1, 5, 20, 50, 100
 (random episodes end long before 100 steps: only the agent's reach it) and the one-step latent NLL
 on the held-out random episodes; writes OUT/mitigations.json and .md (with
 several runs, also each variant's change against plain averaged over the seeds).
@@ -26,7 +26,10 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from wm_jax import data, drift, pipeline, run_dir, transition
+from wm_jax import pipeline, run_dir
+from wm_jax.models import transition
+from wm_jax.search import drift
+from wm_jax.store import data
 
 K = (1, 5, 20, 50, 100)
 

@@ -9,7 +9,7 @@ of the same environment:
 purejaxrl's structure: the training of every seed is one jitted program (seeds vmapped from the
 state, mapped in turn from pixels; see `train`); an update
 collects num_envs x num_steps transitions under `lax.scan`, computes GAE, and runs `epochs` passes of
-clipped-objective minibatch updates (wm_jax.ppo's `gae` and `clipped_loss`, as PPO in the dream) (optax Adam, global-norm clipping, linear learning-rate decay).
+clipped-objective minibatch updates (wm_jax.search.ppo's `gae` and `clipped_loss`, as PPO in the dream) (optax Adam, global-norm clipping, linear learning-rate decay).
 Python only cuts the run into segments of `eval_every` env steps to record the learning curve: after
 each, `eval_episodes` greedy episodes per seed, which are not training steps and are not counted
 (as wm_jax's final 100 evaluation episodes are not). Every training step is counted: the env steps
@@ -35,9 +35,9 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from wm_jax import layers
+from wm_jax.models import layers
 from wm_jax.env import PixelCartPole
-from wm_jax.ppo import clipped_loss, gae
+from wm_jax.search.ppo import clipped_loss, gae
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,7 +116,7 @@ class ActorCritic(nn.Module):
 
 def segment_gae(reward: jax.Array, value: jax.Array, done: jax.Array, last_value: jax.Array, gamma: float,
                 lam: float) -> tuple[jax.Array, jax.Array]:
-    """wm_jax.ppo.gae on a rollout segment [T, envs]: step t's next value is step t + 1's (the
+    """wm_jax.search.ppo.gae on a rollout segment [T, envs]: step t's next value is step t + 1's (the
     value after the segment for the last), and every episode end is terminal (gymnax's
     CartPole-v1 reports its 500-step cut as done, as purejaxrl treats it)."""
     next_value = jnp.concatenate([value[1:], last_value[None]])

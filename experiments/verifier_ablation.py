@@ -8,9 +8,9 @@ For each RUN (a finished `wm-jax run`, one per seed) it loads V and the final ag
 verifier K against that M on the run's data (RUN/ablation/verifier, resumable), then
   1. held-out AUC of K for real vs imagined transitions (one step, open loop at k = 1, 5, 20,
      noise) on fresh episodes of the random policy (seed 999) and of the run's agent;
-  2. drift curves (wm_jax.drift) over k = 0..100 on the same episodes, with K's confidence;
+  2. drift curves (wm_jax.search.drift) over k = 0..100 on the same episodes, with K's confidence;
   3. for each (verifier mode, horizon) pair (they shape the program: an outer Python loop), the
-     grid taus x groundings x CMA-ES seeds as ONE compiled program (wm_jax.sweep): CMA-ES from
+     grid taus x groundings x CMA-ES seeds as ONE compiled program (wm_jax.search.sweep): CMA-ES from
      scratch in M's dreams (the run's evolve settings, `--generations` generations, real checks
      of the mean every check_every generations, the best checked mean kept), then
      `--eval-episodes` real episodes of each cell's result. `--one-by-one` runs the same cells as
@@ -34,7 +34,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from wm_jax import checks, drift, driver, logs, pipeline, rollout, run_dir, stats, sweep, verifier
+from wm_jax import logs, pipeline, run_dir, stats
+from wm_jax.models import verifier
+from wm_jax.search import checks, drift, driver, rollout, sweep
 from wm_jax.config import Config, ConfigError
 
 

@@ -21,7 +21,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from wm_jax import data, drift, run_dir, stats, transition, vae
+from wm_jax import run_dir, stats
+from wm_jax.models import transition, vae
+from wm_jax.search import drift
+from wm_jax.store import data
 from wm_jax.config import Config
 
 

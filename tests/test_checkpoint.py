@@ -1,4 +1,4 @@
-"""Tests for wm_jax.checkpoint: round trip, config/shape mismatches, partial and damaged steps."""
+"""Tests for wm_jax.store.checkpoint: round trip, config/shape mismatches, partial and damaged steps."""
 
 from __future__ import annotations
 
@@ -13,9 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from wm_jax import checkpoint, transition
-from wm_jax import train as train_lib
-from wm_jax.checkpoint import CheckpointError
+from wm_jax.models import transition
+from wm_jax.store import checkpoint
+from wm_jax.models import train as train_lib
+from wm_jax.store.checkpoint import CheckpointError
 from wm_jax.config import TrainConfig, TransitionConfig
 
 CONFIG = {"model": {"latent": 32, "filters": [4, 4, 8, 8]}, "train": {"steps": 40}}

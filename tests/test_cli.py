@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from wm_jax import cli, data
+from wm_jax import cli
+from wm_jax.store import data
 
 
 def _main(argv: list[str], capsys) -> tuple[int, str, str]:

@@ -1,4 +1,4 @@
-"""Tests for wm_jax.data: collection, the on-disk dataset, its validation, and the batchers.
+"""Tests for wm_jax.store.data: collection, the on-disk dataset, its validation, and the batchers.
 
 Offline and small: a few dozen episodes in chunks of 16, so several chunks (and a partial last one)
 are exercised.
@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from wm_jax import data as D
+from wm_jax.store import data as D
 from wm_jax.env import render
 
 datasets.disable_progress_bars()

@@ -1,4 +1,4 @@
-"""Tests for C (wm_jax.controller), the dream (wm_jax.dream) and CMA-ES in the dream (wm_jax.evolve).
+"""Tests for C (wm_jax.models.controller), the dream (wm_jax.search.dream) and CMA-ES in the dream (wm_jax.search.evolve).
 
 Tiny configs only: the smoke preset and `dataclasses.replace` variants of it. Searches with a
 known objective pass their own `score` and `check` functions to evolve (static arguments of the
@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from wm_jax import checks, controller, dream, driver, transition
+from wm_jax.models import controller, transition
+from wm_jax.search import checks, dream, driver
 from wm_jax.config import ConfigError, ControllerConfig, get_preset
 
 SMOKE = get_preset("smoke")
@@ -549,7 +550,7 @@ def test_evolve_resumes_after_a_kill_with_the_same_result(tmp_path, monkeypatch)
     whole = driver.evolve(cfg, jax.random.key(22), _toy_world(), tmp_path / "whole", progress=False,
                           score=_toy_score, check=_TOY_CHECK)
 
-    from wm_jax import checkpoint
+    from wm_jax.store import checkpoint
 
     real_save, saves = checkpoint.save, []
 
@@ -661,7 +662,7 @@ def test_grounding_share_is_validated():
 def _walls(n_episodes: int = 40, seed: int = 0) -> dict[str, np.ndarray]:
     """Per-row posteriors of a toy world: each action pushes z one way, an episode ends when
     |z[0]| > 1 (or after 60 steps), reward 1 per step."""
-    from wm_jax import data
+    from wm_jax.store import data
 
     rng = np.random.default_rng(seed)
     zs, acts, eps, ts = [], [], [], []
@@ -687,7 +688,7 @@ def test_bfloat16_dream_matches_float32():
     """A briefly trained M (300 steps on the toy world) scores a population of random controllers
     in bf16 as in fp32: the population's mean return within 1% (measured: 0.16%), each candidate
     within 5% of the horizon, and the ranking kept (correlation > 0.95; measured 0.999)."""
-    from wm_jax import train as train_lib
+    from wm_jax.models import train as train_lib
     from wm_jax.config import with_compute_dtype
 
     tcfg = _replace(SMOKE, transition={"train": dataclasses.replace(SMOKE.transition.train, batch=16, lr=3e-3)}).transition

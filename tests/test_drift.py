@@ -1,4 +1,4 @@
-"""Tests for the drift measurement (wm_jax.drift)."""
+"""Tests for the drift measurement (wm_jax.search.drift)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ import jax
 import numpy as np
 import pytest
 
-from wm_jax import data, drift, transition, vae, verifier
+from wm_jax.models import transition, vae, verifier
+from wm_jax.search import drift
+from wm_jax.store import data
 from wm_jax.config import get_preset
 
 SMOKE = get_preset("smoke")

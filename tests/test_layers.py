@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from wm_jax import layers, vae
+from wm_jax.models import layers, vae
 from wm_jax.config import VAEConfig
 
 CASES = [  # (module, flax module, input shape): every layer shape of the VAE, and odd sizes

@@ -1,4 +1,4 @@
-"""Tests for wm_jax.macro: the macro set, macro-M's training arrays, the two macro dream styles, the
+"""Tests for wm_jax.search.macro: the macro set, macro-M's training arrays, the two macro dream styles, the
 real macro rollout, and the action count of M and C (old checkpoints keep loading)."""
 
 from __future__ import annotations
@@ -10,7 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from wm_jax import checkpoint, controller, data, macro, transition, vae, verifier
+from wm_jax.models import controller, transition, vae, verifier
+from wm_jax.search import macro
+from wm_jax.store import checkpoint, data
 from wm_jax.config import (
     Config,
     ConfigError,

@@ -20,7 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from wm_jax import cli, data, driver, pipeline, rollout, run_dir, stats, transition, vae
+from wm_jax import cli, pipeline, run_dir, stats
+from wm_jax.models import transition, vae
+from wm_jax.search import driver, rollout
+from wm_jax.store import data
 from wm_jax.agent import Agent
 from wm_jax.config import ConfigError, get_preset
 from wm_jax.env import PixelCartPole
@@ -313,7 +316,7 @@ def test_a_solved_agent_with_every_round_run_and_a_step_budget(tmp_path):
 def test_run_refuses_a_macro_controllers_config(tmp_path):
     """The pipeline plays CartPole's two actions: a config with a macro controller's action count
     is refused by name before anything runs."""
-    from wm_jax import macro
+    from wm_jax.search import macro
     from wm_jax.config import ConfigError
 
     cfg = macro.style_config(SMOKE, "twice", macro.MACROS)

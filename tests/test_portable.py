@@ -15,7 +15,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from wm_jax import cli, data, logs, pretrained, rollout, run_dir, verifier, video
+from wm_jax import cli, logs, pretrained, run_dir, video
+from wm_jax.models import verifier
+from wm_jax.search import rollout
+from wm_jax.store import data
 from wm_jax.agent import Agent, evaluation_key
 from wm_jax.env import PixelCartPole
 

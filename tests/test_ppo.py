@@ -1,4 +1,4 @@
-"""Tests for PPO in the dream (wm_jax.ppo): the dream env, GAE, learning a probe task with a known
+"""Tests for PPO in the dream (wm_jax.search.ppo): the dream env, GAE, learning a probe task with a known
 optimum, kill and resume, and an agent trained with PPO end to end.
 
 Tiny configs only (the smoke preset and variants of it); the probe is test_dream's M in which
@@ -22,7 +22,9 @@ from test_dream import (
     _world,
 )
 
-from wm_jax import checkpoint, controller, dream, driver, ppo, transition
+from wm_jax.models import controller, transition
+from wm_jax.search import dream, driver, ppo
+from wm_jax.store import checkpoint
 from wm_jax.config import ConfigError, with_trainer
 
 PPO_SMOKE = _replace(with_trainer(SMOKE, "ppo"), controller={"mlp_hidden": 8},
@@ -87,7 +89,7 @@ def test_dream_env_done_head_ends_the_episode_and_its_step_counts(starts):
 
 def _constant_verifier(logit: float):
     """K with zero weights and a final bias `logit`: the same confidence for every transition."""
-    from wm_jax import verifier
+    from wm_jax.models import verifier
 
     k = verifier.init(jax.random.key(9), SMOKE.verifier, LATENT, HIDDEN)
     k = jax.tree.map(jnp.zeros_like, k)
@@ -202,7 +204,7 @@ def test_ppo_search_resumes_after_a_kill_with_the_same_result(tmp_path, starts, 
 
 @pytest.mark.slow
 def test_ppo_cells_search_side_by_side(tmp_path, starts):
-    """A batch of cells (wm_jax.sweep's shape): two seeds vmapped, each learning the probe."""
+    """A batch of cells (wm_jax.search.sweep's shape): two seeds vmapped, each learning the probe."""
     cfg = _probe_cfg(generations=30)
     keys = jax.vmap(jax.random.key)(jnp.arange(2))
     hp = jax.tree.map(lambda x: jnp.stack([x, x]), cfg.hyper())

@@ -19,19 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from wm_jax import (
-    Agent,
-    checkpoint,
-    cli,
-    driver,
-    interrupt,
-    pipeline,
-    rollout,
-    run_dir,
-    train,
-    transition,
-    vae,
-)
+from wm_jax import Agent, cli, interrupt, pipeline, run_dir
+from wm_jax.models import train, transition, vae
+from wm_jax.search import driver, rollout
+from wm_jax.store import checkpoint
 from wm_jax.config import get_preset
 from wm_jax.run_dir import RunDirError
 
@@ -134,7 +125,7 @@ def test_b3_finished_stage_never_falls_back_to_an_older_checkpoint(unfinished, s
     assert not (unfinished / "summary.json").exists()
 
     shutil.rmtree(unfinished / "vae")
-    _no_heavy_work(monkeypatch, allow={"wm_jax.vae.train", "wm_jax.rollout.evaluate"})  # V again, and the evaluation
+    _no_heavy_work(monkeypatch, allow={"wm_jax.models.vae.train", "wm_jax.search.rollout.evaluate"})  # V again, and the evaluation
     summary = pipeline.run(SMOKE, unfinished, progress=False)
     ref_dir, ref = smoke_run
     np.testing.assert_array_equal(np.load(unfinished / "controller.npy"), np.load(ref_dir / "controller.npy"))
@@ -196,7 +187,7 @@ def test_b2_truncated_latents_are_encoded_again(unfinished, smoke_run, monkeypat
     """Derived data: rebuilt from V and the datasets; identical, so nothing built on it reruns."""
     path = unfinished / "latents_round2.npz"
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    _no_heavy_work(monkeypatch, allow={"wm_jax.rollout.evaluate"})
+    _no_heavy_work(monkeypatch, allow={"wm_jax.search.rollout.evaluate"})
     summary = pipeline.run(SMOKE, unfinished, progress=True)
     assert "latents_round2.npz is missing, damaged or changed; encoding it again" in capsys.readouterr().out
     with np.load(path) as got, np.load(smoke_run[0] / "latents_round2.npz") as ref:
@@ -342,7 +333,7 @@ def test_finished_run_with_a_stage_folder_deleted_redoes_it(run, smoke_run, monk
     works on a finished run too: the rerun notices the missing output, redoes the stage and
     rebuilds the summary (same parameters, so nothing after it reruns)."""
     shutil.rmtree(run / "transition_round2")
-    _no_heavy_work(monkeypatch, allow={"wm_jax.transition.train"})
+    _no_heavy_work(monkeypatch, allow={"wm_jax.models.transition.train"})
     summary = pipeline.run(SMOKE, run, progress=True)
     assert "transition_round2: its output transition_round2 is gone" in capsys.readouterr().out
     assert _results(summary) == _results(smoke_run[1])

@@ -1,4 +1,4 @@
-"""INT8 V + M (wm_jax.quant) and the HTTP server (wm_jax.serve), on the session's smoke run with a
+"""INT8 V + M (wm_jax.models.quant) and the HTTP server (wm_jax.serve), on the session's smoke run with a
 verifier added by `train-verifier`. Every app runs inside `TestClient(...)` used as a context
 manager, so its lifespan (load, warm-up, the batcher) runs as under uvicorn."""
 
@@ -29,9 +29,11 @@ pytest.importorskip("fastapi")
 pytest.importorskip("qwix")
 from fastapi.testclient import TestClient
 
-from wm_jax import cli, quant, rollout, run_dir, serve, transition, vae
+from wm_jax import cli, run_dir, serve
+from wm_jax.models import quant, transition, vae
+from wm_jax.search import rollout
 from wm_jax.agent import Agent
-from wm_jax.data import TooLarge
+from wm_jax.store.data import TooLarge
 from wm_jax.env import PixelCartPole
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -26,7 +26,8 @@ SCRIPT = textwrap.dedent(
     """
     import dataclasses, json, tempfile
     import jax, jax.numpy as jnp, numpy as np
-    from wm_jax import checks, controller, dream, driver, rollout, sweep, transition, vae
+    from wm_jax.models import controller, transition, vae
+    from wm_jax.search import checks, dream, driver, rollout, sweep
     from wm_jax.config import get_preset
 
     cfg = get_preset("smoke")

@@ -1,4 +1,4 @@
-"""Tests for wm_jax.sweep: a grid of controller searches as one vmapped program.
+"""Tests for wm_jax.search.sweep: a grid of controller searches as one vmapped program.
 
 The world is the smoke preset's sizes with freshly initialised V and M (random weights), so the
 dreams and the real checks (pixel CartPole, V encoding, M's carry) are the real ones, only small.
@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from wm_jax import checks, driver, sweep, transition, vae
+from wm_jax.models import transition, vae
+from wm_jax.search import checks, driver, sweep
 from wm_jax.config import ConfigError, get_preset
 
 SMOKE = get_preset("smoke")
@@ -108,7 +109,7 @@ def test_sweep_resumes_from_its_checkpoint(world, tmp_path, monkeypatch):
     """A sweep killed after its first period resumes and ends as an uninterrupted one, bit for bit."""
     cells = sweep.grid(CFG, seeds=[4], **{"evolve.sigma": [0.05, 0.2]})
     whole = sweep.run(CFG, cells, world, tmp_path / "whole", progress=False)
-    from wm_jax import checkpoint
+    from wm_jax.store import checkpoint
 
     real_save = checkpoint.save
 

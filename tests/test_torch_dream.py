@@ -1,4 +1,4 @@
-"""benchmarks/torch_dream.py dreams the same dream as wm_jax.dream (skipped without the torch extra):
+"""benchmarks/torch_dream.py dreams the same dream as wm_jax.search.dream (skipped without the torch extra):
 with M's weights copied over and the same starts and noise, every candidate's mean return agrees."""
 
 import importlib.util
@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from wm_jax import controller, dream, transition
+from wm_jax.models import controller, transition
+from wm_jax.search import dream
 from wm_jax.config import Config, EvolveConfig, TransitionConfig, VAEConfig
 
 torch = pytest.importorskip("torch")

@@ -1,4 +1,4 @@
-"""Tests for wm_jax.train.fit: bit-exact kill-and-resume, skipped non-finite updates, stopping."""
+"""Tests for wm_jax.models.train.fit: bit-exact kill-and-resume, skipped non-finite updates, stopping."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from wm_jax import train as train_lib
+from wm_jax.models import train as train_lib
 from wm_jax.config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,7 +29,8 @@ HELPER = textwrap.dedent(
     """
     import json, sys
     import jax, numpy as np
-    from wm_jax import data, vae
+    from wm_jax.models import vae
+    from wm_jax.store import data
     from wm_jax.config import Config, TrainConfig, VAEConfig
 
     run_dir, out = sys.argv[1], sys.argv[2]
@@ -251,7 +252,7 @@ def test_rerun_of_a_finished_fit_does_no_work(tmp_path):
 
 
 def test_resume_with_different_train_config_is_refused(tmp_path):
-    from wm_jax.checkpoint import CheckpointError
+    from wm_jax.store.checkpoint import CheckpointError
 
     _fit(tmp_path, _cfg())
     with pytest.raises(CheckpointError, match="lr"):

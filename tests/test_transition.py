@@ -1,4 +1,4 @@
-"""Tests for wm_jax.transition: the recurrent interface, MDN sampling and density, masks, training,
+"""Tests for wm_jax.models.transition: the recurrent interface, MDN sampling and density, masks, training,
 mixed precision."""
 
 from __future__ import annotations
@@ -11,10 +11,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from wm_jax import data, precision, transition
-from wm_jax import train as train_lib
+from wm_jax import precision
+from wm_jax.models import transition
+from wm_jax.store import data
+from wm_jax.models import train as train_lib
 from wm_jax.config import Config, ConfigError, TrainConfig, TransitionConfig, VAEConfig
-from wm_jax.transition import Prediction
+from wm_jax.models.transition import Prediction
 
 LATENT = 8
 HIDDEN = 16

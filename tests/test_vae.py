@@ -1,4 +1,4 @@
-"""Tests for wm_jax.vae: shapes, the KL ramp, determinism, jit, and that training lowers the loss."""
+"""Tests for wm_jax.models.vae: shapes, the KL ramp, determinism, jit, and that training lowers the loss."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from wm_jax import data, stats, vae
-from wm_jax import train as train_lib
+from wm_jax import stats
+from wm_jax.models import vae
+from wm_jax.store import data
+from wm_jax.models import train as train_lib
 from wm_jax.config import Config, TrainConfig, VAEConfig
 
 LATENT = 8

@@ -1,4 +1,4 @@
-"""Tests for K (wm_jax.verifier) and the verifier-weighted dream (wm_jax.dream with cfg.verifier.mode)."""
+"""Tests for K (wm_jax.models.verifier) and the verifier-weighted dream (wm_jax.search.dream with cfg.verifier.mode)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,10 @@ import numpy as np
 import optax
 import pytest
 
-from wm_jax import controller, data, dream, stats, transition, verifier
+from wm_jax import stats
+from wm_jax.models import controller, transition, verifier
+from wm_jax.search import dream
+from wm_jax.store import data
 from wm_jax.config import ConfigError, VerifierConfig, get_preset
 
 SMOKE = get_preset("smoke")
@@ -124,7 +127,7 @@ def test_training_loss_falls_and_evaluate(m_params, arrays, tmp_path):
         SMOKE.verifier, hidden=32, seq_len=8,
         train=dataclasses.replace(SMOKE.verifier.train, steps=200, batch=16, chunk=50, checkpoint_every=200)))
     params, info = verifier.train(cfg, jax.random.key(7), arrays, tmp_path / "k", progress=False, m_params=m_params)
-    from wm_jax import train as train_lib
+    from wm_jax.models import train as train_lib
 
     losses = [row["loss"] for row in train_lib.read_metrics(tmp_path / "k")]
     assert losses[-1] < losses[0]

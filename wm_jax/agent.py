@@ -21,7 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from wm_jax import pretrained, rollout, transition
+from wm_jax import pretrained
+from wm_jax.models import transition
+from wm_jax.search import rollout
 from wm_jax import run_dir as run_dir_lib
 from wm_jax.config import Config
 

@@ -88,7 +88,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
     import jax
     import numpy as np
 
-    from wm_jax import data
+    from wm_jax.store import data
 
     t0 = time.perf_counter()
     ds = data.collect(jax.random.key(args.seed), args.episodes, max_steps=args.max_steps)
@@ -116,7 +116,9 @@ def _preset(args: argparse.Namespace):
 def cmd_train_vae(args: argparse.Namespace) -> int:
     import jax
 
-    from wm_jax import data, interrupt, plots, run_dir, train, vae
+    from wm_jax import interrupt, plots, run_dir
+    from wm_jax.models import train, vae
+    from wm_jax.store import data
 
     cfg = _preset(args)
     arrays = data.to_arrays(data.load_dataset(args.data))
@@ -135,7 +137,9 @@ def cmd_train_vae(args: argparse.Namespace) -> int:
 def cmd_train_transition(args: argparse.Namespace) -> int:
     import jax
 
-    from wm_jax import data, interrupt, plots, run_dir, train, transition, vae
+    from wm_jax import interrupt, plots, run_dir
+    from wm_jax.models import train, transition, vae
+    from wm_jax.store import data
 
     cfg = _preset(args)
     arrays = data.to_arrays(data.load_dataset(args.data))
@@ -492,12 +496,12 @@ def compilation_cache() -> Path | None:
 
 def failure(error: BaseException, out: str | None) -> tuple[int, str] | None:
     """(exit code, the one line) for an expected failure; None for a bug (its traceback is shown)."""
-    from wm_jax.checkpoint import CheckpointError
+    from wm_jax.store.checkpoint import CheckpointError
     from wm_jax.config import ConfigError
-    from wm_jax.data import DatasetError, TooLarge
+    from wm_jax.store.data import DatasetError, TooLarge
     from wm_jax.pretrained import PretrainedError
     from wm_jax.run_dir import RunDirBusy, RunDirError
-    from wm_jax.train import TrainingError
+    from wm_jax.models.train import TrainingError
 
     if isinstance(error, RunDirBusy):
         return EXIT_BUSY, f"error: {error}"

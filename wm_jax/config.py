@@ -193,7 +193,7 @@ class DataConfig(_Section):
 
 @dataclass(frozen=True)
 class TrainConfig(_Section):
-    """Shared by every model trained with wm_jax.train.fit."""
+    """Shared by every model trained with wm_jax.models.train.fit."""
 
     steps: int = 10_000
     batch: int = 256
@@ -257,7 +257,7 @@ class TransitionConfig(_Section):
     contrastive: float = 0.0
     contrastive_temperature: float = 0.1
     # How many actions M's input one-hot has: CartPole's 2, or a macro-M's number of macros
-    # (wm_jax.macro); checkpoints record it only when it is not 2 (transition.model_config)
+    # (wm_jax.search.macro); checkpoints record it only when it is not 2 (transition.model_config)
     actions: int = 2
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=20_000, batch=100, lr=1e-3))
 

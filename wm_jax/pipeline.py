@@ -25,23 +25,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from wm_jax import (
-    checkpoint,
-    checks,
-    driver,
-    interrupt,
-    logs,
-    plots,
-    rollout,
-    run_dir,
-    stats,
-    train,
-    transition,
-    vae,
-    verifier,
-    video,
-)
-from wm_jax import data as data_lib
+from wm_jax import interrupt, logs, plots, run_dir, stats, video
+from wm_jax.models import train, transition, vae, verifier
+from wm_jax.search import checks, driver, rollout
+from wm_jax.store import checkpoint
+from wm_jax.store import data as data_lib
 from wm_jax.config import Config, ConfigError, diff
 from wm_jax.env import NUM_ACTIONS
 from wm_jax.run_dir import RunDirError
@@ -224,7 +212,7 @@ def run(cfg: Config, out: Path | str, progress: bool = True) -> dict[str, Any]:
     if (cfg.transition.actions, cfg.controller.actions) != (NUM_ACTIONS, NUM_ACTIONS):
         raise ConfigError(f"the pipeline plays CartPole's {NUM_ACTIONS} actions; transition.actions="
                           f"{cfg.transition.actions} and controller.actions={cfg.controller.actions} are a macro "
-                          f"controller's (wm_jax.macro)")
+                          f"controller's (wm_jax.search.macro)")
     with run_dir.locked(out), interrupt.deferred():
         _check_config(out, cfg)
         stages = _Stages(out, progress)

@@ -29,7 +29,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from wm_jax import checkpoint, controller, data, transition, vae, verifier
+from wm_jax.models import controller, transition, vae, verifier
+from wm_jax.store import checkpoint, data
 from wm_jax.config import Config, ConfigError, diff, json_digest
 
 FORMAT = "wm_jax.agent"

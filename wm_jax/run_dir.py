@@ -34,8 +34,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from wm_jax import checkpoint, logs, transition, vae, verifier
-from wm_jax import data as data_lib
+from wm_jax import logs
+from wm_jax.models import transition, vae, verifier
+from wm_jax.store import checkpoint
+from wm_jax.store import data as data_lib
 from wm_jax.config import Config, ConfigError, diff, json_digest
 
 

@@ -23,7 +23,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from wm_jax import rollout, transition
+from wm_jax.models import transition
+from wm_jax.search import rollout
 
 SCALE = 3  # each 64x64 panel is drawn at 192x192
 MAX_FPS = 50  # GIF frame delays under 20 ms are shown at 100 ms by most viewers

@@ -24,7 +24,7 @@ with uvicorn and, at the first SIGINT or SIGTERM, answers a batch waiting out it
 Settings that cannot be honoured are refused before anything is compiled: out of range, or a
 look-ahead, bucket or session cap whose memory exceeds half of this machine's (`memory_need`).
 Precision: "float32" (V, M and K in float32, whatever the run trained in) or "int8" (V and M
-quantized after training, wm_jax.quant; K stays float32).
+quantized after training, wm_jax.models.quant; K stays float32).
 
 The package: model (Settings and their memory, Model and its jitted programs), batching (Batcher),
 sessions (Sessions, the step an /act leaves for Outer), metrics (Prometheus text), app (request

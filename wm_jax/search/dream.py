@@ -23,7 +23,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from wm_jax import controller, sharding, stats, transition, verifier
+from wm_jax import sharding, stats
+from wm_jax.models import controller, transition, verifier
 from wm_jax.config import Config, grounded_count
 
 Pool = tuple[jax.Array, jax.Array, jax.Array]  # (mean, logvar [R, latent], valid [R]) of real states

@@ -23,9 +23,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from wm_jax import data as data_lib
-from wm_jax import interrupt, layers, precision, quant
-from wm_jax import train as train_lib
+from wm_jax.store import data as data_lib
+from wm_jax import interrupt, precision
+from wm_jax.models import layers, quant
+from wm_jax.models import train as train_lib
 from wm_jax.config import Config, VAEConfig
 
 Params = Any
@@ -102,7 +103,7 @@ class Int8VAE(NamedTuple):
     """V for INT8 serving (`quantize`): `encode` and `decode` take it in place of the float params."""
 
     encoder: Any  # qwix's quantized tree of the encoder's parameters
-    decoder: Any  # the decoder's parameters with int8 kernels (wm_jax.quant.QTensor)
+    decoder: Any  # the decoder's parameters with int8 kernels (wm_jax.models.quant.QTensor)
 
 
 @functools.cache
@@ -113,7 +114,7 @@ def _int8_model(filters: tuple[int, ...], latent: int) -> nn.Module:
 def quantize(cfg: VAEConfig, params: Params) -> Int8VAE:
     """Post-training INT8: the encoder through qwix (int8 weights per output channel, int8 dynamic
     activations), the decoder's kernels int8 per output channel, widened to float32 when it runs
-    (qwix does not follow its kernels into the sub-pixel transposed convolutions; wm_jax.quant)."""
+    (qwix does not follow its kernels into the sub-pixel transposed convolutions; wm_jax.models.quant)."""
     if isinstance(params, Int8VAE):
         raise TypeError("vae.quantize needs V's float32 parameters, got an Int8VAE")
     qmodel = _int8_model(tuple(cfg.filters), cfg.latent)

@@ -15,7 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from wm_jax import controller, dream, interrupt, sharding, transition, vae, verifier
+from wm_jax import interrupt, sharding
+from wm_jax.models import controller, transition, vae, verifier
+from wm_jax.search import dream
 from wm_jax.config import Config
 from wm_jax.env import PixelCartPole
 

@@ -11,7 +11,7 @@ traced params):
 cfg is static (`cfg.static()`: population, horizon, rollouts, check sizes, verifier mode); hp
 (`cfg.hyper()`) is traced: sigma, tau, the verifier's threshold and the grounding share, so a
 new value never compiles again and `jax.vmap` runs a grid of them (and of seeds) as one program
-(wm_jax.sweep). wm_jax.driver drives the periods. evosax minimizes, so the fitness handed to
+(wm_jax.search.sweep). wm_jax.search.driver drives the periods. evosax minimizes, so the fitness handed to
 `tell` is the negated return.
 """
 
@@ -24,7 +24,9 @@ import jax.numpy as jnp
 from evosax.algorithms import CMA_ES
 from flax import struct
 
-from wm_jax import checks, controller, dream, sharding
+from wm_jax import sharding
+from wm_jax.models import controller
+from wm_jax.search import checks, dream
 from wm_jax.config import Config
 
 
@@ -94,7 +96,7 @@ def period(cfg: Config, hp: dict[str, Any], world: checks.World, state: EvolveSt
     their counters into it, so the result does not depend on how the search is cut into calls.
     A check's dream_return is scored like the generations before it: on the previous check's pool.
 
-    With `batched`, hp, state and key carry a leading axis of cells (wm_jax.sweep): the dreams and
+    With `batched`, hp, state and key carry a leading axis of cells (wm_jax.search.sweep): the dreams and
     the real checks of every cell are vmapped, while CMA-ES's own ask and tell run cell by cell
     (`lax.map`), shaped as in a lone search. The eigendecomposition of a nearly isotropic
     covariance turns last-bit differences into other eigenvectors and so other candidates; mapped,

@@ -101,7 +101,7 @@ class _Stride2(nn.Module):
         shape = (self.kernel_size, self.kernel_size, x.shape[-1], self.features)
         kernel = self.param("kernel", nn.initializers.lecun_normal(), shape, jnp.float32)
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
-        # no cast when the dtypes agree: a quantized kernel (qwix's PTQ, wm_jax.quant) cannot be cast
+        # no cast when the dtypes agree: a quantized kernel (qwix's PTQ, wm_jax.models.quant) cannot be cast
         kernel = kernel if kernel.dtype == x.dtype else kernel.astype(x.dtype)
         return self.op(x, kernel) + bias.astype(x.dtype)
 

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from wm_jax import transition, vae, verifier
+from wm_jax.models import transition, vae, verifier
 from wm_jax.config import Config
 
 METRICS = ("latent_mse", "kl", "frame_mse", "confidence")

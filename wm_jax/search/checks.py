@@ -2,10 +2,10 @@
 the fitness and the real check, the check of a candidate (with its confirming episodes), the
 metrics a check logs, and the interface a trainer has.
 
-A trainer (CMA-ES in wm_jax.evolve, PPO in wm_jax.ppo) is a `Trainer`: `init(cfg, hp, key, world,
+A trainer (CMA-ES in wm_jax.search.evolve, PPO in wm_jax.search.ppo) is a `Trainer`: `init(cfg, hp, key, world,
 init_mean) -> state` and `period(cfg, hp, world, state, key, gens, score, check, batched) ->
 (state, metrics)`, a pure state machine whose state has the fields the driver reads (best,
-best_real, generation, real_env_steps, pool). wm_jax.driver keeps the registry and drives either.
+best_real, generation, real_env_steps, pool). wm_jax.search.driver keeps the registry and drives either.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from wm_jax import dream, rollout
+from wm_jax.search import dream, rollout
 from wm_jax.config import Config
 
 
@@ -41,7 +41,7 @@ Check = Callable[[Config, dict, jax.Array, World, jax.Array], dict]
 
 @dataclass(frozen=True)
 class Trainer:
-    """One way to search C in the dream, as the driver (wm_jax.driver.search) runs it."""
+    """One way to search C in the dream, as the driver (wm_jax.search.driver.search) runs it."""
 
     init: Callable[..., Any]  # (cfg, hp, key, world, init_mean) -> state
     period: Callable[..., tuple[Any, dict[str, jax.Array]]]  # (cfg, hp, world, state, key, gens, score, check, batched)

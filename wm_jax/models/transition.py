@@ -21,9 +21,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from wm_jax import data as data_lib
-from wm_jax import precision, quant, stats
-from wm_jax import train as train_lib
+from wm_jax.store import data as data_lib
+from wm_jax import precision, stats
+from wm_jax.models import quant
+from wm_jax.models import train as train_lib
 from wm_jax.config import Config, TransitionConfig
 from wm_jax.env import NUM_ACTIONS
 
@@ -142,7 +143,7 @@ def pack(cfg: TransitionConfig, params: Params) -> Cell:
 def quantize(cfg: TransitionConfig, params: Params) -> Cell:
     """M for INT8 serving: the packed Cell with int8 w and head_w (one scale per output column,
     from the float32 weights); `cell_step`, `imagine`, `observe` and the agent step take it in
-    place of `params`. Activations are quantized per row at every step (wm_jax.quant.matmul)."""
+    place of `params`. Activations are quantized per row at every step (wm_jax.models.quant.matmul)."""
     if isinstance(params, Cell):
         raise TypeError("transition.quantize needs M's float32 parameters (flax's layout), got a packed Cell")
     cell = pack(dataclasses.replace(cfg, compute_dtype="float32"), params)
@@ -250,7 +251,7 @@ def dream_step(
 ) -> tuple[tuple[jax.Array, jax.Array], jax.Array, Prediction]:
     """One imagined step: M's transition from (carry, z, a), then z' sampled with `latent_noise`'s
     draws at temperature tau. Returns (new carry, z', prediction). Every dream steps with it:
-    `imagine`'s scan and the dream environment of wm_jax.ppo."""
+    `imagine`'s scan and the dream environment of wm_jax.search.ppo."""
     new_carry, pred = cell_step(cell, carry, z, a)
     return new_carry, sample_with_noise(pred, noise, tau), pred
 

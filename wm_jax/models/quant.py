@@ -16,7 +16,7 @@ the activations:
     those float too). `matmul` below does the int8 dot itself: activations quantized per row,
     `lax.dot_general(..., preferred_element_type=int32)`, rescaled to float32.
   - V's decoder (for /v1/dream frames only) is weight-only: its transposed convolutions gather
-    the kernel into sub-pixel phases before the dot (wm_jax.layers), which qwix does not follow, so
+    the kernel into sub-pixel phases before the dot (wm_jax.models.layers), which qwix does not follow, so
     its kernels are stored int8 and widened to float32 inside the jitted call.
 Measured on 2-core x86 CPUs (docs/RESULTS.md, "INT8 serving", names the machine): XLA's int8 dot
 is no faster than float32 at serving batch sizes, so INT8 here buys size, not speed.
@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from wm_jax import checkpoint
+from wm_jax.store import checkpoint
 
 INT8_MAX = 127.0
 

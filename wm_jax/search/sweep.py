@@ -25,7 +25,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from wm_jax import checks, driver
+from wm_jax.search import checks, driver
 from wm_jax.config import Config, ConfigError
 
 

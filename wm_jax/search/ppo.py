@@ -9,7 +9,7 @@
   env resets itself. Any JAX RL loop can train in it, vmapped over thousands of dreams.
 - `gae` and `clipped_loss`: purejaxrl's advantage estimate and PPO objective (truncations
   bootstrap from the value of the state they cut off).
-- `init` / `period`: the controller search's state machine, the same interface as wm_jax.evolve's
+- `init` / `period`: the controller search's state machine, the same interface as wm_jax.search.evolve's
   CMA-ES (`TRAINER`, a checks.Trainer), so `driver.search` drives either (checkpoints, resume, logs, progress bar, stop_at,
   sweeps). A generation is ppo.updates updates (collect envs x steps imagined steps under the
   stochastic policy, GAE, epochs of minibatch updates, all one `lax.scan`); after every
@@ -31,7 +31,9 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from wm_jax import checks, controller, dream, stats, train, transition
+from wm_jax import stats
+from wm_jax.models import controller, train, transition
+from wm_jax.search import checks, dream
 from wm_jax.config import Config
 from wm_jax.env import NUM_ACTIONS
 

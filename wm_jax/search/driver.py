@@ -2,7 +2,7 @@
 
     TRAINERS["cmaes" | "ppo"]        # checks.Trainer: init and period, a pure state machine each
     driver.evolve(cfg, key, world, out_dir)          # one search under cfg.evolve.trainer
-    driver.search(cfg, keys, world, out_dir, batched=True)   # a batch of cells as one program (wm_jax.sweep)
+    driver.search(cfg, keys, world, out_dir, batched=True)   # a batch of cells as one program (wm_jax.search.sweep)
 
 `search` drives a trainer's `period` from Python: it only logs, draws the progress bar and
 checkpoints the state after every period, so a killed search resumes where it stopped and ends
@@ -23,7 +23,9 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from wm_jax import checkpoint, checks, evolve, interrupt, logs, ppo, sharding
+from wm_jax import interrupt, logs, sharding
+from wm_jax.search import checks, evolve, ppo
+from wm_jax.store import checkpoint
 from wm_jax.config import Config
 
 TRAINERS: dict[str, checks.Trainer] = {"cmaes": evolve.TRAINER, "ppo": ppo.TRAINER}  # config.TRAINERS names them

@@ -24,8 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from wm_jax import controller, sharding, transition, vae
-from wm_jax import dream as dream_lib
+from wm_jax import sharding
+from wm_jax.models import controller, transition, vae
+from wm_jax.search import dream as dream_lib
 from wm_jax.config import Config
 from wm_jax.env import NUM_ACTIONS, PixelCartPole
 

@@ -25,7 +25,8 @@ import optax
 from flax import struct
 from tqdm.auto import tqdm
 
-from wm_jax import checkpoint, interrupt, logs
+from wm_jax import interrupt, logs
+from wm_jax.store import checkpoint
 from wm_jax.config import TrainConfig
 
 LossFn = Callable[[Any, jax.Array, Any, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]

@@ -22,8 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from wm_jax import stats, transition
-from wm_jax import train as train_lib
+from wm_jax import stats
+from wm_jax.models import transition
+from wm_jax.models import train as train_lib
 from wm_jax.config import Config, VerifierConfig
 from wm_jax.env import NUM_ACTIONS
 
