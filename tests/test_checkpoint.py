@@ -129,6 +129,19 @@ def test_tuple_and_list_compare_equal(tmp_path):
     assert checkpoint.restore_latest(tmp_path, _state(), wanted)[0] == 10
 
 
+def test_a_checkpoint_of_an_older_format_is_refused(tmp_path):
+    """A checkpoint written without a format version (format 1) is refused by name, not restored."""
+    import orbax.checkpoint as ocp
+
+    mngr = checkpoint.manager(tmp_path)
+    mngr.save(10, args=ocp.args.Composite(state=ocp.args.StandardSave(_state(10.0)), config=ocp.args.JsonSave(CONFIG)),
+              force=True)
+    mngr.wait_until_finished()
+    mngr.close()
+    with pytest.raises(CheckpointError, match="format version 1; this wm_jax reads version 2"):
+        checkpoint.restore_latest(tmp_path, _state(), CONFIG)
+
+
 def test_shape_mismatch_with_equal_config(tmp_path):
     _save_steps(tmp_path, [10])
     like = dict(_state())

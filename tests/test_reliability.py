@@ -525,6 +525,20 @@ def test_case2_collect_max_steps_beyond_memory_is_refused(tmp_path, capsys, max_
     assert not out.exists()
 
 
+def test_a_run_directory_of_an_older_format_is_refused_in_one_line(run, capsys):
+    """config.json without a format version (format 1, before this layout): refused by run,
+    evaluate and the library, naming the version and what to do; nothing is rewritten."""
+    saved = json.loads((run / "config.json").read_text())
+    del saved["format_version"]
+    (run / "config.json").write_text(json.dumps(saved))
+    before = (run / "stages.json").read_text()
+    _one_line(*_run_cli(capsys, run), 2, "format version 1", "reads version 2", "new --out")
+    _one_line(*_cli(capsys, "evaluate", str(run)), 2, "format version 1")
+    with pytest.raises(RunDirError, match="format version 1"):
+        Agent.load(run)
+    assert (run / "stages.json").read_text() == before
+
+
 def test_case5_overlong_out_name_is_one_line(tmp_path, capsys):
     out = tmp_path / ("x" * 300)
     _one_line(*_run_cli(capsys, out), 2, "File name too long", "shorter")

@@ -199,7 +199,7 @@ def _check_config(out: Path, cfg: Config) -> None:
     if held:
         raise RunDirError(f"{out} is not empty ({', '.join(held[:4])}{', ...' if len(held) > 4 else ''}) but has no "
                           f"config.json, so what made it is unknown; restore config.json or use a new --out")
-    run_dir.write_json(cfg_path, cfg.to_dict())
+    run_dir.write_config(out, cfg)
 
 
 def run(cfg: Config, out: Path | str, progress: bool = True) -> dict[str, Any]:
@@ -324,13 +324,9 @@ def _best_round(cfg: Config, done: dict[str, Any]) -> int:
 
 
 def _controller(out: Path, done: dict[str, Any], r: int) -> tuple[np.ndarray, str]:
-    """Round r's best controller and its identity, from the evolve stage's record (runs recorded
-    before the controller was stored there: from evolve_round{r}/controller.npy)."""
+    """Round r's best controller and its identity, from the evolve stage's record."""
     name = f"evolve_round{r}"
     rec = done[name]
-    if "controller" not in rec:
-        ctrl = np.load(out / name / "controller.npy")
-        return ctrl, checkpoint.digest(ctrl)
     ctrl, identity = np.asarray(rec["controller"], np.float32), rec["outputs"][name]
     if checkpoint.digest(ctrl) != identity:
         raise RunDirError(f"{out / 'stages.json'}: the controller of {name} does not match its recorded hash; "
@@ -355,14 +351,12 @@ def _write_agent_files(out: Path, cfg: Config, done: dict[str, Any], r: int, ctr
 
 def _repair_agent_files(out: Path, cfg: Config, stages: _Stages) -> None:
     """A finished run's derived agent files, rewritten from the evolve stages' records if missing or
-    damaged (runs recorded before the controller was stored in stages.json are left as they are)."""
+    damaged."""
     done = stages.done
     rounds = _rounds_run(cfg, done)
     if not rounds:  # nothing to repair from (a summary written by other means)
         return
     for r in rounds:
-        if "controller" not in done[f"evolve_round{r}"]:
-            return
         ctrl, ctrl_id = _controller(out, done, r)
         path = out / f"evolve_round{r}" / "controller.npy"
         if path.parent.is_dir() and run_dir.read_controller(path, ctrl_id) is None:

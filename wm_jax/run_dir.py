@@ -105,14 +105,10 @@ def run_keys(seed: int) -> dict[str, jax.Array]:
     return keys
 
 
-def round_config(cfg: Config, stages: dict[str, Any], r: int, transition_steps: int | None = None) -> Config:
+def round_config(cfg: Config, stages: dict[str, Any], r: int) -> Config:
     """Round r's config (Config.for_round) with the rows its collection recorded in `stages`
-    (stages.json's records): M's fine-tuning steps follow them under rounds.transition_rows_per_step.
-    Without that record, `transition_steps` (as agent.json records them) stands in for the rows."""
+    (stages.json's records): M's fine-tuning steps follow them under rounds.transition_rows_per_step."""
     rows = stages.get(f"collect_round{r}", {}).get("rows") if r > 1 else None
-    per = cfg.rounds.transition_rows_per_step
-    if rows is None and transition_steps is not None and per is not None:
-        rows = int(transition_steps) * per  # as many rows as give those steps
     return cfg.for_round(r, rows)
 
 
@@ -137,15 +133,28 @@ def read_stages(run: Path | str) -> dict[str, Any]:
     return stages
 
 
+FORMAT_VERSION = 2  # config.json's "format_version": the layout of a run directory this wm_jax reads
+
+
+def write_config(run: Path | str, cfg: Config) -> None:
+    """config.json: the run's configuration and the run-directory format it is written in."""
+    write_json(Path(run) / "config.json", {**cfg.to_dict(), "format_version": FORMAT_VERSION})
+
+
 def read_config(run: Path | str) -> Config:
-    """config.json of a run directory, as a Config; damage or a bad value is a RunDirError."""
+    """config.json of a run directory, as a Config; damage, a bad value or a run directory of
+    another format version is a RunDirError."""
     path = Path(run) / "config.json"
     remedy = "it records the run's configuration: restore it, or start afresh with a new --out"
     saved = read_json(path, remedy)
+    if isinstance(saved, dict) and saved.get("format_version") != FORMAT_VERSION:
+        raise RunDirError(f"{run} is a run directory of format version {saved.get('format_version') or 1}; this wm_jax "
+                          f"reads version {FORMAT_VERSION}: start afresh with a new --out (or use the wm_jax that "
+                          f"wrote it)")
     try:
         if not isinstance(saved, dict):
             raise ConfigError("not a JSON object")
-        return Config.from_dict(saved)
+        return Config.from_dict({k: v for k, v in saved.items() if k != "format_version"})
     except ConfigError as e:
         raise RunDirError(f"{path} is damaged ({e}); {remedy}") from None
 
@@ -281,7 +290,7 @@ def load_agent(run: Path | str) -> tuple[Config, dict[str, Any]]:
     # The M the controller was evolved with, under its round's config (fine-tuning rounds train
     # fewer steps).
     try:
-        rcfg = round_config(cfg, stages, r, meta.get("transition_steps"))
+        rcfg = round_config(cfg, stages, r)
     except ConfigError as e:
         raise RunDirError(f"{run}: round {r}'s M cannot be found ({e}); {RERUN}") from None
     try:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from functools import partial
 from pathlib import Path
@@ -23,10 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import struct
-from tqdm.auto import tqdm
 
-from wm_jax import interrupt, logs
+from wm_jax import logs
 from wm_jax.store import checkpoint
+from wm_jax.store.resume import Resumable
 from wm_jax.config import TrainConfig
 
 LossFn = Callable[[Any, jax.Array, Any, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
@@ -118,22 +117,6 @@ def _summarise(metrics: dict[str, np.ndarray]) -> dict[str, float]:
     return out
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric lines written after the checkpoint we resume from (atomic rewrite)."""
-    if not path.exists():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line)["step"] <= step:
-                keep.append(line)
-        except (ValueError, KeyError):
-            continue  # a torn last line from a crash
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(l + "\n" for l in keep))
-    os.replace(tmp, path)
-
-
 def fit(
     name: str,
     cfg: TrainConfig,
@@ -153,57 +136,36 @@ def fit(
     Writes run_dir/checkpoints (orbax) and appends one JSON line per chunk to run_dir/metrics.jsonl.
     `model_config` is stored with each checkpoint and must match on resume.
     """
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_dir = run_dir / "checkpoints"
-    metrics_path = run_dir / "metrics.jsonl"
     stored_config = {"model": model_config, "train": dataclasses.asdict(cfg)}
-
-    state = init_state(cfg, params)
-    restored = checkpoint.restore_latest(ckpt_dir, state, stored_config, cfg.max_to_keep, set_aside=True)
-    if restored is not None:
-        state = restored[1]
-        _truncate_metrics(metrics_path, restored[0])
-    else:
-        metrics_path.unlink(missing_ok=True)
+    loop = Resumable(run_dir, init_state(cfg, params), stored_config, ("metrics.jsonl",), "step", cfg.steps, name,
+                     "step", progress, cfg.max_to_keep)
     # Through the host: restored (or loaded, when fine-tuning) arrays are committed to a device and
     # a chunk's outputs are not, so the second chunk would compile the program again (4 s for M)
-    state = jax.tree.map(jnp.asarray, jax.device_get(state))
-    start = int(state.step)
-    mngr = checkpoint.manager(ckpt_dir, cfg.max_to_keep)
+    state = jax.tree.map(jnp.asarray, jax.device_get(loop.state))
     every = max(cfg.chunk, -(-cfg.checkpoint_every // cfg.chunk) * cfg.chunk)
-
-    bar = tqdm(total=cfg.steps, initial=start, desc=name, unit="step", disable=not progress, leave=False)
-    t0, done_steps, last = time.perf_counter(), 0, {}
-    try:
-        while int(state.step) < cfg.steps:
-            interrupt.check()  # Ctrl-C between chunks: the last checkpoint is whole
-            step = int(state.step)
+    t0, last = time.perf_counter(), {}
+    with loop:
+        for step in loop.chunks():
             length = min(cfg.chunk, cfg.steps - step)
             state, metrics = run_chunk(cfg.hyper(), loss_fn, sample_fn, length, key, data, state)
             metrics = jax.device_get(metrics)
             last = {"step": step + length, **_summarise(metrics)}
-            logs.append(metrics_path, [last])
-            done_steps += length
-            bar.update(length)
-            bar.set_postfix(loss=f"{last['loss']:.4g}")
             worst = int(np.max(metrics["bad_streak"]))  # a streak may start and end inside a chunk
             if worst >= cfg.max_bad_steps:
+                logs.append(Path(run_dir) / "metrics.jsonl", [last])
                 raise TrainingError(
-                    f"{name}: {worst} consecutive non-finite updates before step {int(state.step)} "
-                    f"(lower the learning rate or check the data); last checkpoint kept in {ckpt_dir}"
+                    f"{name}: {worst} consecutive non-finite updates before step {step + length} "
+                    f"(lower the learning rate or check the data); last checkpoint kept in {loop.ckpt_dir}"
                 )
-            if int(state.step) % every == 0 or int(state.step) == cfg.steps:
-                checkpoint.save(mngr, int(state.step), state, stored_config)
-    finally:
-        bar.close()
-        mngr.close()
+            done = step + length
+            loop.record(length, state, {"metrics.jsonl": [last]}, save=done % every == 0 or done == cfg.steps)
+            loop.bar.set_postfix(loss=f"{last['loss']:.4g}")
     elapsed = time.perf_counter() - t0
     info = {
         "steps": cfg.steps,
-        "resumed_from": start,
+        "resumed_from": loop.start,
         "wall_s": elapsed,
-        "steps_per_s": done_steps / elapsed if done_steps else float("nan"),
+        "steps_per_s": (loop.done - loop.start) / elapsed if loop.done > loop.start else float("nan"),
         "skipped_updates": int(state.bad_total),
         "final": last,
         # What a run directory records for the stage: the step saved last and its parameters' hash.

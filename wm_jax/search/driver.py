@@ -12,8 +12,6 @@ budget of real steps end a search early.
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from functools import partial
 from pathlib import Path
@@ -21,11 +19,10 @@ from typing import Any
 
 import jax
 import numpy as np
-from tqdm.auto import tqdm
 
-from wm_jax import interrupt, logs, sharding
+from wm_jax import logs, sharding
 from wm_jax.search import checks, evolve, ppo
-from wm_jax.store import checkpoint
+from wm_jax.store.resume import Resumable
 from wm_jax.config import Config
 
 TRAINERS: dict[str, checks.Trainer] = {"cmaes": evolve.TRAINER, "ppo": ppo.TRAINER}  # config.TRAINERS names them
@@ -58,22 +55,34 @@ def _period_cells(cfg, hp, world, state, keys, gens, score, check, batched):
     return sharding.replicated(trainer(cfg).period(cfg, hp, world, state, keys, gens, score, check, batched))
 
 
-def _read_jsonl(path: Path, upto: int) -> list[dict[str, Any]]:
-    """The lines of a log whose generation is <= upto, rewritten atomically (a resumed search
-    drops what was logged after its checkpoint; a torn last line from a crash is dropped too)."""
-    keep = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                entry = json.loads(line)
-            except ValueError:
-                continue
-            if entry.get("generation", upto + 1) <= upto:
-                keep.append(entry)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(e) + "\n" for e in keep))
-    os.replace(tmp, path)
-    return keep
+def solved(ev: Any, state: Any) -> bool:
+    """Every cell's best check reached evolve.stop_at: no more real checks are needed."""
+    return ev.stop_at is not None and bool(np.all(np.asarray(jax.device_get(state.best_real)) >= ev.stop_at))
+
+
+def spent(real_steps: int | None, done: int, state: Any) -> bool:
+    """Every cell's checks spent the real steps allowed (after the first period): no more real checks."""
+    return (real_steps is not None and done > 0
+            and bool(np.all(np.asarray(jax.device_get(state.real_env_steps)) >= real_steps)))
+
+
+def _period_rows(tr: checks.Trainer, m: dict[str, Any], done: int, gens: int, cells: int, batched: bool
+                 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """A period's log rows: one per generation and cell (generations.jsonl) and one per check and
+    cell (evolve.jsonl), from its metrics."""
+    m = m if batched else jax.tree.map(lambda x: np.asarray(x)[None], m)
+    history, logged = [], []
+    for c in range(cells):
+        cell = {"cell": c} if batched else {}
+        for i in range(gens):
+            history.append({**cell, "generation": done + i + 1,
+                            **{k: float(m[k][c][i]) for k in tr.generation_metrics}})
+        logged.append({**history[-1], "dream_return": float(m["dream_return"][c]),
+                       "real_return": float(m["real_return"][c]), "env_steps": int(m["env_steps"][c]),
+                       "grounding_states": int(m["grounding_states"][c]),
+                       **({"confirm_return": logs.finite_or_none(float(m["confirm_return"][c]))}
+                          if "confirm_return" in m else {})})
+    return history, logged
 
 
 def search(
@@ -102,82 +111,44 @@ def search(
     """
     ev = cfg.evolve
     hp = cfg.hyper() if hp is None else hp
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     cells = int(keys.shape[0]) if batched else 1
     static = cfg.static()
     world, hp, keys, init_mean = sharding.put_replicated((world, hp, keys, init_mean))
-    state = _init_cells(static, hp, keys, world, init_mean, batched)
     stored = {"config": cfg.to_dict(), "hyper": jax.tree.map(lambda x: np.asarray(x).tolist(), hp),
               "cells": cells, "score": getattr(score, "__qualname__", str(score)),
               "check": getattr(check, "__qualname__", str(check))}
-    restored = checkpoint.restore_latest(out_dir / "checkpoints", state, stored, set_aside=True)
-    done = 0 if restored is None else int(restored[0])
+    loop = Resumable(out_dir, _init_cells(static, hp, keys, world, init_mean, batched), stored,
+                     ("generations.jsonl", "evolve.jsonl"), "generation", ev.generations, ev.trainer, "gen", progress)
     # committed as the periods' outputs are (the world's restored parameters are): otherwise the
     # second period compiles the program again (7 s a round on the cpu preset)
-    state = sharding.commit(state if restored is None else restored[1])
-    check_log = _read_jsonl(out_dir / "evolve.jsonl", done)
-    history = _read_jsonl(out_dir / "generations.jsonl", done)
-    mngr = checkpoint.manager(out_dir / "checkpoints")
+    state = sharding.commit(loop.state)
     t0 = time.perf_counter()
-    bar = tqdm(total=ev.generations, initial=done, desc=ev.trainer, unit="gen", disable=not progress, leave=False)
-
-    per_generation = trainer(cfg).generation_metrics  # logged in generations.jsonl
-
-    def solved() -> bool:  # every cell's best check reached evolve.stop_at: no more real checks needed
-        return ev.stop_at is not None and bool(np.all(np.asarray(jax.device_get(state.best_real)) >= ev.stop_at))
-
-    def spent() -> bool:  # every cell's checks spent the real steps allowed: no more real checks
-        return (real_steps is not None and done > 0
-                and bool(np.all(np.asarray(jax.device_get(state.real_env_steps)) >= real_steps)))
-
-    try:
-        while done < ev.generations and not solved() and not spent():
-            interrupt.check()  # Ctrl-C between periods: the last checkpoint is whole
+    with loop:
+        for done in loop.chunks():
+            if solved(ev, state) or spent(real_steps, done, state):
+                break
             gens = min(ev.check_every - done % ev.check_every, ev.generations - done)
             state, m = _period_cells(static, hp, world, state, keys, gens, score, check, batched)
-            m = jax.device_get(m)
-            m = m if batched else jax.tree.map(lambda x: np.asarray(x)[None], m)
-            new_history, new_checks = [], []
-            for c in range(cells):
-                cell = {"cell": c} if batched else {}
-                for i in range(gens):
-                    new_history.append({**cell, "generation": done + i + 1,
-                                        **{k: float(m[k][c][i]) for k in per_generation}})
-                new_checks.append({**new_history[-1], "dream_return": float(m["dream_return"][c]),
-                                   "real_return": float(m["real_return"][c]), "env_steps": int(m["env_steps"][c]),
-                                   "grounding_states": int(m["grounding_states"][c]),
-                                   **({"confirm_return": logs.finite_or_none(float(m["confirm_return"][c]))}
-                                      if "confirm_return" in m else {})})
-            for path, entries in (("generations.jsonl", new_history), ("evolve.jsonl", new_checks)):
-                logs.append(out_dir / path, entries, step="generation")
-            history += new_history
-            check_log += new_checks
-            done += gens
-            checkpoint.save(mngr, done, state, stored)
-            bar.update(gens)
+            history, checks_logged = _period_rows(trainer(cfg), jax.device_get(m), done, gens, cells, batched)
+            loop.record(gens, state, {"generations.jsonl": history, "evolve.jsonl": checks_logged}, save=True)
             if not batched:
-                e = new_checks[0]
-                bar.write(f"  gen {done:4d}  dream {e['dream_return']:7.2f}  real {e['real_return']:7.2f}")
-    finally:
-        bar.close()
-        mngr.close()
-    wall = time.perf_counter() - t0
-    state = jax.device_get(state)
+                e = checks_logged[0]
+                loop.bar.write(f"  gen {loop.done:4d}  dream {e['dream_return']:7.2f}  real {e['real_return']:7.2f}")
+    return _results(loop, jax.device_get(state), cells, batched, time.perf_counter() - t0)
+
+
+def _results(loop: Resumable, state: Any, cells: int, batched: bool, wall: float) -> list[dict[str, Any]]:
+    """One dict per cell: its best candidate and real return, its logged checks and generations."""
+    def mine(name: str, c: int) -> list[dict[str, Any]]:
+        return [{k: v for k, v in e.items() if k != "cell"} for e in loop.logged[name] if e.get("cell", 0) == c]
+
     out = []
     for c in range(cells):
         best, best_real, steps = (np.asarray(x)[c] if batched else np.asarray(x)
                                   for x in (state.best, state.best_real, state.real_env_steps))
-        mine = [{k: v for k, v in e.items() if k != "cell"} for e in check_log if e.get("cell", 0) == c]
-        out.append({
-            "best": best,
-            "best_real": float(best_real),
-            "checks": mine,
-            "history": [{k: v for k, v in e.items() if k != "cell"} for e in history if e.get("cell", 0) == c],
-            "real_env_steps": int(steps),
-            "generations": done,
-            "wall_s": wall,
-        })
+        out.append({"best": best, "best_real": float(best_real), "checks": mine("evolve.jsonl", c),
+                    "history": mine("generations.jsonl", c), "real_env_steps": int(steps),
+                    "generations": loop.done, "wall_s": wall})
     return out
 
 

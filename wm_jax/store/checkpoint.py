@@ -65,6 +65,9 @@ def _quiet_orbax():
         logger.setLevel(level)
 
 
+FORMAT_VERSION = 2  # stored with every checkpoint's config; a checkpoint of another version is refused
+
+
 def manager(directory: Path | str, max_to_keep: int = 2) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep,
@@ -80,7 +83,8 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any, config: dict[str, A
     with _quiet_orbax():
         mngr.save(
             step,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config)),
+            args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                    config=ocp.args.JsonSave({**config, "format_version": FORMAT_VERSION})),
             force=True,
         )
         mngr.wait_until_finished()
@@ -99,7 +103,12 @@ def digest(tree: Any) -> str:
 
 
 def _check_config(directory: Path, step: int, saved: dict[str, Any], wanted: dict[str, Any]) -> None:
-    diffs = diff(saved, wanted)
+    version = saved.get("format_version") if isinstance(saved, dict) else None
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"{directory} step {step} is a checkpoint of format version {version or 1}; this wm_jax "
+                              f"reads version {FORMAT_VERSION}: delete {directory.parent} to train it again, or use "
+                              f"the wm_jax that wrote it")
+    diffs = diff({k: v for k, v in saved.items() if k != "format_version"}, wanted)
     if diffs:
         shown = "; ".join(f"{k}: checkpoint has {a!r}, config has {b!r}" for k, a, b in diffs[:5])
         raise CheckpointError(f"{directory} step {step} was trained with a different config ({shown})")

@@ -310,7 +310,7 @@ def identity(path: os.PathLike | str) -> str:
     manifest, which `load_dataset` verifies). A run directory records it for the stages that
     consumed the data; collecting the same episodes again gives the same identity."""
     manifest = json.loads((Path(path) / MANIFEST).read_text())
-    sums = manifest.get("sha256") or manifest["files"]  # datasets saved before checksums: their sizes
+    sums = manifest["sha256"]
     data = sorted((name, value) for name, value in sums.items() if name.endswith(".arrow"))
     return hashlib.sha256(json.dumps(data).encode()).hexdigest()
 
@@ -416,16 +416,19 @@ def load_dataset(path: os.PathLike | str) -> datasets.Dataset:
         manifest = json.loads(manifest_path.read_text())
         files = dict(manifest["files"])
         num_rows = int(manifest["num_rows"])
-        sums = dict(manifest.get("sha256", {}))  # absent in datasets saved before checksums
+        sums = dict(manifest.get("sha256") or {})
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
         raise DatasetError(path, f"unreadable manifest {MANIFEST}: {type(e).__name__}: {e}") from None
+    if set(sums) != set(files):
+        raise DatasetError(path, f"its manifest has no checksum for {sorted(set(files) - set(sums))[:3]} (saved by an "
+                                 f"older wm_jax, or edited): collect it again")
     for name, size in files.items():
         f = path / name
         if not f.is_file():
             raise DatasetError(path, f"file {name} is missing")
         if f.stat().st_size != size:
             raise DatasetError(path, f"file {name} is {f.stat().st_size} bytes, expected {size} (truncated or damaged)")
-        if name in sums and sha256_file(f) != sums[name]:
+        if sha256_file(f) != sums[name]:
             raise DatasetError(path, f"file {name} does not match its checksum (damaged or changed since it was saved)")
     try:
         ds = datasets.load_from_disk(str(path))
