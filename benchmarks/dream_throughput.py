@@ -41,7 +41,8 @@ import numpy as np
 from wm_jax import run_dir
 from wm_jax.models import controller, transition
 from wm_jax.search import dream
-from wm_jax.config import Config, TransitionConfig, with_compute_dtype
+from wm_jax.config import Config, TransitionConfig
+from wm_jax.presets import with_compute_dtype
 
 ALL_SIZES = ((64, 16), (256, 64), (1024, 64), (1024, 256), (4096, 256))
 # The full list takes far more than a few minutes on a CPU: there the default stops at 256 x 64.

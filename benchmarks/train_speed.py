@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from wm_jax.models import train, transition, vae
 from wm_jax.store import data
-from wm_jax.config import get_preset
+from wm_jax.presets import get_preset
 
 
 def _time(cfg_train, loss_fn, sample_fn, d, params, chunks: int) -> dict:

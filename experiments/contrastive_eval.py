@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 import results_doc  # experiments/, on sys.path when a script runs
 
-from wm_jax import logs, pipeline, run_dir, stats
+from wm_jax import logs, pipeline, run_dir, stages, stats
 from wm_jax.models import transition, verifier
 from wm_jax.search import checks, dream, drift, driver, rollout
 from wm_jax.store import data
@@ -265,7 +265,7 @@ def main() -> None:
     seeds = [_seed(run, args) for run in args.runs]
     args.out.mkdir(parents=True, exist_ok=True)
     report = {"command": "python experiments/contrastive_eval.py " + shlex.join(sys.argv[1:]),
-              "jax": jax.__version__, "machine": pipeline.device_name(), "wall_s": time.time() - t0,
+              "jax": jax.__version__, "machine": stages.device_name(), "wall_s": time.time() - t0,
               "seeds": seeds}
     run_dir.write_json(args.out / "contrastive_eval.json", report)
     (args.out / "contrastive_eval.md").write_text(tables(seeds, args.variants))

@@ -34,12 +34,12 @@ import numpy as np
 import results_doc
 from world_model_eval import m_metrics
 
-from wm_jax import agent as agent_lib
-from wm_jax import pipeline, run_dir
+from wm_jax import agent as agent_lib, stages
+from wm_jax import run_dir
 from wm_jax.models import quant, transition, vae
 from wm_jax.search import rollout
 from wm_jax.store import data
-from wm_jax.config import with_compute_dtype
+from wm_jax.presets import with_compute_dtype
 
 RESULTS = Path(__file__).parent / "results"
 DOC = Path(__file__).parent.parent / "docs" / "RESULTS.md"
@@ -97,7 +97,7 @@ def main() -> None:
     result = {
         "run": f"{cfg.preset} preset, seed {cfg.seed} (`wm-jax run --preset {cfg.preset} --seed {cfg.seed}`)",
         "held_out_episodes": args.held_out, "held_out_rows": len(mean),
-        "held_out_seed": args.seed, "device": pipeline.device_name(),
+        "held_out_seed": args.seed, "device": stages.device_name(),
         "size_bytes": size,
         "encoder": {"mean_abs_err": float(err.mean()), "max_abs_err": float(err.max()),
                     "rms_err_over_spread": float(np.sqrt(np.mean(np.square(mean8 - mean)))) / spread,

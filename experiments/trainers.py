@@ -10,7 +10,7 @@
 
 Per run: the trainer, the real return over the final 100 episodes, the real env steps spent in
 training (random data, later rounds' data, every real check), the imagined steps the controller
-searches computed (pipeline.imagined_steps), the wall time of each stage and the correlation of
+searches computed (stages.imagined_steps), the wall time of each stage and the correlation of
 dream and real returns at the real checks. Writes experiments/results/trainers.{md,json} and the
 table of docs/RESULTS.md between its trainers.py markers.
 """
@@ -25,7 +25,7 @@ from typing import Any
 
 import results_doc
 
-from wm_jax import pipeline
+from wm_jax import stages
 from wm_jax.config import Config
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -45,7 +45,7 @@ def row(run: Path) -> dict[str, Any]:
         "lstm": cfg.transition.hidden, "random_episodes": cfg.data.episodes,
         "return_mean": s["real_return_mean"], "return_std": s["real_return_std"], "return_min": s["real_return_min"],
         "agent_round": s.get("agent_round", 1), "real_env_steps_training": s["real_env_steps_training"],
-        "imagined_steps": pipeline.imagined_steps(cfg, done), "dream_real_corr": s["dream_real_corr"],
+        "imagined_steps": stages.imagined_steps(cfg, done), "dream_real_corr": s["dream_real_corr"],
         "wall_s": {
             "data": wall.get("collect", 0.0),
             "vae": wall.get("vae", 0.0),

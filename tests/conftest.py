@@ -64,7 +64,7 @@ def smoke_run(tmp_path_factory) -> tuple[Path, dict]:
     read it (test_pipeline, test_portable) or damage copies of it (test_reliability). It runs with
     the TensorBoard writer on (`--log tensorboard`), as test_portable reads. Never modify it in place."""
     from wm_jax import logs, pipeline
-    from wm_jax.config import get_preset
+    from wm_jax.presets import get_preset
 
     out = tmp_path_factory.mktemp("pipeline") / "smoke"
     logs.use("tensorboard")

@@ -224,7 +224,7 @@ def test_compilation_cache_goes_where_asked_and_can_be_turned_off(monkeypatch, t
 
 
 def test_run_offers_every_preset():
-    from wm_jax.config import PRESETS
+    from wm_jax.presets import PRESETS
 
     parser = cli.build_parser()
     for name in PRESETS:

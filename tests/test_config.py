@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from wm_jax.config import (
-    PRESETS,
     Config,
     ConfigError,
     ControllerConfig,
@@ -20,9 +19,8 @@ from wm_jax.config import (
     TrainConfig,
     TransitionConfig,
     VAEConfig,
-    get_preset,
-    with_compute_dtype,
 )
+from wm_jax.presets import PRESETS, get_preset, with_compute_dtype
 
 
 def test_config_error_is_value_error():
@@ -338,7 +336,7 @@ def test_laptop_is_the_cpu_preset_with_the_briefs_laptop_recipe():
     everything else is the cpu preset's."""
     import dataclasses
 
-    from wm_jax.config import PPO_CONTROLLER, with_trainer
+    from wm_jax.presets import PPO_CONTROLLER, with_trainer
 
     cpu, laptop = get_preset("cpu"), get_preset("laptop")
     assert laptop.data.episodes == 2000 and laptop.transition.hidden == 128

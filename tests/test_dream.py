@@ -17,7 +17,8 @@ import pytest
 
 from wm_jax.models import controller, transition
 from wm_jax.search import checks, dream, driver
-from wm_jax.config import ConfigError, ControllerConfig, get_preset
+from wm_jax.config import ConfigError, ControllerConfig
+from wm_jax.presets import get_preset
 
 SMOKE = get_preset("smoke")
 LATENT = SMOKE.vae.latent  # 8
@@ -689,7 +690,7 @@ def test_bfloat16_dream_matches_float32():
     in bf16 as in fp32: the population's mean return within 1% (measured: 0.16%), each candidate
     within 5% of the horizon, and the ranking kept (correlation > 0.95; measured 0.999)."""
     from wm_jax.models import train as train_lib
-    from wm_jax.config import with_compute_dtype
+    from wm_jax.presets import with_compute_dtype
 
     tcfg = _replace(SMOKE, transition={"train": dataclasses.replace(SMOKE.transition.train, batch=16, lr=3e-3)}).transition
     d = {k: jnp.asarray(v) for k, v in _walls().items()}

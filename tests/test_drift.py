@@ -9,7 +9,7 @@ import pytest
 from wm_jax.models import transition, vae, verifier
 from wm_jax.search import drift
 from wm_jax.store import data
-from wm_jax.config import get_preset
+from wm_jax.presets import get_preset
 
 SMOKE = get_preset("smoke")
 LATENT = SMOKE.vae.latent

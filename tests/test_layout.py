@@ -14,11 +14,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Bottom to top. A module imports from its own layer or a lower one.
 LAYERS = (
-    ("ground", {"config", "stats", "precision", "sharding", "logs", "interrupt", "env"}),
+    ("ground", {"config", "presets", "stats", "precision", "sharding", "logs", "interrupt", "env"}),
     ("store", {"store"}),  # wm_jax/store/: checkpoints and datasets
     ("models", {"models"}),  # wm_jax/models/: V, M, K, C, their layers, INT8, the training loop
     ("search", {"search"}),  # wm_jax/search/: dreams, real episodes, trainers, the driver, macro, sweep
-    ("records", {"run_dir", "pretrained"}),  # run directories and exported agents
+    ("records", {"run_dir", "stages", "pretrained"}),  # run directories and exported agents
     ("top", {"plots", "video", "agent", "pipeline", "serve", "cli"}),  # serve/: the HTTP server
 )
 LEVEL = {m: i for i, (_, mods) in enumerate(LAYERS) for m in mods}

@@ -19,8 +19,8 @@ from wm_jax.config import (
     ControllerConfig,
     TrainConfig,
     TransitionConfig,
-    get_preset,
 )
+from wm_jax.presets import get_preset
 
 LATENT = 8
 

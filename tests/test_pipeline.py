@@ -21,11 +21,13 @@ import numpy as np
 import pytest
 
 from wm_jax import cli, pipeline, run_dir, stats
+from wm_jax import stages as stages_lib
 from wm_jax.models import transition, vae
 from wm_jax.search import driver, rollout
 from wm_jax.store import data
 from wm_jax.agent import Agent
-from wm_jax.config import ConfigError, get_preset
+from wm_jax.config import ConfigError
+from wm_jax.presets import get_preset
 from wm_jax.env import PixelCartPole
 
 SMOKE = get_preset("smoke")
@@ -108,7 +110,7 @@ def test_summary_schema(finished):
         "dream_real_corr", "latent_kl", "wall_s", "device", "versions",
     }
     assert required <= summary.keys(), required - summary.keys()
-    assert set(pipeline.SUMMARY_KEYS) <= summary.keys()
+    assert set(stages_lib.SUMMARY_KEYS) <= summary.keys()
     assert summary["preset"] == "smoke" and summary["seed"] == SMOKE.seed
     assert summary["real_episodes"] == SMOKE.eval.episodes
     assert isinstance(summary["solved"], bool)
@@ -389,7 +391,7 @@ def test_other_config_in_run_dir_raises(finished):
 def test_run_dir_from_before_compute_dtype_keeps_working(finished, tmp_path):
     """A config.json written without compute_dtype reads as float32: the rerun returns the summary,
     the agent loads (its agent.json, hashed, is the run's own), and a bf16 config is a different config."""
-    from wm_jax.config import with_compute_dtype
+    from wm_jax.presets import with_compute_dtype
 
     out = tmp_path / "old"
     shutil.copytree(finished[0], out)

@@ -25,7 +25,8 @@ from test_dream import (
 from wm_jax.models import controller, transition
 from wm_jax.search import dream, driver, ppo
 from wm_jax.store import checkpoint
-from wm_jax.config import ConfigError, with_trainer
+from wm_jax.config import ConfigError
+from wm_jax.presets import with_trainer
 
 PPO_SMOKE = _replace(with_trainer(SMOKE, "ppo"), controller={"mlp_hidden": 8},
                      ppo={"envs": 32, "steps": 8, "updates": 2, "epochs": 2, "minibatches": 2})

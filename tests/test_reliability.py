@@ -23,7 +23,7 @@ from wm_jax import Agent, cli, interrupt, pipeline, run_dir
 from wm_jax.models import train, transition, vae
 from wm_jax.search import driver, rollout
 from wm_jax.store import checkpoint
-from wm_jax.config import get_preset
+from wm_jax.presets import get_preset
 from wm_jax.run_dir import RunDirError
 
 SMOKE = get_preset("smoke")

@@ -29,7 +29,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("qwix")
 from fastapi.testclient import TestClient
 
-from wm_jax import cli, run_dir, serve
+from wm_jax import cli, run_dir, serve, stages
 from wm_jax.models import quant, transition, vae
 from wm_jax.search import rollout
 from wm_jax.agent import Agent
@@ -152,7 +152,6 @@ def test_a_source_checkout_without_installed_metadata_serves_and_reports_its_ver
     from importlib import metadata
 
     import wm_jax
-    from wm_jax import pipeline
 
     real = metadata.version
 
@@ -162,7 +161,7 @@ def test_a_source_checkout_without_installed_metadata_serves_and_reports_its_ver
         return real(name)
 
     monkeypatch.setattr(metadata, "version", version)
-    assert pipeline.versions()["wm_jax"] == wm_jax.__version__
+    assert stages.versions()["wm_jax"] == wm_jax.__version__
     with _client(run_with_k) as c:
         assert c.get("/health").json()["versions"]["wm_jax"] == wm_jax.__version__
         assert c.get("/openapi.json").json()["info"]["version"] == wm_jax.__version__

@@ -28,7 +28,7 @@ SCRIPT = textwrap.dedent(
     import jax, jax.numpy as jnp, numpy as np
     from wm_jax.models import controller, transition, vae
     from wm_jax.search import checks, dream, driver, rollout, sweep
-    from wm_jax.config import get_preset
+    from wm_jax.presets import get_preset
 
     cfg = get_preset("smoke")
     cfg = dataclasses.replace(cfg, evolve=dataclasses.replace(cfg.evolve, generations=2, check_episodes=8),

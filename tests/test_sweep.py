@@ -15,7 +15,8 @@ import pytest
 
 from wm_jax.models import transition, vae
 from wm_jax.search import checks, driver, sweep
-from wm_jax.config import ConfigError, get_preset
+from wm_jax.config import ConfigError
+from wm_jax.presets import get_preset
 
 SMOKE = get_preset("smoke")
 CFG = dataclasses.replace(SMOKE, evolve=dataclasses.replace(SMOKE.evolve, generations=3, check_every=2),

@@ -14,7 +14,8 @@ from wm_jax import stats
 from wm_jax.models import controller, transition, verifier
 from wm_jax.search import dream
 from wm_jax.store import data
-from wm_jax.config import ConfigError, VerifierConfig, get_preset
+from wm_jax.config import ConfigError, VerifierConfig
+from wm_jax.presets import get_preset
 
 SMOKE = get_preset("smoke")
 LATENT = SMOKE.vae.latent

@@ -2,7 +2,8 @@
 
 from typing import Any
 
-from wm_jax.config import Config, get_preset
+from wm_jax.config import Config
+from wm_jax.presets import get_preset
 
 __all__ = ["Agent", "Config", "get_preset"]
 __version__ = "0.1.0"

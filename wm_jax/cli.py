@@ -107,7 +107,7 @@ PRECISIONS = {"fp32": "float32", "bf16": "bfloat16"}
 
 
 def _preset(args: argparse.Namespace):
-    from wm_jax.config import get_preset, with_compute_dtype
+    from wm_jax.presets import get_preset, with_compute_dtype
 
     cfg = get_preset(args.preset, args.seed)
     return cfg if args.precision is None else with_compute_dtype(cfg, PRECISIONS[args.precision])
@@ -160,7 +160,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     import dataclasses
 
     from wm_jax import pipeline
-    from wm_jax.config import with_trainer
+    from wm_jax.presets import with_trainer
 
     cfg = preset = _preset(args)
     if args.rounds is not None:
@@ -322,7 +322,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-PRESETS = ("smoke", "cpu", "frugal", "laptop", "paper")  # config.PRESETS (tests/test_cli.py checks)
+PRESETS = ("smoke", "cpu", "frugal", "laptop", "paper")  # presets.PRESETS (tests/test_cli.py checks)
 TRAINERS = ("cmaes", "ppo")  # config.TRAINERS (tests/test_cli.py checks)
 
 

@@ -13,11 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import platform
-import shutil
-import time
 from collections.abc import Callable
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from wm_jax import interrupt, logs, plots, run_dir, stats, video
+from wm_jax import stages as stages_lib
 from wm_jax.models import train, transition, vae, verifier
 from wm_jax.search import checks, driver, rollout
 from wm_jax.store import checkpoint
@@ -36,110 +33,13 @@ from wm_jax.run_dir import RunDirError
 
 STRIP_STEPS = 10  # episode_strip.png: the first steps of the episode the video shows
 
-SUMMARY_KEYS = (
-    "preset", "seed", "real_return_mean", "real_return_std", "real_return_min", "real_episodes", "solved",
-    "real_env_steps", "dream_real_corr", "latent_kl", "wall_s", "device", "versions",
-)
-
-
-class _Stages:
-    """stages.json: the finished stages, their results, what each produced ("outputs") and what it
-    was built on ("inputs"). A finished stage is not rerun while its outputs exist and its inputs
-    are what the run has now; a stage whose outputs were deleted, or whose inputs changed (a stage
-    before it was redone with another result), runs again, and so, through their inputs, do the
-    stages after it. A stage with its own folder records its inputs there when it starts
-    (inputs.json), so a half-trained stage never resumes on top of inputs that have changed."""
-
-    def __init__(self, out: Path, progress: bool) -> None:
-        self.out = out
-        self.path = out / "stages.json"
-        self.done: dict[str, Any] = run_dir.read_stages(out)
-        self.progress = progress
-        if not self.path.exists():  # before any stage writes: its absence later means it was removed
-            run_dir.write_json(self.path, self.done)
-
-    def note(self, text: str) -> None:
-        if self.progress:
-            print(f"[wm-jax] {text}", flush=True)
-
-    def stale(self, rec: dict[str, Any], inputs: dict[str, Any]) -> str | None:
-        gone = [p for p in rec.get("outputs", {}) if not (self.out / p).exists()]
-        if gone:
-            return f"its output {gone[0]} is gone"
-        if rec.get("inputs") != inputs:
-            was = rec.get("inputs") if isinstance(rec.get("inputs"), dict) else {}
-            changed = sorted(k for k in set(was) | set(inputs) if was.get(k) != inputs.get(k)) or ["its record"]
-            return f"what it was built on changed ({', '.join(changed)})"
-        return None
-
-    def forget(self, name: str) -> None:
-        """Drop a finished stage's record (it runs again on the next `run`)."""
-        if self.done.pop(name, None) is not None:
-            run_dir.write_json(self.path, self.done)
-
-    def run(self, name: str, fn: Callable[[], dict[str, Any]], inputs: dict[str, Any] | None = None,
-            folder: Path | None = None) -> dict[str, Any]:
-        inputs = inputs or {}
-        rec = self.done.get(name)
-        if rec is not None:
-            why = self.stale(rec, inputs)
-            if why is None:
-                return rec
-            self.note(f"{name}: {why}; running it again")
-            self.forget(name)
-            if folder is not None and folder.exists():
-                shutil.rmtree(folder)
-        if folder is not None:
-            started = folder / "inputs.json"
-            if started.exists() and run_dir.read_json(started, f"delete {folder} to redo the stage") != inputs:
-                self.note(f"{name}: its half-finished work was built on other inputs; starting it afresh")
-                shutil.rmtree(folder)
-            run_dir.write_json(started, inputs)
-        interrupt.check()  # Ctrl-C between stages (stages without chunks of their own, too)
-        self.note(f"{name} ...")
-        t0 = time.perf_counter()
-        result = fn()
-        result["wall_s"] = time.perf_counter() - t0
-        result["inputs"] = inputs
-        self.done[name] = result
-        run_dir.write_json(self.path, self.done)
-        self.note(f"{name} done in {result['wall_s']:.1f}s")
-        interrupt.check()
-        return result
-
-
-RUN_PACKAGES = ("jax", "jaxlib", "flax", "optax", "evosax", "gymnax", "orbax-checkpoint", "datasets", "wm_jax")
-
-
-def versions(packages: tuple[str, ...] = RUN_PACKAGES, missing: str | None = "missing") -> dict[str, str]:
-    """The installed version of each package: `missing` for one not installed (None: left out).
-    wm_jax's is the package's own __version__, as a checkout on PYTHONPATH has no metadata."""
-    from wm_jax import __version__
-
-    out = {}
-    for pkg in packages:
-        try:
-            out[pkg] = __version__ if pkg == "wm_jax" else metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            if missing is not None:
-                out[pkg] = missing
-    return out
-
-
-def device_name() -> str:
-    d = jax.devices()[0]
-    if d.platform == "cpu":
-        return f"cpu ({platform.machine()}, {os.cpu_count()} cores)"
-    return f"{d.platform} ({getattr(d, 'device_kind', '')}) x{jax.device_count()}"
-
-
 @dataclasses.dataclass
 class _Run:
     """What the rounds of one run share: its config, directory, stages, keys, V and the running totals."""
 
     cfg: Config
     out: Path
-    stages: _Stages
+    stages: stages_lib.Stages
     keys: dict[str, jax.Array]
     progress: bool
     vae_params: Any = None
@@ -215,38 +115,12 @@ def run(cfg: Config, out: Path | str, progress: bool = True) -> dict[str, Any]:
                           f"controller's (wm_jax.search.macro)")
     with run_dir.locked(out), interrupt.deferred():
         _check_config(out, cfg)
-        stages = _Stages(out, progress)
-        summary = _finished_summary(out, stages)
+        stages = stages_lib.Stages(out, progress)
+        summary = stages_lib.finished_summary(out, stages)
         if summary is not None:
             _repair_agent_files(out, cfg, stages)
             return summary
         return _run(_Run(cfg=cfg, out=out, stages=stages, keys=run_dir.run_keys(cfg.seed), progress=progress))
-
-
-def _finished_summary(out: Path, stages: _Stages) -> dict[str, Any] | None:
-    """The summary of a finished run whose stages' outputs are all in place (files and folders
-    present, latents hashing to their records), else None: the run goes through its stages again,
-    redoing what is gone and rebuilding the summary. Checkpoints are not read here (Agent.load and
-    a run that goes through the stages check them)."""
-    path = out / "summary.json"
-    if not path.exists() or "evaluate" not in stages.done:  # the summary is written after evaluate
-        return None
-    try:
-        summary = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError, OSError):
-        summary = None
-    if not isinstance(summary, dict) or not set(SUMMARY_KEYS) <= summary.keys():
-        stages.note("summary.json is damaged; rebuilding it")
-        return None
-    for name, rec in stages.done.items():
-        why = stages.stale(rec, rec.get("inputs", {}))
-        for file, identity in rec.get("outputs", {}).items():
-            if why is None and file.endswith(".npz") and run_dir.read_latents(out / file, identity) is None:
-                why = f"{file} is damaged or changed"
-        if why is not None:
-            stages.note(f"{name}: {why}; finishing the run again")
-            return None
-    return summary
 
 
 def _run(ctx: _Run) -> dict[str, Any]:
@@ -307,22 +181,6 @@ def _collect_cap(cfg: Config, used: int) -> int | None:
     return min(caps) if caps else None
 
 
-def _rounds_run(cfg: Config, done: dict[str, Any]) -> list[int]:
-    """The rounds whose search finished (later rounds skipped by _solved have no record)."""
-    return [r for r in range(1, cfg.rounds.rounds + 1) if f"evolve_round{r}" in done]
-
-
-def _best_round(cfg: Config, done: dict[str, Any]) -> int:
-    """The round whose controller did best in its real checks; ties go to the later round (its M
-    was trained on more data). The same rule as the rounds apply as they finish."""
-    best, best_real = 1, None
-    for r in _rounds_run(cfg, done):
-        real = done[f"evolve_round{r}"]["best_real"]
-        if best_real is None or real >= best_real:
-            best, best_real = r, real
-    return best
-
-
 def _controller(out: Path, done: dict[str, Any], r: int) -> tuple[np.ndarray, str]:
     """Round r's best controller and its identity, from the evolve stage's record."""
     name = f"evolve_round{r}"
@@ -349,11 +207,11 @@ def _write_agent_files(out: Path, cfg: Config, done: dict[str, Any], r: int, ctr
         run_dir.save_npy(out / "controller.npy", ctrl)
 
 
-def _repair_agent_files(out: Path, cfg: Config, stages: _Stages) -> None:
+def _repair_agent_files(out: Path, cfg: Config, stages: stages_lib.Stages) -> None:
     """A finished run's derived agent files, rewritten from the evolve stages' records if missing or
     damaged."""
     done = stages.done
-    rounds = _rounds_run(cfg, done)
+    rounds = stages_lib.rounds_run(cfg, done)
     if not rounds:  # nothing to repair from (a summary written by other means)
         return
     for r in rounds:
@@ -361,7 +219,7 @@ def _repair_agent_files(out: Path, cfg: Config, stages: _Stages) -> None:
         path = out / f"evolve_round{r}" / "controller.npy"
         if path.parent.is_dir() and run_dir.read_controller(path, ctrl_id) is None:
             run_dir.save_npy(path, ctrl)
-    r = _best_round(cfg, done)
+    r = stages_lib.best_round(cfg, done)
     _write_agent_files(out, cfg, done, r, *_controller(out, done, r))
 
 
@@ -456,57 +314,62 @@ def _round(ctx: _Run, r: int) -> None:
     ctx.latents = lat
     m_arrays = transition.training_arrays(lat["mean"], lat["logvar"], arrays, index)
     m_name = "transition" if r == 1 else f"transition_round{r}"
-    m_dir = out / m_name
-
-    def train_m() -> dict[str, Any]:
-        _, info = transition.train(cfg, jax.random.fold_in(ctx.keys["transition"], r), m_arrays, m_dir, ctx.progress,
-                                   init_params=ctx.m_params)
-        return {"steps_per_s": info["steps_per_s"], "final": info["final"], "outputs": {m_name: info["identity"]}}
-
-    stages.run(m_name, train_m, inputs={"latents": ctx.lat_id, "init": ctx.m_id, **ctx.data_ids()}, folder=m_dir)
+    stages.run(m_name, lambda: _train_m(ctx, cfg, r, m_arrays, m_name),
+               inputs={"latents": ctx.lat_id, "init": ctx.m_id, **ctx.data_ids()}, folder=out / m_name)
     m_params, m_id = ctx.load(m_name, m_name, transition.load, cfg)
     ctx.m_params, ctx.m_id = m_params, m_id
     k_params, k_id = None, None
     if cfg.verifier.mode != "off":
         k_name = "verifier" if r == 1 else f"verifier_round{r}"
-
-        def train_k() -> dict[str, Any]:
-            _, info = verifier.train(cfg, jax.random.fold_in(ctx.keys["verifier"], r), m_arrays, out / k_name,
-                                     ctx.progress, m_params=m_params)
-            return {"steps_per_s": info["steps_per_s"], "final": info["final"], "outputs": {k_name: info["identity"]}}
-
-        stages.run(k_name, train_k, inputs={"latents": ctx.lat_id, "transition": m_id, **ctx.data_ids()},
-                   folder=out / k_name)
+        stages.run(k_name, lambda: _train_k(ctx, cfg, r, m_arrays, m_params, k_name),
+                   inputs={"latents": ctx.lat_id, "transition": m_id, **ctx.data_ids()}, folder=out / k_name)
         k_params, k_id = ctx.load(k_name, k_name, verifier.load, cfg)
-
     e_name = f"evolve_round{r}"
-
-    def search() -> dict[str, Any]:
-        world = checks.World(m_params=m_params, vae_params=ctx.vae_params, k_params=k_params,
-                             starts=(jnp.asarray(lat["mean"]), jnp.asarray(lat["logvar"])))
-        res = driver.evolve(cfg, jax.random.fold_in(ctx.keys["evolve"], r), world, out / e_name,
-                            init_mean=None if ctx.best is None else ctx.best["ctrl"], progress=ctx.progress,
-                            real_steps=_budget_left(cfg, ctx.real_env_steps))
-        best = np.asarray(res["best"], np.float32)
-        if not np.isfinite(best).all():  # stored in stages.json, whose JSON has no NaN
-            raise train.TrainingError(f"{e_name}: the controller search diverged (its best controller has "
-                                      f"non-finite weights); delete {out / e_name} to search again")
-        run_dir.save_npy(out / e_name / "controller.npy", best)
-        return {"best_real": res["best_real"], "checks": res["checks"], "real_env_steps": res["real_env_steps"],
-                "trainer": cfg.evolve.trainer, "generations": res["generations"],
-                "imagined_steps": driver.imagined_steps(cfg, res["generations"], len(res["checks"])),
-                "final_dream_mean": res["history"][-1]["dream_mean"], "controller": best.tolist(),
-                "outputs": {e_name: checkpoint.digest(best)}}
-
     inputs = {"vae": ctx.vae_id, "transition": m_id, "verifier": k_id, "latents": ctx.lat_id,
               "init": None if ctx.best is None else ctx.best["ctrl_id"]}
-    evo = stages.run(e_name, search, inputs=inputs, folder=out / e_name)
+    evo = stages.run(e_name, lambda: _search(ctx, cfg, r, lat, m_params, k_params), inputs=inputs,
+                     folder=out / e_name)
     ctrl, ctrl_id = _controller(out, stages.done, r)
     ctx.real_env_steps += evo["real_env_steps"]
     ctx.checks += evo["checks"]
-    if ctx.best is None or evo["best_real"] >= ctx.best["real"]:  # ties go to the M trained on more data (_best_round)
+    if ctx.best is None or evo["best_real"] >= ctx.best["real"]:  # ties go to the M trained on more data (stages.best_round)
         ctx.best = {"real": evo["best_real"], "round": r, "ctrl": ctrl, "ctrl_id": ctrl_id, "m_params": m_params,
                     "m_id": m_id, "k_params": k_params}
+
+
+def _train_m(ctx: _Run, cfg: Config, r: int, m_arrays: dict[str, Any], m_name: str) -> dict[str, Any]:
+    """Round r's M: trained (round 1) or fine-tuned from the latest round's M."""
+    _, info = transition.train(cfg, jax.random.fold_in(ctx.keys["transition"], r), m_arrays, ctx.out / m_name,
+                               ctx.progress, init_params=ctx.m_params)
+    return {"steps_per_s": info["steps_per_s"], "final": info["final"], "outputs": {m_name: info["identity"]}}
+
+
+def _train_k(ctx: _Run, cfg: Config, r: int, m_arrays: dict[str, Any], m_params: Any, k_name: str) -> dict[str, Any]:
+    """Round r's K, against that round's M."""
+    _, info = verifier.train(cfg, jax.random.fold_in(ctx.keys["verifier"], r), m_arrays, ctx.out / k_name,
+                             ctx.progress, m_params=m_params)
+    return {"steps_per_s": info["steps_per_s"], "final": info["final"], "outputs": {k_name: info["identity"]}}
+
+
+def _search(ctx: _Run, cfg: Config, r: int, lat: dict[str, np.ndarray], m_params: Any, k_params: Any
+            ) -> dict[str, Any]:
+    """Round r's controller search in its M's dreams, from the best controller so far."""
+    e_name = f"evolve_round{r}"
+    world = checks.World(m_params=m_params, vae_params=ctx.vae_params, k_params=k_params,
+                         starts=(jnp.asarray(lat["mean"]), jnp.asarray(lat["logvar"])))
+    res = driver.evolve(cfg, jax.random.fold_in(ctx.keys["evolve"], r), world, ctx.out / e_name,
+                        init_mean=None if ctx.best is None else ctx.best["ctrl"], progress=ctx.progress,
+                        real_steps=_budget_left(cfg, ctx.real_env_steps))
+    best = np.asarray(res["best"], np.float32)
+    if not np.isfinite(best).all():  # stored in stages.json, whose JSON has no NaN
+        raise train.TrainingError(f"{e_name}: the controller search diverged (its best controller has "
+                                  f"non-finite weights); delete {ctx.out / e_name} to search again")
+    run_dir.save_npy(ctx.out / e_name / "controller.npy", best)
+    return {"best_real": res["best_real"], "checks": res["checks"], "real_env_steps": res["real_env_steps"],
+            "trainer": cfg.evolve.trainer, "generations": res["generations"],
+            "imagined_steps": driver.imagined_steps(cfg, res["generations"], len(res["checks"])),
+            "final_dream_mean": res["history"][-1]["dream_mean"], "controller": best.tolist(),
+            "outputs": {e_name: checkpoint.digest(best)}}
 
 
 def _evaluate(ctx: _Run) -> dict[str, Any]:
@@ -543,57 +406,18 @@ def _summary(ctx: _Run, ev: dict[str, Any]) -> dict[str, Any]:
         "solved": bool(ev["return_mean"] >= cfg.eval.solved_at),
         "real_env_steps": int(ctx.real_env_steps + ev["env_steps"]),
         "real_env_steps_training": int(ctx.real_env_steps),
-        "learning_curve": learning_curve(cfg, stages.done),
+        "learning_curve": stages_lib.learning_curve(cfg, stages.done),
         "trainer": cfg.evolve.trainer,
-        "imagined_steps": imagined_steps(cfg, stages.done),
+        "imagined_steps": stages_lib.imagined_steps(cfg, stages.done),
         "agent_round": ctx.best["round"],
         "dream_real_corr": stats.correlation([c["dream_return"] for c in ctx.checks],
                                              [c["real_return"] for c in ctx.checks]),
         "latent_kl": ev["latent_kl"],
         "wall_s": wall,
-        "device": device_name(),
-        "versions": versions(),
+        "device": stages_lib.device_name(),
+        "versions": stages_lib.versions(),
     }
     return logs.finite_or_none(summary)  # the same values in memory, on disk and on a rerun
-
-
-def imagined_steps(cfg: Config, done: dict[str, Any]) -> int:
-    """Imagined steps the controller searches computed, over every round run (driver.imagined_steps)."""
-    total = 0
-    for r in _rounds_run(cfg, done):
-        rec, rcfg = done[f"evolve_round{r}"], run_dir.round_config(cfg, done, r)
-        if "imagined_steps" not in rec:  # recorded before the count was
-            rec = {"imagined_steps": driver.imagined_steps(rcfg, rec.get("generations", rcfg.evolve.generations),
-                                                           len(rec["checks"]))}
-        total += rec["imagined_steps"]
-    return total
-
-
-def learning_curve(cfg: Config, done: dict[str, Any]) -> list[dict[str, Any]]:
-    """Real return against the real env steps used so far, from the stages' records: a point
-    after each collection (the mean return of the episodes collected: the random policy's, then
-    the agent's with action noise), one at each real check (its mean return over
-    evolve.check_episodes, and evolve.confirm_episodes more when it reached stop_at), and the
-    final evaluation (evaluate.episodes; its own steps are not training steps, so the count
-    stays). Every real step is counted once, in the order spent."""
-    points, steps = [], 0
-    for r in range(1, cfg.rounds.rounds + 1):
-        rec = done.get("collect" if r == 1 else f"collect_round{r}")
-        if rec is None:
-            break
-        steps += rec["env_steps"]
-        points.append({"round": r, "source": "collect", "real_env_steps": steps, "real_return": rec.get("return_mean"),
-                       "episodes": rec["episodes"]})
-        for c in done.get(f"evolve_round{r}", {}).get("checks", []):
-            steps += c["env_steps"]
-            points.append({"round": r, "source": "check", "generation": c["generation"], "real_env_steps": steps,
-                           "real_return": c["real_return"], "dream_return": c["dream_return"],
-                           "episodes": cfg.evolve.check_episodes
-                           + (cfg.evolve.confirm_episodes if c.get("confirm_return") is not None else 0)})
-    if "evaluate" in done:
-        points.append({"source": "evaluate", "real_env_steps": steps, "real_return": done["evaluate"]["return_mean"],
-                       "episodes": done["evaluate"]["episodes"]})
-    return points
 
 
 def agent_policy(cfg: Config, params: dict[str, Any]) -> data_lib.Policy:

@@ -20,7 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, Field, StrictInt, field_validator
 
-from wm_jax import pipeline
+from wm_jax import stages
 from wm_jax.env import NUM_ACTIONS
 from wm_jax.serve.batching import Batcher, Unavailable
 from wm_jax.serve.metrics import CLIENT_CLOSED, Metrics
@@ -213,7 +213,7 @@ class Outer:
 
 def versions() -> dict[str, str]:
     return {"python": platform.python_version(),
-            **pipeline.versions(("wm_jax", "jax", "jaxlib", "flax", "fastapi", "uvicorn", "qwix"), missing=None)}
+            **stages.versions(("wm_jax", "jax", "jaxlib", "flax", "fastapi", "uvicorn", "qwix"), missing=None)}
 
 
 GONE = "session {!r} was deleted or evicted while this step waited; nothing was answered"

@@ -17,7 +17,7 @@ import numpy as np
 
 from wm_jax.models import controller, transition, vae, verifier
 from wm_jax.agent import Agent
-from wm_jax.config import with_compute_dtype
+from wm_jax.presets import with_compute_dtype
 from wm_jax.store.data import TooLarge
 from wm_jax.env import NUM_ACTIONS
 

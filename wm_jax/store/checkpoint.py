@@ -251,7 +251,7 @@ def _check_shapes(where: str, stored: dict[str, tuple[int, ...]], wanted: dict[s
 
 
 def read_config(directory: Path | str) -> dict[str, Any]:
-    """The config JSON stored with the newest checkpoint."""
+    """The config JSON stored with the newest checkpoint (as `save` was given it)."""
     if not Path(directory).is_dir():
         raise CheckpointError(f"{directory}: no checkpoint directory")
     mngr = manager(directory)
@@ -261,8 +261,9 @@ def read_config(directory: Path | str) -> dict[str, Any]:
             raise CheckpointError(f"{directory}: no checkpoint")
         try:
             with _quiet_orbax():
-                return mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+                saved = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
         except Exception as e:  # noqa: BLE001  orbax raises many types for a damaged item
             raise Damaged(f"checkpoint step {step} in {directory} is damaged ({_short(e)})") from None
+        return {k: v for k, v in saved.items() if k != "format_version"}
     finally:
         mngr.close()
