@@ -133,9 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--json", type=Path, default=None, metavar="PATH",
                    help="default benchmarks/results/dream_profile_PLATFORM.json")
     args = p.parse_args(argv)
-    modes = tuple(m for m in args.modes.split(",") if m)
-    if not modes or any(m not in MODES for m in modes):
-        p.error(f"--modes must be a comma-separated subset of {MODES}, got {args.modes!r}")
+    modes = dream_throughput.parse_modes(p, args.modes, MODES)
     info = dream_throughput.machine()
     if args.json is None:
         args.json = Path(__file__).resolve().parent / "results" / f"dream_profile_{info['platform']}.json"

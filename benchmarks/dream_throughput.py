@@ -118,6 +118,14 @@ def bench(cfg: Config, m_params, starts, population: int, rollouts: int, horizon
     }
 
 
+def parse_modes(p: argparse.ArgumentParser, text: str, allowed: tuple[str, ...] = MODES) -> tuple[str, ...]:
+    """--modes: a comma-separated subset of `allowed` (argparse's one-line error otherwise)."""
+    modes = tuple(m for m in text.split(",") if m)
+    if not modes or any(m not in allowed for m in modes):
+        p.error(f"--modes must be a comma-separated subset of {allowed}, got {text!r}")
+    return modes
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", type=parse_sizes, default=None,
@@ -132,9 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--json", type=Path, default=None, metavar="PATH",
                    help="where to write the results (default benchmarks/results/dream_throughput_PLATFORM.json)")
     args = p.parse_args(argv)
-    modes = tuple(m for m in args.modes.split(",") if m)
-    if not modes or any(m not in MODES for m in modes):
-        p.error(f"--modes must be a comma-separated subset of {MODES}, got {args.modes!r}")
+    modes = parse_modes(p, args.modes)
     torch_dream = _torch_dream(p) if args.compare_torch else None
     info = machine()
     if args.quick:

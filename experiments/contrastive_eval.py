@@ -27,7 +27,6 @@ and reused when rerun with the same settings.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import shlex
@@ -234,8 +233,7 @@ def tables(seeds: list[dict], variants: list[str]) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("runs", nargs="*", type=Path)
+    p = results_doc.runs_parser(__doc__, required=False)
     p.add_argument("--variants", nargs="+", default=["plain", "contrastive=1.0"])
     p.add_argument("--temperature", type=float, default=0.1, help="the contrastive loss's temperature (as trained)")
     p.add_argument("--generations", type=int, default=40)

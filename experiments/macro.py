@@ -39,7 +39,6 @@ default is sep_cma_es so that the dreams, not the strategy, take the time.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import shlex
@@ -370,14 +369,11 @@ def plot(seeds: list[dict], horizons, path: Path) -> None:
     ax.flat[3].set_yscale("log")
     for a in ax.flat:
         a.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    results_doc.save_figure(fig, path, 90)
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("runs", nargs="+", type=Path)
+    p = results_doc.runs_parser(__doc__)
     p.add_argument("--horizons", nargs="+", type=int, default=[25, 50, 100])
     p.add_argument("--generations", type=int, default=100)
     p.add_argument("--population", type=int, default=64)

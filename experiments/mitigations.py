@@ -18,7 +18,6 @@ Models go to RUN/mitigations/NAME (resumable).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 from pathlib import Path
@@ -26,6 +25,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+import results_doc  # experiments/, on sys.path when a script runs
 from wm_jax import pipeline, run_dir
 from wm_jax.models import transition
 from wm_jax.search import drift
@@ -118,8 +118,7 @@ def table(seeds: list[dict]) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("runs", nargs="+", type=Path)
+    p = results_doc.runs_parser(__doc__)
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--dropout", nargs="*", type=float, default=[0.1])
     p.add_argument("--z-penalty", nargs="*", type=float, default=[0.1])

@@ -3,8 +3,10 @@ results document (docs/RESULTS.md), which the scripts in experiments/ replace on
 
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -39,3 +41,20 @@ def mean_std(values: list[float | None], nd: int = 1) -> str:
         return "n/a"
     out = f"{np.mean(v):.{nd}f} +- {np.std(v):.{nd}f}" if len(v) > 1 else f"{v[0]:.{nd}f}"
     return out if len(v) == len(values) else f"{out} ({len(v)} of {len(values)} seeds)"
+
+
+def runs_parser(doc: str, required: bool = True) -> argparse.ArgumentParser:
+    """An experiment's argument parser: described by its docstring's first line, reading run
+    directories (at least one when `required`)."""
+    p = argparse.ArgumentParser(description=doc.split("\n")[0])
+    p.add_argument("runs", nargs="+" if required else "*", type=Path)
+    return p
+
+
+def save_figure(fig: Any, path: Path, dpi: int) -> None:
+    """A matplotlib figure to `path`, laid out tight, then closed."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)

@@ -23,7 +23,6 @@ OUT/drift.json.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -34,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import results_doc  # experiments/, on sys.path when a script runs
 from wm_jax import logs, pipeline, run_dir, stats
 from wm_jax.models import verifier
 from wm_jax.search import checks, drift, driver, rollout, sweep
@@ -197,14 +197,11 @@ def plot(results: list[dict], path: Path) -> None:
     fig.suptitle(f"drift (a point needs {MIN_ROLLOUTS} rollouts reaching k, {MIN_FRAME_ROLLOUTS} for frames)",
                  fontsize=9)
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    results_doc.save_figure(fig, path, 100)
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("runs", nargs="+", type=Path)
+    p = results_doc.runs_parser(__doc__)
     p.add_argument("--modes", nargs="+", default=["off", "weight", "cutoff"], choices=["off", "weight", "cutoff"])
     p.add_argument("--taus", nargs="+", type=float, default=[1.0, 1.15, 1.3])
     p.add_argument("--horizons", nargs="+", type=int, default=[15, 30, 60])

@@ -499,7 +499,7 @@ def test_an_added_verifier_is_refused_once_the_run_has_another_m(run_with_k, tmp
     ("--port", "80000", "[1, 65535] (a TCP port)"),  # announced 80000, listened on 14464
     ("--port", "0", "[1, 65535] (a TCP port)"),
     ("--lookahead", "1000000000", "[1, 10000] imagined steps"),  # RESOURCE_EXHAUSTED at warm-up (140 GB)
-    ("--lookahead", "1e3", "whole number of imagined steps"),
+    ("--lookahead", "1e3", "expected an integer"),
     ("--threshold", "5", "[0, 1]"),
     ("--threshold", "nan", "[0, 1]"),
 ])

@@ -39,34 +39,31 @@ class UsageError(Exception):
     """Bad arguments: reported on one line, exit code 2."""
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return value
+def _bounded(kind: type, low: float, high: float, what: str = "", closed_high: bool = True, shown: str = ""):
+    """An argparse type: a number of `kind` (int or float) in [low, high] (or [low, high) with
+    closed_high False; `shown` writes the range), `what` naming its unit; NaN is refused (it fails
+    every comparison), and so is an infinity past a finite bound. One line, exit 2, before anything
+    loads."""
+    unit = f" {what}" if what else ""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got "
+                                             f"{text!r}") from None
+        if not (low <= value <= high if closed_high else low <= value < high):
+            bound = f"in {shown}" if shown else (f"> {low - 1:g}" if high == float("inf")
+                                                 else f"in [{low:g}, {high:g}{']' if closed_high else ')'}")
+            raise argparse.ArgumentTypeError(f"must be {bound}{unit}, got {text}")
+        return value
+
+    return parse
 
 
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if not 0 <= value < 2**32:
-        raise argparse.ArgumentTypeError(f"must be in [0, 2**32) (jax.random.key keeps 32 bits), got {value}")
-    return value
-
-
-def _share(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
-    return value
+_positive_int = _bounded(int, 1, float("inf"))
+_seed = _bounded(int, 0, 2**32, "(jax.random.key keeps 32 bits)", closed_high=False, shown="[0, 2**32)")
+_share = _bounded(float, 0.0, 1.0)
 
 
 def _fresh_dir(path: Path, overwrite: bool) -> None:
@@ -262,37 +259,6 @@ def cmd_train_verifier(args: argparse.Namespace) -> int:
     return 0
 
 
-def _serve_int(low: int, high: int, unit: str):
-    """An argparse type for a whole number of `unit` in [low, high] (serve's bounds, checked again
-    by serve.Settings and serve.run; parsed here so a bad one is refused before anything loads)."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number of {unit}, got {text!r}") from None
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"must be in [{low}, {high}] {unit}, got {value}")
-        return value
-
-    return parse
-
-
-def _serve_number(low: float, high: float, unit: str):
-    """An argparse type for a finite number of `unit` in [low, high] (NaN and infinities refused)."""
-
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number of {unit}, got {text!r}") from None
-        if not low <= value <= high:  # NaN fails every comparison
-            raise argparse.ArgumentTypeError(f"must be a finite number in [{low:g}, {high:g}] {unit}, got {text}")
-        return value
-
-    return parse
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
         from wm_jax import serve
@@ -425,18 +391,18 @@ def _add_serve(sub: Any) -> None:
     s = sub.add_parser("serve", help="serve a trained agent over HTTP (needs the serve extra)")
     s.add_argument("run", help="a `wm-jax run` directory or a folder written by `wm-jax export`")
     s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=_serve_int(1, 65535, "(a TCP port)"), default=8000)
+    s.add_argument("--port", type=_bounded(int, 1, 65535, "(a TCP port)"), default=8000)
     s.add_argument("--int8", action="store_true", help="V and M quantized to INT8 after training")
     s.add_argument("--gate", choices=("off", "observe", "enforce"), default="observe",
                    help="the verifier's look-ahead: off; observe (reported with each action); enforce "
                         "(an unverified step answers --safe-action, or 409 without one)")
-    s.add_argument("--lookahead", type=_serve_int(1, 10_000, "imagined steps"), default=10,
+    s.add_argument("--lookahead", type=_bounded(int, 1, 10_000, "imagined steps"), default=10,
                    help="imagined steps the gate scores (at most 10,000, and what this machine's memory holds)")
-    s.add_argument("--threshold", type=_serve_number(0.0, 1.0, "(K's mean confidence)"), default=0.5,
+    s.add_argument("--threshold", type=_bounded(float, 0.0, 1.0, "(K's mean confidence)"), default=0.5,
                    help="K's mean confidence, in [0, 1], a step needs to be verified")
     s.add_argument("--safe-action", type=int, default=None, choices=(0, 1))
     s.add_argument("--max-sessions", type=_positive_int, default=1024)
-    s.add_argument("--batch-window-ms", type=_serve_number(0.0, 1000.0, "ms"), default=0.0,
+    s.add_argument("--batch-window-ms", type=_bounded(float, 0.0, 1000.0, "ms"), default=0.0,
                    help="how long, in [0, 1000] ms, a batch waits for more /act requests (default 0: a batch "
                         "is whatever queued while the previous one ran)")
     s.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"))

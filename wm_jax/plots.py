@@ -28,20 +28,25 @@ def _save(fig, path: Path) -> None:
     _pyplot().close(fig)
 
 
+def _frame_grid(rows: dict[str, tuple[np.ndarray, float]], titles: list[str], cell: tuple[float, float],
+                path: Path) -> None:
+    """Frames [n, 64, 64] in a grid without axes: one named row per {name: (frames, vmax)}, one
+    column per title."""
+    fig, axes = _pyplot().subplots(len(rows), len(titles), figsize=(cell[0] * len(titles), cell[1] * len(rows)),
+                                   squeeze=False)
+    for r, (name, (frames, vmax)) in enumerate(rows.items()):
+        for i in range(len(titles)):
+            axes[r, i].imshow(frames[i], cmap="gray", vmin=0, vmax=vmax)
+            axes[r, i].axis("off")
+        axes[r, 0].text(-10, 32, name, rotation=90, va="center", fontsize=8)
+    for i, title in enumerate(titles):
+        axes[0, i].set_title(title, fontsize=7)
+    _save(fig, path)
+
+
 def reconstruction_grid(real: np.ndarray, recon: np.ndarray, rows: np.ndarray, path: Path) -> None:
     """Real (top, uint8) vs reconstructed (bottom, [0, 1]) newest frames [n, 64, 64] of dataset `rows`."""
-    plt = _pyplot()
-    n = len(rows)
-    fig, axes = plt.subplots(2, n, figsize=(1.6 * n, 3.4))
-    for i in range(n):
-        axes[0, i].imshow(real[i], cmap="gray", vmin=0, vmax=255)
-        axes[1, i].imshow(recon[i], cmap="gray", vmin=0, vmax=1)
-        axes[0, i].set_title(f"row {rows[i]}", fontsize=7)
-        for a in axes[:, i]:
-            a.axis("off")
-    axes[0, 0].text(-8, 32, "real", rotation=90, va="center")
-    axes[1, 0].text(-8, 32, "recon", rotation=90, va="center")
-    _save(fig, path)
+    _frame_grid({"real": (real, 255), "recon": (recon, 1)}, [f"row {r}" for r in rows], (1.6, 1.7), path)
 
 
 def loss_curves(rows: list[dict[str, Any]], path: Path) -> None:
@@ -78,16 +83,5 @@ def dream_vs_real(checks: list[dict[str, Any]], path: Path) -> None:
 def episode_strip(real: np.ndarray, recon: np.ndarray, dreamed: np.ndarray, path: Path) -> None:
     """Rows: a real episode's newest frames (uint8), V's reconstructions and M's open-loop dream
     along the same actions ([0, 1]); each [steps, 64, 64] (the first steps of rollout.open_loop)."""
-    plt = _pyplot()
-    steps = len(real)
-    fig, axes = plt.subplots(3, steps, figsize=(1.2 * steps, 3.9))
-    for t in range(steps):
-        axes[0, t].imshow(real[t], cmap="gray", vmin=0, vmax=255)
-        axes[1, t].imshow(recon[t], cmap="gray", vmin=0, vmax=1)
-        axes[2, t].imshow(dreamed[t], cmap="gray", vmin=0, vmax=1)
-        axes[0, t].set_title(f"t={t}", fontsize=7)
-        for a in axes[:, t]:
-            a.axis("off")
-    for i, name in enumerate(("real", "recon", "dream")):
-        axes[i, 0].text(-10, 32, name, rotation=90, va="center", fontsize=8)
-    _save(fig, path)
+    _frame_grid({"real": (real, 255), "recon": (recon, 1), "dream": (dreamed, 1)},
+                [f"t={t}" for t in range(len(real))], (1.2, 1.3), path)

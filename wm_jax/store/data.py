@@ -184,8 +184,8 @@ def check_memory(num_episodes: int, max_steps: int, policy: Policy = RANDOM_POLI
 
 
 def _chunks(
-    key: jax.Array, num_episodes: int, policy: Policy, max_steps: int, chunk_size: int, episode_offset: int,
-    progress: bool, max_rows: int | None = None,
+    key: jax.Array, num_episodes: int, policy: Policy, max_steps: int = 500, chunk_size: int = 1000,
+    episode_offset: int = 0, progress: bool = True, max_rows: int | None = None,
 ):
     """Yield each chunk's rows as a dict of numpy columns (frames rendered), in episode order; with
     max_rows, no more rows than that in all (see `collect`)."""
@@ -227,18 +227,11 @@ def _chunks(
     bar.close()
 
 
-def collect_arrays(
-    key: jax.Array,
-    num_episodes: int,
-    policy: Policy = RANDOM_POLICY,
-    max_steps: int = 500,
-    chunk_size: int = 1000,
-    episode_offset: int = 0,
-    progress: bool = True,
-    max_rows: int | None = None,
-) -> dict[str, np.ndarray]:
-    """`collect` without the Dataset wrapper: a dict of numpy columns, one row per step."""
-    parts = list(_chunks(key, num_episodes, policy, max_steps, chunk_size, episode_offset, progress, max_rows))
+def collect_arrays(key: jax.Array, num_episodes: int, policy: Policy = RANDOM_POLICY, **options: Any
+                   ) -> dict[str, np.ndarray]:
+    """`collect` without the Dataset wrapper: a dict of numpy columns, one row per step; `options`
+    are collect's (max_steps, chunk_size, episode_offset, progress, max_rows)."""
+    parts = list(_chunks(key, num_episodes, policy, **options))
     return {k: np.concatenate([p[k] for p in parts]) for k in COLUMNS}
 
 
