@@ -11,19 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from wm_jax.config import (
-    Config,
-    ConfigError,
-    ControllerConfig,
-    DataConfig,
-    EvalConfig,
-    EvolveConfig,
-    RoundsConfig,
-    TRAINERS,
-    TrainConfig,
-    TransitionConfig,
-    VAEConfig,
-)
+from wm_jax.config import TRAINERS, Config, ConfigError, ControllerConfig, DataConfig, EvalConfig, EvolveConfig
+from wm_jax.config import RoundsConfig, TrainConfig, TransitionConfig, VAEConfig
 
 
 def _paper() -> Config:
