@@ -724,14 +724,23 @@ def test_pipeline_trains_the_verifier_when_it_is_on(with_verifier):
     assert math.isfinite(summary["real_return_mean"])
 
 
-@pytest.mark.slow
-def test_verifier_ablation_script(with_verifier, tmp_path, monkeypatch):
+def _experiment(name: str, monkeypatch):
+    """experiments/NAME.py as a module, with experiments/ on sys.path as when the script runs."""
     import importlib.util
-    import sys
 
-    spec = importlib.util.spec_from_file_location("verifier_ablation", Path(__file__).parents[1] / "experiments" / "verifier_ablation.py")
+    folder = Path(__file__).parents[1] / "experiments"
+    monkeypatch.syspath_prepend(str(folder))
+    spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.slow
+def test_verifier_ablation_script(with_verifier, tmp_path, monkeypatch):
+    import sys
+
+    mod = _experiment("verifier_ablation", monkeypatch)
     run = tmp_path / "run"
     shutil.copytree(with_verifier[0], run)
     (run / "ablation").mkdir()
@@ -761,12 +770,9 @@ def test_verifier_ablation_script(with_verifier, tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_mitigations_script(with_verifier, tmp_path, monkeypatch):
-    import importlib.util
     import sys
 
-    spec = importlib.util.spec_from_file_location("mitigations", Path(__file__).parents[1] / "experiments" / "mitigations.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _experiment("mitigations", monkeypatch)
     runs = [tmp_path / "a", tmp_path / "b"]
     for run in runs:
         shutil.copytree(with_verifier[0], run)
@@ -784,12 +790,9 @@ def test_mitigations_script(with_verifier, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("share", ["1.5", "0.2"])  # out of [0, 1]; 0.2 of the smoke preset's 2 rollouts is no dream
 def test_verifier_ablation_rejects_a_bad_grounding_before_any_work(with_verifier, tmp_path, monkeypatch, capsys, share):
-    import importlib.util
     import sys
 
-    spec = importlib.util.spec_from_file_location("verifier_ablation", Path(__file__).parents[1] / "experiments" / "verifier_ablation.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _experiment("verifier_ablation", monkeypatch)
     monkeypatch.setattr(mod, "run_seed", _raise("run_seed"))
     monkeypatch.setattr(sys, "argv", ["verifier_ablation.py", str(with_verifier[0]), "--groundings", share,
                                       "--out", str(tmp_path / "out")])

@@ -503,14 +503,14 @@ def test_an_added_verifier_is_refused_once_the_run_has_another_m(run_with_k, tmp
     ("--threshold", "5", "[0, 1]"),
     ("--threshold", "nan", "[0, 1]"),
 ])
-def test_settings_it_cannot_honour_are_refused_by_the_parser_in_one_line(tmp_path, capsys, flag, value, says):
+def test_case3_settings_it_cannot_honour_are_refused_by_the_parser_in_one_line(tmp_path, capsys, flag, value, says):
     with pytest.raises(SystemExit) as e:  # at parsing: before anything loads (the run does not even exist)
         cli.main(["serve", str(tmp_path / "nope"), flag, value])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and err.count("\n") == 0 and flag in err and says in err, err
 
 
-def test_the_parser_and_the_library_agree_on_the_bounds():
+def test_case3_the_parser_and_the_library_agree_on_the_bounds():
     top = ["--lookahead", str(serve.MAX_LOOKAHEAD), "--batch-window-ms", f"{serve.MAX_BATCH_WINDOW_MS:g}",
            "--threshold", "1", "--port", "65535"]
     args = cli.build_parser().parse_args(["serve", "run", *top])
@@ -527,19 +527,19 @@ def test_the_parser_and_the_library_agree_on_the_bounds():
     ("batch_window_ms", 1e9), ("batch_window_ms", float("nan")), ("batch_window_ms", float("inf")),
     ("batch_window_ms", -1.0), ("lookahead", 10 ** 9), ("lookahead", 0),
 ])
-def test_settings_it_cannot_honour_are_refused_by_the_library(field, value):
+def test_case3_settings_it_cannot_honour_are_refused_by_the_library(field, value):
     with pytest.raises(ValueError, match=field):
         serve.Settings(**{field: value})
 
 
-def test_a_port_out_of_range_is_refused_before_binding(run_with_k):
+def test_case3_a_port_out_of_range_is_refused_before_binding(run_with_k):
     app = serve.create_app(run_with_k, serve.Settings(buckets=BUCKETS))  # not started: nothing loads
     for port in (80000, 0, -1, 8000.5):
         with pytest.raises(ValueError, match=r"port must be a TCP port in \[1, 65535\]"):
             serve.run(app, port=port)
 
 
-def test_settings_beyond_the_machines_memory_are_refused_before_anything_compiles(run_with_k, monkeypatch, capsys):
+def test_case3_settings_beyond_the_machines_memory_are_refused_before_anything_compiles(run_with_k, monkeypatch, capsys):
     """A look-ahead keeps every imagined step's carry for every example of the largest bucket: its
     memory is counted from the settings and refused (data.TooLarge, one line) before XLA would
     fail at warm-up; so are sessions that could not all be held."""
@@ -580,7 +580,7 @@ class _IdleModel:
         return [{"action": np.int32(0), "carry": c} for c in carries]
 
 
-def test_a_draining_batcher_answers_the_batch_waiting_out_its_window_at_once():
+def test_case3_a_draining_batcher_answers_the_batch_waiting_out_its_window_at_once():
     async def scenario():
         batcher = serve.Batcher(_IdleModel(), 600.0)  # ten minutes
         batcher.start()
@@ -605,13 +605,13 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_sigterm_stops_the_server_at_once_while_a_batch_window_waits(run_with_k, tmp_path):
+def test_case3_sigterm_stops_the_server_at_once_while_a_batch_window_waits(run_with_k, tmp_path):
     """`serve.run` in its own process, with a ten-minute window (the cap lifted for the test): an
     /act waits in it, and the first SIGTERM answers it and stops the server within seconds."""
     import httpx
 
     port = _free_port()
-    code = ("import sys; from wm_jax import serve; serve.MAX_BATCH_WINDOW_MS = 600_000.0; "
+    code = ("import sys; from wm_jax import serve; serve.model.MAX_BATCH_WINDOW_MS = 600_000.0; "
             "settings = serve.Settings(buckets=(1, 8), batch_window_ms=600_000.0); "
             "serve.run(serve.create_app(sys.argv[1], settings), port=int(sys.argv[2]))")
     log = (tmp_path / "server.log").open("w+")
@@ -687,7 +687,7 @@ def _count(text: str, path: str, status: int) -> int:
     return int(m.group(1)) if m else 0
 
 
-def test_an_act_whose_client_left_before_the_answer_does_not_advance_the_session(client):
+def test_case4_an_act_whose_client_left_before_the_answer_does_not_advance_the_session(client):
     sid = client.post("/v1/sessions").json()["id"]
     session = client.app.app.state.serve["sessions"].get(sid)
     path, route = f"/v1/sessions/{sid}/act", "/v1/sessions/{sid}/act"
@@ -704,7 +704,7 @@ def test_an_act_whose_client_left_before_the_answer_does_not_advance_the_session
     assert _count(client.get("/metrics").text, route, 499) == before + 2
 
 
-def test_a_client_leaving_mid_body_is_counted_as_499_not_as_a_server_error(client):
+def test_case4_a_client_leaving_mid_body_is_counted_as_499_not_as_a_server_error(client):
     sid = client.post("/v1/sessions").json()["id"]
     before = client.get("/metrics").text
     _asgi(client, f"/v1/sessions/{sid}/act", b'{"observation": "AAAA', length=30_000)
@@ -735,7 +735,7 @@ def _served(app):
 
 
 @pytest.mark.slow
-def test_a_client_that_closes_before_its_answer_and_retries_moves_the_agent_one_step(run_with_k):
+def test_case4_a_client_that_closes_before_its_answer_and_retries_moves_the_agent_one_step(run_with_k):
     """Over a real socket to uvicorn: the client sends a whole /act and closes while the step is
     computed, then retries; and another sends half a body and closes. The session advanced once,
     the retry's answer is the first step, and /metrics counts both as 499, none as 500."""
@@ -779,7 +779,7 @@ def test_a_client_that_closes_before_its_answer_and_retries_moves_the_agent_one_
 
 
 @pytest.mark.slow
-def test_a_restart_loses_every_session_and_the_404_and_readme_say_so(run_with_k):
+def test_case8_a_restart_loses_every_session_and_the_404_and_the_docs_say_so(run_with_k):
     obs = {"observation": _b64(_frames(1)[0])}
     with _client(run_with_k) as c:
         sid = c.post("/v1/sessions").json()["id"]
