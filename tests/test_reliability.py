@@ -580,14 +580,15 @@ def test_case6_edited_agent_json_is_refused(run, capsys, edit):
     _one_line(*_cli(capsys, "evaluate", str(run), "--episodes", "1"), 2, "agent.json", "SHA-256", "rerun")
 
 
-@pytest.mark.parametrize("edit", ["card", "compute_dtype", "seed"])
+@pytest.mark.parametrize("edit", ["card", "compute_dtype", "seed", "nan"])
 def test_case6_edited_export_config_is_refused(run, tmp_path, capsys, edit):
     export = tmp_path / "export"
     Agent.load(run).save_pretrained(export)
     meta = json.loads((export / "config.json").read_text())
     {"card": lambda: meta["card"].update(real_return_mean=500.0),
      "compute_dtype": lambda: meta["config"]["vae"].update(compute_dtype="bfloat16"),
-     "seed": lambda: meta["config"].update(seed=7)}[edit]()
+     "seed": lambda: meta["config"].update(seed=7),
+     "nan": lambda: meta["card"].update(real_return_mean=float("nan"))}[edit]()  # JSON's NaN: refused, not a traceback
     (export / "config.json").write_text(json.dumps(meta))
     _one_line(*_cli(capsys, "evaluate", str(export), "--episodes", "1"), 2, "config.json", "SHA-256",
               "export the agent again")

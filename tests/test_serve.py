@@ -598,6 +598,43 @@ def test_case3_a_draining_batcher_answers_the_batch_waiting_out_its_window_at_on
     assert int(row["action"]) == 0 and int(later["action"]) == 0 and batches == 2
 
 
+def _start_server(cmd: list[str], port: int, tmp_path: Path) -> tuple[subprocess.Popen, object]:
+    """A server process on 127.0.0.1:port, once its /health answers (its output in a log file)."""
+    import httpx
+
+    log = (tmp_path / "server.log").open("w+")
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 300
+    while True:
+        assert proc.poll() is None, (tmp_path / "server.log").read_text()[-2000:]
+        assert time.monotonic() < deadline, "the server did not start"
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1.0).status_code == 200:
+                return proc, log
+        except httpx.HTTPError:
+            time.sleep(0.3)
+
+
+@pytest.mark.slow
+def test_case5_sigterm_ends_wm_jax_serve_normally(run_with_k, tmp_path):
+    """`wm-jax serve` stopped by SIGTERM (as systemd stops it) shuts down and exits 0 with one
+    line: a server's normal end, not an interrupted job to resume."""
+    port = _free_port()
+    proc, log = _start_server([sys.executable, "-m", "wm_jax.cli", "serve", str(run_with_k), "--port", str(port)],
+                              port, tmp_path)
+    try:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+    out = (tmp_path / "server.log").read_text()
+    assert proc.returncode == 0, out[-2000:]
+    assert "wm-jax serve: stopped" in out and "Traceback" not in out and "resume" not in out
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -614,20 +651,9 @@ def test_case3_sigterm_stops_the_server_at_once_while_a_batch_window_waits(run_w
     code = ("import sys; from wm_jax import serve; serve.model.MAX_BATCH_WINDOW_MS = 600_000.0; "
             "settings = serve.Settings(buckets=(1, 8), batch_window_ms=600_000.0); "
             "serve.run(serve.create_app(sys.argv[1], settings), port=int(sys.argv[2]))")
-    log = (tmp_path / "server.log").open("w+")
-    proc = subprocess.Popen([sys.executable, "-c", code, str(run_with_k), str(port)], cwd=ROOT, stdout=log,
-                            stderr=subprocess.STDOUT)
+    proc, log = _start_server([sys.executable, "-c", code, str(run_with_k), str(port)], port, tmp_path)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            assert proc.poll() is None, (tmp_path / "server.log").read_text()[-2000:]
-            assert time.monotonic() < deadline, "the server did not start"
-            try:
-                if httpx.get(f"{base}/health", timeout=1.0).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.3)
         sid = httpx.post(f"{base}/v1/sessions").json()["id"]
         result = {}
         body = {"observation": _b64(_frames(1)[0])}

@@ -11,7 +11,7 @@ the traceback instead):
     3    the output cannot be written: read-only file system, disk full, no permission
     4    the run directory is in use by another wm-jax process (the line names its PID)
     130  interrupted (Ctrl-C, honoured at the next chunk boundary); the same command resumes
-    143  terminated (SIGTERM, honoured like Ctrl-C); the same command resumes
+    143  terminated (SIGTERM, honoured like Ctrl-C); the same command resumes (`serve`: its normal end, 0)
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import errno
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -85,10 +86,12 @@ def cmd_collect(args: argparse.Namespace) -> int:
     import jax
     import numpy as np
 
+    from wm_jax import interrupt
     from wm_jax.store import data
 
     t0 = time.perf_counter()
-    ds = data.collect(jax.random.key(args.seed), args.episodes, max_steps=args.max_steps)
+    with interrupt.deferred():  # Ctrl-C and SIGTERM between collection chunks
+        ds = data.collect(jax.random.key(args.seed), args.episodes, max_steps=args.max_steps)
     data.save_dataset(ds, out, overwrite=args.overwrite)
     seconds = time.perf_counter() - t0
     episode = ds.data.column("episode").to_numpy()
@@ -279,7 +282,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"serving {args.run} ({settings.precision}, gate {model.gate}"
           f"{'' if model.has_verifier else ': no verifier, run `wm-jax train-verifier` for one'}) "
           f"on http://{args.host}:{args.port}", flush=True)
-    serve.run(serve.create_app(model), host=args.host, port=args.port, log_level=args.log_level)
+    try:
+        serve.run(serve.create_app(model), host=args.host, port=args.port, log_level=args.log_level)
+    except KeyboardInterrupt:  # uvicorn shut down, then raised the signal again: a server's normal end
+        print("wm-jax serve: stopped", flush=True)
     return 0
 
 
@@ -501,8 +507,9 @@ def main(argv: list[str] | None = None) -> int:
 
     # SIGTERM stops a command as Ctrl-C does (one line, resumable; long jobs at their next chunk
     # boundary through interrupt.deferred). `serve` hands both signals to uvicorn, which shuts down.
-    sigterm = signal.getsignal(signal.SIGTERM)
-    if sigterm is signal.SIG_DFL:
+    takes_sigterm = (threading.current_thread() is threading.main_thread()
+                     and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL)
+    if takes_sigterm:
         signal.signal(signal.SIGTERM, interrupt.raise_at_once)
     try:
         if getattr(args, "log", "jsonl") == "tensorboard":
@@ -519,7 +526,8 @@ def main(argv: list[str] | None = None) -> int:
         return known[0]
     finally:
         logs.close()  # the writers belong to this command, not to whatever the process does next
-        signal.signal(signal.SIGTERM, sigterm)
+        if takes_sigterm:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def console() -> None:

@@ -533,5 +533,5 @@ def diff(a: Any, b: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
 def json_digest(obj: Any) -> str:
     """sha256 of a JSON value in canonical form (sorted keys, no spaces): the hash a record file
     (agent.json, an export's config.json) carries of its own content."""
-    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"))  # an edit may bring NaN: it hashes, and differs
     return hashlib.sha256(text.encode()).hexdigest()

@@ -184,8 +184,10 @@ def _collect_cap(cfg: Config, used: int) -> int | None:
 def _controller(out: Path, done: dict[str, Any], r: int) -> tuple[np.ndarray, str]:
     """Round r's best controller and its identity, from the evolve stage's record."""
     name = f"evolve_round{r}"
-    rec = done[name]
-    ctrl, identity = np.asarray(rec["controller"], np.float32), rec["outputs"][name]
+    identity = run_dir.stage_output(out, done, name, name)
+    if not isinstance(done[name].get("controller"), list):
+        raise RunDirError(f"{out / 'stages.json'} records no controller for {name}; start afresh with a new --out")
+    ctrl = np.asarray(done[name]["controller"], np.float32)
     if checkpoint.digest(ctrl) != identity:
         raise RunDirError(f"{out / 'stages.json'}: the controller of {name} does not match its recorded hash; "
                           f"start afresh with a new --out")
@@ -291,9 +293,9 @@ def _latents(ctx: _Run, r: int, arrays: dict[str, Any], index: data_lib.EpisodeI
     for _ in range(2):  # the second time, after encoding it again
         rec = ctx.stages.run(stage, lambda: _encode(ctx, r, arrays, index, prev), inputs=inputs)
         recorded = rec.get("outputs", {}).get(name)
-        lat = run_dir.read_latents(ctx.out / name, recorded)
+        lat = None if recorded is None else run_dir.read_latents(ctx.out / name, recorded)
         if lat is not None:
-            return lat, recorded if recorded is not None else checkpoint.digest(lat)
+            return lat, recorded
         ctx.stages.note(f"{name} is missing, damaged or changed; encoding it again")
         ctx.stages.forget(stage)
     raise RunDirError(f"{ctx.out / name} cannot be written and read back")
@@ -452,7 +454,7 @@ def train_verifier(run: Path | str, steps: int | None = None, progress: bool = T
     on all the run's data, with the run's verifier settings (`steps` overrides the step count).
     Resumable; holds the run's lock. Returns what it wrote in done.json (steps, final metrics)."""
     run = Path(run)
-    with run_dir.locked(run):
+    with run_dir.locked(run), interrupt.deferred():
         r = run_dir.load(run)
         if r.cfg.verifier.mode != "off":
             raise RunDirError(f"{run} trained its own verifier (verifier.mode={r.cfg.verifier.mode!r}); nothing to add")
