@@ -449,7 +449,7 @@ def test_the_memory_rule_counts_rows_and_one_chunks_scan(monkeypatch):
         D.check_memory(10**4, 500, chunk_size=10**4)
     D.check_memory(10**4, 500, chunk_size=10**9 // per_episode_scan // 20)  # a small chunk fits
     with pytest.raises(D.TooLarge):  # a pixel policy's episodes are counted at max_steps
-        D.check_memory(1000, 500, policy=D.Policy(act=lambda k, c, o: (0, c)), chunk_size=1)
+        D.check_memory(1000, 500, policy=D.Policy(act=lambda p, k, c, o: (0, c)), chunk_size=1)
 
 
 def test_load_rejects_half_written_directories(small_ds, tmp_path):

@@ -681,17 +681,31 @@ def test_collection_policy_advances_m_with_the_executed_action():
     }
     dims = 2 * (cfg.vae.latent + cfg.transition.hidden) + 2
     params["controller"] = jnp.zeros((dims,)).at[-1].set(1.0)  # greedy action: always 1
-    policy = pipeline.agent_policy(cfg, params)
+    policy = pipeline.agent_policy(cfg)
     obs, _ = PixelCartPole().reset(jax.random.key(2))
     carry0 = policy.init_carry()
     z = vae.encode(cfg.vae, params["vae"], obs[None])[0][0]
     executed = set()
     for i in range(12):
-        action, carry = policy.act(jax.random.key(10 + i), carry0, obs)
+        action, carry = policy.act(params, jax.random.key(10 + i), carry0, obs)
         expected, _ = transition.step(cfg.transition, params["transition"], carry0, z, action)
         np.testing.assert_allclose(np.asarray(carry[1]), np.asarray(expected[1]), rtol=1e-6, atol=1e-6)
         executed.add(int(action))
     assert executed == {0, 1}  # the random action did differ from the greedy one
+
+
+def test_one_collection_program_serves_every_rounds_agent():
+    """The agent's parameters are arguments of the collection program, not constants baked into
+    it: two agents (two rounds) collect through one compiled program."""
+    agents = [{"vae": vae.init(jax.random.key(k), SMOKE.vae),
+               "transition": transition.init(jax.random.key(k + 1), SMOKE.transition, SMOKE.vae.latent),
+               "controller": jax.random.normal(jax.random.key(k + 2), (2 * (SMOKE.vae.latent + SMOKE.transition.hidden) + 2,))}
+              for k in (0, 10)]
+    before = data._collect_chunk_jit._cache_size()
+    runs = [data.to_arrays(data.collect(jax.random.key(3), 2, policy=pipeline.agent_policy(SMOKE), max_steps=6,
+                                        chunk_size=2, progress=False, params=p)) for p in agents]
+    assert data._collect_chunk_jit._cache_size() - before == 1
+    assert not np.array_equal(runs[0]["action"], runs[1]["action"]) or len(runs[0]["action"]) != len(runs[1]["action"])
 
 
 # ------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ reaches it; with rounds.budget set, the rounds and the searches' checks end once
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from collections.abc import Callable
@@ -234,12 +235,11 @@ def _collect(ctx: _Run, r: int) -> dict[str, Any]:
                               chunk_size=cfg.data.chunk_size, progress=ctx.progress)
     else:
         best = ctx.best
-        policy = agent_policy(cfg, {"vae": ctx.vae_params, "transition": best["m_params"],
-                                    "controller": jnp.asarray(best["ctrl"])})
-        ds = data_lib.collect(jax.random.fold_in(ctx.keys["rounds"], r), cfg.rounds.episodes, policy=policy,
+        params = {"vae": ctx.vae_params, "transition": best["m_params"], "controller": jnp.asarray(best["ctrl"])}
+        ds = data_lib.collect(jax.random.fold_in(ctx.keys["rounds"], r), cfg.rounds.episodes, policy=agent_policy(cfg),
                               max_steps=cfg.data.max_steps, chunk_size=cfg.rounds.episodes,
                               episode_offset=r * 1_000_000, progress=ctx.progress,
-                              max_rows=_collect_cap(cfg, ctx.real_env_steps))
+                              max_rows=_collect_cap(cfg, ctx.real_env_steps), params=params)
     path = ctx.out / "data" / f"round{r}"
     data_lib.save_dataset(ds, path, overwrite=True)
     return {**_collected(ds, cfg.data.max_steps), "outputs": {f"data/round{r}": data_lib.identity(path)}}
@@ -422,11 +422,14 @@ def _summary(ctx: _Run, ev: dict[str, Any]) -> dict[str, Any]:
     return logs.finite_or_none(summary)  # the same values in memory, on disk and on a rerun
 
 
-def agent_policy(cfg: Config, params: dict[str, Any]) -> data_lib.Policy:
-    """The trained agent as a collection policy, with epsilon-random actions for coverage."""
+@functools.lru_cache(maxsize=8)
+def agent_policy(cfg: Config) -> data_lib.Policy:
+    """The trained agent as a collection policy, with epsilon-random actions for coverage; its
+    parameters ({"vae", "transition", "controller"}) are collect's `params`. One Policy per config,
+    so every round's collection runs the same compiled program."""
     eps = cfg.rounds.action_noise
 
-    def act(key, carry, obs):
+    def act(params, key, carry, obs):
         action, z, _ = rollout.agent_act(cfg, params, carry, obs)
         k1, k2 = jax.random.split(key)
         rand = jax.random.bernoulli(k1).astype(jnp.int32)
@@ -440,7 +443,7 @@ def agent_policy(cfg: Config, params: dict[str, Any]) -> data_lib.Policy:
 def collect_encoded(cfg: Config, params: dict[str, Any], policy: str, episodes: int, seed: int) -> dict[str, Any]:
     """Fresh episodes (never trained on) of the random policy or of the agent in `params` (with
     rounds.action_noise), encoded by V: per-row arrays as transition.training_arrays."""
-    kwargs = {"policy": agent_policy(cfg, params)} if policy == "agent" else {}
+    kwargs = {"policy": agent_policy(cfg), "params": params} if policy == "agent" else {}
     ds = data_lib.collect(jax.random.key(seed), episodes, max_steps=cfg.eval.max_steps, chunk_size=episodes,
                           progress=False, **kwargs)
     cols = data_lib.to_arrays(ds)

@@ -27,6 +27,7 @@ import numpy as np
 from wm_jax import sharding
 from wm_jax.models import controller, transition, vae
 from wm_jax.search import dream as dream_lib
+from wm_jax.search import rollout
 from wm_jax.config import Config
 from wm_jax.env import NUM_ACTIONS, PixelCartPole
 
@@ -272,7 +273,7 @@ def _episode(cfg: Config, params: dict[str, Any], key: jax.Array, macro_steps: i
     env = PixelCartPole()
     env_params = env.default_params
     table = jnp.asarray(primitive_table(macros))
-    tcfg, ccfg = cfg.transition, cfg.controller
+    tcfg = cfg.transition
     key_reset, key_run = jax.random.split(key)
     obs, state = env.reset(key_reset, env_params)
 
@@ -283,8 +284,7 @@ def _episode(cfg: Config, params: dict[str, Any], key: jax.Array, macro_steps: i
     def body(c, key_t):
         obs, state, carry, valid = c
         key_1, key_2 = jax.random.split(key_t)
-        mean, logvar = encode(obs)
-        m = controller.act(ccfg, params["controller"], mean, transition.hidden(carry))
+        m, mean, logvar = rollout.agent_act(cfg, params, carry, obs)  # the agent's step: C picks a macro
         first, second = table[m, 0], table[m, 1]
         if style == "twice":
             carry, _ = transition.step(tcfg, params["transition"], carry, mean, first)

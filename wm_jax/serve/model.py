@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from wm_jax.models import controller, transition, vae, verifier
+from wm_jax.search import rollout
 from wm_jax.agent import Agent
 from wm_jax.presets import with_compute_dtype
 from wm_jax.store.data import TooLarge
@@ -248,9 +249,9 @@ def _lookahead(cfg: Any, params: dict[str, Any], carry: Any, z: jax.Array, a: ja
 
 def _act_batch(cfg: Any, lookahead: int, safe_action: int | None, gate: bool, params: dict[str, Any],
                carry: tuple[jax.Array, jax.Array], obs: jax.Array) -> dict[str, Any]:
-    mean, _ = vae.encode(cfg.vae, params["vae"], obs)
+    # the agent's own step (rollout.agent_act), over the batch
+    action, mean, _ = jax.vmap(lambda c, o: rollout.agent_act(cfg, params, c, o))(carry, obs)
     cell = params["transition"]
-    action = controller.act(cfg.controller, params["controller"], mean, transition.hidden(carry))
     out = {"action": action}
     if gate:  # the look-ahead's first step is the agent's step: its carry is the new one
         look = jax.vmap(lambda c, z, a: _lookahead(cfg, params, c, z, a, lookahead))

@@ -59,19 +59,21 @@ class DatasetError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Policy:
-    """A behaviour policy for `collect`.
+    """A behaviour policy for `collect`, gymnax-style: static code, traced parameters.
 
-    act(key, carry, obs) -> (action int32, carry) for ONE episode (collect vmaps it); obs is the
-    uint8[64, 64, 4] stack when `uses_pixels`, else None (and no frames are rendered in the loop).
-    init_carry() -> the policy's per-episode state (a pytree; `()` for a stateless policy).
+    act(params, key, carry, obs) -> (action int32, carry) for ONE episode (collect vmaps it); params
+    is collect's `params` pytree, an argument of the compiled program, never a constant in it (one
+    program for every round's agent); obs is the uint8[64, 64, 4] stack when `uses_pixels`, else
+    None (and no frames are rendered in the loop). init_carry() -> the policy's per-episode state
+    (a pytree; `()` for a stateless policy).
     """
 
-    act: Callable[[jax.Array, Any, jax.Array | None], tuple[jax.Array, Any]]
+    act: Callable[[Any, jax.Array, Any, jax.Array | None], tuple[jax.Array, Any]]
     init_carry: Callable[[], Any] = lambda: ()
     uses_pixels: bool = False
 
 
-def _random_act(key: jax.Array, carry: Any, obs: jax.Array | None) -> tuple[jax.Array, Any]:
+def _random_act(params: Any, key: jax.Array, carry: Any, obs: jax.Array | None) -> tuple[jax.Array, Any]:
     return jax.random.bernoulli(key).astype(jnp.int32), carry
 
 
@@ -82,23 +84,24 @@ RANDOM_POLICY = Policy(act=_random_act)
 # Collection
 
 
-def _collect_chunk(policy: Policy, max_steps: int, key: jax.Array, num_episodes: int) -> dict[str, jax.Array]:
+def _collect_chunk(policy: Policy, max_steps: int, key: jax.Array, num_episodes: int, params: Any
+                   ) -> dict[str, jax.Array]:
     """One chunk of episodes as a fixed-length scan; returns time-major buffers and a valid mask."""
     env = PixelCartPole()
-    params = env.default_params
+    env_params = env.default_params
 
     def one_episode(key: jax.Array) -> dict[str, jax.Array]:
         key_reset, key_run = jax.random.split(key)
-        obs, state = env.reset(key_reset, params)
+        obs, state = env.reset(key_reset, env_params)
 
         def body(carry, key_t):
             state, pcarry, alive = carry
             key_act, key_step = jax.random.split(key_t)
-            action, pcarry = policy.act(key_act, pcarry, state.frames if policy.uses_pixels else None)
+            action, pcarry = policy.act(params, key_act, pcarry, state.frames if policy.uses_pixels else None)
             action = jnp.asarray(action, jnp.int32)
             phys = state.physics
             # gymnax's step_env without auto-reset: after termination the mask takes over.
-            nxt, reward, terminated = env.step_physics(key_step, phys, action, params)
+            nxt, reward, terminated = env.step_physics(key_step, phys, action, env_params)
             frames = state.frames
             if policy.uses_pixels:  # static: only pixel policies pay for rendering in the loop
                 frames = push_frame(frames, nxt)
@@ -185,7 +188,7 @@ def check_memory(num_episodes: int, max_steps: int, policy: Policy = RANDOM_POLI
 
 def _chunks(
     key: jax.Array, num_episodes: int, policy: Policy, max_steps: int = 500, chunk_size: int = 1000,
-    episode_offset: int = 0, progress: bool = True, max_rows: int | None = None,
+    episode_offset: int = 0, progress: bool = True, max_rows: int | None = None, params: Any = None,
 ):
     """Yield each chunk's rows as a dict of numpy columns (frames rendered), in episode order; with
     max_rows, no more rows than that in all (see `collect`)."""
@@ -204,7 +207,7 @@ def _chunks(
     for c in range(num_chunks):
         interrupt.check()  # Ctrl-C between chunks
         # Every chunk has the same size (one compile); surplus episodes of the last are dropped.
-        out = jax.device_get(_collect_chunk_jit(policy, max_steps, jax.random.fold_in(key, c), chunk_size))
+        out = jax.device_get(_collect_chunk_jit(policy, max_steps, jax.random.fold_in(key, c), chunk_size, params))
         keep = min(chunk_size, num_episodes - c * chunk_size)
         valid = out["valid"][:keep]  # [E, T]
         ep, t = np.nonzero(valid)  # row-major: episode-major, time ascending
@@ -230,7 +233,7 @@ def _chunks(
 def collect_arrays(key: jax.Array, num_episodes: int, policy: Policy = RANDOM_POLICY, **options: Any
                    ) -> dict[str, np.ndarray]:
     """`collect` without the Dataset wrapper: a dict of numpy columns, one row per step; `options`
-    are collect's (max_steps, chunk_size, episode_offset, progress, max_rows)."""
+    are collect's (max_steps, chunk_size, episode_offset, progress, max_rows, params)."""
     parts = list(_chunks(key, num_episodes, policy, **options))
     return {k: np.concatenate([p[k] for p in parts]) for k in COLUMNS}
 
@@ -244,6 +247,7 @@ def collect(
     episode_offset: int = 0,
     progress: bool = True,
     max_rows: int | None = None,
+    params: Any = None,
 ) -> datasets.Dataset:
     """Run `num_episodes` episodes of `policy` (default: uniform random) and return a Dataset.
 
@@ -262,7 +266,8 @@ def collect(
     """
     parts = [
         datasets.Dataset.from_dict(cols, features=FEATURES)
-        for cols in _chunks(key, num_episodes, policy, max_steps, chunk_size, episode_offset, progress, max_rows)
+        for cols in _chunks(key, num_episodes, policy, max_steps, chunk_size, episode_offset, progress, max_rows,
+                            params)
     ]
     return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
 
