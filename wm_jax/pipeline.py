@@ -467,8 +467,8 @@ def train_verifier(run: Path | str, steps: int | None = None, progress: bool = T
         (out / "done.json").unlink(missing_ok=True)
         key = jax.random.fold_in(run_dir.run_keys(cfg.seed)["verifier"], 0)  # rounds use 1, 2, ...
         _, info = verifier.train(cfg, key, r.arrays, out, progress, m_params=r.params["transition"])
-        _, meta = run_dir.read_agent_record(run)
+        _, meta, _ = run_dir.read_agent_record(run)
         record = {"steps": cfg.verifier.train.steps, "final": logs.finite_or_none(info["final"]),
-                  "identity": info["identity"], "m_identity": run_dir.final_m_identity(run, meta)}
+                  "identity": info["identity"], "m_identity": run_dir.final_m_identity(meta)}
         run_dir.write_json(out / "done.json", record)
     return record

@@ -245,9 +245,9 @@ def agent_record(run: Path | str, cfg: Config, stages: dict[str, Any], r: int, m
     return {**meta, "sha256": json_digest(meta)}
 
 
-def read_agent_record(run: Path | str) -> tuple[Config, dict[str, Any]]:
-    """agent.json as (cfg, record), checked: its own hash, its config against config.json's, and
-    the identities it names against stages.json's records."""
+def read_agent_record(run: Path | str) -> tuple[Config, dict[str, Any], dict[str, Any]]:
+    """agent.json as (cfg, record, stages.json's records), checked: its own hash, its config against
+    config.json's, and the identities it names ("built_from") against stages.json's records."""
     run = Path(run)
     path = run / "agent.json"
     meta = read_json(path, RERUN)
@@ -270,7 +270,7 @@ def read_agent_record(run: Path | str) -> tuple[Config, dict[str, Any]]:
                 "controller": stage_output(run, stages, f"evolve_round{r}", f"evolve_round{r}")}
     if meta.get("built_from") != logs.finite_or_none(recorded):
         raise RunDirError(f"{path} names another V, M or controller than {run / 'stages.json'} records; {RERUN}")
-    return cfg, meta
+    return cfg, meta, stages
 
 
 def load_agent(run: Path | str) -> tuple[Config, dict[str, Any]]:
@@ -280,11 +280,10 @@ def load_agent(run: Path | str) -> tuple[Config, dict[str, Any]]:
     if not (run / "agent.json").exists() or not (run / "controller.npy").exists():
         raise FileNotFoundError(f"{run}: no trained agent (agent.json / controller.npy missing; run `wm-jax run` "
                                 f"first, or rerun it to repair a finished run)")
-    cfg, meta = read_agent_record(run)
-    r, m_dir = int(meta["round"]), str(meta["transition_dir"])
-    stages = read_stages(run)
+    cfg, meta, stages = read_agent_record(run)
+    r, m_dir, built_from = int(meta["round"]), str(meta["transition_dir"]), meta["built_from"]
     try:
-        vae_params = vae.load(cfg, run / "vae", stage_output(run, stages, "vae", "vae"))
+        vae_params = vae.load(cfg, run / "vae", built_from["vae"])
     except checkpoint.Damaged as e:
         raise damaged(run, "vae", "vae", e) from None
     # The M the controller was evolved with, under its round's config (fine-tuning rounds train
@@ -294,10 +293,10 @@ def load_agent(run: Path | str) -> tuple[Config, dict[str, Any]]:
     except ConfigError as e:
         raise RunDirError(f"{run}: round {r}'s M cannot be found ({e}); {RERUN}") from None
     try:
-        m_params = transition.load(rcfg, run / m_dir, stage_output(run, stages, m_dir, m_dir))
+        m_params = transition.load(rcfg, run / m_dir, built_from[m_dir])
     except checkpoint.Damaged as e:
         raise damaged(run, m_dir, m_dir, e) from None
-    ctrl = read_controller(run / "controller.npy", meta["built_from"]["controller"])
+    ctrl = read_controller(run / "controller.npy", built_from["controller"])
     if ctrl is None:
         raise RunDirError(f"{run / 'controller.npy'} is damaged or differs from the controller the search of round {r} "
                           f"recorded; {RERUN}")
@@ -311,7 +310,7 @@ def load_verifier(run: Path | str) -> Any:
     """K trained beside the final agent's M (its round's), or the one `train_verifier` added to a
     run trained without K; None when there is neither."""
     run = Path(run)
-    cfg, meta = read_agent_record(run)
+    cfg, meta, stages = read_agent_record(run)
     if cfg.verifier.mode == "off":
         added = run / ADDED_VERIFIER
         if not (added / "done.json").exists():
@@ -320,7 +319,7 @@ def load_verifier(run: Path | str) -> Any:
         record = read_json(added / "done.json", remedy)
         if not isinstance(record, dict) or not isinstance(record.get("identity"), dict):
             raise RunDirError(f"{added / 'done.json'} is damaged (no checkpoint identity); {remedy}")
-        if record.get("m_identity") != final_m_identity(run, meta):
+        if record.get("m_identity") != final_m_identity(meta):
             raise RunDirError(f"{added} was trained against another M than this run's final agent has now; {remedy}")
         try:
             return verifier.load(with_k_steps(cfg, record.get("steps")), added, record["identity"])
@@ -329,16 +328,14 @@ def load_verifier(run: Path | str) -> Any:
     r = int(meta["round"])
     name = "verifier" if r == 1 else f"verifier_round{r}"
     try:
-        stages = read_stages(run)
         return verifier.load(round_config(cfg, stages, r), run / name, stage_output(run, stages, name, name))
     except checkpoint.Damaged as e:
         raise damaged(run, name, name, e) from None
 
 
-def final_m_identity(run: Path, meta: dict[str, Any]) -> Any:
-    """What stages.json records for the final agent's M (its step and parameter hash)."""
-    m_dir = str(meta.get("transition_dir"))
-    return stage_output(run, read_stages(run), m_dir, m_dir)
+def final_m_identity(meta: dict[str, Any]) -> Any:
+    """The final agent's M (its step and parameter hash), as a checked agent.json names it."""
+    return meta["built_from"][str(meta["transition_dir"])]
 
 
 def with_k_steps(cfg: Config, steps: int | None) -> Config:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import io
-import os
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -19,7 +18,7 @@ from wm_jax.models import controller, transition, vae, verifier
 from wm_jax.search import rollout
 from wm_jax.agent import Agent
 from wm_jax.presets import with_compute_dtype
-from wm_jax.store.data import TooLarge
+from wm_jax.store.data import TooLarge, memory_bytes
 from wm_jax.env import NUM_ACTIONS
 
 
@@ -93,10 +92,7 @@ def memory_need(cfg: Any, settings: Settings, gate: bool) -> dict[str, int]:
 def memory() -> tuple[int | None, int | None]:
     """(the default device's memory when it reports one, this machine's physical memory); None
     where unknown (a platform without sysconf, a device without memory stats)."""
-    try:
-        host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        host = None
+    host = memory_bytes()
     try:
         stats = jax.local_devices()[0].memory_stats() or {}
     except Exception:  # noqa: BLE001 - a backend without the query: no device figure
