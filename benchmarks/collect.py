@@ -8,7 +8,7 @@
     compilation is reported separately; then `data.collect` (which adds the Dataset construction),
     and `data.save_dataset` of that dataset to a temporary directory (size on disk, peak RSS).
 (b) A plain Python loop over gymnasium's CartPole-v1 (random actions, seed 123) that renders every
-    state on the host with the same `wm_jax.env.render`, one call per step.
+    state on the host with the same `wm_jax.envs.cartpole.render`, one call per step.
 A frame is one dataset row: the observation of one step (the state before each action).
 """
 
@@ -29,7 +29,7 @@ import numpy as np
 
 from wm_jax import run_dir
 from wm_jax.store import data
-from wm_jax.env import render
+from wm_jax.envs.cartpole import render
 
 
 def peak_rss_mb() -> float:

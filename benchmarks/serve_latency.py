@@ -48,7 +48,7 @@ def frames(n: int) -> list[str]:
     """n real observations (uint8 [64, 64, 4], base64) of pixel CartPole under a random policy."""
     import jax
 
-    from wm_jax.env import PixelCartPole
+    from wm_jax.envs.cartpole import PixelCartPole
 
     env = PixelCartPole()
     obs, state = env.reset(jax.random.key(7))
@@ -137,7 +137,7 @@ def play(base: str, episodes: int, seed: int = 0) -> dict:
     import httpx
     import jax
 
-    from wm_jax.env import PixelCartPole
+    from wm_jax.envs.cartpole import PixelCartPole
 
     env = PixelCartPole()
     params = env.default_params

@@ -3,7 +3,7 @@
 Not part of the library: the yardstick wm_jax's frugality is measured against. Two observations
 of the same environment:
 - "state": the 4-number physics state (x, x_dot, theta, theta_dot), an MLP actor and critic;
-- "pixels": wm_jax's 64x64x4 uint8 frame stacks (`wm_jax.env.PixelCartPole`, the frames wm_jax
+- "pixels": wm_jax's 64x64x4 uint8 frame stacks (`wm_jax.envs.cartpole.PixelCartPole`, the frames wm_jax
   learns from), a small CNN torso shared by the actor and the critic.
 
 purejaxrl's structure: the training of every seed is one jitted program (seeds vmapped from the
@@ -36,7 +36,7 @@ import optax
 from tqdm.auto import tqdm
 
 from wm_jax.models import layers
-from wm_jax.env import PixelCartPole
+from wm_jax.envs.cartpole import PixelCartPole
 from wm_jax.search.ppo import clipped_loss, gae
 
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from wm_jax import cli
+from wm_jax import cli, commands
 from wm_jax.store import data
 
 
@@ -97,9 +98,9 @@ def test_bad_arguments(tmp_path, capsys, monkeypatch, args, needles):
 @pytest.mark.parametrize("command", [["run"], ["train-vae", "d", "--out", "o"], ["train-transition", "d", "--vae", "v", "--out", "o"]])
 def test_precision_flag_sets_v_and_m(command):
     parser = cli.build_parser()
-    default = cli._preset(parser.parse_args(command))
-    bf16 = cli._preset(parser.parse_args([*command, "--precision", "bf16"]))
-    fp32 = cli._preset(parser.parse_args([*command, "--precision", "fp32"]))
+    default = commands.preset(parser.parse_args(command))
+    bf16 = commands.preset(parser.parse_args([*command, "--precision", "bf16"]))
+    fp32 = commands.preset(parser.parse_args([*command, "--precision", "fp32"]))
     # the cpu preset's own: V float32, M bfloat16
     assert (default.vae.compute_dtype, default.transition.compute_dtype) == ("float32", "bfloat16")
     assert bf16.vae.compute_dtype == bf16.transition.compute_dtype == "bfloat16"
@@ -135,7 +136,7 @@ def test_run_verifier_flag_sets_the_mode_and_the_default_out(monkeypatch, tmp_pa
     assert cli.main(["run", "--seed", "1"]) == 130
     assert seen["cfg"].preset == "frugal" and seen["out"] == Path("runs") / "frugal-s1"
     assert "run --preset frugal" in (Path(__file__).parents[1] / "scripts" / "run.sh").read_text()
-    stage = cli._preset(cli.build_parser().parse_args(["train-vae", "d", "--out", "o"]))
+    stage = commands.preset(cli.build_parser().parse_args(["train-vae", "d", "--out", "o"]))
     assert stage.preset == "cpu" and (stage.vae, stage.transition) == (seen["cfg"].vae, seen["cfg"].transition)
 
 
@@ -221,6 +222,13 @@ def test_compilation_cache_goes_where_asked_and_can_be_turned_off(monkeypatch, t
         assert cli.compilation_cache() == tmp_path / "cache" / "wm_jax" / "jax"
     finally:
         jax.config.update("jax_compilation_cache_dir", before)
+
+
+def test_parser_and_commands_agree():
+    assert set(cli.PRECISIONS) == set(commands.PRECISIONS)
+    parser = cli.build_parser()
+    subcommands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(subcommands.choices) == set(commands.COMMANDS)
 
 
 def test_run_offers_every_preset():

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from wm_jax.store import data as D
-from wm_jax.env import render
+from wm_jax.envs.cartpole import render
 
 datasets.disable_progress_bars()
 

@@ -28,7 +28,7 @@ from wm_jax.store import data
 from wm_jax.agent import Agent
 from wm_jax.config import ConfigError
 from wm_jax.presets import get_preset
-from wm_jax.env import PixelCartPole
+from wm_jax.envs.cartpole import PixelCartPole
 
 SMOKE = get_preset("smoke")
 STAGES = ("collect", "vae", "encode_round1", "transition", "evolve_round1", "collect_round2", "encode_round2",

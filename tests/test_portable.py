@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from wm_jax import cli, logs, pretrained, run_dir, video
+from wm_jax import cli, commands, logs, pretrained, run_dir, video
 from wm_jax.models import verifier
 from wm_jax.search import rollout
 from wm_jax.store import data
 from wm_jax.agent import Agent, evaluation_key
-from wm_jax.env import PixelCartPole
+from wm_jax.envs.cartpole import PixelCartPole
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +163,7 @@ def test_a_damaged_export_fails_with_one_line_naming_the_problem(exported, tmp_p
     with pytest.raises(pretrained.PretrainedError) as info:
         Agent.from_pretrained(folder)
     assert words in str(info.value) and "\n" not in str(info.value)
-    assert cli.main(["evaluate", str(folder), "--episodes", "1"]) == cli.EXIT_INPUT
+    assert cli.main(["evaluate", str(folder), "--episodes", "1"]) == commands.EXIT_INPUT
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and words in err
 
@@ -192,7 +192,7 @@ def test_export_command(smoke_run, tmp_path, capsys):
     assert cli.main(["export", str(smoke_run[0]), "--out", str(tmp_path / "a")]) == 0
     assert "exported to" in capsys.readouterr().out
     assert Agent.from_pretrained(tmp_path / "a").cfg.preset == "smoke"
-    assert cli.main(["export", str(tmp_path / "missing"), "--out", str(tmp_path / "b")]) == cli.EXIT_INPUT
+    assert cli.main(["export", str(tmp_path / "missing"), "--out", str(tmp_path / "b")]) == commands.EXIT_INPUT
     assert "no such folder" in capsys.readouterr().err
 
 
@@ -228,10 +228,10 @@ def test_video_command_writes_every_episode(exported, tmp_path, capsys):
                                      12)["valid"].sum()) for i in range(2)]
     assert _gif_frames(out)[0] == sum(lengths)
     assert f"{sum(lengths)} frames" in capsys.readouterr().out
-    assert cli.main(["video", str(exported), "--out", str(tmp_path / "v.mp4")]) == cli.EXIT_INPUT
+    assert cli.main(["video", str(exported), "--out", str(tmp_path / "v.mp4")]) == commands.EXIT_INPUT
     capsys.readouterr()
     # every step's frames are held until written: no more steps than an episode can have
-    assert cli.main(["video", str(exported), "--max-steps", "1000000000", "--out", str(out)]) == cli.EXIT_INPUT
+    assert cli.main(["video", str(exported), "--max-steps", "1000000000", "--out", str(out)]) == commands.EXIT_INPUT
     assert "--max-steps must be at most 500 steps" in capsys.readouterr().err
 
 

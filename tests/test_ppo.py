@@ -233,7 +233,7 @@ def test_an_agent_trained_with_ppo_runs_loads_and_acts(tmp_path):
     counts its imagined steps, and the agent loads and acts as any other."""
     from wm_jax import pipeline
     from wm_jax.agent import Agent
-    from wm_jax.env import PixelCartPole
+    from wm_jax.envs.cartpole import PixelCartPole
 
     cfg = _replace(PPO_SMOKE, rounds={"rounds": 1})
     summary = pipeline.run(cfg, tmp_path / "run", progress=False)

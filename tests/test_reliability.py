@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from wm_jax import Agent, cli, interrupt, pipeline, run_dir
+from wm_jax import Agent, cli, commands, interrupt, pipeline, run_dir
 from wm_jax.models import train, transition, vae
 from wm_jax.search import driver, rollout
 from wm_jax.store import checkpoint
@@ -288,7 +288,7 @@ def test_b2_full_disk_during_a_checkpoint_save_leaves_nothing_restored(mounts):
             checkpoint.save(mngr, 1, state, {"m": 1})
     finally:
         mngr.close()
-    assert cli._write_error_in_text(info.value, None) is not None or getattr(info.value, "errno", None) == 28
+    assert commands._write_error_in_text(info.value, None) is not None or getattr(info.value, "errno", None) == 28
     assert checkpoint.restore_latest(disk / "c", state, {"m": 1}) is None
 
 

@@ -34,7 +34,7 @@ from wm_jax.models import quant, transition, vae
 from wm_jax.search import rollout
 from wm_jax.agent import Agent
 from wm_jax.store.data import TooLarge
-from wm_jax.env import PixelCartPole
+from wm_jax.envs.cartpole import PixelCartPole
 
 ROOT = Path(__file__).resolve().parents[1]
 BUCKETS = (1, 8)  # fewer programs to compile than the server's default

@@ -29,7 +29,7 @@ from wm_jax.search import checks, driver, rollout
 from wm_jax.store import checkpoint
 from wm_jax.store import data as data_lib
 from wm_jax.config import Config, ConfigError, diff
-from wm_jax.env import NUM_ACTIONS
+from wm_jax.envs.cartpole import NUM_ACTIONS
 from wm_jax.run_dir import RunDirError
 
 STRIP_STEPS = 10  # episode_strip.png: the first steps of the episode the video shows

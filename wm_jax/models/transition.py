@@ -26,7 +26,7 @@ from wm_jax import precision, stats
 from wm_jax.models import quant
 from wm_jax.models import train as train_lib
 from wm_jax.config import Config, TransitionConfig
-from wm_jax.env import NUM_ACTIONS
+from wm_jax.envs.cartpole import NUM_ACTIONS
 
 Params = Any
 _LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)

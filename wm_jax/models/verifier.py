@@ -26,7 +26,7 @@ from wm_jax import stats
 from wm_jax.models import transition
 from wm_jax.models import train as train_lib
 from wm_jax.config import Config, VerifierConfig
-from wm_jax.env import NUM_ACTIONS
+from wm_jax.envs.cartpole import NUM_ACTIONS
 
 Params = Any
 NEGATIVE_KINDS = ("one_step", "open_loop", "noise")

@@ -29,7 +29,7 @@ from wm_jax.models import controller, transition, vae
 from wm_jax.search import dream as dream_lib
 from wm_jax.search import rollout
 from wm_jax.config import Config
-from wm_jax.env import NUM_ACTIONS, PixelCartPole
+from wm_jax.envs.cartpole import NUM_ACTIONS, PixelCartPole
 
 Macros = tuple[tuple[int, int], ...]
 MACROS: Macros = ((0, 0), (0, 1), (1, 0), (1, 1))  # LL, LR, RL, RR

@@ -1,7 +1,7 @@
 """PPO in the dream: the second way to search C (evolve.trainer = "ppo"), beside CMA-ES.
 
 - `DreamEnv`: a gymnax-style functional environment over M (step returns six values, terminated
-  and truncated apart, as wm_jax.env.PixelCartPole). reset draws a start latent as the
+  and truncated apart, as wm_jax.envs.cartpole.PixelCartPole). reset draws a start latent as the
   CMA-ES dreams do (a stored encoder posterior, or with the grounding share a state the latest
   real check reached) with M's carry at zero; step is M's `transition.dream_step` and the dream's
   `dream.outcome` (reward head, Ha's done rule, the verifier's weight or cutoff); observation =
@@ -35,7 +35,7 @@ from wm_jax import stats
 from wm_jax.models import controller, train, transition
 from wm_jax.search import checks, dream
 from wm_jax.config import Config
-from wm_jax.env import NUM_ACTIONS
+from wm_jax.envs.cartpole import NUM_ACTIONS
 
 
 @struct.dataclass

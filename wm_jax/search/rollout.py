@@ -19,7 +19,7 @@ from wm_jax import interrupt, sharding
 from wm_jax.models import controller, transition, vae, verifier
 from wm_jax.search import dream
 from wm_jax.config import Config
-from wm_jax.env import PixelCartPole
+from wm_jax.envs.cartpole import PixelCartPole
 
 
 def agent_act(

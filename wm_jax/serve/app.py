@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, Field, StrictInt, field_validator
 
 from wm_jax import stages
-from wm_jax.env import NUM_ACTIONS
+from wm_jax.envs.cartpole import NUM_ACTIONS
 from wm_jax.serve.batching import Batcher, Unavailable
 from wm_jax.serve.metrics import CLIENT_CLOSED, Metrics
 from wm_jax.serve.model import OBS_BYTES, OBS_SHAPE, Model, Settings

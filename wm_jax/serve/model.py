@@ -19,7 +19,7 @@ from wm_jax.search import rollout
 from wm_jax.agent import Agent
 from wm_jax.presets import with_compute_dtype
 from wm_jax.store.data import TooLarge, memory_bytes
-from wm_jax.env import NUM_ACTIONS
+from wm_jax.envs.cartpole import NUM_ACTIONS
 
 
 OBS_SHAPE = (64, 64, 4)

@@ -26,7 +26,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from wm_jax import interrupt
-from wm_jax.env import FRAME_SIZE, STACK, PixelCartPole, push_frame, render
+from wm_jax.envs.cartpole import FRAME_SIZE, STACK, PixelCartPole, push_frame, render
 
 MANIFEST = "wm_jax_manifest.json"
 FORMAT_VERSION = 1

@@ -1,4 +1,4 @@
-"""Tests for wm_jax.env: the pixel renderer and the PixelCartPole wrapper (offline, CPU, fast)."""
+"""Tests for wm_jax.envs.cartpole: the pixel renderer and the PixelCartPole wrapper (offline, CPU, fast)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from wm_jax import env as E
-from wm_jax.env import FRAME_SIZE, STACK, PixelCartPole, render
+from wm_jax.envs import cartpole as E
+from wm_jax.envs.cartpole import FRAME_SIZE, STACK, PixelCartPole, render
 
 CART, POLE, TRACK = 255, 170, 90
-PX_PER_UNIT = 11.0  # documented in env.py: |x| <= 2.4 maps to |column - 31.5| <= 26.4
+PX_PER_UNIT = 11.0  # documented in envs/cartpole.py: |x| <= 2.4 maps to |column - 31.5| <= 26.4
 X_MAX = 2.4
 THETA_MAX = 12 * 2 * np.pi / 360
 
