@@ -11,7 +11,7 @@ For each size and mode:
   bytes accessed per dream step;
 - pieces, each a `lax.scan` over the horizon on one block of dreams (the rows a CPU steps together,
   dream.cpu_block), each adding one part of the step to the previous: the LSTM matmul, the LSTM's
-  element-wise gates, the heads (= transition.cell_step), sampling z' (transition.sample_with_noise),
+  element-wise gates, the heads (= transition.cell_step), sampling z' (imagination.sample_with_noise),
   the controller (controller.act per candidate); then the library's whole population scorer
   (dream.score_population: starts, noise, masks and returns too) at the size;
 - the share of the roofline reached: dream steps/s x FLOPs per step / the mode's matmul FLOP/s;
@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import dream_throughput  # (machine(), parse_sizes(), mode_config())
 
 from wm_jax import run_dir
-from wm_jax.models import controller, transition
+from wm_jax.models import controller, imagination, transition
 from wm_jax.search import dream
 from wm_jax.config import Config, TransitionConfig
 
@@ -106,7 +106,7 @@ def pieces(cfg: Config, m_params, pop, starts, noise, horizon: int, repeats: int
         if level == 2:  # + the heads: keep the prediction alive through z
             return c, h, z + 1e-6 * (pred.mean[..., 0] + pred.reward[..., None] + pred.done_logit[..., None])
         gumbel, eps = noise_t
-        return c, h, transition.sample_with_noise(pred, (gumbel, eps))  # levels 3 (+ sampling), 4 (+ controller)
+        return c, h, imagination.sample_with_noise(pred, (gumbel, eps))  # levels 3 (+ sampling), 4 (+ controller)
 
     rows = []
     names = ("LSTM matmul", "+ LSTM gates", "+ heads (cell_step)", "+ sampling z'", "+ controller")
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
             starts = dream.draw_starts(jax.random.key(4), *stored, rollouts)
             keys = jax.random.split(jax.random.key(5), args.horizon * rollouts).reshape(args.horizon, rollouts)
             components = transition.components(cfg.transition)
-            noise = jax.vmap(jax.vmap(partial(transition.latent_noise, latent=latent, components=components)))(keys)
+            noise = jax.vmap(jax.vmap(partial(imagination.latent_noise, latent=latent, components=components)))(keys)
             parts, cost = pieces(cfg, m_params, pop[:block], starts, noise, args.horizon, args.repeats)
             score = partial(dream.score_population, cfg, m_params=m_params, population=pop, mean=stored[0],
                             logvar=stored[1], rollouts=rollouts, horizon=args.horizon)

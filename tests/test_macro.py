@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from wm_jax.models import controller, transition, vae, verifier
+from wm_jax.models import controller, imagination, transition, vae, verifier
 from wm_jax.search import macro
 from wm_jax.store import checkpoint, data
 from wm_jax.config import (
@@ -111,7 +111,7 @@ def test_bad_macro_sets(bad):
 
 @pytest.mark.slow
 def test_twice_is_2n_primitive_steps_of_m():
-    """n macro steps of style "twice" = transition.imagine's 2n steps under the flattened primitives,
+    """n macro steps of style "twice" = imagination.imagine's 2n steps under the flattened primitives,
     same key: the same noise, carries, samples and predictions."""
     tcfg = _tcfg()
     params = transition.init(jax.random.key(0), tcfg, LATENT)
@@ -119,8 +119,9 @@ def test_twice_is_2n_primitive_steps_of_m():
     z0, carry = jax.random.normal(jax.random.key(1), (LATENT,)), transition.initial_carry(tcfg)
     macros = jax.random.randint(jax.random.key(2), (n,), 0, 4)
     flat = jnp.asarray(macro.primitive_table(macro.MACROS))[macros].reshape(-1)
-    c_m, tr = jax.jit(lambda: macro.imagine(tcfg, params, key, carry, z0, n, macro.MACROS, 0.8, actions=macros))()
-    c_p, ref = jax.jit(lambda: transition.imagine(tcfg, params, key, carry, z0, 2 * n, 0.8, actions=flat))()
+    c_m, tr = jax.jit(lambda: imagination.imagine(tcfg, params, key, carry, z0, n, 0.8, actions=macros,
+                                                  step=macro.twice(macro.MACROS), substeps=2))()
+    c_p, ref = jax.jit(lambda: imagination.imagine(tcfg, params, key, carry, z0, 2 * n, 0.8, actions=flat))()
     np.testing.assert_allclose(tr["steps"]["z_next"].reshape(2 * n, LATENT), ref["z_next"], atol=1e-5)
     np.testing.assert_allclose(tr["steps"]["h"].reshape(2 * n, -1), ref["h"], atol=1e-5)
     np.testing.assert_array_equal(tr["steps"]["action"].reshape(-1), flat)
@@ -191,7 +192,7 @@ def test_macro_m_with_four_actions_trains_and_imagines(tmp_path):
     params, info = transition.train(cfg, jax.random.key(0), arrays, tmp_path, progress=False)
     assert params["params"]["lstm"]["ii"]["kernel"].shape[0] == LATENT + 4
     assert np.isfinite(info["final"]["loss"])
-    _, im = transition.imagine(cfg.transition, params, jax.random.key(1), transition.initial_carry(cfg.transition),
+    _, im = imagination.imagine(cfg.transition, params, jax.random.key(1), transition.initial_carry(cfg.transition),
                                jnp.zeros((LATENT,)), 5, actions=jnp.array([0, 1, 2, 3, 3]))
     assert im["z_next"].shape == (5, LATENT) and np.isfinite(np.asarray(im["z_next"])).all()
     pop = jnp.zeros((4, controller.num_params(cfg.controller, LATENT, 16)))

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from wm_jax.models import controller, transition
+from wm_jax.models import controller, imagination, transition
 from wm_jax.search import dream
 from wm_jax.config import Config, EvolveConfig, TransitionConfig, VAEConfig
 
@@ -41,10 +41,10 @@ def test_torch_dream_matches_the_jax_dream(tau):
     key = jax.random.key(4)
     want = np.asarray(dream.score_population(cfg, key, m, pop, mean, logvar, rollouts, horizon))
 
-    # the starts and noise the JAX dream draws (dream.scores, transition.imagine)
+    # the starts and noise the JAX dream draws (dream.scores, imagination.imagine)
     key_s, key_d = jax.random.split(key)
     starts = dream.draw_starts(key_s, mean, logvar, rollouts)
-    noise = jnp.stack([jax.vmap(lambda k: transition.latent_noise(k, latent, 1)[1])(jax.random.split(k, horizon))
+    noise = jnp.stack([jax.vmap(lambda k: imagination.latent_noise(k, latent, 1)[1])(jax.random.split(k, horizon))
                        for k in jax.random.split(key_d, rollouts)], axis=1)  # [H, R, latent]
 
     td = _torch_dream()

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from wm_jax import precision
-from wm_jax.models import transition
+from wm_jax.models import imagination, transition
 from wm_jax.store import data
 from wm_jax.models import train as train_lib
 from wm_jax.config import Config, ConfigError, TrainConfig, TransitionConfig, VAEConfig
@@ -32,7 +32,7 @@ _latent_nll = jax.jit(transition.latent_nll)
 @jax.jit
 def _sample_many(keys, pred, tau):
     """One sample per key from the same prediction: [N, latent]."""
-    return jax.vmap(lambda k: transition.sample_latent(k, pred, tau))(keys)
+    return jax.vmap(lambda k: imagination.sample_latent(k, pred, tau))(keys)
 
 
 def _cfg(head: str = "mdn", steps: int = 60) -> TransitionConfig:
@@ -81,7 +81,7 @@ def test_step_shapes(head, comps):
     assert carry2[0].shape == carry2[1].shape == (b, HIDDEN)
     assert transition.hidden(carry2).shape == (b, HIDDEN)
     assert transition.latent_nll(pred, z).shape == (b,)
-    assert transition.sample_latent(jax.random.key(0), pred).shape == (b, LATENT)
+    assert imagination.sample_latent(jax.random.key(0), pred).shape == (b, LATENT)
     m, v = transition.mixture_moments(pred)
     assert m.shape == v.shape == (b, LATENT)
     assert (np.asarray(v) > 0).all()
@@ -454,11 +454,11 @@ def test_imagine_draws_the_noise_sample_latent_draws(cfg, params):
     key, length = jax.random.key(11), 6
     z0 = jax.random.normal(jax.random.key(12), (LATENT,))
     actions = jnp.array([0, 1, 1, 0, 1, 0], jnp.int32)
-    _, traj = transition.imagine(cfg, params, key, transition.initial_carry(cfg), z0, length, 0.8, actions=actions)
+    _, traj = imagination.imagine(cfg, params, key, transition.initial_carry(cfg), z0, length, 0.8, actions=actions)
     carry, z = transition.initial_carry(cfg), z0
     for t, k in enumerate(jax.random.split(key, length)):
         carry, pred = transition.step(cfg, params, carry, z, actions[t])
-        z = transition.sample_latent(k, pred, 0.8)
+        z = imagination.sample_latent(k, pred, 0.8)
         np.testing.assert_allclose(np.asarray(traj["z_next"][t]), np.asarray(z), rtol=1e-5, atol=1e-5)
 
 

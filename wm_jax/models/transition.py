@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -142,7 +141,7 @@ def pack(cfg: TransitionConfig, params: Params) -> Cell:
 
 def quantize(cfg: TransitionConfig, params: Params) -> Cell:
     """M for INT8 serving: the packed Cell with int8 w and head_w (one scale per output column,
-    from the float32 weights); `cell_step`, `imagine`, `observe` and the agent step take it in
+    from the float32 weights); `cell_step`, `imagination.imagine`, `observe` and the agent step take it in
     place of `params`. Activations are quantized per row at every step (wm_jax.models.quant.matmul)."""
     if isinstance(params, Cell):
         raise TypeError("transition.quantize needs M's float32 parameters (flax's layout), got a packed Cell")
@@ -163,6 +162,12 @@ def ends(p: jax.Array) -> jax.Array:
     """The done rule, written once: 1.0 where p_done > DONE_P (that step still counts, every later
     one is dead), else 0.0. Dreams, macro dreams, the server's look-ahead and the video use it."""
     return (p > DONE_P).astype(jnp.float32)
+
+
+def alive(ends: jax.Array) -> jax.Array:
+    """The done rule as a mask over a dream's steps [L] (from `ends`): the step where the done head
+    fires still counts, every later one is dead."""
+    return jnp.cumprod(jnp.concatenate([jnp.ones((1,), ends.dtype), 1.0 - ends[:-1]]))
 
 
 def sigmoid(x: jax.Array) -> jax.Array:
@@ -223,86 +228,12 @@ def step(
     return cell_step(pack(cfg, params), carry, z, a)
 
 
-def latent_noise(key: jax.Array, latent: int, components: int) -> tuple[jax.Array | None, jax.Array]:
-    """The random draws one `sample_latent` makes: (Gumbel [latent, K] for the component, None for
-    K = 1; standard normal [latent]). Drawn apart so a rollout can draw all its steps' noise at once."""
-    key_k, key_n = jax.random.split(key)
-    gumbel = jax.random.gumbel(key_k, (latent, components)) if components > 1 else None
-    return gumbel, jax.random.normal(key_n, (latent,))
-
-
-def sample_with_noise(pred: Prediction, noise: tuple[jax.Array | None, jax.Array], tau: float | jax.Array = 1.0
-                      ) -> jax.Array:
-    """z' from M's prediction and `latent_noise`'s draws at temperature tau."""
-    gumbel, eps = noise
-    tau = jnp.asarray(tau, pred.mean.dtype)
-    if gumbel is None:
-        mean, logstd = pred.mean[..., 0], pred.logstd[..., 0]
-    else:  # jax.random.categorical(logits / tau) with these Gumbel draws
-        k = jnp.argmax(gumbel + pred.logits / tau, axis=-1)
-        mean = jnp.take_along_axis(pred.mean, k[..., None], axis=-1)[..., 0]
-        logstd = jnp.take_along_axis(pred.logstd, k[..., None], axis=-1)[..., 0]
-    return mean + jnp.exp(logstd) * jnp.sqrt(tau) * eps
-
-
-def dream_step(
-    cell: Cell, carry: tuple[jax.Array, jax.Array], z: jax.Array, a: jax.Array,
-    noise: tuple[jax.Array | None, jax.Array], tau: float | jax.Array,
-) -> tuple[tuple[jax.Array, jax.Array], jax.Array, Prediction]:
-    """One imagined step: M's transition from (carry, z, a), then z' sampled with `latent_noise`'s
-    draws at temperature tau. Returns (new carry, z', prediction). Every dream steps with it:
-    `imagine`'s scan and the dream environment of wm_jax.search.ppo."""
-    new_carry, pred = cell_step(cell, carry, z, a)
-    return new_carry, sample_with_noise(pred, noise, tau), pred
-
-
-def sample_latent(key: jax.Array, pred: Prediction, tau: float | jax.Array = 1.0) -> jax.Array:
-    """z' ~ p(z' | h') at temperature tau (logits / tau, sigma * sqrt(tau)); [..., latent]."""
-    key_k, key_n = jax.random.split(key)
-    gumbel = jax.random.gumbel(key_k, pred.logits.shape) if pred.logits.shape[-1] > 1 else None
-    return sample_with_noise(pred, (gumbel, jax.random.normal(key_n, pred.mean.shape[:-1])), tau)
-
-
 def latent_nll(pred: Prediction, z_next: jax.Array) -> jax.Array:
     """-log p(z_next | h'), summed over latent dimensions; [...]."""
     z = z_next[..., None]
     log_normal = -0.5 * jnp.square((z - pred.mean) * jnp.exp(-pred.logstd)) - pred.logstd - _LOG_SQRT_2PI
     log_mix = jax.nn.log_softmax(pred.logits, axis=-1)
     return -jnp.sum(jax.nn.logsumexp(log_mix + log_normal, axis=-1), axis=-1)
-
-
-def imagine(
-    cfg: TransitionConfig, params: Params, key: jax.Array, carry: tuple[jax.Array, jax.Array], z0: jax.Array,
-    length: int, tau: float | jax.Array = 1.0, actions: jax.Array | None = None,
-    policy: Callable[[tuple[jax.Array, jax.Array], jax.Array], jax.Array] | None = None,
-) -> tuple[tuple[jax.Array, jax.Array], dict[str, Any]]:
-    """M rolled forward `length` steps from (carry, z0), fed its own samples at temperature tau.
-
-    The actions are given (`actions` [length]) or chosen at each step by `policy(carry, z) -> a`.
-    Returns (the final carry, trajectory): h [L, hidden] (the h each step started from), z
-    [L, latent] (its input; z[0] = z0), action [L], z_next (the sample) and pred (M's Prediction,
-    [L, ...]). Step t carries t + 1 steps of drift. One `lax.scan`: the dream, drift, the verifier's
-    open-loop negatives and the plots all roll M forward with it.
-    """
-    if (actions is None) == (policy is None):
-        raise ValueError("imagine needs exactly one of `actions` and `policy`")
-    cell = pack(cfg, params)  # once, not at every step
-    latent = z0.shape[-1]
-    # Every step's sampling noise in one draw before the loop (the same bits as sample_latent with
-    # each step's key); under vmap it is drawn once per key, however many controllers share it.
-    noise = jax.vmap(lambda k: latent_noise(k, latent, components(cfg)))(jax.random.split(key, length))
-
-    def body(state, inputs):
-        carry, z = state
-        noise_t, a = inputs
-        if policy is not None:
-            a = policy(carry, z)
-        new_carry, z_next, pred = dream_step(cell, carry, z, a, noise_t, tau)
-        return (new_carry, z_next), {"h": hidden(carry), "z": z, "action": a, "z_next": z_next, "pred": pred}
-
-    given = jnp.zeros((length,), jnp.int32) if actions is None else jnp.asarray(actions, jnp.int32)
-    (carry, _), traj = jax.lax.scan(body, (carry, z0), (noise, given))
-    return carry, traj
 
 
 def latent_kl_mc(key: jax.Array, mean: jax.Array, logvar: jax.Array, pred: Prediction) -> jax.Array:

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from wm_jax import stats
-from wm_jax.models import transition
+from wm_jax.models import imagination, transition
 from wm_jax.models import train as train_lib
 from wm_jax.config import Config, VerifierConfig
 from wm_jax.envs.cartpole import NUM_ACTIONS
@@ -75,11 +75,11 @@ def examples(
     (_, h), preds = transition.observe_carries(cfg.transition, m_params, batch["z"], batch["action"], batch["reset"])
     mask = batch["next_valid"]
     z, a, z_next = batch["z"], batch["action"], batch["z_next"]
-    one_step = transition.sample_latent(key_one, preds, 1.0)
+    one_step = imagination.sample_latent(key_one, preds, 1.0)
     noisy = z_next + cfg.verifier.noise * latent_std * jax.random.normal(key_noise, z_next.shape)
     carry0 = transition.initial_carry(cfg.transition, z.shape[0])
     keys = jax.random.split(key_ol, z.shape[0])
-    _, ol = jax.vmap(lambda k, c, z0, acts: transition.imagine(cfg.transition, m_params, k, c, z0, acts.shape[0],
+    _, ol = jax.vmap(lambda k, c, z0, acts: imagination.imagine(cfg.transition, m_params, k, c, z0, acts.shape[0],
                                                                 actions=acts))(keys, carry0, z[:, 0], a)
     same_episode = jnp.cumsum(batch["reset"][:, 1:], axis=1) == 0
     ol_mask = mask & jnp.concatenate([jnp.ones_like(same_episode[:, :1]), same_episode], axis=1)

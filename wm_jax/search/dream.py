@@ -1,6 +1,6 @@
 """Imagined rollouts: C acts on (z, h), M steps, z' is sampled at temperature tau.
 
-`dream` is M's `transition.imagine` (one `lax.scan`) under C, then scored; `score_population`
+`dream` is M's `imagination.imagine` (one `lax.scan`) under C, then scored; `score_population`
 vmaps it over rollouts and over the CMA-ES population so that one call scores a whole generation. Reward is the reward head's prediction,
 and a dream ends when the done head says p > 0.5 (Ha's rule); steps after the end are masked.
 Start states are latents sampled from stored encoder posteriors of real observations (Ha's
@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from wm_jax import sharding, stats
-from wm_jax.models import controller, transition, verifier
+from wm_jax.models import controller, imagination, transition, verifier
 from wm_jax.config import Config, grounded_count
 
 Pool = tuple[jax.Array, jax.Array, jax.Array]  # (mean, logvar [R, latent], valid [R]) of real states
@@ -41,13 +41,12 @@ def _dream(
     def policy(carry, z):
         return controller.act(ccfg, ctrl, z, transition.hidden(carry))
 
-    _, im = transition.imagine(tcfg, m_params, key, transition.initial_carry(tcfg), start, horizon,
+    _, im = imagination.imagine(tcfg, m_params, key, transition.initial_carry(tcfg), start, horizon,
                                hp["evolve"]["tau"], policy=policy)
     out = outcome(cfg, hp, k_params, im["h"], im["z"], im["action"], im["z_next"], im["pred"])
     # Ha's rule: the step where p_done > 0.5 still counts, every later step is dead (a mask, not a
     # branch); in cutoff mode the first unverified step earns nothing and ends the dream too.
-    still = 1.0 - out["ends"]
-    alive = jnp.cumprod(jnp.concatenate([jnp.ones((1,), start.dtype), still[:-1]])) * jnp.cumprod(out["verified"])
+    alive = transition.alive(out["ends"]) * jnp.cumprod(out["verified"])
     traj = {"z": im["z"], "action": im["action"], "p_done": out["p_done"]}
     reward = out["reward"]
     if vcfg.mode != "off":

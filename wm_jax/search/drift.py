@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from wm_jax.models import transition, vae, verifier
+from wm_jax.models import imagination, transition, vae, verifier
 from wm_jax.config import Config
 
 METRICS = ("latent_mse", "kl", "frame_mse", "confidence")
@@ -61,7 +61,7 @@ def _rollouts(cfg, key, m_params, k_params, ep, carries, pairs, max_k, with_k):
         steps = jnp.minimum(t0 + jnp.arange(max_k + 1), t_len - 1)  # rows t0 .. t0 + max_k
         carry = jax.tree.map(lambda c: c[e, t0], carries)
         key_ol, key_kl = jax.random.split(key_p)
-        _, ol = transition.imagine(cfg.transition, m_params, key_ol, carry, ep["mean"][e, t0], max_k,
+        _, ol = imagination.imagine(cfg.transition, m_params, key_ol, carry, ep["mean"][e, t0], max_k,
                                    actions=ep["action"][e, steps[:-1]])
         pred_mean = transition.mixture_moments(ol["pred"])[0]
         real_mean, real_logvar = ep["mean"][e, steps[1:]], ep["logvar"][e, steps[1:]]

@@ -3,12 +3,12 @@
 A macro controller is an ordinary C with one score per macro (ControllerConfig.actions): at every
 macro boundary it picks a macro from (z, h), and both of the macro's primitives run. Two ways to
 dream it (`STYLES`):
-- "twice": the primitive M stepped twice per macro step with `transition.dream_step` (`imagine`).
-  Its sampling noise is drawn as `transition.imagine` draws it for 2n steps, so n macro steps under
-  given macros are `transition.imagine`'s 2n steps under the flattened primitives;
+- "twice": the primitive M stepped twice per macro step: `imagination.imagine` with the step
+  `twice` makes (two noise draws per macro, so n macro steps under given macros are `imagine`'s 2n
+  steps under the flattened primitives);
 - "macro_m": a macro-M, an ordinary M whose action input has len(macros) values
   (TransitionConfig.actions), trained with `transition.train` on `training_arrays` (one row per
-  macro step) and dreamed with `transition.imagine`, one step per macro.
+  macro step) and dreamed with `imagination.imagine`, one step per macro.
 `dream` / `scores` score a controller in either style's dreams (Ha's done rule: p_done > 0.5 ends
 the dream, that step still counts); `episodes` runs it in the real environment. The macro set is an
 argument everywhere (a tuple of pairs, static under jit), checked once by `validate`.
@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from wm_jax import sharding
-from wm_jax.models import controller, transition, vae
+from wm_jax.models import controller, imagination, transition, vae
 from wm_jax.search import dream as dream_lib
 from wm_jax.search import rollout
 from wm_jax.config import Config
@@ -160,52 +160,26 @@ def episode_macros(actions: np.ndarray, macros: Macros = MACROS) -> np.ndarray:
     return pair_index[a[..., 0::2], a[..., 1::2]]
 
 
-def imagine(
-    cfg: Any, params: Any, key: jax.Array, carry: tuple[jax.Array, jax.Array], z0: jax.Array, length: int,
-    macros: Macros, tau: float | jax.Array = 1.0, actions: jax.Array | None = None, policy: Any = None,
-) -> tuple[tuple[jax.Array, jax.Array], dict[str, Any]]:
-    """Style "twice": the primitive M (cfg: TransitionConfig) rolled `length` macro steps, two
-    `transition.dream_step`s per macro, fed its own samples at temperature tau.
-
-    Macros are given (`actions` [length], macro indices) or chosen at each macro boundary by
-    `policy(carry, z) -> macro`. The noise is `transition.imagine`'s for 2 * length steps with the
-    same key, so the result equals it under the flattened primitives. Returns (final carry,
-    trajectory): per macro step h, z (at the macro's start), action (the macro), z_next (after
-    both primitives) [L, ...]; pred (M's Prediction, [L, 2, ...]) and steps = {h, z, action,
-    z_next} per primitive [L, 2, ...] (K's inputs).
-    """
-    if (actions is None) == (policy is None):
-        raise ValueError("imagine needs exactly one of `actions` and `policy`")
+def twice(macros: Macros) -> imagination.Step:
+    """Style "twice"'s step for `imagination.imagine` (with substeps=2): the primitive M stepped
+    once per primitive of the macro, each with its own noise draw. The noise is then
+    `imagine`'s for 2 * length steps with the same key, so n macro steps under given macros equal
+    `imagine`'s 2n steps under the flattened primitives. In the trajectory pred is [L, 2, ...],
+    z_next the latent after both primitives, and steps = {h, z, action, z_next} per primitive
+    [L, 2, ...] is added (K's inputs)."""
     table = jnp.asarray(primitive_table(macros))
-    cell = transition.pack(cfg, params)
-    latent = z0.shape[-1]
-    noise = jax.vmap(lambda k: transition.latent_noise(k, latent, transition.components(cfg)))(
-        jax.random.split(key, 2 * length))
-    noise = jax.tree.map(lambda x: x.reshape((length, 2) + x.shape[1:]), noise)
 
-    def body(state, inputs):
-        carry, z = state
-        noise_t, m = inputs
-        if policy is not None:
-            m = policy(carry, z)
+    def step(cell, carry, z, m, noise, tau):
         prims = table[m]
-        first, second = (jax.tree.map(lambda x, i=i: x[i], noise_t) for i in range(2))
-        mid_carry, z_mid, pred1 = transition.dream_step(cell, carry, z, prims[0], first, tau)
-        new_carry, z_next, pred2 = transition.dream_step(cell, mid_carry, z_mid, prims[1], second, tau)
-        h = transition.hidden(carry)
-        steps = {"h": jnp.stack([h, transition.hidden(mid_carry)]), "z": jnp.stack([z, z_mid]), "action": prims,
-                 "z_next": jnp.stack([z_mid, z_next])}
-        pred = jax.tree.map(lambda a, b: jnp.stack([a, b]), pred1, pred2)
-        return (new_carry, z_next), {"h": h, "z": z, "action": m, "z_next": z_next, "pred": pred, "steps": steps}
+        first, second = (jax.tree.map(lambda x, i=i: x[i], noise) for i in range(2))
+        mid_carry, z_mid, pred1 = imagination.dream_step(cell, carry, z, prims[0], first, tau)
+        new_carry, z_next, pred2 = imagination.dream_step(cell, mid_carry, z_mid, prims[1], second, tau)
+        steps = {"h": jnp.stack([transition.hidden(carry), transition.hidden(mid_carry)]), "z": jnp.stack([z, z_mid]),
+                 "action": prims, "z_next": jnp.stack([z_mid, z_next])}
+        pred = jax.tree.map(lambda x, y: jnp.stack([x, y]), pred1, pred2)
+        return new_carry, z_next, pred, {"steps": steps}
 
-    given = jnp.zeros((length,), jnp.int32) if actions is None else jnp.asarray(actions, jnp.int32)
-    (carry, _), traj = jax.lax.scan(body, (carry, z0), (noise, given))
-    return carry, traj
-
-
-def _alive(ends: jax.Array) -> jax.Array:
-    """Ha's rule as a mask: the step where the done head fires still counts, every later one is dead."""
-    return jnp.cumprod(jnp.concatenate([jnp.ones((1,), ends.dtype), 1.0 - ends[:-1]]))
+    return step
 
 
 def dream(
@@ -229,15 +203,16 @@ def dream(
 
     carry0 = transition.initial_carry(tcfg)
     if style == "twice":
-        _, im = imagine(tcfg, m_params, key, carry0, start, horizon, macros, tau, policy=policy)
+        _, im = imagination.imagine(tcfg, m_params, key, carry0, start, horizon, tau, policy=policy,
+                                    step=twice(macros), substeps=2)
         p_done = transition.p_done(im["pred"]).reshape(-1)  # [2H] in time order
-        alive_step = _alive(transition.ends(p_done))
+        alive_step = transition.alive(transition.ends(p_done))
         reward = (im["pred"].reward.reshape(-1) * alive_step).reshape(horizon, 2).sum(-1)
         alive, p_done = alive_step[0::2], p_done[1::2]
     else:
-        _, im = transition.imagine(tcfg, m_params, key, carry0, start, horizon, tau, policy=policy)
+        _, im = imagination.imagine(tcfg, m_params, key, carry0, start, horizon, tau, policy=policy)
         p_done = transition.p_done(im["pred"])
-        alive = _alive(transition.ends(p_done))
+        alive = transition.alive(transition.ends(p_done))
         reward = im["pred"].reward * alive
     traj = {"z": im["z"], "action": im["action"], "reward": reward, "alive": alive, "p_done": p_done}
     return traj, jnp.sum(reward)

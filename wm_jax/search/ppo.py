@@ -3,7 +3,7 @@
 - `DreamEnv`: a gymnax-style functional environment over M (step returns six values, terminated
   and truncated apart, as wm_jax.envs.cartpole.PixelCartPole). reset draws a start latent as the
   CMA-ES dreams do (a stored encoder posterior, or with the grounding share a state the latest
-  real check reached) with M's carry at zero; step is M's `transition.dream_step` and the dream's
+  real check reached) with M's carry at zero; step is one step of `imagination.imagine` and the dream's
   `dream.outcome` (reward head, Ha's done rule, the verifier's weight or cutoff); observation =
   [z, h]; an episode ends at the done head or after evolve.horizon steps (truncated), and the
   env resets itself. Any JAX RL loop can train in it, vmapped over thousands of dreams.
@@ -32,7 +32,7 @@ import optax
 from flax import struct
 
 from wm_jax import stats
-from wm_jax.models import controller, train, transition
+from wm_jax.models import controller, imagination, train, transition
 from wm_jax.search import checks, dream
 from wm_jax.config import Config
 from wm_jax.envs.cartpole import NUM_ACTIONS
@@ -114,13 +114,12 @@ class DreamEnv:
     def step(self, key: jax.Array, state: DreamState, action: jax.Array, params: DreamParams
              ) -> tuple[jax.Array, DreamState, jax.Array, jax.Array, jax.Array, dict[str, jax.Array]]:
         key_step, key_reset = jax.random.split(key)
-        latent = state.z.shape[-1]
         action = jnp.asarray(action, jnp.int32)
-        noise = transition.latent_noise(key_step, latent, transition.components(self.cfg.transition))
-        carry, z_next, pred = transition.dream_step(params.cell, state.carry, state.z, action, noise,
-                                                    params.hp["evolve"]["tau"])
-        out = dream.outcome(self.cfg, params.hp, params.k_params, transition.hidden(state.carry), state.z, action,
-                            z_next, pred)
+        carry, im = imagination.imagine(self.cfg.transition, params.cell, key_step, state.carry, state.z, 1,
+                                        params.hp["evolve"]["tau"], actions=action[None])
+        im = jax.tree.map(lambda x: x[0], im)  # the one step
+        z_next = im["z_next"]
+        out = dream.outcome(self.cfg, params.hp, params.k_params, im["h"], state.z, action, z_next, im["pred"])
         reward = out["reward"] * out["verified"]
         terminated = jnp.maximum(out["ends"], 1.0 - out["verified"]) > 0
         t = state.t + 1

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from wm_jax import interrupt, sharding
-from wm_jax.models import controller, transition, vae, verifier
+from wm_jax.models import controller, imagination, transition, vae, verifier
 from wm_jax.search import dream
 from wm_jax.config import Config
 from wm_jax.envs.cartpole import PixelCartPole
@@ -178,7 +178,7 @@ def _open_loop(cfg: Config, tau: jax.Array, params: dict[str, Any], key: jax.Arr
     init = (obs, state, transition.initial_carry(cfg.transition), jnp.ones(()))
     _, (real, zs, actions, reward, valid) = jax.lax.scan(body, init, jnp.arange(steps))
     recon = vae.decode(cfg.vae, params["vae"], zs)[..., -1]
-    _, im = transition.imagine(cfg.transition, params["transition"], k_dream, transition.initial_carry(cfg.transition),
+    _, im = imagination.imagine(cfg.transition, params["transition"], k_dream, transition.initial_carry(cfg.transition),
                                zs[0], steps, tau, actions=actions)
     dreamed = vae.decode(cfg.vae, params["vae"], im["z"])[..., -1]
     out = {"z": zs, "real": real, "action": actions, "reward": reward, "valid": valid, "recon": recon, "dreamed": dreamed,

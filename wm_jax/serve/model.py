@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from wm_jax.models import controller, transition, vae, verifier
+from wm_jax.models import controller, imagination, transition, vae, verifier
 from wm_jax.search import rollout
 from wm_jax.agent import Agent
 from wm_jax.presets import with_compute_dtype
@@ -72,20 +72,22 @@ def memory_need(cfg: Any, settings: Settings, gate: bool) -> dict[str, int]:
     """Bytes the served programs and sessions need at most, from every setting that scales them.
     "act": the /act program at the largest bucket, per example: the frame stack (uint8 and
     float32), V's encoder activations, the carries it takes and returns, and, with the gate on,
-    the look-ahead scan, which keeps every imagined step's carry (c, h), K's confidence, the reward
-    and the alive flag ((2 hidden + 3) float32) for lookahead + 1 steps. "dream": the /v1/dream
-    program's max_dream_horizon steps (two latents and four scalars each). "sessions": every
-    session's carry at max_sessions. About: XLA's own buffers and the parameters are not counted."""
+    the look-ahead's trajectory for lookahead + 1 steps, held twice (its two parts, then joined).
+    "dream": the /v1/dream program's max_dream_horizon steps. A step of a trajectory keeps h, z, z',
+    M's prediction (3 latent x K mixture floats, reward, done), the action, K's confidence and the
+    alive flag. "sessions": every session's carry at max_sessions. About: XLA's own buffers and the
+    parameters are not counted."""
     f32, hidden, latent = 4, cfg.transition.hidden, cfg.vae.latent
+    per_step = (hidden + latent * (2 + 3 * transition.components(cfg.transition)) + 5) * f32
     side, encoder = OBS_SHAPE[0], 0
     for width in cfg.vae.filters:  # four stride-2 4x4 valid convolutions: 64 -> 31 -> 14 -> 6 -> 2
         side = (side - 4) // 2 + 1
         encoder += side * side * width * f32
     example = OBS_BYTES * (1 + f32) + encoder + 3 * 2 * hidden * f32
     if gate:
-        example += (settings.lookahead + 1) * (2 * hidden + 3) * f32
+        example += 2 * (settings.lookahead + 1) * per_step
     return {"act": settings.buckets[-1] * example,
-            "dream": settings.max_dream_horizon * (2 * latent + 4) * f32 + OBS_BYTES * (1 + f32) + encoder,
+            "dream": settings.max_dream_horizon * per_step + OBS_BYTES * (1 + f32) + encoder,
             "sessions": settings.max_sessions * (2 * hidden * f32 + SESSION_BYTES)}
 
 
@@ -148,7 +150,8 @@ class Model:
         self.latent = self.cfg.vae.latent
         self._act = jax.jit(partial(_act_batch, self.cfg, settings.lookahead, settings.safe_action,
                                     self.gate != "off"))
-        self._dream = jax.jit(partial(_dream, self.cfg, settings.max_dream_horizon))
+        # /v1/dream under the policy or under given actions: one program each
+        self._dreams = {use: jax.jit(partial(_dream, self.cfg, settings.max_dream_horizon, use)) for use in (True, False)}
         self._decode = jax.jit(partial(vae.decode, self.cfg.vae))
 
     @classmethod
@@ -188,10 +191,11 @@ class Model:
         return rows
 
     def warm_up(self) -> None:
-        """Compile every bucket's program (and the dream's) before the first request."""
+        """Compile every bucket's program (and both dreams') before the first request."""
         for b in self.settings.buckets:
             self.act([self.initial_carry()] * b, [np.zeros(OBS_SHAPE, np.uint8)] * b)
         self.dream(self.initial_carry(), np.zeros(OBS_SHAPE, np.uint8), 1, None, frames=True)
+        self.dream(self.initial_carry(), np.zeros(OBS_SHAPE, np.uint8), 1, [0])
 
     def dream(self, carry: tuple[np.ndarray, np.ndarray], obs: np.ndarray, horizon: int, actions: list[int] | None,
               frames: bool = False) -> dict[str, Any]:
@@ -199,7 +203,7 @@ class Model:
         given = np.zeros((steps,), np.int32)
         if actions is not None:
             given[:len(actions)] = actions
-        out = jax.device_get(self._dream(self.params, carry, obs, given, actions is None))
+        out = jax.device_get(self._dreams[actions is None](self.params, carry, obs, given))
         res = {k: np.asarray(v[:horizon]) for k, v in out.items()}
         if frames:  # the horizon's frames only, decoded in chunks of one compiled size
             z = np.zeros((-(-horizon // DECODE_CHUNK) * DECODE_CHUNK, self.latent), np.float32)
@@ -210,37 +214,27 @@ class Model:
         return res
 
 
-def _most_likely(cfg: Any) -> tuple[jax.Array | None, jax.Array]:
-    """`transition.latent_noise`-shaped zeros: with them `dream_step` takes M's most likely
-    component and its mean, so a dream from the same state is always the same."""
-    latent, k = cfg.vae.latent, transition.components(cfg.transition)
-    return (jnp.zeros((latent, k)) if k > 1 else None, jnp.zeros((latent,)))
+def _policy(cfg: Any, ctrl: jax.Array):
+    """C's choice on M's state (carry, z): the policy the look-ahead and /v1/dream dream under."""
+    return lambda carry, z: controller.act(cfg.controller, ctrl, z, transition.hidden(carry))
 
 
 def _lookahead(cfg: Any, params: dict[str, Any], carry: Any, z: jax.Array, a: jax.Array, length: int
                ) -> tuple[jax.Array, jax.Array, Any]:
-    """K's mean confidence over the transition (carry, z, a) and `length` imagined steps after it
-    under the policy, up to where M's done head ends the dream, the dreamed return (reward head,
-    Ha's done rule), and the carry after (carry, z, a), the step the agent takes; deterministic
-    (every step takes M's most likely latent). One example; vmapped by the caller."""
-    cell, ctrl, k_params = params["transition"], params["controller"], params["verifier"]
-    zero_noise = _most_likely(cfg)
-
-    def body(state, _):
-        carry, z, a, alive = state
-        h = transition.hidden(carry)
-        new_carry, z_next, pred = transition.dream_step(cell, carry, z, a, zero_noise, 1.0)
-        conf = verifier.confidence(cfg.verifier, k_params, h, z, a, z_next)
-        live = alive
-        alive = alive * (1.0 - transition.ends(transition.p_done(pred)))  # the step itself still counts
-        a_next = controller.act(cfg.controller, ctrl, z_next, transition.hidden(new_carry))
-        return (new_carry, z_next, a_next, alive), (conf, pred.reward, live, new_carry)
-
-    _, (conf, reward, live, carries) = jax.lax.scan(body, (carry, z, a, jnp.ones(())), None, length=length + 1)
-    # the mean over the steps the dream lived (the first always does): after M's done head fires,
-    # the imagined transitions cannot happen and are not scored
-    first = jax.tree.map(lambda x: x[0], carries)
-    return jnp.sum(conf * live) / jnp.sum(live), jnp.sum(reward * live), first
+    """K's mean confidence over the agent's step (carry, z, a) and `length` imagined steps after it
+    under the policy, up to where M's done head ends the dream; the dreamed return (reward head,
+    Ha's done rule); and the carry after the agent's step. Deterministic (M's most likely latent at
+    every step). One example; vmapped by the caller."""
+    tcfg, cell = cfg.transition, params["transition"]
+    carry, first = imagination.imagine(tcfg, cell, None, carry, z, 1, actions=a[None], deterministic=True)
+    _, rest = imagination.imagine(tcfg, cell, None, carry, first["z_next"][0], length,
+                                  policy=_policy(cfg, params["controller"]), deterministic=True)
+    traj = jax.tree.map(lambda x, y: jnp.concatenate([x, y]), first, rest)
+    conf = verifier.confidence(cfg.verifier, params["verifier"], traj["h"], traj["z"], traj["action"], traj["z_next"])
+    # the steps the dream lived (the first always does): after M's done head fires, the imagined
+    # transitions cannot happen and are not scored
+    live = transition.alive(transition.ends(transition.p_done(traj["pred"])))
+    return jnp.sum(conf * live) / jnp.sum(live), jnp.sum(traj["pred"].reward * live), carry
 
 
 def _act_batch(cfg: Any, lookahead: int, safe_action: int | None, gate: bool, params: dict[str, Any],
@@ -260,28 +254,20 @@ def _act_batch(cfg: Any, lookahead: int, safe_action: int | None, gate: bool, pa
     return out
 
 
-def _dream(cfg: Any, steps: int, params: dict[str, Any], carry: Any, obs: jax.Array, given: jax.Array,
-           use_policy: jax.Array) -> dict[str, jax.Array]:
-    """`steps` imagined steps from (carry, obs) under the policy or the `given` actions; M's most
-    likely latent at each step, so the same request always dreams the same."""
-    cell, ctrl, k_params = params["transition"], params["controller"], params["verifier"]
+def _dream(cfg: Any, steps: int, use_policy: bool, params: dict[str, Any], carry: Any, obs: jax.Array,
+           given: jax.Array) -> dict[str, jax.Array]:
+    """`steps` imagined steps from (carry, obs) under the policy (use_policy) or the `given` actions;
+    deterministic (M's most likely latent at each step), so the same request always dreams the same."""
     mean, _ = vae.encode(cfg.vae, params["vae"], obs[None])
-    z0 = mean[0]
-    zero_noise = _most_likely(cfg)
-
-    def body(state, a_given):
-        carry, z = state
-        h = transition.hidden(carry)
-        a = jnp.where(use_policy, controller.act(cfg.controller, ctrl, z, h), a_given)
-        new_carry, z_next, pred = transition.dream_step(cell, carry, z, a, zero_noise, 1.0)
-        row = {"z": z, "action": a, "z_next": z_next, "reward": pred.reward,
-               "p_done": transition.p_done(pred)}
-        if k_params is not None:
-            row["confidence"] = verifier.confidence(cfg.verifier, k_params, h, z, a, z_next)
-        return (new_carry, z_next), row
-
-    _, traj = jax.lax.scan(body, (carry, z0), given)
-    return traj
+    how = {"policy": _policy(cfg, params["controller"])} if use_policy else {"actions": given}
+    _, traj = imagination.imagine(cfg.transition, params["transition"], None, carry, mean[0], steps,
+                                  deterministic=True, **how)
+    out = {"z": traj["z"], "action": traj["action"], "z_next": traj["z_next"], "reward": traj["pred"].reward,
+           "p_done": transition.p_done(traj["pred"])}
+    if params["verifier"] is not None:
+        out["confidence"] = verifier.confidence(cfg.verifier, params["verifier"], traj["h"], traj["z"],
+                                                traj["action"], traj["z_next"])
+    return out
 
 
 def png(pixels: np.ndarray) -> str:
