@@ -4,8 +4,8 @@
     python benchmarks/collect.py --quick         # 200 episodes, baseline 20
     python benchmarks/collect.py --json out.json
 
-(a) `data.collect_arrays(jax.random.key(123), N)` after a warm-up call with the same chunk size, so
-    compilation is reported separately; then `data.collect` (which adds the Dataset construction),
+(a) `collection.collect_arrays(jax.random.key(123), N)` after a warm-up call with the same chunk size, so
+    compilation is reported separately; then `collection.collect` (which adds the Dataset construction),
     and `data.save_dataset` of that dataset to a temporary directory (size on disk, peak RSS).
 (b) A plain Python loop over gymnasium's CartPole-v1 (random actions, seed 123) that renders every
     state on the host with the same `wm_jax.envs.cartpole.render`, one call per step.
@@ -28,7 +28,7 @@ import jax
 import numpy as np
 
 from wm_jax import run_dir
-from wm_jax.store import data
+from wm_jax.store import collection, data
 from wm_jax.envs.cartpole import render
 
 
@@ -72,18 +72,18 @@ def bench_wm_jax(episodes: int, chunk_size: int, seed: int) -> dict:
     chunk = min(chunk_size, episodes)  # what collect_arrays uses, so the warm-up compiles the same program
 
     t0 = time.perf_counter()
-    data.collect_arrays(key, chunk, chunk_size=chunk, progress=False)
+    collection.collect_arrays(key, chunk, chunk_size=chunk, progress=False)
     compile_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    cols = data.collect_arrays(key, episodes, chunk_size=chunk, progress=False)
+    cols = collection.collect_arrays(key, episodes, chunk_size=chunk, progress=False)
     arrays_s = time.perf_counter() - t0
     rows = int(cols["t"].shape[0])
     assert int(np.unique(cols["episode"]).size) == episodes
     del cols
 
     t0 = time.perf_counter()
-    ds = data.collect(key, episodes, chunk_size=chunk, progress=False)
+    ds = collection.collect(key, episodes, chunk_size=chunk, progress=False)
     collect_s = time.perf_counter() - t0
     assert ds.num_rows == rows
 
@@ -136,7 +136,7 @@ def bench_gymnasium(episodes: int, seed: int) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--episodes", type=int, default=5000, help="episodes for wm_jax.store.data.collect (default 5000)")
+    parser.add_argument("--episodes", type=int, default=5000, help="episodes for wm_jax.store.collection.collect (default 5000)")
     parser.add_argument("--baseline-episodes", type=int, default=200, help="episodes for the gymnasium loop (default 200)")
     parser.add_argument("--chunk-size", type=int, default=1000, help="collect's chunk_size (default 1000)")
     parser.add_argument("--seed", type=int, default=123)
@@ -163,8 +163,8 @@ def main(argv: list[str] | None = None) -> dict:
     print("| method | episodes | frames | seconds | frames/s | vs gymnasium loop |")
     print("|---|---:|---:|---:|---:|---:|")
     table = [
-        ("wm_jax `data.collect_arrays` (jit+vmap scan)", wm["episodes"], wm["frames"], wm["collect_arrays_s"], fps_arrays),
-        ("wm_jax `data.collect` (+ Dataset)", wm["episodes"], wm["frames"], wm["collect_s"], fps_collect),
+        ("wm_jax `collection.collect_arrays` (jit+vmap scan)", wm["episodes"], wm["frames"], wm["collect_arrays_s"], fps_arrays),
+        ("wm_jax `collection.collect` (+ Dataset)", wm["episodes"], wm["frames"], wm["collect_s"], fps_collect),
         ("gymnasium CartPole-v1 loop + host `render`", gym_res["episodes"], gym_res["frames"], gym_res["seconds"], fps_gym),
     ]
     for name, eps, frames, secs, fps in table:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import jax
 
-from wm_jax.store import data
+from wm_jax.store import collection, data
 
 
 def _best(fn, repeats: int) -> float:
@@ -41,7 +41,7 @@ def main() -> None:
     p.add_argument("--out", default="benchmarks/results/dataset_checksum.json")
     args = p.parse_args()
 
-    ds = data.collect(jax.random.key(123), args.episodes, progress=False)
+    ds = collection.collect(jax.random.key(123), args.episodes, progress=False)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "ds"
         t0 = time.perf_counter()

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from wm_jax.models import train, transition, vae
-from wm_jax.store import data
+from wm_jax.store import collection, data
 from wm_jax.presets import get_preset
 
 
@@ -47,7 +47,7 @@ def main() -> None:
     p.add_argument("--json")
     args = p.parse_args()
     cfg = get_preset(args.preset)
-    cols = data.collect_arrays(jax.random.key(123), args.episodes, progress=False)
+    cols = collection.collect_arrays(jax.random.key(123), args.episodes, progress=False)
     index = data.EpisodeIndex.from_columns(cols["episode"], cols["t"])
 
     vcfg = cfg.vae

@@ -38,7 +38,7 @@ from wm_jax import agent as agent_lib, stages
 from wm_jax import run_dir
 from wm_jax.models import quant, transition, vae
 from wm_jax.search import rollout
-from wm_jax.store import data
+from wm_jax.store import collection, data
 from wm_jax.presets import with_compute_dtype
 
 RESULTS = Path(__file__).parent / "results"
@@ -83,7 +83,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         size = {k: quant.save(Path(tmp) / f"{k}.safetensors", m) for k, m in models.items()}
 
-    ds = data.collect(jax.random.key(args.seed), args.held_out, progress=False)
+    ds = collection.collect(jax.random.key(args.seed), args.held_out, progress=False)
     arrays = data.to_arrays(ds)
     index = data.EpisodeIndex.from_columns(arrays["episode"], arrays["t"])
     frames = jnp.asarray(arrays["frame"])

@@ -24,7 +24,7 @@ import numpy as np
 from wm_jax import run_dir, stats
 from wm_jax.models import transition, vae
 from wm_jax.search import drift
-from wm_jax.store import data
+from wm_jax.store import collection, data
 from wm_jax.config import Config
 
 
@@ -62,7 +62,7 @@ def main() -> None:
     args = p.parse_args()
     run = Path(args.run_dir)
     cfg = Config.from_dict(json.loads((run / "config.json").read_text()))
-    ds = data.collect(jax.random.key(args.seed), args.episodes, progress=False)
+    ds = collection.collect(jax.random.key(args.seed), args.episodes, progress=False)
     arrays = data.to_arrays(ds)
     index = data.EpisodeIndex.from_columns(arrays["episode"], arrays["t"])
     vae_params = vae.load(cfg, run / "vae")

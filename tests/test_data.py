@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from wm_jax.store import collection
 from wm_jax.store import data as D
 from wm_jax.envs.cartpole import render
 
@@ -28,7 +29,7 @@ THETA_MAX = 12 * 2 * np.pi / 360
 
 def _collect(key, n=N_EPISODES, **kw):
     kw.setdefault("chunk_size", CHUNK)
-    return D.collect(key, n, progress=False, **kw)
+    return collection.collect(key, n, progress=False, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -175,11 +176,11 @@ def test_collect_is_deterministic(arrays):
 
 def test_collect_rejects_bad_arguments():
     with pytest.raises(ValueError):
-        D.collect_arrays(jax.random.key(0), 0)
+        collection.collect_arrays(jax.random.key(0), 0)
     with pytest.raises(ValueError):
-        D.collect_arrays(jax.random.key(0), 4, max_steps=0)
+        collection.collect_arrays(jax.random.key(0), 4, max_steps=0)
     with pytest.raises(ValueError):
-        D.collect_arrays(jax.random.key(0), 4, chunk_size=0)
+        collection.collect_arrays(jax.random.key(0), 4, chunk_size=0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -429,27 +430,27 @@ def test_identity_is_the_content(small_ds, tmp_path):
 
 
 def test_collection_too_large_for_memory_is_refused_before_any_work():
-    with pytest.raises(D.TooLarge, match="GiB"):
-        D.collect(jax.random.key(0), 100_000_000_000)
+    with pytest.raises(collection.TooLarge, match="GiB"):
+        collection.collect(jax.random.key(0), 100_000_000_000)
 
 
 @pytest.mark.parametrize("max_steps", [10**9, 10**11])
 def test_a_step_limit_whose_scan_buffers_exceed_memory_is_refused_before_any_work(monkeypatch, max_steps):
     """One episode: the kept rows are tiny, but the scan writes max_steps steps for every episode."""
-    monkeypatch.setattr(D, "_collect_chunk_jit", lambda *a: pytest.fail("the scan was compiled"))
-    with pytest.raises(D.TooLarge, match="scan buffers"):
-        D.collect(jax.random.key(0), 1, max_steps=max_steps, progress=False)
+    monkeypatch.setattr(collection, "_collect_chunk_jit", lambda *a: pytest.fail("the scan was compiled"))
+    with pytest.raises(collection.TooLarge, match="scan buffers"):
+        collection.collect(jax.random.key(0), 1, max_steps=max_steps, progress=False)
 
 
 def test_the_memory_rule_counts_rows_and_one_chunks_scan(monkeypatch):
-    monkeypatch.setattr(D, "memory_bytes", lambda: 2 * 10**9)  # half: 10**9 bytes
-    per_episode_scan = 500 * D.SCAN_STEP_BYTES
-    D.check_memory(1000, 500, chunk_size=1000)  # 1000 x 22.5 x 4132 + 1000 x 30,000 = 123 MB
-    with pytest.raises(D.TooLarge):  # 10**4 x 22.5 x 4132 = 930 MB of rows + 300 MB of one chunk's scan
-        D.check_memory(10**4, 500, chunk_size=10**4)
-    D.check_memory(10**4, 500, chunk_size=10**9 // per_episode_scan // 20)  # a small chunk fits
-    with pytest.raises(D.TooLarge):  # a pixel policy's episodes are counted at max_steps
-        D.check_memory(1000, 500, policy=D.Policy(act=lambda p, k, c, o: (0, c)), chunk_size=1)
+    monkeypatch.setattr(collection, "memory_bytes", lambda: 2 * 10**9)  # half: 10**9 bytes
+    per_episode_scan = 500 * collection.SCAN_STEP_BYTES
+    collection.check_memory(1000, 500, chunk_size=1000)  # 1000 x 22.5 x 4132 + 1000 x 30,000 = 123 MB
+    with pytest.raises(collection.TooLarge):  # 10**4 x 22.5 x 4132 = 930 MB of rows + 300 MB of one chunk's scan
+        collection.check_memory(10**4, 500, chunk_size=10**4)
+    collection.check_memory(10**4, 500, chunk_size=10**9 // per_episode_scan // 20)  # a small chunk fits
+    with pytest.raises(collection.TooLarge):  # a pixel policy's episodes are counted at max_steps
+        collection.check_memory(1000, 500, policy=collection.Policy(act=lambda p, k, c, o: (0, c)), chunk_size=1)
 
 
 def test_load_rejects_half_written_directories(small_ds, tmp_path):

@@ -24,7 +24,7 @@ from wm_jax import cli, pipeline, run_dir, stats
 from wm_jax import stages as stages_lib
 from wm_jax.models import transition, vae
 from wm_jax.search import driver, rollout
-from wm_jax.store import data
+from wm_jax.store import collection, data
 from wm_jax.agent import Agent
 from wm_jax.config import ConfigError
 from wm_jax.presets import get_preset
@@ -241,7 +241,7 @@ def test_a_budget_gives_round_2_half_of_what_is_left_and_its_search_the_rest(tmp
     is allowed what is left when it starts (round 2's after its collection)."""
     budget = 1_000_000
     seen = {"max_rows": [], "real_steps": []}
-    collect, search = data.collect, driver.evolve
+    collect, search = collection.collect, driver.evolve
 
     def spy_collect(*args, **kwargs):
         seen["max_rows"].append(kwargs.get("max_rows"))
@@ -251,7 +251,7 @@ def test_a_budget_gives_round_2_half_of_what_is_left_and_its_search_the_rest(tmp
         seen["real_steps"].append(kwargs.get("real_steps"))
         return search(*args, **kwargs)
 
-    monkeypatch.setattr(data, "collect", spy_collect)
+    monkeypatch.setattr(collection, "collect", spy_collect)
     monkeypatch.setattr(driver, "evolve", spy_search)
     cfg = dataclasses.replace(SMOKE, evolve=dataclasses.replace(SMOKE.evolve, stop_at=0.0), rounds=dataclasses.replace(
         SMOKE.rounds, min_rounds=2, budget=budget))
@@ -650,13 +650,13 @@ def test_resume_after_crash_in_transition_stage(finished, tmp_path, monkeypatch)
     kept = {p: p.stat().st_mtime_ns for p in [*(out / "data").rglob("*"), *(out / "vae").rglob("*")] if p.is_file()}
 
     # finished stages are not rerun (round 2 still collects with the agent: that stage never ran)
-    real_collect = data.collect
+    real_collect = collection.collect
 
-    def collect_round2_only(key, num_episodes, policy=data.RANDOM_POLICY, **kwargs):
-        assert policy is not data.RANDOM_POLICY, "the finished random collection was rerun"
+    def collect_round2_only(key, num_episodes, policy=collection.RANDOM_POLICY, **kwargs):
+        assert policy is not collection.RANDOM_POLICY, "the finished random collection was rerun"
         return real_collect(key, num_episodes, policy=policy, **kwargs)
 
-    monkeypatch.setattr(data, "collect", collect_round2_only)
+    monkeypatch.setattr(collection, "collect", collect_round2_only)
     monkeypatch.setattr(vae, "train", _raise("vae.train"))
     summary = pipeline.run(SMOKE, out, progress=False)
 
@@ -701,10 +701,10 @@ def test_one_collection_program_serves_every_rounds_agent():
                "transition": transition.init(jax.random.key(k + 1), SMOKE.transition, SMOKE.vae.latent),
                "controller": jax.random.normal(jax.random.key(k + 2), (2 * (SMOKE.vae.latent + SMOKE.transition.hidden) + 2,))}
               for k in (0, 10)]
-    before = data._collect_chunk_jit._cache_size()
-    runs = [data.to_arrays(data.collect(jax.random.key(3), 2, policy=pipeline.agent_policy(SMOKE), max_steps=6,
+    before = collection._collect_chunk_jit._cache_size()
+    runs = [data.to_arrays(collection.collect(jax.random.key(3), 2, policy=pipeline.agent_policy(SMOKE), max_steps=6,
                                         chunk_size=2, progress=False, params=p)) for p in agents]
-    assert data._collect_chunk_jit._cache_size() - before == 1
+    assert collection._collect_chunk_jit._cache_size() - before == 1
     assert not np.array_equal(runs[0]["action"], runs[1]["action"]) or len(runs[0]["action"]) != len(runs[1]["action"])
 
 

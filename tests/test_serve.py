@@ -33,7 +33,7 @@ from wm_jax import cli, run_dir, serve, stages
 from wm_jax.models import quant, transition, vae
 from wm_jax.search import rollout
 from wm_jax.agent import Agent
-from wm_jax.store.data import TooLarge
+from wm_jax.store.collection import TooLarge
 from wm_jax.envs.cartpole import PixelCartPole
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -541,7 +541,7 @@ def test_case3_a_port_out_of_range_is_refused_before_binding(run_with_k):
 
 def test_case3_settings_beyond_the_machines_memory_are_refused_before_anything_compiles(run_with_k, monkeypatch, capsys):
     """A look-ahead keeps every imagined step's carry for every example of the largest bucket: its
-    memory is counted from the settings and refused (data.TooLarge, one line) before XLA would
+    memory is counted from the settings and refused (collection.TooLarge, one line) before XLA would
     fail at warm-up; so are sessions that could not all be held."""
     agent = Agent.load(run_with_k)
 

@@ -12,7 +12,7 @@ import pytest
 
 from wm_jax import stats
 from wm_jax.models import vae
-from wm_jax.store import data
+from wm_jax.store import collection, data
 from wm_jax.models import train as train_lib
 from wm_jax.config import Config, TrainConfig, VAEConfig
 
@@ -46,7 +46,7 @@ def stacks() -> jax.Array:
 
 @pytest.fixture(scope="module")
 def dataset():
-    arrays = data.collect_arrays(jax.random.key(0), 10, progress=False)
+    arrays = collection.collect_arrays(jax.random.key(0), 10, progress=False)
     idx = data.EpisodeIndex.from_columns(arrays["episode"], arrays["t"])
     return arrays["frame"], idx.stack_rows
 

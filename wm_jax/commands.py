@@ -27,9 +27,10 @@ from wm_jax.models.train import TrainingError
 from wm_jax.presets import get_preset, with_compute_dtype, with_trainer
 from wm_jax.pretrained import PretrainedError
 from wm_jax.run_dir import RunDirBusy, RunDirError
-from wm_jax.store import data
+from wm_jax.store import collection, data
 from wm_jax.store.checkpoint import CheckpointError
-from wm_jax.store.data import DatasetError, TooLarge
+from wm_jax.store.collection import TooLarge
+from wm_jax.store.data import DatasetError
 
 try:  # the serve extra (FastAPI, uvicorn) is optional
     from wm_jax import serve
@@ -71,7 +72,7 @@ def cmd_collect(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     with interrupt.deferred():  # Ctrl-C and SIGTERM between collection chunks
-        ds = data.collect(jax.random.key(args.seed), args.episodes, max_steps=args.max_steps)
+        ds = collection.collect(jax.random.key(args.seed), args.episodes, max_steps=args.max_steps)
     data.save_dataset(ds, out, overwrite=args.overwrite)
     seconds = time.perf_counter() - t0
     episode = ds.data.column("episode").to_numpy()
@@ -221,7 +222,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UsageError(str(e)) from None
     if not Path(args.run).is_dir():
         raise UsageError(f"{args.run}: no such run directory or agent folder")
-    # a damaged run, or settings whose memory this machine lacks (data.TooLarge), fail here in one
+    # a damaged run, or settings whose memory this machine lacks (collection.TooLarge), fail here in one
     # line, before anything is compiled and before the server starts
     model = serve.Model.load(args.run, settings)
     print(f"serving {args.run} ({settings.precision}, gate {model.gate}"

@@ -418,7 +418,7 @@ class RoundsConfig(_Section):
     generations: int = 50
     horizon: int | None = None  # dream horizon of the extra rounds; None: evolve.horizon
     # Real steps a round's collection may use at most (None: `episodes` whole episodes): the
-    # episode that reaches it is cut there, and later ones are dropped (data.collect's max_rows).
+    # episode that reaches it is cut there, and later ones are dropped (collection.collect's max_rows).
     env_steps: int | None = None
     # Skip the later rounds once the best agent's real check reaches evolve.stop_at (False: every
     # round runs; stop_at then only ends each search early).

@@ -26,7 +26,7 @@ from wm_jax import interrupt, logs, plots, run_dir, stats, video
 from wm_jax import stages as stages_lib
 from wm_jax.models import train, transition, vae, verifier
 from wm_jax.search import checks, driver, rollout
-from wm_jax.store import checkpoint
+from wm_jax.store import checkpoint, collection
 from wm_jax.store import data as data_lib
 from wm_jax.config import Config, ConfigError, diff
 from wm_jax.envs.cartpole import NUM_ACTIONS
@@ -231,12 +231,12 @@ def _collect(ctx: _Run, r: int) -> dict[str, Any]:
     rounds.action_noise random actions, for rounds.episodes episodes or until _collect_cap's rows."""
     cfg = ctx.cfg
     if r == 1:
-        ds = data_lib.collect(jax.random.key(cfg.data.seed), cfg.data.episodes, max_steps=cfg.data.max_steps,
+        ds = collection.collect(jax.random.key(cfg.data.seed), cfg.data.episodes, max_steps=cfg.data.max_steps,
                               chunk_size=cfg.data.chunk_size, progress=ctx.progress)
     else:
         best = ctx.best
         params = {"vae": ctx.vae_params, "transition": best["m_params"], "controller": jnp.asarray(best["ctrl"])}
-        ds = data_lib.collect(jax.random.fold_in(ctx.keys["rounds"], r), cfg.rounds.episodes, policy=agent_policy(cfg),
+        ds = collection.collect(jax.random.fold_in(ctx.keys["rounds"], r), cfg.rounds.episodes, policy=agent_policy(cfg),
                               max_steps=cfg.data.max_steps, chunk_size=cfg.rounds.episodes,
                               episode_offset=r * 1_000_000, progress=ctx.progress,
                               max_rows=_collect_cap(cfg, ctx.real_env_steps), params=params)
@@ -423,7 +423,7 @@ def _summary(ctx: _Run, ev: dict[str, Any]) -> dict[str, Any]:
 
 
 @functools.lru_cache(maxsize=8)
-def agent_policy(cfg: Config) -> data_lib.Policy:
+def agent_policy(cfg: Config) -> collection.Policy:
     """The trained agent as a collection policy, with epsilon-random actions for coverage; its
     parameters ({"vae", "transition", "controller"}) are collect's `params`. One Policy per config,
     so every round's collection runs the same compiled program."""
@@ -437,14 +437,14 @@ def agent_policy(cfg: Config) -> data_lib.Policy:
         carry, _ = transition.step(cfg.transition, params["transition"], carry, z, action)  # the executed action
         return action, carry
 
-    return data_lib.Policy(act=act, init_carry=lambda: transition.initial_carry(cfg.transition), uses_pixels=True)
+    return collection.Policy(act=act, init_carry=lambda: transition.initial_carry(cfg.transition), uses_pixels=True)
 
 
 def collect_encoded(cfg: Config, params: dict[str, Any], policy: str, episodes: int, seed: int) -> dict[str, Any]:
     """Fresh episodes (never trained on) of the random policy or of the agent in `params` (with
     rounds.action_noise), encoded by V: per-row arrays as transition.training_arrays."""
     kwargs = {"policy": agent_policy(cfg), "params": params} if policy == "agent" else {}
-    ds = data_lib.collect(jax.random.key(seed), episodes, max_steps=cfg.eval.max_steps, chunk_size=episodes,
+    ds = collection.collect(jax.random.key(seed), episodes, max_steps=cfg.eval.max_steps, chunk_size=episodes,
                           progress=False, **kwargs)
     cols = data_lib.to_arrays(ds)
     index = data_lib.EpisodeIndex.from_columns(cols["episode"], cols["t"])

@@ -18,7 +18,7 @@ from wm_jax.models import controller, imagination, transition, vae, verifier
 from wm_jax.search import rollout
 from wm_jax.agent import Agent
 from wm_jax.presets import with_compute_dtype
-from wm_jax.store.data import TooLarge, memory_bytes
+from wm_jax.store.collection import TooLarge, memory_bytes
 from wm_jax.envs.cartpole import NUM_ACTIONS
 
 
