@@ -28,6 +28,16 @@ class PixelState:
     frames: jax.Array  # uint8[64, 64, 4]
 
 
+def strong_types(tree: Any) -> Any:
+    """`tree` with every leaf an array of its own dtype, none weakly typed.
+
+    gymnax's resets build some fields from Python scalars (`jnp.array(0.0)`: weakly typed) that its
+    steps return strongly typed; without this a jitted step called on a reset state and then on a
+    stepped one would compile twice.
+    """
+    return jax.tree.map(lambda x: jax.lax.convert_element_type(x, jnp.asarray(x).dtype), tree)
+
+
 class PixelEnv:
     """gymnax environment `env` observed through `frame_fn`, with a 4-frame stack.
 
@@ -86,7 +96,7 @@ class PixelEnv:
     @partial(jax.jit, static_argnums=0)
     def reset(self, key: jax.Array, params: Any = None) -> tuple[jax.Array, PixelState]:
         params = self.default_params if params is None else params
-        _, physics = self.env.reset_env(key, params)
+        physics = strong_types(self.env.reset_env(key, params)[1])
         frames = self.initial_stack(physics, params)
         return frames, PixelState(physics=physics, frames=frames)
 
@@ -97,11 +107,12 @@ class PixelEnv:
         params = self.default_params if params is None else params
         key_step, key_reset = jax.random.split(key)  # the split gymnax's own step makes
         stepped, reward, terminated = self.step_physics(key_step, state.physics, action, params)
+        stepped = strong_types(stepped)
         truncated = self.env.is_truncated(stepped, params)
         done = jnp.logical_or(terminated, truncated)
         final_frames = self.push_frame(state.frames, stepped, params)
 
-        _, fresh = self.env.reset_env(key_reset, params)
+        fresh = strong_types(self.env.reset_env(key_reset, params)[1])
         physics = jax.tree.map(lambda a, b: jax.lax.select(done, a, b), fresh, stepped)
         frames = jnp.where(done, self.initial_stack(fresh, params), final_frames)
         info = {
