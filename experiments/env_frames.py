@@ -59,7 +59,7 @@ def grid(rows: list[tuple[str, list[tuple[int, np.ndarray]]]], columns: int) -> 
             left = GAP + c * (side + GAP)
             label = f"{name}  t={step}" if c == 0 else f"t={step}"
             draw.text((left, top), label, fill=255)
-            tile = Image.fromarray(frame, mode="L").resize((side, side), Image.NEAREST)
+            tile = Image.fromarray(frame).resize((side, side), Image.NEAREST)
             image.paste(tile, (left, top + LABEL_H))
     return image
 
