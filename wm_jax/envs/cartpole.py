@@ -13,12 +13,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import struct
 from gymnax.environments.classic_control import cartpole as _gx_cartpole
 
-FRAME_SIZE = 64
-STACK = 4
+from wm_jax.envs.draw import FRAME_SIZE, STACK, check_finite, coverage
+
 NUM_ACTIONS = 2  # CartPole: push left, push right
 
 # Geometry in pixels. Rows grow downwards. The horizontal scale keeps the whole cart in frame for
@@ -37,11 +36,6 @@ _POLE_HALF_W = 1.0
 _TRACK_LEVEL, _POLE_LEVEL, _CART_LEVEL = 90.0, 170.0, 255.0
 
 
-def _coverage(signed_distance: jax.Array) -> jax.Array:
-    """Approximate pixel coverage from a signed distance in pixels (1 px anti-aliasing ramp)."""
-    return jnp.clip(0.5 - signed_distance, 0.0, 1.0)
-
-
 def _render(x: jax.Array, theta: jax.Array) -> jax.Array:
     rows, cols = jnp.meshgrid(
         jnp.arange(FRAME_SIZE, dtype=jnp.float32),
@@ -52,13 +46,13 @@ def _render(x: jax.Array, theta: jax.Array) -> jax.Array:
     theta = jnp.asarray(theta, jnp.float32)
     cart_col = _CENTER_COL + x * _PX_PER_UNIT
 
-    track = _coverage(jnp.abs(rows - _TRACK_ROW) - 0.5)
+    track = coverage(jnp.abs(rows - _TRACK_ROW) - 0.5)
 
     # Box signed distance (Inigo Quilez): outside length plus inside max.
     dx = jnp.abs(cols - cart_col) - _CART_HALF_W
     dy = jnp.abs(rows - _CART_ROW) - _CART_HALF_H
     box = jnp.hypot(jnp.maximum(dx, 0.0), jnp.maximum(dy, 0.0)) + jnp.minimum(jnp.maximum(dx, dy), 0.0)
-    cart = _coverage(box)
+    cart = coverage(box)
 
     # Pole: a capsule from the pivot on top of the cart; positive theta leans right, as in gym.
     pivot_row = _CART_ROW - _CART_HALF_H
@@ -66,7 +60,7 @@ def _render(x: jax.Array, theta: jax.Array) -> jax.Array:
     rel_col, rel_row = cols - cart_col, rows - pivot_row
     along = jnp.clip(rel_col * dir_col + rel_row * dir_row, 0.0, _POLE_LEN)
     dist = jnp.hypot(rel_col - along * dir_col, rel_row - along * dir_row) - _POLE_HALF_W
-    pole = _coverage(dist)
+    pole = coverage(dist)
 
     image = jnp.maximum(jnp.maximum(track * _TRACK_LEVEL, pole * _POLE_LEVEL), cart * _CART_LEVEL)
     # A state that is not finite has no picture: it is drawn white, never as a plausible frame.
@@ -85,9 +79,7 @@ def render(x: jax.Array, theta: jax.Array) -> jax.Array:
     infinite state is a ValueError when the values are concrete; under jit, where nothing can be
     raised, it is drawn as an all-white frame.
     """
-    for name, value in (("x", x), ("theta", theta)):
-        if not isinstance(value, jax.core.Tracer) and not np.all(np.isfinite(np.asarray(value, np.float32))):
-            raise ValueError(f"render: {name} must be finite, got {value!r}")
+    check_finite("render", x=x, theta=theta)
     return _render_jit(x, theta)
 
 
