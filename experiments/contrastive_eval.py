@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 import results_doc  # experiments/, on sys.path when a script runs
 
-from wm_jax import logs, pipeline, run_dir, stages, stats
+from wm_jax import logs, run_dir, stages, stats
 from wm_jax.models import transition, verifier
 from wm_jax.search import checks, dream, drift, driver, rollout
 from wm_jax.store import data
@@ -102,7 +102,7 @@ def _seed(run: Path, args) -> dict:
     index = data.EpisodeIndex.from_columns(arrays["episode"], arrays["t"])
     lat = np.load(run / "latents_round1.npz")
     m_arrays = transition.training_arrays(lat["mean"], lat["logvar"], arrays, index)
-    held = pipeline.collect_encoded(cfg, params, "random", 200, 999)
+    held = rollout.collect_encoded(cfg, params, "random", 200, 999)
     starts = (jnp.asarray(lat["mean"]), jnp.asarray(lat["logvar"]))
     results = {}
     for name in args.variants:
@@ -161,7 +161,7 @@ def _drift(run: Path, args) -> dict:
     """Each M's drift curves with K (wm_jax.search.drift.measure: latent MSE, KL, decoded-frame error on 32
     rollouts, K's confidence) along 20 held-out agent episodes (seed 1000, as mitigations.py)."""
     cfg, params = run_dir.load_agent(run)
-    held = drift.pad_episodes(pipeline.collect_encoded(cfg, params, "agent", 20, 1000))
+    held = drift.pad_episodes(rollout.collect_encoded(cfg, params, "agent", 20, 1000))
     out = {}
     for name in args.variants:
         vcfg = _variant(cfg, name, args.temperature)

@@ -55,9 +55,9 @@ import numpy as np
 import results_doc  # experiments/, on sys.path when a script runs
 from evosax.algorithms import CMA_ES, Sep_CMA_ES
 
-from wm_jax import logs, pipeline, run_dir, stats
+from wm_jax import logs, run_dir, stats
 from wm_jax.models import controller, transition, verifier
-from wm_jax.search import drift, macro
+from wm_jax.search import drift, macro, rollout
 
 K_REPORT = (1, 10, 25, 50, 100)
 CAPS = (25, 50, 100)
@@ -222,7 +222,7 @@ def _seed(run: Path, args) -> dict:
     timing["k_train"] = time.time() - t
 
     t = time.time()
-    held = pipeline.collect_encoded(cfg, params, "agent", 20, 1000)
+    held = rollout.collect_encoded(cfg, params, "agent", 20, 1000)
     drifts = {s: _drift(cfgs[s], {"vae": params["vae"], "transition": m_params[s]}, held, s, k_params[s])
               for s in macro.STYLES}
     timing["drift"] = time.time() - t

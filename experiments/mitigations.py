@@ -26,9 +26,9 @@ import jax
 import numpy as np
 
 import results_doc  # experiments/, on sys.path when a script runs
-from wm_jax import pipeline, run_dir
+from wm_jax import run_dir
 from wm_jax.models import transition
-from wm_jax.search import drift
+from wm_jax.search import drift, rollout
 from wm_jax.store import data
 
 K = (1, 5, 20, 50, 100)
@@ -50,7 +50,7 @@ def _seed(run: Path, args, world_model_eval) -> dict:
     index = data.EpisodeIndex.from_columns(arrays["episode"], arrays["t"])
     lat = np.load(run / "latents_round1.npz")
     m_arrays = transition.training_arrays(lat["mean"], lat["logvar"], arrays, index)
-    held = {policy: pipeline.collect_encoded(cfg, params, policy, n, 999 + i)
+    held = {policy: rollout.collect_encoded(cfg, params, policy, n, 999 + i)
             for i, (policy, n) in enumerate((("random", 200), ("agent", 20)))}
 
     variants = {"plain": cfg.transition}

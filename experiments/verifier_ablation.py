@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import results_doc  # experiments/, on sys.path when a script runs
-from wm_jax import logs, pipeline, run_dir, stats
+from wm_jax import logs, run_dir, stats
 from wm_jax.models import verifier
 from wm_jax.search import checks, drift, driver, rollout, sweep
 from wm_jax.config import Config, ConfigError
@@ -103,7 +103,7 @@ def run_seed(run_path: Path, args) -> dict:
     else:
         report = {"auc": {}, "drift": {}}
         for i, policy in enumerate(("random", "agent")):
-            held = pipeline.collect_encoded(cfg, run.params, policy, args.held_out_episodes[i], 999 + i)
+            held = rollout.collect_encoded(cfg, run.params, policy, args.held_out_episodes[i], 999 + i)
             drifts = tuple(k for k in (1, 5, 20) if k <= cfg.verifier.seq_len)
             report["auc"][policy] = verifier.evaluate(cfg, jax.random.fold_in(key, 10 + i), run.params["transition"],
                                                       k_params, held, drifts=drifts, batches=32)

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Bottom to top. A module imports from its own layer or a lower one.
 LAYERS = (
-    ("ground", {"config", "presets", "stats", "precision", "sharding", "logs", "interrupt", "envs"}),
+    ("ground", {"schema", "config", "presets", "stats", "precision", "sharding", "logs", "interrupt", "envs"}),
     ("store", {"store"}),  # wm_jax/store/: checkpoints and datasets
     ("models", {"models"}),  # wm_jax/models/: V, M, K, C, their layers, INT8, the training loop
     ("search", {"search"}),  # wm_jax/search/: dreams, real episodes, trainers, the driver, macro, sweep

@@ -214,8 +214,8 @@ def test_a_solved_agent_ends_the_search_and_the_rounds(tmp_path, confirm):
 def test_which_rounds_a_solved_agent_skips(r, best_real, min_rounds, skip_solved, skipped):
     cfg = dataclasses.replace(SMOKE, evolve=dataclasses.replace(SMOKE.evolve, stop_at=475.0), rounds=dataclasses.replace(
         SMOKE.rounds, rounds=3, min_rounds=min_rounds, skip_solved=skip_solved))
-    assert pipeline._skipped(cfg, r, best_real) == skipped
-    assert not pipeline._skipped(dataclasses.replace(cfg, evolve=SMOKE.evolve), r, best_real)  # no stop_at
+    assert cfg.skips_round(r, best_real) == skipped
+    assert not dataclasses.replace(cfg, evolve=SMOKE.evolve).skips_round(r, best_real)  # no stop_at
 
 
 @pytest.mark.slow
@@ -273,8 +273,8 @@ def test_a_budget_gives_round_2_half_of_what_is_left_and_its_search_the_rest(tmp
 ])
 def test_a_later_rounds_collection_is_capped_by_half_the_budget_left(budget, env_steps, used, cap):
     cfg = dataclasses.replace(SMOKE, rounds=dataclasses.replace(SMOKE.rounds, budget=budget, env_steps=env_steps))
-    assert pipeline._collect_cap(cfg, used) == cap
-    assert pipeline._budget_left(cfg, used) == (None if budget is None else budget - used)
+    assert cfg.collect_cap(used) == cap
+    assert cfg.budget_left(used) == (None if budget is None else budget - used)
 
 
 @pytest.mark.slow
@@ -681,7 +681,7 @@ def test_collection_policy_advances_m_with_the_executed_action():
     }
     dims = 2 * (cfg.vae.latent + cfg.transition.hidden) + 2
     params["controller"] = jnp.zeros((dims,)).at[-1].set(1.0)  # greedy action: always 1
-    policy = pipeline.agent_policy(cfg)
+    policy = rollout.agent_policy(cfg)
     obs, _ = PixelCartPole().reset(jax.random.key(2))
     carry0 = policy.init_carry()
     z = vae.encode(cfg.vae, params["vae"], obs[None])[0][0]
@@ -702,7 +702,7 @@ def test_one_collection_program_serves_every_rounds_agent():
                "controller": jax.random.normal(jax.random.key(k + 2), (2 * (SMOKE.vae.latent + SMOKE.transition.hidden) + 2,))}
               for k in (0, 10)]
     before = collection._collect_chunk_jit._cache_size()
-    runs = [data.to_arrays(collection.collect(jax.random.key(3), 2, policy=pipeline.agent_policy(SMOKE), max_steps=6,
+    runs = [data.to_arrays(collection.collect(jax.random.key(3), 2, policy=rollout.agent_policy(SMOKE), max_steps=6,
                                         chunk_size=2, progress=False, params=p)) for p in agents]
     assert collection._collect_chunk_jit._cache_size() - before == 1
     assert not np.array_equal(runs[0]["action"], runs[1]["action"]) or len(runs[0]["action"]) != len(runs[1]["action"])

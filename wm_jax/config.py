@@ -1,4 +1,4 @@
-"""Frozen, validated configuration: one dataclass per component and the three presets.
+"""Frozen, validated configuration: one dataclass per component (the presets are in presets.py).
 
 Two kinds of field (rejax's split, evosax's strategy vs params):
 - static: sizes, step counts, horizons, population, modes. They shape the XLA program, so jitted
@@ -16,183 +16,34 @@ derive variants with `dataclasses.replace` (validation runs again).
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import hashlib
 import json
-import math
-import numbers
-import typing
 from dataclasses import dataclass, field
 from typing import Any
 
 import jax.numpy as jnp
-import numpy as np
 
-
-class ConfigError(ValueError):
-    """A configuration value has the wrong type or is out of range."""
-
-
-SEED_RANGE = 2**32  # jax.random.key(seed) keeps 32 bits of the seed: 2**32 collides with 0
-
-
-def _seed(obj: Any, name: str) -> None:
-    value = getattr(obj, name)
-    if not 0 <= value < SEED_RANGE:
-        raise ConfigError(f"{type(obj).__name__}.{name} must be in [0, 2**32) (the seeds the PRNG tells apart), "
-                          f"got {value!r}")
-
-
-def _type_ok(value: Any, hint: Any) -> bool:
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin is typing.Union or type(hint).__name__ == "UnionType":
-        return any(_type_ok(value, a) for a in args)
-    if hint is type(None):
-        return value is None
-    if origin is tuple:  # tuple[int, ...]
-        return isinstance(value, tuple) and all(_type_ok(v, args[0]) for v in value)
-    if hint is bool:
-        return isinstance(value, (bool, np.bool_))
-    if hint is int:
-        return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
-    if hint is float:  # an int is a float's value too
-        return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
-    return isinstance(value, hint)
-
-
-def _plain(value: Any) -> Any:
-    """numpy and jax scalars (0-d arrays included) as the Python number they hold: the config is
-    written as JSON and compared with what JSON gives back."""
-    if isinstance(value, tuple):
-        return tuple(_plain(v) for v in value)
-    if isinstance(value, np.generic) or (getattr(value, "ndim", None) == 0 and hasattr(value, "item")):
-        return value.item()
-    return value
-
-
-def _check_types(obj: Any) -> None:
-    """Every field of `obj` has its declared type (numpy and jax scalars become Python numbers) and
-    every float is finite (JSON has no inf or NaN): a mistyped value, e.g. a string in an edited
-    config.json, is a ConfigError naming the field, not a TypeError deep in validation."""
-    hints = typing.get_type_hints(type(obj))
-    for f in dataclasses.fields(obj):
-        value, hint = _plain(getattr(obj, f.name)), hints[f.name]
-        object.__setattr__(obj, f.name, value)
-        if not _type_ok(value, hint):
-            want = getattr(hint, "__name__", str(hint))
-            raise ConfigError(f"{type(obj).__name__}.{f.name} must be {want}, got {type(value).__name__} {value!r}")
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ConfigError(f"{type(obj).__name__}.{f.name} must be finite, got {value!r}")
-
-
-def _positive(obj: Any, *names: str) -> None:
-    for name in names:
-        value = getattr(obj, name)
-        if not value > 0:
-            raise ConfigError(f"{type(obj).__name__}.{name} must be > 0, got {value!r}")
-
-
-def _non_negative(obj: Any, *names: str) -> None:
-    for name in names:
-        value = getattr(obj, name)
-        if not value >= 0:
-            raise ConfigError(f"{type(obj).__name__}.{name} must be >= 0, got {value!r}")
+from wm_jax.schema import (ConfigError, Section, check_seed, from_dict, non_negative, one_of, positive,
+                           traced)
 
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
-def traced(default: float) -> Any:
-    """A traced float field: it travels in `cfg.hyper()`, not in the static config."""
-    return field(default=default, metadata={"traced": True})
-
-
-class Traced:
-    """Stands in for a traced field in `cfg.static()`. Equal (and hashing equal) to every marker of
-    the same field, so the static config ignores the value; any use of it as a number fails."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Traced) and other.path == self.path
-
-    def __hash__(self) -> int:
-        return hash(("Traced", self.path))
-
-    def __repr__(self) -> str:
-        return f"Traced({self.path!r})"
-
-    def _refuse(self, *args: Any, **kwargs: Any) -> Any:
-        raise TypeError(f"{self.path} is a traced hyperparameter: read it from the hyper pytree (cfg.hyper()), "
-                        f"not from the static config")
-
-    __float__ = __int__ = __bool__ = __index__ = __neg__ = __abs__ = _refuse
-    __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = __truediv__ = __rtruediv__ = _refuse
-    __pow__ = __rpow__ = __lt__ = __le__ = __gt__ = __ge__ = __array__ = __jax_array__ = _refuse
-
-
-class _Section:
-    """static() / hyper() for a config dataclass and the config dataclasses inside it; every
-    section checks its fields' types before its own validation."""
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        # the class's own validation, or the one it inherits (a subclass keeps its parent's checks)
-        own = cls.__dict__.get("__post_init__") or getattr(cls, "_validate", None)
-        cls._validate = own  # type: ignore[attr-defined]
-
-        def __post_init__(self: Any) -> None:
-            _check_types(self)
-            if own is not None:
-                own(self)
-
-        cls.__post_init__ = __post_init__  # type: ignore[attr-defined]
-
-    def static(self, _path: str = "") -> Any:
-        """This config with every traced field (here and below) replaced by its `Traced` marker."""
-        out = copy.copy(self)  # not dataclasses.replace: the markers would fail validation
-        for f in dataclasses.fields(self):  # type: ignore[arg-type]
-            value, path = getattr(self, f.name), f"{_path or type(self).__name__}.{f.name}"
-            if f.metadata.get("traced"):
-                object.__setattr__(out, f.name, Traced(path))
-            elif isinstance(value, _Section):
-                object.__setattr__(out, f.name, value.static(path))
-        return out
-
-    def hyper(self) -> dict[str, Any]:
-        """The traced fields (here and below) as a nested dict of float32 scalars: a jit-traced pytree."""
-        out: dict[str, Any] = {}
-        for f in dataclasses.fields(self):  # type: ignore[arg-type]
-            value = getattr(self, f.name)
-            if f.metadata.get("traced"):
-                out[f.name] = jnp.asarray(value, jnp.float32)
-            elif isinstance(value, _Section) and (sub := value.hyper()):
-                out[f.name] = sub
-        return out
-
-
-def _one_of(obj: Any, name: str, options: tuple[str, ...]) -> None:
-    value = getattr(obj, name)
-    if value not in options:
-        raise ConfigError(f"{type(obj).__name__}.{name} must be one of {options}, got {value!r}")
-
-
 @dataclass(frozen=True)
-class DataConfig(_Section):
+class DataConfig(Section):
     episodes: int = 5000  # the recipe's random rollouts
     seed: int = 123
     max_steps: int = 500
     chunk_size: int = 1000
 
     def __post_init__(self) -> None:
-        _positive(self, "episodes", "max_steps", "chunk_size")
-        _seed(self, "seed")
+        positive(self, "episodes", "max_steps", "chunk_size")
+        check_seed(self, "seed")
 
 
 @dataclass(frozen=True)
-class TrainConfig(_Section):
+class TrainConfig(Section):
     """Shared by every model trained with wm_jax.models.train.fit."""
 
     steps: int = 10_000
@@ -205,11 +56,11 @@ class TrainConfig(_Section):
     max_bad_steps: int = 20  # consecutive non-finite updates before the run is stopped
 
     def __post_init__(self) -> None:
-        _positive(self, "steps", "batch", "lr", "clip_norm", "chunk", "checkpoint_every", "max_to_keep", "max_bad_steps")
+        positive(self, "steps", "batch", "lr", "clip_norm", "chunk", "checkpoint_every", "max_to_keep", "max_bad_steps")
 
 
 @dataclass(frozen=True)
-class VAEConfig(_Section):
+class VAEConfig(Section):
     latent: int = 64
     filters: tuple[int, ...] = (32, 64, 128, 256)  # four stride-2 4x4 convolutions (Ha)
     kl_ramp_steps: int = 10_000  # beta goes linearly 0 -> 1 over these steps
@@ -219,11 +70,11 @@ class VAEConfig(_Section):
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=10_000, batch=256, lr=1e-3))
 
     def __post_init__(self) -> None:
-        _positive(self, "latent")
-        _one_of(self, "compute_dtype", COMPUTE_DTYPES)
+        positive(self, "latent")
+        one_of(self, "compute_dtype", COMPUTE_DTYPES)
         if len(self.filters) != 4 or any(f <= 0 for f in self.filters):
             raise ConfigError(f"VAEConfig.filters must be four positive widths, got {self.filters!r}")
-        _non_negative(self, "kl_ramp_steps", "free_bits")
+        non_negative(self, "kl_ramp_steps", "free_bits")
         if self.kl_ramp_steps > self.train.steps:
             raise ConfigError(
                 f"VAEConfig.kl_ramp_steps ({self.kl_ramp_steps}) is longer than training ({self.train.steps} steps)"
@@ -231,7 +82,7 @@ class VAEConfig(_Section):
 
 
 @dataclass(frozen=True)
-class TransitionConfig(_Section):
+class TransitionConfig(Section):
     hidden: int = 256
     head: str = "mdn"  # "mdn" (mixture density, Ha) or "gaussian" (diagonal)
     mixtures: int = 5
@@ -262,23 +113,23 @@ class TransitionConfig(_Section):
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=20_000, batch=100, lr=1e-3))
 
     def __post_init__(self) -> None:
-        _positive(self, "hidden", "mixtures", "seq_len", "done_pos_weight", "contrastive_temperature", "actions")
-        _non_negative(self, "reward_weight", "done_weight", "z_penalty", "contrastive")
-        _one_of(self, "head", ("mdn", "gaussian"))
-        _one_of(self, "compute_dtype", COMPUTE_DTYPES)
+        positive(self, "hidden", "mixtures", "seq_len", "done_pos_weight", "contrastive_temperature", "actions")
+        non_negative(self, "reward_weight", "done_weight", "z_penalty", "contrastive")
+        one_of(self, "head", ("mdn", "gaussian"))
+        one_of(self, "compute_dtype", COMPUTE_DTYPES)
         if not 0.0 <= self.input_dropout < 1.0:
             raise ConfigError(f"TransitionConfig.input_dropout must be in [0, 1), got {self.input_dropout!r}")
 
 
 @dataclass(frozen=True)
-class ControllerConfig(_Section):
+class ControllerConfig(Section):
     kind: str = "linear"  # Ha's action = argmax(W [z, h] + b); "mlp" adds one tanh layer
     mlp_hidden: int = 16
     actions: int = 2  # how many scores C outputs: CartPole's 2 actions, or a macro controller's macros
 
     def __post_init__(self) -> None:
-        _one_of(self, "kind", ("linear", "mlp"))
-        _positive(self, "mlp_hidden", "actions")
+        one_of(self, "kind", ("linear", "mlp"))
+        positive(self, "mlp_hidden", "actions")
 
 
 def grounded_count(share: Any, rollouts: int) -> Any:
@@ -291,15 +142,15 @@ TRAINERS = ("cmaes", "ppo")  # how C is searched (EvolveConfig.trainer)
 
 
 @dataclass(frozen=True)
-class EvolveConfig(_Section):
+class EvolveConfig(Section):
     population: int = 64  # Ha
     sigma: float = traced(0.1)  # Ha
     generations: int = 100
     rollouts: int = 30  # the recipe: 30 dream rollouts per candidate
     horizon: int = 30  # the recipe: 30-step dreams
     tau: float = traced(1.0)
-    # generations per block of random keys (split(fold_in(key, block start), block)): the keys the
-    # earlier chunked loop drew, kept so that a search draws the same random numbers as before
+    # generations per block of random keys: a block's keys are split(fold_in(key, block start), block),
+    # so the random numbers a search draws depend on this, not on how its periods are cut
     gens_per_call: int = 5
     check_every: int = 10  # generations between real checks of the CMA-ES mean (PPO: its greedy policy)
     check_episodes: int = 16
@@ -325,10 +176,10 @@ class EvolveConfig(_Section):
     trainer: str = "cmaes"
 
     def __post_init__(self) -> None:
-        _one_of(self, "trainer", TRAINERS)
+        one_of(self, "trainer", TRAINERS)
         if self.population < 2:
             raise ConfigError(f"EvolveConfig.population must be >= 2, got {self.population!r}")
-        _positive(self, "sigma", "generations", "rollouts", "horizon", "tau", "gens_per_call", "check_every", "check_episodes")
+        positive(self, "sigma", "generations", "rollouts", "horizon", "tau", "gens_per_call", "check_every", "check_episodes")
         if not 0.0 <= self.grounding <= 1.0:
             raise ConfigError(f"EvolveConfig.grounding must be in [0, 1], got {self.grounding!r}")
         if self.confirm_episodes < 0:
@@ -343,7 +194,7 @@ class EvolveConfig(_Section):
 
 
 @dataclass(frozen=True)
-class PPOConfig(_Section):
+class PPOConfig(Section):
     """PPO in the dream (evolve.trainer = "ppo"): purejaxrl's recipe on batches of imagined steps."""
 
     envs: int = 512  # dreams stepped side by side
@@ -361,9 +212,9 @@ class PPOConfig(_Section):
     max_grad_norm: float = traced(0.5)
 
     def __post_init__(self) -> None:
-        _positive(self, "envs", "steps", "updates", "epochs", "minibatches", "critic_hidden", "lr", "clip",
+        positive(self, "envs", "steps", "updates", "epochs", "minibatches", "critic_hidden", "lr", "clip",
                   "max_grad_norm")
-        _non_negative(self, "ent_coef", "vf_coef")
+        non_negative(self, "ent_coef", "vf_coef")
         for name in ("gamma", "gae_lambda"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"PPOConfig.{name} must be in [0, 1], got {getattr(self, name)!r}")
@@ -373,17 +224,17 @@ class PPOConfig(_Section):
 
 
 @dataclass(frozen=True)
-class EvalConfig(_Section):
+class EvalConfig(Section):
     episodes: int = 100
     max_steps: int = 500
     solved_at: float = 475.0  # CartPole-v1's reward threshold
 
     def __post_init__(self) -> None:
-        _positive(self, "episodes", "max_steps")
+        positive(self, "episodes", "max_steps")
 
 
 @dataclass(frozen=True)
-class VerifierConfig(_Section):
+class VerifierConfig(Section):
     """K(h, z, a, z') -> p(real): trained contrastively, its confidence weights the dream reward."""
 
     mode: str = "off"  # off: plain dream reward; weight: reward * p; cutoff: the dream ends where p < threshold
@@ -399,8 +250,8 @@ class VerifierConfig(_Section):
     )
 
     def __post_init__(self) -> None:
-        _one_of(self, "mode", ("off", "weight", "cutoff"))
-        _positive(self, "hidden", "noise", "seq_len", "actions")
+        one_of(self, "mode", ("off", "weight", "cutoff"))
+        positive(self, "hidden", "noise", "seq_len", "actions")
         if not 0.0 < self.threshold < 1.0:
             raise ConfigError(f"VerifierConfig.threshold must be in (0, 1), got {self.threshold!r}")
         if self.seq_len < 2:
@@ -408,7 +259,7 @@ class VerifierConfig(_Section):
 
 
 @dataclass(frozen=True)
-class RoundsConfig(_Section):
+class RoundsConfig(Section):
     """Ha's iterative procedure: collect with the current controller, fine-tune M, evolve again."""
 
     rounds: int = 1
@@ -439,7 +290,7 @@ class RoundsConfig(_Section):
     budget: int | None = None
 
     def __post_init__(self) -> None:
-        _positive(self, "rounds", "episodes", "transition_steps", "generations", "min_rounds")
+        positive(self, "rounds", "episodes", "transition_steps", "generations", "min_rounds")
         if self.min_rounds > self.rounds:
             raise ConfigError(f"RoundsConfig.min_rounds ({self.min_rounds}) must be at most rounds ({self.rounds})")
         for name in ("horizon", "env_steps", "transition_rows_per_step", "budget"):
@@ -451,7 +302,7 @@ class RoundsConfig(_Section):
 
 
 @dataclass(frozen=True)
-class Config(_Section):
+class Config(Section):
     preset: str = "paper"
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
@@ -465,7 +316,7 @@ class Config(_Section):
     ppo: PPOConfig = field(default_factory=PPOConfig)
 
     def __post_init__(self) -> None:
-        _seed(self, "seed")
+        check_seed(self, "seed")
         if self.verifier.actions != self.transition.actions:  # K judges M's transitions, actions and all
             raise ConfigError(f"verifier.actions ({self.verifier.actions}) must equal transition.actions "
                               f"({self.transition.actions})")
@@ -491,6 +342,28 @@ class Config(_Section):
             evolve=dataclasses.replace(self.evolve, generations=self.rounds.generations, horizon=horizon),
         )
 
+    def solved(self, best_real: float) -> bool:
+        """The best agent's real check reached evolve.stop_at: the rounds after it are skipped (their
+        data and checks would cost real steps to replace an agent that is already as good as asked)."""
+        return self.evolve.stop_at is not None and best_real >= self.evolve.stop_at
+
+    def skips_round(self, r: int, best_real: float | None) -> bool:
+        """Round r (and every later one) is skipped: it is past rounds.min_rounds, rounds.skip_solved
+        is on, and the best agent's check (None before the first) reached evolve.stop_at."""
+        return (r > self.rounds.min_rounds and self.rounds.skip_solved and best_real is not None
+                and self.solved(best_real))
+
+    def budget_left(self, used: int) -> int | None:
+        """The real steps rounds.budget leaves after `used` (None: no budget; <= 0: spent)."""
+        return None if self.rounds.budget is None else self.rounds.budget - int(used)
+
+    def collect_cap(self, used: int) -> int | None:
+        """The rows a later round may collect after `used` real steps: rounds.env_steps, and at most
+        half the budget left (the other half is its search's checks); None: no cap."""
+        left = self.budget_left(used)
+        caps = [c for c in (self.rounds.env_steps, None if left is None else max(1, left // 2)) if c is not None]
+        return min(caps) if caps else None
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -499,39 +372,4 @@ class Config(_Section):
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> Config:
-        return _from_dict(Config, d)
-
-
-def _from_dict(cls: type, d: dict[str, Any]) -> Any:
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name not in d:
-            continue
-        value = d[f.name]
-        sub = f.default_factory if f.default_factory is not dataclasses.MISSING else None  # type: ignore[misc]
-        if isinstance(value, dict) and sub is not None and dataclasses.is_dataclass(sub()):
-            value = _from_dict(type(sub()), value)
-        elif isinstance(value, list):
-            value = tuple(value)
-        kwargs[f.name] = value
-    return cls(**kwargs)
-
-
-def diff(a: Any, b: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
-    """(dotted field, value in a, value in b) for every leaf where two nested dicts (to_dict's
-    form) differ; lists and tuples compare by their items."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        out = []
-        for k in sorted(set(a) | set(b)):
-            out += diff(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else str(k))
-        return out
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        a, b = list(a), list(b)
-    return [] if a == b else [(prefix, a, b)]
-
-
-def json_digest(obj: Any) -> str:
-    """sha256 of a JSON value in canonical form (sorted keys, no spaces): the hash a record file
-    (agent.json, an export's config.json) carries of its own content."""
-    text = json.dumps(obj, sort_keys=True, separators=(",", ":"))  # an edit may bring NaN: it hashes, and differs
-    return hashlib.sha256(text.encode()).hexdigest()
+        return from_dict(Config, d)

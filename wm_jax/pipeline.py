@@ -11,7 +11,6 @@ reaches it; with rounds.budget set, the rounds and the searches' checks end once
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 from collections.abc import Callable
@@ -28,7 +27,8 @@ from wm_jax.models import train, transition, vae, verifier
 from wm_jax.search import checks, driver, rollout
 from wm_jax.store import checkpoint, collection
 from wm_jax.store import data as data_lib
-from wm_jax.config import Config, ConfigError, diff
+from wm_jax.config import Config
+from wm_jax.schema import ConfigError, diff
 from wm_jax.envs.cartpole import NUM_ACTIONS
 from wm_jax.run_dir import RunDirError
 
@@ -133,11 +133,11 @@ def _run(ctx: _Run) -> dict[str, Any]:
     ctx.vae_params, ctx.vae_id = ctx.load("vae", "vae", vae.load, cfg)
     for r in range(1, cfg.rounds.rounds + 1):  # round 1 on random data, later ones on the agent's
         later = f"round {r}" if r == cfg.rounds.rounds else f"rounds {r}-{cfg.rounds.rounds}"
-        if _skipped(cfg, r, None if ctx.best is None else ctx.best["real"]):
+        if cfg.skips_round(r, None if ctx.best is None else ctx.best["real"]):
             ctx.stages.note(f"{later} skipped: the agent's real check reached "
                             f"evolve.stop_at={cfg.evolve.stop_at:g} ({ctx.best['real']:g})")
             break
-        left = _budget_left(cfg, ctx.real_env_steps)
+        left = cfg.budget_left(ctx.real_env_steps)
         if r > 1 and left is not None and left <= 0:
             ctx.stages.note(f"{later} skipped: the run spent its rounds.budget={cfg.rounds.budget} real steps "
                             f"({ctx.real_env_steps})")
@@ -154,32 +154,6 @@ def _run(ctx: _Run) -> dict[str, Any]:
 def _agent_id(ctx: _Run) -> dict[str, Any]:
     best = ctx.best
     return {"vae": ctx.vae_id, "transition": best["m_id"], "controller": best["ctrl_id"]}
-
-
-def _solved(cfg: Config, best_real: float) -> bool:
-    """The best agent's real check reached evolve.stop_at: the rounds after it are skipped (their
-    data and checks would cost real steps to replace an agent that is already as good as asked)."""
-    return cfg.evolve.stop_at is not None and best_real >= cfg.evolve.stop_at
-
-
-def _skipped(cfg: Config, r: int, best_real: float | None) -> bool:
-    """Round r (and every later one) is skipped: it is past rounds.min_rounds, rounds.skip_solved
-    is on, and the best agent's check (None before the first) reached evolve.stop_at."""
-    return (r > cfg.rounds.min_rounds and cfg.rounds.skip_solved and best_real is not None
-            and _solved(cfg, best_real))
-
-
-def _budget_left(cfg: Config, used: int) -> int | None:
-    """The real steps rounds.budget leaves after `used` (None: no budget; <= 0: spent)."""
-    return None if cfg.rounds.budget is None else cfg.rounds.budget - int(used)
-
-
-def _collect_cap(cfg: Config, used: int) -> int | None:
-    """The rows a later round may collect after `used` real steps: rounds.env_steps, and at most
-    half the budget left (the other half is its search's checks); None: no cap."""
-    left = _budget_left(cfg, used)
-    caps = [c for c in (cfg.rounds.env_steps, None if left is None else max(1, left // 2)) if c is not None]
-    return min(caps) if caps else None
 
 
 def _controller(out: Path, done: dict[str, Any], r: int) -> tuple[np.ndarray, str]:
@@ -228,7 +202,7 @@ def _repair_agent_files(out: Path, cfg: Config, stages: stages_lib.Stages) -> No
 
 def _collect(ctx: _Run, r: int) -> dict[str, Any]:
     """Round 1: the recipe's random episodes (data.seed); round r > 1: the best agent so far, with
-    rounds.action_noise random actions, for rounds.episodes episodes or until _collect_cap's rows."""
+    rounds.action_noise random actions, for rounds.episodes episodes or until Config.collect_cap's rows."""
     cfg = ctx.cfg
     if r == 1:
         ds = collection.collect(jax.random.key(cfg.data.seed), cfg.data.episodes, max_steps=cfg.data.max_steps,
@@ -236,10 +210,10 @@ def _collect(ctx: _Run, r: int) -> dict[str, Any]:
     else:
         best = ctx.best
         params = {"vae": ctx.vae_params, "transition": best["m_params"], "controller": jnp.asarray(best["ctrl"])}
-        ds = collection.collect(jax.random.fold_in(ctx.keys["rounds"], r), cfg.rounds.episodes, policy=agent_policy(cfg),
+        ds = collection.collect(jax.random.fold_in(ctx.keys["rounds"], r), cfg.rounds.episodes, policy=rollout.agent_policy(cfg),
                               max_steps=cfg.data.max_steps, chunk_size=cfg.rounds.episodes,
                               episode_offset=r * 1_000_000, progress=ctx.progress,
-                              max_rows=_collect_cap(cfg, ctx.real_env_steps), params=params)
+                              max_rows=cfg.collect_cap(ctx.real_env_steps), params=params)
     path = ctx.out / "data" / f"round{r}"
     data_lib.save_dataset(ds, path, overwrite=True)
     return {**_collected(ds, cfg.data.max_steps), "outputs": {f"data/round{r}": data_lib.identity(path)}}
@@ -361,7 +335,7 @@ def _search(ctx: _Run, cfg: Config, r: int, lat: dict[str, np.ndarray], m_params
                          starts=(jnp.asarray(lat["mean"]), jnp.asarray(lat["logvar"])))
     res = driver.evolve(cfg, jax.random.fold_in(ctx.keys["evolve"], r), world, ctx.out / e_name,
                         init_mean=None if ctx.best is None else ctx.best["ctrl"], progress=ctx.progress,
-                        real_steps=_budget_left(cfg, ctx.real_env_steps))
+                        real_steps=cfg.budget_left(ctx.real_env_steps))
     best = np.asarray(res["best"], np.float32)
     if not np.isfinite(best).all():  # stored in stages.json, whose JSON has no NaN
         raise train.TrainingError(f"{e_name}: the controller search diverged (its best controller has "
@@ -420,36 +394,6 @@ def _summary(ctx: _Run, ev: dict[str, Any]) -> dict[str, Any]:
         "versions": stages_lib.versions(),
     }
     return logs.finite_or_none(summary)  # the same values in memory, on disk and on a rerun
-
-
-@functools.lru_cache(maxsize=8)
-def agent_policy(cfg: Config) -> collection.Policy:
-    """The trained agent as a collection policy, with epsilon-random actions for coverage; its
-    parameters ({"vae", "transition", "controller"}) are collect's `params`. One Policy per config,
-    so every round's collection runs the same compiled program."""
-    eps = cfg.rounds.action_noise
-
-    def act(params, key, carry, obs):
-        action, z, _ = rollout.agent_act(cfg, params, carry, obs)
-        k1, k2 = jax.random.split(key)
-        rand = jax.random.bernoulli(k1).astype(jnp.int32)
-        action = jnp.where(jax.random.uniform(k2) < eps, rand, action)
-        carry, _ = transition.step(cfg.transition, params["transition"], carry, z, action)  # the executed action
-        return action, carry
-
-    return collection.Policy(act=act, init_carry=lambda: transition.initial_carry(cfg.transition), uses_pixels=True)
-
-
-def collect_encoded(cfg: Config, params: dict[str, Any], policy: str, episodes: int, seed: int) -> dict[str, Any]:
-    """Fresh episodes (never trained on) of the random policy or of the agent in `params` (with
-    rounds.action_noise), encoded by V: per-row arrays as transition.training_arrays."""
-    kwargs = {"policy": agent_policy(cfg), "params": params} if policy == "agent" else {}
-    ds = collection.collect(jax.random.key(seed), episodes, max_steps=cfg.eval.max_steps, chunk_size=episodes,
-                          progress=False, **kwargs)
-    cols = data_lib.to_arrays(ds)
-    index = data_lib.EpisodeIndex.from_columns(cols["episode"], cols["t"])
-    mean, logvar = vae.encode_all(cfg.vae, params["vae"], cols["frame"], index.stack_rows)
-    return transition.training_arrays(mean, logvar, cols, index)
 
 
 def train_verifier(run: Path | str, steps: int | None = None, progress: bool = True) -> dict[str, Any]:

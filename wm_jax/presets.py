@@ -48,34 +48,25 @@ def _cpu() -> Config:
 
 def _frugal() -> Config:
     """The `cpu` preset spending as few real steps as it can (the goal: at most 20,000 for
-    training, against the cpu preset's 80,000-129,000). Measured on seven seeds in
-    docs/RESULTS.md section 8 (the fourth attempt)."""
+    training). How its settings were chosen, seed by seed: docs/RESULTS.md section 8."""
     cpu = _cpu()
     return dataclasses.replace(
         cpu,
         preset="frugal",
-        # 200 random episodes (4,489 steps; 300 and 1,000 gave round-1 checks alike: 94-300 and 81-165)
+        # 200 random episodes (about 4,500 steps): more random data did not give better round-1 agents
         data=DataConfig(episodes=200),
-        # real checks of 4 episodes every 20 generations (16 every 10 cost 8x the steps); half the
-        # dreams start from the states the latest check reached (the late-episode states random
-        # data lacks, at no extra steps); the search stops at its first check at 490 (searching on
-        # for a perfect check cost seed 1 4,200 more steps and found nothing better) once 4 more
-        # episodes confirm it: the 8 episodes' mean must reach it too. Two runs failed on a
-        # 4-episode pass of the solved mark (500.0 and 481.2 on the check, 449 and 450 over 100
-        # episodes), one on an 8-episode pass (483.9; 474.3 over 100): a few episodes' mean needs a
-        # margin above 475 to say that 100 episodes' will reach it.
+        # Real checks of 4 episodes every 20 generations; half the dreams start from the states the
+        # latest check reached (the late-episode states random data lacks, at no extra steps). The
+        # search stops at its first check at 490 once 4 more episodes confirm it (the 8 episodes'
+        # mean must reach it too): a few episodes' mean needs a margin above 475 to say that 100
+        # episodes' will reach it.
         evolve=dataclasses.replace(cpu.evolve, check_every=20, check_episodes=4, grounding=0.5, stop_at=490.0,
                                    confirm_episodes=4),
-        # Round 2 always runs: a round-1 agent passed its 4-episode check by luck (seed 2: 500 on
-        # the check, 449 over 100 episodes) and its M had never seen the agent's own data. It
-        # collects up to 30 episodes of the agent, at most 8,000 steps (seed 2's agent, 323 steps
-        # an episode, spent 9,705 on 30; a 500-step agent's would cost 15,000), and fine-tunes M for
-        # one step per 8 new rows: 500-1,000 steps on 4,000-8,000 rows (with 600 for every seed,
-        # seed 2's round 2 failed; with 1,000 or 1,500, seed 1's).
+        # Round 2 always runs, so the kept agent's M has seen the agent's own data: it collects up to
+        # 30 episodes of the agent, at most 8,000 steps, and fine-tunes M for one step per 8 new rows.
         # Up to 80 generations: with checks every 20, as many checks as the cpu preset's 40 every 10.
-        # A third round runs only if round 2 did not solve, within a budget of 20,000 real steps
-        # for training: it collects half of what is left (seed 4's round 2 checked 281-397 with
-        # 6,100 steps left) and its search checks until the rest is spent.
+        # A third round runs only if round 2 did not solve, within a budget of 20,000 real steps for
+        # training: it collects half of what is left and its search checks until the rest is spent.
         rounds=dataclasses.replace(cpu.rounds, rounds=3, episodes=30, generations=80, min_rounds=2, env_steps=8000,
                                    transition_rows_per_step=8, budget=20_000),
     )
@@ -100,8 +91,7 @@ def with_trainer(cfg: Config, trainer: str) -> Config:
 def _laptop() -> Config:
     """The brief's laptop recipe: 2,000 random episodes, an LSTM of 128 units, C trained with PPO
     in the dream; the rest as the `cpu` preset, with half the dreams grounded in the latest real
-    check's states (measured once before a fix to PPO's keys: seed 2 went from 455.4 to 499.7;
-    after it, seed 2 scored 366.4 grounded. Not reliable on seed 2: docs/RESULTS.md section 9)."""
+    check's states (its results, and how unreliable grounding is there: docs/RESULTS.md section 9)."""
     cpu = with_trainer(_cpu(), "ppo")
     return dataclasses.replace(
         cpu,

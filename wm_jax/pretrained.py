@@ -31,7 +31,8 @@ import numpy as np
 
 from wm_jax.models import controller, transition, vae, verifier
 from wm_jax.store import checkpoint, data
-from wm_jax.config import Config, ConfigError, diff, json_digest
+from wm_jax.config import Config
+from wm_jax.schema import ConfigError, diff, json_digest
 
 FORMAT = "wm_jax.agent"
 FORMAT_VERSION = 2  # 2: config.json hashes its own content; the weights' metadata holds the config

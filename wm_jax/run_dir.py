@@ -38,7 +38,8 @@ from wm_jax import logs
 from wm_jax.models import transition, vae, verifier
 from wm_jax.store import checkpoint
 from wm_jax.store import data as data_lib
-from wm_jax.config import Config, ConfigError, diff, json_digest
+from wm_jax.config import Config
+from wm_jax.schema import ConfigError, diff, json_digest
 
 
 class RunDirError(ValueError):

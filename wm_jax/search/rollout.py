@@ -1,13 +1,16 @@
-"""Real episodes with the full agent (V + M + C) in the loop, vmapped over episodes.
+"""The agent's act, and real episodes with the full agent (V + M + C) in the loop, vmapped over episodes.
 
 Each episode is a fixed-length `lax.scan` of `max_steps` with a validity mask (gymnax
 experimental/rollout.py): `ret += reward * valid; valid *= 1 - done`. The agent step is the one
 `Agent.act` uses: encode the stack (posterior mean), act on [z, h], advance M with (z, a).
+`agent_policy` is the same agent as a collection policy (later rounds' data), `collect_encoded`
+fresh episodes encoded by V.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from functools import partial
 from typing import Any
 
@@ -18,6 +21,8 @@ import numpy as np
 from wm_jax import interrupt, sharding
 from wm_jax.models import controller, imagination, transition, vae, verifier
 from wm_jax.search import dream
+from wm_jax.store import collection
+from wm_jax.store import data as data_lib
 from wm_jax.config import Config
 from wm_jax.envs.cartpole import PixelCartPole
 
@@ -200,3 +205,33 @@ def imagined_rollouts(cfg: Config, params: dict[str, Any], key: jax.Array, start
     trajs = [dream.dream(cfg, k, params["transition"], params["controller"], z, cfg.evolve.horizon, k_params)[0]
              for k, z in zip(jax.random.split(key, len(starts)), starts)]
     return {k: np.stack([np.asarray(tr[k]) for tr in trajs]) for k in trajs[0]}
+
+
+@functools.lru_cache(maxsize=8)
+def agent_policy(cfg: Config) -> collection.Policy:
+    """The trained agent as a collection policy, with epsilon-random actions for coverage; its
+    parameters ({"vae", "transition", "controller"}) are collect's `params`. One Policy per config,
+    so every round's collection runs the same compiled program."""
+    eps = cfg.rounds.action_noise
+
+    def act(params, key, carry, obs):
+        action, z, _ = agent_act(cfg, params, carry, obs)
+        k1, k2 = jax.random.split(key)
+        rand = jax.random.bernoulli(k1).astype(jnp.int32)
+        action = jnp.where(jax.random.uniform(k2) < eps, rand, action)
+        carry, _ = transition.step(cfg.transition, params["transition"], carry, z, action)  # the executed action
+        return action, carry
+
+    return collection.Policy(act=act, init_carry=lambda: transition.initial_carry(cfg.transition), uses_pixels=True)
+
+
+def collect_encoded(cfg: Config, params: dict[str, Any], policy: str, episodes: int, seed: int) -> dict[str, Any]:
+    """Fresh episodes (never trained on) of the random policy or of the agent in `params` (with
+    rounds.action_noise), encoded by V: per-row arrays as transition.training_arrays."""
+    kwargs = {"policy": agent_policy(cfg), "params": params} if policy == "agent" else {}
+    ds = collection.collect(jax.random.key(seed), episodes, max_steps=cfg.eval.max_steps, chunk_size=episodes,
+                          progress=False, **kwargs)
+    cols = data_lib.to_arrays(ds)
+    index = data_lib.EpisodeIndex.from_columns(cols["episode"], cols["t"])
+    mean, logvar = vae.encode_all(cfg.vae, params["vae"], cols["frame"], index.stack_rows)
+    return transition.training_arrays(mean, logvar, cols, index)

@@ -27,7 +27,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from wm_jax.config import diff
+from wm_jax.schema import diff
 
 
 class CheckpointError(ValueError):
