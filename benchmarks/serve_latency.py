@@ -3,6 +3,14 @@
     python benchmarks/serve_latency.py RUN_DIR                       # float32 and INT8, concurrency 1, 8, 64
     python benchmarks/serve_latency.py RUN_DIR --requests 200 --concurrency 1,8 --precisions int8
     python benchmarks/serve_latency.py RUN_DIR --quick               # a few requests (CI, the tests)
+    python benchmarks/serve_latency.py RUN_DIR --precisions float32 --sessions memory,redis --replicas 1:2
+
+--sessions lists the session stores to measure, one server each: memory (the default), redis (a
+redis-server this script starts on 127.0.0.1 at a free port, in a temporary folder, and stops) or a
+redis:// URL. --replicas MIN:MAX adds one more server, Ray Serve replicas on Redis (`wm-jax serve
+--replicas`); its rows report how many replicas answered /health during the level and when the
+second one first did (the scale-up, from the level's start). Server CPU is the whole process tree's
+(Ray's workers included) plus redis-server's.
 
 For each precision it starts the server (`--gate observe` by default: every /act dreams the
 verifier's look-ahead; a run without K serves with the gate off, and the table says so), waits for
@@ -82,6 +90,27 @@ def cpu_seconds(pid: int) -> float:
         return float("nan")
 
 
+def tree_cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time of the processes `pids` and all their live descendants (a Ray
+    cluster started by the server: its raylet, workers and replicas)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    seen, todo, total = set(), list(pids), 0.0
+    while todo:
+        pid = todo.pop()
+        if pid in seen:
+            continue
+        seen.add(pid)
+        total += cpu_seconds(pid) if not np.isnan(cpu_seconds(pid)) else 0.0
+        todo += children.get(pid, [])
+    return total
+
+
 def batch_counts(text: str) -> tuple[float, float]:
     vals = {}
     for line in text.splitlines():
@@ -91,8 +120,22 @@ def batch_counts(text: str) -> tuple[float, float]:
     return vals.get("wm_jax_act_batches_total", 0.0), vals.get("wm_jax_act_batched_requests_total", 0.0)
 
 
+async def replicas_seen(client, seen: dict[int, float], t0: float, stop: asyncio.Event) -> None:
+    """Poll /health every 0.2 s: which replica (pid) answered, first seen when (s after t0)."""
+    while not stop.is_set():
+        try:
+            pid = (await client.get("/health")).json()["replica"]["pid"]
+            seen.setdefault(pid, time.perf_counter() - t0)
+        except Exception:  # noqa: BLE001 - a replica going away: the next poll tells
+            pass
+        try:
+            await asyncio.wait_for(stop.wait(), 0.2)
+        except asyncio.TimeoutError:
+            pass
+
+
 async def level(base: str, concurrency: int, requests: int, seconds: float, obs: list[str], warmup: int,
-                pid: int) -> dict:
+                pids: list[int]) -> dict:
     import httpx
 
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
@@ -116,10 +159,15 @@ async def level(base: str, concurrency: int, requests: int, seconds: float, obs:
                 latencies.append(time.perf_counter() - t0)
                 errors += r.status_code != 200
 
-        t0, server0, client0 = time.perf_counter(), cpu_seconds(pid), time.process_time()
+        t0, server0, client0 = time.perf_counter(), tree_cpu_seconds(pids), time.process_time()
+        seen: dict[int, float] = {}
+        stop = asyncio.Event()
+        watch = asyncio.ensure_future(replicas_seen(client, seen, t0, stop))
         await asyncio.gather(*(worker(k) for k in range(concurrency)))
         wall = time.perf_counter() - t0
-        server_cpu, client_cpu = cpu_seconds(pid) - server0, time.process_time() - client0
+        stop.set()
+        await watch
+        server_cpu, client_cpu = tree_cpu_seconds(pids) - server0, time.process_time() - client0
         b1, r1 = batch_counts((await client.get("/metrics")).text)
         for s in sessions:
             await client.delete(f"/v1/sessions/{s}")
@@ -129,7 +177,8 @@ async def level(base: str, concurrency: int, requests: int, seconds: float, obs:
             "p95_ms": float(np.percentile(lat, 95)), "p99_ms": float(np.percentile(lat, 99)),
             "mean_batch": (r1 - r0) / max(b1 - b0, 1.0),
             "server_cpu_ms_per_request": 1e3 * server_cpu / max(lat.size, 1),
-            "client_cpu_ms_per_request": 1e3 * client_cpu / max(lat.size, 1)}
+            "client_cpu_ms_per_request": 1e3 * client_cpu / max(lat.size, 1),
+            "replicas_answering": len(seen), "second_replica_at_s": sorted(seen.values())[1] if len(seen) > 1 else None}
 
 
 def play(base: str, episodes: int, seed: int = 0) -> dict:
@@ -165,11 +214,37 @@ def play(base: str, episodes: int, seed: int = 0) -> dict:
             "return_min": float(r.min()), "steps": int(r.sum()), "seconds": time.perf_counter() - t0}
 
 
-def serve_and_measure(run: str, precision: str, args: argparse.Namespace, obs: list[str]) -> dict:
+def redis_server(folder: str) -> tuple[subprocess.Popen, str]:
+    """A redis-server on 127.0.0.1 at a free port keeping nothing on disk, and its URL, once it answers."""
+    import shutil
+
+    exe = shutil.which("redis-server")
+    if exe is None:
+        raise SystemExit("--sessions redis needs redis-server (apt-get install redis-server), or give a redis:// URL")
+    port = free_port()
+    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--dir", folder, "--save", "",
+                             "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    for _ in range(200):
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+                sock.sendall(b"PING\r\n")
+                if sock.recv(16).startswith(b"+PONG"):
+                    return proc, f"redis://127.0.0.1:{port}/0"
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    raise SystemExit("redis-server did not start")
+
+
+def serve_and_measure(run: str, precision: str, args: argparse.Namespace, obs: list[str], sessions: str = "memory",
+                      replicas: str | None = None, store_pid: int | None = None) -> dict:
     import httpx
 
     port = free_port()
-    cmd = [sys.executable, "-m", "wm_jax.cli", "serve", run, "--port", str(port), "--gate", args.gate]
+    cmd = [sys.executable, "-m", "wm_jax.cli", "serve", run, "--port", str(port), "--gate", args.gate,
+           "--sessions", sessions]
+    if replicas:
+        cmd += ["--replicas", replicas]
     if precision == "int8":
         cmd.append("--int8")
     log = tempfile.TemporaryFile("w+")  # the server's output: a file, so a full pipe can never block it
@@ -190,18 +265,22 @@ def serve_and_measure(run: str, precision: str, args: argparse.Namespace, obs: l
         if health is None:
             raise RuntimeError(f"the server did not answer /health within {args.start_timeout} s")
         start_s = time.perf_counter() - t0
+        name = ("ray " + replicas) if replicas else ("memory" if sessions == "memory" else "redis")
         rows = []
         for c in args.concurrency:
-            row = asyncio.run(level(base, c, args.requests, args.seconds, obs, args.warmup, proc.pid))
+            pids = [proc.pid] + ([store_pid] if store_pid else [])
+            row = asyncio.run(level(base, c, args.requests, args.seconds, obs, args.warmup, pids))
             row.update(precision=precision, gate=health["gate"], **memory_mb(proc.pid))
             rows.append(row)
-            print(f"{precision:8s} c={c:3d}  n={row['requests']:5d}  p50 {row['p50_ms']:7.2f} ms  "
+            print(f"{precision:8s} {name:14s} c={c:3d}  n={row['requests']:5d}  p50 {row['p50_ms']:7.2f} ms  "
                   f"p95 {row['p95_ms']:7.2f} ms  p99 {row['p99_ms']:7.2f} ms  {row['requests_per_s']:7.1f} req/s  "
                   f"batch {row['mean_batch']:5.2f}  cpu/req server {row['server_cpu_ms_per_request']:.2f} ms, "
                   f"client {row['client_cpu_ms_per_request']:.2f} ms  rss {row.get('vmrss', float('nan')):6.0f} MB  "
-                  f"errors {row['errors']}", flush=True)
+                  f"errors {row['errors']}  replicas {row['replicas_answering']}"
+                  + (f" (2nd at {row['second_replica_at_s']:.1f} s)" if row["second_replica_at_s"] else ""), flush=True)
         health.pop("source", None)  # a local path
-        out = {"precision": precision, "start_s": start_s, "health": health, "levels": rows}
+        out = {"precision": precision, "sessions": "memory" if sessions == "memory" else "redis",
+               "replicas": replicas, "start_s": start_s, "health": health, "levels": rows}
         if args.episodes:
             out["episodes"] = play(base, args.episodes)
             e = out["episodes"]
@@ -218,6 +297,17 @@ def serve_and_measure(run: str, precision: str, args: argparse.Namespace, obs: l
         log.close()
 
 
+def cpu_model() -> dict:
+    """The CPU's model name and whether it has AVX-512 (/proc/cpuinfo; empty where it is not Linux)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {}
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    return {"model": name, "avx512f": "avx512f" in flags, "avx512_bf16": "avx512_bf16" in flags}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("run", help="a `wm-jax run` directory or exported agent folder")
@@ -230,18 +320,38 @@ def main() -> None:
     p.add_argument("--start-timeout", type=float, default=300.0)
     p.add_argument("--episodes", type=int, default=0, help="also play this many real episodes through /act")
     p.add_argument("--quick", action="store_true", help="20 requests per level at concurrency 1 and 4")
+    p.add_argument("--sessions", default="memory", help="session stores, one server each: memory, redis (started "
+                                                        "here) or a redis:// URL, comma-separated")
+    p.add_argument("--replicas", default=None, metavar="MIN:MAX", help="also Ray Serve replicas on Redis")
     p.add_argument("--json", default=None, help="where to write the results")
     args = p.parse_args()
     if args.quick:
         args.requests, args.warmup, args.concurrency = 20, 4, "1,4"
     args.concurrency = [int(c) for c in args.concurrency.split(",") if c]
     obs = frames(64)
-    results = [serve_and_measure(args.run, prec, args, obs) for prec in args.precisions.split(",")]
+    results = []
+    with tempfile.TemporaryDirectory(prefix="wm_jax_bench_redis_") as folder:
+        redis, url = None, None
+        try:
+            stores = [s for s in args.sessions.split(",") if s]
+            if "redis" in stores or args.replicas:
+                redis, url = redis_server(folder)
+            for prec in args.precisions.split(","):
+                for store in stores:
+                    where = url if store == "redis" else store
+                    results.append(serve_and_measure(args.run, prec, args, obs, where,
+                                                     store_pid=redis.pid if store == "redis" else None))
+                if args.replicas:
+                    results.append(serve_and_measure(args.run, prec, args, obs, url, args.replicas, redis.pid))
+        finally:
+            if redis is not None:
+                redis.terminate()
+                redis.wait(10)
     import jax
 
     out = {"machine": {"platform": jax.devices()[0].platform, "cpu_cores": os.cpu_count(),
-                       "machine": platform.machine(), "processor": platform.processor(), "jax": jax.__version__,
-                       "python": platform.python_version()},
+                       "machine": platform.machine(), "processor": platform.processor(), "cpu": cpu_model(),
+                       "jax": jax.__version__, "python": platform.python_version()},
            "run": f"{results[0]['health']['preset']} preset, seed {results[0]['health']['seed']}", "gate": args.gate, "requests_per_level": args.requests, "results": results}
     path = Path(args.json or Path(__file__).parent / "results" / f"serve_latency_{jax.devices()[0].platform}.json")
     if not args.quick or args.json:

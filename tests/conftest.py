@@ -73,3 +73,15 @@ def smoke_run(tmp_path_factory) -> tuple[Path, dict]:
     finally:
         logs.use()
     return out, summary
+
+
+@pytest.fixture(scope="session")
+def run_with_k(smoke_run, tmp_path_factory) -> Path:
+    """A copy of the smoke run (trained without K) with K added by `wm-jax train-verifier`: the
+    served agent of tests/test_serve*.py, its gate on. Never modify it in place."""
+    from wm_jax import cli
+
+    out = tmp_path_factory.mktemp("serve") / "smoke"
+    shutil.copytree(smoke_run[0], out)
+    assert cli.main(["train-verifier", str(out), "--steps", "60", "--quiet"]) == 0
+    return out

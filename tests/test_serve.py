@@ -40,15 +40,6 @@ ROOT = Path(__file__).resolve().parents[1]
 BUCKETS = (1, 8)  # fewer programs to compile than the server's default
 
 
-@pytest.fixture(scope="module")
-def run_with_k(smoke_run, tmp_path_factory) -> Path:
-    """A copy of the smoke run (trained without K) with K added by `wm-jax train-verifier`."""
-    out = tmp_path_factory.mktemp("serve") / "smoke"
-    shutil.copytree(smoke_run[0], out)
-    assert cli.main(["train-verifier", str(out), "--steps", "60", "--quiet"]) == 0
-    return out
-
-
 def _frames(n: int, seed: int = 3) -> list[np.ndarray]:
     env = PixelCartPole()
     obs, state = env.reset(jax.random.key(seed))

@@ -170,6 +170,41 @@ def _add_serve(sub: Any) -> None:
                         "is whatever queued while the previous one ran)")
     s.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"))
 
+    def store(text: str) -> str:  # the same rule as serve.check_url, which cannot load before the parse
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(text)
+        if text == "memory":
+            return text
+        try:
+            port = parts.port
+        except ValueError:
+            port = 0
+        if parts.scheme not in ("redis", "rediss") or not parts.hostname or port == 0 \
+                or not (parts.path.strip("/") or "0").isdigit():
+            raise argparse.ArgumentTypeError(f"must be 'memory' or redis://HOST:PORT/DB (port in [1, 65535], "
+                                             f"DB a number), got {text!r}")
+        return text
+
+    def replicas(text: str) -> tuple[int, int]:
+        low, _, high = text.partition(":")
+        try:
+            pair = (int(low), int(high or low))
+        except ValueError:
+            pair = (0, 0)
+        if not 1 <= pair[0] <= pair[1] <= 64:
+            raise argparse.ArgumentTypeError(f"must be MIN:MAX replicas with 1 <= MIN <= MAX <= 64, got {text!r}")
+        return pair
+
+    s.add_argument("--sessions", type=store, default="memory",
+                   help="where sessions live: memory (this process, the default) or redis://HOST:PORT/DB (shared "
+                        "by every replica; survives a restart)")
+    s.add_argument("--session-ttl", type=_bounded(float, 1.0, 30 * 86400.0, "s"), default=3600.0,
+                   help="seconds, in [1, 2,592,000], an idle session lives (default 3600)")
+    s.add_argument("--replicas", type=replicas, default=None, metavar="MIN:MAX",
+                   help="serve with Ray Serve: MIN to MAX replicas, autoscaled on ongoing requests (needs "
+                        "--sessions redis://... and the scale extra)")
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="wm-jax", description="World Models in JAX on pixel CartPole-v1",

@@ -213,11 +213,17 @@ def cmd_train_verifier(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     if serve is None:
         raise UsageError(f"serving needs the serve extra ({SERVE_MISSING} is missing): pip install -e '.[serve]'")
+    replicas, sessions = getattr(args, "replicas", None), getattr(args, "sessions", "memory")
+    ttl = getattr(args, "session_ttl", 3600.0)
+    if replicas is not None and sessions == "memory":
+        raise UsageError("--replicas needs --sessions redis://HOST:PORT/DB: every replica must reach every session")
     try:
         settings = serve.Settings(precision="int8" if args.int8 else "float32", gate=args.gate,
                                   lookahead=args.lookahead, threshold=args.threshold, safe_action=args.safe_action,
                                   max_sessions=args.max_sessions, batch_window_ms=args.batch_window_ms)
         serve.check_port(args.port)
+        if sessions != "memory":
+            serve.check_url(sessions)
     except ValueError as e:
         raise UsageError(str(e)) from None
     if not Path(args.run).is_dir():
@@ -225,13 +231,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # a damaged run, or settings whose memory this machine lacks (collection.TooLarge), fail here in one
     # line, before anything is compiled and before the server starts
     model = serve.Model.load(args.run, settings)
+    where = f"{replicas[0]} to {replicas[1]} Ray Serve replicas" if replicas else "one process"
     print(f"serving {args.run} ({settings.precision}, gate {model.gate}"
-          f"{'' if model.has_verifier else ': no verifier, run `wm-jax train-verifier` for one'}) "
-          f"on http://{args.host}:{args.port}", flush=True)
+          f"{'' if model.has_verifier else ': no verifier, run `wm-jax train-verifier` for one'}; {where}, "
+          f"sessions in {serve.redis_sessions.shown(sessions)}) on http://{args.host}:{args.port}", flush=True)
     try:
-        serve.run(serve.create_app(model), host=args.host, port=args.port, log_level=args.log_level)
+        if replicas is not None:  # Ray Serve handles the signals; its run returns once they stopped it
+            serve.scale.run(str(Path(args.run).resolve()), settings, sessions, ttl, replicas, host=args.host,
+                            port=args.port)
+            print("wm-jax serve: stopped", flush=True)
+        else:
+            serve.run(serve.create_app(model, sessions=sessions, session_ttl=ttl), host=args.host, port=args.port,
+                      log_level=args.log_level)
     except KeyboardInterrupt:  # uvicorn shut down, then raised the signal again: a server's normal end
         print("wm-jax serve: stopped", flush=True)
+    except serve.scale.ScaleError as e:
+        raise UsageError(str(e)) from None
     return 0
 
 

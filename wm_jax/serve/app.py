@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import os
 import platform
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +26,8 @@ from wm_jax.envs.cartpole import NUM_ACTIONS
 from wm_jax.serve.batching import Batcher, Unavailable
 from wm_jax.serve.metrics import CLIENT_CLOSED, Metrics
 from wm_jax.serve.model import OBS_BYTES, OBS_SHAPE, Model, Settings
-from wm_jax.serve.sessions import STEP, Session, Sessions, Step
+from wm_jax.serve.redis_sessions import RedisSessions, check_url
+from wm_jax.serve.sessions import STEP, Busy, Carry, Sessions, Step, StoreDown
 
 
 
@@ -169,14 +171,14 @@ class Outer:
                 raise
             answered = True
             if step is not None:
-                step.take()
+                await step.take()
 
         try:
             await self._limited(scope, receive_watched, send_watched)
         finally:
             step = scope.pop(STEP, None)
             if step is not None:  # taken or not, the session is free for its next step
-                step.session.lock.release()
+                await step.release()
             if gone and not answered:
                 status = CLIENT_CLOSED
             path = getattr(scope.get("route"), "path", "unmatched")
@@ -219,36 +221,35 @@ def versions() -> dict[str, str]:
 GONE = "session {!r} was deleted or evicted while this step waited; nothing was answered"
 
 
-def session_of(state: dict[str, Any], sid: str) -> Session:
-    """The live session `sid`, or 404."""
-    s = state["sessions"].get(sid)
-    if s is None:  # sessions live in this process: a restarted server knows none of the old ones
-        raise HTTPException(404, f"unknown session {sid!r} (never created, deleted, evicted, or lost when "
-                                 f"the server restarted: create a new one)")
-    return s
+def unknown(state: dict[str, Any], sid: str) -> HTTPException:
+    """404 for a session the store does not hold, saying why that can be."""
+    store = state["sessions"]
+    ttl = f", expired after {store.ttl:g} s idle" if store.ttl is not None else ""
+    lost = ", or lost when the server restarted" if store.kind == "memory" else ""
+    return HTTPException(404, f"unknown session {sid!r} (never created, deleted{ttl}"
+                              f"{', evicted' if store.kind == 'memory' else ''}{lost}: create a new one)")
 
 
 async def act(state: dict[str, Any], settings: Settings, metrics: Metrics, sid: str, obs: np.ndarray,
               request: Request) -> dict[str, Any]:
-    """/act: one step of session `sid` through the batcher and the gate. The new carry is left in
-    the request's scope (`STEP`) with the session's lock still held: `Outer` takes the step once
-    its answer went out (or drops it) and then releases the lock, so a retry waits for that and
-    sees its result."""
-    s = session_of(state, sid)
+    """/act: one step of session `sid` through the batcher and the gate. The session is held
+    (`Sessions.begin`) and the new carry left in the request's scope (`STEP`): `Outer` takes the
+    step once its answer went out (or drops it) and then lets the session go, so a retry, or a
+    concurrent request on the same session, waits for that and steps from its result."""
     m: Model = state["model"]
-    await s.lock.acquire()
+    held = await state["sessions"].begin(sid)
+    if held is None:
+        raise unknown(state, sid)
     try:
-        if not state["sessions"].holds(sid, s):  # deleted while this request waited for the lock
-            raise HTTPException(404, GONE.format(sid))
         try:
-            row = await state["batcher"].submit(s.carry, obs)
+            row = await state["batcher"].submit(held.carry, obs)
         except Unavailable as e:
             raise HTTPException(503, str(e)) from None
-        if not state["sessions"].holds(sid, s):  # deleted or evicted during the step
+        if not await held.alive():  # deleted or evicted during the step
             raise HTTPException(404, GONE.format(sid))
         policy_action = int(row["action"])
         out: dict[str, Any] = {"action": policy_action, "policy_action": policy_action, "gate": m.gate,
-                               "step": s.steps}
+                               "step": held.steps}
         carry = row["carry"]
         if m.gate != "off":
             verified = bool(row["confidence"] >= settings.threshold)
@@ -262,9 +263,9 @@ async def act(state: dict[str, Any], settings: Settings, metrics: Metrics, sid: 
                 out["action"] = settings.safe_action
                 carry = row["safe_carry"]
     except BaseException:
-        s.lock.release()
+        await held.release()
         raise
-    request.scope[STEP] = Step(s, (np.asarray(carry[0]), np.asarray(carry[1])))
+    request.scope[STEP] = Step(held, (np.asarray(carry[0]), np.asarray(carry[1])))
     return out
 
 
@@ -277,7 +278,12 @@ async def dream(state: dict[str, Any], settings: Settings, body: DreamRequest) -
     if body.actions is not None and len(body.actions) != body.horizon:
         raise HTTPException(422, [{"loc": ["body", "actions"], "type": "value_error",
                                    "msg": f"actions must hold horizon={body.horizon} entries, got {len(body.actions)}"}])
-    carry = m.initial_carry() if body.session is None else session_of(state, body.session).carry
+    carry: Carry = m.initial_carry()
+    if body.session is not None:
+        found = await state["sessions"].peek(body.session)
+        if found is None:
+            raise unknown(state, body.session)
+        carry = found[0]
     res = await asyncio.get_running_loop().run_in_executor(
         state["dreams"], m.dream, carry, body.observation, body.horizon, body.actions, body.frames)
     out = {"horizon": body.horizon, "latents": res["z_next"].tolist(), "actions": res["action"].tolist(),
@@ -288,17 +294,36 @@ async def dream(state: dict[str, Any], settings: Settings, body: DreamRequest) -
     return out
 
 
-def health(state: dict[str, Any], settings: Settings) -> dict[str, Any]:
-    """/health: whether the batcher runs, and what is served with which settings."""
+async def health(state: dict[str, Any], settings: Settings) -> dict[str, Any]:
+    """/health: whether the batcher runs and the session store answers, and what is served with
+    which settings. "unavailable" (still HTTP 200: the process lives) when either does not."""
     m: Model = state["model"]
-    out = {"status": "ok" if state["batcher"].alive else "unavailable", "model_loaded": True, "source": m.source,
+    store = await state["sessions"].state()
+    try:
+        count: int | None = await state["sessions"].count()
+    except StoreDown:
+        count = None
+    ok = state["batcher"].alive and store["reachable"]
+    out = {"status": "ok" if ok else "unavailable", "model_loaded": True, "source": m.source,
            "precision": settings.precision, "gate": m.gate, "verifier": m.has_verifier,
            "lookahead": settings.lookahead, "threshold": settings.threshold, "safe_action": settings.safe_action,
-           "sessions": len(state["sessions"]), "max_sessions": settings.max_sessions,
-           "buckets": list(settings.buckets), "preset": m.cfg.preset, "seed": m.cfg.seed, "versions": versions()}
+           "sessions": count, "max_sessions": settings.max_sessions, "session_store": store,
+           "session_ttl_s": store["ttl_s"], "buckets": list(settings.buckets), "preset": m.cfg.preset,
+           "seed": m.cfg.seed, "versions": versions(),
+           "replica": {"host": platform.node(), "pid": os.getpid(), "up_s": round(time.time() - state["started"], 1)}}
     if not m.has_verifier:
         out["note"] = "no verifier: the gate is off (train one with `wm-jax train-verifier RUN_DIR`)"
     return out
+
+
+async def store_down(request: Request, exc: Exception) -> JSONResponse:
+    """503 in one line naming the store (StoreDown) or the held session (Busy): the client retries."""
+    return JSONResponse({"detail": str(exc)}, status_code=503, headers={"retry-after": "1"})
+
+
+def open_sessions(url: str, max_sessions: int, ttl: float | None) -> Any:
+    """The session store `url` names: "memory" (this process) or redis://HOST:PORT/DB."""
+    return Sessions(max_sessions, ttl) if url == "memory" else RedisSessions(url, ttl)
 
 
 async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -308,11 +333,16 @@ async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse
                                     for e in exc.errors()]}, status_code=422)
 
 
-def create_app(model: Model | Path | str, settings: Settings | None = None) -> Any:
+def create_app(model: Model | Path | str, settings: Settings | None = None, sessions: str = "memory",
+               session_ttl: float | None = None) -> Any:
     """The ASGI app: `model` loaded (Model) or a run directory / agent folder that the lifespan
-    loads with `settings`. Use it as `TestClient(create_app(...))` or `run(create_app(...))` (uvicorn's
-    own `uvicorn.run` serves it too, but waits out a batch window at shutdown)."""
+    loads with `settings`; `sessions` in this process's memory or in Redis (redis://HOST:PORT/DB),
+    idle ones dropped after `session_ttl` seconds (None: never). Use it as
+    `TestClient(create_app(...))` or `run(create_app(...))` (uvicorn's own `uvicorn.run` serves it
+    too, but waits out a batch window at shutdown)."""
     settings = model.settings if isinstance(model, Model) else (settings or Settings())
+    if sessions != "memory":
+        check_url(sessions)
     state: dict[str, Any] = {}
     metrics = Metrics()
 
@@ -321,7 +351,7 @@ def create_app(model: Model | Path | str, settings: Settings | None = None) -> A
         m = model if isinstance(model, Model) else await asyncio.to_thread(Model.load, model, settings)
         await asyncio.to_thread(m.warm_up)
         state["model"] = m
-        state["sessions"] = Sessions(settings.max_sessions)
+        state["sessions"] = open_sessions(sessions, settings.max_sessions, session_ttl)
         state["batcher"] = Batcher(m, settings.batch_window_ms / 1000.0)
         state["batcher"].start()
         state["dreams"] = ThreadPoolExecutor(1, thread_name_prefix="wm_jax-dream")  # /v1/dream, one at a time
@@ -331,18 +361,21 @@ def create_app(model: Model | Path | str, settings: Settings | None = None) -> A
         finally:
             await state["batcher"].stop()
             state["dreams"].shutdown(wait=False)
+            await state["sessions"].close()
 
     app = FastAPI(title="wm_jax", version=versions()["wm_jax"], lifespan=lifespan)
     app.state.serve = state  # the model, sessions and batcher, for tests and embedding code
     app.add_exception_handler(RequestValidationError, invalid)
+    app.add_exception_handler(StoreDown, store_down)
+    app.add_exception_handler(Busy, store_down)
 
     @app.post("/v1/sessions", status_code=201)
     async def create_session() -> dict[str, Any]:
-        return {"id": state["sessions"].create(state["model"].initial_carry())}
+        return {"id": await state["sessions"].create(state["model"].initial_carry())}
 
     @app.delete("/v1/sessions/{sid}", status_code=204, response_class=Response)
     async def delete_session(sid: str):
-        if not state["sessions"].delete(sid):
+        if not await state["sessions"].delete(sid):
             raise HTTPException(404, f"unknown session {sid!r}")
         return Response(status_code=204)
 
@@ -356,12 +389,16 @@ def create_app(model: Model | Path | str, settings: Settings | None = None) -> A
 
     @app.get("/health")
     async def health_route() -> dict[str, Any]:
-        return health(state, settings)
+        return await health(state, settings)
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus() -> str:
-        b = state["batcher"]
-        return metrics.render(len(state["sessions"]), state["sessions"].evicted, b.batches, b.batched)
+        b, store = state["batcher"], state["sessions"]
+        try:
+            count = await store.count()
+        except StoreDown:
+            count = -1  # the gauge's "unknown": Redis does not answer (/health says why)
+        return metrics.render(count, store.evicted, b.batches, b.batched)
 
     return Outer(app, settings.max_body_bytes, metrics, state)
 
