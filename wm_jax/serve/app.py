@@ -333,21 +333,13 @@ async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse
                                     for e in exc.errors()]}, status_code=422)
 
 
-def create_app(model: Model | Path | str, settings: Settings | None = None, sessions: str = "memory",
-               session_ttl: float | None = None) -> Any:
-    """The ASGI app: `model` loaded (Model) or a run directory / agent folder that the lifespan
-    loads with `settings`; `sessions` in this process's memory or in Redis (redis://HOST:PORT/DB),
-    idle ones dropped after `session_ttl` seconds (None: never). Use it as
-    `TestClient(create_app(...))` or `run(create_app(...))` (uvicorn's own `uvicorn.run` serves it
-    too, but waits out a batch window at shutdown)."""
-    settings = model.settings if isinstance(model, Model) else (settings or Settings())
-    if sessions != "memory":
-        check_url(sessions)
-    state: dict[str, Any] = {}
-    metrics = Metrics()
+def lifespan(state: dict[str, Any], model: Model | Path | str, settings: Settings, sessions: str,
+             session_ttl: float | None) -> Any:
+    """The app's start and end: load `model` (unless given loaded) and compile its programs, open the
+    session store, start the batcher and the dream worker; at the end stop them in turn."""
 
     @asynccontextmanager
-    async def lifespan(app: Any):
+    async def span(app: Any):
         m = model if isinstance(model, Model) else await asyncio.to_thread(Model.load, model, settings)
         await asyncio.to_thread(m.warm_up)
         state["model"] = m
@@ -363,7 +355,34 @@ def create_app(model: Model | Path | str, settings: Settings | None = None, sess
             state["dreams"].shutdown(wait=False)
             await state["sessions"].close()
 
-    app = FastAPI(title="wm_jax", version=versions()["wm_jax"], lifespan=lifespan)
+    return span
+
+
+async def prometheus_text(state: dict[str, Any], metrics: Metrics) -> str:
+    """/metrics: the counters in Prometheus' text format."""
+    b, store = state["batcher"], state["sessions"]
+    try:
+        count = await store.count()
+    except StoreDown:
+        count = -1  # the gauge's "unknown": Redis does not answer (/health says why)
+    return metrics.render(count, store.evicted, b.batches, b.batched)
+
+
+def create_app(model: Model | Path | str, settings: Settings | None = None, sessions: str = "memory",
+               session_ttl: float | None = None) -> Any:
+    """The ASGI app: `model` loaded (Model) or a run directory / agent folder that the lifespan
+    loads with `settings`; `sessions` in this process's memory or in Redis (redis://HOST:PORT/DB),
+    idle ones dropped after `session_ttl` seconds (None: never). Use it as
+    `TestClient(create_app(...))` or `run(create_app(...))` (uvicorn's own `uvicorn.run` serves it
+    too, but waits out a batch window at shutdown)."""
+    settings = model.settings if isinstance(model, Model) else (settings or Settings())
+    if sessions != "memory":
+        check_url(sessions)
+    state: dict[str, Any] = {}
+    metrics = Metrics()
+
+    app = FastAPI(title="wm_jax", version=versions()["wm_jax"],
+                  lifespan=lifespan(state, model, settings, sessions, session_ttl))
     app.state.serve = state  # the model, sessions and batcher, for tests and embedding code
     app.add_exception_handler(RequestValidationError, invalid)
     app.add_exception_handler(StoreDown, store_down)
@@ -393,12 +412,7 @@ def create_app(model: Model | Path | str, settings: Settings | None = None, sess
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus() -> str:
-        b, store = state["batcher"], state["sessions"]
-        try:
-            count = await store.count()
-        except StoreDown:
-            count = -1  # the gauge's "unknown": Redis does not answer (/health says why)
-        return metrics.render(count, store.evicted, b.batches, b.batched)
+        return await prometheus_text(state, metrics)
 
     return Outer(app, settings.max_body_bytes, metrics, state)
 
