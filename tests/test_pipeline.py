@@ -349,7 +349,7 @@ def test_summary_with_undefined_corr_is_the_same_in_memory_on_disk_and_on_rerun(
     out = tmp_path / "copy"
     shutil.copytree(finished[0], out)
     (out / "summary.json").unlink()  # every stage is done: only the summary is rebuilt
-    for mod, name in ((data, "collect"), (vae, "train"), (transition, "train"), (driver, "evolve"), (rollout, "evaluate")):
+    for mod, name in ((collection, "collect"), (vae, "train"), (transition, "train"), (driver, "evolve"), (rollout, "evaluate")):
         monkeypatch.setattr(mod, name, _raise(f"{mod.__name__}.{name}"))
     monkeypatch.setattr(stats, "correlation", lambda xs, ys: float("nan"))
     first = pipeline.run(SMOKE, out, progress=False)
@@ -361,7 +361,7 @@ def test_summary_with_undefined_corr_is_the_same_in_memory_on_disk_and_on_rerun(
 
 def test_rerun_of_finished_dir_does_no_work(finished, monkeypatch):
     out, summary = finished
-    for mod, name in ((data, "collect"), (vae, "train"), (transition, "train"), (driver, "evolve"),
+    for mod, name in ((collection, "collect"), (vae, "train"), (transition, "train"), (driver, "evolve"),
                       (rollout, "evaluate"), (vae, "load"), (transition, "load")):
         monkeypatch.setattr(mod, name, _raise(f"{mod.__name__}.{name}"))
     def mtimes():  # .lock is written by every run: it names the process holding the directory
