@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from wm_jax.envs import cartpole as E
-from wm_jax.envs.cartpole import FRAME_SIZE, STACK, PixelCartPole, render
+from wm_jax.envs.cartpole import PixelCartPole, render
+from wm_jax.envs.draw import FRAME_SIZE, STACK
 
 CART, POLE, TRACK = 255, 170, 90
 PX_PER_UNIT = 11.0  # documented in envs/cartpole.py: |x| <= 2.4 maps to |column - 31.5| <= 26.4

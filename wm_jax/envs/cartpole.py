@@ -2,21 +2,20 @@
 
 `render(x, theta)` draws one 64x64 grayscale frame from the two positional state variables with
 anti-aliased signed-distance shapes (no host round trip, so it jits and vmaps).
-`PixelCartPole` wraps gymnax's CartPole-v1 physics (the gymnax 1.x six-value step API) and returns
-the last four frames stacked, newest last.
+`PixelCartPole` is `PixelEnv` over gymnax's CartPole-v1 physics (the gymnax 1.x six-value step
+API) with this renderer: it returns the last four frames stacked, newest last.
 """
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import struct
 from gymnax.environments.classic_control import cartpole as _gx_cartpole
 
-from wm_jax.envs.draw import FRAME_SIZE, STACK, check_finite, coverage
+from wm_jax.envs.draw import FRAME_SIZE, check_finite, coverage
+from wm_jax.envs.pixel import PixelEnv
 
 NUM_ACTIONS = 2  # CartPole: push left, push right
 
@@ -83,88 +82,20 @@ def render(x: jax.Array, theta: jax.Array) -> jax.Array:
     return _render_jit(x, theta)
 
 
-@struct.dataclass
-class PixelState:
-    """Physics state (gymnax EnvState) and the last four frames, newest last."""
-
-    physics: _gx_cartpole.EnvState
-    frames: jax.Array  # uint8[64, 64, 4]
-
-
-EnvParams = _gx_cartpole.EnvParams
-
-
-def _initial_stack(physics: _gx_cartpole.EnvState) -> jax.Array:
-    frame = _render(physics.x, physics.theta)
-    return jnp.repeat(frame[..., None], STACK, axis=-1)
+def frame(physics: _gx_cartpole.EnvState, params: Any = None) -> jax.Array:
+    """The frame of a CartPole physics state (PixelEnv's frame function): `render` of its x and theta."""
+    return _render(physics.x, physics.theta)
 
 
 def push_frame(frames: jax.Array, physics: _gx_cartpole.EnvState) -> jax.Array:
     """The 4-frame stack with the rendering of `physics` appended as the newest frame."""
-    frame = _render(physics.x, physics.theta)
-    return jnp.concatenate([frames[..., 1:], frame[..., None]], axis=-1)
+    return jnp.concatenate([frames[..., 1:], frame(physics)[..., None]], axis=-1)
 
 
-class PixelCartPole:
-    """gymnax CartPole-v1 observed through `render`, with a 4-frame stack.
-
-    `reset(key, params) -> (obs, state)` and
-    `step(key, state, action, params) -> (obs, state, reward, terminated, truncated, info)`,
-    obs uint8[64, 64, 4], newest frame last; the first observation repeats the first frame.
-
-    Auto-reset follows gymnax: when a step ends the episode (terminated or truncated), the returned
-    obs and state already belong to a fresh episode (four copies of its first frame), and the stack
-    that would have shown the final state is returned in `info["final_observation"]`. Rewards follow
-    gymnax/gym: 1.0 for every step taken, the terminating one included.
-    """
+class PixelCartPole(PixelEnv):
+    """gymnax CartPole-v1 observed through `render`, with a 4-frame stack: PixelEnv's API and
+    auto-reset (obs uint8[64, 64, 4], newest frame last; the first observation repeats the first
+    frame). Rewards follow gymnax/gym: 1.0 for every step taken, the terminating one included."""
 
     def __init__(self) -> None:
-        self._env = _gx_cartpole.CartPole()
-
-    @property
-    def default_params(self) -> EnvParams:
-        return self._env.default_params
-
-    @property
-    def num_actions(self) -> int:
-        return self._env.num_actions
-
-    def step_physics(
-        self, key: jax.Array, physics: _gx_cartpole.EnvState, action: jax.Array, params: EnvParams
-    ) -> tuple[_gx_cartpole.EnvState, jax.Array, jax.Array]:
-        """gymnax's physics step without auto-reset or rendering: (physics', reward, terminated)."""
-        _, stepped, reward, terminated, _ = self._env.step_env(key, physics, action, params)
-        return stepped, reward, terminated
-
-    @partial(jax.jit, static_argnums=0)
-    def reset(self, key: jax.Array, params: EnvParams | None = None) -> tuple[jax.Array, PixelState]:
-        params = self.default_params if params is None else params
-        _, physics = self._env.reset_env(key, params)
-        frames = _initial_stack(physics)
-        return frames, PixelState(physics=physics, frames=frames)
-
-    @partial(jax.jit, static_argnums=0)
-    def step(
-        self,
-        key: jax.Array,
-        state: PixelState,
-        action: jax.Array,
-        params: EnvParams | None = None,
-    ) -> tuple[jax.Array, PixelState, jax.Array, jax.Array, jax.Array, dict[str, Any]]:
-        params = self.default_params if params is None else params
-        key_step, key_reset = jax.random.split(key)
-        stepped, reward, terminated = self.step_physics(key_step, state.physics, action, params)
-        truncated = self._env.is_truncated(stepped, params)
-        done = jnp.logical_or(terminated, truncated)
-        final_frames = push_frame(state.frames, stepped)
-
-        _, fresh = self._env.reset_env(key_reset, params)
-        physics = jax.tree.map(lambda a, b: jax.lax.select(done, a, b), fresh, stepped)
-        frames = jnp.where(done, _initial_stack(fresh), final_frames)
-        info = {
-            "final_observation": final_frames,
-            "final_state": stepped,
-            "terminated": terminated,
-            "truncated": truncated,
-        }
-        return frames, PixelState(physics=physics, frames=frames), reward, terminated, truncated, info
+        super().__init__(_gx_cartpole.CartPole(), frame)

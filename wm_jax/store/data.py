@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from wm_jax.envs.cartpole import FRAME_SIZE, STACK
+from wm_jax.envs.draw import FRAME_SIZE, STACK
 
 MANIFEST = "wm_jax_manifest.json"
 FORMAT_VERSION = 1
