@@ -136,6 +136,11 @@ class PixelCartPole:
         _, stepped, reward, terminated, _ = self._env.step_env(key, physics, action, params)
         return stepped, reward, terminated
 
+    def push_frame(self, frames: jax.Array, physics: _gx_cartpole.EnvState, params: EnvParams | None = None
+                   ) -> jax.Array:
+        """The 4-frame stack with the rendering of `physics` appended (PixelEnv's signature)."""
+        return push_frame(frames, physics)
+
     @partial(jax.jit, static_argnums=0)
     def reset(self, key: jax.Array, params: EnvParams | None = None) -> tuple[jax.Array, PixelState]:
         params = self.default_params if params is None else params
