@@ -61,6 +61,9 @@ class _Parser(argparse.ArgumentParser):
 PRESETS = ("smoke", "cpu", "frugal", "laptop", "paper")  # presets.PRESETS (tests/test_cli.py checks)
 TRAINERS = ("cmaes", "ppo")  # config.TRAINERS (tests/test_cli.py checks)
 PRECISIONS = ("fp32", "bf16")  # commands.PRECISIONS (tests/test_cli.py checks)
+# wm_jax.envs.names(), the built-in tasks (tests/test_cli.py checks); spelled out so that an argument
+# error answers before JAX and gymnax load
+ENVS = ("CartPole-v1", "Acrobot-v1", "MountainCar-v0", "Pendulum-v1", "MountainCarContinuous-v0", "Breakout-MinAtar")
 
 
 def _training_args(p: argparse.ArgumentParser) -> None:
@@ -84,7 +87,9 @@ def _add_collect(sub: Any) -> None:
     c = sub.add_parser("collect", help="collect random-policy episodes into a Hugging Face dataset")
     c.add_argument("--episodes", type=_positive_int, default=5000)
     c.add_argument("--seed", type=_seed, default=123)
-    c.add_argument("--max-steps", type=_positive_int, default=500)
+    c.add_argument("--max-steps", type=_positive_int, default=None, help="steps per episode at most (default: the "
+                                                                          "task's step limit)")
+    c.add_argument("--env", choices=ENVS, default="CartPole-v1", help="the task (docs/ENVIRONMENTS.md)")
     c.add_argument("--out", required=True)
     c.add_argument("--overwrite", action="store_true")
 
@@ -106,7 +111,11 @@ def _add_run(sub: Any) -> None:
     r = sub.add_parser("run", help="the whole recipe: collect, V, M, evolve C in the dream, evaluate")
     r.add_argument("--preset", choices=PRESETS, default="frugal",
                    help="default: frugal, the main job (the stage commands above default to cpu, whose V and M it shares)")
-    r.add_argument("--out", default=None, help="run directory (default: runs/PRESET[-sSEED][-bf16][-kMODE][-gSHARE][-TRAINER])")
+    r.add_argument("--out", default=None,
+                   help="run directory (default: runs/PRESET[-ENV][-sSEED][-bf16][-kMODE][-gSHARE][-TRAINER]; ENV "
+                        "only for a task other than CartPole-v1)")
+    r.add_argument("--env", choices=ENVS, default=None,
+                   help="the task (docs/ENVIRONMENTS.md; default: the preset's, CartPole-v1 unless it is a task's own)")
     r.add_argument("--seed", type=_seed, default=0)
     r.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="compute dtype of V and M (default: the preset's; parameters and optimizer state stay float32)")
@@ -207,7 +216,7 @@ def _add_serve(sub: Any) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="wm-jax", description="World Models in JAX on pixel CartPole-v1",
+    p = _Parser(prog="wm-jax", description="World Models in JAX on pixel environments (CartPole-v1 and others)",
                 epilog="exit codes: 0 done, 1 training failed, 2 bad input or damaged files, 3 cannot write, "
                        "4 run directory in use, 130 interrupted, 143 terminated")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error (also WM_JAX_DEBUG=1)")

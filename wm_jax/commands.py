@@ -21,10 +21,10 @@ import numpy as np
 from wm_jax import interrupt, pipeline, plots, run_dir, video
 from wm_jax.agent import Agent, evaluation_key
 from wm_jax.config import ConfigError
-from wm_jax.envs.cartpole import PixelCartPole
+from wm_jax import envs
 from wm_jax.models import train, transition, vae
 from wm_jax.models.train import TrainingError
-from wm_jax.presets import get_preset, with_compute_dtype, with_trainer
+from wm_jax.presets import get_preset, with_compute_dtype, with_env, with_trainer
 from wm_jax.pretrained import PretrainedError
 from wm_jax.run_dir import RunDirBusy, RunDirError
 from wm_jax.store import collection, data
@@ -71,14 +71,20 @@ def cmd_collect(args: argparse.Namespace) -> int:
     _fresh_dir(out, args.overwrite)
 
     t0 = time.perf_counter()
+    env = getattr(args, "env", data.DEFAULT_ENV)
+    limit = envs.spec(env).max_steps
+    steps = limit if args.max_steps is None else args.max_steps
+    collection.check_memory(args.episodes, steps, collection.task_random_policy(env), env=env)  # the GiB first
+    if steps > limit:
+        raise UsageError(f"--max-steps must be at most {limit} ({env}'s step limit), got {steps}")
     with interrupt.deferred():  # Ctrl-C and SIGTERM between collection chunks
-        ds = collection.collect(jax.random.key(args.seed), args.episodes, max_steps=args.max_steps)
-    data.save_dataset(ds, out, overwrite=args.overwrite)
+        ds = collection.collect(jax.random.key(args.seed), args.episodes, max_steps=steps, env=env)
+    data.save_dataset(ds, out, overwrite=args.overwrite, env=env)
     seconds = time.perf_counter() - t0
     episode = ds.data.column("episode").to_numpy()
     lengths = np.bincount(episode - int(episode.min()))
     print(
-        f"collected {args.episodes} episodes, {ds.num_rows} steps, mean length {lengths.mean():.1f}, "
+        f"collected {args.episodes} {env} episodes, {ds.num_rows} steps, mean length {lengths.mean():.1f}, "
         f"{_dir_size_mb(out):.1f} MB on disk in {out}, {seconds:.1f} s"
     )
     return 0
@@ -134,10 +140,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         cfg = dataclasses.replace(cfg, verifier=dataclasses.replace(cfg.verifier, mode=args.verifier))
     if args.grounding is not None:
         cfg = dataclasses.replace(cfg, evolve=dataclasses.replace(cfg.evolve, grounding=args.grounding))
+    if getattr(args, "env", None) is not None:
+        cfg = with_env(cfg, args.env)
     if args.trainer is not None:
         cfg = with_trainer(cfg, args.trainer)
-    # the default directory names what differs from the preset
-    name = cfg.preset + (f"-s{cfg.seed}" if cfg.seed else "") + ("" if args.precision is None else f"-{args.precision}")
+    # the default directory names what differs from the preset (and a task other than CartPole's)
+    name = cfg.preset + ("" if cfg.env == data.DEFAULT_ENV else f"-{cfg.env}")
+    name += (f"-s{cfg.seed}" if cfg.seed else "") + ("" if args.precision is None else f"-{args.precision}")
     name += "" if cfg.verifier.mode == base.verifier.mode else f"-k{cfg.verifier.mode}"
     name += "" if cfg.evolve.grounding == base.evolve.grounding else f"-g{cfg.evolve.grounding:g}"
     name += "" if cfg.evolve.trainer == base.evolve.trainer else f"-{cfg.evolve.trainer}"
@@ -187,11 +196,11 @@ def cmd_video(args: argparse.Namespace) -> int:
         raise UsageError(f"--out {out}: the video is an animated GIF, name it *.gif")
     if not 1 <= args.fps <= video.MAX_FPS:
         raise UsageError(f"--fps must be in 1..{video.MAX_FPS} (GIF viewers slow faster frames down), got {args.fps}")
-    limit = int(PixelCartPole().default_params.max_steps_in_episode)
-    if args.max_steps is not None and args.max_steps > limit:  # each step's frames are held until written
-        raise UsageError(f"--max-steps must be at most {limit} steps (the environment ends every episode by then), "
-                         f"got {args.max_steps}")
     agent = _agent(args.agent)
+    limit = envs.spec(agent.cfg.env).max_steps
+    if args.max_steps is not None and args.max_steps > limit:  # each step's frames are held until written
+        raise UsageError(f"--max-steps must be at most {limit} steps ({agent.cfg.env} ends every episode by then), "
+                         f"got {args.max_steps}")
     key = jax.random.fold_in(evaluation_key(agent.cfg.seed if args.seed is None else args.seed), 1000)
     frames = video.record(agent.cfg, {**agent.params, "verifier": agent.verifier}, key, args.episodes, args.max_steps)
     count = video.write(out, frames, fps=args.fps)

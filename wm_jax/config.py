@@ -107,9 +107,11 @@ class TransitionConfig(Section):
     # (negatives); score = -mean squared distance / temperature.
     contrastive: float = 0.0
     contrastive_temperature: float = 0.1
-    # How many actions M's input one-hot has: CartPole's 2, or a macro-M's number of macros
-    # (wm_jax.search.macro); checkpoints record it only when it is not 2 (transition.model_config)
+    # M's action input: a one-hot of `actions` (a discrete task's count, CartPole's 2, or a macro-M's
+    # number of macros, wm_jax.search.macro), or with `continuous` a dense map of an action vector of
+    # `actions` numbers; checkpoints record each only when it is not CartPole's (transition.model_config)
     actions: int = 2
+    continuous: bool = False
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=20_000, batch=100, lr=1e-3))
 
     def __post_init__(self) -> None:
@@ -125,11 +127,21 @@ class TransitionConfig(Section):
 class ControllerConfig(Section):
     kind: str = "linear"  # Ha's action = argmax(W [z, h] + b); "mlp" adds one tanh layer
     mlp_hidden: int = 16
-    actions: int = 2  # how many scores C outputs: CartPole's 2 actions, or a macro controller's macros
+    # How many numbers C outputs: a discrete task's action count (CartPole's 2; a macro controller's
+    # macros) whose argmax it plays, or with `continuous` the action vector's size, each output
+    # squashed into [low, high] (the task's bounds: one number for every dimension, or one per dimension)
+    actions: int = 2
+    continuous: bool = False
+    low: float | tuple[float, ...] = -1.0
+    high: float | tuple[float, ...] = 1.0
 
     def __post_init__(self) -> None:
         one_of(self, "kind", ("linear", "mlp"))
         positive(self, "mlp_hidden", "actions")
+        low, high = (v if isinstance(v, tuple) else (v,) * self.actions for v in (self.low, self.high))
+        if len(low) != self.actions or len(high) != self.actions or any(a >= b for a, b in zip(low, high)):
+            raise ConfigError(f"ControllerConfig bounds must be one number or {self.actions} with low < high, got "
+                              f"low={self.low!r}, high={self.high!r}")
 
 
 def grounded_count(share: Any, rollouts: int) -> Any:
@@ -227,7 +239,7 @@ class PPOConfig(Section):
 class EvalConfig(Section):
     episodes: int = 100
     max_steps: int = 500
-    solved_at: float = 475.0  # CartPole-v1's reward threshold
+    solved_at: float | None = 475.0  # the task's solved threshold (CartPole-v1's); None: the task has none
 
     def __post_init__(self) -> None:
         positive(self, "episodes", "max_steps")
@@ -241,9 +253,11 @@ class VerifierConfig(Section):
     threshold: float = traced(0.5)
     hidden: int = 128
     noise: float = 1.0  # perturbed negatives: z' + noise * (per-dimension spread of the posterior means) * eps
-    # How many actions K's one-hot has: M's (TransitionConfig.actions; a macro-M's macros);
-    # checkpoints record it only when it is not 2 (verifier.model_config)
+    # K's action input, as M's (TransitionConfig.actions and continuous: a one-hot of a discrete
+    # task's or a macro-M's actions, or the action vector); checkpoints record each only when it is
+    # not CartPole's (verifier.model_config)
     actions: int = 2
+    continuous: bool = False
     seq_len: int = 32  # windows for the open-loop negatives (drift of 1 .. seq_len - 1 steps)
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(steps=1000, batch=32, lr=1e-3, chunk=100, checkpoint_every=500)
@@ -305,6 +319,9 @@ class RoundsConfig(Section):
 class Config(Section):
     preset: str = "paper"
     seed: int = 0
+    # The task (a name in wm_jax.envs' registry); presets.with_env sets the fields that follow from it
+    # (action counts and kinds, step limits, the solved threshold) and presets.check_env checks them.
+    env: str = "CartPole-v1"
     data: DataConfig = field(default_factory=DataConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
     transition: TransitionConfig = field(default_factory=TransitionConfig)
@@ -317,9 +334,9 @@ class Config(Section):
 
     def __post_init__(self) -> None:
         check_seed(self, "seed")
-        if self.verifier.actions != self.transition.actions:  # K judges M's transitions, actions and all
-            raise ConfigError(f"verifier.actions ({self.verifier.actions}) must equal transition.actions "
-                              f"({self.transition.actions})")
+        k, m = (self.verifier.actions, self.verifier.continuous), (self.transition.actions, self.transition.continuous)
+        if k != m:  # K judges M's transitions, actions and all
+            raise ConfigError(f"verifier's (actions, continuous) {k} must equal transition's {m}")
 
     def for_round(self, r: int, new_rows: int | None = None) -> Config:
         """The config of round r of Ha's iterative procedure: round 1 is this config; later rounds

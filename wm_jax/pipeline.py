@@ -28,8 +28,8 @@ from wm_jax.search import checks, driver, rollout
 from wm_jax.store import checkpoint, collection
 from wm_jax.store import data as data_lib
 from wm_jax.config import Config
-from wm_jax.schema import ConfigError, diff
-from wm_jax.envs.cartpole import NUM_ACTIONS
+from wm_jax.presets import check_env
+from wm_jax.schema import diff
 from wm_jax.run_dir import RunDirError
 
 STRIP_STEPS = 10  # episode_strip.png: the first steps of the episode the video shows
@@ -110,10 +110,7 @@ def run(cfg: Config, out: Path | str, progress: bool = True) -> dict[str, Any]:
     (KeyboardInterrupt); the same call resumes. A rerun of a finished run rewrites the derived files
     (agent.json, controller.npy, summary.json) that are missing or damaged."""
     out = Path(out)
-    if (cfg.transition.actions, cfg.controller.actions) != (NUM_ACTIONS, NUM_ACTIONS):
-        raise ConfigError(f"the pipeline plays CartPole's {NUM_ACTIONS} actions; transition.actions="
-                          f"{cfg.transition.actions} and controller.actions={cfg.controller.actions} are a macro "
-                          f"controller's (wm_jax.search.macro)")
+    check_env(cfg)  # the task's actions and step limit (a macro controller's config plays through search.macro)
     with run_dir.locked(out), interrupt.deferred():
         _check_config(out, cfg)
         stages = stages_lib.Stages(out, progress)
@@ -206,34 +203,35 @@ def _collect(ctx: _Run, r: int) -> dict[str, Any]:
     cfg = ctx.cfg
     if r == 1:
         ds = collection.collect(jax.random.key(cfg.data.seed), cfg.data.episodes, max_steps=cfg.data.max_steps,
-                              chunk_size=cfg.data.chunk_size, progress=ctx.progress)
+                                chunk_size=cfg.data.chunk_size, progress=ctx.progress, env=cfg.env)
     else:
         best = ctx.best
         params = {"vae": ctx.vae_params, "transition": best["m_params"], "controller": jnp.asarray(best["ctrl"])}
         ds = collection.collect(jax.random.fold_in(ctx.keys["rounds"], r), cfg.rounds.episodes, policy=rollout.agent_policy(cfg),
                               max_steps=cfg.data.max_steps, chunk_size=cfg.rounds.episodes,
                               episode_offset=r * 1_000_000, progress=ctx.progress,
-                              max_rows=cfg.collect_cap(ctx.real_env_steps), params=params)
+                              max_rows=cfg.collect_cap(ctx.real_env_steps), params=params, env=cfg.env)
     path = ctx.out / "data" / f"round{r}"
-    data_lib.save_dataset(ds, path, overwrite=True)
+    data_lib.save_dataset(ds, path, overwrite=True, env=cfg.env)
     return {**_collected(ds, cfg.data.max_steps), "outputs": {f"data/round{r}": data_lib.identity(path)}}
 
 
 def _collected(ds: Any, max_steps: int) -> dict[str, Any]:
-    """A collection's record: episodes (begun), rows = env_steps, and the mean return of the
-    episodes that ran to their end (CartPole pays 1 per step, so a return is a length); an
-    episode cut by rounds.env_steps is counted in the steps but not in the mean."""
+    """A collection's record: episodes (begun), rows = env_steps, and the mean return (the sum of
+    its rewards) of the episodes that ran to their end; an episode cut by rounds.env_steps is
+    counted in the steps but not in the mean."""
     episode, done = data_lib.column(ds, "episode"), data_lib.column(ds, "done").astype(bool)
     starts = np.flatnonzero(np.concatenate([[True], episode[1:] != episode[:-1]]))
     lengths = np.diff(np.append(starts, episode.size))
+    returns = np.add.reduceat(data_lib.column(ds, "reward").astype(np.float64), starts)
     ended = done[starts + lengths - 1] | (lengths >= max_steps)
-    whole = lengths[ended] if ended.any() else lengths
+    whole = returns[ended] if ended.any() else returns
     return {"episodes": int(starts.size), "rows": int(episode.size), "env_steps": int(episode.size),
             "return_mean": float(whole.mean()), "cut": int((~ended).sum())}
 
 
 def _train_vae(ctx: _Run) -> dict[str, Any]:
-    arrays = run_dir.load_arrays(ctx.data_paths)
+    arrays = run_dir.load_arrays(ctx.data_paths, ctx.cfg.env)
     index = data_lib.EpisodeIndex.from_columns(arrays["episode"], arrays["t"])
     params, info = vae.train(ctx.cfg, ctx.keys["vae"], {"frame": arrays["frame"], "stack_rows": index.stack_rows},
                              ctx.out / "vae", ctx.progress)
@@ -284,7 +282,7 @@ def _round(ctx: _Run, r: int) -> None:
         ctx.real_env_steps += got["env_steps"]
         ctx.data_paths.append(out / "data" / f"round{r}")
     cfg = run_dir.round_config(ctx.cfg, stages.done, r)  # after the collection: M's steps may follow its rows
-    arrays = run_dir.load_arrays(ctx.data_paths)
+    arrays = run_dir.load_arrays(ctx.data_paths, ctx.cfg.env)
     index = data_lib.EpisodeIndex.from_columns(arrays["episode"], arrays["t"])
     lat, ctx.lat_id = _latents(ctx, r, arrays, index, ctx.latents)
     ctx.latents = lat
@@ -361,11 +359,20 @@ def _evaluate(ctx: _Run) -> dict[str, Any]:
     rec = rollout.open_loop(cfg, params, k_episode, cfg.eval.max_steps)
     n = STRIP_STEPS
     plots.episode_strip(rec["real"][:n], rec["recon"][:n], rec["dreamed"][:n], ctx.out / "episode_strip.png")
-    video.write(ctx.out / "episode.gif", video.frames(rec))
+    video.write(ctx.out / "episode.gif", video.frames(rec, names=video.action_names(cfg)))
     tmp = ctx.out / ".imagined_rollouts.tmp.npz"
     np.savez_compressed(tmp, **rollout.imagined_rollouts(cfg, params, k_dreams, rec["z"][:n]))
     os.replace(tmp, ctx.out / "imagined_rollouts.npz")
     return res
+
+
+def solved(cfg: Config, ev: dict[str, Any]) -> bool | None:
+    """Whether the evaluation `ev` reached the task's threshold (eval.solved_at); None where the task
+    has none, or where eval.max_steps cut some episodes short of the task's step limit (their
+    returns are not whole episodes')."""
+    if cfg.eval.solved_at is None or ev.get("cut", 0):
+        return None
+    return bool(ev["return_mean"] >= cfg.eval.solved_at)
 
 
 def _summary(ctx: _Run, ev: dict[str, Any]) -> dict[str, Any]:
@@ -379,7 +386,8 @@ def _summary(ctx: _Run, ev: dict[str, Any]) -> dict[str, Any]:
         "real_return_std": ev["return_std"],
         "real_return_min": ev["return_min"],
         "real_episodes": ev["episodes"],
-        "solved": bool(ev["return_mean"] >= cfg.eval.solved_at),
+        "env": cfg.env,
+        "solved": solved(cfg, ev),
         "real_env_steps": int(ctx.real_env_steps + ev["env_steps"]),
         "real_env_steps_training": int(ctx.real_env_steps),
         "learning_curve": stages_lib.learning_curve(cfg, stages.done),

@@ -3,6 +3,7 @@
     cfg = get_preset("frugal", seed=1)          # the main job's configuration
     cfg = with_compute_dtype(cfg, "bfloat16")   # V and M computing in bfloat16
     cfg = with_trainer(cfg, "ppo")              # C searched with PPO instead of CMA-ES
+    cfg = with_env(cfg, "Acrobot-v1")           # the same recipe on another task of wm_jax.envs
 
 README's preset table lists every preset's sizes and its deviations from the recipe.
 """
@@ -11,6 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
+
+from wm_jax import envs
 from wm_jax.config import TRAINERS, Config, ConfigError, ControllerConfig, DataConfig, EvalConfig, EvolveConfig
 from wm_jax.config import RoundsConfig, TrainConfig, TransitionConfig, VAEConfig
 
@@ -84,8 +88,13 @@ def with_trainer(cfg: Config, trainer: str) -> Config:
         raise ConfigError(f"EvolveConfig.trainer must be one of {TRAINERS}, got {trainer!r}")
     if trainer == cfg.evolve.trainer:
         return cfg
-    return dataclasses.replace(cfg, evolve=dataclasses.replace(cfg.evolve, trainer=trainer),
-                               controller=PPO_CONTROLLER if trainer == "ppo" else ControllerConfig())
+    controller = dataclasses.replace(PPO_CONTROLLER if trainer == "ppo" else ControllerConfig(),
+                                     **_action_fields(cfg.controller))
+    return dataclasses.replace(cfg, evolve=dataclasses.replace(cfg.evolve, trainer=trainer), controller=controller)
+
+
+def _action_fields(ctrl: ControllerConfig) -> dict:
+    return {"actions": ctrl.actions, "continuous": ctrl.continuous, "low": ctrl.low, "high": ctrl.high}
 
 
 def _laptop() -> Config:
@@ -140,3 +149,68 @@ def get_preset(name: str, seed: int | None = None) -> Config:
         raise ConfigError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
     cfg = PRESETS[name]()
     return dataclasses.replace(cfg, seed=seed) if seed is not None else cfg
+
+
+def _step_limit(value: int, old: int, new: int) -> int:
+    """A step cap moved to another task: whole episodes (the old task's limit) stay whole (the new
+    task's limit); a shorter cap (smoke's 50 evaluation steps) stays, within the new limit."""
+    return new if value >= old else min(value, new)
+
+
+def action_fields(name: str) -> dict:
+    """What task `name`'s action space sets in M, K and C: {"actions": a discrete count or a continuous
+    vector's size, "continuous": bool}, and for a continuous task C's "low" and "high" (its bounds)."""
+    space = envs.spec(name).action_space
+    if space.kind == "discrete":
+        return {"actions": int(space.n), "continuous": False}
+    return {"actions": max(1, int(np.prod(space.shape))), "continuous": True, "low": space.low, "high": space.high}
+
+
+def with_env(cfg: Config, name: str) -> Config:
+    """cfg on task `name` (a wm_jax.envs registry name): M's, K's and C's action input and output
+    follow its action space (`action_fields`); the step caps of collection and evaluation follow its
+    step limit (`_step_limit`); the solved threshold is its own (None where it has none); and the
+    search's evolve.stop_at, set against the old task's returns, becomes the new task's threshold
+    where its checks play whole episodes (else None: a check cut short says nothing against the
+    threshold; on a task paying -1 per step it would pass at once), and None where it has none
+    (the search then runs all its generations). The task cfg already has returns cfg unchanged."""
+    if name == cfg.env:
+        return cfg
+    old, spec = envs.spec(cfg.env), envs.spec(name)
+    fields = action_fields(name)
+    model = {"actions": fields["actions"], "continuous": fields["continuous"]}
+    eval_steps = _step_limit(cfg.eval.max_steps, old.max_steps, spec.max_steps)
+    stop_at = spec.solved_threshold if eval_steps >= spec.max_steps else None
+    evolve = dataclasses.replace(cfg.evolve, stop_at=stop_at,
+                                 confirm_episodes=cfg.evolve.confirm_episodes if stop_at is not None else 0)
+    return dataclasses.replace(
+        cfg, env=name, evolve=evolve,
+        transition=dataclasses.replace(cfg.transition, **model),
+        verifier=dataclasses.replace(cfg.verifier, **model),
+        controller=dataclasses.replace(cfg.controller, **{"low": -1.0, "high": 1.0, **fields}),
+        data=dataclasses.replace(cfg.data, max_steps=_step_limit(cfg.data.max_steps, old.max_steps, spec.max_steps)),
+        eval=dataclasses.replace(cfg.eval, max_steps=eval_steps, solved_at=spec.solved_threshold),
+    )
+
+
+def check_env(cfg: Config) -> None:
+    """A ConfigError (one line) unless cfg plays its task as `with_env` sets it up: a registered
+    name, M's, K's and C's actions of the task's kind and count (C's bounds the task's), and a
+    collection that stops within the task's step limit (its scan does not watch for gymnax's
+    truncation)."""
+    if cfg.env not in envs.names():
+        raise ConfigError(f"unknown environment {cfg.env!r}; known: {', '.join(envs.names())}")
+    fields = action_fields(cfg.env)
+    for section in ("transition", "verifier", "controller"):
+        wanted = fields if section == "controller" else {k: fields[k] for k in ("actions", "continuous")}
+        got = {k: getattr(getattr(cfg, section), k) for k in wanted}
+        if got != wanted:
+            shown = ", ".join(f"{section}.{k}={v!r}" for k, v in got.items())
+            raise ConfigError(f"{cfg.env} plays {', '.join(f'{k}={v!r}' for k, v in wanted.items())}, not {shown} (a "
+                              f"macro controller's? it plays through wm_jax.search.macro); use presets.with_env")
+    if fields["continuous"] and cfg.evolve.trainer == "ppo":
+        raise ConfigError(f"{cfg.env} has continuous actions and PPO's actor here is categorical (discrete tasks "
+                          f"only): use the cmaes trainer")
+    limit = envs.spec(cfg.env).max_steps
+    if cfg.data.max_steps > limit:
+        raise ConfigError(f"data.max_steps={cfg.data.max_steps} is past {cfg.env}'s step limit ({limit})")

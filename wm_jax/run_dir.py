@@ -210,12 +210,12 @@ def write_json(path: Path | str, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def load_arrays(paths: list[Path]) -> dict[str, np.ndarray]:
-    """The columns of several stored datasets, concatenated in order."""
+def load_arrays(paths: list[Path], env: str | None = None) -> dict[str, np.ndarray]:
+    """The columns of several stored datasets (each of task `env`, when given), concatenated in order."""
     parts = []
     for p in paths:
         try:
-            parts.append(data_lib.to_arrays(data_lib.load_dataset(p)))
+            parts.append(data_lib.to_arrays(data_lib.load_dataset(p, env)))
         except data_lib.DatasetError as e:  # a run collects a round that is gone again, the same episodes
             raise data_lib.DatasetError(p, f"{e.problem}; delete {p} and rerun the same `wm-jax run` command to "
                                            f"collect it again") from None
@@ -369,7 +369,7 @@ def load(run: Path | str) -> Run:
     run = Path(run)
     cfg, params = load_agent(run)
     paths = data_paths(run)
-    arrays = load_arrays(paths)
+    arrays = load_arrays(paths, cfg.env)
     index = data_lib.EpisodeIndex.from_columns(arrays["episode"], arrays["t"])
     lat = read_latents(run / f"latents_round{len(paths)}.npz",
                        stage_output(run, read_stages(run), f"encode_round{len(paths)}", f"latents_round{len(paths)}.npz"))

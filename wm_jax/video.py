@@ -23,6 +23,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from wm_jax import envs
 from wm_jax.models import transition
 from wm_jax.search import rollout
 
@@ -32,7 +33,6 @@ PAD = 6
 TITLE_H = 16
 CAPTION_H = 34
 PLOT_H = 40
-ACTIONS = ("left", "right")
 BLACK, RED, NAVY, BLUE, GRAY, LIGHT = (0, 0, 0), (220, 0, 0), (0, 0, 120), (0, 0, 160), (90, 90, 90), (180, 180, 180)
 
 
@@ -49,14 +49,27 @@ def _panel(image01: np.ndarray) -> np.ndarray:
     return np.repeat(gray[..., None], 3, axis=-1)
 
 
-def render(rec: dict[str, Any], episode: int | None = None) -> np.ndarray:
+def render(rec: dict[str, Any], episode: int | None = None, names: tuple[str, ...] = ()) -> np.ndarray:
     """The frames (uint8[T, H, W, 3]) of one `rollout.open_loop` record, T = the episode's length."""
-    return np.stack(list(frames(rec, episode)))
+    return np.stack(list(frames(rec, episode, names)))
 
 
-def frames(rec: dict[str, Any], episode: int | None = None) -> Iterator[np.ndarray]:
+def action_names(cfg: Any) -> tuple[str, ...]:
+    """What the captions call cfg's task's discrete actions (EnvSpec.action_names; () where unnamed)."""
+    return envs.spec(cfg.env).action_names
+
+
+def _action_text(action: Any, names: tuple[str, ...]) -> str:
+    """An action for the caption: its name, its index, or a continuous vector's numbers."""
+    a = np.asarray(action)
+    if a.ndim:
+        return " ".join(f"{v:+.2f}" for v in a.ravel())
+    return names[int(a)] if int(a) < len(names) else str(int(a))
+
+
+def frames(rec: dict[str, Any], episode: int | None = None, names: tuple[str, ...] = ()) -> Iterator[np.ndarray]:
     """The frames of one `rollout.open_loop` record one at a time (uint8[H, W, 3]; a 500-step
-    episode is 265 MB as one array)."""
+    episode is 265 MB as one array); `names` label the discrete actions (`action_names`)."""
     from PIL import Image, ImageDraw
 
     length = max(1, int(np.sum(rec["valid"])))
@@ -101,7 +114,7 @@ def frames(rec: dict[str, Any], episode: int | None = None) -> Iterator[np.ndarr
             img.paste(Image.fromarray(panel), (x, TITLE_H))
             draw.text((x, 2), title, fill=RED if (i == 2 and dead) else BLACK, font=font)
         head = f"ep {episode}  " if episode is not None else ""
-        real_line = f"{head}t={t}  action {ACTIONS[int(rec['action'][t])]}  real reward {float(rec['reward'][t]):.2f}"
+        real_line = f"{head}t={t}  action {_action_text(rec['action'][t], names)}  real reward {float(rec['reward'][t]):.2f}"
         dream_line = f"dream: reward {float(rec['dream_reward'][t]):.2f}  p(done) {p_done[t]:.2f}"
         if conf is not None:
             dream_line += f"  K confidence {float(conf[t]):.2f}"
@@ -154,4 +167,5 @@ def record(cfg, params: dict[str, Any], key, episodes: int = 1, max_steps: int |
     confidences too), one after another; episode i uses jax.random.fold_in(key, i)."""
     steps = cfg.eval.max_steps if max_steps is None else max_steps
     for i in range(episodes):
-        yield from frames(rollout.open_loop(cfg, params, jax.random.fold_in(key, i), steps), episode=i + 1)
+        yield from frames(rollout.open_loop(cfg, params, jax.random.fold_in(key, i), steps), episode=i + 1,
+                          names=action_names(cfg))

@@ -4,10 +4,13 @@
 newest frame last) and `spec(name)` its EnvSpec (action space, solved threshold, step limit);
 `register(name, gymnax_env, render_fn)` adds a user's own task. Modules: cartpole (CartPole-v1),
 classic (Acrobot, MountainCar, Pendulum), minatar (Breakout-MinAtar), pixel (the generic wrapper),
-draw (the shared anti-aliased shapes), registry. docs/ENVIRONMENTS.md shows every task.
+draw (the shared anti-aliased shapes), registry, states (a task's state as a stored vector,
+and its frame drawn back from it: `codec(name)`). docs/ENVIRONMENTS.md shows every task.
 """
 
 from wm_jax.envs.pixel import PixelEnv, PixelState
 from wm_jax.envs.registry import ActionSpace, EnvSpec, make, names, register, spec
+from wm_jax.envs.states import StateCodec, codec
 
-__all__ = ["ActionSpace", "EnvSpec", "PixelEnv", "PixelState", "make", "names", "register", "spec"]
+__all__ = ["ActionSpace", "EnvSpec", "PixelEnv", "PixelState", "StateCodec", "codec", "make", "names", "register",
+           "spec"]

@@ -65,13 +65,17 @@ def _bound(value: Any) -> float | tuple[float, ...]:
 class EnvSpec:
     """What a task is: its name, how to build its pixel env, its action space, the mean episode
     return that counts as solved (gymnasium's `reward_threshold`; None where gymnasium gives none),
-    and the step limit of an episode (truncation)."""
+    the step limit of an episode (truncation), what each discrete action does (for captions; empty
+    where the actions have no names, or are continuous), and the least and most one step can pay
+    (a dataset's rewards are checked against it; None: any finite reward)."""
 
     name: str
     build: Callable[[], Any]
     action_space: ActionSpace
     solved_threshold: float | None
     max_steps: int
+    action_names: tuple[str, ...] = ()
+    reward_range: tuple[float, float] | None = None
 
 
 _SPECS: dict[str, EnvSpec] = {}
@@ -160,16 +164,19 @@ def _breakout() -> PixelEnv:
 # has no reward_threshold there, and MinAtar games are not in gymnasium. Action spaces and step
 # limits equal what gymnax's environments declare (tests/test_envs_registry.py checks both).
 _BUILTINS = (
-    EnvSpec("CartPole-v1", PixelCartPole, ActionSpace.discrete(2), 475.0, 500),
-    EnvSpec("Acrobot-v1", lambda: PixelEnv(acrobot.Acrobot(), acrobot_frame), ActionSpace.discrete(3), -100.0, 500),
+    EnvSpec("CartPole-v1", PixelCartPole, ActionSpace.discrete(2), 475.0, 500, ("left", "right"), (1.0, 1.0)),
+    EnvSpec("Acrobot-v1", lambda: PixelEnv(acrobot.Acrobot(), acrobot_frame), ActionSpace.discrete(3), -100.0, 500,
+            ("torque -1", "torque 0", "torque +1"), (-1.0, 0.0)),
     EnvSpec("MountainCar-v0", lambda: PixelEnv(mountain_car.MountainCar(), mountain_car_frame),
-            ActionSpace.discrete(3), -110.0, 200),
+            ActionSpace.discrete(3), -110.0, 200, ("left", "none", "right"), (-1.0, -1.0)),
+    # -(pi^2 + 0.1 * 8^2 + 0.001 * 2^2) = -16.2736 at worst (angle, speed and torque at their bounds)
     EnvSpec("Pendulum-v1", lambda: PixelEnv(pendulum.Pendulum(), pendulum_frame),
-            ActionSpace.continuous(-2.0, 2.0, (1,)), None, 200),
+            ActionSpace.continuous(-2.0, 2.0, (1,)), None, 200, (), (-16.2737, 0.0)),
+    # -0.1 action^2 per step within the bounds, +100 on the step that reaches the flag
     EnvSpec("MountainCarContinuous-v0",
             lambda: PixelEnv(continuous_mountain_car.ContinuousMountainCar(), mountain_car_frame),
-            ActionSpace.continuous(-1.0, 1.0, (1,)), 90.0, 999),
-    EnvSpec("Breakout-MinAtar", _breakout, ActionSpace.discrete(3), None, 1000),
+            ActionSpace.continuous(-1.0, 1.0, (1,)), 90.0, 999, (), (-0.1, 100.0)),
+    EnvSpec("Breakout-MinAtar", _breakout, ActionSpace.discrete(3), None, 1000, ("none", "left", "right"), (0.0, 1.0)),
 )
 for _builtin in _BUILTINS:
     add(_builtin)

@@ -1,7 +1,9 @@
 """C: Ha's linear controller on [z, h], action = argmax(W [z, h] + b), as one flat vector.
 
 CMA-ES searches over the flat vector directly; `unflatten` slices it into W and b (and, with the
-"mlp" switch, one tanh hidden layer in front).
+"mlp" switch, one tanh hidden layer in front). On a continuous task the outputs are the action
+itself, squashed into the task's bounds: low + (high - low) * (tanh(y) + 1) / 2 (Ha's CarRacing
+controller squashes with tanh the same way).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from wm_jax.config import ControllerConfig
 
 
 def _shapes(cfg: ControllerConfig, latent: int, hidden: int) -> list[tuple[int, ...]]:
-    inputs, actions = latent + hidden, cfg.actions  # CartPole's 2, or a macro controller's macros
+    inputs, actions = latent + hidden, cfg.actions  # a task's actions (or a vector's size), or macros
     if cfg.kind == "linear":
         return [(inputs, actions), (actions,)]
     return [(inputs, cfg.mlp_hidden), (cfg.mlp_hidden,), (cfg.mlp_hidden, actions), (actions,)]
@@ -50,6 +52,14 @@ def logits(cfg: ControllerConfig, flat: jax.Array, z: jax.Array, h: jax.Array) -
     return jnp.tanh(x @ w1 + b1) @ w2 + b2
 
 
+def squash(cfg: ControllerConfig, y: jax.Array) -> jax.Array:
+    """Outputs y [..., actions] as a continuous action within [cfg.low, cfg.high] (tanh, scaled)."""
+    low, high = (jnp.asarray(b, jnp.float32) for b in (cfg.low, cfg.high))
+    return low + (high - low) * (0.5 * jnp.tanh(y) + 0.5)
+
+
 def act(cfg: ControllerConfig, flat: jax.Array, z: jax.Array, h: jax.Array) -> jax.Array:
-    """Deterministic action (int32): argmax of the scores."""
-    return jnp.argmax(logits(cfg, flat, z, h), axis=-1).astype(jnp.int32)
+    """Deterministic action: the argmax of the scores (int32), or on a continuous task the squashed
+    outputs (float32 [..., actions], within [low, high])."""
+    out = logits(cfg, flat, z, h)
+    return squash(cfg, out) if cfg.continuous else jnp.argmax(out, axis=-1).astype(jnp.int32)

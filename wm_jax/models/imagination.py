@@ -15,7 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from wm_jax.models.transition import Cell, Params, Prediction, cell_step, components, hidden, pack
+from wm_jax.models.transition import Cell, Params, Prediction, cell_step, components, hidden, null_action, pack
 
 Carry = tuple[jax.Array, jax.Array]
 Noise = tuple[jax.Array | None, jax.Array]  # (Gumbel [latent, K] or None for K = 1, standard normal [latent])
@@ -81,7 +81,7 @@ def imagine(
     """M (cfg: TransitionConfig; params, or a packed or quantized Cell) rolled forward `length`
     steps from (carry, z0), fed its own samples at temperature tau.
 
-    The actions are given (`actions` [length]) or chosen at each step by `policy(carry, z) -> a`.
+    The actions are given (`actions` [length], or [length, cfg.actions] on a continuous task) or chosen at each step by `policy(carry, z) -> a`.
     Each step's noise is drawn from `key` before the loop (the same bits as `sample_latent` with
     each step's key; under vmap drawn once per key, however many controllers share it), or, with
     `deterministic`, is `most_likely_noise` (key unused). `step` advances one action with
@@ -110,6 +110,7 @@ def imagine(
         new_carry, z_next, pred, extra = step(cell, carry, z, a, noise_t, tau)
         return (new_carry, z_next), {"h": hidden(carry), "z": z, "action": a, "z_next": z_next, "pred": pred, **extra}
 
-    given = jnp.zeros((length,), jnp.int32) if actions is None else jnp.asarray(actions, jnp.int32)
+    null = null_action(cfg, (length,))  # the given actions' form: int32 indices or float32 vectors
+    given = null if actions is None else jnp.asarray(actions, null.dtype)
     (carry, _), traj = jax.lax.scan(body, (carry, z0), (noise, given))
     return carry, traj

@@ -20,14 +20,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from wm_jax.store import data as data_lib
+from wm_jax.store.data import sequence_batch, training_arrays  # M's batches, defined beside the rows
 from wm_jax import precision, stats
 from wm_jax.models import quant
 from wm_jax.models import train as train_lib
 from wm_jax.config import Config, TransitionConfig
-from wm_jax.envs.cartpole import NUM_ACTIONS
 
 Params = Any
+CARTPOLE_ACTIONS = 2  # the action count a checkpoint leaves unrecorded (model_config)
 _LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 
 
@@ -46,7 +46,8 @@ class _Net(nn.Module):
     hidden: int
     latent: int
     components: int
-    actions: int = NUM_ACTIONS
+    actions: int = CARTPOLE_ACTIONS
+    continuous: bool = False
 
     def setup(self) -> None:
         self.cell = nn.OptimizedLSTMCell(self.hidden, name="lstm")
@@ -55,7 +56,7 @@ class _Net(nn.Module):
         self.done_head = nn.Dense(1, name="done_head")
 
     def __call__(self, carry, z, a):
-        x = jnp.concatenate([z, jax.nn.one_hot(a, self.actions, dtype=z.dtype)], axis=-1)
+        x = jnp.concatenate([z, action_input(a, self.actions, self.continuous, z.dtype)], axis=-1)
         carry, h = self.cell(carry, x)
         raw = self.latent_head(h).reshape(h.shape[:-1] + (self.latent, self.components, 3))
         logits, mean, logstd = raw[..., 0], raw[..., 1], raw[..., 2]
@@ -70,12 +71,23 @@ class _Net(nn.Module):
         return carry, pred
 
 
+def action_input(a: jax.Array, actions: int, continuous: bool, dtype: Any) -> jax.Array:
+    """What M and K read of an action: a one-hot of a discrete one, a continuous vector as it is."""
+    return jnp.asarray(a, dtype) if continuous else jax.nn.one_hot(a, actions, dtype=dtype)
+
+
+def null_action(cfg: TransitionConfig, shape: tuple[int, ...] = ()) -> jax.Array:
+    """Action zeros of leading `shape` in the task's form: int32 indices, or float32 vectors of cfg.actions."""
+    return jnp.zeros(shape + (cfg.actions,), jnp.float32) if cfg.continuous else jnp.zeros(shape, jnp.int32)
+
+
 def components(cfg: TransitionConfig) -> int:
     return cfg.mixtures if cfg.head == "mdn" else 1
 
 
 def _net(cfg: TransitionConfig, latent: int) -> _Net:
-    return _Net(hidden=cfg.hidden, latent=latent, components=components(cfg), actions=cfg.actions)
+    return _Net(hidden=cfg.hidden, latent=latent, components=components(cfg), actions=cfg.actions,
+                continuous=cfg.continuous)
 
 
 def initial_carry(cfg: TransitionConfig, batch: int | tuple[int, ...] = ()) -> tuple[jax.Array, jax.Array]:
@@ -91,25 +103,34 @@ def hidden(carry: tuple[jax.Array, jax.Array]) -> jax.Array:
 
 
 def init(key: jax.Array, cfg: TransitionConfig, latent: int) -> Params:
-    return _net(cfg, latent).init(key, initial_carry(cfg, 1), jnp.zeros((1, latent)), jnp.zeros((1,), jnp.int32))
+    return _net(cfg, latent).init(key, initial_carry(cfg, 1), jnp.zeros((1, latent)), null_action(cfg, (1,)))
 
 
 class Cell(NamedTuple):
     """M's weights laid out for stepping: packed once per program (`pack`), not at every step.
 
     The LSTM's eight kernels become one [latent + hidden, 4 * hidden] matrix, so a step is one
-    matmul of [z, h]; the one-hot action times its kernel rows is a row lookup, folded with the
-    bias into `action`; the latent, reward and done heads are one [hidden, outputs] matrix. The
+    matmul of [z, h]; a discrete action's one-hot times its kernel rows is a row lookup, folded with
+    the bias into `action` (a continuous action vector is a dense map: `action` is its kernel and
+    `action_bias` the bias); the latent, reward and done heads are one [hidden, outputs] matrix. The
     matrices are in the compute dtype, the rest float32.
     """
 
     w: jax.Array  # [latent + hidden, 4 * hidden]: rows for z, then h; columns for gates i, f, g, o
-    action: jax.Array  # [actions, 4 * hidden] float32: the action's kernel row plus the bias
+    action: jax.Array  # [actions, 4 * hidden] float32: the action's kernel row plus the bias (continuous: the kernel)
     head_w: jax.Array  # [hidden, 3 * latent * K + 2]: logits, means, logstds, reward, done (K = 1: no logits)
     head_b: jax.Array  # float32
     # INT8 (`quantize`): w and head_w are int8 and these their per-column float32 scales; else None
     w_scale: jax.Array | None = None
     head_scale: jax.Array | None = None
+    action_bias: jax.Array | None = None  # [4 * hidden] float32 for a continuous action; else None
+
+
+def action_gates(cell: Cell, a: jax.Array) -> jax.Array:
+    """The action's share of the gates (bias included): a row lookup, or a continuous vector's dense map."""
+    if cell.action_bias is None:
+        return cell.action[jnp.asarray(a, jnp.int32)]
+    return jnp.dot(jnp.asarray(a, jnp.float32), cell.action, precision="highest") + cell.action_bias
 
 
 def pack(cfg: TransitionConfig, params: Params) -> Cell:
@@ -135,8 +156,9 @@ def pack(cfg: TransitionConfig, params: Params) -> Cell:
     head_w = jnp.concatenate([head_w, p["reward_head"]["kernel"], p["done_head"]["kernel"]], -1)
     head_b = jnp.concatenate([head_b, p["reward_head"]["bias"], p["done_head"]["bias"]], -1)
     dt = precision.DTYPES[cfg.compute_dtype]
-    return Cell(w=jnp.concatenate([w_in[:latent], w_h], 0).astype(dt), action=w_in[latent:] + bias,
-                head_w=head_w.astype(dt), head_b=head_b)
+    action = {"action": w_in[latent:], "action_bias": bias} if cfg.continuous else {"action": w_in[latent:] + bias}
+    return Cell(w=jnp.concatenate([w_in[:latent], w_h], 0).astype(dt), head_w=head_w.astype(dt), head_b=head_b,
+                **action)
 
 
 def quantize(cfg: TransitionConfig, params: Params) -> Cell:
@@ -212,7 +234,7 @@ def cell_step(
     else:  # INT8: z and h quantized apart (their ranges differ: z ~ N(0, 1), h in [-1, 1])
         latent = z.shape[-1]
         gates = quant.matmul(z, cell.w[:latent], cell.w_scale) + quant.matmul(h, cell.w[latent:], cell.w_scale)
-    gates = gates + cell.action[jnp.asarray(a, jnp.int32)]
+    gates = gates + action_gates(cell, a)
     c, h = _lstm(gates, c)
     return (c, h), _heads(cell, h, z.shape[-1])
 
@@ -273,7 +295,7 @@ def observe_carries(
     # one large matmul before the loop, the heads on every h one after it; only h's matmul stays
     # in the loop (the same sums as cell_step, up to float rounding; half the time of stepping it).
     from_inputs = quant.matmul(z, cell.w[:latent], cell.w_scale)
-    from_inputs = from_inputs + cell.action[jnp.asarray(a, jnp.int32)]
+    from_inputs = from_inputs + action_gates(cell, a)
     w_h = cell.w[latent:]
 
     def body(carry, inputs):
@@ -345,14 +367,14 @@ def contrastive_loss(
 
     The query is M's prediction for z_{t+1} (the mixture mean); the candidates are the true z_{t+1}
     (the positive), the mean M predicts from the same carry and z_t under the next action,
-    (a + 1) mod cfg.actions (the other one for CartPole; a perturbed-action negative, held fixed:
-    no gradient flows into it), and the true z' of every
+    (a + 1) mod cfg.actions (the other one for CartPole; for a continuous action, -a: a
+    perturbed-action negative, held fixed: no gradient flows into it), and the true z' of every
     other step of the batch where `mask` holds (in-batch negatives). score = -mean squared
     distance / cfg.contrastive_temperature; the loss is the masked mean of -log softmax(score)[positive].
     """
-    n_actions = cfg.actions
     q = mixture_moments(pred)[0]  # [B, L, latent]
-    _, other = cell_step(pack(cfg, params), carries, z, (jnp.asarray(a, jnp.int32) + 1) % n_actions)
+    other_a = -jnp.asarray(a, jnp.float32) if cfg.continuous else (jnp.asarray(a, jnp.int32) + 1) % cfg.actions
+    _, other = cell_step(pack(cfg, params), carries, z, other_a)
     k_other = jax.lax.stop_gradient(mixture_moments(other)[0])
     latent = q.shape[-1]
     scale = 1.0 / (cfg.contrastive_temperature * latent)
@@ -365,31 +387,6 @@ def contrastive_loss(
     other_score = -jnp.sum(jnp.square(qf - k_other.reshape(-1, latent)), -1) * scale
     log_z = jnp.logaddexp(jax.nn.logsumexp(scores, axis=-1), other_score)  # the diagonal is the positive
     return stats.masked_mean((log_z - positive).reshape(mask.shape), mask.astype(jnp.float32))
-
-
-def sequence_batch(
-    key: jax.Array, d: dict[str, jax.Array], batch: int, length: int
-) -> dict[str, jax.Array]:
-    """A training batch: windows of rows with z and z_next resampled from the encoder posterior.
-
-    d holds per-row arrays: mean, logvar [N, latent], action, reward, done [N], is_first, is_last [N].
-    """
-
-    key_w, key_z, key_n = jax.random.split(key, 3)
-    seq = data_lib.sample_sequences(key_w, d["is_first"], d["is_last"], batch, length)
-    rows = seq["rows"]
-    nxt = jnp.minimum(rows + 1, d["mean"].shape[0] - 1)
-
-    return {
-        "z": stats.gaussian_sample(key_z, d["mean"][rows], d["logvar"][rows]),
-        "z_next": stats.gaussian_sample(key_n, d["mean"][nxt], d["logvar"][nxt]),
-        "action": d["action"][rows],
-        "reward": d["reward"][rows],
-        "done": d["done"][rows],
-        "reset": seq["reset"],
-        "valid": seq["valid"],
-        "next_valid": seq["next_valid"],
-    }
 
 
 def train(cfg: Config, key: jax.Array, data: dict[str, Any], out_dir, progress: bool = True,
@@ -415,24 +412,16 @@ def _loss(cfg: TransitionConfig, params: Params, key: jax.Array, batch: dict[str
     return loss(cfg, params, batch, key)
 
 
-def training_arrays(mean, logvar, columns: dict[str, Any], index: Any) -> dict[str, Any]:
-    """The per-row arrays `train` samples from: posteriors plus a dataset's columns and boundaries."""
-    return {
-        "mean": mean, "logvar": logvar, "action": columns["action"], "reward": columns["reward"],
-        "done": columns["done"], "is_first": index.is_first, "is_last": index.is_last,
-    }
-
-
 def model_config(cfg: TransitionConfig, latent: int) -> dict[str, Any]:
     """What a checkpoint must agree on to be loaded into `cfg` (training settings stored apart).
 
     Not the compute dtype (parameters are float32 whatever it is) nor the training-loss switches
     (input_dropout, z_penalty, contrastive), so checkpoints written before they existed keep loading;
-    the action count only when it is not CartPole's 2 (a macro-M's), for the same reason.
+    the action count and kind only where they are not CartPole's (2, discrete), for the same reason.
     """
     skip = ("train", "compute_dtype", "input_dropout", "z_penalty", "contrastive", "contrastive_temperature")
-    if cfg.actions == NUM_ACTIONS:
-        skip += ("actions",)
+    skip += ("actions",) if cfg.actions == CARTPOLE_ACTIONS and not cfg.continuous else ()
+    skip += () if cfg.continuous else ("continuous",)
     return {**{k: v for k, v in dataclasses.asdict(cfg).items() if k not in skip}, "latent": int(latent)}
 
 

@@ -26,7 +26,6 @@ from wm_jax import stats
 from wm_jax.models import imagination, transition
 from wm_jax.models import train as train_lib
 from wm_jax.config import Config, VerifierConfig
-from wm_jax.envs.cartpole import NUM_ACTIONS
 
 Params = Any
 NEGATIVE_KINDS = ("one_step", "open_loop", "noise")
@@ -34,12 +33,13 @@ NEGATIVE_KINDS = ("one_step", "open_loop", "noise")
 
 class _Net(nn.Module):
     hidden: int
-    actions: int = NUM_ACTIONS
+    actions: int = transition.CARTPOLE_ACTIONS
+    continuous: bool = False
 
     @nn.compact
     def __call__(self, h, z, a, z_next):
-        onehot = jax.nn.one_hot(a, self.actions, dtype=z.dtype)
-        x = jnp.concatenate([h, z, onehot, z_next, z_next - z], axis=-1)
+        action = transition.action_input(a, self.actions, self.continuous, z.dtype)
+        x = jnp.concatenate([h, z, action, z_next, z_next - z], axis=-1)
         x = nn.elu(nn.Dense(self.hidden, name="dense_0")(x))
         x = nn.elu(nn.Dense(self.hidden, name="dense_1")(x))
         return nn.Dense(1, name="logit")(x)[..., 0]
@@ -48,14 +48,16 @@ class _Net(nn.Module):
 def init(key: jax.Array, cfg: VerifierConfig, latent: int, hidden: int) -> Params:
     """Parameters of K for latents of size `latent` and M's hidden size `hidden`."""
     z = jnp.zeros((1, latent))
-    return _Net(cfg.hidden, cfg.actions).init(key, jnp.zeros((1, hidden)), z, jnp.zeros((1,), jnp.int32), z)
+    return _Net(cfg.hidden, cfg.actions, cfg.continuous).init(key, jnp.zeros((1, hidden)), z,
+                                                              transition.null_action(cfg, (1,)), z)
 
 
 def logit(
     cfg: VerifierConfig, params: Params, h: jax.Array, z: jax.Array, a: jax.Array, z_next: jax.Array
 ) -> jax.Array:
     """K's logit that (h, z, a, z_next) is a real transition; any leading batch shape."""
-    return _Net(cfg.hidden, cfg.actions).apply(params, h, z, jnp.asarray(a, jnp.int32), z_next)
+    a = jnp.asarray(a, jnp.float32 if cfg.continuous else jnp.int32)
+    return _Net(cfg.hidden, cfg.actions, cfg.continuous).apply(params, h, z, a, z_next)
 
 
 def confidence(cfg: VerifierConfig, params: Params, h, z, a, z_next) -> jax.Array:
@@ -119,11 +121,15 @@ def _data(m_params: Params, arrays: dict[str, Any]) -> dict[str, Any]:
 
 
 def model_config(cfg: Config, latent: int) -> dict[str, Any]:
-    """What a checkpoint of K must agree on; the action count only when it is not CartPole's 2 (a
-    macro-M's K), so checkpoints written before it existed keep loading."""
-    out = {"hidden": cfg.verifier.hidden, "latent": int(latent), "m_hidden": cfg.transition.hidden,
-           "noise": cfg.verifier.noise, "seq_len": cfg.verifier.seq_len}
-    return out if cfg.verifier.actions == NUM_ACTIONS else {**out, "actions": cfg.verifier.actions}
+    """What a checkpoint of K must agree on; the action count and kind only where they are not
+    CartPole's (2, discrete: another task's, or a macro-M's K), so checkpoints written before they
+    existed keep loading."""
+    vcfg = cfg.verifier
+    out = {"hidden": vcfg.hidden, "latent": int(latent), "m_hidden": cfg.transition.hidden,
+           "noise": vcfg.noise, "seq_len": vcfg.seq_len}
+    if vcfg.actions != transition.CARTPOLE_ACTIONS or vcfg.continuous:
+        out["actions"] = vcfg.actions
+    return {**out, "continuous": True} if vcfg.continuous else out
 
 
 def train(cfg: Config, key: jax.Array, data: dict[str, Any], out_dir, progress: bool = True, *,

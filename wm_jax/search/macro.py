@@ -24,12 +24,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from wm_jax import sharding
+from wm_jax import envs, sharding
 from wm_jax.models import controller, imagination, transition, vae
 from wm_jax.search import dream as dream_lib
 from wm_jax.search import rollout
 from wm_jax.config import Config
 from wm_jax.envs.cartpole import NUM_ACTIONS, PixelCartPole
+
+CARTPOLE = "CartPole-v1"  # the task whose moves macros pair (style_config refuses the others)
 
 Macros = tuple[tuple[int, int], ...]
 MACROS: Macros = ((0, 0), (0, 1), (1, 0), (1, 1))  # LL, LR, RL, RR
@@ -72,6 +74,10 @@ def style_config(cfg: Config, style: str, macros: Macros) -> Config:
     action input is a macro index too (macro-M), and so is K's, which judges M's transitions; for
     "twice" both stay primitive."""
     _check_style(style)
+    if cfg.env != CARTPOLE:  # the macro set, its rows and its real episodes are CartPole's moves
+        kind = envs.spec(cfg.env).action_space.kind
+        raise ValueError(f"macro-actions are pairs of CartPole's moves; {cfg.env} has {kind} actions"
+                         + (" (macro-actions need discrete ones)" if kind == "continuous" else ""))
     n = len(validate(macros))
     m_actions = NUM_ACTIONS if style == "twice" else n
     return dataclasses.replace(cfg, transition=dataclasses.replace(cfg.transition, actions=m_actions),

@@ -35,7 +35,6 @@ from wm_jax import stats
 from wm_jax.models import controller, imagination, train, transition
 from wm_jax.search import checks, dream
 from wm_jax.config import Config
-from wm_jax.envs.cartpole import NUM_ACTIONS
 
 
 @struct.dataclass
@@ -178,12 +177,13 @@ def init_actor(cfg: Config, key: jax.Array, latent: int) -> jax.Array:
     """The controller's flat vector initialised for PPO (purejaxrl): orthogonal hidden weights with
     gain sqrt(2), an output layer with gain 0.01 (near-uniform first policy), zero biases."""
     ccfg, inputs = cfg.controller, latent + cfg.transition.hidden
+    n = ccfg.actions
     k1, k2 = jax.random.split(key)
     if ccfg.kind == "linear":
-        parts = [_orthogonal(k1, (inputs, NUM_ACTIONS), 0.01), jnp.zeros((NUM_ACTIONS,))]
+        parts = [_orthogonal(k1, (inputs, n), 0.01), jnp.zeros((n,))]
     else:
         parts = [_orthogonal(k1, (inputs, ccfg.mlp_hidden), math.sqrt(2.0)), jnp.zeros((ccfg.mlp_hidden,)),
-                 _orthogonal(k2, (ccfg.mlp_hidden, NUM_ACTIONS), 0.01), jnp.zeros((NUM_ACTIONS,))]
+                 _orthogonal(k2, (ccfg.mlp_hidden, n), 0.01), jnp.zeros((n,))]
     flat = jnp.concatenate([p.reshape(-1) for p in parts]).astype(jnp.float32)
     assert flat.shape[0] == controller.num_params(ccfg, latent, cfg.transition.hidden)
     return flat

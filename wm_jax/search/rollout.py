@@ -23,8 +23,8 @@ from wm_jax.models import controller, imagination, transition, vae, verifier
 from wm_jax.search import dream
 from wm_jax.store import collection
 from wm_jax.store import data as data_lib
+from wm_jax import envs
 from wm_jax.config import Config
-from wm_jax.envs.cartpole import PixelCartPole
 
 
 def agent_act(
@@ -56,7 +56,7 @@ def agent_step(
 def _episode(
     cfg: Config, params: dict[str, Any], key: jax.Array, max_steps: int, latents: bool = False
 ) -> dict[str, jax.Array]:
-    env = PixelCartPole()
+    env = envs.make(cfg.env)
     env_params = env.default_params
     key_reset, key_run = jax.random.split(key)
     obs, state = env.reset(key_reset, env_params)
@@ -76,7 +76,7 @@ def _episode(
 
     # A placeholder prediction for step 0 (masked out of the KL): M's prediction from a zero carry.
     _, zero_pred = transition.step(
-        cfg.transition, params["transition"], carry, jnp.zeros((cfg.vae.latent,)), jnp.zeros((), jnp.int32)
+        cfg.transition, params["transition"], carry, jnp.zeros((cfg.vae.latent,)), transition.null_action(cfg.transition)
     )
     init = (obs, state, carry, jnp.ones(()), zero_pred, jnp.zeros(()))
     _, out = jax.lax.scan(body, init, jax.random.split(key_run, max_steps))
@@ -119,7 +119,8 @@ def evaluate(
     cfg: Config, params: dict[str, Any], key: jax.Array, num_episodes: int | None = None, max_steps: int | None = None,
     batch: int = 50, latents: bool = False,
 ) -> dict[str, Any]:
-    """Real-environment metrics: mean/std/min return, episodes, env steps, one-step latent KL.
+    """Real-environment metrics: mean/std/min return, episodes, env steps, one-step latent KL, and
+    `cut`, how many episodes max_steps stopped before the task's step limit.
 
     With `latents`, also "latents": {"mean", "logvar" [episodes * max_steps, latent], "valid"
     [episodes * max_steps]}, the posteriors of the states the agent visited (see run_episodes;
@@ -140,8 +141,12 @@ def evaluate(
             "logvar": res["latent_logvar"].reshape(num * steps, -1),
             "valid": res["latent_valid"].reshape(num * steps),
         }
+    # Episodes stopped by max_steps before the task's own step limit: their returns are not whole
+    # episodes' (on a task paying -1 per step, better than any whole one), so no threshold judges them.
+    cut = int(np.sum(res["length"] >= steps)) if steps < envs.spec(cfg.env).max_steps else 0
     return {
         **extra,
+        "cut": cut,
         "returns": returns.tolist(),
         "return_mean": float(returns.mean()),
         "return_std": float(returns.std()),
@@ -168,7 +173,7 @@ def open_loop(cfg: Config, params: dict[str, Any], key: jax.Array, steps: int) -
 
 @partial(jax.jit, static_argnums=(0, 4))
 def _open_loop(cfg: Config, tau: jax.Array, params: dict[str, Any], key: jax.Array, steps: int) -> dict[str, Any]:
-    env = PixelCartPole()
+    env = envs.make(cfg.env)
     k_reset, k_run, k_dream = jax.random.split(key, 3)
     obs, state = env.reset(k_reset)
 
@@ -212,12 +217,12 @@ def agent_policy(cfg: Config) -> collection.Policy:
     """The trained agent as a collection policy, with epsilon-random actions for coverage; its
     parameters ({"vae", "transition", "controller"}) are collect's `params`. One Policy per config,
     so every round's collection runs the same compiled program."""
-    eps = cfg.rounds.action_noise
+    eps, space = cfg.rounds.action_noise, envs.spec(cfg.env).action_space
 
     def act(params, key, carry, obs):
         action, z, _ = agent_act(cfg, params, carry, obs)
         k1, k2 = jax.random.split(key)
-        rand = jax.random.bernoulli(k1).astype(jnp.int32)
+        rand = collection.random_action(space, k1)
         action = jnp.where(jax.random.uniform(k2) < eps, rand, action)
         carry, _ = transition.step(cfg.transition, params["transition"], carry, z, action)  # the executed action
         return action, carry
@@ -229,8 +234,8 @@ def collect_encoded(cfg: Config, params: dict[str, Any], policy: str, episodes: 
     """Fresh episodes (never trained on) of the random policy or of the agent in `params` (with
     rounds.action_noise), encoded by V: per-row arrays as transition.training_arrays."""
     kwargs = {"policy": agent_policy(cfg), "params": params} if policy == "agent" else {}
-    ds = collection.collect(jax.random.key(seed), episodes, max_steps=cfg.eval.max_steps, chunk_size=episodes,
-                          progress=False, **kwargs)
+    ds = collection.collect(jax.random.key(seed), episodes, max_steps=cfg.eval.max_steps,
+                            chunk_size=episodes, progress=False, env=cfg.env, **kwargs)
     cols = data_lib.to_arrays(ds)
     index = data_lib.EpisodeIndex.from_columns(cols["episode"], cols["t"])
     mean, logvar = vae.encode_all(cfg.vae, params["vae"], cols["frame"], index.stack_rows)

@@ -15,28 +15,42 @@ import os
 import shutil
 import uuid
 from pathlib import Path
+from typing import Any
 
 import datasets
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from wm_jax import envs, stats
 from wm_jax.envs.draw import FRAME_SIZE, STACK
 
 MANIFEST = "wm_jax_manifest.json"
 FORMAT_VERSION = 1
 COLUMNS = ("episode", "t", "frame", "action", "reward", "done", "state")
-FEATURES = datasets.Features(
-    {
-        "episode": datasets.Value("int32"),
-        "t": datasets.Value("int32"),
-        "frame": datasets.Array2D((FRAME_SIZE, FRAME_SIZE), "uint8"),
-        "action": datasets.Value("int32"),
-        "reward": datasets.Value("float32"),
-        "done": datasets.Value("bool"),
-        "state": datasets.Sequence(datasets.Value("float32"), length=4),
-    }
-)
+DEFAULT_ENV = "CartPole-v1"  # the task of a dataset whose manifest names none (saved before tasks had names)
+
+
+def features(env: str = DEFAULT_ENV) -> datasets.Features:
+    """The schema of task `env`'s datasets: the action an int32 (discrete) or float32 vector
+    (continuous), the state `envs.codec(env).size` float32 numbers."""
+    space = envs.spec(env).action_space
+    action = (datasets.Value("int32") if space.kind == "discrete"
+              else datasets.Sequence(datasets.Value("float32"), length=int(np.prod(space.shape))))
+    return datasets.Features(
+        {
+            "episode": datasets.Value("int32"),
+            "t": datasets.Value("int32"),
+            "frame": datasets.Array2D((FRAME_SIZE, FRAME_SIZE), "uint8"),
+            "action": action,
+            "reward": datasets.Value("float32"),
+            "done": datasets.Value("bool"),
+            "state": datasets.Sequence(datasets.Value("float32"), length=envs.codec(env).size),
+        }
+    )
+
+
+FEATURES = features()  # CartPole-v1's
 
 
 class DatasetError(ValueError):
@@ -89,10 +103,12 @@ def identity(path: os.PathLike | str) -> str:
     return hashlib.sha256(json.dumps(data).encode()).hexdigest()
 
 
-def save_dataset(ds: datasets.Dataset, path: os.PathLike | str, overwrite: bool = False) -> Path:
-    """Save atomically: write into a sibling temporary directory, then rename it into place.
+def save_dataset(ds: datasets.Dataset, path: os.PathLike | str, overwrite: bool = False, env: str = DEFAULT_ENV
+                 ) -> Path:
+    """Save task `env`'s episodes atomically: write into a sibling temporary directory, then rename
+    it into place (the manifest names the task; `load_dataset` checks the rows against it).
 
-    The manifest (row count, file sizes and sha256 checksums) is written last, after the data is synced, so
+    The manifest (the task, row count, file sizes and sha256 checksums) is written last, after the data is synced, so
     `load_dataset` refuses anything half-written. A crash leaves the old directory or the complete
     new one at `path`, except in the instant between the two renames of an overwrite, when the old
     data sits in `.NAME.old-*` beside it (`load_dataset` then says so).
@@ -112,7 +128,7 @@ def save_dataset(ds: datasets.Dataset, path: os.PathLike | str, overwrite: bool 
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
         files = _files_manifest(tmp)
-        manifest = {"format_version": FORMAT_VERSION, "num_rows": ds.num_rows, "files": files,
+        manifest = {"format_version": FORMAT_VERSION, "env": env, "num_rows": ds.num_rows, "files": files,
                     "sha256": {name: sha256_file(tmp / name) for name in files}}
         with open(tmp / MANIFEST, "w") as f:
             json.dump(manifest, f)
@@ -143,12 +159,13 @@ def swap_in(tmp: Path, path: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _check_features(path: Path, ds: datasets.Dataset) -> None:
+def _check_features(path: Path, ds: datasets.Dataset, env: str) -> None:
     missing = [c for c in COLUMNS if c not in ds.column_names]
     if missing:
         raise DatasetError(path, f"missing column(s) {missing}; expected {list(COLUMNS)}")
+    expected = features(env)
     for name in COLUMNS:
-        got, want = ds.features[name], FEATURES[name]
+        got, want = ds.features[name], expected[name]
         if name == "frame":
             shape = getattr(got, "shape", None)
             dtype = getattr(got, "dtype", None)
@@ -157,7 +174,7 @@ def _check_features(path: Path, ds: datasets.Dataset) -> None:
             if dtype != "uint8":
                 raise DatasetError(path, f"column 'frame' has dtype {dtype}, expected uint8")
         elif got != want:
-            raise DatasetError(path, f"column {name!r} has type {got}, expected {want}")
+            raise DatasetError(path, f"column {name!r} has type {got}, expected {want} ({env}'s)")
 
 
 def _check_episodes(path: Path, episode: np.ndarray, t: np.ndarray) -> None:
@@ -176,8 +193,10 @@ def _check_episodes(path: Path, episode: np.ndarray, t: np.ndarray) -> None:
         raise DatasetError(path, "an episode's rows are not contiguous")
 
 
-def load_dataset(path: os.PathLike | str) -> datasets.Dataset:
-    """Load and validate a dataset written by `save_dataset`; raises DatasetError on any problem."""
+def load_dataset(path: os.PathLike | str, env: str | None = None) -> datasets.Dataset:
+    """Load and validate a dataset written by `save_dataset`: its schema and values are checked as
+    its task's (the manifest's; CartPole-v1 where it names none), and with `env`, that task must be
+    `env`. Raises DatasetError on any problem."""
     path = Path(path)
     if not path.is_dir():
         leftovers = sorted(path.parent.glob(f".{path.name}.old-*")) if path.parent.is_dir() else []
@@ -191,8 +210,14 @@ def load_dataset(path: os.PathLike | str) -> datasets.Dataset:
         files = dict(manifest["files"])
         num_rows = int(manifest["num_rows"])
         sums = dict(manifest.get("sha256") or {})
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        task = str(manifest.get("env", DEFAULT_ENV))
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError, AttributeError) as e:
         raise DatasetError(path, f"unreadable manifest {MANIFEST}: {type(e).__name__}: {e}") from None
+    if env is not None and task != env:
+        raise DatasetError(path, f"holds {task} episodes, not {env}'s")
+    if task not in envs.names():
+        raise DatasetError(path, f"holds episodes of {task!r}, which is not registered in this process (known: "
+                                 f"{', '.join(envs.names())})")
     if set(sums) != set(files):
         raise DatasetError(path, f"its manifest has no checksum for {sorted(set(files) - set(sums))[:3]} (saved by an "
                                  f"older wm_jax, or edited): collect it again")
@@ -212,10 +237,18 @@ def load_dataset(path: os.PathLike | str) -> datasets.Dataset:
         raise DatasetError(path, f"expected a single Dataset, found {type(ds).__name__}")
     if ds.num_rows != num_rows:
         raise DatasetError(path, f"has {ds.num_rows} rows, manifest says {num_rows}")
-    _check_features(path, ds)
+    _check_features(path, ds, task)
     _check_episodes(path, column(ds, "episode"), column(ds, "t"))
-    _check_values(path, ds)
+    _check_values(path, ds, task)
     return ds
+
+
+def task(path: os.PathLike | str) -> str:
+    """The task a saved dataset holds (its manifest's; CartPole-v1 where it names none)."""
+    try:
+        return str(json.loads((Path(path) / MANIFEST).read_text()).get("env", DEFAULT_ENV))
+    except (OSError, ValueError, UnicodeDecodeError, AttributeError) as e:
+        raise DatasetError(path, f"unreadable manifest {MANIFEST}: {type(e).__name__}: {e}") from None
 
 
 def _first_bad(mask: np.ndarray) -> int | None:
@@ -223,19 +256,34 @@ def _first_bad(mask: np.ndarray) -> int | None:
     return int(bad[0]) if bad.size else None
 
 
-def _check_values(path: Path, ds: datasets.Dataset) -> None:
-    """Values as the env makes them: actions 0 or 1, finite physics states, rewards 1 - done of the
-    step before (gymnax CartPole; always 1 within an episode), done only on an episode's last row."""
+def _action_problems(env: str, action: np.ndarray) -> tuple[np.ndarray, Any]:
+    """(rows whose action task `env` cannot take, what to say of row i)."""
+    space = envs.spec(env).action_space
+    if space.kind == "discrete":
+        return ((action < 0) | (action >= space.n),
+                lambda i: f"{int(action[i])} ({env} has actions 0 to {space.n - 1})")
+    low = np.broadcast_to(np.asarray(space.low, np.float32), action.shape[1:])
+    high = np.broadcast_to(np.asarray(space.high, np.float32), action.shape[1:])
+    bad = ~(np.isfinite(action) & (action >= low) & (action <= high)).all(axis=1)
+    return bad, lambda i: f"{action[i].tolist()} ({env}'s actions are within [{space.low}, {space.high}])"
+
+
+def _check_values(path: Path, ds: datasets.Dataset, env: str) -> None:
+    """Values as task `env` makes them: actions it can take, finite states, finite rewards within what
+    one step can pay (EnvSpec.reward_range), done only on an episode's last row."""
     action, state, reward, done = (column(ds, c) for c in ("action", "state", "reward", "done"))
     episode = column(ds, "episode")
+    low, high = envs.spec(env).reward_range or (-np.inf, np.inf)
     checks = (
-        ((action != 0) & (action != 1), "action", lambda i: f"{int(action[i])} (CartPole has actions 0 and 1)"),
-        (~np.isfinite(state).all(axis=1), "state", lambda i: f"{state[i].tolist()} (not finite)"),
-        (reward != 1.0, "reward", lambda i: f"{float(reward[i])} (CartPole pays 1 per step)"),
-        (done & np.concatenate([episode[1:] == episode[:-1], [False]]), "done",
-         lambda i: "True before the episode's last row"),
+        (*_action_problems(env, action), "action"),
+        (~np.isfinite(state).all(axis=1), lambda i: f"{state[i].tolist()} (not finite)", "state"),
+        (~(np.isfinite(reward) & (reward >= low) & (reward <= high)), lambda i: f"{float(reward[i])} ({env} pays "
+         f"{low:g} per step)" if low == high else f"{float(reward[i])} ({env} pays {low:g} to {high:g} per step)",
+         "reward"),
+        (done & np.concatenate([episode[1:] == episode[:-1], [False]]), lambda i: "True before the episode's last row",
+         "done"),
     )
-    for mask, name, describe in checks:
+    for mask, describe, name in checks:
         i = _first_bad(mask)
         if i is not None:
             raise DatasetError(path, f"row {i} (episode {int(episode[i])}): {name} is {describe(i)}")
@@ -247,8 +295,9 @@ def column(ds: datasets.Dataset, name: str) -> np.ndarray:
     if name == "frame":
         storage = col.storage if hasattr(col, "storage") else col
         return storage.flatten().flatten().to_numpy(zero_copy_only=False).reshape(-1, FRAME_SIZE, FRAME_SIZE)
-    if name == "state":
-        return col.flatten().to_numpy(zero_copy_only=False).reshape(-1, 4).astype(np.float32)
+    if name == "state" or (name == "action" and isinstance(ds.features[name], datasets.Sequence)):
+        width = ds.features[name].length
+        return col.flatten().to_numpy(zero_copy_only=False).reshape(-1, width).astype(np.float32)
     return col.to_numpy(zero_copy_only=False)
 
 
@@ -268,7 +317,7 @@ class EpisodeIndex:
     """Row bookkeeping derived from (episode, t): stacks and boundaries, all numpy.
 
     stack_rows[i] = the rows of the 4-frame stack ending at row i (clamped to the episode's first
-    row, so an episode's first stack repeats its first frame, as PixelCartPole's reset does).
+    row, so an episode's first stack repeats its first frame, as the pixel environments' resets do).
     is_first[i]: row i starts an episode. is_last[i]: row i ends one (no next frame stored).
     """
 
@@ -317,3 +366,36 @@ def sample_sequences(
     reset = is_first[rows] | (jnp.arange(length)[None, :] == 0)
     next_valid = valid & ~is_last[rows]
     return {"rows": rows, "reset": reset, "valid": valid, "next_valid": next_valid}
+
+
+def sequence_batch(
+    key: jax.Array, d: dict[str, jax.Array], batch: int, length: int
+) -> dict[str, jax.Array]:
+    """A training batch: windows of rows with z and z_next resampled from the encoder posterior.
+
+    d holds per-row arrays: mean, logvar [N, latent], action, reward, done [N], is_first, is_last [N].
+    """
+    key_w, key_z, key_n = jax.random.split(key, 3)
+    seq = sample_sequences(key_w, d["is_first"], d["is_last"], batch, length)
+    rows = seq["rows"]
+    nxt = jnp.minimum(rows + 1, d["mean"].shape[0] - 1)
+
+    return {
+        "z": stats.gaussian_sample(key_z, d["mean"][rows], d["logvar"][rows]),
+        "z_next": stats.gaussian_sample(key_n, d["mean"][nxt], d["logvar"][nxt]),
+        "action": d["action"][rows],
+        "reward": d["reward"][rows],
+        "done": d["done"][rows],
+        "reset": seq["reset"],
+        "valid": seq["valid"],
+        "next_valid": seq["next_valid"],
+    }
+
+
+def training_arrays(mean, logvar, columns: dict[str, Any], index: Any) -> dict[str, Any]:
+    """The per-row arrays M's and K's training sample from (`sequence_batch`): V's posteriors plus a
+    dataset's columns and boundaries."""
+    return {
+        "mean": mean, "logvar": logvar, "action": columns["action"], "reward": columns["reward"],
+        "done": columns["done"], "is_first": index.is_first, "is_last": index.is_last,
+    }
