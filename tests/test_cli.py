@@ -194,7 +194,7 @@ def test_collect_succeeds(tmp_path, capsys):
     ds = data.load_dataset(out)
     arrays = data.to_arrays(ds)
     assert len(set(arrays["episode"].tolist())) == 5
-    assert f"5 episodes, {ds.num_rows} steps" in lines[0]
+    assert f"5 CartPole-v1 episodes, {ds.num_rows} steps" in lines[0]
     mean_len = ds.num_rows / 5
     assert f"mean length {mean_len:.1f}" in lines[0]
     assert arrays["frame"].shape[1:] == (64, 64)
@@ -203,7 +203,7 @@ def test_collect_succeeds(tmp_path, capsys):
     code, _, err = _main(["collect", "--episodes", "5", "--seed", "1", "--out", str(out)], capsys)
     _assert_one_line_error(code, err, "--overwrite")
     code, stdout, _ = _main(["collect", "--episodes", "3", "--seed", "2", "--out", str(out), "--overwrite"], capsys)
-    assert code == 0 and "3 episodes" in stdout
+    assert code == 0 and "3 CartPole-v1 episodes" in stdout
     assert len(set(data.to_arrays(data.load_dataset(out))["episode"].tolist())) == 3
 
 

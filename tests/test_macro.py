@@ -159,7 +159,7 @@ def test_old_m_checkpoint_config_without_actions_loads(tmp_path):
     model config: at the default (2) the config is the old one, so they keep loading."""
     tcfg = _tcfg()
     skip = {"train", "compute_dtype", "input_dropout", "z_penalty", "contrastive", "contrastive_temperature"}
-    old_keys = set(dataclasses.asdict(tcfg)) - skip - {"actions"}  # what the code before the field wrote
+    old_keys = set(dataclasses.asdict(tcfg)) - skip - {"actions", "continuous"}  # what the code before the fields wrote
     assert set(transition.model_config(tcfg, LATENT)) == old_keys | {"latent"}
     assert transition.model_config(dataclasses.replace(tcfg, actions=4), LATENT)["actions"] == 4
     full = Config(vae=dataclasses.replace(Config().vae, latent=LATENT), transition=tcfg)

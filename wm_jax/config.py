@@ -336,7 +336,8 @@ class Config(Section):
         check_seed(self, "seed")
         k, m = (self.verifier.actions, self.verifier.continuous), (self.transition.actions, self.transition.continuous)
         if k != m:  # K judges M's transitions, actions and all
-            raise ConfigError(f"verifier's (actions, continuous) {k} must equal transition's {m}")
+            raise ConfigError(f"verifier.actions, verifier.continuous = {k} must equal "
+                              f"transition.actions, transition.continuous = {m}")
 
     def for_round(self, r: int, new_rows: int | None = None) -> Config:
         """The config of round r of Ha's iterative procedure: round 1 is this config; later rounds
