@@ -92,8 +92,8 @@ def join() -> None:
     one here, with this process's SIGINT and SIGTERM handlers left in place.
 
     Ray's driver would take SIGTERM twice: ray.init sets a handler that raises SystemExit wherever
-    it lands (a signal halfway through ray.init left Ray's agents behind and, one time in three,
-    crashed the process at exit), and its core worker installs absl's failure-signal handler, which
+    it lands (a signal halfway through ray.init left Ray's agents behind and, in two of eight
+    tries, crashed the process at exit), and its core worker installs absl's failure-signal handler, which
     aborts the process (SIGABRT, every Ray process left running). This process's handler defers a
     signal until ray.init returns instead (`run`). Only this driver is concerned: Ray's own
     processes and the replicas keep their handlers."""
@@ -102,7 +102,7 @@ def join() -> None:
     from ray._private import utils as ray_utils
 
     ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True
-    with mock.patch.object(ray_utils, "set_sigterm_handler", lambda handler: None):
+    with mock.patch.object(ray_utils, "set_sigterm_handler", lambda handler: None, create=True):
         try:
             ray.init(include_dashboard=False, configure_logging=False, log_to_driver=False,
                      ignore_reinit_error=True)
