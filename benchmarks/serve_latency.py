@@ -8,8 +8,9 @@
 --sessions lists the session stores to measure, one server each: memory (the default), redis (a
 redis-server this script starts on 127.0.0.1 at a free port, in a temporary folder, and stops) or a
 redis:// URL. --replicas MIN:MAX adds one more server, Ray Serve replicas on Redis (`wm-jax serve
---replicas`); its rows report how many replicas answered /health during the level and when the
-second one first did (the scale-up, from the level's start). Server CPU is the whole process tree's
+--replicas`); its rows report how many replicas answered /health during the level, when the
+second one first did, and each replica's resident memory; the result, the scale-up: from Ray Serve's
+decision to add a replica (its controller's log under /tmp/ray) to that replica's first answer. Server CPU is the whole process tree's
 (Ray's workers included) plus redis-server's.
 
 For each precision it starts the server (`--gate observe` by default: every /act dreams the
@@ -159,6 +160,7 @@ async def level(base: str, concurrency: int, requests: int, seconds: float, obs:
                 latencies.append(time.perf_counter() - t0)
                 errors += r.status_code != 200
 
+        started_at = time.time()
         t0, server0, client0 = time.perf_counter(), tree_cpu_seconds(pids), time.process_time()
         seen: dict[int, float] = {}
         stop = asyncio.Event()
@@ -168,6 +170,7 @@ async def level(base: str, concurrency: int, requests: int, seconds: float, obs:
         stop.set()
         await watch
         server_cpu, client_cpu = tree_cpu_seconds(pids) - server0, time.process_time() - client0
+        replica_memory = {str(pid): memory_mb(pid) for pid in seen}  # the replicas' own (VmRSS, VmHWM)
         b1, r1 = batch_counts((await client.get("/metrics")).text)
         for s in sessions:
             await client.delete(f"/v1/sessions/{s}")
@@ -175,10 +178,28 @@ async def level(base: str, concurrency: int, requests: int, seconds: float, obs:
     return {"concurrency": concurrency, "requests": int(lat.size), "errors": int(errors), "seconds": wall,
             "requests_per_s": lat.size / wall, "p50_ms": float(np.percentile(lat, 50)),
             "p95_ms": float(np.percentile(lat, 95)), "p99_ms": float(np.percentile(lat, 99)),
-            "mean_batch": (r1 - r0) / max(b1 - b0, 1.0),
+            # /metrics is one replica's: with two answering, the two reads may come from different ones
+            "mean_batch": (r1 - r0) / max(b1 - b0, 1.0) if len(seen) <= 1 else None,
             "server_cpu_ms_per_request": 1e3 * server_cpu / max(lat.size, 1),
             "client_cpu_ms_per_request": 1e3 * client_cpu / max(lat.size, 1),
-            "replicas_answering": len(seen), "second_replica_at_s": sorted(seen.values())[1] if len(seen) > 1 else None}
+            "replicas_answering": len(seen), "second_replica_at_s": sorted(seen.values())[1] if len(seen) > 1 else None,
+            "started_at": started_at, "replica_memory_mb": replica_memory,
+            "replicas_first_answered_at": {str(pid): started_at + at for pid, at in seen.items()}}
+
+
+def upscales(since: float, ray_tmp: str = "/tmp/ray") -> list[float]:
+    """When Ray Serve's controller decided to add a replica (its log's "Upscaling ... from N to M"
+    lines, as Unix times) in the Ray sessions started after `since`."""
+    out = []
+    for log in Path(ray_tmp).glob("session_*/logs/serve/controller_*.log"):
+        if log.stat().st_mtime < since:
+            continue
+        for line in log.read_text(errors="replace").splitlines():
+            if "Upscaling" in line:
+                stamp = " ".join(line.split()[1:3])  # INFO 2026-12-07 06:12:02,820 controller ...
+                day, ms = stamp.split(",")
+                out.append(time.mktime(time.strptime(day, "%Y-%m-%d %H:%M:%S")) + int(ms) / 1000.0)
+    return sorted(t for t in out if t >= since)
 
 
 def play(base: str, episodes: int, seed: int = 0) -> dict:
@@ -250,6 +271,7 @@ def serve_and_measure(run: str, precision: str, args: argparse.Namespace, obs: l
     log = tempfile.TemporaryFile("w+")  # the server's output: a file, so a full pipe can never block it
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
+    started_at = time.time()
     try:
         t0 = time.perf_counter()
         health = None
@@ -274,13 +296,14 @@ def serve_and_measure(run: str, precision: str, args: argparse.Namespace, obs: l
             rows.append(row)
             print(f"{precision:8s} {name:14s} c={c:3d}  n={row['requests']:5d}  p50 {row['p50_ms']:7.2f} ms  "
                   f"p95 {row['p95_ms']:7.2f} ms  p99 {row['p99_ms']:7.2f} ms  {row['requests_per_s']:7.1f} req/s  "
-                  f"batch {row['mean_batch']:5.2f}  cpu/req server {row['server_cpu_ms_per_request']:.2f} ms, "
+                  f"batch {row['mean_batch'] or float('nan'):5.2f}  cpu/req server {row['server_cpu_ms_per_request']:.2f} ms, "
                   f"client {row['client_cpu_ms_per_request']:.2f} ms  rss {row.get('vmrss', float('nan')):6.0f} MB  "
                   f"errors {row['errors']}  replicas {row['replicas_answering']}"
                   + (f" (2nd at {row['second_replica_at_s']:.1f} s)" if row["second_replica_at_s"] else ""), flush=True)
         health.pop("source", None)  # a local path
         out = {"precision": precision, "sessions": "memory" if sessions == "memory" else "redis",
-               "replicas": replicas, "start_s": start_s, "health": health, "levels": rows}
+               "replicas": replicas, "start_s": start_s, "health": health, "levels": rows,
+               "started_at": started_at}
         if args.episodes:
             out["episodes"] = play(base, args.episodes)
             e = out["episodes"]
@@ -295,6 +318,24 @@ def serve_and_measure(run: str, precision: str, args: argparse.Namespace, obs: l
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+
+
+def scale_up(result: dict) -> dict:
+    """The Ray rows' scale-up: from the controller's decision to add a replica (its log) to the first
+    /health answered by a replica that had not answered before, over all the levels."""
+    decided = upscales(result["started_at"])
+    first: dict[str, float] = {}
+    for row in result["levels"]:
+        for pid, at in row["replicas_first_answered_at"].items():
+            first[pid] = min(first.get(pid, at), at)
+    result["upscales_at"] = decided
+    times = sorted(first.values())
+    if len(times) > 1 and [t for t in decided if t <= times[1]]:
+        when = [t for t in decided if t <= times[1]][-1]
+        result["scale_up"] = {"decided_at": when, "first_answer_at": times[1], "seconds": times[1] - when}
+        print(f"Ray Serve decided to add a replica at {time.strftime('%H:%M:%S', time.localtime(when))}; it first "
+              f"answered {times[1] - when:.1f} s later", flush=True)
+    return result
 
 
 def cpu_model() -> dict:
@@ -342,7 +383,8 @@ def main() -> None:
                     results.append(serve_and_measure(args.run, prec, args, obs, where,
                                                      store_pid=redis.pid if store == "redis" else None))
                 if args.replicas:
-                    results.append(serve_and_measure(args.run, prec, args, obs, url, args.replicas, redis.pid))
+                    results.append(scale_up(serve_and_measure(args.run, prec, args, obs, url, args.replicas,
+                                                              redis.pid)))
         finally:
             if redis is not None:
                 redis.terminate()

@@ -21,7 +21,9 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 from typing import Any
+from unittest import mock
 
 from wm_jax.serve.app import create_app
 from wm_jax.serve.model import Settings
@@ -85,20 +87,37 @@ def deployment(run: str, settings: Settings, sessions: str, ttl: float | None, r
                             graceful_shutdown_timeout_s=5.0).bind()
 
 
+def join() -> None:
+    """ray.init: join the cluster `ray start` made on this machine (or RAY_ADDRESS names), else start
+    one here, with this process's SIGINT and SIGTERM handlers left in place.
+
+    Ray's driver would take SIGTERM twice: ray.init sets a handler that raises SystemExit wherever
+    it lands (a signal halfway through ray.init left Ray's agents behind and, in two of eight
+    tries, crashed the process at exit), and its core worker installs absl's failure-signal handler, which
+    aborts the process (SIGABRT, every Ray process left running). This process's handler defers a
+    signal until ray.init returns instead (`run`). Only this driver is concerned: Ray's own
+    processes and the replicas keep their handlers."""
+    import ray
+    from ray._private import ray_constants
+    from ray._private import utils as ray_utils
+
+    ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True
+    with mock.patch.object(ray_utils, "set_sigterm_handler", lambda handler: None, create=True):
+        try:
+            ray.init(include_dashboard=False, configure_logging=False, log_to_driver=False,
+                     ignore_reinit_error=True)
+        except ConnectionError as e:
+            raise ScaleError(f"cannot join the Ray cluster: {str(e).splitlines()[0]}") from None
+
+
 def start(run: str, settings: Settings, sessions: str, ttl: float | None, replicas: tuple[int, int],
           host: str = "127.0.0.1", port: int = 8000, cache: str | None = None, on_join: Any = None,
           **scaling: float) -> float:
-    """Join (or start) a Ray cluster (then call `on_join`: ray.init replaces the process's SIGTERM
-    handler), start Ray Serve's HTTP proxy on host:port and deploy the app; returns once MIN
-    replicas answer, with the seconds that took."""
+    """Join (or start) a Ray cluster (`join`, then call `on_join`), start Ray Serve's HTTP proxy on
+    host:port and deploy the app; returns once MIN replicas answer, with the seconds that took."""
     serve = ray_serve()
-    import ray
-
     t0 = time.perf_counter()
-    try:
-        ray.init(include_dashboard=False, configure_logging=False, log_to_driver=False, ignore_reinit_error=True)
-    except ConnectionError as e:
-        raise ScaleError(f"cannot join the Ray cluster: {str(e).splitlines()[0]}") from None
+    join()
     if on_join is not None:
         on_join()
     serve.start(http_options={"host": host, "port": port})
@@ -107,32 +126,95 @@ def start(run: str, settings: Settings, sessions: str, ttl: float | None, replic
     return time.perf_counter() - t0
 
 
+def descendants(pid: int) -> list[int]:
+    """The live processes below `pid` (from /proc; none where there is no /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] != "Z":
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], list(children.get(pid, []))
+    while todo:
+        out.append(todo.pop())
+        todo += children.get(out[-1], [])
+    return out
+
+
+def running(pid: int) -> bool:
+    """Whether process `pid` exists and is not a zombie (ended, waiting to be reaped)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def outlive(pids: list[int], seconds: float) -> None:
+    """Wait up to `seconds` for `pids` to end, then SIGKILL those left. Ray's agents outlive the
+    raylet that started them by a few seconds when Ray was stopped while it started."""
+    deadline = time.monotonic() + seconds
+    while any(running(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for p in filter(running, pids):
+        try:
+            os.kill(p, signal.SIGKILL)
+        except OSError:
+            pass
+
+
 def stop() -> None:
     """Ray Serve's application and proxy shut down, and this process leaves the cluster (a cluster
-    that `ray start` made lives on; one started here ends)."""
+    that `ray start` made lives on; one started here ends, and every process it started with it).
+    Not connected to Ray (a signal during ray.init), nothing is asked of Serve: serve.shutdown
+    would start a cluster to ask."""
     serve = ray_serve()
     import ray
 
+    started = descendants(os.getpid())
     try:
-        serve.shutdown()
+        if ray.is_initialized():
+            serve.shutdown()
     finally:
         ray.shutdown()
+        outlive(started, 10.0)
 
 
 def run(run_dir: str, settings: Settings, sessions: str, ttl: float | None, replicas: tuple[int, int],
         host: str = "127.0.0.1", port: int = 8000) -> None:
-    """`start`, then serve until SIGINT or SIGTERM, then `stop`."""
+    """`start`, then serve until SIGINT or SIGTERM, then `stop`. A signal while Ray starts takes
+    effect once it is up (`join`); one while the replicas deploy interrupts that (KeyboardInterrupt,
+    after `stop`); one while serving ends the wait; one while stopping is noted only: the stop
+    completes."""
     import jax
 
     cache = jax.config.jax_compilation_cache_dir
     done = threading.Event()
+    phase = "joining"
 
-    def handle() -> None:  # a signal during the deployment stops the server once it is up
+    def on_signal(signum: int, frame: Any) -> None:
+        done.set()
+        if phase == "deploying":
+            raise KeyboardInterrupt
+
+    def handle() -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: done.set())
+            signal.signal(sig, on_signal)
 
+    def joined() -> None:
+        nonlocal phase
+        phase = "deploying"
+        handle()  # again: a cluster joined may have installed handlers of its own
+        if done.is_set():  # a signal came while Ray started
+            raise KeyboardInterrupt
+
+    handle()
     try:
-        ready = start(run_dir, settings, sessions, ttl, replicas, host, port, cache, on_join=handle)
+        try:
+            ready = start(run_dir, settings, sessions, ttl, replicas, host, port, cache, on_join=joined)
+        finally:
+            phase = "up"
         print(f"ready in {ready:.1f} s: {replicas[0]} replica(s), autoscaled up to {replicas[1]}", flush=True)
         while not done.wait(1.0):
             pass
