@@ -23,7 +23,6 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 from wm_jax.serve.app import create_app
 from wm_jax.serve.model import Settings
@@ -102,12 +101,17 @@ def join() -> None:
     from ray._private import utils as ray_utils
 
     ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True
-    with mock.patch.object(ray_utils, "set_sigterm_handler", lambda handler: None, create=True):
-        try:
-            ray.init(include_dashboard=False, configure_logging=False, log_to_driver=False,
-                     ignore_reinit_error=True)
-        except ConnectionError as e:
-            raise ScaleError(f"cannot join the Ray cluster: {str(e).splitlines()[0]}") from None
+    kept = getattr(ray_utils, "set_sigterm_handler", None)
+    ray_utils.set_sigterm_handler = lambda handler: None  # ray.init calls it through the module
+    try:
+        ray.init(include_dashboard=False, configure_logging=False, log_to_driver=False, ignore_reinit_error=True)
+    except ConnectionError as e:
+        raise ScaleError(f"cannot join the Ray cluster: {str(e).splitlines()[0]}") from None
+    finally:
+        if kept is None:
+            del ray_utils.set_sigterm_handler
+        else:
+            ray_utils.set_sigterm_handler = kept
 
 
 def start(run: str, settings: Settings, sessions: str, ttl: float | None, replicas: tuple[int, int],
