@@ -6,7 +6,7 @@
 Each seed is `wm-jax run --preset PRESET --seed S` (in this process, through `pipeline.run`); a
 finished run directory is read, not rerun, and an unfinished one resumes, so the command can be
 stopped and started again. The report, over the seeds whose runs have finished:
-- the 100-episode mean return per seed: IQM and median with 95% stratified-bootstrap intervals
+- the 100-episode mean return per seed: IQM, median and mean with 95% stratified-bootstrap intervals
   (rliable, the `analysis` extra), and how many seeds reach 475;
 - real steps spent on training: median, the largest, how many seeds stay within 20,000;
 - the selection gap: the kept agent's last real check (the check that kept it) minus its
@@ -66,14 +66,16 @@ def row(seed: int, summary: dict) -> dict:
 
 
 def interval(values: np.ndarray, reps: int = 50_000) -> dict:
-    """IQM and median of per-seed values with rliable's 95% percentile-bootstrap intervals (one task,
-    so the stratified bootstrap resamples seeds)."""
+    """IQM, median and mean of per-seed values with rliable's 95% percentile-bootstrap intervals (one
+    task, so the stratified bootstrap resamples seeds). The median is taken over seeds: rliable's
+    aggregate_median is the median over tasks of each task's mean, which for one task is the mean."""
     scores = {"x": np.asarray(values, np.float64)[:, None]}
     point, ci = rly.get_interval_estimates(
-        scores, lambda s: np.array([metrics.aggregate_iqm(s), metrics.aggregate_median(s)]), reps=reps,
+        scores, lambda s: np.array([metrics.aggregate_iqm(s), np.median(s[:, 0]), np.mean(s[:, 0])]), reps=reps,
         random_state=np.random.RandomState(0))
-    return {"iqm": float(point["x"][0]), "iqm_ci95": [float(ci["x"][0, 0]), float(ci["x"][1, 0])],
-            "median": float(point["x"][1]), "median_ci95": [float(ci["x"][0, 1]), float(ci["x"][1, 1])]}
+    return {name: value for i, key in enumerate(("iqm", "median", "mean"))
+            for name, value in ((key, float(point["x"][i])),
+                                (f"{key}_ci95", [float(ci["x"][0, i]), float(ci["x"][1, i])]))}
 
 
 def report(rows: list[dict], wanted: int) -> dict:
@@ -84,7 +86,7 @@ def report(rows: list[dict], wanted: int) -> dict:
     return {"seeds_finished": len(rows), "seeds_asked": wanted,
             "return": interval(returns), "solved": int((returns >= SOLVED).sum()),
             "training_steps": {**interval(steps), "max": int(steps.max()), "within_goal": int((steps <= STEP_GOAL).sum())},
-            "selection_gap": {"mean": float(gaps.mean()) if gaps.size else None, **(interval(gaps) if gaps.size else {})},
+            "selection_gap": interval(gaps) if gaps.size else {"mean": None},
             "stage_minutes": {"median": float(np.median(minutes)), "max": float(minutes.max())}}
 
 
