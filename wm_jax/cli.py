@@ -215,13 +215,23 @@ def _add_serve(sub: Any) -> None:
                         "--sessions redis://... and the scale extra)")
 
 
+def _add_report(sub: Any) -> None:
+    """report: many seeds' run directories as a distribution."""
+    r = sub.add_parser("report", help="runs of one recipe on many seeds as a distribution (needs the analysis extra)")
+    r.add_argument("runs", nargs="+", help="run directories, or folders of them (each subfolder with a summary.json)")
+    r.add_argument("--json", default=None, help="write the rows and aggregates to this JSON file")
+    r.add_argument("--plots", default=None, help="draw learning_curves.png and solved_fraction.png in this folder")
+    r.add_argument("--reps", type=_bounded(int, 100, 1_000_000, "bootstrap draws"), default=10_000,
+                   help="bootstrap draws for the 95%% intervals (default 10,000)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="wm-jax", description="World Models in JAX on pixel environments (CartPole-v1 and others)",
                 epilog="exit codes: 0 done, 1 training failed, 2 bad input or damaged files, 3 cannot write, "
                        "4 run directory in use, 130 interrupted, 143 terminated")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error (also WM_JAX_DEBUG=1)")
     sub = p.add_subparsers(dest="command", required=True)
-    for add in (_add_collect, _add_stages, _add_run, _add_agent_commands, _add_serve):
+    for add in (_add_collect, _add_stages, _add_run, _add_agent_commands, _add_report, _add_serve):
         add(sub)
     return p
 

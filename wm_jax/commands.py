@@ -18,7 +18,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from wm_jax import interrupt, pipeline, plots, run_dir, video
+from wm_jax import interrupt, pipeline, plots, report, run_dir, video
 from wm_jax.agent import Agent, evaluation_key
 from wm_jax.config import ConfigError
 from wm_jax import envs
@@ -181,6 +181,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    result = report.report(args.runs, reps=args.reps)
+    print(report.text(result))
+    if args.json:
+        report.write(result, args.json)
+        print(f"written: {args.json}")
+    if args.plots:
+        print("drawn: " + ", ".join(map(str, report.draw(result, args.plots))))
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     agent = _agent(args.run)
     out = agent.save_pretrained(args.out)
@@ -286,7 +297,7 @@ def failure(error: BaseException, out: str | None) -> tuple[int, str] | None:
     if isinstance(error, RunDirBusy):
         return EXIT_BUSY, f"error: {error}"
     if isinstance(error, (UsageError, DatasetError, ConfigError, RunDirError, CheckpointError, PretrainedError,
-                          TooLarge)):
+                          TooLarge, report.ReportError)):
         return EXIT_INPUT, f"error: {error}"
     if isinstance(error, TrainingError):
         return EXIT_TRAINING, f"training failed: {error}"
@@ -309,4 +320,4 @@ def failure(error: BaseException, out: str | None) -> tuple[int, str] | None:
 # the subcommand cli.py parsed -> what runs it
 COMMANDS = {"collect": cmd_collect, "train-vae": cmd_train_vae, "train-transition": cmd_train_transition,
             "run": cmd_run, "evaluate": cmd_evaluate, "export": cmd_export, "video": cmd_video,
-            "train-verifier": cmd_train_verifier, "serve": cmd_serve}
+            "train-verifier": cmd_train_verifier, "report": cmd_report, "serve": cmd_serve}

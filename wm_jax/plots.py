@@ -85,3 +85,42 @@ def episode_strip(real: np.ndarray, recon: np.ndarray, dreamed: np.ndarray, path
     along the same actions ([0, 1]); each [steps, 64, 64] (the first steps of rollout.open_loop)."""
     _frame_grid({"real": (real, 255), "recon": (recon, 1), "dream": (dreamed, 1)},
                 [f"t={t}" for t in range(len(real))], (1.2, 1.3), path)
+
+
+def seed_curves(curves: list[list[tuple[int, float]]], grid: np.ndarray, center: np.ndarray, band: np.ndarray,
+                finals: list[tuple[int, float]], threshold: float | None, path: Path) -> None:
+    """Real return against real steps: each seed's checks and final evaluation (thin steps), their
+    IQM over seeds with its 95% band (`center`, `band` [2, len(grid)] on `grid`), each seed's
+    final evaluation (dots) and the task's threshold."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    for points in curves:
+        ax.step([p[0] for p in points], [p[1] for p in points], where="post", color="0.75", lw=0.7)
+    ax.fill_between(grid, band[0], band[1], color="C0", alpha=0.25, lw=0, label="95% interval")
+    ax.plot(grid, center, color="C0", lw=2, label="IQM over seeds (a finished seed holds its evaluation)")
+    ax.scatter([f[0] for f in finals], [f[1] for f in finals], s=14, color="C3", zorder=3,
+               label="final evaluation (100 episodes)")
+    if threshold is not None:
+        ax.axhline(threshold, color="k", ls="--", lw=0.8, label=f"solved ({threshold:g})")
+    ax.set_xlabel("real environment steps spent on training")
+    ax.set_ylabel("real return")
+    ax.set_title(f"{len(curves)} seeds: every real check, then the kept agent's 100-episode evaluation", fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
+    _save(fig, path)
+
+
+def fraction_curve(steps: np.ndarray, fraction: np.ndarray, band: np.ndarray, seeds: int, goal: int | None,
+                   path: Path) -> None:
+    """The fraction of seeds solved (by their final evaluation) with at most `steps` training steps,
+    with its 95% band, and the step goal."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 3.2))
+    ax.fill_between(steps, band[0], band[1], step="post", color="C2", alpha=0.25, lw=0, label="95% interval")
+    ax.step(steps, fraction, where="post", color="C2", lw=2, label=f"fraction of {seeds} seeds solved")
+    if goal is not None:
+        ax.axvline(goal, color="k", ls="--", lw=0.8, label=f"step goal ({goal:,})")
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("real environment steps spent on training")
+    ax.set_ylabel("fraction of seeds")
+    ax.legend(fontsize=7, loc="upper left")
+    _save(fig, path)

@@ -113,10 +113,24 @@ def versions(packages: tuple[str, ...] = RUN_PACKAGES, missing: str | None = "mi
     return out
 
 
+def cpu_name() -> str:
+    """The CPU model, architecture, core count and vector extensions ("AMD EPYC, x86_64, 2 cores,
+    AVX-512 (avx512_bf16)"): XLA compiles other float arithmetic for AVX-512 than for AVX2, so a
+    run's figures name the processor (from /proc/cpuinfo; the model is left out where it is absent)."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    field = lambda name: next((line.split(":", 1)[1].strip() for line in info.splitlines()  # noqa: E731
+                               if line.split(":", 1)[0].strip() == name), "")
+    flags = set(field("flags").split())
+    isa = ("AVX-512" if "avx512f" in flags else "AVX2, no AVX-512" if "avx2" in flags else "") if flags else ""
+    extra = [f for f in ("avx512_bf16", "amx_tile") if f in flags]
+    parts = [field("model name"), platform.machine(), f"{os.cpu_count()} cores", isa + (f" ({', '.join(extra)})" if extra else "")]
+    return ", ".join(p for p in parts if p)
+
+
 def device_name() -> str:
     d = jax.devices()[0]
     if d.platform == "cpu":
-        return f"cpu ({platform.machine()}, {os.cpu_count()} cores)"
+        return f"cpu ({cpu_name()})"
     return f"{d.platform} ({getattr(d, 'device_kind', '')}) x{jax.device_count()}"
 
 

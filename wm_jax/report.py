@@ -1,0 +1,275 @@
+"""Runs of one recipe on many seeds, reported as a distribution (Agarwal et al., 2021, with rliable).
+
+    wm-jax report runs/held_out                      # every run directory below it
+    wm-jax report runs/frugal runs/frugal-s1 --json report.json --plots figures/
+
+Each run directory gives one row (its summary.json): the evaluation's mean, std and minimum return,
+whether it reached the task's threshold, the real steps spent on training, the kept agent's round,
+the real check that kept it and that check minus the evaluation (the selection gap: a short check
+that picks the luckiest candidate overstates the agent), and the minutes of stages. Over the rows:
+IQM, median and mean with 95% percentile-bootstrap intervals over seeds (rliable's interval
+estimates; one task, so the stratified bootstrap resamples seeds), the count that solved, and the
+steps' largest value. Runs of different recipes (configs that differ in more than the seed) are
+refused: a distribution is over seeds of one recipe.
+
+Plots: the real return of every check against the real steps spent, one line per seed ending at
+its final evaluation, which it holds from there, with the IQM over seeds and its 95% band; and the fraction of seeds
+whose final evaluation solved, against the training steps they had spent (an empirical CDF with its
+band). rliable is the `analysis` extra (`pip install 'wm_jax[analysis]'`).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from wm_jax import plots
+from wm_jax.config import Config
+from wm_jax.run_dir import read_config, read_json
+from wm_jax.schema import diff
+
+REPS = 10_000  # bootstrap draws for the aggregates
+CURVE_REPS = 2_000  # for the plots' bands, one per point of a grid of steps
+GRID = 60  # points of the plots' step axis
+
+
+class ReportError(ValueError):
+    """No runs to report, runs of different recipes, or the analysis extra missing."""
+
+
+def _rliable() -> Any:
+    try:
+        from rliable import library
+    except ImportError as e:
+        raise ReportError(f"wm-jax report needs the analysis extra (rliable): pip install 'wm_jax[analysis]' "
+                          f"({type(e).__name__}: {e})") from None
+    return library
+
+
+def find_runs(paths: list[Path | str]) -> list[Path]:
+    """The run directories named, where each path is a run directory (it has summary.json) or a
+    folder whose direct subfolders are run directories (unfinished ones, without summary.json,
+    are left out). Sorted by seed."""
+    runs = []
+    for path in map(Path, paths):
+        if not path.is_dir():
+            raise ReportError(f"{path}: no such directory")
+        found = [path] if (path / "summary.json").is_file() else sorted(
+            p for p in path.iterdir() if (p / "summary.json").is_file())
+        if not found:
+            raise ReportError(f"{path}: neither a finished run directory (no summary.json) nor a folder of them")
+        runs += found
+    if len(set(runs)) < len(runs):
+        raise ReportError("a run directory is named twice: " + ", ".join(sorted({str(r) for r in runs if runs.count(r) > 1})))
+    return runs
+
+
+def kept_check(summary: dict[str, Any]) -> dict[str, Any] | None:
+    """The real check that kept the final agent: the best check of the agent's round (the latest
+    among equals), with its episodes (8 when a pass was confirmed by 4 more)."""
+    checks = [e for e in summary["learning_curve"]
+              if e.get("source") == "check" and e.get("round") == summary.get("agent_round")]
+    return max(reversed(checks), key=lambda e: e["real_return"]) if checks else None
+
+
+def row(run: Path) -> dict[str, Any]:
+    """One run directory's row (from its summary.json and config.json)."""
+    summary = read_json(run / "summary.json", "run it again to write it")
+    cfg = read_config(run)
+    check = kept_check(summary)
+    stages = {k: v for k, v in summary["wall_s"].items() if k != "total"}
+    return {"run": str(run), "seed": summary["seed"], "env": cfg.env,
+            "return_mean": summary["real_return_mean"], "return_std": summary["real_return_std"],
+            "return_min": summary["real_return_min"], "threshold": cfg.eval.solved_at,
+            "solved": summary["solved"], "training_steps": summary["real_env_steps_training"],
+            "agent_round": summary.get("agent_round"),
+            "kept_check": None if check is None else check["real_return"],
+            "kept_check_episodes": None if check is None else check["episodes"],
+            "selection_gap": None if check is None else check["real_return"] - summary["real_return_mean"],
+            "stage_minutes": sum(stages.values()) / 60.0, "device": summary.get("device"),
+            "curve": [(e["real_env_steps"], e["real_return"]) for e in summary["learning_curve"]
+                      if e.get("source") in ("collect", "check")]
+            + [(summary["real_env_steps_training"], summary["real_return_mean"])]}
+
+
+def same_recipe(runs: list[Path]) -> Config:
+    """The runs' config with their first run's seed: a ReportError names the first field where a
+    run's config (read as the Config it is, defaults filled in) differs from the first run's in
+    more than the seed."""
+    configs = [read_config(r) for r in runs]
+    first = {**configs[0].to_dict(), "seed": None}
+    for run, cfg in zip(runs[1:], configs[1:]):
+        changed = diff(first, {**cfg.to_dict(), "seed": None})
+        if changed:
+            field, a, b = changed[0]
+            raise ReportError(f"{run} is another recipe than {runs[0]} ({field}: {b!r} against {a!r}"
+                              f"{f', and {len(changed) - 1} more fields' if len(changed) > 1 else ''}): "
+                              f"report each recipe apart")
+    return configs[0]
+
+
+def iqm(values: np.ndarray) -> np.ndarray:
+    """Interquartile mean over axis 0, ignoring NaNs: the mean of the middle values once
+    int(0.25 n) are cut at each end, n the column's values (scipy's trim_mean, as rliable's
+    aggregate_iqm); NaN where a column has none."""
+    x = np.sort(np.asarray(values, np.float64), axis=0)  # NaNs last
+    n = (~np.isnan(x)).sum(0)
+    cut = (0.25 * n).astype(int)
+    sums = np.concatenate([np.zeros((1,) + x.shape[1:]), np.nancumsum(x, axis=0)])
+    keep = n - 2 * cut
+    total = np.take_along_axis(sums, (n - cut)[None], 0)[0] - np.take_along_axis(sums, cut[None], 0)[0]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(keep > 0, total / np.maximum(keep, 1), np.nan)
+
+
+def _estimates(rly: Any, scores: np.ndarray, stats: Any, reps: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """rliable's point estimate and 95% percentile-bootstrap interval [2, ...] of `stats` over the
+    rows (seeds) of scores [seeds, 1], the same for the same seed. rliable 1.2's StratifiedBootstrap
+    draws its indices from NumPy's global generator whatever random_state says, so that generator is
+    seeded here and restored after (arch's warning about random_state silenced)."""
+    saved = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            point, ci = rly.get_interval_estimates({"x": scores}, stats, reps=reps,
+                                                   random_state=np.random.RandomState(seed))
+    finally:
+        np.random.set_state(saved)
+    return np.asarray(point["x"]), np.asarray(ci["x"])
+
+
+def interval(values: np.ndarray | list[float], reps: int = REPS, seed: int = 0) -> dict[str, Any]:
+    """IQM, median and mean of per-seed values, each with rliable's 95% percentile-bootstrap interval.
+    The median is over seeds: rliable's aggregate_median is the median over tasks of each task's
+    mean, which for one task would be the mean."""
+    values = np.asarray(values, np.float64)
+    if values.size == 0:
+        return {"n": 0}
+    rly = _rliable()
+    stats = lambda s: np.array([iqm(s[:, 0]), np.median(s[:, 0]), np.mean(s[:, 0])])  # noqa: E731
+    point, ci = _estimates(rly, values[:, None], stats, reps, seed)
+    out: dict[str, Any] = {"n": int(values.size)}
+    for i, key in enumerate(("iqm", "median", "mean")):
+        out[key] = float(point[i])
+        out[f"{key}_ci95"] = [float(ci[0, i]), float(ci[1, i])]
+    return out
+
+
+def aggregate(rows: list[dict[str, Any]], step_goal: int | None = None) -> dict[str, Any]:
+    """The distribution over the rows' seeds (see the module's docstring)."""
+    steps = np.array([r["training_steps"] for r in rows], np.float64)
+    solved = [r["solved"] for r in rows if r["solved"] is not None]
+    gaps = [r["selection_gap"] for r in rows if r["selection_gap"] is not None]
+    minutes = np.array([r["stage_minutes"] for r in rows])
+    return {"seeds": [r["seed"] for r in rows], "env": rows[0]["env"], "threshold": rows[0]["threshold"],
+            "devices": sorted({str(r["device"]) for r in rows}),
+            "return": interval([r["return_mean"] for r in rows]),
+            "solved": int(sum(solved)) if solved else None, "judged": len(solved),
+            "training_steps": {**interval(steps), "max": int(steps.max()),
+                               **({"goal": step_goal, "within_goal": int((steps <= step_goal).sum())}
+                                  if step_goal else {})},
+            "selection_gap": interval(gaps),
+            "stage_minutes": {"median": float(np.median(minutes)), "max": float(minutes.max())}}
+
+
+def report(paths: list[Path | str], reps: int = REPS) -> dict[str, Any]:
+    """{"rows": one per run, "aggregate": over them} for the run directories `paths` names."""
+    runs = find_runs(paths)
+    cfg = same_recipe(runs)
+    rows = [row(r) for r in runs]
+    rows.sort(key=lambda r: r["seed"])
+    seeds = [r["seed"] for r in rows]
+    if len(set(seeds)) < len(seeds):
+        raise ReportError(f"seeds {sorted({s for s in seeds if seeds.count(s) > 1})} appear twice: one run per seed")
+    return {"rows": rows, "aggregate": aggregate(rows, cfg.rounds.budget)}
+
+
+def curve_at(curves: list[list[tuple[int, float]]], grid: np.ndarray) -> np.ndarray:
+    """[seeds, len(grid)]: each seed's latest return at or before each step of the grid, NaN before
+    its first point; after its last (its final evaluation) a seed holds that value."""
+    out = np.full((len(curves), grid.size), np.nan)
+    for i, points in enumerate(curves):
+        steps, returns = np.array([p[0] for p in points]), np.array([p[1] for p in points])
+        at = np.searchsorted(steps, grid, side="right") - 1
+        out[i, at >= 0] = returns[at[at >= 0]]
+    return out
+
+
+def bands(values_at: Any, n: int, reps: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A statistic over seeds and its 95% percentile-bootstrap band: `values_at(idx)` maps an array
+    of seed indices to a curve; rliable resamples the indices (rows) as it resamples seeds."""
+    rly = _rliable()
+    point, ci = _estimates(rly, np.arange(n, dtype=np.float64)[:, None], lambda s: values_at(s[:, 0].astype(int)),
+                           reps, seed)
+    return point, ci
+
+
+def draw(result: dict[str, Any], out: Path | str, reps: int = CURVE_REPS) -> list[Path]:
+    """learning_curves.png and solved_fraction.png in `out` (see the module's docstring)."""
+    rows, agg = result["rows"], result["aggregate"]
+    out = Path(out)
+    top = max(max(s for s, _ in r["curve"]) for r in rows)
+    grid = np.linspace(0, top, GRID)
+    at = curve_at([r["curve"] for r in rows], grid)
+
+    curve, curve_ci = bands(lambda idx: iqm(at[idx]), len(rows), reps)
+    steps = np.array([r["training_steps"] for r in rows], np.float64)
+    solved = np.array([bool(r["solved"]) for r in rows])
+    fgrid = np.linspace(0, steps.max() * 1.05, GRID)
+    fraction, fraction_ci = bands(lambda idx: ((steps[idx, None] <= fgrid) & solved[idx, None]).mean(0),
+                                  len(rows), reps)
+    paths = [out / "learning_curves.png", out / "solved_fraction.png"]
+    plots.seed_curves([r["curve"] for r in rows], grid, curve, curve_ci,
+                      [(r["training_steps"], r["return_mean"]) for r in rows], agg["threshold"], paths[0])
+    plots.fraction_curve(fgrid, fraction, fraction_ci, len(rows), agg.get("training_steps", {}).get("goal"), paths[1])
+    return paths
+
+
+def _fmt(x: float | None, digits: int = 1) -> str:
+    return "-" if x is None else f"{x:,.{digits}f}"
+
+
+def _ci(stat: dict[str, Any], key: str, digits: int = 1) -> str:
+    lo, hi = stat[f"{key}_ci95"]
+    return f"{_fmt(stat[key], digits)} [{_fmt(lo, digits)}, {_fmt(hi, digits)}]"
+
+
+def text(result: dict[str, Any]) -> str:
+    """The per-seed table and the aggregates, as `wm-jax report` prints them."""
+    rows, agg = result["rows"], result["aggregate"]
+    lines = [f"{len(rows)} runs of {agg['env']} (threshold {_fmt(agg['threshold'])}) on {'; '.join(agg['devices'])}",
+             "seed  return mean +- std (min)   solved  round  train steps  kept check (eps)  gap     minutes"]
+    for r in rows:
+        check = "-" if r["kept_check"] is None else f"{r['kept_check']:.1f} ({r['kept_check_episodes']})"
+        gap = "-" if r["selection_gap"] is None else f"{r['selection_gap']:+.1f}"
+        lines.append(f"{r['seed']:<5} {r['return_mean']:7.1f} +- {r['return_std']:5.1f} ({r['return_min']:5.0f})"
+                     f"   {str(r['solved']):<6}  {str(r['agent_round']):<5}  {r['training_steps']:>11,}"
+                     f"  {check:<16}  {gap:<7} {r['stage_minutes']:.1f}")
+    ret, steps = agg["return"], agg["training_steps"]
+    lines += ["", "95% bootstrap intervals over seeds (rliable):",
+              f"return: IQM {_ci(ret, 'iqm')}, median {_ci(ret, 'median')}, mean {_ci(ret, 'mean')}",
+              f"solved: {agg['solved']} of {agg['judged']}" if agg["solved"] is not None else "solved: no threshold",
+              f"training steps: median {_ci(steps, 'median', 0)}, IQM {_ci(steps, 'iqm', 0)}, largest {steps['max']:,}"
+              + (f", {steps['within_goal']} of {len(rows)} within {steps['goal']:,}" if "goal" in steps else "")]
+    if agg["selection_gap"]["n"]:
+        gap = agg["selection_gap"]
+        lines.append(f"selection gap (kept check - evaluation): mean {_ci(gap, 'mean')}, median {_ci(gap, 'median')}")
+    lines.append(f"minutes of stages: median {agg['stage_minutes']['median']:.1f}, "
+                 f"slowest {agg['stage_minutes']['max']:.1f}")
+    return "\n".join(lines)
+
+
+def write(result: dict[str, Any], path: Path | str) -> None:
+    """The report as JSON: the rows (each with its learning curve, [real steps, real return] pairs)
+    and the aggregates."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps({"rows": result["rows"], "aggregate": result["aggregate"]}, indent=2) + "\n")
+
+
+__all__ = ["ReportError", "aggregate", "draw", "find_runs", "interval", "report", "row", "text",
+           "write"]
