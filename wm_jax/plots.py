@@ -109,18 +109,21 @@ def seed_curves(curves: list[list[tuple[int, float]]], grid: np.ndarray, center:
     _save(fig, path)
 
 
-def fraction_curve(steps: np.ndarray, fraction: np.ndarray, band: np.ndarray, seeds: int, goal: int | None,
-                   path: Path) -> None:
-    """The fraction of seeds solved (by their final evaluation) with at most `steps` training steps,
-    with its 95% band, and the step goal."""
+def fraction_curves(steps: np.ndarray, curves: dict[str, tuple[np.ndarray, np.ndarray]], goal: int | None,
+                    path: Path) -> None:
+    """For each named method, the fraction of its seeds that reached the threshold with at most
+    `steps` real training steps, with its 95% band ({name: (fraction, band [2, len(steps)])}), and
+    the step goal."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 3.2))
-    ax.fill_between(steps, band[0], band[1], step="post", color="C2", alpha=0.25, lw=0, label="95% interval")
-    ax.step(steps, fraction, where="post", color="C2", lw=2, label=f"fraction of {seeds} seeds solved")
+    for i, (name, (fraction, band)) in enumerate(curves.items()):
+        ax.fill_between(steps, band[0], band[1], step="post", color=f"C{i + 2}", alpha=0.2, lw=0)
+        ax.step(steps, fraction, where="post", color=f"C{i + 2}", lw=2, label=name)
     if goal is not None:
         ax.axvline(goal, color="k", ls="--", lw=0.8, label=f"step goal ({goal:,})")
     ax.set_ylim(0, 1.02)
     ax.set_xlabel("real environment steps spent on training")
-    ax.set_ylabel("fraction of seeds")
-    ax.legend(fontsize=7, loc="upper left")
+    ax.set_ylabel("fraction of seeds solved")
+    ax.set_title("shaded: 95% bootstrap interval over seeds; a line ends where its runs ended", fontsize=8)
+    ax.legend(fontsize=7, loc="lower right")
     _save(fig, path)

@@ -226,7 +226,8 @@ def draw(result: dict[str, Any], out: Path | str, reps: int = CURVE_REPS) -> lis
     paths = [out / "learning_curves.png", out / "solved_fraction.png"]
     plots.seed_curves([r["curve"] for r in rows], grid, curve, curve_ci,
                       [(r["training_steps"], r["return_mean"]) for r in rows], agg["threshold"], paths[0])
-    plots.fraction_curve(fgrid, fraction, fraction_ci, len(rows), agg.get("training_steps", {}).get("goal"), paths[1])
+    plots.fraction_curves(fgrid, {f"{len(rows)} seeds": (fraction, fraction_ci)},
+                          agg.get("training_steps", {}).get("goal"), paths[1])
     return paths
 
 
