@@ -21,8 +21,13 @@ from pathlib import Path
 # programs that this process, the wm-jax commands (cli.compilation_cache) and the scripts the tests
 # start in subprocesses compile again and again (the smoke pipeline's in every real-command test,
 # each test file's after the module hygiene below) compile once. The user's own cache is left alone.
-_CACHE = tempfile.mkdtemp(prefix="wm_jax_tests_jax_cache_")
-atexit.register(shutil.rmtree, _CACHE, True)
+# With pytest-xdist the controller makes the folder and its workers, which inherit its environment,
+# share it; the process that made it removes it.
+_CACHE = os.environ.get("WM_JAX_TESTS_CACHE")
+if _CACHE is None:
+    _CACHE = tempfile.mkdtemp(prefix="wm_jax_tests_jax_cache_")
+    os.environ["WM_JAX_TESTS_CACHE"] = _CACHE
+    atexit.register(shutil.rmtree, _CACHE, True)
 os.environ["WM_JAX_COMPILATION_CACHE"] = _CACHE
 os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"

@@ -2,7 +2,8 @@
 local Ray on 127.0.0.1 started by the command, one redis-server. One replica's process is killed
 under load: every session continues on the other replica with the actions the agent gives in
 this process, requests in flight get at most a retryable 503, Ray Serve replaces the replica; then
-SIGTERM stops the command with exit 0 and none of the processes it started left running."""
+SIGTERM stops the command with exit 0 and none of the processes it started left running. And
+1:2 replicas scale up under load and back down after it, the sessions kept."""
 
 from __future__ import annotations
 
@@ -174,3 +175,85 @@ def test_a_killed_replica_costs_no_session_and_sigterm_stops_everything(run_with
         stop(proc)
         log.close()
 
+
+
+SCALER = """
+import os, signal, sys, threading
+from wm_jax.serve import scale
+from wm_jax.serve.model import Settings
+run, url, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+done = threading.Event()
+for sig in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(sig, lambda *_: done.set())
+try:
+    scale.start(run, Settings(buckets=(1, 8)), url, 600.0, (1, 2), port=port, cache=os.environ.get("JAX_COMPILATION_CACHE_DIR"),
+                target=2.0, upscale_s=1.0, downscale_s=5.0)
+    print("ready", flush=True)
+    while not done.wait(0.5):
+        pass
+finally:
+    scale.stop()
+"""
+
+
+def hammer(base: str, sid: str, frame: np.ndarray, stop_at: threading.Event, codes: list, seconds: float) -> None:
+    """/act on one session until `stop_at` is set or `seconds` pass: every answer's status in `codes`."""
+    body = {"observation": base64.b64encode(frame.tobytes()).decode()}
+    deadline = time.monotonic() + seconds
+    with httpx.Client(base_url=base, timeout=30.0) as c:
+        while not stop_at.is_set() and time.monotonic() < deadline:
+            try:
+                codes.append(c.post(f"/v1/sessions/{sid}/act", json=body).status_code)
+            except httpx.HTTPError as e:
+                codes.append(type(e).__name__)
+
+
+def test_replicas_scale_from_one_to_two_under_load_and_back_keeping_the_sessions(run_with_k, shared_redis, tmp_path):
+    """--replicas 1:2 (through scale.start, with short autoscaling delays): 8 clients keep more
+    requests in flight than the target of 2 per replica, so Ray Serve adds the second replica; when
+    they stop it goes back to one after the downscale delay, and a session continues where it was."""
+    port, log_path = free_port(), tmp_path / "scale.log"
+    base = f"http://127.0.0.1:{port}"
+    log = log_path.open("w+")
+    proc = subprocess.Popen([sys.executable, "-c", SCALER, str(run_with_k), shared_redis.url, str(port)], cwd=ROOT,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_ready(proc, base, log_path)
+        first = replica_pids(base)
+        assert len(first) == 1, first
+        sids = [httpx.post(f"{base}/v1/sessions", timeout=10).json()["id"] for _ in range(8)]
+        frame = observations(1)[0]
+        stop_load, codes = threading.Event(), []
+        threads = [threading.Thread(target=hammer, args=(base, s, frame, stop_load, codes, 240.0)) for s in sids]
+        t0 = time.monotonic()
+        for th in threads:
+            th.start()
+        try:
+            while len(replica_pids(base, 20)) < 2:
+                assert time.monotonic() - t0 < 200, "Ray Serve did not add a replica under load"
+                time.sleep(1.0)
+            up_s = time.monotonic() - t0
+        finally:
+            stop_load.set()
+            for th in threads:
+                th.join(60)
+        assert codes and all(c == 200 for c in codes), sorted(set(map(str, codes)))
+        body = {"observation": base64.b64encode(frame.tobytes()).decode()}
+        before = httpx.post(f"{base}/v1/sessions/{sids[0]}/act", json=body, timeout=30).json()
+        t1 = time.monotonic()
+        while len(replica_pids(base, 40)) > 1:
+            assert time.monotonic() - t1 < 180, "Ray Serve did not go back to one replica"
+            time.sleep(2.0)
+        down_s = time.monotonic() - t1
+        after = httpx.post(f"{base}/v1/sessions/{sids[0]}/act", json=body, timeout=30).json()
+        assert after["step"] == before["step"] + 1, (before, after)  # the session's next step, on the replica left
+        print(f"1 -> 2 replicas {up_s:.1f} s after the load began; back to 1 {down_s:.1f} s after it ended; "
+              f"{len(codes)} requests, all 200")
+        started = descendants(proc.pid)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(90) == 0, log_path.read_text()[-3000:]
+        time.sleep(1.0)
+        assert not [p for p in started if running(p)], "processes left running after SIGTERM"
+    finally:
+        stop(proc)
+        log.close()
