@@ -163,7 +163,7 @@ def test_a_killed_replica_costs_no_session_and_sigterm_stops_everything(run_with
             assert time.monotonic() < deadline, "Ray Serve did not replace the killed replica"
             time.sleep(1.0)
         print(f"killed replica {victim} after {done_at_kill} of {SESSIONS * STEPS} steps; {len(failed)} answers "
-              f"were 503 ({[a[3] for a in failed][:3]}); replaced "
+              f"were not 200 ({[(a[0], a[3]) for a in failed][:3]}); replaced "
               f"{time.monotonic() - killed_at:.1f} s after the kill")
         started_pids = descendants(proc.pid)
         proc.send_signal(signal.SIGTERM)
