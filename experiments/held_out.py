@@ -14,7 +14,6 @@ machine's CPU, and its plots to --plots. Needs the `analysis` extra (rliable).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -53,13 +52,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     result = report.report(runs)
     print(report.text(result))
-    report.write(result, out)
-    saved = json.loads(out.read_text())
-    saved = {"what": f"the `{args.preset}` preset on seeds {args.seeds[0]}-{args.seeds[-1]}, one run each "
-                     f"({len(runs)} of {len(args.seeds)} finished)",
-             "command": "python experiments/held_out.py " + " ".join(sys.argv[1:] if argv is None else argv),
-             "reported_on": stages.cpu_name(), **saved}
-    out.write_text(json.dumps(saved, indent=2) + "\n")
+    report.write({"what": f"the `{args.preset}` preset on seeds {args.seeds[0]}-{args.seeds[-1]}, one run each "
+                          f"({len(runs)} of {len(args.seeds)} finished)",
+                  "command": "python experiments/held_out.py " + " ".join(sys.argv[1:] if argv is None else argv),
+                  "reported_on": stages.cpu_name(), **result}, out)
     if args.plots:
         print("drawn: " + ", ".join(map(str, report.draw(result, args.plots))))
     print(f"written: {out}")

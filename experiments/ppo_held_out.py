@@ -70,8 +70,8 @@ def steps_to_475() -> dict[str, tuple[np.ndarray, float]]:
         if path.exists():
             res = json.loads(path.read_text())
             for how, fn in (("first", ppo.steps_to), ("stays", ppo.steps_to_stay)):
-                out[f"PPO from {obs}, {how} 475"] = (np.array(
-                    [fn(res["curve"], i, THRESHOLD) or np.inf for i in range(len(res["seeds"]))], np.float64),
+                at = [fn(res["curve"], i, THRESHOLD) for i in range(len(res["seeds"]))]
+                out[f"PPO from {obs}, {how} 475"] = (np.array([np.inf if x is None else x for x in at], np.float64),
                     res["curve"][-1]["real_env_steps"])
     return out
 

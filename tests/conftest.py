@@ -22,8 +22,8 @@ from pathlib import Path
 # start in subprocesses compile again and again (the smoke pipeline's in every real-command test,
 # each test file's after the module hygiene below) compile once. The user's own cache is left alone.
 # With pytest-xdist the controller makes the folder and its workers, which inherit its environment,
-# share it; the process that made it removes it.
-_CACHE = os.environ.get("WM_JAX_TESTS_CACHE")
+# share it; the process that made it removes it. Outside a worker, a folder is always made anew.
+_CACHE = os.environ.get("WM_JAX_TESTS_CACHE") if os.environ.get("PYTEST_XDIST_WORKER") else None
 if _CACHE is None:
     _CACHE = tempfile.mkdtemp(prefix="wm_jax_tests_jax_cache_")
     os.environ["WM_JAX_TESTS_CACHE"] = _CACHE

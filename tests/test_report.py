@@ -103,7 +103,7 @@ def test_the_curve_holds_each_seeds_last_value_and_is_nan_before_its_first():
 def test_kept_check_is_the_best_of_the_agents_round(tmp_path):
     run = _run(tmp_path, 3, 400.0, 20_000, [(15_000, 480.0, 4), (17_000, 410.0, 4), (19_000, 480.0, 8)], round_=3)
     row = report.row(run)
-    assert row["kept_check"] == 480.0 and row["kept_check_episodes"] == 8  # the latest among equals
+    assert row["kept_check"] == 480.0 and row["kept_check_episodes"] == 4  # the first among equals, as the search
     assert row["selection_gap"] == pytest.approx(80.0) and row["agent_round"] == 3
     assert row["curve"][-1] == (20_000, 400.0)  # the final evaluation closes the curve
 
@@ -120,8 +120,10 @@ def test_runs_of_another_recipe_or_a_seed_twice_are_refused_in_one_line(tmp_path
     with pytest.raises(report.ReportError, match=r"seeds \[100\] appear twice"):
         report.report([tmp_path / "b", tmp_path / "c"])
     (tmp_path / "empty").mkdir()
-    with pytest.raises(report.ReportError, match="neither a finished run directory"):
+    with pytest.raises(report.ReportError, match="no finished run directory"):
         report.report([tmp_path / "empty"])
+    with pytest.raises(report.ReportError, match="named twice"):
+        report.report([tmp_path / "b" / "frugal-s100", tmp_path / "b"])
     with pytest.raises(report.ReportError, match="no such directory"):
         report.report([tmp_path / "nowhere"])
 
@@ -161,3 +163,36 @@ def test_the_cpu_is_named_with_its_vector_extensions():
     if Path("/proc/cpuinfo").is_file() and "avx" in Path("/proc/cpuinfo").read_text():
         assert "AVX" in name
     assert stages.device_name().startswith("cpu (" + name) or not stages.device_name().startswith("cpu")
+
+
+@pytest.mark.parametrize("content", ['{"seed": 1}', "[1]", '{"seed": "x", "learning_curve": []}'])
+def test_a_summary_without_a_finished_runs_fields_is_one_line(tmp_path, capsys, content):
+    _runs(tmp_path, [500.0, 480.0])
+    (tmp_path / "frugal-s101" / "summary.json").write_text(content)
+    code = cli.main(["report", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "frugal-s101/summary.json" in err and "Traceback" not in err
+
+
+def test_unfinished_runs_are_named_and_left_out(tmp_path):
+    _runs(tmp_path, [500.0, 480.0, 300.0])
+    (tmp_path / "frugal-s102" / "summary.json").unlink()
+    result = report.report([tmp_path], reps=200)
+    assert [r["seed"] for r in result["rows"]] == [100, 101]
+    assert result["unfinished"] == [str(tmp_path / "frugal-s102")]
+    assert "left out, unfinished (no summary.json)" in report.text(result)
+
+
+def test_bands_agree_with_a_plain_bootstrap_over_seeds():
+    """The solved fraction's curve from `bands` ends at solved / n and its band holds it; an IQM
+    interval is close to one from resampling seeds with NumPy directly."""
+    steps = np.array([10.0, 20.0, 30.0, 40.0, 50.0])
+    solved = np.array([True, True, False, True, False])
+    grid = np.array([0.0, 25.0, 60.0])
+    point, band = report.bands(lambda idx: ((steps[idx, None] <= grid) & solved[idx, None]).mean(0), 5, 2000)
+    assert point.tolist() == [0.0, 0.4, 0.6] and (band[0] <= point).all() and (point <= band[1]).all()
+    values = np.random.RandomState(1).gamma(2.0, 50.0, size=24)
+    ours = report.interval(values, reps=4000)["iqm_ci95"]
+    draws = np.random.RandomState(2).randint(0, values.size, size=(4000, values.size))
+    plain = np.percentile([report.iqm(values[d]) for d in draws], [2.5, 97.5])
+    assert ours == pytest.approx(plain, rel=0.08)

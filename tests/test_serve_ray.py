@@ -112,7 +112,10 @@ def stop(proc: subprocess.Popen) -> None:
         proc.kill()
         proc.wait(30)
     for p in filter(running, started):
-        os.kill(p, signal.SIGKILL)
+        try:
+            os.kill(p, signal.SIGKILL)
+        except OSError:  # ended meanwhile
+            pass
 
 
 def test_a_killed_replica_costs_no_session_and_sigterm_stops_everything(run_with_k, shared_redis, tmp_path):
@@ -174,7 +177,6 @@ def test_a_killed_replica_costs_no_session_and_sigterm_stops_everything(run_with
     finally:
         stop(proc)
         log.close()
-
 
 
 SCALER = """
@@ -241,9 +243,11 @@ def test_replicas_scale_from_one_to_two_under_load_and_back_keeping_the_sessions
         body = {"observation": base64.b64encode(frame.tobytes()).decode()}
         before = httpx.post(f"{base}/v1/sessions/{sids[0]}/act", json=body, timeout=30).json()
         t1 = time.monotonic()
-        while len(replica_pids(base, 40)) > 1:
+        agree = 0  # three rounds of 40 probes in a row see one replica: the proxy has no second to spread to
+        while agree < 3:
+            agree = agree + 1 if len(replica_pids(base, 40)) == 1 else 0
             assert time.monotonic() - t1 < 180, "Ray Serve did not go back to one replica"
-            time.sleep(2.0)
+            time.sleep(1.0)
         down_s = time.monotonic() - t1
         after = httpx.post(f"{base}/v1/sessions/{sids[0]}/act", json=body, timeout=30).json()
         assert after["step"] == before["step"] + 1, (before, after)  # the session's next step, on the replica left

@@ -222,7 +222,7 @@ def _add_report(sub: Any) -> None:
     r.add_argument("--json", default=None, help="write the rows and aggregates to this JSON file")
     r.add_argument("--plots", default=None, help="draw learning_curves.png and solved_fraction.png in this folder")
     r.add_argument("--reps", type=_bounded(int, 100, 1_000_000, "bootstrap draws"), default=10_000,
-                   help="bootstrap draws for the 95%% intervals (default 10,000)")
+                   help="bootstrap draws for the 95%% intervals (default 10,000; the plots' bands use at most 2,000)")
 
 
 def build_parser() -> argparse.ArgumentParser:

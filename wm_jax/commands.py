@@ -188,7 +188,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         report.write(result, args.json)
         print(f"written: {args.json}")
     if args.plots:
-        print("drawn: " + ", ".join(map(str, report.draw(result, args.plots))))
+        print("drawn: " + ", ".join(map(str, report.draw(result, args.plots, min(args.reps, report.CURVE_REPS)))))
     return 0
 
 

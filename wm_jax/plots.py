@@ -89,7 +89,7 @@ def episode_strip(real: np.ndarray, recon: np.ndarray, dreamed: np.ndarray, path
 
 def seed_curves(curves: list[list[tuple[int, float]]], grid: np.ndarray, center: np.ndarray, band: np.ndarray,
                 finals: list[tuple[int, float]], threshold: float | None, path: Path) -> None:
-    """Real return against real steps: each seed's checks and final evaluation (thin steps), their
+    """Real return against real steps: each seed's collections, checks and final evaluation (thin steps), their
     IQM over seeds with its 95% band (`center`, `band` [2, len(grid)] on `grid`), each seed's
     final evaluation (dots) and the task's threshold."""
     plt = _pyplot()
@@ -104,7 +104,8 @@ def seed_curves(curves: list[list[tuple[int, float]]], grid: np.ndarray, center:
         ax.axhline(threshold, color="k", ls="--", lw=0.8, label=f"solved ({threshold:g})")
     ax.set_xlabel("real environment steps spent on training")
     ax.set_ylabel("real return")
-    ax.set_title(f"{len(curves)} seeds: every real check, then the kept agent's 100-episode evaluation", fontsize=9)
+    ax.set_title(f"{len(curves)} seeds: each collection's and real check's return, then the kept agent's evaluation",
+                 fontsize=9)
     ax.legend(fontsize=7, loc="lower right")
     _save(fig, path)
 

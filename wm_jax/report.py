@@ -12,7 +12,7 @@ estimates; one task, so the stratified bootstrap resamples seeds), the count tha
 steps' largest value. Runs of different recipes (configs that differ in more than the seed) are
 refused: a distribution is over seeds of one recipe.
 
-Plots: the real return of every check against the real steps spent, one line per seed ending at
+Plots: the real return of every collection and check against the real steps spent, one line per seed ending at
 its final evaluation, which it holds from there, with the IQM over seeds and its 95% band; and the fraction of seeds
 whose final evaluation solved, against the training steps they had spent (an empirical CDF with its
 band). rliable is the `analysis` extra (`pip install 'wm_jax[analysis]'`).
@@ -50,50 +50,62 @@ def _rliable() -> Any:
     return library
 
 
-def find_runs(paths: list[Path | str]) -> list[Path]:
-    """The run directories named, where each path is a run directory (it has summary.json) or a
-    folder whose direct subfolders are run directories (unfinished ones, without summary.json,
-    are left out). Sorted by seed."""
-    runs = []
+def find_runs(paths: list[Path | str]) -> tuple[list[Path], list[Path]]:
+    """(finished, unfinished) run directories named, where each path is a run directory or a folder
+    whose direct subfolders are run directories; a run directory without summary.json is unfinished
+    (named in the report, left out of it)."""
+    runs, unfinished = [], []
     for path in map(Path, paths):
         if not path.is_dir():
             raise ReportError(f"{path}: no such directory")
-        found = [path] if (path / "summary.json").is_file() else sorted(
-            p for p in path.iterdir() if (p / "summary.json").is_file())
-        if not found:
-            raise ReportError(f"{path}: neither a finished run directory (no summary.json) nor a folder of them")
-        runs += found
+        if (path / "summary.json").is_file():
+            runs.append(path)
+            continue
+        subs = sorted(p for p in path.iterdir() if (p / "config.json").is_file())
+        runs += [p for p in subs if (p / "summary.json").is_file()]
+        unfinished += [p for p in subs if not (p / "summary.json").is_file()]
+        if not subs and (path / "config.json").is_file():
+            unfinished.append(path)
+    if not runs:
+        raise ReportError(f"{', '.join(map(str, paths))}: no finished run directory (none with a summary.json)")
     if len(set(runs)) < len(runs):
         raise ReportError("a run directory is named twice: " + ", ".join(sorted({str(r) for r in runs if runs.count(r) > 1})))
-    return runs
+    return runs, unfinished
 
 
 def kept_check(summary: dict[str, Any]) -> dict[str, Any] | None:
-    """The real check that kept the final agent: the best check of the agent's round (the latest
-    among equals), with its episodes (8 when a pass was confirmed by 4 more)."""
+    """The real check that kept the final agent: the best check of the agent's round (the first
+    among equals, as the search keeps a later check only when it is better), with its episodes (8
+    where 4 more were played after a first 4 that passed)."""
     checks = [e for e in summary["learning_curve"]
               if e.get("source") == "check" and e.get("round") == summary.get("agent_round")]
-    return max(reversed(checks), key=lambda e: e["real_return"]) if checks else None
+    return max(checks, key=lambda e: e["real_return"]) if checks else None
 
 
 def row(run: Path) -> dict[str, Any]:
-    """One run directory's row (from its summary.json and config.json)."""
-    summary = read_json(run / "summary.json", "run it again to write it")
+    """One run directory's row (from its summary.json and config.json); a summary.json without
+    what a finished run writes there is a ReportError naming it."""
+    path = run / "summary.json"
+    summary = read_json(path, "run it again to write it")
     cfg = read_config(run)
-    check = kept_check(summary)
-    stages = {k: v for k, v in summary["wall_s"].items() if k != "total"}
-    return {"run": str(run), "seed": summary["seed"], "env": cfg.env,
-            "return_mean": summary["real_return_mean"], "return_std": summary["real_return_std"],
-            "return_min": summary["real_return_min"], "threshold": cfg.eval.solved_at,
-            "solved": summary["solved"], "training_steps": summary["real_env_steps_training"],
-            "agent_round": summary.get("agent_round"),
-            "kept_check": None if check is None else check["real_return"],
-            "kept_check_episodes": None if check is None else check["episodes"],
-            "selection_gap": None if check is None else check["real_return"] - summary["real_return_mean"],
-            "stage_minutes": sum(stages.values()) / 60.0, "device": summary.get("device"),
-            "curve": [(e["real_env_steps"], e["real_return"]) for e in summary["learning_curve"]
-                      if e.get("source") in ("collect", "check")]
-            + [(summary["real_env_steps_training"], summary["real_return_mean"])]}
+    try:
+        check = kept_check(summary)
+        stages = {k: float(v) for k, v in summary["wall_s"].items() if k != "total"}
+        return {"run": str(run), "seed": int(summary["seed"]), "env": cfg.env,
+                "return_mean": float(summary["real_return_mean"]), "return_std": float(summary["real_return_std"]),
+                "return_min": float(summary["real_return_min"]), "threshold": cfg.eval.solved_at,
+                "solved": summary["solved"], "training_steps": int(summary["real_env_steps_training"]),
+                "agent_round": summary.get("agent_round"),
+                "kept_check": None if check is None else check["real_return"],
+                "kept_check_episodes": None if check is None else check["episodes"],
+                "selection_gap": None if check is None else check["real_return"] - summary["real_return_mean"],
+                "stage_minutes": sum(stages.values()) / 60.0, "device": summary.get("device"),
+                "curve": [(e["real_env_steps"], e["real_return"]) for e in summary["learning_curve"]
+                          if e.get("source") in ("collect", "check")]
+                + [(summary["real_env_steps_training"], summary["real_return_mean"])]}
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ReportError(f"{path} is not a finished run's summary ({type(e).__name__}: {e}); run it again "
+                          f"to write it") from None
 
 
 def same_recipe(runs: list[Path]) -> Config:
@@ -179,14 +191,14 @@ def aggregate(rows: list[dict[str, Any]], step_goal: int | None = None) -> dict[
 
 def report(paths: list[Path | str], reps: int = REPS) -> dict[str, Any]:
     """{"rows": one per run, "aggregate": over them} for the run directories `paths` names."""
-    runs = find_runs(paths)
+    runs, unfinished = find_runs(paths)
     cfg = same_recipe(runs)
     rows = [row(r) for r in runs]
     rows.sort(key=lambda r: r["seed"])
     seeds = [r["seed"] for r in rows]
     if len(set(seeds)) < len(seeds):
         raise ReportError(f"seeds {sorted({s for s in seeds if seeds.count(s) > 1})} appear twice: one run per seed")
-    return {"rows": rows, "aggregate": aggregate(rows, cfg.rounds.budget)}
+    return {"rows": rows, "aggregate": aggregate(rows, cfg.rounds.budget), "unfinished": list(map(str, unfinished))}
 
 
 def curve_at(curves: list[list[tuple[int, float]]], grid: np.ndarray) -> np.ndarray:
@@ -220,9 +232,11 @@ def draw(result: dict[str, Any], out: Path | str, reps: int = CURVE_REPS) -> lis
     curve, curve_ci = bands(lambda idx: iqm(at[idx]), len(rows), reps)
     steps = np.array([r["training_steps"] for r in rows], np.float64)
     solved = np.array([bool(r["solved"]) for r in rows])
-    fgrid = np.linspace(0, steps.max() * 1.05, GRID)
+    fgrid = np.unique(np.concatenate([np.linspace(0, steps.max() * 1.05, GRID), steps]))
     fraction, fraction_ci = bands(lambda idx: ((steps[idx, None] <= fgrid) & solved[idx, None]).mean(0),
                                   len(rows), reps)
+    beyond = fgrid > steps.max()  # no run went this far: nothing to draw
+    fraction, fraction_ci = np.where(beyond, np.nan, fraction), np.where(beyond, np.nan, fraction_ci)
     paths = [out / "learning_curves.png", out / "solved_fraction.png"]
     plots.seed_curves([r["curve"] for r in rows], grid, curve, curve_ci,
                       [(r["training_steps"], r["return_mean"]) for r in rows], agg["threshold"], paths[0])
@@ -262,14 +276,16 @@ def text(result: dict[str, Any]) -> str:
         lines.append(f"selection gap (kept check - evaluation): mean {_ci(gap, 'mean')}, median {_ci(gap, 'median')}")
     lines.append(f"minutes of stages: median {agg['stage_minutes']['median']:.1f}, "
                  f"slowest {agg['stage_minutes']['max']:.1f}")
+    if result.get("unfinished"):
+        lines.append(f"left out, unfinished (no summary.json): {', '.join(result['unfinished'])}")
     return "\n".join(lines)
 
 
 def write(result: dict[str, Any], path: Path | str) -> None:
-    """The report as JSON: the rows (each with its learning curve, [real steps, real return] pairs)
-    and the aggregates."""
+    """The report as JSON: the rows (each with its learning curve, [real steps, real return] pairs),
+    the aggregates and the unfinished run directories left out."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps({"rows": result["rows"], "aggregate": result["aggregate"]}, indent=2) + "\n")
+    Path(path).write_text(json.dumps(result, indent=2) + "\n")
 
 
 __all__ = ["ReportError", "aggregate", "draw", "find_runs", "interval", "report", "row", "text",

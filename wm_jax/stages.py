@@ -123,7 +123,7 @@ def cpu_name() -> str:
     flags = set(field("flags").split())
     isa = ("AVX-512" if "avx512f" in flags else "AVX2, no AVX-512" if "avx2" in flags else "") if flags else ""
     extra = [f for f in ("avx512_bf16", "amx_tile") if f in flags]
-    parts = [field("model name"), platform.machine(), f"{os.cpu_count()} cores", isa + (f" ({', '.join(extra)})" if extra else "")]
+    parts = [field("model name"), platform.machine(), f"{len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()} cores", isa + (f" ({', '.join(extra)})" if extra else "")]
     return ", ".join(p for p in parts if p)
 
 
