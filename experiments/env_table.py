@@ -78,20 +78,24 @@ def dataset_stats(path: Path) -> dict:
 
 
 def checks(summary: dict) -> list[dict]:
-    """The learning curve's real checks: round, generation, real return and its episodes."""
-    return [{"round": e["round"], "generation": e.get("generation"), "real_return": e["real_return"],
-             "episodes": e["episodes"]} for e in summary["learning_curve"] if e.get("source") == "check"]
+    """The learning curve's real checks: round, generation, the checked controller's dream return (the
+    search's score, over evolve.horizon dream steps) and real return, and the check's episodes."""
+    return [{"round": e["round"], "generation": e.get("generation"), "dream_return": e.get("dream_return"),
+             "real_return": e["real_return"], "episodes": e["episodes"]}
+            for e in summary["learning_curve"] if e.get("source") == "check"]
 
 
 def row(task: str, seed: int, run: Path) -> dict:
     summary = json.loads((run / "summary.json").read_text())
     threshold = envs.spec(task).solved_threshold
     rounds = sorted((run / "data").glob("round*"), key=lambda p: int(p.name[len("round"):]))
+    cfg = json.loads((run / "config.json").read_text())
     return {"task": task, "seed": seed, "return_mean": summary["real_return_mean"],
             "return_std": summary["real_return_std"], "return_min": summary["real_return_min"],
             "episodes": summary["real_episodes"], "threshold": threshold, "solved": summary["solved"],
             "training_steps": summary["real_env_steps_training"], "agent_round": summary["agent_round"],
-            "wall_minutes": summary["wall_s"]["total"] / 60.0,
+            "wall_minutes": summary["wall_s"]["total"] / 60.0, "dream_horizon": cfg["evolve"]["horizon"],
+            "generations": cfg["evolve"]["generations"],
             "data": [dataset_stats(p) for p in rounds], "checks": checks(summary)}
 
 
