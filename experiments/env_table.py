@@ -143,6 +143,22 @@ def config(preset: str, task: str, seed: int, args: argparse.Namespace):
     return with_env(cfg, task)
 
 
+def markdown(rows: list[dict]) -> str:
+    """The rows as docs/ENVIRONMENTS.md's table: one line per run."""
+    lines = ["| task | seed | return mean +- std (min) | episodes | solved at | solved | training steps | "
+             "random data: episodes terminated / with a reward > 0 | minutes |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        random = r["data"][0]
+        mark = "none" if r["threshold"] is None else f"{r['threshold']:g}"
+        solved = "-" if r["solved"] is None else ("yes" if r["solved"] else "no")
+        lines.append(f"| {r['task']} | {r['seed']} | {r['return_mean']:.1f} +- {r['return_std']:.1f} "
+                     f"({r['return_min']:.1f}) | {r['episodes']} | {mark} | {solved} | {r['training_steps']:,} | "
+                     f"{random['terminated']}/{random['episodes']} / {random['positive_reward']}/{random['episodes']} | "
+                     f"{r['wall_minutes']:.1f} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seeds", type=seeds_arg, required=True, help="START:STOP (STOP excluded), or one seed")
@@ -197,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result["per_task"], indent=2))
+    print(markdown(rows))
     print(f"written: {args.out}")
     return 0
 
