@@ -96,6 +96,7 @@ def row(task: str, seed: int, run: Path) -> dict:
             "training_steps": summary["real_env_steps_training"], "agent_round": summary["agent_round"],
             "wall_minutes": summary["wall_s"]["total"] / 60.0, "dream_horizon": cfg["evolve"]["horizon"],
             "generations": cfg["evolve"]["generations"],
+            "dream_real_corr": summary["dream_real_corr"],
             "data": [dataset_stats(p) for p in rounds], "checks": checks(summary)}
 
 
