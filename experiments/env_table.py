@@ -3,11 +3,15 @@
     python experiments/env_table.py --seeds 1:4                  # runs/envs/TASK-s1 ... s3, every task
     python experiments/env_table.py --seeds 1:4 --report-only    # the table from the runs there
     python experiments/env_table.py --tasks Acrobot-v1 --seeds 0 # one task, one seed
+    # docs/ENVIRONMENTS.md's table: frugal, one round, 100 random episodes, V and M 1,000 steps each
+    python experiments/env_table.py --seeds 1:4 --rounds 1 --episodes 100 --vae-steps 1000 --m-steps 1000
 
-Each run is `wm-jax run --preset PRESET --env TASK --seed S --out RUNS/TASK-sS` (in this process,
-through `pipeline.run`); a finished run directory is read, not rerun, and an unfinished one resumes,
-so the command can be stopped and started again. A run directory made with another preset is an
-error, not a row. Per run, the table holds:
+Each run is `wm-jax run --preset PRESET --env TASK --seed S [--rounds R] --out RUNS/TASK-sS` (in this
+process, through `pipeline.run`), with --episodes, --vae-steps and --m-steps, where given, replacing
+the preset's random episodes and V's and M's training steps; a finished run directory is read, not
+rerun, and an unfinished one resumes, so the command can be stopped and started again. Runs go seed
+by seed (every task of seed 1, then of seed 2, ...). A run directory made with another config than
+the command's is an error, not a row. Per run, the table holds:
 - the evaluation's return (summary.json: mean, std and min over its `real_episodes` episodes) against
   the task's solved threshold (docs/ENVIRONMENTS.md; none for Pendulum-v1 and Breakout-MinAtar), and
   summary.json's `solved` (null where the task has no threshold);
@@ -18,7 +22,8 @@ error, not a row. Per run, the table holds:
   by termination (Acrobot, MountainCar: the goal; MountainCarContinuous: the flag; Breakout: the
   ball missed) and how many earned any positive reward (MountainCarContinuous: the flag's +100;
   Breakout: a brick), with the mean and best episode return;
-- the learning curve's real checks (round, generation, return over how many episodes).
+- the learning curve's real checks (round, generation, the checked controller's dream return, its real
+  return over how many episodes) and summary.json's dream_real_corr over them.
 It writes the rows, the machine (CPU model, AVX-512 or not) and the exact command to --out.
 """
 
