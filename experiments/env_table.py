@@ -32,31 +32,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import platform
 import sys
 from pathlib import Path
 
 import datasets
 import numpy as np
 
-from wm_jax import envs, pipeline
+from wm_jax import envs, pipeline, stages
 from wm_jax.presets import get_preset, with_env
 from wm_jax.store import data
 
 TASKS = ("Acrobot-v1", "MountainCar-v0", "Pendulum-v1", "MountainCarContinuous-v0", "Breakout-MinAtar")
-
-
-def machine() -> str:
-    """The CPU model, core count and whether it has AVX-512 (or only AVX2), from /proc/cpuinfo (as
-    held_out.py's, which needs the `analysis` extra to import)."""
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
-                 platform.processor() or platform.machine())
-    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
-    isa = "AVX-512" if "avx512f" in flags else ("AVX2, no AVX-512" if "avx2" in flags else "no AVX2")
-    extra = ", ".join(f for f in ("avx512_bf16", "amx_tile") if f in flags)
-    cores = info.count("processor\t:") or "?"
-    return f"{model}, {cores} cores, {isa}" + (f" ({extra})" if extra else "")
 
 
 def seeds_arg(text: str) -> list[int]:
@@ -214,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
                       + f" on {', '.join(tasks)}, seeds {args.seeds[0]}-{args.seeds[-1]}, one run each",
               "command": "python experiments/env_table.py " + " ".join(sys.argv[1:] if argv is None else argv),
               "preset": args.preset, "changed_from_preset": changed,
-              "machine": machine(), "runs_asked": len(tasks) * len(args.seeds), "runs_finished": len(rows),
+              "machine": stages.cpu_name(), "runs_asked": len(tasks) * len(args.seeds), "runs_finished": len(rows),
               "per_task": aggregate(rows), "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
