@@ -6,7 +6,8 @@
 PPO is experiments/ppo.py (purejaxrl's structure, rl-baselines3-zoo's CartPole settings; from the
 4-number state, or from the same 64x64x4 pixels wm_jax sees), every seed in one program, evaluated
 with 100 greedy episodes every `--eval-every` training steps: 768 by default, the median spacing of
-wm_jax's real checks over the 16 held-out runs (experiments/results/held_out_frugal.json). Steps
+two real checks of one round in the 16 held-out runs (675 steps) rounded up to 3 PPO updates of 256.
+PPO's evaluation episodes are not counted as training steps; wm_jax's checks are. Steps
 to a 100-episode mean of 475:
 - PPO: the first evaluation at 475 or more; and, as PPO keeps learning and can fall back, the
   evaluation from which every later one stays at 475 or more;
