@@ -12,7 +12,11 @@ fi
 source "$(dirname "${BASH_SOURCE[0]}")/venv.sh" "[test]"
 set +e
 cd "$ROOT"
-"$VENV/bin/python" -m pytest "$@"
+# Two pytest-xdist workers share the cores (WM_JAX_TEST_WORKERS=0: one process; a -n of your own wins):
+# the whole suite took 12.3 minutes on 2 cores against about 17 in one process (docs/PERFORMANCE.md).
+WORKERS=()
+if [ "${WM_JAX_TEST_WORKERS:-2}" != 0 ]; then WORKERS=(-n "${WM_JAX_TEST_WORKERS:-2}"); fi
+"$VENV/bin/python" -m pytest "${WORKERS[@]}" "$@"
 rc=$?
 if [ "$rc" = 5 ]; then
   echo "no tests ran (pytest exit 5): not a failure"
