@@ -38,19 +38,14 @@ from pathlib import Path
 import datasets
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # experiments/results_doc.py
+
+from results_doc import seeds_arg  # noqa: E402
 from wm_jax import envs, pipeline, stages
 from wm_jax.presets import get_preset, with_env
 from wm_jax.store import data
 
 TASKS = ("Acrobot-v1", "MountainCar-v0", "Pendulum-v1", "MountainCarContinuous-v0", "Breakout-MinAtar")
-
-
-def seeds_arg(text: str) -> list[int]:
-    lo, _, hi = text.partition(":")
-    seeds = list(range(int(lo), int(hi))) if hi else [int(lo)]
-    if not seeds:
-        raise argparse.ArgumentTypeError(f"no seeds in {text!r} (give START:STOP, STOP excluded)")
-    return seeds
 
 
 def dataset_stats(path: Path) -> dict:

@@ -17,16 +17,11 @@ import argparse
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # experiments/results_doc.py
+
+from results_doc import seeds_arg  # noqa: E402
 from wm_jax import pipeline, report, stages
 from wm_jax.presets import get_preset
-
-
-def seeds_arg(text: str) -> list[int]:
-    lo, _, hi = text.partition(":")
-    seeds = list(range(int(lo), int(hi))) if hi else [int(lo)]
-    if not seeds:
-        raise argparse.ArgumentTypeError(f"no seeds in {text!r} (give START:STOP, STOP excluded)")
-    return seeds
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,17 +31,13 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # experiments/ppo.py
 
 import ppo  # noqa: E402
+from results_doc import seeds_arg  # noqa: E402
 
 from wm_jax import plots, report, stages  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 THRESHOLD = 475.0
 MILESTONES = (20_000, 50_000, 100_000, 150_000)
-
-
-def seeds_arg(text: str) -> list[int]:
-    lo, _, hi = text.partition(":")
-    return list(range(int(lo), int(hi))) if hi else [int(lo)]
 
 
 def run_ppo(args: argparse.Namespace) -> Path:
