@@ -51,6 +51,20 @@ def _bounded(kind: type, low: float, high: float, what: str = "", closed_high: b
 
 _positive_int = _bounded(int, 1, float("inf"))
 _seed = _bounded(int, 0, 2**32, "(jax.random.key keeps 32 bits)", closed_high=False, shown="[0, 2**32)")
+
+
+def seeds_arg(text: str) -> list[int]:
+    """An argparse type for --seeds: START:STOP (STOP excluded) or one seed, each a valid --seed."""
+    lo, _, hi = text.partition(":")
+    try:
+        seeds = list(range(int(lo), int(hi))) if hi else [int(lo)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected START:STOP or one seed, got {text!r}") from None
+    if not seeds:
+        raise argparse.ArgumentTypeError(f"no seeds in {text!r} (give START:STOP, STOP excluded)")
+    for s in (seeds[0], seeds[-1]):
+        _seed(str(s))
+    return seeds
 _share = _bounded(float, 0.0, 1.0)
 
 class _Parser(argparse.ArgumentParser):
@@ -116,7 +130,11 @@ def _add_run(sub: Any) -> None:
                         "only for a task other than CartPole-v1)")
     r.add_argument("--env", choices=ENVS, default=None,
                    help="the task (docs/ENVIRONMENTS.md; default: the preset's, CartPole-v1 unless it is a task's own)")
-    r.add_argument("--seed", type=_seed, default=0)
+    which = r.add_mutually_exclusive_group()
+    which.add_argument("--seed", type=_seed, default=0)
+    which.add_argument("--seeds", type=seeds_arg, default=None, metavar="START:STOP",
+                       help="run these seeds (STOP excluded) as one batch, every stage over all of them at once "
+                            "(wm_jax.seeds; the cmaes trainer), into one run directory")
     r.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="compute dtype of V and M (default: the preset's; parameters and optimizer state stay float32)")
     r.add_argument("--rounds", type=_positive_int, default=None, help="iterative rounds (default: the preset's)")

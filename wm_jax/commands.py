@@ -7,6 +7,7 @@ Every expected failure becomes one line on stderr and an exit code (`failure`); 
 from __future__ import annotations
 
 import argparse
+from typing import Any
 import dataclasses
 import errno
 import json
@@ -18,7 +19,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from wm_jax import interrupt, pipeline, plots, report, run_dir, video
+from wm_jax import interrupt, pipeline, plots, report, run_dir, seeds, video
 from wm_jax.agent import Agent, evaluation_key
 from wm_jax.config import ConfigError
 from wm_jax import envs
@@ -146,11 +147,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         cfg = with_trainer(cfg, args.trainer)
     # the default directory names what differs from the preset (and a task other than CartPole's)
     name = cfg.preset + ("" if cfg.env == data.DEFAULT_ENV else f"-{cfg.env}")
-    name += (f"-s{cfg.seed}" if cfg.seed else "") + ("" if args.precision is None else f"-{args.precision}")
+    batch = getattr(args, "seeds", None)
+    name += (f"-seeds{batch[0]}-{batch[-1]}" if batch else f"-s{cfg.seed}" if cfg.seed else "")
+    name += "" if args.precision is None else f"-{args.precision}"
     name += "" if cfg.verifier.mode == base.verifier.mode else f"-k{cfg.verifier.mode}"
     name += "" if cfg.evolve.grounding == base.evolve.grounding else f"-g{cfg.evolve.grounding:g}"
     name += "" if cfg.evolve.trainer == base.evolve.trainer else f"-{cfg.evolve.trainer}"
     out = Path(args.out) if args.out else Path("runs") / name
+    if batch:
+        return _run_seeds(cfg, batch, out)
     summary = pipeline.run(cfg, out)
     print()
     print(f"{'preset':<26}{summary['preset']}")
@@ -162,6 +167,21 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"{'wall_s/' + stage:<26}{seconds:.1f}")
     print(f"{'device':<26}{summary['device']}")
     print(f"\nresults: {out / 'summary.json'} (plots, checkpoints and metrics in {out}/)")
+    return 0
+
+
+def _run_seeds(cfg: Any, batch: list[int], out: Path) -> int:
+    summary = seeds.run(cfg, batch, out)
+    print()
+    if summary["aggregate"] is not None:
+        print(report.text({"rows": summary["per_seed"], "aggregate": summary["aggregate"]}))
+    else:
+        for r in summary["per_seed"]:
+            print(f"seed {r['seed']:<6} return {r['return_mean']:7.1f} +- {r['return_std']:5.1f}  solved "
+                  f"{r['solved']}  training steps {r['training_steps']:,}")
+    stages = sum(summary["wall_s"].values())
+    print(f"\n{len(batch)} seeds in {stages:.1f} s of stages on {summary['device']}")
+    print(f"results: {out / 'summary.json'}, each seed's in {out / 'seeds'}/ (wm-jax report {out})")
     return 0
 
 

@@ -82,7 +82,7 @@ class _Run:
         return ids
 
 
-def _check_config(out: Path, cfg: Config) -> None:
+def check_config(out: Path, cfg: Config) -> None:
     """config.json: written by the first run, and the same configuration on every rerun. A directory
     that holds a run but no config.json (deleted, or never written) is refused: its stages cannot be
     told apart from another configuration's."""
@@ -112,7 +112,7 @@ def run(cfg: Config, out: Path | str, progress: bool = True) -> dict[str, Any]:
     out = Path(out)
     check_env(cfg)  # the task's actions and step limit (a macro controller's config plays through search.macro)
     with run_dir.locked(out), interrupt.deferred():
-        _check_config(out, cfg)
+        check_config(out, cfg)
         stages = stages_lib.Stages(out, progress)
         summary = stages_lib.finished_summary(out, stages)
         if summary is not None:
@@ -213,10 +213,10 @@ def _collect(ctx: _Run, r: int) -> dict[str, Any]:
                               max_rows=cfg.collect_cap(ctx.real_env_steps), params=params, env=cfg.env)
     path = ctx.out / "data" / f"round{r}"
     data_lib.save_dataset(ds, path, overwrite=True, env=cfg.env)
-    return {**_collected(ds, cfg.data.max_steps), "outputs": {f"data/round{r}": data_lib.identity(path)}}
+    return {**collected(ds, cfg.data.max_steps), "outputs": {f"data/round{r}": data_lib.identity(path)}}
 
 
-def _collected(ds: Any, max_steps: int) -> dict[str, Any]:
+def collected(ds: Any, max_steps: int) -> dict[str, Any]:
     """A collection's record: episodes (begun), rows = env_steps, and the mean return (the sum of
     its rewards) of the episodes that ran to their end; an episode cut by rounds.env_steps is
     counted in the steps but not in the mean."""

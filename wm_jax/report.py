@@ -58,7 +58,9 @@ def find_runs(paths: list[Path | str]) -> tuple[list[Path], list[Path]]:
     for path in map(Path, paths):
         if not path.is_dir():
             raise ReportError(f"{path}: no such directory")
-        if (path / "summary.json").is_file():
+        if (path / "seeds").is_dir():  # a batch of seeds (wm-jax run --seeds): its seeds' folders
+            path = path / "seeds"
+        elif (path / "summary.json").is_file():
             runs.append(path)
             continue
         subs = sorted(p for p in path.iterdir() if (p / "config.json").is_file())

@@ -59,6 +59,22 @@ class Bound:
         return self.fn(self.cfg, *args)
 
 
+def split_init(key: jax.Array, init: Callable[[jax.Array], Any], seeds: Seeds | None) -> tuple[Any, jax.Array]:
+    """(params, training key) from `key`: split in two, parameters from the first half. With
+    `seeds`, key is [seeds] and both come back with a leading axis of seeds, each seed's equal
+    to its lone split and init."""
+    if seeds is None:
+        key_init, key_train = jax.random.split(key)
+        return init(key_init), key_train
+    pairs = jax.vmap(jax.random.split)(key)
+    return jax.vmap(init)(pairs[:, 0]), pairs[:, 1]
+
+
+def seeds_like(like: Any, seeds: int | None) -> Any:
+    """A parameter template with a leading axis of `seeds` (None: unchanged), for load_params."""
+    return like if seeds is None else jax.tree.map(lambda x: jnp.broadcast_to(x, (seeds,) + x.shape), like)
+
+
 def optimizer(hp: dict[str, Any]) -> optax.GradientTransformation:
     """Adam after global-norm clipping; hp = TrainConfig.hyper(): lr and clip_norm, traced, so a new
     learning rate reuses the compiled training chunk (Adam's state does not depend on either)."""
@@ -76,8 +92,20 @@ def _all_finite(tree: Any) -> jax.Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
+@dataclasses.dataclass(frozen=True)
+class Seeds:
+    """A leading axis of seeds on `fit`'s key, parameters and state (and on its data unless
+    `shared_data`), run as one program: `jax.lax.map` in groups of `batch` seeds, each group
+    vmapped (batch=1: one seed after another, a lone run's arithmetic; on CPU a vmapped convolution
+    is slower per seed than a lone one, while M's small matrices gain from it)."""
+
+    shared_data: bool = True
+    batch: int = 1
+
+
 def _train_step(
-    hp: dict[str, Any], loss_fn: LossFn, sample_fn: SampleFn, key: jax.Array, data: Any, state: TrainState
+    hp: dict[str, Any], loss_fn: LossFn, sample_fn: SampleFn, key: jax.Array, data: Any, state: TrainState,
+    limit: jax.Array | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     key_batch, key_loss = jax.random.split(jax.random.fold_in(key, state.step))
     batch = sample_fn(key_batch, data)
@@ -85,35 +113,49 @@ def _train_step(
     updates, opt_state = optimizer(hp).update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     finite = _all_finite(loss) & _all_finite(grads)
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+    # past its own step count (a seed of a batch that trains for fewer steps) the state stands still
+    active = jnp.array(True) if limit is None else state.step < limit
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite & active, n, o), new, old)  # noqa: E731
+    bad = ~finite & active
     new_state = TrainState(
         params=keep(params, state.params),
         opt_state=keep(opt_state, state.opt_state),
-        step=state.step + 1,
-        bad_streak=jnp.where(finite, 0, state.bad_streak + 1),
-        bad_total=state.bad_total + (~finite).astype(jnp.int32),
+        step=state.step + active.astype(jnp.int32),
+        bad_streak=jnp.where(bad, state.bad_streak + 1, jnp.where(active, 0, state.bad_streak)),
+        bad_total=state.bad_total + bad.astype(jnp.int32),
     )
-    metrics = {**metrics, "grad_norm": optax.tree.norm(grads), "finite": finite, "bad_streak": new_state.bad_streak}
+    metrics = {**metrics, "grad_norm": optax.tree.norm(grads), "finite": finite | ~active,
+               "bad_streak": new_state.bad_streak, "active": active}
     return new_state, metrics
 
 
-@partial(jax.jit, static_argnums=(1, 2, 3))
-def run_chunk(hp, loss_fn, sample_fn, length, key, data, state):
-    def body(s, _):
-        return _train_step(hp, loss_fn, sample_fn, key, data, s)
+@partial(jax.jit, static_argnums=(1, 2, 3, 8))
+def run_chunk(hp, loss_fn, sample_fn, length, key, data, state, limit=None, seeds=None):
+    """`length` training steps as one `lax.scan`; with `seeds` (a Seeds), key, state and limit
+    carry a leading axis of seeds (data too unless seeds.shared_data) and every seed runs its own
+    steps (up to its `limit`)."""
+    def one(key, data, state, limit):
+        return jax.lax.scan(lambda s, _: _train_step(hp, loss_fn, sample_fn, key, data, s, limit), state, None,
+                            length=length)
 
-    return jax.lax.scan(body, state, None, length=length)
+    if seeds is None:
+        return one(key, data, state, limit)
+    if seeds.shared_data:
+        return jax.lax.map(lambda x: one(x[0], data, x[1], x[2]), (key, state, limit), batch_size=seeds.batch)
+    return jax.lax.map(lambda x: one(*x), (key, data, state, limit), batch_size=seeds.batch)
 
 
 def _summarise(metrics: dict[str, np.ndarray]) -> dict[str, float]:
-    finite = metrics["finite"].astype(bool)
+    """A chunk's metrics (leaves [steps]) as one log row: means over its finite updates."""
+    active = metrics["active"].astype(bool)
+    finite = metrics["finite"].astype(bool) & active
     out = {}
     for k, v in metrics.items():
-        if k in ("finite", "bad_streak"):
+        if k in ("finite", "bad_streak", "active"):
             continue
         v = np.asarray(v, np.float64)[finite] if finite.any() else np.asarray([np.nan])
         out[k] = float(np.mean(v))
-    out["skipped"] = int((~finite).sum())
+    out["skipped"] = int((~finite & active).sum())
     return out
 
 
@@ -128,6 +170,8 @@ def fit(
     run_dir: Path | str,
     model_config: dict[str, Any],
     progress: bool = True,
+    seeds: Seeds | None = None,
+    limits: Any = None,
 ) -> tuple[Any, dict[str, Any]]:
     """Train `params` for cfg.steps steps; resumable; returns (params, info).
 
@@ -135,10 +179,24 @@ def fit(
     pure function (data is passed to the jitted chunk as an argument, not baked in as a constant).
     Writes run_dir/checkpoints (orbax) and appends one JSON line per chunk to run_dir/metrics.jsonl.
     `model_config` is stored with each checkpoint and must match on resume.
+
+    With `seeds`, key and every leaf of params carry a leading axis of seeds (data too unless
+    seeds.shared_data), trained as one program; `limits` ([seeds], at most cfg.steps, default
+    cfg.steps each) is each seed's own step count. metrics.jsonl then holds a row per chunk and seed
+    (its position in the batch: "seed"), and each seed's steps equal its lone fit's up to the
+    batched program's float rounding.
     """
     stored_config = {"model": model_config, "train": dataclasses.asdict(cfg)}
-    loop = Resumable(run_dir, init_state(cfg, params), stored_config, ("metrics.jsonl",), "step", cfg.steps, name,
-                     "step", progress, cfg.max_to_keep)
+    n = None if seeds is None else int(key.shape[0])
+    if seeds is None:
+        state0, limit = init_state(cfg, params), None
+    else:
+        state0 = jax.vmap(lambda p: init_state(cfg, p))(params)
+        limit = jnp.asarray(np.full(n, cfg.steps) if limits is None else limits, jnp.int32)
+        if limit.shape != (n,) or int(limit.max()) > cfg.steps or int(limit.min()) < 0:
+            raise ValueError(f"{name}: limits must be {n} step counts in [0, {cfg.steps}], got {limits!r}")
+    loop = Resumable(run_dir, state0, stored_config, ("metrics.jsonl",), "step", cfg.steps, name, "step", progress,
+                     cfg.max_to_keep)
     # Through the host: restored (or loaded, when fine-tuning) arrays are committed to a device and
     # a chunk's outputs are not, so the second chunk would compile the program again (4 s for M)
     state = jax.tree.map(jnp.asarray, jax.device_get(loop.state))
@@ -147,47 +205,52 @@ def fit(
     with loop:
         for step in loop.chunks():
             length = min(cfg.chunk, cfg.steps - step)
-            state, metrics = run_chunk(cfg.hyper(), loss_fn, sample_fn, length, key, data, state)
+            state, metrics = run_chunk(cfg.hyper(), loss_fn, sample_fn, length, key, data, state, limit, seeds)
             metrics = jax.device_get(metrics)
-            last = {"step": step + length, **_summarise(metrics)}
+            per_seed = [metrics] if seeds is None else [jax.tree.map(lambda x: x[i], metrics) for i in range(n)]
+            rows = [{"step": step + length, **({} if seeds is None else {"seed": i}), **_summarise(m)}
+                    for i, m in enumerate(per_seed)]
+            last = rows[0] if seeds is None else {"step": step + length, "seeds": rows}
             worst = int(np.max(metrics["bad_streak"]))  # a streak may start and end inside a chunk
             if worst >= cfg.max_bad_steps:
-                logs.append(Path(run_dir) / "metrics.jsonl", [last])
+                logs.append(Path(run_dir) / "metrics.jsonl", rows)
                 raise TrainingError(
                     f"{name}: {worst} consecutive non-finite updates before step {step + length} "
                     f"(lower the learning rate or check the data); last checkpoint kept in {loop.ckpt_dir}"
                 )
             done = step + length
-            loop.record(length, state, {"metrics.jsonl": [last]}, save=done % every == 0 or done == cfg.steps)
-            loop.bar.set_postfix(loss=f"{last['loss']:.4g}")
+            loop.record(length, state, {"metrics.jsonl": rows}, save=done % every == 0 or done == cfg.steps)
+            loop.bar.set_postfix(loss=f"{np.nanmean([r['loss'] for r in rows]):.4g}")
     elapsed = time.perf_counter() - t0
+    steps_done = (loop.done - loop.start) * (1 if seeds is None else n)
     info = {
         "steps": cfg.steps,
         "resumed_from": loop.start,
         "wall_s": elapsed,
-        "steps_per_s": (loop.done - loop.start) / elapsed if loop.done > loop.start else float("nan"),
-        "skipped_updates": int(state.bad_total),
+        "steps_per_s": steps_done / elapsed if steps_done else float("nan"),
+        "skipped_updates": int(np.sum(state.bad_total)),
         "final": last,
         # What a run directory records for the stage: the step saved last and its parameters' hash.
-        "identity": {"step": int(state.step), "sha256": checkpoint.digest(state.params)},
+        "identity": {"step": int(loop.done), "sha256": checkpoint.digest(state.params)},
     }
     return state.params, info
 
 
 def load_params(
     cfg: TrainConfig, params_like: Any, run_dir: Path | str, model_config: dict[str, Any],
-    identity: dict[str, Any] | None = None,
+    identity: dict[str, Any] | None = None, batched: bool = False,
 ) -> Any:
     """The parameters `fit` wrote into run_dir: the newest readable checkpoint, or with `identity`
     (fit's info["identity"], as a finished stage records it) exactly that step, whose parameters
     must hash to identity["sha256"]: damage or a change on disk is a checkpoint.Damaged error,
     never a silent fall back to an older step.
 
-    The stored config must match (model_config and cfg), else checkpoint.CheckpointError.
+    The stored config must match (model_config and cfg), else checkpoint.CheckpointError. With
+    `batched` the checkpoint is a seed-batched `fit`'s (params_like: [seeds]-leading leaves).
     """
     run_dir = Path(run_dir)
     stored = {"model": model_config, "train": dataclasses.asdict(cfg)}
-    like = init_state(cfg, params_like)
+    like = init_state(cfg, params_like) if not batched else jax.vmap(lambda p: init_state(cfg, p))(params_like)
     if identity is not None:
         step = int(identity["step"])
         params = checkpoint.restore_step(run_dir / "checkpoints", step, like, stored).params

@@ -390,18 +390,25 @@ def contrastive_loss(
 
 
 def train(cfg: Config, key: jax.Array, data: dict[str, Any], out_dir, progress: bool = True,
-          init_params: Params | None = None) -> tuple[Params, dict[str, Any]]:
+          init_params: Params | None = None, seeds: train_lib.Seeds | None = None, limits: Any = None
+          ) -> tuple[Params, dict[str, Any]]:
     """Teacher-forced training of M (cfg.transition) on per-row posteriors, data as
     `training_arrays` (see `sequence_batch`); resumable in out_dir. `init_params` continues from a
-    trained M (fine-tuning: Config.for_round sets its steps)."""
+    trained M (fine-tuning: Config.for_round sets its steps). With `seeds` (train.Seeds), key,
+    init_params and (unless seeds.shared_data) data carry a leading axis of seeds; data's optional
+    "rows" ([seeds]) is each seed's own row count (the rows after it pad the arrays to one shape),
+    and `limits` each seed's own step count."""
     latent, cfg = cfg.vae.latent, cfg.transition
     tcfg = cfg.train
-    key_init, key_train = jax.random.split(key)
-    params = init(key_init, cfg, latent) if init_params is None else init_params
-    d = {k: jnp.asarray(data[k]) for k in ("mean", "logvar", "action", "reward", "done", "is_first", "is_last")}
+    params, key_train = train_lib.split_init(key, lambda k: init(k, cfg, latent), seeds)
+    params = params if init_params is None else init_params
+    d = {k: jnp.asarray(data[k]) for k in DATA_KEYS + (("rows",) if "rows" in data else ())}
     static = cfg.static()
     return train_lib.fit("transition", tcfg, train_lib.Bound(_loss, static), train_lib.Bound(_sample, static), d,
-                         params, key_train, out_dir, model_config(cfg, int(latent)), progress)
+                         params, key_train, out_dir, model_config(cfg, int(latent)), progress, seeds, limits)
+
+
+DATA_KEYS = ("mean", "logvar", "action", "reward", "done", "is_first", "is_last")  # training_arrays' per-row arrays
 
 
 def _sample(cfg: TransitionConfig, key: jax.Array, d: dict[str, jax.Array]) -> dict[str, jax.Array]:
@@ -425,10 +432,11 @@ def model_config(cfg: TransitionConfig, latent: int) -> dict[str, Any]:
     return {**{k: v for k, v in dataclasses.asdict(cfg).items() if k not in skip}, "latent": int(latent)}
 
 
-def load(cfg: Config, out_dir, identity: dict[str, Any] | None = None) -> Params:
+def load(cfg: Config, out_dir, identity: dict[str, Any] | None = None, seeds: int | None = None) -> Params:
     """M trained by `train` into out_dir (with the same cfg: a fine-tuning round's, Config.for_round;
-    exactly the recorded step with `identity`: train.load_params)."""
+    exactly the recorded step with `identity`: train.load_params); with `seeds`, a seed-batched
+    training's [seeds] of them."""
     latent, cfg = cfg.vae.latent, cfg.transition
-
-    like = init(jax.random.key(0), cfg, latent)
-    return train_lib.load_params(cfg.train, like, out_dir, model_config(cfg, latent), identity)
+    like = train_lib.seeds_like(init(jax.random.key(0), cfg, latent), seeds)
+    return train_lib.load_params(cfg.train, like, out_dir, model_config(cfg, latent), identity,
+                                 batched=seeds is not None)

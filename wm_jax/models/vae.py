@@ -188,23 +188,25 @@ def loss(
     return total, metrics
 
 
-def train(cfg: Config, key: jax.Array, data: dict[str, Any], out_dir, progress: bool = True
-          ) -> tuple[Params, dict[str, Any]]:
+def train(cfg: Config, key: jax.Array, data: dict[str, Any], out_dir, progress: bool = True,
+          seeds: train_lib.Seeds | None = None) -> tuple[Params, dict[str, Any]]:
     """Fit V (cfg.vae) on random frame stacks of data = {"frame": uint8[N, 64, 64], "stack_rows":
-    int32[N, 4]}; resumable in out_dir. The signature V, M and K share: train(cfg, key, data, out_dir)."""
+    int32[N, 4]}; resumable in out_dir. The signature V, M and K share: train(cfg, key, data, out_dir).
+    With `seeds` (train.Seeds), key is [seeds] and one V per seed trains on the same data as one program."""
     frames, stack_rows, cfg = data["frame"], data["stack_rows"], cfg.vae
-    key_init, key_train = jax.random.split(key)
+    params, key_train = train_lib.split_init(key, lambda k: init(k, cfg), seeds)
     return train_lib.fit(
         "vae",
         cfg.train,
         train_lib.Bound(loss, cfg.static()),
         train_lib.Bound(_sample, cfg.static()),
         {"frames": jnp.asarray(frames), "stack_rows": jnp.asarray(stack_rows)},
-        init(key_init, cfg),
+        params,
         key_train,
         out_dir,
         model_config(cfg),
         progress,
+        seeds,
     )
 
 
@@ -221,11 +223,13 @@ def model_config(cfg: VAEConfig) -> dict[str, Any]:
     return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("train", "compute_dtype")}
 
 
-def load(cfg: Config, out_dir, identity: dict[str, Any] | None = None) -> Params:
+def load(cfg: Config, out_dir, identity: dict[str, Any] | None = None, seeds: int | None = None) -> Params:
     """Parameters of V trained by `train` into out_dir (exactly the recorded step with `identity`:
-    train.load_params)."""
+    train.load_params); with `seeds`, a seed-batched training's [seeds] of them."""
     cfg = cfg.vae
-    return train_lib.load_params(cfg.train, init(jax.random.key(0), cfg), out_dir, model_config(cfg), identity)
+    like = init(jax.random.key(0), cfg)
+    return train_lib.load_params(cfg.train, train_lib.seeds_like(like, seeds), out_dir, model_config(cfg), identity,
+                                 batched=seeds is not None)
 
 
 def reconstructions(cfg: VAEConfig, params: Params, frames, stack_rows, n: int = 6

@@ -15,6 +15,8 @@ kinds of negatives. `confidence` is sigmoid(logit); the dream multiplies its rew
 
 from __future__ import annotations
 
+import dataclasses
+
 from typing import Any
 
 import flax.linen as nn
@@ -114,10 +116,17 @@ def latent_spread(mean: np.ndarray) -> np.ndarray:
     return np.asarray(mean, np.float32).std(axis=0)
 
 
-def _data(m_params: Params, arrays: dict[str, Any]) -> dict[str, Any]:
-    keys = ("mean", "logvar", "action", "reward", "done", "is_first", "is_last")
-    return {**{k: jnp.asarray(arrays[k]) for k in keys}, "latent_std": jnp.asarray(latent_spread(arrays["mean"])),
-            "m_params": m_params}
+def _data(m_params: Params, arrays: dict[str, Any], batched: bool = False) -> dict[str, Any]:
+    """The training data: the rows (with their optional "rows" count), M, and the latents' spread;
+    `batched`: every entry with a leading axis of seeds, each spread over its seed's own rows."""
+    keys = transition.DATA_KEYS + (("rows",) if "rows" in arrays else ())
+    mean = np.asarray(arrays["mean"])
+    if batched:
+        rows = arrays.get("rows", [mean.shape[1]] * mean.shape[0])
+        spread = np.stack([latent_spread(m[:int(n)]) for m, n in zip(mean, rows)])
+    else:
+        spread = latent_spread(mean[:int(arrays.get("rows", mean.shape[0]))])
+    return {**{k: jnp.asarray(arrays[k]) for k in keys}, "latent_std": jnp.asarray(spread), "m_params": m_params}
 
 
 def model_config(cfg: Config, latent: int) -> dict[str, Any]:
@@ -133,16 +142,18 @@ def model_config(cfg: Config, latent: int) -> dict[str, Any]:
 
 
 def train(cfg: Config, key: jax.Array, data: dict[str, Any], out_dir, progress: bool = True, *,
-          m_params: Params) -> tuple[Params, dict[str, Any]]:
+          m_params: Params, seeds: train_lib.Seeds | None = None) -> tuple[Params, dict[str, Any]]:
     """Train K against the frozen M `m_params` on `transition.training_arrays`-style per-row data;
-    resumable in out_dir."""
+    resumable in out_dir. With `seeds` (train.Seeds), key, m_params and data carry a leading axis of
+    seeds (data's "rows": each seed's own row count, as for M)."""
     vcfg, arrays = cfg.verifier, data
     latent = cfg.vae.latent
-    key_init, key_train = jax.random.split(key)
-    params = init(key_init, vcfg, latent, cfg.transition.hidden)
+    params, key_train = train_lib.split_init(key, lambda k: init(k, vcfg, latent, cfg.transition.hidden), seeds)
+    seeds = None if seeds is None else dataclasses.replace(seeds, shared_data=False)  # each seed has its own M
     return train_lib.fit(
         "verifier", vcfg.train, train_lib.Bound(_loss, vcfg.static()), train_lib.Bound(_sample, cfg.static()),
-        _data(m_params, arrays), params, key_train, out_dir, model_config(cfg, latent), progress,
+        _data(m_params, arrays, seeds is not None), params, key_train, out_dir, model_config(cfg, latent), progress,
+        seeds,
     )
 
 
@@ -156,11 +167,13 @@ def _loss(cfg: VerifierConfig, params: Params, key: jax.Array, ex: dict[str, Any
     return loss(cfg, params, ex)
 
 
-def load(cfg: Config, out_dir, identity: dict[str, Any] | None = None) -> Params:
-    """K trained by `train` into out_dir (exactly the recorded step with `identity`)."""
+def load(cfg: Config, out_dir, identity: dict[str, Any] | None = None, seeds: int | None = None) -> Params:
+    """K trained by `train` into out_dir (exactly the recorded step with `identity`; with `seeds`,
+    a seed-batched training's [seeds] of them)."""
     latent = cfg.vae.latent
-    like = init(jax.random.key(0), cfg.verifier, latent, cfg.transition.hidden)
-    return train_lib.load_params(cfg.verifier.train, like, out_dir, model_config(cfg, latent), identity)
+    like = train_lib.seeds_like(init(jax.random.key(0), cfg.verifier, latent, cfg.transition.hidden), seeds)
+    return train_lib.load_params(cfg.verifier.train, like, out_dir, model_config(cfg, latent), identity,
+                                 batched=seeds is not None)
 
 
 def evaluate(

@@ -25,12 +25,20 @@ from wm_jax.config import Config
 
 @struct.dataclass
 class World:
-    """What a controller search dreams in and checks against; shared by every cell of a sweep."""
+    """What a controller search dreams in and checks against: shared by every cell of a sweep or,
+    with `cells` (a batch of seeds, each its own world), every leaf with a leading axis of cells;
+    then `rows` [cells] counts each cell's stored posteriors (the rows after it pad `starts`)."""
 
     m_params: Any
     vae_params: Any  # for the real checks (encoding the pixels); unused by a custom `check`
     starts: tuple[jax.Array, jax.Array]  # stored encoder posteriors (mean, logvar) [N, latent]
     k_params: Any = None  # the verifier's, when cfg.verifier.mode is not "off"
+    rows: Any = None  # how many rows of starts exist (None: all)
+    cells: bool = struct.field(pytree_node=False, default=False)
+
+    def axis(self) -> Any:
+        """vmap's in_axes for this world over the cells: 0 for a world per cell, None for a shared one."""
+        return 0 if self.cells else None
 
 
 Score = Callable[[Config, dict, jax.Array, World, jax.Array, dream.Pool], jax.Array]
@@ -54,7 +62,7 @@ def score_candidates(cfg: Config, hp: dict[str, Any], key: jax.Array, world: Wor
     """The default fitness: mean dream return of each candidate (dream.scores)."""
     ev = cfg.evolve
     return dream.scores(cfg, hp, key, world.m_params, population, *world.starts, ev.rollouts, ev.horizon,
-                        world.k_params, pool)
+                        world.k_params, pool, world.rows)
 
 
 def real_check(cfg: Config, hp: dict[str, Any], key: jax.Array, world: World, ctrl: jax.Array) -> dict[str, Any]:

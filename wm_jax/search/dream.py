@@ -97,15 +97,16 @@ def dream(
     return _dream_jit(cfg.static(), cfg.hyper() if hp is None else hp, key, m_params, ctrl, start, horizon, k_params)
 
 
-def draw_starts(key: jax.Array, mean: jax.Array, logvar: jax.Array, num: int) -> jax.Array:
-    """`num` start latents: random stored posteriors (rows), each sampled once."""
+def draw_starts(key: jax.Array, mean: jax.Array, logvar: jax.Array, num: int, rows: Any = None) -> jax.Array:
+    """`num` start latents: random stored posteriors, each sampled once; from the first `rows`
+    (traced; default all) when the arrays are padded beyond them, the same draws as unpadded."""
     key_r, key_z = jax.random.split(key)
-    rows = jax.random.randint(key_r, (num,), 0, mean.shape[0])
+    rows = jax.random.randint(key_r, (num,), 0, mean.shape[0] if rows is None else rows)
     return stats.gaussian_sample(key_z, mean[rows], logvar[rows])
 
 
 def draw_grounded_starts(key: jax.Array, mean: jax.Array, logvar: jax.Array, num: int, pool: Pool | None,
-                         share: jax.Array | float) -> jax.Array:
+                         share: jax.Array | float, rows: Any = None) -> jax.Array:
     """`num` start latents: the last grounded_count(share, num) of them (share * num, halves up)
     drawn from `pool` = (mean, logvar, valid) (rows with valid 0 are never drawn), the rest from
     the stored posteriors as `draw_starts`.
@@ -114,7 +115,7 @@ def draw_grounded_starts(key: jax.Array, mean: jax.Array, logvar: jax.Array, num
     the stored rows are `draw_starts(key, ...)`'s and, with no pool or no grounded start, the
     result is `draw_starts` bit for bit.
     """
-    stored = draw_starts(key, mean, logvar, num)
+    stored = draw_starts(key, mean, logvar, num, rows)
     if pool is None:
         return stored
     p_mean, p_logvar, p_valid = pool
@@ -131,6 +132,7 @@ def draw_grounded_starts(key: jax.Array, mean: jax.Array, logvar: jax.Array, num
 def scores(
     cfg: Config, hp: dict[str, Any], key: jax.Array, m_params: Any, population: jax.Array, mean: jax.Array,
     logvar: jax.Array, rollouts: int, horizon: int, k_params: Any = None, pool: Pool | None = None,
+    rows: Any = None,
 ) -> jax.Array:
     """Mean dream return of each candidate over `rollouts` dreams: float[P].
 
@@ -139,9 +141,10 @@ def scores(
     is split over the devices (wm_jax.sharding); the scores come back whole on every device.
     `pool` = (mean, logvar, valid) of real states reached by the current controller: a share
     hp["evolve"]["grounding"] of the dreams starts there (draw_grounded_starts); None: none does.
+    `rows`: how many rows of mean and logvar exist (padded arrays; draw_starts).
     """
     key_s, key_d = jax.random.split(key)
-    starts = draw_grounded_starts(key_s, mean, logvar, rollouts, pool, hp["evolve"]["grounding"])
+    starts = draw_grounded_starts(key_s, mean, logvar, rollouts, pool, hp["evolve"]["grounding"], rows)
     keys = jax.random.split(key_d, rollouts)
 
     def one(ctrl):

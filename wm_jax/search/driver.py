@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from wm_jax import logs, sharding
@@ -45,34 +46,42 @@ def _init_cells(cfg, hp, keys, world, init_mean, batched):
     init_fn = trainer(cfg).init
     if not batched:
         return init_fn(cfg, hp, keys, world, init_mean)
-    return jax.vmap(lambda h, k, m: init_fn(cfg, h, k, world, m))(hp, keys, init_mean)
+    return jax.vmap(lambda w, h, k, m: init_fn(cfg, h, k, w, m), in_axes=(world.axis(), 0, 0, 0))(
+        world, hp, keys, init_mean)
 
 
 @partial(jax.jit, static_argnums=(0, 5, 6, 7, 8))
-def _period_cells(cfg, hp, world, state, keys, gens, score, check, batched):
+def _period_cells(cfg, hp, world, state, keys, gens, score, check, batched, active=None):
     if batched:  # one cell per (seed, hyperparameters), split over the devices
         hp, state, keys = sharding.shard_leading((hp, state, keys))
-    return sharding.replicated(trainer(cfg).period(cfg, hp, world, state, keys, gens, score, check, batched))
+    new, metrics = trainer(cfg).period(cfg, hp, world, state, keys, gens, score, check, batched)
+    if active is not None:  # a cell that stopped stands still (its metrics are not logged)
+        new = jax.tree.map(lambda n, o: jnp.where(active.reshape(active.shape + (1,) * (n.ndim - 1)), n, o), new, state)
+    return sharding.replicated((new, metrics))
 
 
-def solved(ev: Any, state: Any) -> bool:
-    """Every cell's best check reached evolve.stop_at: no more real checks are needed."""
-    return ev.stop_at is not None and bool(np.all(np.asarray(jax.device_get(state.best_real)) >= ev.stop_at))
+def stopped(ev: Any, real_steps: Any, done: int, state: Any) -> np.ndarray:
+    """Which cells need no more periods (bool[cells], or a 0-d bool for a lone search): the best
+    check reached evolve.stop_at, or (after the first period) the checks spent the real steps
+    allowed, `real_steps` (one count, or one per cell; None: no limit)."""
+    best, steps = (np.asarray(jax.device_get(x)) for x in (state.best_real, state.real_env_steps))
+    out = np.zeros(best.shape, bool)
+    if ev.stop_at is not None:
+        out |= best >= ev.stop_at
+    if real_steps is not None and done > 0:
+        out |= steps >= np.asarray(real_steps)
+    return out
 
 
-def spent(real_steps: int | None, done: int, state: Any) -> bool:
-    """Every cell's checks spent the real steps allowed (after the first period): no more real checks."""
-    return (real_steps is not None and done > 0
-            and bool(np.all(np.asarray(jax.device_get(state.real_env_steps)) >= real_steps)))
-
-
-def _period_rows(tr: checks.Trainer, m: dict[str, Any], done: int, gens: int, cells: int, batched: bool
-                 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """A period's log rows: one per generation and cell (generations.jsonl) and one per check and
-    cell (evolve.jsonl), from its metrics."""
+def _period_rows(tr: checks.Trainer, m: dict[str, Any], done: int, gens: int, cells: int, batched: bool,
+                 active: np.ndarray) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """A period's log rows: one per generation and active cell (generations.jsonl) and one per
+    check and active cell (evolve.jsonl), from its metrics."""
     m = m if batched else jax.tree.map(lambda x: np.asarray(x)[None], m)
     history, logged = [], []
     for c in range(cells):
+        if not active[c]:
+            continue
         cell = {"cell": c} if batched else {}
         for i in range(gens):
             history.append({**cell, "generation": done + i + 1,
@@ -96,7 +105,8 @@ def search(
     score: checks.Score = checks.score_candidates,
     check: checks.Check = checks.real_check,
     batched: bool = False,
-    real_steps: int | None = None,
+    real_steps: Any = None,
+    cells_active: Any = None,
 ) -> list[dict[str, Any]]:
     """Drive `period` to cfg.evolve.generations for one search or, with `batched`, for a batch of
     cells (keys [N], every leaf of hp and init_mean with a leading N) vmapped as one program.
@@ -108,6 +118,11 @@ def search(
     out_dir/evolve.jsonl (one line per check and cell), out_dir/generations.jsonl (one per
     generation and cell) and a checkpoint of the state after every period (out_dir/checkpoints; a
     rerun resumes from it). Returns one dict per cell: best, best_real, checks, history, real_env_steps, generations (done), wall_s.
+
+    A batch's cells stop one by one, each where its lone search would (`stopped`; real_steps may
+    be one count per cell): a stopped cell's state stands still and it logs nothing more. With
+    world.cells every cell searches in its own world (a batch of seeds, wm_jax.seeds);
+    `cells_active` (bool[cells]) leaves the cells it marks False out from the start.
     """
     ev = cfg.evolve
     hp = cfg.hyper() if hp is None else hp
@@ -125,11 +140,16 @@ def search(
     t0 = time.perf_counter()
     with loop:
         for done in loop.chunks():
-            if solved(ev, state) or spent(real_steps, done, state):
+            halted = stopped(ev, real_steps, done, state)
+            if cells_active is not None:
+                halted |= ~np.asarray(cells_active, bool)
+            if halted.all():
                 break
             gens = min(ev.check_every - done % ev.check_every, ev.generations - done)
-            state, m = _period_cells(static, hp, world, state, keys, gens, score, check, batched)
-            history, checks_logged = _period_rows(trainer(cfg), jax.device_get(m), done, gens, cells, batched)
+            active = jnp.asarray(~halted) if batched and halted.any() else None
+            state, m = _period_cells(static, hp, world, state, keys, gens, score, check, batched, active)
+            history, checks_logged = _period_rows(trainer(cfg), jax.device_get(m), done, gens, cells, batched,
+                                                  ~halted.reshape(-1))
             loop.record(gens, state, {"generations.jsonl": history, "evolve.jsonl": checks_logged}, save=True)
             if not batched:
                 e = checks_logged[0]
@@ -144,11 +164,11 @@ def _results(loop: Resumable, state: Any, cells: int, batched: bool, wall: float
 
     out = []
     for c in range(cells):
-        best, best_real, steps = (np.asarray(x)[c] if batched else np.asarray(x)
-                                  for x in (state.best, state.best_real, state.real_env_steps))
+        best, best_real, steps, gens = (np.asarray(x)[c] if batched else np.asarray(x)
+                                        for x in (state.best, state.best_real, state.real_env_steps, state.generation))
         out.append({"best": best, "best_real": float(best_real), "checks": mine("evolve.jsonl", c),
                     "history": mine("generations.jsonl", c), "real_env_steps": int(steps),
-                    "generations": loop.done, "wall_s": wall})
+                    "generations": int(gens), "wall_s": wall})
     return out
 
 

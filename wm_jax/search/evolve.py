@@ -66,7 +66,7 @@ def init(cfg: Config, hp: dict[str, Any], key: jax.Array, world: checks.World, i
     key_init, _ = jax.random.split(key)
     mean0 = jnp.zeros((dims,), jnp.float32) if init_mean is None else jnp.asarray(init_mean, jnp.float32)
     rows = jax.random.randint(jax.random.fold_in(key_init, 1), (cfg.evolve.check_episodes * cfg.eval.max_steps,), 0,
-                              world.starts[0].shape[0])
+                              world.starts[0].shape[0] if world.rows is None else world.rows)
     return EvolveState(
         # evosax leaves some fields weakly typed, which a period's output is not: without the
         # explicit dtypes the first period would compile a second program (6 s on the cpu preset)
@@ -109,6 +109,9 @@ def period(cfg: Config, hp: dict[str, Any], world: checks.World, state: EvolveSt
     def every(fn, *xs):  # all cells at once
         return jax.vmap(fn)(*xs) if batched else fn(*xs)
 
+    def in_world(fn, *xs):  # all cells at once, each in its own world when the world has cells
+        return jax.vmap(fn, in_axes=(world.axis(),) + (0,) * len(xs))(world, *xs) if batched else fn(world, *xs)
+
     es = _strategy(cfg, world)
     es_params = every(lambda h: _es_params(es, h), hp)
     key_run = every(lambda k: jax.random.split(k)[1], key)
@@ -121,7 +124,7 @@ def period(cfg: Config, hp: dict[str, Any], world: checks.World, state: EvolveSt
         # Only the scoring is split over the devices: CMA-ES's update runs whole on every device,
         # as on one device (split, its sums would add up in another order).
         population = sharding.replicated(population)
-        returns = every(lambda h, k, p, pool: score(cfg, h, k, world, p, pool), hp, key_eval, population, state.pool)
+        returns = in_world(lambda w, h, k, p, pool: score(cfg, h, k, w, p, pool), hp, key_eval, population, state.pool)
         es_state, _ = each(es.tell, key_tell, population, -returns, es_state, es_params)  # evosax minimizes
         return es_state, {"dream_mean": jnp.mean(returns, axis=-1), "dream_max": jnp.max(returns, axis=-1)}
 
@@ -129,8 +132,9 @@ def period(cfg: Config, hp: dict[str, Any], world: checks.World, state: EvolveSt
     history = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), history) if batched else history  # cells first
     done = state.generation + gens
     mean = es_state.mean  # the CMA-ES mean (es.get_mean)
-    dream_return, real = every(lambda h, pool, k, d, m: checks.check_candidate(cfg, h, world, pool, k, d, m, score, check),
-                               hp, state.pool, key_run, done, mean)
+    dream_return, real = in_world(lambda w, h, pool, k, d, m: checks.check_candidate(cfg, h, w, pool, k, d, m, score,
+                                                                                    check),
+                                  hp, state.pool, key_run, done, mean)
     better = real["return_mean"] > state.best_real
     new = EvolveState(
         es=es_state,

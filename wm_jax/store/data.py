@@ -348,7 +348,8 @@ def sample_stacks(key: jax.Array, frames: jax.Array, stack_rows: jax.Array, batc
 
 
 def sample_sequences(
-    key: jax.Array, is_first: jax.Array, is_last: jax.Array, batch_size: int, length: int = 32
+    key: jax.Array, is_first: jax.Array, is_last: jax.Array, batch_size: int, length: int = 32,
+    rows: jax.Array | None = None,
 ) -> dict[str, jax.Array]:
     """Random windows of `length` consecutive rows for sequence models, with boundary masks.
 
@@ -356,9 +357,11 @@ def sample_sequences(
       reset: start from a fresh carry before this step (window start or an episode's first row);
       valid: the row exists (windows running past the dataset's end are padded and masked);
       next_valid: valid and the next frame belongs to the same episode (a latent target exists).
-    A window may run across an episode boundary: `reset` cuts the recurrence there.
+    A window may run across an episode boundary: `reset` cuts the recurrence there. `rows` (traced)
+    counts the rows that exist when the arrays are padded beyond them (a batch of seeds' datasets
+    of different sizes); the same key draws the same windows as from the unpadded arrays.
     """
-    n = is_first.shape[0]
+    n = is_first.shape[0] if rows is None else rows
     start = jax.random.randint(key, (batch_size, 1), 0, n)
     raw = start + jnp.arange(length)[None, :]
     valid = raw < n
@@ -373,12 +376,14 @@ def sequence_batch(
 ) -> dict[str, jax.Array]:
     """A training batch: windows of rows with z and z_next resampled from the encoder posterior.
 
-    d holds per-row arrays: mean, logvar [N, latent], action, reward, done [N], is_first, is_last [N].
+    d holds per-row arrays: mean, logvar [N, latent], action, reward, done [N], is_first, is_last [N],
+    and optionally "rows", the count of them that exist (padded arrays: `sample_sequences`).
     """
     key_w, key_z, key_n = jax.random.split(key, 3)
-    seq = sample_sequences(key_w, d["is_first"], d["is_last"], batch, length)
+    n = d.get("rows", d["mean"].shape[0])
+    seq = sample_sequences(key_w, d["is_first"], d["is_last"], batch, length, d.get("rows"))
     rows = seq["rows"]
-    nxt = jnp.minimum(rows + 1, d["mean"].shape[0] - 1)
+    nxt = jnp.minimum(rows + 1, n - 1)
 
     return {
         "z": stats.gaussian_sample(key_z, d["mean"][rows], d["logvar"][rows]),
