@@ -38,10 +38,8 @@ from pathlib import Path
 import datasets
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # experiments/results_doc.py
-
-from results_doc import seeds_arg  # noqa: E402
 from wm_jax import envs, pipeline, stages
+from wm_jax.cli import seeds_arg
 from wm_jax.presets import get_preset, with_env
 from wm_jax.store import data
 

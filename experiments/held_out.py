@@ -17,10 +17,8 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # experiments/results_doc.py
-
-from results_doc import seeds_arg  # noqa: E402
 from wm_jax import pipeline, report, stages
+from wm_jax.cli import seeds_arg
 from wm_jax.presets import get_preset
 
 

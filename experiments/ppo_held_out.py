@@ -31,7 +31,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # experiments/ppo.py
 
 import ppo  # noqa: E402
-from results_doc import seeds_arg  # noqa: E402
+from wm_jax.cli import seeds_arg  # noqa: E402
 
 from wm_jax import plots, report, stages  # noqa: E402
 

@@ -51,18 +51,6 @@ def runs_parser(doc: str, required: bool = True) -> argparse.ArgumentParser:
     return p
 
 
-def seeds_arg(text: str) -> list[int]:
-    """An argparse type for --seeds: START:STOP (STOP excluded) or one seed."""
-    lo, _, hi = text.partition(":")
-    try:
-        seeds = list(range(int(lo), int(hi))) if hi else [int(lo)]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected START:STOP or one seed, got {text!r}") from None
-    if not seeds:
-        raise argparse.ArgumentTypeError(f"no seeds in {text!r} (give START:STOP, STOP excluded)")
-    return seeds
-
-
 def save_figure(fig: Any, path: Path, dpi: int) -> None:
     """A matplotlib figure to `path`, laid out tight, then closed."""
     import matplotlib.pyplot as plt

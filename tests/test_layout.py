@@ -19,7 +19,7 @@ LAYERS = (
     ("models", {"models"}),  # wm_jax/models/: V, M, K, C, their layers, INT8, the training loop
     ("search", {"search"}),  # wm_jax/search/: dreams, real episodes, trainers, the driver, macro, sweep
     ("records", {"run_dir", "stages", "pretrained"}),  # run directories and exported agents
-    ("top", {"plots", "report", "video", "agent", "pipeline", "serve", "commands", "cli"}),  # serve/: the HTTP server
+    ("top", {"plots", "report", "video", "agent", "pipeline", "seeds", "serve", "commands", "cli"}),  # serve/: the HTTP server
 )
 LEVEL = {m: i for i, (_, mods) in enumerate(LAYERS) for m in mods}
 

@@ -171,6 +171,20 @@ def stage_output(run: Path | str, stages: dict[str, Any], stage: str, name: str)
                           f"(same --out) to finish it, or start afresh with a new --out") from None
 
 
+def dataset_id(run: Path, stages: dict[str, Any], stage: str, name: str) -> str:
+    """The identity of the dataset run/name, checked against what its collect stage recorded."""
+    path = run / name
+    recorded = stage_output(run, stages, stage, name)
+    try:
+        now = data_lib.identity(path)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise data_lib.DatasetError(path, f"unreadable manifest ({type(e).__name__}: {e}); delete {path} to "
+                                          f"collect it again") from None
+    if now != recorded:
+        raise damaged(run, stage, name, RunDirError(f"{path} is not the dataset its stage saved"))
+    return now
+
+
 def damaged(run: Path, stage: str, folder: str, error: Exception) -> RunDirError:
     """The one error for a finished stage's artifact that is damaged or changed on disk."""
     return RunDirError(f"{error}: it is the output of the finished stage {stage!r}, which later stages were built "
@@ -379,11 +393,13 @@ def load(run: Path | str) -> Run:
     return Run(cfg, params, transition.training_arrays(lat["mean"], lat["logvar"], arrays, index))
 
 
-def read_latents(path: Path, recorded: str | None) -> dict[str, np.ndarray] | None:
-    """V's posteriors stored in `path` if readable and (with a record) hashing to it; else None."""
+def read_latents(path: Path, recorded: str | None, names: tuple[str, ...] = ("mean", "logvar")
+                 ) -> dict[str, np.ndarray] | None:
+    """V's posteriors stored in `path` (the arrays `names`: a batch of seeds' also has "rows") if
+    readable and (with a record) hashing to it; else None."""
     try:
         with np.load(path, allow_pickle=False) as f:
-            lat = {"mean": f["mean"], "logvar": f["logvar"]}
+            lat = {k: f[k] for k in names}
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile):
         return None
     if recorded is not None and checkpoint.digest(lat) != recorded:

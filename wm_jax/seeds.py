@@ -4,23 +4,22 @@ all of them at once.
     summary = seeds.run(cfg, [0, 1, 2, 3], "runs/frugal-seeds")      # wm-jax run --seeds 0:4
 
 Seed S is the run `wm-jax run --seed S` makes (its keys are run_dir.run_keys(S)), carried on a
-leading axis of seeds: V, M and K train as one program each (train.Seeds: every seed its own key,
-data, row count and step count), and each round's controller searches are one batched program in
-which every seed dreams in its own M, draws starts from its own posteriors, checks through its own
-V and stops on its own (its stop_at, its budget: driver.search's masks). Round 1's random data is
-the recipe's (data.seed), the same for every seed, so it is collected once. The rounds follow each
-seed's own rules (Config.skips_round, rounds.budget): a seed whose rounds have ended stands still
-while the others go on. Later rounds' collections, the encoding and the final evaluation run seed
-after seed through one compiled program each (their parameters are arguments).
+leading axis of seeds: V, M and K train as one program each (train.Seeds: each seed its own key,
+data, row count and step count); each round's controller searches are one batched program in which
+every seed dreams in its own M, checks through its own V and stops on its own (stop_at, budget:
+driver.search's masks). Round 1's random data (data.seed) is the same for every seed: collected
+once. The rounds follow each seed's own rules (Config.skips_round, rounds.budget); a seed whose
+rounds ended stands still while the others go on. Later rounds' collections, the encoding and the
+final evaluation run seed after seed, through one compiled program each.
 
-A batched seed is an equivalent run of its seed, not the identical one: the batched programs round
-floats in another order, and CMA-ES's eigenvectors amplify last bits (docs/RESULTS.md).
+A batched seed is an equivalent run of its seed, not always the identical one: the batched programs
+may round floats in another order, and CMA-ES's eigenvectors amplify last bits (docs/RESULTS.md).
 
-Layout of OUT: config.json (the recipe), seeds.json, stages.json (each stage's record; per-seed
-results in its "seeds" list), data/round1 (shared), data/round{r}/seed{S}, vae, transition[_round{r}],
-verifier[_round{r}], evolve_round{r} (one checkpoint holds every seed), latents_round{r}.npz (padded,
-with each seed's row count), seeds/{S}/ (config.json, summary.json and controller.npy: `wm-jax
-report OUT` reads them) and summary.json (every seed's figures and their aggregates).
+OUT holds config.json, seeds.json, stages.json (per-seed results in a record's "seeds" list),
+data/round1 (shared), data/round{r}/seed{S}, vae, transition[_round{r}], verifier[_round{r}] and
+evolve_round{r} (one checkpoint for every seed each), latents_round{r}.npz (padded; LATENTS),
+seeds/{S}/ (config.json, summary.json, controller.npy: `wm-jax report OUT` reads them) and
+summary.json (each seed's figures and their aggregates).
 """
 
 from __future__ import annotations
@@ -45,6 +44,7 @@ from wm_jax.store import checkpoint, collection
 from wm_jax.store import data as data_lib
 
 SEEDS_FILE = "seeds.json"
+LATENTS = ("mean", "logvar", "rows")  # latents_round{r}.npz of a batch: padded, with each seed's row count
 
 
 def _take(tree: Any, i: int) -> Any:
@@ -105,26 +105,9 @@ class _Batch:
 
     def data_ids(self) -> dict[str, str]:
         """Every dataset's identity, checked against its collect stage's record."""
-        ids = {}
-        for name, stage in self._datasets():
-            path = self.out / name
-            recorded = run_dir.stage_output(self.out, self.stages.done, stage, name)
-            try:
-                now = data_lib.identity(path)
-            except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-                raise data_lib.DatasetError(path, f"unreadable manifest ({type(e).__name__}: {e}); delete {path} to "
-                                                  f"collect it again") from None
-            if now != recorded:
-                raise run_dir.damaged(self.out, stage, name, RunDirError(f"{path} is not the dataset its stage saved"))
-            ids[name] = now
-        return ids
-
-    def _datasets(self) -> list[tuple[str, str]]:
-        names = [("data/round1", "collect")]
-        for paths in self.data:
-            for path in paths[1:]:
-                names.append((str(path.relative_to(self.out)), f"collect_{path.parent.name}"))
-        return names
+        names = [("data/round1", "collect")] + [(str(p.relative_to(self.out)), f"collect_{p.parent.name}")
+                                                for paths in self.data for p in paths[1:]]
+        return {name: run_dir.dataset_id(self.out, self.stages.done, stage, name) for name, stage in names}
 
     def agent(self, i: int) -> dict[str, Any]:
         """Seed i's best agent: V, its best round's M (and K) and controller."""
@@ -134,7 +117,7 @@ class _Batch:
 
     def agent_ids(self) -> dict[str, Any]:
         return {"vae": self.vae_id, "rounds": [int(r) for r in self.best_round],
-                "transition": {r: self.rounds[r]["m_id"] for r in sorted(set(int(x) for x in self.best_round) - {0})},
+                "transition": {str(r): self.rounds[r]["m_id"] for r in sorted(set(int(x) for x in self.best_round) - {0})},
                 "controllers": checkpoint.digest(self.best_ctrl) if self.best_ctrl is not None else None}
 
 
@@ -274,21 +257,12 @@ def _latents(b: _Batch, r: int, arrays: list[dict[str, Any]], active: np.ndarray
     for _ in range(2):  # the second time, after encoding it again
         rec = b.stages.run(stage, lambda: _encode(b, r, arrays, active), inputs=inputs)
         recorded = rec.get("outputs", {}).get(name)
-        lat = None if recorded is None else _read_latents(b.out / name, recorded)
+        lat = None if recorded is None else run_dir.read_latents(b.out / name, recorded, LATENTS)
         if lat is not None:
             return lat, recorded
         b.stages.note(f"{name} is missing, damaged or changed; encoding it again")
         b.stages.forget(stage)
     raise RunDirError(f"{b.out / name} cannot be written and read back")
-
-
-def _read_latents(path: Path, recorded: str) -> dict[str, np.ndarray] | None:
-    try:
-        with np.load(path) as f:
-            lat = {k: f[k] for k in ("mean", "logvar", "rows")}
-    except (OSError, ValueError, KeyError, EOFError):
-        return None
-    return lat if checkpoint.digest(lat) == recorded else None
 
 
 def _training_arrays(lat: dict[str, np.ndarray], arrays: list[dict[str, Any]]) -> dict[str, Any]:

@@ -159,20 +159,26 @@ def _summarise(metrics: dict[str, np.ndarray]) -> dict[str, float]:
     return out
 
 
-def fit(
-    name: str,
-    cfg: TrainConfig,
-    loss_fn: LossFn,
-    sample_fn: SampleFn,
-    data: Any,
-    params: Any,
-    key: jax.Array,
-    run_dir: Path | str,
-    model_config: dict[str, Any],
-    progress: bool = True,
-    seeds: Seeds | None = None,
-    limits: Any = None,
-) -> tuple[Any, dict[str, Any]]:
+def _start(name: str, cfg: TrainConfig, params: Any, seeds: int | None, limits: Any) -> tuple[TrainState, Any]:
+    """fit's first state and step limits (None for one seed; else [seeds], cfg.steps by default)."""
+    if seeds is None:
+        return init_state(cfg, params), None
+    limit = jnp.asarray(np.full(seeds, cfg.steps) if limits is None else limits, jnp.int32)
+    if limit.shape != (seeds,) or int(limit.max()) > cfg.steps or int(limit.min()) < 0:
+        raise ValueError(f"{name}: limits must be {seeds} step counts in [0, {cfg.steps}], got {limits!r}")
+    return jax.vmap(lambda p: init_state(cfg, p))(params), limit
+
+
+def _rows(metrics: dict[str, np.ndarray], step: int, seeds: int | None) -> list[dict[str, Any]]:
+    """A chunk's metrics.jsonl rows: one, or one per seed (its position in the batch: "seed")."""
+    if seeds is None:
+        return [{"step": step, **_summarise(metrics)}]
+    return [{"step": step, "seed": i, **_summarise(jax.tree.map(lambda x: x[i], metrics))} for i in range(seeds)]
+
+
+def fit(name: str, cfg: TrainConfig, loss_fn: LossFn, sample_fn: SampleFn, data: Any, params: Any, key: jax.Array,
+        run_dir: Path | str, model_config: dict[str, Any], progress: bool = True, seeds: Seeds | None = None,
+        limits: Any = None) -> tuple[Any, dict[str, Any]]:
     """Train `params` for cfg.steps steps; resumable; returns (params, info).
 
     loss_fn(params, key, batch, step) -> (loss, metrics dict); sample_fn(key, data) -> batch, a
@@ -180,21 +186,13 @@ def fit(
     Writes run_dir/checkpoints (orbax) and appends one JSON line per chunk to run_dir/metrics.jsonl.
     `model_config` is stored with each checkpoint and must match on resume.
 
-    With `seeds`, key and every leaf of params carry a leading axis of seeds (data too unless
-    seeds.shared_data), trained as one program; `limits` ([seeds], at most cfg.steps, default
-    cfg.steps each) is each seed's own step count. metrics.jsonl then holds a row per chunk and seed
-    (its position in the batch: "seed"), and each seed's steps equal its lone fit's up to the
-    batched program's float rounding.
+    With `seeds`, key and params (data too unless seeds.shared_data) carry a leading axis of seeds,
+    trained as one program, each seed for its own `limits` steps ([seeds], default cfg.steps) and
+    equal to its lone fit up to float rounding; metrics.jsonl has a row per chunk and seed.
     """
     stored_config = {"model": model_config, "train": dataclasses.asdict(cfg)}
     n = None if seeds is None else int(key.shape[0])
-    if seeds is None:
-        state0, limit = init_state(cfg, params), None
-    else:
-        state0 = jax.vmap(lambda p: init_state(cfg, p))(params)
-        limit = jnp.asarray(np.full(n, cfg.steps) if limits is None else limits, jnp.int32)
-        if limit.shape != (n,) or int(limit.max()) > cfg.steps or int(limit.min()) < 0:
-            raise ValueError(f"{name}: limits must be {n} step counts in [0, {cfg.steps}], got {limits!r}")
+    state0, limit = _start(name, cfg, params, n, limits)
     loop = Resumable(run_dir, state0, stored_config, ("metrics.jsonl",), "step", cfg.steps, name, "step", progress,
                      cfg.max_to_keep)
     # Through the host: restored (or loaded, when fine-tuning) arrays are committed to a device and
@@ -207,9 +205,7 @@ def fit(
             length = min(cfg.chunk, cfg.steps - step)
             state, metrics = run_chunk(cfg.hyper(), loss_fn, sample_fn, length, key, data, state, limit, seeds)
             metrics = jax.device_get(metrics)
-            per_seed = [metrics] if seeds is None else [jax.tree.map(lambda x: x[i], metrics) for i in range(n)]
-            rows = [{"step": step + length, **({} if seeds is None else {"seed": i}), **_summarise(m)}
-                    for i, m in enumerate(per_seed)]
+            rows = _rows(metrics, step + length, n)
             last = rows[0] if seeds is None else {"step": step + length, "seeds": rows}
             worst = int(np.max(metrics["bad_streak"]))  # a streak may start and end inside a chunk
             if worst >= cfg.max_bad_steps:
@@ -220,7 +216,8 @@ def fit(
                 )
             done = step + length
             loop.record(length, state, {"metrics.jsonl": rows}, save=done % every == 0 or done == cfg.steps)
-            loop.bar.set_postfix(loss=f"{np.nanmean([r['loss'] for r in rows]):.4g}")
+            losses = [r["loss"] for r in rows if np.isfinite(r["loss"])]  # a seed past its steps has none
+            loop.bar.set_postfix(loss=f"{np.mean(losses) if losses else float('nan'):.4g}")
     elapsed = time.perf_counter() - t0
     steps_done = (loop.done - loop.start) * (1 if seeds is None else n)
     info = {

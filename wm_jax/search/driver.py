@@ -60,12 +60,12 @@ def _period_cells(cfg, hp, world, state, keys, gens, score, check, batched, acti
     return sharding.replicated((new, metrics))
 
 
-def stopped(ev: Any, real_steps: Any, done: int, state: Any) -> np.ndarray:
+def stopped(ev: Any, real_steps: Any, done: int, state: Any, active: Any = None) -> np.ndarray:
     """Which cells need no more periods (bool[cells], or a 0-d bool for a lone search): the best
     check reached evolve.stop_at, or (after the first period) the checks spent the real steps
-    allowed, `real_steps` (one count, or one per cell; None: no limit)."""
+    allowed, `real_steps` (one count, or one per cell; None: no limit), or `active` marks it False."""
     best, steps = (np.asarray(jax.device_get(x)) for x in (state.best_real, state.real_env_steps))
-    out = np.zeros(best.shape, bool)
+    out = np.zeros(best.shape, bool) if active is None else ~np.asarray(active, bool)
     if ev.stop_at is not None:
         out |= best >= ev.stop_at
     if real_steps is not None and done > 0:
@@ -111,18 +111,15 @@ def search(
     """Drive `period` to cfg.evolve.generations for one search or, with `batched`, for a batch of
     cells (keys [N], every leaf of hp and init_mean with a leading N) vmapped as one program.
 
-    Checks land every check_every generations and at the end; with evolve.stop_at, the search ends
-    after the first check at which every cell's best real return reaches it; with real_steps, after
-    the first check at which every cell's checks have spent that many real env steps (the run's
-    budget left, rounds.budget). Writes
-    out_dir/evolve.jsonl (one line per check and cell), out_dir/generations.jsonl (one per
-    generation and cell) and a checkpoint of the state after every period (out_dir/checkpoints; a
-    rerun resumes from it). Returns one dict per cell: best, best_real, checks, history, real_env_steps, generations (done), wall_s.
-
-    A batch's cells stop one by one, each where its lone search would (`stopped`; real_steps may
-    be one count per cell): a stopped cell's state stands still and it logs nothing more. With
-    world.cells every cell searches in its own world (a batch of seeds, wm_jax.seeds);
-    `cells_active` (bool[cells]) leaves the cells it marks False out from the start.
+    Checks land every check_every generations and at the end. A search (each cell of a batch on its
+    own: its state then stands still and logs nothing more) ends after its first check whose best
+    real return reaches evolve.stop_at, or whose checks have spent `real_steps` real env steps (the
+    run's budget left, rounds.budget; one count per cell allowed); `cells_active` (bool[N]) leaves
+    out the cells it marks False. With world.cells each cell searches in its own world (a batch of
+    seeds, wm_jax.seeds). Writes out_dir/evolve.jsonl (one line per check and cell),
+    out_dir/generations.jsonl (one per generation and cell) and a checkpoint of the state after
+    every period (out_dir/checkpoints; a rerun resumes from it). Returns one dict per cell: best,
+    best_real, checks, history, real_env_steps, generations (done), wall_s.
     """
     ev = cfg.evolve
     hp = cfg.hyper() if hp is None else hp
@@ -140,9 +137,7 @@ def search(
     t0 = time.perf_counter()
     with loop:
         for done in loop.chunks():
-            halted = stopped(ev, real_steps, done, state)
-            if cells_active is not None:
-                halted |= ~np.asarray(cells_active, bool)
+            halted = stopped(ev, real_steps, done, state, cells_active)
             if halted.all():
                 break
             gens = min(ev.check_every - done % ev.check_every, ev.generations - done)

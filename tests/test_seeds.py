@@ -1,0 +1,166 @@
+"""Tests for wm_jax.seeds (`wm-jax run --seeds`): a batch of seeds of the whole recipe in one run
+directory, each seed equal to its lone run, resumable after a kill, damage refused in one line.
+
+The batch runs the smoke preset on seeds 0 and 1 once per module (about a minute on 2 CPU cores);
+seed 0's lone run is conftest's smoke_run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from wm_jax import cli, interrupt, report, seeds
+from wm_jax.config import ConfigError
+from wm_jax.models import transition, vae
+from wm_jax.presets import get_preset
+from wm_jax.search import driver, rollout
+from wm_jax.store import collection
+
+SMOKE = get_preset("smoke")
+FIGURES = ("real_return_mean", "real_return_std", "real_return_min", "real_env_steps", "real_env_steps_training",
+           "agent_round", "imagined_steps", "solved")
+
+
+@pytest.fixture(scope="module")
+def batch(tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("seeds") / "smoke"
+    return out, seeds.run(SMOKE, [0, 1], out, progress=False)
+
+
+def _seed_summary(out: Path, seed: int) -> dict:
+    return json.loads((out / "seeds" / str(seed) / "summary.json").read_text())
+
+
+def _curve(summary: dict) -> list[tuple]:
+    return [(p["source"], p["real_env_steps"], p.get("real_return")) for p in summary["learning_curve"]]
+
+
+@pytest.mark.slow
+def test_a_batched_seed_is_its_lone_run(batch, smoke_run):
+    """Seed 0 of the batch against `wm-jax run --seed 0`: the same real returns, steps, rounds and
+    learning curve; its latent KL to float rounding. Seed 1 is a run of its own."""
+    out, summary = batch
+    lone, mine, other = smoke_run[1], _seed_summary(out, 0), _seed_summary(out, 1)
+    for k in FIGURES:
+        assert mine[k] == lone[k], k
+    assert _curve(mine) == _curve(lone)
+    assert mine["latent_kl"] == pytest.approx(lone["latent_kl"], rel=1e-5)
+    assert _curve(other) != _curve(mine)
+    assert summary["seeds"] == [0, 1] and [r["seed"] for r in summary["per_seed"]] == [0, 1]
+    assert summary["aggregate"]["return"]["n"] == 2  # rliable's intervals over the seeds
+    # `wm-jax report OUT` reads the batch's seeds
+    assert [r["seed"] for r in report.report([out], reps=100)["rows"]] == [0, 1]
+    assert np.asarray(np.load(out / "seeds" / "0" / "controller.npy")).ndim == 1
+
+
+@pytest.mark.slow
+def test_a_finished_batch_reruns_without_work(batch, monkeypatch):
+    out, summary = batch
+
+    def no(*args, **kwargs):
+        raise AssertionError("a finished stage ran again")
+
+    for module, name in ((vae, "train"), (transition, "train"), (driver, "search"), (collection, "collect"),
+                         (rollout, "evaluate")):
+        monkeypatch.setattr(module, name, no)
+    again = seeds.run(SMOKE, [0, 1], out, progress=False)
+    assert [r["return_mean"] for r in again["per_seed"]] == [r["return_mean"] for r in summary["per_seed"]]
+
+
+@pytest.mark.slow
+def test_a_batch_killed_in_a_search_resumes_to_the_uninterrupted_result(batch, tmp_path, monkeypatch):
+    out, summary = batch
+    real_period, calls = driver._period_cells, []
+
+    def period_then_sigint(*args, **kwargs):
+        calls.append(1)
+        res = real_period(*args, **kwargs)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # deferred to the period's boundary
+        return res
+
+    monkeypatch.setattr(driver, "_period_cells", period_then_sigint)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt), interrupt.deferred():
+            seeds.run(SMOKE, [0, 1], tmp_path / "killed", progress=False)
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert "evolve_round1" not in json.loads((tmp_path / "killed" / "stages.json").read_text())
+    monkeypatch.setattr(driver, "_period_cells", real_period)
+    resumed = seeds.run(SMOKE, [0, 1], tmp_path / "killed", progress=False)
+    for s in (0, 1):
+        a, b = _seed_summary(tmp_path / "killed", s), _seed_summary(out, s)
+        assert {k: a[k] for k in FIGURES} == {k: b[k] for k in FIGURES} and _curve(a) == _curve(b)
+    assert resumed["aggregate"]["return"] == summary["aggregate"]["return"]
+
+
+def _flip_bytes(path: Path, at: int, count: int = 8) -> None:
+    blob = bytearray(path.read_bytes())
+    for i in range(at, at + count):
+        blob[i] ^= 0xFF
+    path.write_bytes(bytes(blob))
+
+
+def _run_cli(capsys, out: Path, *extra: str) -> tuple[int, str]:
+    try:
+        code = cli.main(["run", "--preset", "smoke", "--out", str(out), *extra])
+    except SystemExit as e:  # argparse's own refusals
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+def _one_line(code: int, err: str, *needles: str) -> None:
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, (code, err)
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+@pytest.mark.slow
+def test_a_damaged_seeds_dataset_is_refused_in_one_line(batch, tmp_path, capsys):
+    copy = tmp_path / "copy"
+    shutil.copytree(batch[0], copy)
+    folder = copy / "data" / "round2" / "seed1"
+    arrow = max(folder.glob("*.arrow"), key=lambda p: p.stat().st_size)
+    _flip_bytes(arrow, arrow.stat().st_size // 2)
+    _one_line(*_run_cli(capsys, copy, "--seeds", "0:2"), "does not match its checksum", f"delete {folder}")
+
+
+@pytest.mark.slow
+def test_other_seeds_in_a_batchs_directory_are_refused(batch, tmp_path, capsys):
+    copy = tmp_path / "copy"
+    shutil.copytree(batch[0], copy)
+    _one_line(*_run_cli(capsys, copy, "--seeds", "0:3"), "holds a batch of seeds [0, 1], not [0, 1, 2]")
+
+
+@pytest.mark.parametrize("given, needle", [([], "names no seed"), ([3, 4, 3], "seed 3 twice")])
+def test_bad_seed_lists_are_one_named_error(tmp_path, given, needle):
+    with pytest.raises(ConfigError, match=needle):
+        seeds.run(SMOKE, given, tmp_path / "x", progress=False)
+    assert not (tmp_path / "x").exists()
+
+
+def test_the_ppo_trainer_is_refused_before_any_work(tmp_path, capsys):
+    _one_line(*_run_cli(capsys, tmp_path / "x", "--seeds", "0:2", "--trainer", "ppo"), "cmaes trainer",
+              "seed by seed")
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("args, needle", [(["--seeds", "3:3"], "no seeds in '3:3'"),
+                                          (["--seeds", "a:b"], "expected START:STOP"),
+                                          (["--seed", "1", "--seeds", "0:2"], "not allowed with argument")])
+def test_bad_seeds_arguments_are_one_line(tmp_path, capsys, args, needle):
+    _one_line(*_run_cli(capsys, tmp_path / "x", *args), needle)
+
+
+def test_pad_stack_pads_each_array_with_its_last_row():
+    out = seeds.pad_stack([np.arange(3), np.arange(5)])
+    np.testing.assert_array_equal(out, [[0, 1, 2, 2, 2], [0, 1, 2, 3, 4]])
