@@ -196,3 +196,31 @@ def test_bands_agree_with_a_plain_bootstrap_over_seeds():
     draws = np.random.RandomState(2).randint(0, values.size, size=(4000, values.size))
     plain = np.percentile([report.iqm(values[d]) for d in draws], [2.5, 97.5])
     assert ours == pytest.approx(plain, rel=0.08)
+
+
+def test_probability_of_improvement_is_mann_whitneys_with_an_interval_seeds_never_paired():
+    """P(X > Y) over every (x, y) pair of seeds, ties half (rliable's probability_of_improvement);
+    the interval resamples each side apart, and different counts of seeds are allowed."""
+    x, y = [500.0, 480.0, 490.0, 300.0], [450.0, 480.0, 200.0]
+    pairs = [(a > b) + 0.5 * (a == b) for a in x for b in y]
+    got = report.improvement(x, y, reps=500)
+    assert got["p"] == pytest.approx(np.mean(pairs)) and got["n"] == [4, 3]
+    lo, hi = got["p_ci95"]
+    assert lo <= got["p"] <= hi and lo < hi
+    assert report.improvement([1.0, 2.0], [1.0, 2.0], reps=200)["p"] == 0.5
+    assert report.improvement([9.0, 8.0], [1.0, 2.0], reps=200)["p_ci95"] == [1.0, 1.0]
+
+
+def test_against_prints_both_reports_and_the_comparison_and_draws_the_profile(tmp_path, capsys):
+    a = _runs(tmp_path / "a", [500.0, 499.0, 498.0, 490.0], [12_000, 13_000, 14_000, 15_000])
+    b = _runs(tmp_path / "b", [480.0, 300.0, 499.0], [18_000, 21_000, 19_000])
+    code = cli.main(["report", str(tmp_path / "a"), "--against", str(tmp_path / "b"), "--names", "new", "old",
+                     "--reps", "200", "--json", str(tmp_path / "cmp.json"), "--plots", str(tmp_path / "plots")])
+    out = capsys.readouterr().out
+    assert code == 0 and len(a) == 4 and len(b) == 3
+    assert "P(new scores above old) = " in out and "P(new spends fewer training steps than old) = 1.00" in out
+    saved = json.loads((tmp_path / "cmp.json").read_text())
+    assert saved["names"] == ["new", "old"] and len(saved["new"]["rows"]) == 4 and len(saved["old"]["rows"]) == 3
+    assert saved["comparison"]["fewer_steps"]["p"] == 1.0
+    for png in ("performance_profile.png", "solved_fraction.png"):
+        assert (tmp_path / "plots" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

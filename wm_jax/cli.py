@@ -237,6 +237,11 @@ def _add_report(sub: Any) -> None:
     """report: many seeds' run directories as a distribution."""
     r = sub.add_parser("report", help="runs of one recipe on many seeds as a distribution (needs the analysis extra)")
     r.add_argument("runs", nargs="+", help="run directories, or folders of them (each subfolder with a summary.json)")
+    r.add_argument("--against", nargs="+", default=None, metavar="RUN",
+                   help="another recipe's runs: both reported, then P(the first scores above the second) and "
+                        "P(it spends fewer training steps), seeds never paired; --plots adds the performance profile")
+    r.add_argument("--names", nargs=2, default=None, metavar=("FIRST", "SECOND"),
+                   help="what to call the two groups of --against (default: their first paths)")
     r.add_argument("--json", default=None, help="write the rows and aggregates to this JSON file")
     r.add_argument("--plots", default=None, help="draw learning_curves.png and solved_fraction.png in this folder")
     r.add_argument("--reps", type=_bounded(int, 100, 1_000_000, "bootstrap draws"), default=10_000,

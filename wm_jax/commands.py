@@ -201,9 +201,27 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare(args: argparse.Namespace, first: dict[str, Any]) -> int:
+    """wm-jax report RUNS --against RUNS: both reports, then the two distributions against each other."""
+    second = report.report(args.against, reps=args.reps)
+    names = args.names or [args.runs[0], args.against[0]]
+    print(f"\n--- {names[1]}\n{report.text(second)}\n")
+    comp = report.compare(first, second, reps=args.reps)
+    print(report.comparison_text(names, comp))
+    if args.json:
+        report.write({"names": names, names[0]: first, names[1]: second, "comparison": comp}, args.json)
+        print(f"written: {args.json}")
+    if args.plots:
+        reps = min(args.reps, report.CURVE_REPS)
+        print("drawn: " + ", ".join(map(str, report.profiles(dict(zip(names, (first, second))), args.plots, reps))))
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     result = report.report(args.runs, reps=args.reps)
     print(report.text(result))
+    if args.against:
+        return _compare(args, result)
     if args.json:
         report.write(result, args.json)
         print(f"written: {args.json}")

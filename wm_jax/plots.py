@@ -110,6 +110,25 @@ def seed_curves(curves: list[list[tuple[int, float]]], grid: np.ndarray, center:
     _save(fig, path)
 
 
+def performance_profiles(taus: np.ndarray, curves: dict[str, tuple[np.ndarray, np.ndarray]], threshold: float | None,
+                         path: Path) -> None:
+    """For each named method, the fraction of its seeds whose final return exceeds tau, against tau,
+    with its 95% band ({name: (fraction, band [2, len(taus)])}): a performance profile."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 3.2))
+    for i, (name, (fraction, band)) in enumerate(curves.items()):
+        ax.fill_between(taus, band[0], band[1], color=f"C{i}", alpha=0.2, lw=0)
+        ax.plot(taus, fraction, color=f"C{i}", lw=2, label=name)
+    if threshold is not None:
+        ax.axvline(threshold, color="k", ls="--", lw=0.8, label=f"solved ({threshold:g})")
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("final real return tau")
+    ax.set_ylabel("fraction of seeds above tau")
+    ax.set_title("performance profile; shaded: 95% bootstrap interval over seeds", fontsize=8)
+    ax.legend(fontsize=7, loc="lower left")
+    _save(fig, path)
+
+
 def fraction_curves(steps: np.ndarray, curves: dict[str, tuple[np.ndarray, np.ndarray]], goal: int | None,
                     path: Path) -> None:
     """For each named method, the fraction of its seeds that reached the threshold with at most

@@ -140,11 +140,12 @@ def iqm(values: np.ndarray) -> np.ndarray:
         return np.where(keep > 0, total / np.maximum(keep, 1), np.nan)
 
 
-def _estimates(rly: Any, scores: np.ndarray, stats: Any, reps: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def _estimates(rly: Any, scores: Any, stats: Any, reps: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """rliable's point estimate and 95% percentile-bootstrap interval [2, ...] of `stats` over the
-    rows (seeds) of scores [seeds, 1], the same for the same seed. rliable 1.2's StratifiedBootstrap
-    draws its indices from NumPy's global generator whatever random_state says, so that generator is
-    seeded here and restored after (arch's warning about random_state silenced)."""
+    rows (seeds) of scores [seeds, 1] (or of a list of such, each resampled on its own: rliable's
+    independent bootstrap), the same for the same seed. rliable 1.2's bootstraps draw their indices
+    from NumPy's global generator whatever random_state says, so that generator is seeded here and
+    restored after (arch's warning about random_state silenced)."""
     saved = np.random.get_state()
     np.random.seed(seed)
     try:
@@ -172,6 +173,62 @@ def interval(values: np.ndarray | list[float], reps: int = REPS, seed: int = 0) 
         out[key] = float(point[i])
         out[f"{key}_ci95"] = [float(ci[0, i]), float(ci[1, i])]
     return out
+
+
+def improvement(x: Any, y: Any, reps: int = REPS, seed: int = 0) -> dict[str, Any]:
+    """P(X > Y): the probability that a seed of X scores above a seed of Y (ties count half;
+    rliable's probability_of_improvement, a Mann-Whitney statistic) with its 95% bootstrap interval,
+    X's and Y's seeds resampled apart: two methods' seeds are never paired."""
+    x, y = (np.asarray(v, np.float64)[:, None] for v in (x, y))
+    from rliable import metrics
+
+    point, ci = _estimates(_rliable(), [x, y], lambda a, b: np.array([metrics.probability_of_improvement(a, b)]),
+                           reps, seed)
+    return {"p": float(point[0]), "p_ci95": [float(ci[0, 0]), float(ci[1, 0])], "n": [len(x), len(y)]}
+
+
+def compare(x: dict[str, Any], y: dict[str, Any], reps: int = REPS) -> dict[str, Any]:
+    """Two reports' seeds against each other: P(X's final return > Y's) and P(X spends fewer real
+    training steps than Y), each with its interval (`improvement`)."""
+    return {"return": improvement([r["return_mean"] for r in x["rows"]], [r["return_mean"] for r in y["rows"]], reps),
+            "fewer_steps": improvement([-r["training_steps"] for r in x["rows"]],
+                                       [-r["training_steps"] for r in y["rows"]], reps)}
+
+
+def profiles(results: dict[str, dict[str, Any]], out: Path | str, reps: int = CURVE_REPS) -> list[Path]:
+    """performance_profile.png (the fraction of each report's seeds whose final return exceeds tau,
+    against tau, with 95% bands: a performance profile) and solved_fraction.png with every report's
+    curve, in `out`."""
+    out = Path(out)
+    finals = {name: np.array([r["return_mean"] for r in res["rows"]]) for name, res in results.items()}
+    top = max(v.max() for v in finals.values())
+    taus = np.linspace(0.0, top * 1.02, GRID)
+    curves = {name: bands(lambda idx, v=v: (v[idx, None] > taus).mean(0), len(v), reps) for name, v in finals.items()}
+    first = next(iter(results.values()))["aggregate"]
+    plots.performance_profiles(taus, curves, first["threshold"], out / "performance_profile.png")
+    steps = {name: np.array([r["training_steps"] for r in res["rows"]], np.float64) for name, res in results.items()}
+    solved = {name: np.array([bool(r["solved"]) for r in res["rows"]]) for name, res in results.items()}
+    most = max(s.max() for s in steps.values())
+    fgrid = np.unique(np.concatenate([np.linspace(0, most * 1.05, GRID), *steps.values()]))
+    fractions = {}
+    for name in results:
+        s, ok = steps[name], solved[name]
+        f, ci = bands(lambda idx, s=s, ok=ok: ((s[idx, None] <= fgrid) & ok[idx, None]).mean(0), len(s), reps)
+        beyond = fgrid > s.max()
+        fractions[f"{name} ({len(s)} seeds)"] = (np.where(beyond, np.nan, f), np.where(beyond, np.nan, ci))
+    plots.fraction_curves(fgrid, fractions, first.get("training_steps", {}).get("goal"), out / "solved_fraction.png")
+    return [out / "performance_profile.png", out / "solved_fraction.png"]
+
+
+def comparison_text(names: list[str], comp: dict[str, Any]) -> str:
+    """`compare`'s figures as `wm-jax report --against` prints them."""
+    def line(what: str, c: dict[str, Any]) -> str:
+        lo, hi = c["p_ci95"]
+        return f"P({names[0]} {what} {names[1]}) = {c['p']:.2f} [{lo:.2f}, {hi:.2f}]"
+
+    return "\n".join([f"{names[0]} ({comp['return']['n'][0]} seeds) against {names[1]} ({comp['return']['n'][1]} seeds), "
+                      "seeds never paired (95% bootstrap intervals, rliable):",
+                      line("scores above", comp["return"]), line("spends fewer training steps than", comp["fewer_steps"])])
 
 
 def aggregate(rows: list[dict[str, Any]], step_goal: int | None = None) -> dict[str, Any]:
@@ -290,5 +347,5 @@ def write(result: dict[str, Any], path: Path | str) -> None:
     Path(path).write_text(json.dumps(result, indent=2) + "\n")
 
 
-__all__ = ["ReportError", "aggregate", "draw", "find_runs", "interval", "report", "row", "text",
-           "write"]
+__all__ = ["ReportError", "aggregate", "compare", "comparison_text", "draw", "find_runs", "improvement", "interval",
+           "profiles", "report", "row", "text", "write"]
