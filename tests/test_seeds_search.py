@@ -12,10 +12,12 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from wm_jax.models import transition, vae
 from wm_jax.search import checks, driver
-from wm_jax.presets import get_preset
+from wm_jax.config import ConfigError
+from wm_jax.presets import get_preset, with_trainer
 
 SMOKE = get_preset("smoke")
 CFG = dataclasses.replace(SMOKE, evolve=dataclasses.replace(SMOKE.evolve, generations=3, check_every=1),
@@ -63,3 +65,13 @@ def test_seeds_each_in_their_own_world_stopping_on_their_own_equal_their_lone_se
     again = driver.search(CFG, keys, _cells(worlds), tmp_path / "seeds", hp=jax.tree.map(
         lambda x: jnp.stack([x, x]), CFG.hyper()), progress=False, batched=True, real_steps=budgets)
     assert [r["checks"] for r in again] == [r["checks"] for r in batched]
+
+
+def test_a_world_per_cell_needs_a_batched_cmaes_search(tmp_path):
+    worlds = _cells([_world(0, 5), _world(1, 6)])
+    keys = jnp.stack([jax.random.key(0), jax.random.key(1)])
+    with pytest.raises(ConfigError, match="needs a batched search of the cmaes trainer, not evolve.trainer='ppo'"):
+        driver.search(with_trainer(CFG, "ppo"), keys, worlds, tmp_path, progress=False, batched=True)
+    with pytest.raises(ConfigError, match="unbatched"):
+        driver.search(CFG, keys[0], worlds, tmp_path, progress=False)
+    assert not tmp_path.joinpath("checkpoints").exists()

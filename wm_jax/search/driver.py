@@ -24,7 +24,7 @@ import numpy as np
 from wm_jax import logs, sharding
 from wm_jax.search import checks, evolve, ppo
 from wm_jax.store.resume import Resumable
-from wm_jax.config import Config
+from wm_jax.config import Config, ConfigError
 
 TRAINERS: dict[str, checks.Trainer] = {"cmaes": evolve.TRAINER, "ppo": ppo.TRAINER}  # config.TRAINERS names them
 
@@ -122,6 +122,9 @@ def search(
     best_real, checks, history, real_env_steps, generations (done), wall_s.
     """
     ev = cfg.evolve
+    if world.cells and (ev.trainer != "cmaes" or not batched):
+        raise ConfigError(f"a world per cell (World.cells) needs a batched search of the cmaes trainer, not "
+                          f"evolve.trainer={ev.trainer!r}{'' if batched else ' unbatched'}")
     hp = cfg.hyper() if hp is None else hp
     cells = int(keys.shape[0]) if batched else 1
     static = cfg.static()
