@@ -47,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lone", type=Path, default=Path("runs/held_out"), help="where the lone runs are (PRESET-sS)")
     p.add_argument("--batch", type=Path, default=None, help="the batch's run directory "
                                                             "(default: runs/batch/PRESET-sFIRST-LAST)")
+    p.add_argument("--again", type=int, default=None, metavar="SEED",
+                   help="after the batch, run this seed alone again in a new directory: its stage seconds in this "
+                        "sitting against its earlier lone run's (the lone runs may come from another sitting)")
     p.add_argument("--out", type=Path, default=None,
                    help="the result file (default: experiments/results/seed_batch_PRESET.json)")
     args = p.parse_args(argv)
@@ -56,9 +59,13 @@ def main(argv: list[str] | None = None) -> int:
     for s in args.seeds:
         if not (args.lone / f"{args.preset}-s{s}" / "summary.json").exists():
             pipeline.run(get_preset(args.preset, s), args.lone / f"{args.preset}-s{s}")
+    stages_json = batch / "stages.json"
+    finished = stages_json.exists() and "evaluate" in json.loads(stages_json.read_text())
     t0 = time.perf_counter()
     summary = seeds.run(get_preset(args.preset), args.seeds, batch)
     wall = time.perf_counter() - t0
+    if finished and out.exists():  # the batch ran before: its process time is the earlier call's
+        wall = json.loads(out.read_text()).get("batch_process_wall_s", wall)
     done = json.loads((batch / "stages.json").read_text())
     rows = [compare(json.loads((args.lone / f"{args.preset}-s{s}" / "summary.json").read_text()),
                     json.loads((batch / "seeds" / str(s) / "summary.json").read_text())) for s in args.seeds]
@@ -72,6 +79,16 @@ def main(argv: list[str] | None = None) -> int:
               "identical_seeds": sum(r["identical"] for r in rows), "rows": rows,
               "batch_aggregate": summary["aggregate"],
               "lone_aggregate": report.report([args.lone / f"{args.preset}-s{s}" for s in args.seeds])["aggregate"]}
+    if args.again is not None:
+        again_dir = batch.parent / f"{args.preset}-s{args.again}-alone-again"
+        again = pipeline.run(get_preset(args.preset, args.again), again_dir)
+        earlier = json.loads((args.lone / f"{args.preset}-s{args.again}" / "summary.json").read_text())
+        result["lone_again"] = {"seed": args.again, "run": str(again_dir), "stage_s": again["wall_s"]["total"],
+                                "earlier_stage_s": earlier["wall_s"]["total"],
+                                "same_figures": all(again[k] == earlier[k] for k in ("real_return_mean",
+                                                    "real_env_steps_training", "agent_round"))}
+        print(f"seed {args.again} alone again: {again['wall_s']['total']:.0f} s of stages (earlier "
+              f"{earlier['wall_s']['total']:.0f} s), the same figures: {result['lone_again']['same_figures']}")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     for r in rows:

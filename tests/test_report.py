@@ -224,3 +224,15 @@ def test_against_prints_both_reports_and_the_comparison_and_draws_the_profile(tm
     assert saved["comparison"]["fewer_steps"]["p"] == 1.0
     for png in ("performance_profile.png", "solved_fraction.png"):
         assert (tmp_path / "plots" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_against_refuses_another_task_and_names_that_are_not_two(tmp_path, capsys):
+    _runs(tmp_path / "a", [500.0, 490.0])
+    acro = dataclasses.replace(get_preset("frugal"), eval=dataclasses.replace(get_preset("frugal").eval, solved_at=-100.0))
+    _run(tmp_path / "b", 7, -120.0, 20_000, [(19_000, -150.0, 4)], cfg=acro)
+    for argv, needle in ((["--against", str(tmp_path / "b")], "runs of other tasks"),
+                         (["--against", str(tmp_path / "a"), "--names", "x", "x"], "not 'x' twice"),
+                         (["--names", "x", "y"], "give --against RUNS too")):
+        code = cli.main(["report", str(tmp_path / "a"), "--reps", "100", *argv])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and needle in err[0], (argv, err)

@@ -7,6 +7,7 @@ seed 0's lone run is conftest's smoke_run.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -16,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from wm_jax import cli, interrupt, report, seeds
+from wm_jax import cli, interrupt, pipeline, report, seeds
 from wm_jax.config import ConfigError
 from wm_jax.models import transition, vae
 from wm_jax.presets import get_preset
@@ -139,6 +140,46 @@ def test_other_seeds_in_a_batchs_directory_are_refused(batch, tmp_path, capsys):
     copy = tmp_path / "copy"
     shutil.copytree(batch[0], copy)
     _one_line(*_run_cli(capsys, copy, "--seeds", "0:3"), "holds a batch of seeds [0, 1], not [0, 1, 2]")
+
+
+@pytest.mark.slow
+def test_a_lone_runs_directory_and_a_batchs_are_not_mixed(batch, smoke_run, tmp_path, capsys):
+    lone = tmp_path / "lone"
+    shutil.copytree(smoke_run[0], lone)
+    _one_line(*_run_cli(capsys, lone, "--seeds", "0:2"), "holds a run of one seed", "use a new --out")
+    copy = tmp_path / "batch"
+    shutil.copytree(batch[0], copy)
+    _one_line(*_run_cli(capsys, copy), "holds a batch of seeds", "rerun it with its own --seeds")
+
+
+# A recipe where the seeds part ways: three rounds within a budget of real steps (each round's
+# collection capped by what its seed has left), M fine-tuned one step per 2 new rows (for as many
+# steps as its seed's own collection gave). K over seeds is tests/test_seeds_train.py's (here it
+# would cost minutes).
+MIXED = dataclasses.replace(
+    SMOKE, rounds=dataclasses.replace(SMOKE.rounds, rounds=3, min_rounds=1, transition_rows_per_step=2, budget=1_200))
+
+
+@pytest.mark.slow
+def test_seeds_on_their_own_rounds_budgets_and_steps_equal_their_lone_runs(tmp_path):
+    """Seeds 3 and 0 (positions and numbers apart) under MIXED: each batched seed's figures and
+    learning curve equal its lone `pipeline.run`'s; their M's fine-tuning steps differ (each its
+    own rows)."""
+    summary = seeds.run(MIXED, [3, 0], tmp_path / "batch", progress=False)
+    assert [r["seed"] for r in summary["per_seed"]] == [3, 0]
+    for s in (3, 0):
+        lone = pipeline.run(dataclasses.replace(MIXED, seed=s), tmp_path / f"lone{s}", progress=False)
+        mine = _seed_summary(tmp_path / "batch", s)
+        assert {k: mine[k] for k in FIGURES} == {k: lone[k] for k in FIGURES}, s
+        assert _curve(mine) == _curve(lone), s
+    done = json.loads((tmp_path / "batch" / "stages.json").read_text())
+    limits = done["transition_round2"]["inputs"]["limits"]
+    assert limits[0] != limits[1] and min(limits) > 0
+    for r in (2, 3):
+        rec = done.get(f"collect_round{r}")
+        if rec is not None:  # a seed whose rounds ended collects nothing and trains no M
+            for got, steps in zip(rec["seeds"], done[f"transition_round{r}"]["inputs"]["limits"]):
+                assert (got is None) == (steps == 0)
 
 
 @pytest.mark.parametrize("given, needle", [([], "names no seed"), ([3, 4, 3], "seed 3 twice")])

@@ -16,6 +16,7 @@ import pytest
 
 from wm_jax.models import transition, vae
 from wm_jax.search import checks, driver
+from wm_jax.search.evolve import EvolveState
 from wm_jax.config import ConfigError
 from wm_jax.presets import get_preset, with_trainer
 
@@ -75,3 +76,24 @@ def test_a_world_per_cell_needs_a_batched_cmaes_search(tmp_path):
     with pytest.raises(ConfigError, match="unbatched"):
         driver.search(CFG, keys[0], worlds, tmp_path, progress=False)
     assert not tmp_path.joinpath("checkpoints").exists()
+
+
+def test_a_cell_left_out_from_the_start_never_searches(tmp_path):
+    worlds = [_world(0, 20), _world(1, 25)]
+    keys = jnp.stack([jax.random.key(7), jax.random.key(8)])
+    hp = jax.tree.map(lambda x: jnp.stack([x, x]), CFG.hyper())
+    res = driver.search(CFG, keys, _cells(worlds), tmp_path, hp=hp, progress=False, batched=True,
+                        cells_active=[True, False])
+    assert [r["generations"] for r in res] == [3, 0] and [len(r["checks"]) for r in res] == [3, 0]
+    assert res[1]["real_env_steps"] == 0 and res[1]["best_real"] == float("-inf")
+
+
+def test_each_cell_stops_at_its_own_stop_at_or_budget():
+    """driver.stopped: which cells need no more periods, each by its own best check and real steps."""
+    state = EvolveState(es=None, pool=None, best=None, best_real=jnp.asarray([5.0, 1.0, 3.0, -jnp.inf]),
+                                      generation=None, real_env_steps=jnp.asarray([10, 50, 20, 0]))
+    ev = dataclasses.replace(CFG.evolve, stop_at=3.0)
+    assert driver.stopped(ev, None, 1, state).tolist() == [True, False, True, False]
+    assert driver.stopped(ev, [100, 40, 100, 100], 1, state).tolist() == [True, True, True, False]
+    assert driver.stopped(ev, [100, 40, 100, 100], 0, state).tolist() == [True, False, True, False]  # a first period
+    assert driver.stopped(CFG.evolve, None, 1, state, [True, True, False, True]).tolist() == [False, False, True, False]

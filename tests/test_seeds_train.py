@@ -71,7 +71,7 @@ def test_m_over_seeds_with_their_own_rows_and_steps_equals_lone_trainings(tmp_pa
     params, info = transition.train(M_CFG, keys, _padded(arrays), tmp_path / "batched", progress=False,
                                     seeds=train_lib.Seeds(shared_data=False, batch=batch), limits=limits)
     rows = train_lib.read_metrics(tmp_path / "batched")
-    assert [(r["step"], r["seed"]) for r in rows] == [(s, i) for s in (4, 8, 12) for i in (0, 1)]
+    assert [(r["step"], r["cell"]) for r in rows] == [(s, i) for s in (4, 8, 12) for i in (0, 1)]
     assert np.isnan(rows[-2]["loss"]) and np.isfinite(rows[-1]["loss"])  # seed 0 stood still after its 8 steps
     for i, (a, steps) in enumerate(zip(arrays, limits)):
         lone, _ = transition.train(_steps(M_CFG, "transition", steps), keys[i], a, tmp_path / f"lone{i}",

@@ -58,6 +58,31 @@ SCRIPT = textwrap.dedent(
     with tempfile.TemporaryDirectory() as tmp:
         swept = sweep.run(cfg, cells, world, tmp, progress=False)
     out["sweep_checks"] = [r["checks"] for r in swept]
+    # seeds as a batch axis, split over the devices: 8 seeds' M trained as one program (each its
+    # own data, row count and step count), then their searches, each seed in its own world
+    from wm_jax.models import train
+    rng = np.random.default_rng(0)
+    rows = np.asarray([40, 60, 45, 60, 50, 55, 42, 60], np.int32)
+    is_first = np.zeros((8, 60), bool)
+    is_first[:, ::20] = True
+    is_last = np.roll(is_first, -1, axis=1)
+    arrays = {"mean": rng.normal(size=(8, 60, latent)).astype(np.float32), "logvar": np.full((8, 60, latent), -3.0, np.float32),
+              "action": rng.integers(0, 2, (8, 60)).astype(np.int32), "reward": np.ones((8, 60), np.float32),
+              "done": is_last.astype(np.float32), "is_first": is_first, "is_last": is_last, "rows": rows}
+    mcfg = dataclasses.replace(cfg, transition=dataclasses.replace(cfg.transition, train=dataclasses.replace(
+        cfg.transition.train, steps=6, chunk=3, checkpoint_every=3)))
+    keys = jnp.stack([jax.random.key(20 + i) for i in range(8)])
+    with tempfile.TemporaryDirectory() as tmp:
+        m8, _ = transition.train(mcfg, keys, arrays, tmp, progress=False, seeds=train.Seeds(shared_data=False, batch=1),
+                                 limits=[6, 5, 4, 6, 3, 6, 2, 6])
+    out["seeds_m"] = [np.concatenate([np.ravel(x[i]) for x in jax.tree.leaves(m8)])[::7].tolist() for i in range(8)]
+    worlds = checks.World(m_params=m8, vae_params=jax.tree.map(lambda x: jnp.stack([x] * 8), params["vae"]),
+                          starts=(jnp.asarray(arrays["mean"]), jnp.asarray(arrays["logvar"])), rows=jnp.asarray(rows),
+                          cells=True)
+    hp = jax.tree.map(lambda x: jnp.stack([x] * 8), cfg.hyper())
+    with tempfile.TemporaryDirectory() as tmp:
+        res = driver.search(cfg, keys, worlds, tmp, hp=hp, progress=False, batched=True, real_steps=[1, 10**6] * 4)
+    out["seeds_checks"] = [r["checks"] for r in res]
     print("RESULT " + json.dumps(out))
     """
 )
@@ -83,9 +108,10 @@ def _result(proc: subprocess.Popen) -> dict:
 @pytest.mark.slow
 def test_sharded_matches_single_device(tmp_path):
     """8 CPU devices against 1 (two processes, the same script): population scores, evaluation
-    returns, two CMA-ES generations with their real checks, and a sweep of 8 cells split over the
-    devices equal the single-device computation up to float rounding (measured: scores within
-    3e-8, the rest identical)."""
+    returns, two CMA-ES generations with their real checks, a sweep of 8 cells, and 8 seeds as a
+    batch axis (M trained over them, their searches each in its own world, stopping on its own)
+    split over the devices equal the single-device computation up to float rounding (measured:
+    scores within 3e-8, the rest identical)."""
     # Both processes at once: most of their time is compilation, one core each.
     script = tmp_path / "sharded.py"
     script.write_text(SCRIPT)
@@ -100,8 +126,11 @@ def test_sharded_matches_single_device(tmp_path):
         np.testing.assert_allclose(sharded[k], single[k], rtol=1e-5, atol=1e-5, err_msg=k)
     assert np.unique(np.round(single["scores"], 4)).size > 1  # candidates differ: not vacuous
     assert abs(sharded["eval_kl"] - single["eval_kl"]) <= 1e-4 * max(1.0, abs(single["eval_kl"]))
-    rows = lambda r: r["evolve_history"] + r["evolve_checks"] + [c for cell in r["sweep_checks"] for c in cell]
-    assert len(rows(sharded)) == len(rows(single)) == 2 + 2 + 8 * 2
+    np.testing.assert_allclose(sharded["seeds_m"], single["seeds_m"], rtol=1e-5, atol=1e-6)
+    assert [len(c) for c in single["seeds_checks"]] == [1, 2] * 4  # every other seed spent its real steps at once
+    rows = lambda r: (r["evolve_history"] + r["evolve_checks"] + [c for cell in r["sweep_checks"] for c in cell]
+                      + [c for cell in r["seeds_checks"] for c in cell])
+    assert len(rows(sharded)) == len(rows(single)) == 2 + 2 + 8 * 2 + 12
     for a, b in zip(rows(sharded), rows(single)):
         assert a.keys() == b.keys()
         np.testing.assert_allclose([a[k] for k in a], [b[k] for k in a], rtol=1e-5, atol=1e-5)

@@ -203,8 +203,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _compare(args: argparse.Namespace, first: dict[str, Any]) -> int:
     """wm-jax report RUNS --against RUNS: both reports, then the two distributions against each other."""
-    second = report.report(args.against, reps=args.reps)
     names = args.names or [args.runs[0], args.against[0]]
+    if names[0] == names[1]:
+        raise UsageError(f"--names: the two groups need two names, not {names[0]!r} twice")
+    second = report.report(args.against, reps=args.reps)
     print(f"\n--- {names[1]}\n{report.text(second)}\n")
     comp = report.compare(first, second, reps=args.reps)
     print(report.comparison_text(names, comp))
@@ -218,6 +220,8 @@ def _compare(args: argparse.Namespace, first: dict[str, Any]) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    if args.names and not args.against:
+        raise UsageError("--names names the two groups of --against; give --against RUNS too")
     result = report.report(args.runs, reps=args.reps)
     print(report.text(result))
     if args.against:

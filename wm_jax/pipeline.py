@@ -101,6 +101,9 @@ def run(cfg: Config, out: Path | str, progress: bool = True) -> dict[str, Any]:
     out = Path(out)
     check_env(cfg)  # the task's actions and step limit (a macro controller's config plays through search.macro)
     with run_dir.locked(out), interrupt.deferred():
+        if (out / "seeds.json").exists():
+            raise RunDirError(f"{out} holds a batch of seeds (wm-jax run --seeds); rerun it with its own --seeds, or "
+                              f"use a new --out")
         check_config(out, cfg)
         stages = stages_lib.Stages(out, progress)
         summary = stages_lib.finished_summary(out, stages)

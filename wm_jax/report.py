@@ -63,7 +63,8 @@ def find_runs(paths: list[Path | str]) -> tuple[list[Path], list[Path]]:
         elif (path / "summary.json").is_file():
             runs.append(path)
             continue
-        subs = sorted(p for p in path.iterdir() if (p / "config.json").is_file())
+        subs = sorted((p for p in path.iterdir() if (p / "config.json").is_file()),  # seeds/2 before seeds/10
+                      key=lambda p: (len(p.name), p.name) if p.name.isdigit() else (0, p.name))
         runs += [p for p in subs if (p / "summary.json").is_file()]
         unfinished += [p for p in subs if not (p / "summary.json").is_file()]
         if not subs and (path / "config.json").is_file():
@@ -189,7 +190,11 @@ def improvement(x: Any, y: Any, reps: int = REPS, seed: int = 0) -> dict[str, An
 
 def compare(x: dict[str, Any], y: dict[str, Any], reps: int = REPS) -> dict[str, Any]:
     """Two reports' seeds against each other: P(X's final return > Y's) and P(X spends fewer real
-    training steps than Y), each with its interval (`improvement`)."""
+    training steps than Y), each with its interval (`improvement`). Both must be of one task."""
+    tasks = [(r["aggregate"]["env"], r["aggregate"]["threshold"]) for r in (x, y)]
+    if tasks[0] != tasks[1]:
+        raise ReportError(f"the two groups are runs of other tasks ({tasks[0][0]}, threshold {tasks[0][1]}; "
+                          f"{tasks[1][0]}, threshold {tasks[1][1]}): compare runs of one task")
     return {"return": improvement([r["return_mean"] for r in x["rows"]], [r["return_mean"] for r in y["rows"]], reps),
             "fewer_steps": improvement([-r["training_steps"] for r in x["rows"]],
                                        [-r["training_steps"] for r in y["rows"]], reps)}
@@ -201,8 +206,8 @@ def profiles(results: dict[str, dict[str, Any]], out: Path | str, reps: int = CU
     curve, in `out`."""
     out = Path(out)
     finals = {name: np.array([r["return_mean"] for r in res["rows"]]) for name, res in results.items()}
-    top = max(v.max() for v in finals.values())
-    taus = np.linspace(0.0, top * 1.02, GRID)
+    low, top = min(v.min() for v in finals.values()), max(v.max() for v in finals.values())
+    taus = np.linspace(low - 0.02 * (top - low + 1.0), top + 0.02 * (top - low + 1.0), GRID)
     curves = {name: bands(lambda idx, v=v: (v[idx, None] > taus).mean(0), len(v), reps) for name, v in finals.items()}
     first = next(iter(results.values()))["aggregate"]
     plots.performance_profiles(taus, curves, first["threshold"], out / "performance_profile.png")

@@ -90,16 +90,17 @@ class _Batch:
     best_real: np.ndarray | None = None  # the best agent's check (-inf before its first)
     best_round: np.ndarray | None = None  # its round (0 before the first)
     best_ctrl: np.ndarray | None = None  # [seeds, dims]
-    rounds: dict[int, dict[str, Any]] = dataclasses.field(default_factory=dict)  # r -> M, K, their ids
+    rounds: dict[int, dict[str, Any]] = dataclasses.field(default_factory=dict)  # r -> its M (every seed) and id
 
     @property
     def n(self) -> int:
         return len(self.seeds)
 
-    def load(self, stage: str, folder: str, loader: Any, cfg: Config) -> tuple[Any, Any]:
+    def load(self, stage: str, folder: str, loader: Any, cfg: Config, count: int | None = None) -> tuple[Any, Any]:
+        """A finished stage's parameters of `count` seeds (default: all), as it recorded them."""
         identity = run_dir.stage_output(self.out, self.stages.done, stage, folder)
         try:
-            return loader(cfg, self.out / folder, identity, seeds=self.n), identity
+            return loader(cfg, self.out / folder, identity, seeds=count or self.n), identity
         except checkpoint.Damaged as e:
             raise run_dir.damaged(self.out, stage, folder, e) from None
 
@@ -157,6 +158,8 @@ def run(cfg: Config, seeds: Any, out: Path | str, progress: bool = True) -> dict
     out = Path(out)
     with run_dir.locked(out), interrupt.deferred():
         pipeline.check_config(out, cfg)
+        if not (out / SEEDS_FILE).exists() and (out / "stages.json").exists() and run_dir.read_stages(out):
+            raise RunDirError(f"{out} holds a run of one seed (no {SEEDS_FILE}), not a batch; use a new --out")
         stages = stages_lib.Stages(out, progress)
         _check_seeds(out, seeds)
         keys = [run_dir.run_keys(s) for s in seeds]
@@ -278,8 +281,10 @@ def _training_arrays(lat: dict[str, np.ndarray], arrays: list[dict[str, Any]]) -
 
 def _round(b: _Batch, r: int, active: np.ndarray) -> None:
     """Round r for the seeds `active` marks: (collect with each one's best agent,) encode, train
-    or fine-tune M (and K), search C in the dreams; the others stand still."""
+    or fine-tune M (and K), search C in the dreams. The others stand still and cost nothing: M, K
+    and the searches run on the active seeds only (`idx`), written back into the batch's arrays."""
     cfg, out, stages = b.cfg, b.out, b.stages
+    idx = np.flatnonzero(active)
     new_rows: list[int | None] = [None] * b.n
     if r > 1:
         got = stages.run(f"collect_round{r}", lambda: _collect_agents(b, r, active),
@@ -300,22 +305,24 @@ def _round(b: _Batch, r: int, active: np.ndarray) -> None:
     m_arrays = _training_arrays(b.latents, arrays)
     del arrays
     m_name = "transition" if r == 1 else f"transition_round{r}"
-    stages.run(m_name, lambda: _train_m(b, rcfg, r, m_arrays, m_name, limits),
+    stages.run(m_name, lambda: _train_m(b, rcfg, r, _take(m_arrays, idx), m_name, limits[idx], idx),
                inputs={"latents": b.lat_id, "init": b.m_id, **b.data_ids(), "limits": limits.tolist()},
                folder=out / m_name)
-    b.m_params, b.m_id = b.load(m_name, m_name, transition.load, rcfg)
-    k_params, k_id = None, None
+    m_part, b.m_id = b.load(m_name, m_name, transition.load, rcfg, len(idx))
+    b.m_params = m_part if b.m_params is None else jax.tree.map(lambda a, p: a.at[idx].set(p), b.m_params, m_part)
+    k_part, k_id = None, None
     if cfg.verifier.mode != "off":
         k_name = "verifier" if r == 1 else f"verifier_round{r}"
-        stages.run(k_name, lambda: _train_k(b, rcfg, r, m_arrays, k_name),
-                   inputs={"latents": b.lat_id, "transition": b.m_id, **b.data_ids()}, folder=out / k_name)
-        k_params, k_id = b.load(k_name, k_name, verifier.load, rcfg)
-    b.rounds[r] = {"m": b.m_params, "m_id": b.m_id, "k": k_params}
+        stages.run(k_name, lambda: _train_k(b, rcfg, r, _take(m_arrays, idx), m_part, k_name, idx),
+                   inputs={"latents": b.lat_id, "transition": b.m_id, **b.data_ids(), "active": active.tolist()},
+                   folder=out / k_name)
+        k_part, k_id = b.load(k_name, k_name, verifier.load, rcfg, len(idx))
+    b.rounds[r] = {"m": b.m_params, "m_id": b.m_id}
     e_name = f"evolve_round{r}"
     inputs = {"vae": b.vae_id, "transition": b.m_id, "verifier": k_id, "latents": b.lat_id,
               "init": None if b.best_ctrl is None else checkpoint.digest(b.best_ctrl), "active": active.tolist(),
               "real": b.real.tolist()}
-    evo = stages.run(e_name, lambda: _search(b, rcfg, r, active, k_params), inputs=inputs, folder=out / e_name)
+    evo = stages.run(e_name, lambda: _search(b, rcfg, r, idx, m_part, k_part), inputs=inputs, folder=out / e_name)
     ctrls = _controllers(b, e_name)
     for i, rec in enumerate(evo["seeds"]):
         if rec is None:
@@ -327,44 +334,51 @@ def _round(b: _Batch, r: int, active: np.ndarray) -> None:
             b.best_ctrl[i] = ctrls[i]
 
 
-def _train_m(b: _Batch, rcfg: Config, r: int, m_arrays: dict[str, Any], m_name: str, limits: np.ndarray
-             ) -> dict[str, Any]:
-    keys = jax.vmap(lambda k: jax.random.fold_in(k, r))(b.keys["transition"])
-    _, info = transition.train(rcfg, keys, m_arrays, b.out / m_name, b.progress, init_params=b.m_params,
-                               seeds=train.Seeds(shared_data=False, batch=map_batch("transition", b.n)),
+def _train_m(b: _Batch, rcfg: Config, r: int, m_arrays: dict[str, Any], m_name: str, limits: np.ndarray,
+             idx: np.ndarray) -> dict[str, Any]:
+    """Round r's M of the seeds idx (m_arrays and limits theirs): trained, or fine-tuned from their latest M."""
+    keys = jax.vmap(lambda k: jax.random.fold_in(k, r))(b.keys["transition"][idx])
+    init = None if b.m_params is None else _take(b.m_params, idx)
+    _, info = transition.train(rcfg, keys, m_arrays, b.out / m_name, b.progress, init_params=init,
+                               seeds=train.Seeds(shared_data=False, batch=map_batch("transition", len(idx))),
                                limits=limits)
     return {"steps_per_s": info["steps_per_s"], "final": info["final"], "outputs": {m_name: info["identity"]}}
 
 
-def _train_k(b: _Batch, rcfg: Config, r: int, m_arrays: dict[str, Any], k_name: str) -> dict[str, Any]:
-    keys = jax.vmap(lambda k: jax.random.fold_in(k, r))(b.keys["verifier"])
-    _, info = verifier.train(rcfg, keys, m_arrays, b.out / k_name, b.progress, m_params=b.m_params,
-                             seeds=train.Seeds(batch=map_batch("verifier", b.n)))
+def _train_k(b: _Batch, rcfg: Config, r: int, m_arrays: dict[str, Any], m_part: Any, k_name: str, idx: np.ndarray
+             ) -> dict[str, Any]:
+    """Round r's K of the seeds idx, each against its round-r M (m_part)."""
+    keys = jax.vmap(lambda k: jax.random.fold_in(k, r))(b.keys["verifier"][idx])
+    _, info = verifier.train(rcfg, keys, m_arrays, b.out / k_name, b.progress, m_params=m_part,
+                             seeds=train.Seeds(batch=map_batch("verifier", len(idx))))
     return {"steps_per_s": info["steps_per_s"], "final": info["final"], "outputs": {k_name: info["identity"]}}
 
 
-def _search(b: _Batch, rcfg: Config, r: int, active: np.ndarray, k_params: Any) -> dict[str, Any]:
-    """Round r's controller searches of every active seed as one batched program, each seed in its
-    own world, from its own best controller, stopping at its own stop_at and budget."""
+def _search(b: _Batch, rcfg: Config, r: int, idx: np.ndarray, m_part: Any, k_part: Any) -> dict[str, Any]:
+    """Round r's controller searches of the seeds idx as one batched program, each seed in its own
+    world (its round-r M, m_part), from its own best controller, stopping at its own stop_at and
+    budget. The stage records a controller for every seed (a left-out seed keeps its best)."""
     e_name = f"evolve_round{r}"
-    world = checks.World(m_params=b.m_params, vae_params=b.vae_params, k_params=k_params,
-                         starts=(jnp.asarray(b.latents["mean"]), jnp.asarray(b.latents["logvar"])),
-                         rows=jnp.asarray(b.latents["rows"]), cells=True)
-    keys = jax.vmap(lambda k: jax.random.fold_in(k, r))(b.keys["evolve"])
-    hp = _stack([rcfg.hyper()] * b.n)
-    budget = None if rcfg.rounds.budget is None else [rcfg.budget_left(int(x)) for x in b.real]
-    res = driver.search(rcfg, keys, world, b.out / e_name, hp, None if b.best_ctrl is None else jnp.asarray(b.best_ctrl),
-                        b.progress, batched=True, real_steps=budget, cells_active=active)
-    ctrls = np.stack([np.asarray(x["best"], np.float32) for x in res])
-    if not np.isfinite(ctrls[active]).all():
+    world = checks.World(m_params=m_part, vae_params=_take(b.vae_params, idx), k_params=k_part,
+                         starts=(jnp.asarray(b.latents["mean"][idx]), jnp.asarray(b.latents["logvar"][idx])),
+                         rows=jnp.asarray(b.latents["rows"][idx]), cells=True)
+    keys = jax.vmap(lambda k: jax.random.fold_in(k, r))(b.keys["evolve"][idx])
+    hp = _stack([rcfg.hyper()] * len(idx))
+    budget = None if rcfg.rounds.budget is None else [rcfg.budget_left(int(b.real[i])) for i in idx]
+    init = None if b.best_ctrl is None else jnp.asarray(b.best_ctrl[idx])
+    res = dict(zip(idx.tolist(), driver.search(rcfg, keys, world, b.out / e_name, hp, init, b.progress, batched=True,
+                                               real_steps=budget)))
+    ctrls = np.stack([np.asarray(res[i]["best"], np.float32) if i in res else b.best_ctrl[i] for i in range(b.n)])
+    if not np.isfinite(ctrls[idx]).all():
         raise train.TrainingError(f"{e_name}: a controller search diverged (non-finite weights); delete "
                                   f"{b.out / e_name} to search again")
     run_dir.save_npy(b.out / e_name / "controllers.npy", ctrls)
-    per_seed = [None if not active[i] else {
-        "best_real": x["best_real"], "checks": x["checks"], "real_env_steps": x["real_env_steps"],
-        "generations": x["generations"], "imagined_steps": driver.imagined_steps(rcfg, x["generations"], len(x["checks"])),
-        "final_dream_mean": x["history"][-1]["dream_mean"] if x["history"] else None}
-        for i, x in enumerate(res)]
+    per_seed = [None if i not in res else {
+        "best_real": res[i]["best_real"], "checks": res[i]["checks"], "real_env_steps": res[i]["real_env_steps"],
+        "generations": res[i]["generations"],
+        "imagined_steps": driver.imagined_steps(rcfg, res[i]["generations"], len(res[i]["checks"])),
+        "final_dream_mean": res[i]["history"][-1]["dream_mean"] if res[i]["history"] else None}
+        for i in range(b.n)]
     return {"seeds": per_seed, "controllers": ctrls.tolist(), "outputs": {e_name: checkpoint.digest(ctrls)}}
 
 

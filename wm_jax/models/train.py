@@ -23,7 +23,7 @@ import numpy as np
 import optax
 from flax import struct
 
-from wm_jax import logs
+from wm_jax import logs, sharding
 from wm_jax.store import checkpoint
 from wm_jax.store.resume import Resumable
 from wm_jax.config import TrainConfig
@@ -97,7 +97,8 @@ class Seeds:
     """A leading axis of seeds on `fit`'s key, parameters and state (and on its data unless
     `shared_data`), run as one program: `jax.lax.map` in groups of `batch` seeds, each group
     vmapped (batch=1: one seed after another, a lone run's arithmetic; on CPU a vmapped convolution
-    is slower per seed than a lone one, while M's small matrices gain from it)."""
+    is slower per seed than a lone one, while M's small matrices gain from it). With several
+    devices every seed is vmapped and the seed axis split over them (wm_jax.sharding)."""
 
     shared_data: bool = True
     batch: int = 1
@@ -140,6 +141,12 @@ def run_chunk(hp, loss_fn, sample_fn, length, key, data, state, limit=None, seed
 
     if seeds is None:
         return one(key, data, state, limit)
+    if jax.device_count() > 1:  # every seed vmapped, the seed axis split over the devices
+        if seeds.shared_data:
+            key, state, limit = sharding.shard_leading((key, state, limit))
+            return sharding.replicated(jax.vmap(lambda k, s, n: one(k, data, s, n))(key, state, limit))
+        key, data, state, limit = sharding.shard_leading((key, data, state, limit))
+        return sharding.replicated(jax.vmap(one)(key, data, state, limit))
     if seeds.shared_data:
         return jax.lax.map(lambda x: one(x[0], data, x[1], x[2]), (key, state, limit), batch_size=seeds.batch)
     return jax.lax.map(lambda x: one(*x), (key, data, state, limit), batch_size=seeds.batch)
@@ -170,10 +177,11 @@ def _start(name: str, cfg: TrainConfig, params: Any, seeds: int | None, limits: 
 
 
 def _rows(metrics: dict[str, np.ndarray], step: int, seeds: int | None) -> list[dict[str, Any]]:
-    """A chunk's metrics.jsonl rows: one, or one per seed (its position in the batch: "seed")."""
+    """A chunk's metrics.jsonl rows: one, or one per seed ("cell": its position in the batch, as a
+    batched search's evolve.jsonl has it)."""
     if seeds is None:
         return [{"step": step, **_summarise(metrics)}]
-    return [{"step": step, "seed": i, **_summarise(jax.tree.map(lambda x: x[i], metrics))} for i in range(seeds)]
+    return [{"step": step, "cell": i, **_summarise(jax.tree.map(lambda x: x[i], metrics))} for i in range(seeds)]
 
 
 def fit(name: str, cfg: TrainConfig, loss_fn: LossFn, sample_fn: SampleFn, data: Any, params: Any, key: jax.Array,
@@ -198,6 +206,7 @@ def fit(name: str, cfg: TrainConfig, loss_fn: LossFn, sample_fn: SampleFn, data:
     # Through the host: restored (or loaded, when fine-tuning) arrays are committed to a device and
     # a chunk's outputs are not, so the second chunk would compile the program again (4 s for M)
     state = jax.tree.map(jnp.asarray, jax.device_get(loop.state))
+    first = int(np.sum(np.asarray(state.step)))  # steps taken before this call (every seed's)
     every = max(cfg.chunk, -(-cfg.checkpoint_every // cfg.chunk) * cfg.chunk)
     t0, last = time.perf_counter(), {}
     with loop:
@@ -210,8 +219,11 @@ def fit(name: str, cfg: TrainConfig, loss_fn: LossFn, sample_fn: SampleFn, data:
             worst = int(np.max(metrics["bad_streak"]))  # a streak may start and end inside a chunk
             if worst >= cfg.max_bad_steps:
                 logs.append(Path(run_dir) / "metrics.jsonl", rows)
+                which = "" if seeds is None else (
+                    f" (seed {', '.join(map(str, np.flatnonzero(np.max(metrics['bad_streak'], axis=-1) >= cfg.max_bad_steps)))}"
+                    f" of the batch, by position)")
                 raise TrainingError(
-                    f"{name}: {worst} consecutive non-finite updates before step {step + length} "
+                    f"{name}: {worst} consecutive non-finite updates before step {step + length}{which} "
                     f"(lower the learning rate or check the data); last checkpoint kept in {loop.ckpt_dir}"
                 )
             done = step + length
@@ -219,7 +231,7 @@ def fit(name: str, cfg: TrainConfig, loss_fn: LossFn, sample_fn: SampleFn, data:
             losses = [r["loss"] for r in rows if np.isfinite(r["loss"])]  # a seed past its steps has none
             loop.bar.set_postfix(loss=f"{np.mean(losses) if losses else float('nan'):.4g}")
     elapsed = time.perf_counter() - t0
-    steps_done = (loop.done - loop.start) * (1 if seeds is None else n)
+    steps_done = int(np.sum(np.asarray(state.step))) - first  # a seed past its own steps takes none
     info = {
         "steps": cfg.steps,
         "resumed_from": loop.start,

@@ -142,10 +142,11 @@ def model_config(cfg: Config, latent: int) -> dict[str, Any]:
 
 
 def train(cfg: Config, key: jax.Array, data: dict[str, Any], out_dir, progress: bool = True, *,
-          m_params: Params, seeds: train_lib.Seeds | None = None) -> tuple[Params, dict[str, Any]]:
+          m_params: Params, seeds: train_lib.Seeds | None = None, limits: Any = None
+          ) -> tuple[Params, dict[str, Any]]:
     """Train K against the frozen M `m_params` on `transition.training_arrays`-style per-row data;
     resumable in out_dir. With `seeds` (train.Seeds), key, m_params and data carry a leading axis of
-    seeds (data's "rows": each seed's own row count, as for M)."""
+    seeds (data's "rows": each seed's own row count, as for M; `limits`: each one's step count)."""
     vcfg, arrays = cfg.verifier, data
     latent = cfg.vae.latent
     params, key_train = train_lib.split_init(key, lambda k: init(k, vcfg, latent, cfg.transition.hidden), seeds)
@@ -153,7 +154,7 @@ def train(cfg: Config, key: jax.Array, data: dict[str, Any], out_dir, progress: 
     return train_lib.fit(
         "verifier", vcfg.train, train_lib.Bound(_loss, vcfg.static()), train_lib.Bound(_sample, cfg.static()),
         _data(m_params, arrays, seeds is not None), params, key_train, out_dir, model_config(cfg, latent), progress,
-        seeds,
+        seeds, limits,
     )
 
 

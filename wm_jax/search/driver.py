@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from wm_jax import logs, sharding
@@ -51,13 +50,24 @@ def _init_cells(cfg, hp, keys, world, init_mean, batched):
 
 
 @partial(jax.jit, static_argnums=(0, 5, 6, 7, 8))
-def _period_cells(cfg, hp, world, state, keys, gens, score, check, batched, active=None):
+def _period_cells(cfg, hp, world, state, keys, gens, score, check, batched):
     if batched:  # one cell per (seed, hyperparameters), split over the devices
         hp, state, keys = sharding.shard_leading((hp, state, keys))
-    new, metrics = trainer(cfg).period(cfg, hp, world, state, keys, gens, score, check, batched)
-    if active is not None:  # a cell that stopped stands still (its metrics are not logged)
-        new = jax.tree.map(lambda n, o: jnp.where(active.reshape(active.shape + (1,) * (n.ndim - 1)), n, o), new, state)
-    return sharding.replicated((new, metrics))
+    return sharding.replicated(trainer(cfg).period(cfg, hp, world, state, keys, gens, score, check, batched))
+
+
+def _period_of(cfg, hp, world, state, keys, gens, score, check, idx):
+    """A period of the batch's cells `idx` only (the others stopped and cost nothing): the program
+    runs on those cells (one compile per count of cells), and their new state is written back."""
+    take = lambda tree: jax.tree.map(lambda x: x[idx], tree)  # noqa: E731
+    part, m = _period_cells(cfg, take(hp), take(world) if world.cells else world, take(state), keys[idx], gens,
+                            score, check, True)
+    state = jax.tree.map(lambda full, new: full.at[idx].set(new), state, part)
+    m = jax.device_get(m)
+    full = jax.tree.map(lambda x: np.zeros((len(state.best_real),) + np.shape(x)[1:], np.asarray(x).dtype), m)
+    for k in full:
+        full[k][idx] = m[k]
+    return state, full
 
 
 def stopped(ev: Any, real_steps: Any, done: int, state: Any, active: Any = None) -> np.ndarray:
@@ -144,8 +154,10 @@ def search(
             if halted.all():
                 break
             gens = min(ev.check_every - done % ev.check_every, ev.generations - done)
-            active = jnp.asarray(~halted) if batched and halted.any() else None
-            state, m = _period_cells(static, hp, world, state, keys, gens, score, check, batched, active)
+            if batched and halted.any():
+                state, m = _period_of(static, hp, world, state, keys, gens, score, check, np.flatnonzero(~halted))
+            else:
+                state, m = _period_cells(static, hp, world, state, keys, gens, score, check, batched)
             history, checks_logged = _period_rows(trainer(cfg), jax.device_get(m), done, gens, cells, batched,
                                                   ~halted.reshape(-1))
             loop.record(gens, state, {"generations.jsonl": history, "evolve.jsonl": checks_logged}, save=True)
