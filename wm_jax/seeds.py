@@ -7,7 +7,7 @@ Seed S is the run `wm-jax run --seed S` makes (its keys are run_dir.run_keys(S))
 leading axis of seeds: V, M and K train as one program each (train.Seeds: each seed its own key,
 data, row count and step count); each round's controller searches are one batched program in which
 every seed dreams in its own M, checks through its own V and stops on its own (stop_at, budget:
-driver.search's masks). Round 1's random data (data.seed) is the same for every seed: collected
+driver.search; a stopped seed costs nothing). Round 1's random data (data.seed) is the same for every seed: collected
 once. The rounds follow each seed's own rules (Config.skips_round, rounds.budget); a seed whose
 rounds ended stands still while the others go on. Later rounds' collections, the encoding and the
 final evaluation run seed after seed, through one compiled program each.
