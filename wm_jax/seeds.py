@@ -12,14 +12,13 @@ once. The rounds follow each seed's own rules (Config.skips_round, rounds.budget
 rounds ended stands still while the others go on. Later rounds' collections, the encoding and the
 final evaluation run seed after seed, through one compiled program each.
 
-A batched seed is an equivalent run of its seed, not always the identical one: the batched programs
-may round floats in another order, and CMA-ES's eigenvectors amplify last bits (docs/RESULTS.md).
+A batched seed is an equivalent run of its seed, not always the identical one: batched programs may
+round floats otherwise, and CMA-ES amplifies last bits (docs/RESULTS.md section 14).
 
-OUT holds config.json, seeds.json, stages.json (per-seed results in a record's "seeds" list),
-data/round1 (shared), data/round{r}/seed{S}, vae, transition[_round{r}], verifier[_round{r}] and
-evolve_round{r} (one checkpoint for every seed each), latents_round{r}.npz (padded; LATENTS),
-seeds/{S}/ (config.json, summary.json, controller.npy: `wm-jax report OUT` reads them) and
-summary.json (each seed's figures and their aggregates).
+OUT: config.json, seeds.json, stages.json (per-seed results in a record's "seeds" list), data/round1
+(shared), data/round{r}/seed{S}, vae, transition*, verifier*, evolve_round{r} (a checkpoint of every
+seed each), latents_round{r}.npz (LATENTS), seeds/{S}/ (config.json, summary.json, controller.npy:
+`wm-jax report OUT` reads them), summary.json (each seed's figures and their aggregates).
 """
 
 from __future__ import annotations
@@ -47,7 +46,7 @@ SEEDS_FILE = "seeds.json"
 LATENTS = ("mean", "logvar", "rows")  # latents_round{r}.npz of a batch: padded, with each seed's row count
 
 
-def _take(tree: Any, i: int) -> Any:
+def _take(tree: Any, i: Any) -> Any:
     return jax.tree.map(lambda x: x[i], tree)
 
 
@@ -63,9 +62,8 @@ def pad_stack(arrays: list[np.ndarray]) -> np.ndarray:
 
 
 def map_batch(kind: str, seeds: int) -> int:
-    """How many seeds one step of a seed-batched training vmaps together (train.Seeds.batch): on a
-    CPU, V's convolutions one seed at a time (vmapped they are slower per seed), M's and K's small
-    matrices all together; elsewhere all together."""
+    """Seeds a training step vmaps together (train.Seeds.batch): all, but on a CPU V's convolutions
+    one seed at a time (vmapped they are slower per seed)."""
     return 1 if kind == "vae" and jax.default_backend() == "cpu" else seeds
 
 
@@ -111,7 +109,7 @@ class _Batch:
         return {name: run_dir.dataset_id(self.out, self.stages.done, stage, name) for name, stage in names}
 
     def agent(self, i: int) -> dict[str, Any]:
-        """Seed i's best agent: V, its best round's M (and K) and controller."""
+        """Seed i's best agent: V, its best round's M and its controller."""
         r = int(self.best_round[i])
         return {"vae": _take(self.vae_params, i), "transition": _take(self.rounds[r]["m"], i),
                 "controller": jnp.asarray(self.best_ctrl[i])}
@@ -123,8 +121,7 @@ class _Batch:
 
 
 def _parse_seeds(seeds: Any) -> list[int]:
-    seeds = [int(s) for s in seeds]
-    if not seeds:
+    if not (seeds := [int(s) for s in seeds]):
         raise ConfigError("--seeds names no seed")
     twice = sorted({s for s in seeds if seeds.count(s) > 1})
     if twice:

@@ -154,10 +154,9 @@ def search(
             if halted.all():
                 break
             gens = min(ev.check_every - done % ev.check_every, ev.generations - done)
-            if batched and halted.any():
-                state, m = _period_of(static, hp, world, state, keys, gens, score, check, np.flatnonzero(~halted))
-            else:
-                state, m = _period_cells(static, hp, world, state, keys, gens, score, check, batched)
+            idx = np.flatnonzero(~halted) if batched and halted.any() else None  # only the cells still searching
+            state, m = (_period_cells(static, hp, world, state, keys, gens, score, check, batched) if idx is None
+                        else _period_of(static, hp, world, state, keys, gens, score, check, idx))
             history, checks_logged = _period_rows(trainer(cfg), jax.device_get(m), done, gens, cells, batched,
                                                   ~halted.reshape(-1))
             loop.record(gens, state, {"generations.jsonl": history, "evolve.jsonl": checks_logged}, save=True)
