@@ -110,23 +110,34 @@ def seed_curves(curves: list[list[tuple[int, float]]], grid: np.ndarray, center:
     _save(fig, path)
 
 
+def _fractions(x: np.ndarray, curves: dict[str, tuple[np.ndarray, np.ndarray]], mark: tuple[float, str] | None,
+               labels: tuple[str, str, str], steps: bool, first_color: int, legend: str, path: Path) -> None:
+    """Fractions of seeds against x, one line with its 95% band per name ({name: (fraction, band
+    [2, len(x)])}), a dashed mark (x, label) and labels (x axis, y axis, title)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 3.2))
+    for i, (name, (fraction, band)) in enumerate(curves.items()):
+        color = f"C{i + first_color}"
+        ax.fill_between(x, band[0], band[1], step="post" if steps else None, color=color, alpha=0.2, lw=0)
+        (ax.step(x, fraction, where="post", color=color, lw=2, label=name) if steps
+         else ax.plot(x, fraction, color=color, lw=2, label=name))
+    if mark is not None:
+        ax.axvline(mark[0], color="k", ls="--", lw=0.8, label=mark[1])
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel(labels[0])
+    ax.set_ylabel(labels[1])
+    ax.set_title(labels[2], fontsize=8)
+    ax.legend(fontsize=7, loc=legend)
+    _save(fig, path)
+
+
 def performance_profiles(taus: np.ndarray, curves: dict[str, tuple[np.ndarray, np.ndarray]], threshold: float | None,
                          path: Path) -> None:
     """For each named method, the fraction of its seeds whose final return exceeds tau, against tau,
     with its 95% band ({name: (fraction, band [2, len(taus)])}): a performance profile."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 3.2))
-    for i, (name, (fraction, band)) in enumerate(curves.items()):
-        ax.fill_between(taus, band[0], band[1], color=f"C{i}", alpha=0.2, lw=0)
-        ax.plot(taus, fraction, color=f"C{i}", lw=2, label=name)
-    if threshold is not None:
-        ax.axvline(threshold, color="k", ls="--", lw=0.8, label=f"solved ({threshold:g})")
-    ax.set_ylim(0, 1.02)
-    ax.set_xlabel("final real return tau")
-    ax.set_ylabel("fraction of seeds above tau")
-    ax.set_title("performance profile; shaded: 95% bootstrap interval over seeds", fontsize=8)
-    ax.legend(fontsize=7, loc="lower left")
-    _save(fig, path)
+    _fractions(taus, curves, None if threshold is None else (threshold, f"solved ({threshold:g})"),
+               ("final real return tau", "fraction of seeds above tau",
+                "performance profile; shaded: 95% bootstrap interval over seeds"), False, 0, "lower left", path)
 
 
 def fraction_curves(steps: np.ndarray, curves: dict[str, tuple[np.ndarray, np.ndarray]], goal: int | None,
@@ -134,16 +145,7 @@ def fraction_curves(steps: np.ndarray, curves: dict[str, tuple[np.ndarray, np.nd
     """For each named method, the fraction of its seeds that reached the threshold with at most
     `steps` real training steps, with its 95% band ({name: (fraction, band [2, len(steps)])}), and
     the step goal."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 3.2))
-    for i, (name, (fraction, band)) in enumerate(curves.items()):
-        ax.fill_between(steps, band[0], band[1], step="post", color=f"C{i + 2}", alpha=0.2, lw=0)
-        ax.step(steps, fraction, where="post", color=f"C{i + 2}", lw=2, label=name)
-    if goal is not None:
-        ax.axvline(goal, color="k", ls="--", lw=0.8, label=f"step goal ({goal:,})")
-    ax.set_ylim(0, 1.02)
-    ax.set_xlabel("real environment steps spent on training")
-    ax.set_ylabel("fraction of seeds solved")
-    ax.set_title("shaded: 95% bootstrap interval over seeds; a line ends where its runs ended", fontsize=8)
-    ax.legend(fontsize=7, loc="lower right")
-    _save(fig, path)
+    _fractions(steps, curves, None if goal is None else (goal, f"step goal ({goal:,})"),
+               ("real environment steps spent on training", "fraction of seeds solved",
+                "shaded: 95% bootstrap interval over seeds; a line ends where its runs ended"), True, 2, "lower right",
+               path)

@@ -211,17 +211,8 @@ def profiles(results: dict[str, dict[str, Any]], out: Path | str, reps: int = CU
     curves = {name: bands(lambda idx, v=v: (v[idx, None] > taus).mean(0), len(v), reps) for name, v in finals.items()}
     first = next(iter(results.values()))["aggregate"]
     plots.performance_profiles(taus, curves, first["threshold"], out / "performance_profile.png")
-    steps = {name: np.array([r["training_steps"] for r in res["rows"]], np.float64) for name, res in results.items()}
-    solved = {name: np.array([bool(r["solved"]) for r in res["rows"]]) for name, res in results.items()}
-    most = max(s.max() for s in steps.values())
-    fgrid = np.unique(np.concatenate([np.linspace(0, most * 1.05, GRID), *steps.values()]))
-    fractions = {}
-    for name in results:
-        s, ok = steps[name], solved[name]
-        f, ci = bands(lambda idx, s=s, ok=ok: ((s[idx, None] <= fgrid) & ok[idx, None]).mean(0), len(s), reps)
-        beyond = fgrid > s.max()
-        fractions[f"{name} ({len(s)} seeds)"] = (np.where(beyond, np.nan, f), np.where(beyond, np.nan, ci))
-    plots.fraction_curves(fgrid, fractions, first.get("training_steps", {}).get("goal"), out / "solved_fraction.png")
+    _solved_fractions({f"{name} ({len(res['rows'])} seeds)": res for name, res in results.items()},
+                      first.get("training_steps", {}).get("goal"), reps, out / "solved_fraction.png")
     return [out / "performance_profile.png", out / "solved_fraction.png"]
 
 
@@ -294,19 +285,26 @@ def draw(result: dict[str, Any], out: Path | str, reps: int = CURVE_REPS) -> lis
     at = curve_at([r["curve"] for r in rows], grid)
 
     curve, curve_ci = bands(lambda idx: iqm(at[idx]), len(rows), reps)
-    steps = np.array([r["training_steps"] for r in rows], np.float64)
-    solved = np.array([bool(r["solved"]) for r in rows])
-    fgrid = np.unique(np.concatenate([np.linspace(0, steps.max() * 1.05, GRID), steps]))
-    fraction, fraction_ci = bands(lambda idx: ((steps[idx, None] <= fgrid) & solved[idx, None]).mean(0),
-                                  len(rows), reps)
-    beyond = fgrid > steps.max()  # no run went this far: nothing to draw
-    fraction, fraction_ci = np.where(beyond, np.nan, fraction), np.where(beyond, np.nan, fraction_ci)
     paths = [out / "learning_curves.png", out / "solved_fraction.png"]
     plots.seed_curves([r["curve"] for r in rows], grid, curve, curve_ci,
                       [(r["training_steps"], r["return_mean"]) for r in rows], agg["threshold"], paths[0])
-    plots.fraction_curves(fgrid, {f"{len(rows)} seeds": (fraction, fraction_ci)},
-                          agg.get("training_steps", {}).get("goal"), paths[1])
+    _solved_fractions({f"{len(rows)} seeds": result}, agg.get("training_steps", {}).get("goal"), reps, paths[1])
     return paths
+
+
+def _solved_fractions(results: dict[str, dict[str, Any]], goal: int | None, reps: int, path: Path) -> None:
+    """solved_fraction.png: for each named report, the fraction of its seeds solved within each count
+    of training steps, with its 95% band; a line ends where its runs ended."""
+    steps = {name: np.array([r["training_steps"] for r in res["rows"]], np.float64) for name, res in results.items()}
+    most = max(s.max() for s in steps.values())
+    grid = np.unique(np.concatenate([np.linspace(0, most * 1.05, GRID), *steps.values()]))
+    curves = {}
+    for name, res in results.items():
+        s, ok = steps[name], np.array([bool(r["solved"]) for r in res["rows"]])
+        f, ci = bands(lambda idx, s=s, ok=ok: ((s[idx, None] <= grid) & ok[idx, None]).mean(0), len(s), reps)
+        beyond = grid > s.max()  # no run went this far: nothing to draw
+        curves[name] = (np.where(beyond, np.nan, f), np.where(beyond, np.nan, ci))
+    plots.fraction_curves(grid, curves, goal, path)
 
 
 def _fmt(x: float | None, digits: int = 1) -> str:
