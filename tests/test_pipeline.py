@@ -813,3 +813,30 @@ def test_verifier_ablation_rejects_a_bad_grounding_before_any_work(with_verifier
     with pytest.raises(SystemExit) as exc:
         mod.main()
     assert exc.value.code == 2 and "--groundings" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_fork_script_redoes_only_the_rounds_from_its_search(smoke_run, tmp_path, monkeypatch):
+    """experiments/fork.py (the screen and the verdict of docs/RESULTS.md section 13 run on it): a
+    finished run carried on from round 2's search with no change is that run again; with a later
+    round's setting changed, every stage before round 2's search is the original's record and the
+    search is redone; a field that feeds an earlier stage is refused."""
+    mod = _experiment("fork", monkeypatch)
+    runs = tmp_path / "runs"
+    shutil.copytree(smoke_run[0], runs / "smoke-s0")
+    base = ["--runs", str(runs), "--seeds", "0", "--preset", "smoke", "--at", "2"]
+    assert mod.main([*base, "--forks", str(tmp_path / "same"), "--out", str(tmp_path / "same.json")]) == 0
+    same = json.loads((tmp_path / "same" / "smoke-s0" / "summary.json").read_text())
+    for k in ("real_return_mean", "real_return_std", "real_env_steps", "agent_round", "imagined_steps",
+              "learning_curve"):
+        assert same[k] == smoke_run[1][k], k
+    assert mod.main([*base, "--set", "rounds.generations=3", "--forks", str(tmp_path / "g3"),
+                     "--out", str(tmp_path / "g3.json")]) == 0
+    old, new = (json.loads((d / "stages.json").read_text()) for d in (smoke_run[0], tmp_path / "g3" / "smoke-s0"))
+    for name in ("collect", "vae", "encode_round1", "transition", "evolve_round1", "collect_round2", "encode_round2",
+                 "transition_round2"):
+        assert new[name] == old[name], name
+    assert (old["evolve_round2"]["generations"], new["evolve_round2"]["generations"]) == (2, 3)
+    assert run_dir.read_config(tmp_path / "g3" / "smoke-s0").rounds.generations == 3
+    with pytest.raises(SystemExit, match="changes a stage before the fork"):
+        mod.main([*base, "--set", "vae.latent=4", "--forks", str(tmp_path / "v"), "--out", str(tmp_path / "v.json")])
