@@ -12,6 +12,9 @@ import json
 import os
 import shutil
 import signal
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -101,6 +104,44 @@ def test_a_batch_killed_in_a_search_resumes_to_the_uninterrupted_result(batch, t
         a, b = _seed_summary(tmp_path / "killed", s), _seed_summary(out, s)
         assert {k: a[k] for k in FIGURES} == {k: b[k] for k in FIGURES} and _curve(a) == _curve(b)
     assert resumed["aggregate"]["return"] == summary["aggregate"]["return"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_a_batch_over_two_processes_equals_one_process(batch, tmp_path):
+    """`wm-jax run --seeds 0:2` as two jax.distributed processes on this machine (the coordinator on
+    127.0.0.1, gloo's collectives): the seed axis of V's, M's and K's training and of the searches is
+    split over the two processes' devices, the rest runs in each. Every seed's figures equal the
+    one-process batch's; process 0 writes OUT with the checkpoints, process 1 its working copy
+    OUT.process1 (no checkpoints: it receives process 0's) with the same summaries."""
+    out, port = tmp_path / "smoke", _free_port()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    procs = [subprocess.Popen([sys.executable, "-m", "wm_jax.cli", "run", "--preset", "smoke", "--seeds", "0:2",
+                               "--out", str(out), "--coordinator", f"127.0.0.1:{port}", "--processes", "2",
+                               "--process-id", str(i)], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    try:
+        ended = [p.communicate(timeout=900) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, (_, err) in zip(procs, ended):
+        assert p.returncode == 0, err[-3000:]
+    one = batch[0]
+    for seed in (0, 1):
+        mine, theirs, copy = (_seed_summary(d, seed) for d in (out, one, tmp_path / "smoke.process1"))
+        for k in FIGURES:
+            assert mine[k] == theirs[k] == copy[k], (seed, k)
+        assert _curve(mine) == _curve(theirs) == _curve(copy)
+        assert mine["latent_kl"] == pytest.approx(theirs["latent_kl"], rel=1e-4)
+    assert any((out / "vae" / "checkpoints").iterdir())
+    assert not (tmp_path / "smoke.process1" / "vae" / "checkpoints").exists()
 
 
 def _flip_bytes(path: Path, at: int, count: int = 8) -> None:
@@ -197,7 +238,10 @@ def test_the_ppo_trainer_is_refused_before_any_work(tmp_path, capsys):
 
 @pytest.mark.parametrize("args, needle", [(["--seeds", "3:3"], "no seeds in '3:3'"),
                                           (["--seeds", "a:b"], "expected START:STOP"),
-                                          (["--seed", "1", "--seeds", "0:2"], "not allowed with argument")])
+                                          (["--seed", "1", "--seeds", "0:2"], "not allowed with argument"),
+                                          (["--seeds", "0:2", "--coordinator", "127.0.0.1:1"], "go together"),
+                                          (["--seeds", "0:2", "--coordinator", "127.0.0.1:1", "--processes", "2",
+                                            "--process-id", "2"], "must be below --processes=2")])
 def test_bad_seeds_arguments_are_one_line(tmp_path, capsys, args, needle):
     _one_line(*_run_cli(capsys, tmp_path / "x", *args), needle)
 

@@ -146,6 +146,12 @@ def _add_run(sub: Any) -> None:
                    help="how C is searched in the dream: cmaes (Ha's linear controller) or ppo (an actor with one "
                         "tanh layer of 64); default: the preset's")
     _log_arg(r)
+    hosts = r.add_argument_group("several processes (jax.distributed; run the same command in each, docs/ARCHITECTURE.md)")
+    hosts.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                       help="process 0's address, where jax.distributed's coordinator listens")
+    hosts.add_argument("--processes", type=_positive_int, default=None, help="how many processes run the command")
+    hosts.add_argument("--process-id", type=_bounded(int, 0, 1_000_000, "(a process index)"), default=None,
+                       help="this process's index, 0 to PROCESSES-1; process 0 writes OUT, process i OUT.processI")
 
 
 def _add_agent_commands(sub: Any) -> None:
@@ -275,11 +281,34 @@ def compilation_cache() -> Path | None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)  # the large programs, not every op
     return path
 
+def _distributed(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """`run --coordinator --processes --process-id`: join jax.distributed before any JAX computation
+    (wm_jax.sharding then splits work over every process's devices)."""
+    given = [getattr(args, k, None) for k in ("coordinator", "processes", "process_id")]
+    if all(v is None for v in given):
+        return
+    if any(v is None for v in given):
+        parser.error("--coordinator, --processes and --process-id go together")
+    if args.process_id >= args.processes:
+        parser.error(f"--process-id must be below --processes={args.processes}, got {args.process_id}")
+    import jax  # after the arguments parse, as every JAX import of the CLI
+
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes: gloo's collectives
+    try:
+        jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.processes,
+                                   process_id=args.process_id, initialization_timeout=120)
+    except Exception as e:  # noqa: BLE001  jax raises several types; one line either way
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        parser.exit(2, f"wm-jax run: cannot join jax.distributed through {args.coordinator} as process "
+                       f"{args.process_id} of {args.processes} ({first})\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # argparse prints usage + one error line and exits 2
     debug = args.debug or os.environ.get("WM_JAX_DEBUG", "") not in ("", "0")
     compilation_cache()
+    _distributed(parser, args)
     from wm_jax import commands  # the model stack loads only now
 
     # SIGTERM stops a command as Ctrl-C does (one line, resumable; long jobs at their next chunk

@@ -153,7 +153,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     name += "" if cfg.verifier.mode == base.verifier.mode else f"-k{cfg.verifier.mode}"
     name += "" if cfg.evolve.grounding == base.evolve.grounding else f"-g{cfg.evolve.grounding:g}"
     name += "" if cfg.evolve.trainer == base.evolve.trainer else f"-{cfg.evolve.trainer}"
-    out = Path(args.out) if args.out else Path("runs") / name
+    out = run_dir.for_process(Path(args.out) if args.out else Path("runs") / name)
     if batch:
         return _run_seeds(cfg, batch, out)
     summary = pipeline.run(cfg, out)

@@ -98,7 +98,7 @@ def run(cfg: Config, out: Path | str, progress: bool = True) -> dict[str, Any]:
     One process at a time per directory (run_dir.locked). Ctrl-C stops at the next chunk boundary
     (KeyboardInterrupt); the same call resumes. A rerun of a finished run rewrites the derived files
     (agent.json, controller.npy, summary.json) that are missing or damaged."""
-    out = Path(out)
+    out = run_dir.for_process(Path(out))
     check_env(cfg)  # the task's actions and step limit (a macro controller's config plays through search.macro)
     with run_dir.locked(out), interrupt.deferred():
         if (out / "seeds.json").exists():

@@ -97,6 +97,15 @@ def locked(directory: Path | str) -> Iterator[None]:
         os.close(fd)  # closing the descriptor releases the lock
 
 
+def for_process(out: Path) -> Path:
+    """The run directory this process writes: `out` in process 0 (and without jax.distributed), and
+    OUT.processI beside it in process I. Every process keeps a whole copy of the run, so none waits
+    on another's files; the copies are equal, as every value a run writes is the same in every
+    process (the programs that split work over the processes replicate their results)."""
+    i, out = jax.process_index(), Path(out)
+    return out if i == 0 or out.name.endswith(f".process{i}") else out.with_name(f"{out.name}.process{i}")
+
+
 def run_keys(seed: int) -> dict[str, jax.Array]:
     """The keys of `wm-jax run --seed seed`, one per stream: each stage draws from its own."""
     key = jax.random.key(seed)

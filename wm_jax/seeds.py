@@ -152,7 +152,7 @@ def run(cfg: Config, seeds: Any, out: Path | str, progress: bool = True) -> dict
                           f"seed by seed (wm-jax run --seed S for each)")
     check_env(cfg)
     cfg = dataclasses.replace(cfg, seed=seeds[0])
-    out = Path(out)
+    out = run_dir.for_process(Path(out))
     with run_dir.locked(out), interrupt.deferred():
         pipeline.check_config(out, cfg)
         if not (out / SEEDS_FILE).exists() and (out / "stages.json").exists() and run_dir.read_stages(out):

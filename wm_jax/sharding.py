@@ -1,8 +1,9 @@
 """Spread batches of independent work (CMA-ES candidates, real episodes) over every device.
 
-One mesh axis over `jax.devices()`: all local devices, and every host's devices once the user has
-called `jax.distributed.initialize()` (the library never calls it: do so first thing in each
-process, before any other JAX call, then run the same program everywhere). Candidates and
+One mesh axis over `jax.devices()`: all local devices, and every process's devices after
+`jax.distributed.initialize()` (`wm-jax run --coordinator` calls it; a library user does so first
+thing in each process, before importing wm_jax.presets or wm_jax.envs, whose gymnax starts JAX's
+backend, then runs the same program everywhere; run_dir.for_process says where each writes). Candidates and
 episodes are independent, so splitting their leading axis changes where they run, not what they
 compute. With one device every function here returns its input unchanged, so single-device
 programs are exactly the ones without sharding.
@@ -67,4 +68,17 @@ def put_replicated(tree: Any) -> Any:
     """
     if jax.device_count() == 1:
         return tree
-    return jax.device_put(tree, NamedSharding(mesh(), PartitionSpec()))
+    s = NamedSharding(mesh(), PartitionSpec())
+    if jax.process_count() == 1:
+        return jax.device_put(tree, s)
+    return jax.tree.map(lambda x: _global(x, s), tree)
+
+
+def _global(x: Any, s: NamedSharding) -> Any:
+    """x (the same value in every process) as one array over every host's devices: from host memory,
+    as an array on this host's devices cannot be put on another's."""
+    if isinstance(x, jax.Array) and x.sharding == s:
+        return x
+    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        return jax.random.wrap_key_data(_global(jax.random.key_data(x), s), impl=jax.random.key_impl(x))
+    return jax.device_put(np.asarray(x), s)

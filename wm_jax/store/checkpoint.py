@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -68,22 +69,46 @@ def _quiet_orbax():
 FORMAT_VERSION = 2  # stored with every checkpoint's config; a checkpoint of another version is refused
 
 
-def manager(directory: Path | str, max_to_keep: int = 2) -> ocp.CheckpointManager:
+def _one_process() -> dict[str, Any]:
+    """Under jax.distributed, process 0 alone keeps the checkpoints (orbax writes arrays held in
+    host memory from process 0 only): it is told it checkpoints alone, with no barrier on the
+    others. The other processes save nothing and receive what process 0 restores (_from_process0)."""
+    if jax.process_count() == 1:
+        return {}
+    return {"multiprocessing_options": ocp.options.MultiprocessingOptions(primary_host=0, active_processes={0})}
+
+
+def _host(tree: Any) -> Any:
+    if jax.process_count() == 1:
+        return tree
+    return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
+
+
+def manager(directory: Path | str, max_to_keep: int = 2) -> ocp.CheckpointManager | None:
+    """The manager that saves into `directory` (None in a process other than 0 under jax.distributed:
+    `save` then does nothing)."""
+    if jax.process_index() != 0:
+        return None
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep,
-        create=True,
         enable_async_checkpointing=False,  # simple and deterministic: the save is done on return
+        create=jax.process_count() == 1,  # with several processes, orbax leaves the directory to us
+        **_one_process(),
     )
-    handlers = {"state": ocp.StandardCheckpointHandler(), "config": ocp.JsonCheckpointHandler()}  # metadata reads
+    handlers = {"state": ocp.StandardCheckpointHandler(**_one_process()),  # metadata reads
+                "config": ocp.JsonCheckpointHandler(**_one_process())}
+    Path(directory).mkdir(parents=True, exist_ok=True)
     with _quiet_orbax():
         return ocp.CheckpointManager(Path(directory).absolute(), options=options, item_handlers=handlers)
 
 
-def save(mngr: ocp.CheckpointManager, step: int, state: Any, config: dict[str, Any]) -> None:
+def save(mngr: ocp.CheckpointManager | None, step: int, state: Any, config: dict[str, Any]) -> None:
+    if mngr is None:  # not process 0 (manager)
+        return
     with _quiet_orbax():
         mngr.save(
             step,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+            args=ocp.args.Composite(state=ocp.args.StandardSave(_host(state)),
                                     config=ocp.args.JsonSave({**config, "format_version": FORMAT_VERSION})),
             force=True,
         )
@@ -129,9 +154,15 @@ def restore_latest(
     stored array shapes must equal `like`'s, else CheckpointError names the array. A newest
     checkpoint that cannot be read (Damaged) falls back to the previous one with a warning; with
     `set_aside` (training, which will save that step again) the unreadable step directory is
-    renamed out of orbax's view, kept for inspection.
+    renamed out of orbax's view, kept for inspection. Under jax.distributed process 0 reads, and
+    every process gets its result.
     """
-    directory = Path(directory)
+    read = lambda: _restore_latest(Path(directory), like, config, max_to_keep, compare_config, set_aside)  # noqa: E731
+    return read() if jax.process_count() == 1 else _from_process0(read, like)
+
+
+def _restore_latest(directory: Path, like: Any, config: dict[str, Any], max_to_keep: int,
+                    compare_config: dict[str, Any] | None, set_aside: bool) -> tuple[int, Any] | None:
     if not directory.exists():
         return None
     mngr = manager(directory, max_to_keep)
@@ -155,8 +186,14 @@ def restore_latest(
 
 def restore_step(directory: Path | str, step: int, like: Any, config: dict[str, Any]) -> Any:
     """Exactly checkpoint `step` (a finished stage's): CheckpointError if it is gone, Damaged if it
-    cannot be read; never an older step."""
-    directory = Path(directory)
+    cannot be read; never an older step. Under jax.distributed process 0 reads, and every process
+    gets its result."""
+    if jax.process_count() > 1:
+        return _from_process0(lambda: (step, _restore_step(Path(directory), step, like, config)), like)[1]
+    return _restore_step(Path(directory), step, like, config)
+
+
+def _restore_step(directory: Path, step: int, like: Any, config: dict[str, Any]) -> Any:
     if not (directory / str(step)).is_dir():
         raise Damaged(f"checkpoint step {step} in {directory} is missing")
     mngr = manager(directory, max(1, len(list(directory.iterdir()))))  # never deletes a step
@@ -164,6 +201,38 @@ def restore_step(directory: Path | str, step: int, like: Any, config: dict[str, 
         return _restore(directory, mngr, step, like, config)
     finally:
         mngr.close()
+
+
+def _from_process0(read: Any, like: Any) -> tuple[int, Any] | None:
+    """Under jax.distributed: process 0 runs `read` (-> (step, state shaped as `like`) or None) on
+    its checkpoints, and every process returns its result, bit for bit, through jax's collectives
+    (multihost_utils.broadcast_one_to_all); an error there is raised in every process, its line the same."""
+    from jax.experimental import multihost_utils
+
+    head, got, error = np.zeros(16 + 4096, np.uint8), None, None
+    if jax.process_index() == 0:
+        try:
+            got = read()
+            head[:16] = np.frombuffer(np.asarray([0 if got is None else 1, got[0] if got else 0], np.int64).tobytes(),
+                                      np.uint8)
+        except Exception as e:  # noqa: BLE001  every process raises it (below), or the others would wait forever
+            error = e
+            kind = 2 if isinstance(e, Damaged) else 3 if isinstance(e, CheckpointError) else 4
+            head[:8] = np.frombuffer(np.asarray([kind], np.int64).tobytes(), np.uint8)
+            text = str(e).encode()[:4096]
+            head[16:16 + len(text)] = np.frombuffer(text, np.uint8)
+    head = multihost_utils.broadcast_one_to_all(head)
+    kind, step = np.frombuffer(head[:16].tobytes(), np.int64)
+    if kind >= 2:
+        if error is not None:
+            raise error
+        raise (Damaged if kind == 2 else CheckpointError)(head[16:].tobytes().rstrip(b"\0").decode(errors="replace"))
+    if kind == 0:
+        return None
+    bits = lambda t: jax.tree.map(lambda x: np.ascontiguousarray(jax.device_get(x)).reshape(-1).view(np.uint8), t)  # noqa: E731
+    source = bits(got[1]) if got is not None else bits(jax.tree.map(lambda x: np.zeros(np.shape(x), x.dtype), like))
+    out = multihost_utils.broadcast_one_to_all(source)  # bytes: a sum with zeros keeps every bit
+    return int(step), jax.tree.map(lambda b, x: jnp.asarray(np.asarray(b).view(x.dtype).reshape(np.shape(x))), out, like)
 
 
 def _set_aside(directory: Path, step: int) -> None:
@@ -216,7 +285,7 @@ def _restore(directory: Path, mngr: ocp.CheckpointManager, step: int, like: Any,
         raise _damage(where, e) from None
     _check_config(directory, step, saved_config, wanted)
     _check_shapes(where, stored_shapes, _shapes(like, np.shape))
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _host(like))
     try:
         with _quiet_orbax():
             return mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]

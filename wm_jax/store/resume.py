@@ -72,7 +72,8 @@ class Resumable:
 
     def __exit__(self, *exc: object) -> None:
         self.bar.close()
-        self.manager.close()
+        if self.manager is not None:  # None: not process 0 under jax.distributed (checkpoint.manager)
+            self.manager.close()
 
     def chunks(self) -> Iterator[int]:
         """The steps done before each chunk, until `total`; Ctrl-C or SIGTERM stops between chunks,
