@@ -64,18 +64,13 @@ def fork(src: Path, dst: Path, at: int, sets: list[str]) -> Config:
     done = run_dir.read_stages(src)
     keep = {k: v for k, v in done.items() if kept(k, at)}
     dst.mkdir(parents=True)
-    for name in ("data", "vae", "transition", "verifier"):
-        if (src / name).is_dir():
-            shutil.copytree(src / name, dst / name)
-    for name in list(keep):
-        if (src / name).is_dir() and not (dst / name).exists():
-            shutil.copytree(src / name, dst / name)
-        for out in keep[name].get("outputs", {}):
-            if (src / out).is_file():
-                shutil.copy2(src / out, dst / out)
-    for folder in (dst / "data").iterdir():  # later rounds' collections go
-        if folder.name.startswith("round") and int(folder.name[5:]) > at:
-            shutil.rmtree(folder)
+    for name, rec in keep.items():  # each kept stage's folder and outputs (data/roundR, latents_roundR.npz)
+        for path in {name, *rec.get("outputs", {})}:
+            if (src / path).is_dir() and not (dst / path).exists():
+                shutil.copytree(src / path, dst / path)
+            elif (src / path).is_file():
+                (dst / path).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(src / path, dst / path)
     run_dir.write_config(dst, cfg)
     run_dir.write_json(dst / "stages.json", keep)
     return cfg

@@ -12,13 +12,13 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from redis_fixture import free_port
 
 from wm_jax import cli, interrupt, pipeline, report, seeds
 from wm_jax.config import ConfigError
@@ -106,12 +106,6 @@ def test_a_batch_killed_in_a_search_resumes_to_the_uninterrupted_result(batch, t
     assert resumed["aggregate"]["return"] == summary["aggregate"]["return"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_a_batch_over_two_processes_equals_one_process(batch, tmp_path):
     """`wm-jax run --seeds 0:2` as two jax.distributed processes on this machine (the coordinator on
@@ -119,7 +113,7 @@ def test_a_batch_over_two_processes_equals_one_process(batch, tmp_path):
     split over the two processes' devices, the rest runs in each. Every seed's figures equal the
     one-process batch's; process 0 writes OUT with the checkpoints, process 1 its working copy
     OUT.process1 (no checkpoints: it receives process 0's) with the same summaries."""
-    out, port = tmp_path / "smoke", _free_port()
+    out, port = tmp_path / "smoke", free_port()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
                                                         os.environ.get("PYTHONPATH", "")])}
     procs = [subprocess.Popen([sys.executable, "-m", "wm_jax.cli", "run", "--preset", "smoke", "--seeds", "0:2",

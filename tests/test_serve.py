@@ -28,6 +28,7 @@ from PIL import Image
 pytest.importorskip("fastapi")
 pytest.importorskip("qwix")
 from fastapi.testclient import TestClient
+from redis_fixture import free_port
 
 from wm_jax import cli, run_dir, serve, stages
 from wm_jax.models import quant, transition, vae
@@ -610,7 +611,7 @@ def _start_server(cmd: list[str], port: int, tmp_path: Path) -> tuple[subprocess
 def test_case5_sigterm_ends_wm_jax_serve_normally(run_with_k, tmp_path):
     """`wm-jax serve` stopped by SIGTERM (as systemd stops it) shuts down and exits 0 with one
     line: a server's normal end, not an interrupted job to resume."""
-    port = _free_port()
+    port = free_port()
     proc, log = _start_server([sys.executable, "-m", "wm_jax.cli", "serve", str(run_with_k), "--port", str(port)],
                               port, tmp_path)
     try:
@@ -626,19 +627,13 @@ def test_case5_sigterm_ends_wm_jax_serve_normally(run_with_k, tmp_path):
     assert "wm-jax serve: stopped" in out and "Traceback" not in out and "resume" not in out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_case3_sigterm_stops_the_server_at_once_while_a_batch_window_waits(run_with_k, tmp_path):
     """`serve.run` in its own process, with a ten-minute window (the cap lifted for the test): an
     /act waits in it, and the first SIGTERM answers it and stops the server within seconds."""
     import httpx
 
-    port = _free_port()
+    port = free_port()
     code = ("import sys; from wm_jax import serve; serve.model.MAX_BATCH_WINDOW_MS = 600_000.0; "
             "settings = serve.Settings(buckets=(1, 8), batch_window_ms=600_000.0); "
             "serve.run(serve.create_app(sys.argv[1], settings), port=int(sys.argv[2]))")

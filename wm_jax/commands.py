@@ -153,7 +153,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     name += "" if cfg.verifier.mode == base.verifier.mode else f"-k{cfg.verifier.mode}"
     name += "" if cfg.evolve.grounding == base.evolve.grounding else f"-g{cfg.evolve.grounding:g}"
     name += "" if cfg.evolve.trainer == base.evolve.trainer else f"-{cfg.evolve.trainer}"
-    out = run_dir.for_process(Path(args.out) if args.out else Path("runs") / name)
+    out = Path(args.out) if args.out else Path("runs") / name
     if batch:
         return _run_seeds(cfg, batch, out)
     summary = pipeline.run(cfg, out)
@@ -166,12 +166,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     for stage, seconds in summary["wall_s"].items():
         print(f"{'wall_s/' + stage:<26}{seconds:.1f}")
     print(f"{'device':<26}{summary['device']}")
+    out = run_dir.for_process(out)  # where this process wrote (several processes: docs/PERFORMANCE.md)
     print(f"\nresults: {out / 'summary.json'} (plots, checkpoints and metrics in {out}/)")
     return 0
 
 
 def _run_seeds(cfg: Any, batch: list[int], out: Path) -> int:
     summary = seeds.run(cfg, batch, out)
+    out = run_dir.for_process(out)  # where this process wrote
     print()
     if summary["aggregate"] is not None:
         print(report.text({"rows": summary["per_seed"], "aggregate": summary["aggregate"]}))

@@ -99,11 +99,12 @@ def locked(directory: Path | str) -> Iterator[None]:
 
 def for_process(out: Path) -> Path:
     """The run directory this process writes: `out` in process 0 (and without jax.distributed), and
-    OUT.processI beside it in process I. Every process keeps a whole copy of the run, so none waits
-    on another's files; the copies are equal, as every value a run writes is the same in every
-    process (the programs that split work over the processes replicate their results)."""
-    i, out = jax.process_index(), Path(out)
-    return out if i == 0 or out.name.endswith(f".process{i}") else out.with_name(f"{out.name}.process{i}")
+    OUT.processI beside it in process I, a working copy (datasets, latents, logs, summaries) so that
+    none waits on another's files; the copies are equal, as every value a run writes is the same in
+    every process (the programs that split work over the processes replicate their results). Only
+    process 0 keeps checkpoints (store.checkpoint sends what it restores to the others)."""
+    i = jax.process_index()
+    return out if i == 0 else out.with_name(f"{out.name}.process{i}")
 
 
 def run_keys(seed: int) -> dict[str, jax.Array]:
