@@ -262,10 +262,10 @@ def test_score_population_is_mean_of_dreams(m_params, posteriors, scored):
 # A hand-made M whose dream reward is +r per step for action 1 and -r for action 0.
 
 
-def _action_rewarding_m(latent: int = LATENT, hidden: int = HIDDEN):
+def _action_rewarding_m(latent: int = LATENT, hidden: int = HIDDEN, tcfg=SMOKE.transition):
     """LSTM with forget gate ~0 and input/output gates ~1, so h' = tanh(tanh(+-3)) depends only on
-    the action taken; the reward head averages h'; the done head never fires."""
-    tcfg = SMOKE.transition
+    the action taken; the reward head averages h'; the done head never fires. With a continuous
+    `tcfg` (one action number a in [-1, 1]): h' = tanh(tanh(3 a)), best at a = 1."""
     p = transition.init(jax.random.key(12), tcfg, latent)
     lstm = p["params"]["lstm"]
     for gate in ("ii", "if", "ig", "io"):
@@ -277,7 +277,10 @@ def _action_rewarding_m(latent: int = LATENT, hidden: int = HIDDEN):
     lstm["hf"]["bias"] = jnp.full((hidden,), -10.0)
     lstm["hg"]["bias"] = jnp.zeros((hidden,))
     # input x = [z (latent), one_hot(a) (2)]: action 1 pushes g up, action 0 pushes it down
-    lstm["ig"]["kernel"] = lstm["ig"]["kernel"].at[latent, :].set(-3.0).at[latent + 1, :].set(3.0)
+    if tcfg.continuous:
+        lstm["ig"]["kernel"] = lstm["ig"]["kernel"].at[latent, :].set(3.0)
+    else:
+        lstm["ig"]["kernel"] = lstm["ig"]["kernel"].at[latent, :].set(-3.0).at[latent + 1, :].set(3.0)
     p["params"]["reward_head"]["kernel"] = jnp.full((hidden, 1), 1.0 / hidden)
     p["params"]["reward_head"]["bias"] = jnp.zeros((1,))
     p["params"]["done_head"]["kernel"] = jnp.zeros((hidden, 1))

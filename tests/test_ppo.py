@@ -25,7 +25,7 @@ from test_dream import (
 from wm_jax.models import controller, transition
 from wm_jax.search import dream, driver, ppo
 from wm_jax.store import checkpoint
-from wm_jax.config import ConfigError
+from wm_jax.config import ConfigError, ControllerConfig
 from wm_jax.presets import with_trainer
 
 PPO_SMOKE = _replace(with_trainer(SMOKE, "ppo"), controller={"mlp_hidden": 8},
@@ -177,6 +177,48 @@ def test_ppo_learns_the_probe_task(tmp_path, starts):
     z, h = jax.random.normal(jax.random.key(6), (64, LATENT)), jax.random.uniform(jax.random.key(7), (64, HIDDEN))
     assert np.all(np.asarray(controller.act(cfg.controller, best, z, h)) == 1)  # C acts greedily: action 1
     assert driver.imagined_steps(cfg, 40, 4) == 40 * 2 * 32 * 8 + 4 * cfg.evolve.rollouts * H
+
+
+def test_the_policys_log_probability_and_entropy():
+    logits = jnp.asarray([[0.3, -1.2, 2.0], [0.0, 0.0, 0.0]])
+    logp, ent = ppo.log_prob_entropy(logits, jnp.asarray([2, 1]))
+    np.testing.assert_allclose(logp, jax.nn.log_softmax(logits)[jnp.arange(2), jnp.asarray([2, 1])], rtol=1e-6)
+    np.testing.assert_allclose(ent[1], np.log(3.0), rtol=1e-6)  # uniform over 3
+    mean, log_std, u = jnp.asarray([[0.5, -1.0]]), jnp.asarray([0.2, -0.7]), jnp.asarray([[1.1, -0.4]])
+    logp, ent = ppo.log_prob_entropy(mean, u, log_std)
+    want = jax.scipy.stats.norm.logpdf(u, mean, jnp.exp(log_std)).sum(-1)
+    np.testing.assert_allclose(logp, want, rtol=1e-6)
+    np.testing.assert_allclose(ent, [np.sum(0.5 * np.log(2 * np.pi * np.e) + np.asarray(log_std))], rtol=1e-6)
+
+
+def test_a_continuous_policy_samples_within_the_bounds_around_the_controllers_action():
+    ccfg = ControllerConfig(actions=2, continuous=True, low=(-2.0, 0.0), high=(2.0, 1.0))
+    out = jnp.broadcast_to(jnp.asarray([0.4, -0.3]), (4000, 2))
+    step, u, logp = ppo.sample_action(ccfg, jax.random.key(3), out, jnp.asarray([-1.0, 1.0]))
+    step, u = np.asarray(step), np.asarray(u)
+    assert np.all(step[:, 0] >= -2.0) and np.all(step[:, 0] <= 2.0) and np.all((step[:, 1] >= 0) & (step[:, 1] <= 1))
+    np.testing.assert_allclose(step, controller.squash(ccfg, u), rtol=1e-6)  # the dream steps with squash(u)
+    np.testing.assert_allclose(u.mean(0), [0.4, -0.3], atol=0.1)  # u ~ N(out, exp(log_std))
+    np.testing.assert_allclose(u.std(0), np.exp([-1.0, 1.0]), rtol=0.05)
+    assert logp.shape == (4000,)
+
+
+@pytest.mark.slow
+def test_ppo_learns_a_continuous_probe_task(tmp_path, starts):
+    """The probe with one action number a in [-1, 1] (a dense input to M): reward tanh(tanh(3a))
+    a step, best at a = 1. The Gaussian policy starts around a = 0 (about 0 a step); PPO's greedy
+    policy, the controller's squashed output, reaches near the optimum."""
+    action = {"actions": 1, "continuous": True}
+    cfg = _replace(_probe_cfg(), transition=action, verifier=action,
+                   controller={**action, "low": -1.0, "high": 1.0})
+    H = cfg.evolve.horizon
+    m = _action_rewarding_m(tcfg=cfg.transition)
+    res = driver.search(cfg, jax.random.key(5), _world(m, starts), tmp_path, progress=False, check=_dream_check)[0]
+    assert abs(res["history"][0]["dream_mean"]) < 0.5 * H * R_STEP
+    assert res["best_real"] > 0.95 * H * R_STEP, res["checks"]
+    z, h = jnp.asarray(starts[0]), jnp.zeros((starts[0].shape[0], HIDDEN))  # the dreams' first states
+    a = np.asarray(controller.act(cfg.controller, jnp.asarray(res["best"]), z, h))
+    assert a.shape == (20, 1) and np.all(a > 0.5) and np.all(a <= 1.0)  # toward a = 1, within the bounds
 
 
 @pytest.mark.slow

@@ -208,9 +208,6 @@ def check_env(cfg: Config) -> None:
             shown = ", ".join(f"{section}.{k}={v!r}" for k, v in got.items())
             raise ConfigError(f"{cfg.env} plays {', '.join(f'{k}={v!r}' for k, v in wanted.items())}, not {shown} (a "
                               f"macro controller's? it plays through wm_jax.search.macro); use presets.with_env")
-    if fields["continuous"] and cfg.evolve.trainer == "ppo":
-        raise ConfigError(f"{cfg.env} has continuous actions and PPO's actor here is categorical (discrete tasks "
-                          f"only): use the cmaes trainer")
     limit = envs.spec(cfg.env).max_steps
     if cfg.data.max_steps > limit:
         raise ConfigError(f"data.max_steps={cfg.data.max_steps} is past {cfg.env}'s step limit ({limit})")

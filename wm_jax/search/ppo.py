@@ -8,17 +8,21 @@
   [z, h]; an episode ends at the done head or after evolve.horizon steps (truncated), and the
   env resets itself. Any JAX RL loop can train in it, vmapped over thousands of dreams.
 - `gae` and `clipped_loss`: purejaxrl's advantage estimate and PPO objective (truncations
-  bootstrap from the value of the state they cut off).
+  bootstrap from the value of the state they cut off); `sample_action` and `log_prob_entropy`:
+  the stochastic policy, categorical on a discrete task, a Gaussian squashed into the bounds on a
+  continuous one.
 - `init` / `period`: the controller search's state machine, the same interface as wm_jax.search.evolve's
   CMA-ES (`TRAINER`, a checks.Trainer), so `driver.search` drives either (checkpoints, resume, logs, progress bar, stop_at,
   sweeps). A generation is ppo.updates updates (collect envs x steps imagined steps under the
   stochastic policy, GAE, epochs of minibatch updates, all one `lax.scan`); after every
-  check_every generations the greedy policy (argmax, as C acts everywhere) is scored in the dream
+  check_every generations the greedy policy (as C acts everywhere: the argmax, or the squashed
+  mean on a continuous task) is scored in the dream
   and checked in the real environment exactly as the CMA-ES mean is, and the best checked policy
   is kept.
 The actor is the controller itself (cfg.controller: its flat vector, `controller.logits`), so an
 agent trained with PPO is stored, loaded and evaluated as any other; the critic is a two-layer
-tanh MLP on [z, h] that lives only in the search state.
+tanh MLP on [z, h] that lives only in the search state, as do a continuous policy's log standard
+deviations (one per action dimension, learned, state-independent as purejaxrl's).
 """
 
 from __future__ import annotations
@@ -113,7 +117,7 @@ class DreamEnv:
     def step(self, key: jax.Array, state: DreamState, action: jax.Array, params: DreamParams
              ) -> tuple[jax.Array, DreamState, jax.Array, jax.Array, jax.Array, dict[str, jax.Array]]:
         key_step, key_reset = jax.random.split(key)
-        action = jnp.asarray(action, jnp.int32)
+        action = jnp.asarray(action, jnp.float32 if self.cfg.transition.continuous else jnp.int32)
         carry, im = imagination.imagine(self.cfg.transition, params.cell, key_step, state.carry, state.z, 1,
                                         params.hp["evolve"]["tau"], actions=action[None])
         im = jax.tree.map(lambda x: x[0], im)  # the one step
@@ -152,19 +156,45 @@ def gae(reward: jax.Array, value: jax.Array, next_value: jax.Array, terminal: ja
     return adv, adv + value
 
 
+def log_prob_entropy(out: jax.Array, action: jax.Array, log_std: jax.Array | None = None
+                     ) -> tuple[jax.Array, jax.Array]:
+    """(log pi(action), the policy's entropy) per row: a categorical over the scores `out`, or with
+    `log_std` ([actions]) a diagonal Gaussian of mean `out` over the pre-squash action vector."""
+    if log_std is None:
+        logp_all = jax.nn.log_softmax(out)
+        logp = jnp.take_along_axis(logp_all, action[..., None], -1)[..., 0]
+        return logp, -jnp.sum(jnp.exp(logp_all) * logp_all, -1)
+    std = jnp.exp(log_std)
+    logp = jnp.sum(-0.5 * jnp.square((action - out) / std) - log_std - 0.5 * math.log(2.0 * math.pi), -1)
+    entropy = jnp.broadcast_to(jnp.sum(log_std + 0.5 * math.log(2.0 * math.pi * math.e)), logp.shape)
+    return logp, entropy
+
+
+def sample_action(ccfg: Any, key: jax.Array, out: jax.Array, log_std: jax.Array | None = None
+                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One draw of the stochastic policy: (the action the dream steps with, the action PPO learns
+    on, its log-probability). Discrete: an action index drawn from the scores (both the same).
+    Continuous (`log_std`): u ~ N(out, exp(log_std)), learned on as it is, stepped with as
+    `controller.squash(u)`, so the greedy policy (u = out) is the controller's own action."""
+    if log_std is None:
+        action = jax.random.categorical(key, out).astype(jnp.int32)
+        return action, action, log_prob_entropy(out, action)[0]
+    u = out + jnp.exp(log_std) * jax.random.normal(key, out.shape, out.dtype)
+    return controller.squash(ccfg, u), u, log_prob_entropy(out, u, log_std)[0]
+
+
 def clipped_loss(logits: jax.Array, value: jax.Array, batch: dict[str, jax.Array], clip: Any, vf_coef: Any,
-                 ent_coef: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
+                 ent_coef: Any, log_std: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """PPO's objective on a minibatch (purejaxrl): the clipped surrogate on advantages normalized
     in the minibatch, the clipped value loss and the entropy bonus. batch: action, logp and value
-    (at collection), adv, ret."""
-    logp_all = jax.nn.log_softmax(logits)
-    logp = jnp.take_along_axis(logp_all, batch["action"][..., None], -1)[..., 0]
+    (at collection), adv, ret; `logits` the policy's scores (with `log_std`: its Gaussian's mean)."""
+    logp, entropy = log_prob_entropy(logits, batch["action"], log_std)
     ratio = jnp.exp(logp - batch["logp"])
     adv = (batch["adv"] - batch["adv"].mean()) / (batch["adv"].std() + 1e-8)
     actor = -jnp.mean(jnp.minimum(ratio * adv, jnp.clip(ratio, 1.0 - clip, 1.0 + clip) * adv))
     v_clipped = batch["value"] + jnp.clip(value - batch["value"], -clip, clip)
     critic = 0.5 * jnp.mean(jnp.maximum(jnp.square(value - batch["ret"]), jnp.square(v_clipped - batch["ret"])))
-    entropy = -jnp.mean(jnp.sum(jnp.exp(logp_all) * logp_all, -1))
+    entropy = jnp.mean(entropy)
     total = actor + vf_coef * critic - ent_coef * entropy
     return total, {"actor_loss": actor, "value_loss": critic, "entropy": entropy}
 
@@ -220,6 +250,18 @@ class PPOState:
     best_real: jax.Array
     generation: jax.Array  # int32: generations done (ppo.updates updates each)
     real_env_steps: jax.Array  # int32: env steps spent in real checks
+    # a continuous task's policy: the Gaussian's log standard deviations [actions] (pre-squash);
+    # None on a discrete task, whose policy is the controller's scores alone
+    log_std: Any = None
+
+
+def _trainable(state: PPOState) -> tuple:
+    """What the optimizer updates: (actor, critic), and log_std on a continuous task."""
+    return (state.actor, state.critic) if state.log_std is None else (state.actor, state.critic, state.log_std)
+
+
+# the pre-squash policy's log standard deviation at the start (purejaxrl's continuous actor: 0)
+INIT_LOG_STD = 0.0
 
 
 # a period's per-generation metrics (generations.jsonl): the dream returns as CMA-ES logs them, and
@@ -241,15 +283,17 @@ def init(cfg: Config, hp: dict[str, Any], key: jax.Array, world: Any, init_mean:
     k_actor, k_critic, k_env = jax.random.split(jax.random.fold_in(key_init, 2), 3)
     actor = init_actor(cfg, k_actor, latent) if init_mean is None else jnp.asarray(init_mean, jnp.float32)
     critic = init_critic(cfg, k_critic, latent)
+    log_std = jnp.full((cfg.controller.actions,), INIT_LOG_STD, jnp.float32) if cfg.controller.continuous else None
     rows = jax.random.randint(jax.random.fold_in(key_init, 1), (cfg.evolve.check_episodes * cfg.eval.max_steps,), 0,
                               world.starts[0].shape[0])
     pool = (world.starts[0][rows], world.starts[1][rows], jnp.ones(rows.shape, jnp.float32))
     env = DreamEnv(cfg)
     params = env.params(world.m_params, world.starts, pool, world.k_params, hp)
     _, env_state = jax.vmap(env.reset, in_axes=(0, None))(jax.random.split(k_env, cfg.ppo.envs), params)
-    return PPOState(actor=actor, critic=critic, opt=_optimizer(hp).init((actor, critic)), env=env_state, pool=pool,
-                    best=actor, best_real=jnp.asarray(-jnp.inf, jnp.float32), generation=jnp.zeros((), jnp.int32),
-                    real_env_steps=jnp.zeros((), jnp.int32))
+    state = PPOState(actor=actor, critic=critic, opt=None, env=env_state, pool=pool, best=actor,
+                     best_real=jnp.asarray(-jnp.inf, jnp.float32), generation=jnp.zeros((), jnp.int32),
+                     real_env_steps=jnp.zeros((), jnp.int32), log_std=log_std)
+    return state.replace(opt=_optimizer(hp).init(_trainable(state)))
 
 
 def _update(cfg: Config, hp: dict[str, Any], env: DreamEnv, params: DreamParams, state: PPOState, key: jax.Array
@@ -266,11 +310,9 @@ def _update(cfg: Config, hp: dict[str, Any], env: DreamEnv, params: DreamParams,
     def env_step(env_state, k):
         k_act, k_step = jax.random.split(k)
         obs = jax.vmap(env.obs)(env_state)
-        logits = policy(state.actor, obs)
-        action = jax.random.categorical(k_act, logits).astype(jnp.int32)
-        logp = jnp.take_along_axis(jax.nn.log_softmax(logits), action[..., None], -1)[..., 0]
+        step_action, action, logp = sample_action(ccfg, k_act, policy(state.actor, obs), state.log_std)
         _, env_state, reward, terminated, truncated, info = jax.vmap(env.step, in_axes=(0, 0, 0, None))(
-            jax.random.split(k_step, pc.envs), env_state, action, params)
+            jax.random.split(k_step, pc.envs), env_state, step_action, params)
         return env_state, {"obs": obs, "action": action, "logp": logp, "value": value(state.critic, obs),
                            "next_value": value(state.critic, info["final_obs"]), "reward": reward,
                            "terminal": terminated, "done": terminated | truncated,
@@ -285,9 +327,9 @@ def _update(cfg: Config, hp: dict[str, Any], env: DreamEnv, params: DreamParams,
     batch["adv"], batch["ret"] = adv.reshape(size), ret.reshape(size)
 
     def loss(params_ac, mb):
-        actor, critic = params_ac
+        actor, critic, *log_std = params_ac
         return clipped_loss(policy(actor, mb["obs"]), value(critic, mb["obs"]), mb, ph["clip"], ph["vf_coef"],
-                            ph["ent_coef"])
+                            ph["ent_coef"], *log_std)
 
     def epoch(carry, k):
         def minibatch(carry, idx):
@@ -298,13 +340,14 @@ def _update(cfg: Config, hp: dict[str, Any], env: DreamEnv, params: DreamParams,
 
         return jax.lax.scan(minibatch, carry, jax.random.permutation(k, size).reshape(pc.minibatches, -1))
 
-    ((actor, critic), opt), aux = jax.lax.scan(epoch, ((state.actor, state.critic), state.opt),
-                                               jax.random.split(key_epochs, pc.epochs))
+    (trained, opt), aux = jax.lax.scan(epoch, (_trainable(state), state.opt), jax.random.split(key_epochs, pc.epochs))
+    actor, critic, *log_std = trained
     done = traj["done"].astype(jnp.float32)
     metrics = {"episodes": jnp.sum(done), "return_sum": jnp.sum(done * traj["episode_return"]),
                "return_max": jnp.max(jnp.where(done > 0, traj["episode_return"], -jnp.inf)),
                "running_mean": jnp.mean(env_state.ret), **jax.tree.map(jnp.mean, aux)}
-    return state.replace(actor=actor, critic=critic, opt=opt, env=env_state), metrics
+    return state.replace(actor=actor, critic=critic, opt=opt, env=env_state, log_std=log_std[0] if log_std else None
+                         ), metrics
 
 
 def period(cfg: Config, hp: dict[str, Any], world: Any, state: PPOState, key: jax.Array, gens: int,
