@@ -3,12 +3,13 @@
     python experiments/env_table.py --seeds 1:4                  # runs/envs/TASK-s1 ... s3, every task
     python experiments/env_table.py --seeds 1:4 --report-only    # the table from the runs there
     python experiments/env_table.py --tasks Acrobot-v1 --seeds 0 # one task, one seed
+    python experiments/env_table.py --tasks Pendulum-v1 --seeds 1:4 --trainer ppo --runs runs/envs-ppo  # C by PPO
     # docs/ENVIRONMENTS.md's table: frugal, one round, 100 random episodes, V and M 1,000 steps each
     python experiments/env_table.py --seeds 1:4 --rounds 1 --episodes 100 --vae-steps 1000 --m-steps 1000
 
-Each run is `wm-jax run --preset PRESET --env TASK --seed S [--rounds R] --out RUNS/TASK-sS` (in this
-process, through `pipeline.run`), with --episodes, --vae-steps and --m-steps, where given, replacing
-the preset's random episodes and V's and M's training steps; a finished run directory is read, not
+Each run is `wm-jax run --preset PRESET --env TASK --seed S [--rounds R] [--trainer T] --out RUNS/TASK-sS`
+(in this process, through `pipeline.run`), with --episodes, --vae-steps and --m-steps, where given,
+replacing the preset's random episodes and V's and M's training steps; a finished run directory is read, not
 rerun, and an unfinished one resumes, so the command can be stopped and started again. Runs go seed
 by seed (every task of seed 1, then of seed 2, ...). A run directory made with another config than
 the command's is an error, not a row. Per run, the table holds:
@@ -40,7 +41,8 @@ import numpy as np
 
 from wm_jax import envs, pipeline, stages
 from wm_jax.cli import seeds_arg
-from wm_jax.presets import get_preset, with_env
+from wm_jax.config import TRAINERS
+from wm_jax.presets import get_preset, with_env, with_trainer
 from wm_jax.store import data
 
 TASKS = ("Acrobot-v1", "MountainCar-v0", "Pendulum-v1", "MountainCarContinuous-v0", "Breakout-MinAtar")
@@ -125,7 +127,8 @@ def config(preset: str, task: str, seed: int, args: argparse.Namespace):
     if args.m_steps is not None:
         cfg = dataclasses.replace(cfg, transition=dataclasses.replace(
             cfg.transition, train=dataclasses.replace(cfg.transition.train, steps=args.m_steps)))
-    return with_env(cfg, task)
+    cfg = with_env(cfg, task)
+    return cfg if args.trainer is None else with_trainer(cfg, args.trainer)
 
 
 def markdown(rows: list[dict]) -> str:
@@ -150,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated (default: {','.join(TASKS)})")
     p.add_argument("--preset", default="frugal")
     p.add_argument("--rounds", type=int, default=None, help="as `wm-jax run --rounds` (default: the preset's)")
+    p.add_argument("--trainer", choices=TRAINERS, default=None, help="as `wm-jax run --trainer` (default: the "
+                                                                         "preset's, CMA-ES)")
     p.add_argument("--episodes", type=int, default=None, help="random episodes of round 1 (default: the preset's)")
     p.add_argument("--vae-steps", type=int, default=None, help="V's training steps (default: the preset's)")
     p.add_argument("--m-steps", type=int, default=None, help="M's training steps (default: the preset's)")
@@ -186,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         print("no finished runs to report", file=sys.stderr)
         return 1
     rows.sort(key=lambda r: (tasks.index(r["task"]), r["seed"]))
-    changed = {k: v for k, v in (("rounds", args.rounds), ("data.episodes", args.episodes),
+    changed = {k: v for k, v in (("rounds", args.rounds), ("evolve.trainer", args.trainer), ("data.episodes", args.episodes),
                                   ("vae.train.steps", args.vae_steps), ("transition.train.steps", args.m_steps))
                if v is not None}
     result = {"what": f"the `{args.preset}` preset" + (f" with {changed}" if changed else "")

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import results_doc  # experiments/, on sys.path when a script runs
-from wm_jax import envs, run_dir, stages
+from wm_jax import envs, report, run_dir, stages
 from wm_jax.config import Config
 from wm_jax.models import transition, vae, verifier
 from wm_jax.presets import get_preset, with_env
@@ -197,15 +197,26 @@ def table(results: list[dict], tasks: list[str]) -> str:
     ctrl = [c for r in results for c in r["controllers"]]
     if ctrl:
         lines += ["", f"Controllers on {results[0]['controller_task']} ({ctrl[0]['episodes']} real episodes each; one search "
-                  f"per CMA-ES seed and run seed):",
-                  "", "| verifier in the dream | real return mean +- std (min) per search | median of the means | "
-                  "best real check |", "|---|---|---|---|"]
+                  f"per CMA-ES seed and run seed; IQM, median and mean over the searches with rliable's 95% "
+                  f"bootstrap intervals):",
+                  "", "| verifier in the dream | searches | IQM | median | mean | real return mean +- std (min) per "
+                  "search | best real check per search |", "|---|---|---|---|---|---|---|"]
+        means = {}
         for label in ("off", "own", "left_out"):
             rows = [c for c in ctrl if c["verifier"] == label]
-            lines.append(f"| {label} | " + "; ".join(f"{c['return_mean']:.1f} +- {c['return_std']:.1f} "
-                                                    f"({c['return_min']:.0f})" for c in rows)
-                         + f" | {np.median([c['return_mean'] for c in rows]):.1f} | "
-                         + ", ".join(f"{c['best_check']:.1f}" for c in rows) + " |")
+            means[label] = [c["return_mean"] for c in rows]
+            agg = report.interval(means[label])
+            cis = " | ".join(f"{agg[k]:.1f} [{agg[k + '_ci95'][0]:.1f}, {agg[k + '_ci95'][1]:.1f}]"
+                             for k in ("iqm", "median", "mean"))
+            lines.append(f"| {label} | {len(rows)} | {cis} | "
+                         + "; ".join(f"{c['return_mean']:.1f} +- {c['return_std']:.1f} ({c['return_min']:.0f})"
+                                     for c in rows)
+                         + " | " + ", ".join(f"{c['best_check']:.1f}" for c in rows) + " |")
+        lines += ["", "Probability that a search of the first scores above one of the second (rliable, searches "
+                  "resampled apart, 95% interval):", ""]
+        for a, b in (("own", "off"), ("left_out", "off"), ("left_out", "own")):
+            imp = report.improvement(means[a], means[b])
+            lines.append(f"- P({a} > {b}) = {imp['p']:.2f} [{imp['p_ci95'][0]:.2f}, {imp['p_ci95'][1]:.2f}]")
     return "\n".join(lines) + "\n"
 
 
@@ -240,11 +251,12 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     if args.report_only:
         stored = json.loads(out.read_text())
-        results, args.tasks = stored["seeds"], stored["tasks"]
+        results, args.tasks, command = stored["seeds"], stored["tasks"], stored["command"]
     else:
         results = [run_seed(args, s) for s in args.seeds]
+        command = "python " + " ".join(sys.argv if argv is None else ["experiments/verifier_transfer.py"] + argv)
     record = {"what": "one verifier across environments (experiments/verifier_transfer.py)",
-              "command": "python " + " ".join(sys.argv if argv is None else ["experiments/verifier_transfer.py"] + argv),
+              "command": command,
               "preset": args.preset, "machine": stages.cpu_name(), "tasks": args.tasks, "seeds": results}
     out.parent.mkdir(parents=True, exist_ok=True)
     run_dir.write_json(out, record)
