@@ -16,7 +16,8 @@ cd "$ROOT"
 # the whole suite took 12.3 minutes on 2 cores against about 17 in one process (docs/PERFORMANCE.md).
 WORKERS=()
 if [ "${WM_JAX_TEST_WORKERS:-2}" != 0 ]; then WORKERS=(-n "${WM_JAX_TEST_WORKERS:-2}"); fi
-"$VENV/bin/python" -m pytest "${WORKERS[@]}" "$@"
+# --durations: the slowest tests are named at the end of every run (where the suite's time goes)
+"$VENV/bin/python" -m pytest "${WORKERS[@]}" --durations=15 "$@"
 rc=$?
 if [ "$rc" = 5 ]; then
   echo "no tests ran (pytest exit 5): not a failure"
