@@ -224,10 +224,16 @@ def test_bad_seed_lists_are_one_named_error(tmp_path, given, needle):
     assert not (tmp_path / "x").exists()
 
 
-def test_the_ppo_trainer_is_refused_before_any_work(tmp_path, capsys):
-    _one_line(*_run_cli(capsys, tmp_path / "x", "--seeds", "0:2", "--trainer", "ppo"), "cmaes trainer",
-              "seed by seed")
-    assert not (tmp_path / "x").exists()
+@pytest.mark.slow
+def test_a_ppo_batch_runs_every_seed(tmp_path, capsys):
+    """`wm-jax run --seeds 0:2 --trainer ppo`: PPO's searches as one program over the seeds (each
+    seed in its own world; equal to the lone searches: test_seeds_search), every stage through."""
+    assert _run_cli(capsys, tmp_path / "ppo", "--seeds", "0:2", "--trainer", "ppo")[0] == 0
+    for seed in (0, 1):
+        summary = _seed_summary(tmp_path / "ppo", seed)
+        assert summary["trainer"] == "ppo" and summary["seed"] == seed and summary["real_episodes"] == 4
+        assert np.isfinite(summary["real_return_mean"]) and summary["real_env_steps_training"] > 0
+    assert _seed_summary(tmp_path / "ppo", 0)["learning_curve"] != _seed_summary(tmp_path / "ppo", 1)["learning_curve"]
 
 
 @pytest.mark.parametrize("args, needle", [(["--seeds", "3:3"], "no seeds in '3:3'"),

@@ -147,9 +147,6 @@ def run(cfg: Config, seeds: Any, out: Path | str, progress: bool = True) -> dict
     their aggregates over the seeds (wm_jax.report). Resumable as pipeline.run is: a rerun with the
     same arguments skips finished stages and resumes a training or search from its checkpoint."""
     seeds = _parse_seeds(seeds)
-    if cfg.evolve.trainer != "cmaes":
-        raise ConfigError(f"--seeds runs the cmaes trainer as a batch; evolve.trainer={cfg.evolve.trainer!r} runs "
-                          f"seed by seed (wm-jax run --seed S for each)")
     check_env(cfg)
     cfg = dataclasses.replace(cfg, seed=seeds[0])
     out = run_dir.for_process(Path(out))

@@ -132,9 +132,8 @@ def search(
     best_real, checks, history, real_env_steps, generations (done), wall_s.
     """
     ev = cfg.evolve
-    if world.cells and (ev.trainer != "cmaes" or not batched):
-        raise ConfigError(f"a world per cell (World.cells) needs a batched search of the cmaes trainer, not "
-                          f"evolve.trainer={ev.trainer!r}{'' if batched else ' unbatched'}")
+    if world.cells and not batched:
+        raise ConfigError("a world per cell (World.cells) needs a batched search")
     hp = cfg.hyper() if hp is None else hp
     cells = int(keys.shape[0]) if batched else 1
     static = cfg.static()

@@ -52,6 +52,7 @@ class DreamParams:
     pool: dream.Pool  # real states of the latest check (mean, logvar, valid) [R, ...]
     pool_cdf: jax.Array  # cumsum of the pool's valid flags [R]: a uniform draw over valid rows is one search
     hp: dict[str, Any]
+    rows: Any = None  # how many rows of starts exist (the rows after them pad; None: all)
 
 
 @struct.dataclass
@@ -76,7 +77,7 @@ class DreamEnv:
         self.horizon = cfg.evolve.horizon if horizon is None else horizon
 
     def params(self, m_params: Any, starts: tuple[jax.Array, jax.Array], pool: dream.Pool | None = None,
-               k_params: Any = None, hp: dict[str, Any] | None = None) -> DreamParams:
+               k_params: Any = None, hp: dict[str, Any] | None = None, rows: Any = None) -> DreamParams:
         if self.cfg.verifier.mode != "off" and k_params is None:
             raise ValueError(f"verifier.mode={self.cfg.verifier.mode!r} needs the verifier's parameters (k_params)")
         cell = transition.pack(self.cfg.transition, m_params)
@@ -87,7 +88,8 @@ class DreamEnv:
         if pool is None:  # nothing grounded: one invalid row
             pool = (starts[0][:1], starts[1][:1], jnp.zeros((1,), jnp.float32))
         return DreamParams(cell=cell, k_params=k_params, starts=starts,
-                           pool=pool, pool_cdf=jnp.cumsum(pool[2] > 0), hp=self.cfg.hyper() if hp is None else hp)
+                           pool=pool, pool_cdf=jnp.cumsum(pool[2] > 0), hp=self.cfg.hyper() if hp is None else hp,
+                           rows=rows)
 
     def observation_size(self, latent: int) -> int:
         return latent + self.cfg.transition.hidden
@@ -101,7 +103,7 @@ class DreamEnv:
         row), else from a random stored posterior; each sampled once."""
         key_r, key_p, key_g, key_z = jax.random.split(key, 4)
         mean, logvar = params.starts
-        row = jax.random.randint(key_r, (), 0, mean.shape[0])
+        row = jax.random.randint(key_r, (), 0, mean.shape[0] if params.rows is None else params.rows)
         p_mean, p_logvar, _ = params.pool
         valid = params.pool_cdf[-1]
         # a uniform valid row: the first whose count of valid rows up to it exceeds u in [0, valid)
@@ -285,10 +287,10 @@ def init(cfg: Config, hp: dict[str, Any], key: jax.Array, world: Any, init_mean:
     critic = init_critic(cfg, k_critic, latent)
     log_std = jnp.full((cfg.controller.actions,), INIT_LOG_STD, jnp.float32) if cfg.controller.continuous else None
     rows = jax.random.randint(jax.random.fold_in(key_init, 1), (cfg.evolve.check_episodes * cfg.eval.max_steps,), 0,
-                              world.starts[0].shape[0])
+                              world.starts[0].shape[0] if world.rows is None else world.rows)
     pool = (world.starts[0][rows], world.starts[1][rows], jnp.ones(rows.shape, jnp.float32))
     env = DreamEnv(cfg)
-    params = env.params(world.m_params, world.starts, pool, world.k_params, hp)
+    params = env.params(world.m_params, world.starts, pool, world.k_params, hp, world.rows)
     _, env_state = jax.vmap(env.reset, in_axes=(0, None))(jax.random.split(k_env, cfg.ppo.envs), params)
     state = PPOState(actor=actor, critic=critic, opt=None, env=env_state, pool=pool, best=actor,
                      best_real=jnp.asarray(-jnp.inf, jnp.float32), generation=jnp.zeros((), jnp.int32),
@@ -359,14 +361,15 @@ def period(cfg: Config, hp: dict[str, Any], world: Any, state: PPOState, key: ja
 
     Update u of the search draws fold_in(key_updates, u), so the result does not depend on how the
     search is cut into calls."""
-    if batched:
-        return jax.vmap(lambda h, s, k: period(cfg, h, world, s, k, gens, score, check))(hp, state, key)
+    if batched:  # every cell at once, each in its own world when the world has cells (a batch of seeds)
+        return jax.vmap(lambda w, h, s, k: period(cfg, h, w, s, k, gens, score, check),
+                        in_axes=(world.axis(), 0, 0, 0))(world, hp, state, key)
     pc = cfg.ppo
     key_run = jax.random.split(key)[1]
     # the updates' own branch: fold_in(key_run, 10_000_000 + g) are the checks' keys
     key_updates = jax.random.fold_in(key_run, 2**31 - 1)
     env = DreamEnv(cfg)
-    params = env.params(world.m_params, world.starts, state.pool, world.k_params, hp)
+    params = env.params(world.m_params, world.starts, state.pool, world.k_params, hp, world.rows)
 
     def generation(st, g):
         def one(st, u):
