@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import results_doc  # experiments/, on sys.path when a script runs
-from wm_jax import envs, report, run_dir, stages
+from wm_jax import envs, pipeline, report, run_dir, stages
 from wm_jax.config import Config
 from wm_jax.models import transition, vae, verifier
 from wm_jax.presets import get_preset, with_env
@@ -62,16 +62,20 @@ def pooled_config(preset: str, seed: int, k_steps: int | None = None, task: str 
                                verifier=dataclasses.replace(cfg.verifier, actions=ACTIONS, train=k_train))
 
 
-def _random_rows(task: str, key: jax.Array, rows: int, path: Path) -> dict[str, np.ndarray]:
-    """`rows` steps of the task's random policy (stored at path; read back when there)."""
+def _random_rows(task: str, key: jax.Array, rows: int, path: Path) -> tuple[dict[str, np.ndarray], dict]:
+    """`rows` steps of the task's random policy (stored at path; read back when there), and their
+    record as a run's collect stage has it (`pipeline.collected`: episodes, rows, the mean return of
+    the episodes not cut by `rows`)."""
+    spec = envs.spec(task)
     if not path.exists():
-        spec = envs.spec(task)
         episodes = math.ceil(1.5 * rows / MEAN_LENGTH.get(task, spec.max_steps))  # enough to reach `rows`
         ds = collection.collect(key, episodes, max_steps=spec.max_steps, chunk_size=min(episodes, 256),
                                 progress=False, max_rows=rows, env=task)
         data.save_dataset(ds, path, overwrite=True, env=task)
-    arrays = data.to_arrays(data.load_dataset(path, task))
-    return {k: arrays[k] for k in ("episode", "t", "frame", "action", "reward", "done")}
+    ds = data.load_dataset(path, task)
+    arrays = data.to_arrays(ds)
+    return {k: arrays[k] for k in ("episode", "t", "frame", "action", "reward", "done")}, pipeline.collected(
+        ds, spec.max_steps)
 
 
 def _pool(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -103,9 +107,9 @@ def run_seed(args, seed: int) -> dict:
     cfg = pooled_config(args.preset, seed, args.k_steps)
     key = jax.random.key(seed)
     t0 = time.perf_counter()
-    train_rows = [_random_rows(t, jax.random.fold_in(key, i), args.rows, work / "data" / t)
-                  for i, t in enumerate(args.tasks)]
-    held_rows = [_random_rows(t, jax.random.key(999 + i), args.rows // 2, work / "held_out" / t)
+    train_rows, random_data = zip(*[_random_rows(t, jax.random.fold_in(key, i), args.rows, work / "data" / t)
+                                    for i, t in enumerate(args.tasks)])
+    held_rows = [_random_rows(t, jax.random.key(999 + i), args.rows // 2, work / "held_out" / t)[0]
                  for i, t in enumerate(args.tasks)]
     pooled = _pool(train_rows)
     index = data.EpisodeIndex.from_columns(pooled["episode"], pooled["t"])
@@ -141,14 +145,8 @@ def run_seed(args, seed: int) -> dict:
                                                                 m_data, span))
     return {"seed": seed, "rows": {t: int(b - a) for t, (a, b) in span.items()},
             "held_out_rows": {t: int(len(r["episode"])) for t, r in zip(args.tasks, held_rows)},
-            "random_return": {t: _episode_returns(r) for t, r in zip(args.tasks, train_rows)},
+            "random_data": dict(zip(args.tasks, random_data)),
             "auc": auc, "controller_task": args.controller_task, "controllers": ctrl, "wall_s": time.perf_counter() - t0}
-
-
-def _episode_returns(rows: dict[str, np.ndarray]) -> dict[str, float]:
-    starts = np.flatnonzero(np.concatenate([[True], rows["episode"][1:] != rows["episode"][:-1]]))
-    returns = np.add.reduceat(rows["reward"].astype(np.float64), starts)
-    return {"episodes": int(starts.size), "mean": float(returns.mean()), "dones": int(rows["done"].sum())}
 
 
 def controllers(args, seed: int, work: Path, v_params, m_params, ks: dict, m_data: dict, span: dict) -> list[dict]:

@@ -1,5 +1,6 @@
 """Suite-wide fixtures: a finished smoke run shared by the files that need one, and hygiene: the
-compiled programs of one test file are released before the next.
+compiled programs of one test file are released before the next; `load_experiment` (imported by
+the test files) gives a script of experiments/ as a module.
 
 Every XLA:CPU executable keeps its code in memory mappings of its own (measured: tests/test_pipeline.py
 alone leaves about 25,000), and the whole suite in one process compiles enough programs to pass
@@ -55,6 +56,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if any(name in item.fixturenames for name in NEEDS_A_TRAINED_RUN):
             item.add_marker(pytest.mark.slow)
+
+
+def load_experiment(name: str, monkeypatch):
+    """experiments/NAME.py as a module, with experiments/ on sys.path as when the script runs."""
+    import importlib.util
+
+    folder = Path(__file__).parents[1] / "experiments"
+    monkeypatch.syspath_prepend(str(folder))
+    spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -20,6 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import load_experiment
+
 from wm_jax import cli, pipeline, run_dir, stats
 from wm_jax import stages as stages_lib
 from wm_jax.models import transition, vae
@@ -738,23 +740,13 @@ def test_pipeline_trains_the_verifier_when_it_is_on(with_verifier):
     assert math.isfinite(summary["real_return_mean"])
 
 
-def _experiment(name: str, monkeypatch):
-    """experiments/NAME.py as a module, with experiments/ on sys.path as when the script runs."""
-    import importlib.util
-
-    folder = Path(__file__).parents[1] / "experiments"
-    monkeypatch.syspath_prepend(str(folder))
-    spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.mark.slow
 def test_verifier_ablation_script(with_verifier, tmp_path, monkeypatch):
     import sys
 
-    mod = _experiment("verifier_ablation", monkeypatch)
+    mod = load_experiment("verifier_ablation", monkeypatch)
     run = tmp_path / "run"
     shutil.copytree(with_verifier[0], run)
     (run / "ablation").mkdir()
@@ -786,7 +778,7 @@ def test_verifier_ablation_script(with_verifier, tmp_path, monkeypatch):
 def test_mitigations_script(with_verifier, tmp_path, monkeypatch):
     import sys
 
-    mod = _experiment("mitigations", monkeypatch)
+    mod = load_experiment("mitigations", monkeypatch)
     runs = [tmp_path / "a", tmp_path / "b"]
     for run in runs:
         shutil.copytree(with_verifier[0], run)
@@ -806,7 +798,7 @@ def test_mitigations_script(with_verifier, tmp_path, monkeypatch):
 def test_verifier_ablation_rejects_a_bad_grounding_before_any_work(with_verifier, tmp_path, monkeypatch, capsys, share):
     import sys
 
-    mod = _experiment("verifier_ablation", monkeypatch)
+    mod = load_experiment("verifier_ablation", monkeypatch)
     monkeypatch.setattr(mod, "run_seed", _raise("run_seed"))
     monkeypatch.setattr(sys, "argv", ["verifier_ablation.py", str(with_verifier[0]), "--groundings", share,
                                       "--out", str(tmp_path / "out")])
@@ -821,7 +813,7 @@ def test_fork_script_redoes_only_the_rounds_from_its_search(smoke_run, tmp_path,
     finished run carried on from round 2's search with no change is that run again; with a later
     round's setting changed, every stage before round 2's search is the original's record and the
     search is redone; a field that feeds an earlier stage is refused."""
-    mod = _experiment("fork", monkeypatch)
+    mod = load_experiment("fork", monkeypatch)
     runs = tmp_path / "runs"
     shutil.copytree(smoke_run[0], runs / "smoke-s0")
     base = ["--runs", str(runs), "--seeds", "0", "--preset", "smoke", "--at", "2"]

@@ -3,24 +3,18 @@ on the others, and on all of them."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import load_experiment
 
 from wm_jax.store import data
 
 
 @pytest.fixture
 def script(monkeypatch):
-    folder = Path(__file__).parents[1] / "experiments"
-    monkeypatch.syspath_prepend(str(folder))
-    spec = importlib.util.spec_from_file_location("verifier_transfer", folder / "verifier_transfer.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_experiment("verifier_transfer", monkeypatch)
 
 
 def _rows(episodes: list[int]) -> dict[str, np.ndarray]:

@@ -281,6 +281,7 @@ def compilation_cache() -> Path | None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)  # the large programs, not every op
     return path
 
+
 def _distributed(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """`run --coordinator --processes --process-id`: join jax.distributed before any JAX computation
     (wm_jax.sharding then splits work over every process's devices)."""
