@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 
 from wm_jax.models import controller, transition
-from wm_jax.search import checks, dream, driver
+from wm_jax.search import checks, dream, driver, evolve
 from wm_jax.config import ConfigError, ControllerConfig
+from wm_jax import presets
 from wm_jax.presets import get_preset
 
 SMOKE = get_preset("smoke")
@@ -440,6 +441,17 @@ def test_evolve_starts_no_check_once_its_real_steps_are_spent(tmp_path, real_ste
         assert res["checks"] == whole["checks"][:checks]
 
 
+@pytest.mark.parametrize("spent, reserve, done, halted", [
+    ([0, 60, 95, 100], 0, 1, [False, False, False, True]),  # without a reserve: until all 100 are spent
+    ([0, 60, 95, 100], 40, 1, [False, False, True, True]),  # sequential checks: while 40 are left
+    ([0, 60, 95, 100], 40, 0, [False, False, False, False]),  # the first period always runs
+])
+def test_a_search_stops_once_its_budget_left_is_below_its_reserve(spent, reserve, done, halted):
+    state = evolve.EvolveState(es=None, pool=None, best=None, best_real=np.zeros(4, np.float32), generation=None,
+                               real_env_steps=np.asarray(spent, np.int32))
+    assert driver.stopped(_toy_cfg().evolve, 100, done, state, reserve=reserve).tolist() == halted
+
+
 def _lucky_check(cfg, hp, key, world, ctrl):
     """A check whose first episodes are lucky: 2 episodes (the check) score 10 each, 3 (the
     confirming ones, evolve.confirm_episodes) 0 each; every episode costs 5 real steps."""
@@ -470,6 +482,62 @@ def test_a_check_that_reaches_stop_at_is_confirmed_by_more_episodes(tmp_path, st
     assert res["best_real"] == (4.0 if passed else 10.0)
     logged = [json.loads(line) for line in (tmp_path / "evolve.jsonl").read_text().splitlines()]
     assert logged == res["checks"]
+
+
+def _episodes_check(check_returns, confirm_returns):
+    """A check whose episodes return `check_returns` (evolve.check_episodes of them) or, asked for
+    another count (the confirming episodes), `confirm_returns`; each episode lasts its return's
+    steps (CartPole's one per step) and visits states whose latents are its index + 1."""
+
+    def check(cfg, hp, key, world, ctrl):
+        n, steps = cfg.evolve.check_episodes, cfg.eval.max_steps
+        returns = jnp.asarray(check_returns if n == len(check_returns) else confirm_returns, jnp.float32)
+        latent = jnp.repeat(jnp.arange(1, n + 1, dtype=jnp.float32), steps)[:, None] * jnp.ones(TOY_LATENT)
+        return {"return_mean": jnp.mean(returns), "env_steps": jnp.sum(returns).astype(jnp.int32),
+                "latents": (latent, latent, jnp.ones(n * steps)), "returns": returns,
+                "lengths": returns.astype(jnp.int32)}
+
+    return check
+
+
+@pytest.mark.parametrize("returns, prior_sum, prior, total, mask", [
+    ([50, 45, 50, 50], 0, 0, 4, [1, 1, 1, 1]),  # 195 of 4 x 48 = 192 still reachable after each
+    ([50, 40, 50, 50], 0, 0, 4, [1, 1, 0, 0]),  # after 40, 90 + 2 x 50 < 192: it stops there
+    ([30, 50, 50, 50], 0, 0, 4, [1, 0, 0, 0]),
+    ([50, 50, 30, 50], 195, 4, 8, [1, 1, 1, 0]),  # the confirming ones: 8 x 48 = 384 in all
+])
+def test_a_sequential_check_plays_each_episode_while_it_can_still_pass(returns, prior_sum, prior, total, mask):
+    got = checks.played(jnp.asarray(returns, jnp.float32), jnp.float32(prior_sum), prior, total, 48.0, 50.0)
+    assert got.tolist() == mask
+
+
+@pytest.mark.parametrize("stop_at, confirm, real, steps, episodes, grounded", [
+    # all 4 played (195 >= 192): it passes, and its 3 confirming episodes stop after the second
+    # (275 + 50 < 7 x 48): 275 of 6 episodes, 80 of them confirming; the pool is the 4 checked ones'
+    (48.0, [50, 30, 50], 275 / 6, 275, 6, [1, 2, 3, 4]),
+    # 49 x 4 = 196 is out of reach after the second (95 + 100): 2 played, none confirming
+    (49.0, [50, 50, 50], 47.5, 95, 2, [1, 2]),
+])
+def test_a_sequential_check_counts_scores_and_grounds_only_the_episodes_it_played(
+        stop_at, confirm, real, steps, episodes, grounded):
+    cfg = _toy_cfg(check_episodes=4, confirm_episodes=3, stop_at=stop_at, sequential=True)
+    check = _episodes_check([50, 45, 50, 50], confirm)
+    _, got = checks.check_candidate(cfg, cfg.hyper(), _toy_world(), None, jax.random.key(0), jnp.int32(2),
+                                    jnp.zeros(TOY_DIMS), _toy_score, check)
+    assert float(got["return_mean"]) == pytest.approx(real) and int(got["env_steps"]) == steps
+    assert int(got["episodes"]) == episodes
+    assert (np.isnan(float(got["confirm_return"])) if episodes <= 4
+            else float(got["confirm_return"]) == 40.0)
+    mean, _, valid = got["latents"]
+    assert sorted(set(np.asarray(mean[np.asarray(valid) > 0, 0]).tolist())) == grounded
+
+
+def test_sequential_checks_need_stop_at_and_a_reachable_one():
+    with pytest.raises(ConfigError, match="sequential stops a check once it cannot reach stop_at"):
+        _toy_cfg(sequential=True)
+    with pytest.raises(ConfigError, match="no check can reach evolve.stop_at=60"):
+        presets.check_env(_toy_cfg(sequential=True, stop_at=60.0))  # SMOKE's 50-step episodes return 50 at most
+    presets.check_env(_toy_cfg(sequential=True, stop_at=50.0))
 
 
 def test_confirm_episodes_needs_stop_at():

@@ -279,6 +279,53 @@ def test_a_later_rounds_collection_is_capped_by_half_the_budget_left(budget, env
     assert cfg.budget_left(used) == (None if budget is None else budget - used)
 
 
+@pytest.mark.parametrize("used, cap, fits", [
+    (600, 200, True),  # half the budget left; a check's worst case (2 x 50) fits after it
+    (850, 50, True),  # the budget left less a check's worst case: 150 - 100
+    (860, 40, False),  # less than an episode's worth of data (50) besides the check: no later round
+    (1000, 1, False),
+])
+def test_with_sequential_checks_a_later_round_leaves_room_for_a_whole_check(used, cap, fits):
+    """evolve.sequential: a check starts only if the budget left covers its worst case (Config.check_cost,
+    2 episodes of 50 steps here), so a later round collects at most what leaves one, and starts only
+    with an episode's worth of data (eval.max_steps) to collect besides; the search keeps it in reserve."""
+    cfg = dataclasses.replace(SMOKE, evolve=dataclasses.replace(SMOKE.evolve, stop_at=40.0, sequential=True),
+                              rounds=dataclasses.replace(SMOKE.rounds, budget=1000))
+    assert cfg.check_cost() == cfg.check_reserve() == 100
+    assert cfg.collect_cap(used) == cap and cfg.later_round_fits(used) == fits
+    plain = dataclasses.replace(cfg, evolve=dataclasses.replace(cfg.evolve, sequential=False))
+    assert plain.check_reserve() == 0 and plain.later_round_fits(999) and not plain.later_round_fits(1000)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra, rounds", [(450, 3), (230, 1)])
+def test_with_sequential_checks_a_run_never_spends_past_its_budget(tmp_path, extra, rounds):
+    """evolve.sequential with rounds.budget: every check starts with its worst case (Config.check_cost)
+    still in the budget, plays at most its episodes, and counts only the steps of those it played; a
+    later round starts only with room for an episode of data and a check (with 230 steps past the
+    random data, round 1's checks leave less); the run's training steps stay within the budget."""
+    base = dataclasses.replace(SMOKE, evolve=dataclasses.replace(SMOKE.evolve, stop_at=50.0, confirm_episodes=2,
+                                                                 sequential=True))
+    random_data = len(collection.collect(jax.random.key(base.data.seed), base.data.episodes,
+                                         max_steps=base.data.max_steps, chunk_size=base.data.chunk_size,
+                                         progress=False, env=base.env))
+    cfg = dataclasses.replace(base, rounds=dataclasses.replace(SMOKE.rounds, rounds=3, min_rounds=3,
+                                                               budget=random_data + extra))
+    out = tmp_path / "run"
+    summary = pipeline.run(cfg, out, progress=False)
+    done = json.loads((out / "stages.json").read_text())
+    assert done["collect"]["env_steps"] == random_data and cfg.check_cost() == 200
+    spent, checks = random_data, 0
+    for point in stages_lib.learning_curve(cfg, done)[1:-1]:
+        if point["source"] == "check":
+            assert cfg.rounds.budget - spent >= cfg.check_cost() or point["generation"] == 1
+            assert 1 <= point["episodes"] <= 4 and point["real_env_steps"] - spent <= 50 * point["episodes"]
+            checks += 1
+        spent = point["real_env_steps"]
+    assert checks >= 2 and spent == summary["real_env_steps_training"] <= cfg.rounds.budget
+    assert stages_lib.rounds_run(cfg, done) == list(range(1, rounds + 1))
+
+
 @pytest.mark.slow
 def test_a_solved_agent_with_every_round_run_and_a_step_budget(tmp_path):
     """rounds.min_rounds=2: round 2 runs although round 1's check reached stop_at (its search

@@ -180,6 +180,13 @@ class EvolveConfig(Section):
     # them (check_episodes + confirm_episodes), so a lucky pass of a few episodes does not end the
     # search. Only a passing check pays for them (0: off).
     confirm_episodes: int = 0
+    # Sequential checks (needs stop_at): a check's episodes (then its confirming ones) count one
+    # after another, and the check stops after the episode from which it can no longer pass (its
+    # returns so far, and the task's most an episode can return for each episode still to play,
+    # stay short of stop_at's mean); only the episodes it played are counted, scored and grounded
+    # on. With rounds.budget, a check starts only while the budget left covers all its episodes at
+    # the step limit (Config.check_cost), so the run never spends past the budget.
+    sequential: bool = False
     # How C is searched: "cmaes" (Ha: evosax CMA-ES over the flat controller) or "ppo" (PPO in the
     # dream env, the `ppo` section). Everything else here holds for both: a PPO generation is
     # ppo.updates updates, and the checks, stop_at, tau and horizon (a dream episode's length at
@@ -196,6 +203,9 @@ class EvolveConfig(Section):
             raise ConfigError(f"EvolveConfig.grounding must be in [0, 1], got {self.grounding!r}")
         if self.confirm_episodes < 0:
             raise ConfigError(f"EvolveConfig.confirm_episodes must be >= 0, got {self.confirm_episodes!r}")
+        if self.sequential and self.stop_at is None:
+            raise ConfigError("EvolveConfig.sequential stops a check once it cannot reach stop_at, which is None: "
+                              "set stop_at or sequential=False")
         if self.confirm_episodes and self.stop_at is None:
             raise ConfigError(f"EvolveConfig.confirm_episodes={self.confirm_episodes} confirms checks that reach "
                               "stop_at, which is None: set stop_at or confirm_episodes=0")
@@ -375,11 +385,31 @@ class Config(Section):
         """The real steps rounds.budget leaves after `used` (None: no budget; <= 0: spent)."""
         return None if self.rounds.budget is None else self.rounds.budget - int(used)
 
+    def check_cost(self) -> int:
+        """The most real steps one check can spend: its episodes and its confirming ones, each to
+        the step limit."""
+        return (self.evolve.check_episodes + self.evolve.confirm_episodes) * self.eval.max_steps
+
+    def check_reserve(self) -> int:
+        """The budget a search keeps for its next check: Config.check_cost with sequential checks
+        (a check starts only if it cannot overrun the budget), else 0 (a check starts while any is left)."""
+        return self.check_cost() if self.evolve.sequential else 0
+
+    def later_round_fits(self, used: int) -> bool:
+        """A later round may start after `used` real steps: no budget, or some of it left, and with
+        sequential checks enough for an episode's worth of data (eval.max_steps) and one check."""
+        left = self.budget_left(used)
+        return left is None or left - self.check_reserve() >= (self.eval.max_steps if self.evolve.sequential else 1)
+
     def collect_cap(self, used: int) -> int | None:
         """The rows a later round may collect after `used` real steps: rounds.env_steps, and at most
-        half the budget left (the other half is its search's checks); None: no cap."""
+        half the budget left (the other half is its search's checks), and with sequential checks at
+        most what leaves one check's cost; None: no cap."""
         left = self.budget_left(used)
-        caps = [c for c in (self.rounds.env_steps, None if left is None else max(1, left // 2)) if c is not None]
+        caps = [self.rounds.env_steps]
+        if left is not None:
+            caps += [max(1, left // 2)] + ([max(1, left - self.check_cost())] if self.evolve.sequential else [])
+        caps = [c for c in caps if c is not None]
         return min(caps) if caps else None
 
     def to_dict(self) -> dict[str, Any]:

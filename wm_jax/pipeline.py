@@ -126,10 +126,9 @@ def _run(ctx: _Run) -> dict[str, Any]:
             ctx.stages.note(f"{later} skipped: the agent's real check reached "
                             f"evolve.stop_at={cfg.evolve.stop_at:g} ({ctx.best['real']:g})")
             break
-        left = cfg.budget_left(ctx.real_env_steps)
-        if r > 1 and left is not None and left <= 0:
+        if r > 1 and not cfg.later_round_fits(ctx.real_env_steps):
             ctx.stages.note(f"{later} skipped: the run spent its rounds.budget={cfg.rounds.budget} real steps "
-                            f"({ctx.real_env_steps})")
+                            f"({ctx.real_env_steps}; Config.later_round_fits)")
             break
         _round(ctx, r)
     assert ctx.best is not None

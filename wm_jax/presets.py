@@ -208,6 +208,10 @@ def check_env(cfg: Config) -> None:
             shown = ", ".join(f"{section}.{k}={v!r}" for k, v in got.items())
             raise ConfigError(f"{cfg.env} plays {', '.join(f'{k}={v!r}' for k, v in wanted.items())}, not {shown} (a "
                               f"macro controller's? it plays through wm_jax.search.macro); use presets.with_env")
+    ev = cfg.evolve
+    if ev.sequential and envs.most_return(cfg.env, cfg.eval.max_steps) < ev.stop_at:
+        raise ConfigError(f"evolve.sequential: no check can reach evolve.stop_at={ev.stop_at:g}, as {cfg.env} returns at "
+                          f"most {envs.most_return(cfg.env, cfg.eval.max_steps):g} in eval.max_steps={cfg.eval.max_steps}")
     limit = envs.spec(cfg.env).max_steps
     if cfg.data.max_steps > limit:
         raise ConfigError(f"data.max_steps={cfg.data.max_steps} is past {cfg.env}'s step limit ({limit})")

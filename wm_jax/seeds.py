@@ -173,9 +173,8 @@ def _run(b: _Batch) -> dict[str, Any]:
     active = np.ones(b.n, bool)
     for r in range(1, cfg.rounds.rounds + 1):
         for i in np.flatnonzero(active):
-            left = cfg.budget_left(int(b.real[i]))
             best = None if b.best_round[i] == 0 else float(b.best_real[i])
-            if cfg.skips_round(r, best) or (r > 1 and left is not None and left <= 0):
+            if cfg.skips_round(r, best) or (r > 1 and not cfg.later_round_fits(int(b.real[i]))):
                 active[i] = False
                 stages.note(f"seed {b.seeds[i]}: rounds {r}-{cfg.rounds.rounds} skipped (its agent reached "
                             f"evolve.stop_at, or it spent rounds.budget)")

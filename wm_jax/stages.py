@@ -189,7 +189,8 @@ def learning_curve(cfg: Config, done: dict[str, Any]) -> list[dict[str, Any]]:
     """Real return against the real env steps used so far, from the stages' records: a point
     after each collection (the mean return of the episodes collected: the random policy's, then
     the agent's with action noise), one at each real check (its mean return over
-    evolve.check_episodes, and evolve.confirm_episodes more when it reached stop_at), and the
+    evolve.check_episodes, and evolve.confirm_episodes more when it reached stop_at; a sequential
+    check's, over the episodes it played), and the
     final evaluation (evaluate.episodes; its own steps are not training steps, so the count
     stays). Every real step is counted once, in the order spent."""
     points, steps = [], 0
@@ -204,8 +205,9 @@ def learning_curve(cfg: Config, done: dict[str, Any]) -> list[dict[str, Any]]:
             steps += c["env_steps"]
             points.append({"round": r, "source": "check", "generation": c["generation"], "real_env_steps": steps,
                            "real_return": c["real_return"], "dream_return": c["dream_return"],
-                           "episodes": cfg.evolve.check_episodes
-                           + (cfg.evolve.confirm_episodes if c.get("confirm_return") is not None else 0)})
+                           "episodes": c.get("episodes", cfg.evolve.check_episodes
+                                             + (cfg.evolve.confirm_episodes if c.get("confirm_return") is not None
+                                                else 0))})
     if "evaluate" in done:
         points.append({"source": "evaluate", "real_env_steps": steps, "real_return": done["evaluate"]["return_mean"],
                        "episodes": done["evaluate"]["episodes"]})

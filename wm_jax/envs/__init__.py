@@ -9,8 +9,8 @@ and its frame drawn back from it: `codec(name)`). docs/ENVIRONMENTS.md shows eve
 """
 
 from wm_jax.envs.pixel import PixelEnv, PixelState
-from wm_jax.envs.registry import ActionSpace, EnvSpec, make, names, register, spec
+from wm_jax.envs.registry import ActionSpace, EnvSpec, make, most_return, names, register, spec
 from wm_jax.envs.states import StateCodec, codec
 
-__all__ = ["ActionSpace", "EnvSpec", "PixelEnv", "PixelState", "StateCodec", "codec", "make", "names", "register",
+__all__ = ["ActionSpace", "EnvSpec", "PixelEnv", "PixelState", "StateCodec", "codec", "make", "most_return", "names", "register",
            "spec"]

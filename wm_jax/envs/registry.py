@@ -94,6 +94,17 @@ def spec(name: str) -> EnvSpec:
     return _SPECS[name]
 
 
+def most_return(name: str, max_steps: int) -> float:
+    """The most one episode of task `name` can return within `max_steps` steps (from its
+    reward_range: every step paying the most, or one step where the most is negative; infinite
+    where the task gives no range)."""
+    bounds = spec(name).reward_range
+    if bounds is None:
+        return float("inf")
+    high = float(bounds[1])
+    return high * max_steps if high >= 0 else high
+
+
 def make(name: str) -> Any:
     """The pixel environment registered as `name` (one instance per name and process)."""
     entry = spec(name)

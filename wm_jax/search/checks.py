@@ -19,8 +19,9 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from wm_jax import envs
 from wm_jax.search import dream, rollout
-from wm_jax.config import Config
+from wm_jax.config import Config, ConfigError
 
 
 @struct.dataclass
@@ -81,7 +82,52 @@ def real_check(cfg: Config, hp: dict[str, Any], key: jax.Array, world: World, ct
         "env_steps": jnp.sum(res["length"]).astype(jnp.int32),
         "latents": (res["latent_mean"].reshape(rows, -1), res["latent_logvar"].reshape(rows, -1),
                     res["latent_valid"].reshape(rows)),
+        "returns": res["return"], "lengths": res["length"],  # per episode, for sequential checks
     }
+
+
+def played(returns: jax.Array, prior_sum: jax.Array, prior: int, total: int, need: float,
+           ceiling: float) -> jax.Array:
+    """Which of a sequential check's episodes (in order, float mask) it plays: each while the check
+    of `total` episodes can still reach a mean of `need`, given the `prior` episodes' returns
+    (`prior_sum`), those played before it and `ceiling` for every episode still to play."""
+    before = prior_sum + jnp.cumsum(returns) - returns
+    rest = total - prior - jnp.arange(returns.shape[0])
+    return jnp.cumprod(before + rest * ceiling >= total * need).astype(jnp.float32)
+
+
+def _sequential_candidate(cfg: Config, hp: dict[str, Any], world: World, key_c: jax.Array, candidate: jax.Array,
+                          check: Check, real: dict[str, Any]) -> dict[str, Any]:
+    """check_candidate's real check with evolve.sequential: its episodes, then (once they pass) its
+    confirming ones, counted one after another until the check can no longer pass."""
+    ev = cfg.evolve
+    if "returns" not in real or "lengths" not in real:
+        raise ConfigError("evolve.sequential needs a check that gives each episode's return and length "
+                          "(\"returns\", \"lengths\"), as checks.real_check does")
+    n, m, need = ev.check_episodes, ev.confirm_episodes, ev.stop_at
+    ceiling = envs.most_return(cfg.env, cfg.eval.max_steps)
+    mask = played(real["returns"], jnp.zeros(()), 0, n, need, ceiling)
+    count, total = jnp.sum(mask), jnp.sum(mask * real["returns"])
+    steps = jnp.sum(mask * real["lengths"]).astype(jnp.int32)
+    mean, logvar, valid = real["latents"]  # the next dreams are grounded on the played episodes only
+    latents = (mean, logvar, (valid * jnp.repeat(mask, valid.shape[0] // n)).astype(valid.dtype))
+    passed = (count == n) & (total / n >= need)
+    if m:
+        def confirm(_):
+            c = check(with_check_episodes(cfg, m), hp, jax.random.fold_in(key_c, 2), world, candidate)
+            more = played(c["returns"], total, n, n + m, need, ceiling)
+            return jnp.sum(more), jnp.sum(more * c["returns"]), jnp.sum(more * c["lengths"]).astype(jnp.int32)
+
+        def skip(_):
+            return jnp.zeros(()), jnp.zeros(()), jnp.zeros((), jnp.int32)
+
+        c_count, c_total, c_steps = jax.lax.cond(passed, confirm, skip, None)
+        count, total, steps = count + c_count, total + c_total, steps + c_steps
+    out = {**real, "return_mean": total / jnp.maximum(count, 1.0), "env_steps": steps, "latents": latents,
+           "episodes": count}
+    if m:
+        out["confirm_return"] = jnp.where(passed, c_total / jnp.maximum(c_count, 1.0), jnp.nan)
+    return out
 
 
 def check_candidate(cfg: Config, hp: dict[str, Any], world: World, pool: dream.Pool, key_run: jax.Array,
@@ -92,6 +138,8 @@ def check_candidate(cfg: Config, hp: dict[str, Any], world: World, pool: dream.P
     dream_return = score(cfg, hp, key_c, world, candidate[None], pool)[0]
     real = check(cfg, hp, jax.random.fold_in(key_c, 1), world, candidate)
     ev = cfg.evolve
+    if ev.sequential:
+        return dream_return, _sequential_candidate(cfg, hp, world, key_c, candidate, check, real)
     if not ev.confirm_episodes:
         return dream_return, real
     # A check at stop_at is confirmed by confirm_episodes more episodes (the pool stays the first
@@ -132,4 +180,6 @@ def check_metrics(real: dict[str, Any]) -> dict[str, jax.Array]:
            "grounding_states": jnp.sum(real["latents"][2], axis=-1).astype(jnp.int32)}
     if "confirm_return" in real:
         out["confirm_return"] = real["confirm_return"]
+    if "episodes" in real:  # sequential checks: the episodes it played
+        out["episodes"] = real["episodes"].astype(jnp.int32)
     return out

@@ -70,16 +70,17 @@ def _period_of(cfg, hp, world, state, keys, gens, score, check, idx):
     return state, full
 
 
-def stopped(ev: Any, real_steps: Any, done: int, state: Any, active: Any = None) -> np.ndarray:
+def stopped(ev: Any, real_steps: Any, done: int, state: Any, active: Any = None, reserve: int = 0) -> np.ndarray:
     """Which cells need no more periods (bool[cells], or a 0-d bool for a lone search): the best
-    check reached evolve.stop_at, or (after the first period) the checks spent the real steps
-    allowed, `real_steps` (one count, or one per cell; None: no limit), or `active` marks it False."""
+    check reached evolve.stop_at, or (after the first period) the real steps allowed, `real_steps`
+    (one count, or one per cell; None: no limit), leave less than `reserve` (Config.check_reserve)
+    or none, or `active` marks it False."""
     best, steps = (np.asarray(jax.device_get(x)) for x in (state.best_real, state.real_env_steps))
     out = np.zeros(best.shape, bool) if active is None else ~np.asarray(active, bool)
     if ev.stop_at is not None:
         out |= best >= ev.stop_at
     if real_steps is not None and done > 0:
-        out |= steps >= np.asarray(real_steps)
+        out |= np.asarray(real_steps) - steps < max(reserve, 1)
     return out
 
 
@@ -100,7 +101,8 @@ def _period_rows(tr: checks.Trainer, m: dict[str, Any], done: int, gens: int, ce
                        "real_return": float(m["real_return"][c]), "env_steps": int(m["env_steps"][c]),
                        "grounding_states": int(m["grounding_states"][c]),
                        **({"confirm_return": logs.finite_or_none(float(m["confirm_return"][c]))}
-                          if "confirm_return" in m else {})})
+                          if "confirm_return" in m else {}),
+                       **({"episodes": int(m["episodes"][c])} if "episodes" in m else {})})
     return history, logged
 
 
@@ -124,7 +126,8 @@ def search(
     Checks land every check_every generations and at the end. A search (each cell of a batch on its
     own: its state then stands still and logs nothing more) ends after its first check whose best
     real return reaches evolve.stop_at, or whose checks have spent `real_steps` real env steps (the
-    run's budget left, rounds.budget; one count per cell allowed); `cells_active` (bool[N]) leaves
+    run's budget left, rounds.budget; one count per cell allowed; with evolve.sequential, once what is
+    left cannot cover a check's worst case, Config.check_reserve); `cells_active` (bool[N]) leaves
     out the cells it marks False. With world.cells each cell searches in its own world (a batch of
     seeds, wm_jax.seeds). Writes out_dir/evolve.jsonl (one line per check and cell),
     out_dir/generations.jsonl (one per generation and cell) and a checkpoint of the state after
@@ -149,7 +152,7 @@ def search(
     t0 = time.perf_counter()
     with loop:
         for done in loop.chunks():
-            halted = stopped(ev, real_steps, done, state, cells_active)
+            halted = stopped(ev, real_steps, done, state, cells_active, cfg.check_reserve())
             if halted.all():
                 break
             gens = min(ev.check_every - done % ev.check_every, ev.generations - done)
