@@ -37,6 +37,7 @@ import sys
 from pathlib import Path
 
 import datasets
+import jax
 import numpy as np
 
 from wm_jax import envs, pipeline, stages
@@ -182,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
             if not done.exists() and not args.report_only:
                 print(f"running {task} seed {seed} -> {run}", flush=True)
                 pipeline.run(cfg, run)
+                jax.clear_caches()  # else each run's programs stay mapped: ~10 hit vm.max_map_count
             if done.exists():
                 rows.append(row(task, seed, run))
                 print(show(rows[-1]), flush=True)

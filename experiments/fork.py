@@ -23,6 +23,8 @@ import shutil
 import sys
 from pathlib import Path
 
+import jax
+
 from wm_jax import pipeline, report, run_dir, stages
 from wm_jax.cli import seeds_arg
 from wm_jax.config import Config
@@ -95,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit(f"fork: {src} is not a finished run")
             cfg = fork(src, dst, args.at, args.set) if not dst.exists() else run_dir.read_config(dst)
             pipeline.run(cfg, dst)
+            jax.clear_caches()  # else each seed's programs stay mapped: ~10 hit vm.max_map_count
         runs.append(dst)
     result = report.report(runs)
     print(report.text(result))

@@ -17,6 +17,8 @@ import argparse
 import sys
 from pathlib import Path
 
+import jax
+
 from wm_jax import pipeline, report, stages
 from wm_jax.cli import seeds_arg
 from wm_jax.presets import get_preset
@@ -38,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         run = args.runs / f"{args.preset}-s{seed}"
         if not (run / "summary.json").exists() and not args.report_only:
             pipeline.run(get_preset(args.preset, seed), run)
+            jax.clear_caches()  # else each seed's programs stay mapped: ~10 hit vm.max_map_count
         if (run / "summary.json").exists():
             runs.append(run)
     if not runs:

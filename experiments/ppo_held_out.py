@@ -3,6 +3,10 @@
     python experiments/ppo_held_out.py --obs state --seeds 100:116     # PPO's curves -> results/ppo_held_out_state.json
     python experiments/ppo_held_out.py --compare                       # -> results/held_out_vs_ppo.json and its plot
 
+Other seeds and presets name their files: `--seeds 300:316 --tag 300` writes ppo_held_out_state_300.json,
+and `--compare --held-out held_out_frugal_seq.json --tag 300` compares it with those runs (the
+result file and plot get the tag too).
+
 PPO is experiments/ppo.py (purejaxrl's structure, rl-baselines3-zoo's CartPole settings; from the
 4-number state, or from the same 64x64x4 pixels wm_jax sees), every seed in one program, evaluated
 with 100 greedy episodes every `--eval-every` training steps: 768 by default, the median spacing of
@@ -44,7 +48,7 @@ def run_ppo(args: argparse.Namespace) -> Path:
     pc = ppo.PPOConfig(obs=args.obs, total_steps=args.total_steps, epochs=args.epochs,
                        minibatches=args.minibatches, eval_every=args.eval_every)
     res = ppo.train(pc, args.seeds)
-    out = RESULTS / f"ppo_held_out_{args.obs}.json"
+    out = RESULTS / f"ppo_held_out_{args.obs}{_tag(args)}.json"
     res["command"] = "python experiments/ppo_held_out.py " + " ".join(sys.argv[1:])
     res["machine"] = stages.cpu_name()
     out.write_text(json.dumps(res, indent=1) + "\n")
@@ -55,15 +59,19 @@ def run_ppo(args: argparse.Namespace) -> Path:
     return out
 
 
-def steps_to_475() -> dict[str, tuple[np.ndarray, float]]:
+def _tag(args: argparse.Namespace) -> str:
+    return f"_{args.tag}" if args.tag else ""
+
+
+def steps_to_475(held_out: str, tag: str) -> dict[str, tuple[np.ndarray, float]]:
     """{method: (steps to 475 per seed (inf: not reached), the most steps its runs spent)} for wm_jax
-    and each PPO result file there is."""
-    held = json.loads((RESULTS / "held_out_frugal.json").read_text())
+    (the `held_out` result file) and each PPO result file with `tag` there is."""
+    held = json.loads((RESULTS / held_out).read_text())
     out = {"wm_jax frugal (pixels)": (np.array([r["training_steps"] if r["return_mean"] >= THRESHOLD else np.inf
                                                 for r in held["rows"]], np.float64),
                                       max(r["training_steps"] for r in held["rows"]))}
     for obs in ("state", "pixels"):
-        path = RESULTS / f"ppo_held_out_{obs}.json"
+        path = RESULTS / f"ppo_held_out_{obs}{tag}.json"
         if path.exists():
             res = json.loads(path.read_text())
             for how, fn in (("first", ppo.steps_to), ("stays", ppo.steps_to_stay)):
@@ -78,8 +86,8 @@ def finite(x: float) -> float | None:
     return float(x) if np.isfinite(x) else None
 
 
-def compare(reps: int) -> None:
-    methods = steps_to_475()
+def compare(reps: int, held_out: str, tag: str) -> None:
+    methods = steps_to_475(held_out, tag)
     top = max(spent for _, spent in methods.values())
     grid = np.unique(np.concatenate([np.linspace(0, top, 200), *(s[np.isfinite(s)] for s, _ in methods.values()),
                                      [spent for _, spent in methods.values()]]))  # every step where a curve moves
@@ -98,11 +106,12 @@ def compare(reps: int) -> None:
         shown, lo, hi = (("not reached" if finite(x) is None else f"{x:,.0f}") for x in (med[0], *med_ci[:, 0]))
         print(f"{name}: {summary[name]['reached']} of {len(steps)} seeds reach 475; median steps {shown} "
               f"[{lo}, {hi}]; " + ", ".join(f"by {m:,}: {summary[name][f'fraction_by_{m}']:.2f}" for m in MILESTONES if m <= spent))
-    out = RESULTS / "held_out_vs_ppo.json"
-    out.write_text(json.dumps({"command": "python experiments/ppo_held_out.py --compare", "threshold": THRESHOLD,
+    out = RESULTS / f"held_out_vs_ppo{tag}.json"
+    out.write_text(json.dumps({"command": "python experiments/ppo_held_out.py " + " ".join(sys.argv[1:]),
+                               "held_out": held_out, "threshold": THRESHOLD,
                                "reported_on": stages.cpu_name(), "methods": summary}, indent=2,
                               allow_nan=False) + "\n")
-    image = Path(__file__).resolve().parents[1] / "docs" / "images" / "held_out_vs_ppo.png"
+    image = Path(__file__).resolve().parents[1] / "docs" / "images" / f"held_out_vs_ppo{tag}.png"
     plots.fraction_curves(grid, curves, 20_000, image)
     print(f"written: {out}, {image}")
 
@@ -117,9 +126,11 @@ def main() -> int:
     p.add_argument("--eval-every", type=int, default=768, help="training steps between evaluations")
     p.add_argument("--compare", action="store_true", help="compare the result files there are; train nothing")
     p.add_argument("--reps", type=int, default=10_000, help="bootstrap draws")
+    p.add_argument("--held-out", default="held_out_frugal.json", help="--compare: wm_jax's result file in results/")
+    p.add_argument("--tag", default="", help="a suffix of PPO's result file (and the comparison's), e.g. 300")
     args = p.parse_args()
     if args.compare:
-        compare(args.reps)
+        compare(args.reps, args.held_out, _tag(args))
     else:
         run_ppo(args)
     return 0

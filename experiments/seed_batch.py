@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+import jax
+
 from wm_jax import pipeline, report, seeds, stages
 from wm_jax.cli import seeds_arg
 from wm_jax.presets import get_preset
@@ -59,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     for s in args.seeds:
         if not (args.lone / f"{args.preset}-s{s}" / "summary.json").exists():
             pipeline.run(get_preset(args.preset, s), args.lone / f"{args.preset}-s{s}")
+            jax.clear_caches()  # else each seed's programs stay mapped: ~10 hit vm.max_map_count
     stages_json = batch / "stages.json"
     finished = stages_json.exists() and "evaluate" in json.loads(stages_json.read_text())
     t0 = time.perf_counter()

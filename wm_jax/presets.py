@@ -63,9 +63,11 @@ def _frugal() -> Config:
         # latest check reached (the late-episode states random data lacks, at no extra steps). The
         # search stops at its first check at 490 once 4 more episodes confirm it (the 8 episodes'
         # mean must reach it too): a few episodes' mean needs a margin above 475 to say that 100
-        # episodes' will reach it.
+        # episodes' will reach it. The checks are sequential: one stops after the episode from which
+        # it can no longer pass, so a failing check costs about one episode, not four, and no check
+        # starts unless the budget covers it whole (docs/RESULTS.md section 13).
         evolve=dataclasses.replace(cpu.evolve, check_every=20, check_episodes=4, grounding=0.5, stop_at=490.0,
-                                   confirm_episodes=4),
+                                   confirm_episodes=4, sequential=True),
         # Round 2 always runs, so the kept agent's M has seen the agent's own data: it collects up to
         # 30 episodes of the agent, at most 8,000 steps, and fine-tunes M for one step per 8 new rows.
         # Up to 80 generations: with checks every 20, as many checks as the cpu preset's 40 every 10.
@@ -208,10 +210,10 @@ def check_env(cfg: Config) -> None:
             shown = ", ".join(f"{section}.{k}={v!r}" for k, v in got.items())
             raise ConfigError(f"{cfg.env} plays {', '.join(f'{k}={v!r}' for k, v in wanted.items())}, not {shown} (a "
                               f"macro controller's? it plays through wm_jax.search.macro); use presets.with_env")
-    ev = cfg.evolve
-    if ev.sequential and envs.most_return(cfg.env, cfg.eval.max_steps) < ev.stop_at:
-        raise ConfigError(f"evolve.sequential: no check can reach evolve.stop_at={ev.stop_at:g}, as {cfg.env} returns at "
-                          f"most {envs.most_return(cfg.env, cfg.eval.max_steps):g} in eval.max_steps={cfg.eval.max_steps}")
+    ev, most = cfg.evolve, envs.most_return(cfg.env, cfg.eval.max_steps)
+    if ev.sequential and most < ev.stop_at:
+        raise ConfigError(f"evolve.sequential: no check can reach evolve.stop_at={ev.stop_at:g}, as {cfg.env} returns "
+                          f"at most {most:g} in eval.max_steps={cfg.eval.max_steps}")
     limit = envs.spec(cfg.env).max_steps
     if cfg.data.max_steps > limit:
         raise ConfigError(f"data.max_steps={cfg.data.max_steps} is past {cfg.env}'s step limit ({limit})")

@@ -12,5 +12,5 @@ from wm_jax.envs.pixel import PixelEnv, PixelState
 from wm_jax.envs.registry import ActionSpace, EnvSpec, make, most_return, names, register, spec
 from wm_jax.envs.states import StateCodec, codec
 
-__all__ = ["ActionSpace", "EnvSpec", "PixelEnv", "PixelState", "StateCodec", "codec", "make", "most_return", "names", "register",
-           "spec"]
+__all__ = ["ActionSpace", "EnvSpec", "PixelEnv", "PixelState", "StateCodec", "codec", "make", "most_return", "names",
+           "register", "spec"]
