@@ -45,8 +45,15 @@ def test_with_env_sets_what_follows_from_the_task(name):
 def test_with_env_stops_at_the_tasks_threshold_where_checks_play_whole_episodes():
     cfg = with_env(get_preset("frugal"), "Acrobot-v1")
     assert (cfg.eval.max_steps, cfg.evolve.stop_at, cfg.evolve.confirm_episodes) == (500, -100.0, 4)
+    assert cfg.evolve.sequential  # frugal's sequential checks stop against the task's threshold
     cfg = with_env(get_preset("frugal"), "Pendulum-v1")  # no threshold: no stop, nothing to confirm
     assert (cfg.eval.max_steps, cfg.evolve.stop_at, cfg.evolve.confirm_episodes) == (200, None, 0)
+    assert not cfg.evolve.sequential  # nothing to stop against (a sequential check needs stop_at)
+
+
+@pytest.mark.parametrize("name", envs.names())
+def test_the_default_preset_plays_every_task(name):
+    check_env(with_env(get_preset("frugal"), name))  # sequential checks only where a check can reach stop_at
 
 
 def test_check_env_refuses_a_config_that_does_not_play_its_task():

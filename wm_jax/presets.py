@@ -175,7 +175,8 @@ def with_env(cfg: Config, name: str) -> Config:
     search's evolve.stop_at, set against the old task's returns, becomes the new task's threshold
     where its checks play whole episodes (else None: a check cut short says nothing against the
     threshold; on a task paying -1 per step it would pass at once), and None where it has none
-    (the search then runs all its generations). The task cfg already has returns cfg unchanged."""
+    (the search then runs all its generations; sequential checks, which stop against it, are then
+    off). The task cfg already has returns cfg unchanged."""
     if name == cfg.env:
         return cfg
     old, spec = envs.spec(cfg.env), envs.spec(name)
@@ -184,7 +185,8 @@ def with_env(cfg: Config, name: str) -> Config:
     eval_steps = _step_limit(cfg.eval.max_steps, old.max_steps, spec.max_steps)
     stop_at = spec.solved_threshold if eval_steps >= spec.max_steps else None
     evolve = dataclasses.replace(cfg.evolve, stop_at=stop_at,
-                                 confirm_episodes=cfg.evolve.confirm_episodes if stop_at is not None else 0)
+                                 confirm_episodes=cfg.evolve.confirm_episodes if stop_at is not None else 0,
+                                 sequential=cfg.evolve.sequential and stop_at is not None)
     return dataclasses.replace(
         cfg, env=name, evolve=evolve,
         transition=dataclasses.replace(cfg.transition, **model),
